@@ -1,0 +1,559 @@
+"""`GenerationConfig`: every decoding option, validated, with transformers' names.
+
+Field names and defaults follow `transformers.GenerationConfig` (v5, with its
+global defaults filled in: `max_length=20`, `top_k=50`, ...), so a
+`generation_config.json` from the hub reads and writes unchanged. Our additions:
+`frequency_penalty`, `presence_penalty`, `seed`, `repetition_penalty_form`,
+`top_k_method`, `top_p_method`.
+
+A config splits in two (`split()`): a hashable `StaticConfig` (shapes and which
+code runs: batch-independent lengths, beams, which processors are present) and
+a pytree of traced values (`TracedConfig`: the processor chain's numbers and the
+length penalty). Jitted functions take the first as a static argument and the
+second as an ordinary argument, so changing a number never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxdecode import processors as P
+from jaxdecode.context import DecodeContext
+
+Array = jax.Array
+
+__all__ = [
+    "GenerationConfig",
+    "StaticConfig",
+    "TracedConfig",
+    "logits_processor",
+    "process_logits",
+]
+
+# Fields that exist in transformers.GenerationConfig (written by to_hf()).
+_HF_FIELDS = (
+    "max_length",
+    "max_new_tokens",
+    "min_length",
+    "min_new_tokens",
+    "early_stopping",
+    "do_sample",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "sequence_bias",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "renormalize_logits",
+    "num_return_sequences",
+    "output_scores",
+    "output_logits",
+    "return_dict_in_generate",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """All options of `generate`, named and defaulted as in transformers.
+
+    Numeric sampling/penalty values may be a scalar or one value per row (a
+    list or array of length batch). Call `validate()` (done by every entry point)
+    to get a `ValueError` naming any bad field.
+    """
+
+    # Length.
+    max_length: int = 20
+    max_new_tokens: int | None = None
+    min_length: int = 0
+    min_new_tokens: int | None = None
+    # Strategy.
+    do_sample: bool = False
+    num_beams: int = 1
+    early_stopping: bool | str = False
+    length_penalty: float = 1.0
+    num_return_sequences: int = 1
+    # Warpers (sampling only).
+    temperature: Any = 1.0
+    top_k: Any = 50
+    top_p: Any = 1.0
+    min_p: Any = None
+    typical_p: Any = 1.0
+    epsilon_cutoff: Any = 0.0
+    eta_cutoff: Any = 0.0
+    # Processors.
+    repetition_penalty: Any = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: Any = None
+    sequence_bias: Any = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: Any = None
+    remove_invalid_values: bool = False
+    exponential_decay_length_penalty: Any = None
+    suppress_tokens: Any = None
+    begin_suppress_tokens: Any = None
+    renormalize_logits: bool = False
+    # Outputs.
+    output_scores: bool = False
+    output_logits: bool = False
+    return_dict_in_generate: bool = False
+    # Special tokens.
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: Any = None
+    # jaxdecode additions.
+    frequency_penalty: Any = 0.0
+    presence_penalty: Any = 0.0
+    seed: int | None = None
+    repetition_penalty_form: str = "hf"
+    top_k_method: str = "exact"
+    top_p_method: str = "exact"
+
+    # ------------------------------------------------------------------ #
+    def replace(self, **changes: Any) -> GenerationConfig:
+        """A copy with `changes`; unknown names raise ValueError."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown GenerationConfig field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """EOS ids as a tuple (empty when unset)."""
+        return P.eos_ids(self.eos_token_id)
+
+    def validate(self, vocab_size: int | None = None) -> GenerationConfig:
+        """Raises ValueError naming the field, its value and the allowed range.
+
+        Args:
+            vocab_size: when given, every token id must be `< vocab_size`.
+
+        Returns:
+            self, so that calls chain.
+        """
+        _int = _check_int
+        _int("max_length", self.max_length, 1)
+        if self.max_new_tokens is not None:
+            _int("max_new_tokens", self.max_new_tokens, 1)
+        _int("min_length", self.min_length, 0)
+        if self.min_new_tokens is not None:
+            _int("min_new_tokens", self.min_new_tokens, 0)
+        _int("num_beams", self.num_beams, 1)
+        _int("num_return_sequences", self.num_return_sequences, 1)
+        _int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        for name in (
+            "do_sample",
+            "remove_invalid_values",
+            "renormalize_logits",
+            "output_scores",
+            "output_logits",
+            "return_dict_in_generate",
+        ):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(
+                f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
+            )
+        P._check_range("length_penalty", self.length_penalty)
+        if self.do_sample:
+            P._check_range("temperature", self.temperature, lo=0.0, lo_open=True)
+        else:
+            P._check_range("temperature", self.temperature, lo=0.0)
+        P._check_range("top_k", self.top_k, lo=0, integer=True)
+        P._check_range("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        if self.min_p is not None:
+            P._check_range("min_p", self.min_p, lo=0.0, hi=1.0)
+        P._check_range("typical_p", self.typical_p, lo=0.0, hi=1.0, lo_open=True)
+        P._check_range("epsilon_cutoff", self.epsilon_cutoff, lo=0.0, hi=1.0, hi_open=True)
+        P._check_range("eta_cutoff", self.eta_cutoff, lo=0.0, hi=1.0, hi_open=True)
+        P._check_range("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        P._check_range("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        P._check_range("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        if self.seed is not None:
+            _int("seed", self.seed, 0)
+        for name, allowed in (
+            ("repetition_penalty_form", ("hf", "ctrl")),
+            ("top_k_method", ("exact", "fast")),
+            ("top_p_method", ("exact", "fast")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self._validate_token_ids(vocab_size)
+        self._validate_combinations()
+        self.build_processor()  # parses bad_words_ids / sequence_bias / decay penalty
+        return self
+
+    def _validate_token_ids(self, vocab_size: int | None) -> None:
+        def check(name: str, ids: Any) -> None:
+            for t in np.asarray(ids, dtype=object).reshape(-1):
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+                    raise ValueError(f"{name} must hold token ids (integers >= 0), got {ids!r}")
+                if vocab_size is not None and t >= vocab_size:
+                    raise ValueError(
+                        f"{name} contains {int(t)}, outside the vocabulary [0, {vocab_size - 1}]"
+                    )
+
+        for name in ("pad_token_id", "bos_token_id", "forced_bos_token_id"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (list, tuple)):
+                    raise ValueError(f"{name} must be a single token id, got {value!r}")
+                check(name, value)
+        for name in (
+            "eos_token_id",
+            "forced_eos_token_id",
+            "suppress_tokens",
+            "begin_suppress_tokens",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (list, tuple)) and not value:
+                    raise ValueError(f"{name} must not be an empty list")
+                check(name, value)
+        if self.bad_words_ids is not None:
+            for word in self.bad_words_ids if isinstance(self.bad_words_ids, list) else [None]:
+                if not isinstance(word, (list, tuple)):
+                    raise ValueError(
+                        f"bad_words_ids must be a list of token id lists, got {self.bad_words_ids!r}"
+                    )
+                check("bad_words_ids", list(word))
+        if self.sequence_bias is not None:
+            for ids, _ in P._parse_sequences("sequence_bias", self.sequence_bias):
+                check("sequence_bias", list(ids))
+
+    def _validate_combinations(self) -> None:
+        beams = self.num_beams
+        if beams == 1 and not self.do_sample and self.num_return_sequences != 1:
+            raise ValueError(
+                "num_return_sequences must be 1 for greedy search (num_beams=1, do_sample=False), "
+                f"got {self.num_return_sequences}; use do_sample=True or num_beams >= it"
+            )
+        if beams > 1 and self.num_return_sequences > beams:
+            raise ValueError(
+                f"num_return_sequences must be <= num_beams={beams}, got {self.num_return_sequences}"
+            )
+        if (
+            self.max_new_tokens is not None
+            and self.min_new_tokens is not None
+            and self.min_new_tokens > self.max_new_tokens
+        ):
+            raise ValueError(
+                f"min_new_tokens={self.min_new_tokens} must be <= max_new_tokens={self.max_new_tokens}"
+            )
+        if self.max_new_tokens is None and self.min_length > self.max_length:
+            raise ValueError(
+                f"min_length={self.min_length} must be <= max_length={self.max_length}"
+            )
+        needs_eos = {
+            "min_length": self.min_length > 0,
+            "min_new_tokens": bool(self.min_new_tokens),
+            "exponential_decay_length_penalty": self.exponential_decay_length_penalty is not None,
+        }
+        for name, used in needs_eos.items():
+            if used and self.eos_token_id is None:
+                raise ValueError(f"{name} needs eos_token_id to be set (it acts on the EOS logit)")
+        if self.top_k_method == "fast" and self.do_sample:
+            k = np.asarray(self.top_k)
+            if np.any(k > 4096):
+                raise ValueError(
+                    f"top_k must be <= 4096 with top_k_method='fast', got {self.top_k!r}; "
+                    "use top_k_method='exact'"
+                )
+        if (
+            np.ndim(self.top_k) == 1
+            and np.any(np.asarray(self.top_k) == 0)
+            and not np.all(np.asarray(self.top_k) == 0)
+        ):
+            raise ValueError("top_k per row must be all > 0 or all 0 (0 disables top-k)")
+
+    # ------------------------------------------------------------------ #
+    def min_tokens_to_keep(self) -> int:
+        """What transformers protects in the warpers: 1, or 1 + #EOS in beam sampling."""
+        if self.num_beams > 1:
+            return len(self.eos_ids) + 1 if self.eos_token_id is not None else 2
+        return 1
+
+    def build_processor(self) -> P.Chain:
+        """The processor chain `generate` applies, in transformers' order (see README)."""
+        eos = self.eos_ids
+        procs: list[P.LogitsProcessor] = []
+        if self.sequence_bias is not None:
+            procs.append(P.sequence_bias(self.sequence_bias))
+        if _is_active(self.repetition_penalty, 1.0):
+            procs.append(
+                P.repetition_penalty(self.repetition_penalty, form=self.repetition_penalty_form)
+            )
+        if _is_active(self.frequency_penalty, 0.0) or _is_active(self.presence_penalty, 0.0):
+            procs.append(
+                P.frequency_presence_penalty(self.frequency_penalty, self.presence_penalty)
+            )
+        if self.no_repeat_ngram_size > 0:
+            procs.append(P.no_repeat_ngram_size(self.no_repeat_ngram_size))
+        if self.bad_words_ids is not None:
+            procs.append(P.bad_words_ids(self.bad_words_ids, eos_token_id=eos or None))
+        if self.min_length > 0 and eos:
+            procs.append(P.min_length(self.min_length, eos))
+        if self.min_new_tokens and eos:
+            procs.append(P.min_new_tokens(self.min_new_tokens, eos))
+        if self.forced_bos_token_id is not None:
+            procs.append(P.forced_bos_token_id(self.forced_bos_token_id))
+        if self.forced_eos_token_id is not None:
+            procs.append(P.forced_eos_token_id(self.forced_eos_token_id))
+        if self.remove_invalid_values:
+            procs.append(P.remove_invalid_values())
+        if self.exponential_decay_length_penalty is not None and eos:
+            procs.append(
+                P.exponential_decay_length_penalty(self.exponential_decay_length_penalty, eos)
+            )
+        if self.suppress_tokens is not None:
+            procs.append(P.suppress_tokens(self.suppress_tokens))
+        if self.begin_suppress_tokens is not None:
+            procs.append(
+                P.begin_suppress_tokens(
+                    self.begin_suppress_tokens,
+                    after_forced_bos=self.forced_bos_token_id is not None,
+                )
+            )
+        if self.do_sample:
+            keep = self.min_tokens_to_keep()
+            # Always present when sampling (x / 1.0 is exact), so that sweeping the
+            # temperature from 1.0 does not change the program.
+            procs.append(P.temperature(self.temperature))
+            if np.any(np.asarray(self.top_k) != 0):
+                procs.append(P.top_k(self.top_k, min_tokens_to_keep=keep, method=self.top_k_method))
+            if _is_active(self.top_p, 1.0, below=True):
+                procs.append(P.top_p(self.top_p, min_tokens_to_keep=keep, method=self.top_p_method))
+            if self.min_p is not None:
+                procs.append(P.min_p(self.min_p, min_tokens_to_keep=keep))
+            if _is_active(self.typical_p, 1.0, below=True):
+                procs.append(P.typical_p(self.typical_p, min_tokens_to_keep=keep))
+            if _is_active(self.epsilon_cutoff, 0.0):
+                procs.append(P.epsilon_cutoff(self.epsilon_cutoff, min_tokens_to_keep=keep))
+            if _is_active(self.eta_cutoff, 0.0):
+                procs.append(P.eta_cutoff(self.eta_cutoff, min_tokens_to_keep=keep))
+        if self.renormalize_logits:
+            procs.append(P.renormalize_logits())
+        return P.chain(*procs)
+
+    # ------------------------------------------------------------------ #
+    def resolve_max_length(self, prompt_length: int) -> int:
+        """Total length: `prompt_length + max_new_tokens`, else `max_length`."""
+        if self.max_new_tokens is not None:
+            return int(prompt_length) + int(self.max_new_tokens)
+        return int(self.max_length)
+
+    def split(self) -> tuple[StaticConfig, TracedConfig]:
+        """(hashable static part, pytree of traced values). Validates first."""
+        self.validate()
+        static = StaticConfig(
+            do_sample=bool(self.do_sample),
+            num_beams=int(self.num_beams),
+            num_return_sequences=int(self.num_return_sequences),
+            max_length=int(self.max_length),
+            max_new_tokens=None if self.max_new_tokens is None else int(self.max_new_tokens),
+            early_stopping=self.early_stopping,
+            output_scores=bool(self.output_scores),
+            output_logits=bool(self.output_logits),
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_ids,
+        )
+        traced = TracedConfig(
+            processor=self.build_processor(),
+            length_penalty=jnp.asarray(self.length_penalty, jnp.float32),
+        )
+        return static, traced
+
+    # ------------------------------------------------------------------ #
+    @classmethod
+    def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike[str]) -> GenerationConfig:
+        """Reads a transformers generation config: a dict, a `generation_config.json`
+        path, or a directory holding one. Unknown keys are ignored; `None` means the
+        default."""
+        if isinstance(source, Mapping):
+            data = dict(source)
+        else:
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, "generation_config.json")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except FileNotFoundError:
+                raise ValueError(f"generation config not found: {path}") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"generation config {path} is not valid JSON: {e}") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names and v is not None}
+        if isinstance(kwargs.get("sequence_bias"), list):
+            kwargs["sequence_bias"] = [[list(ids), float(b)] for ids, b in kwargs["sequence_bias"]]
+        if isinstance(kwargs.get("exponential_decay_length_penalty"), list):
+            kwargs["exponential_decay_length_penalty"] = tuple(
+                kwargs["exponential_decay_length_penalty"]
+            )
+        return cls(**kwargs).validate()
+
+    def to_hf(self) -> dict[str, Any]:
+        """The non-default fields as a `generation_config.json` dict.
+
+        transformers fields use their own names; our additions are written under
+        theirs (transformers keeps unknown keys as attributes)."""
+        default = GenerationConfig()
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (np.ndarray, jax.Array)):
+                value = np.asarray(value).tolist()
+            if isinstance(value, tuple):
+                value = list(value)
+            if isinstance(value, dict):  # sequence_bias dict -> transformers' list form
+                value = [
+                    [list(k) if isinstance(k, tuple) else [k], float(v)] for k, v in value.items()
+                ]
+            if _differs(value, getattr(default, f.name)):
+                out[f.name] = value
+        return out
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(b, tuple):
+        b = list(b)
+    try:
+        return bool(np.any(np.asarray(a, dtype=object) != np.asarray(b, dtype=object))) or (
+            np.shape(a) != np.shape(b)
+        )
+    except ValueError:
+        return True
+
+
+def _check_int(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+def _is_active(value: Any, neutral: float, below: bool = False) -> bool:
+    """Whether a processor with this (scalar or per-row) value does anything."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim:
+        return True  # per-row values: present, whatever the rows say
+    return bool(arr < neutral) if below else bool(arr != neutral)
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticConfig:
+    """The hashable part of a config: what sets shapes or selects code."""
+
+    do_sample: bool
+    num_beams: int
+    num_return_sequences: int
+    max_length: int
+    max_new_tokens: int | None
+    early_stopping: bool | str
+    output_scores: bool
+    output_logits: bool
+    pad_token_id: int | None
+    eos_token_id: tuple[int, ...]
+
+
+@struct.dataclass
+class TracedConfig:
+    """The traced part of a config: the processor chain (its numbers are leaves)
+    and the length penalty."""
+
+    processor: P.Chain
+    length_penalty: Array
+
+
+def logits_processor(config: GenerationConfig | None = None, **overrides: Any) -> P.Chain:
+    """The chain `generate` applies for `config` (see the README for the order).
+
+    >>> logits_processor(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
+    """
+    config = (config or GenerationConfig()).replace(**overrides)
+    config.validate()
+    return config.build_processor()
+
+
+@jax.jit
+def _apply(processor: P.Chain, scores: Array, ctx: DecodeContext) -> Array:
+    return processor(scores, ctx)
+
+
+def process_logits(
+    scores: Any,
+    input_ids: Any,
+    config: GenerationConfig | P.LogitsProcessor,
+    *,
+    prompt_length: int | None = None,
+    attention_mask: Any = None,
+) -> Array:
+    """Applies what `generate` would apply at this step, outside any loop.
+
+    Args:
+        scores: `[batch, vocab]` raw logits for the next token (cast to float32).
+        input_ids: `[batch, length]` everything so far: the (left-padded) prompt
+            followed by the tokens generated.
+        config: a `GenerationConfig` (its chain is built with `logits_processor`),
+            or a processor / chain to apply as is.
+        prompt_length: columns of `input_ids` that are the prompt (default: all).
+        attention_mask: `[batch, >= prompt_length]` prompt mask (0 = left padding).
+
+    Returns:
+        `[batch, vocab]` float32 processed scores.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    ids = np.asarray(input_ids)
+    if scores.ndim != 2 or ids.ndim != 2 or ids.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"scores must be [batch, vocab] and input_ids [batch, length] with the same batch, "
+            f"got {scores.shape} and {ids.shape}"
+        )
+    length = ids.shape[1]
+    if prompt_length is None:
+        prompt_length = length
+    if not 0 <= int(prompt_length) <= length:
+        raise ValueError(f"prompt_length must be in [0, {length}], got {prompt_length}")
+    if isinstance(config, GenerationConfig):
+        config.validate(vocab_size=scores.shape[-1])
+        processor = config.build_processor()
+        max_length = config.resolve_max_length(prompt_length)
+    elif isinstance(config, P.LogitsProcessor):
+        processor = config if isinstance(config, P.Chain) else P.chain(config)
+        max_length = length + 1
+    else:
+        raise ValueError(f"config must be a GenerationConfig or a LogitsProcessor, got {config!r}")
+    needs = processor.requires
+    ctx = DecodeContext.from_ids(
+        ids,
+        vocab_size=scores.shape[-1],
+        prompt_length=prompt_length,
+        max_length=max_length,
+        attention_mask=attention_mask,
+        track_seen="seen" in needs,
+        track_counts="token_counts" in needs,
+    )
+    return _apply(processor, scores, ctx)

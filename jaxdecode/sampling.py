@@ -1,0 +1,183 @@
+"""Token choosers and the truncation masks behind top-k / top-p.
+
+Two families of masks:
+
+* **exact** (sort based): the same arithmetic as transformers, token for token,
+  ties included. A full sort of the vocabulary costs O(V log V) per row and step.
+* **fast** (sort free): top-k via `lax.top_k` with a static cap (`k <= max_k`),
+  which yields the *same* threshold, hence the same mask, as the exact sort;
+  top-p via a bisection over the bit patterns of float32 probabilities (31
+  passes of a masked sum, no sort). See `top_p_mask_fast` for where it can differ.
+
+All functions take `logits: [batch, vocab]` and per-row parameters shaped `[]` or
+`[batch]`, and return `remove: [batch, vocab]` bool masks (True = filter out).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = [
+    "greedy",
+    "categorical",
+    "split_keys",
+    "top_k_mask",
+    "top_k_mask_fast",
+    "top_p_mask",
+    "top_p_mask_fast",
+    "keep_top_mask",
+]
+
+
+def _per_row(value: Array, ndim: int = 2) -> Array:
+    """Shapes a `[]` or `[batch]` parameter to broadcast against `[batch, vocab]`."""
+    value = jnp.asarray(value)
+    return value.reshape(value.shape + (1,) * (ndim - 1)) if value.ndim == 1 else value
+
+
+def greedy(logits: Array) -> Array:
+    """Argmax per row; the lowest index wins ties (as `torch.argmax` does).
+
+    Args:
+        logits: `[batch, vocab]`.
+
+    Returns:
+        `[batch]` int32 token ids.
+    """
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def split_keys(key: Array, batch: int) -> Array:
+    """One independent PRNG key per row: `[batch]` keys from one key."""
+    return jax.random.split(key, batch)
+
+
+def categorical(keys: Array, logits: Array) -> Array:
+    """Samples one token per row from `softmax(logits)`, each row with its own key.
+
+    A row's draw depends only on its key and its logits, never on the other rows,
+    so a row sampled in a batch of 8 gets the token it would get alone.
+
+    Args:
+        keys: `[batch]` PRNG keys (see `split_keys`), typed or raw `[batch, 2]`.
+        logits: `[batch, vocab]`; `-inf` entries are never drawn.
+
+    Returns:
+        `[batch]` int32 token ids.
+    """
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def keep_top_mask(logits: Array, n: int) -> Array:
+    """True for the `n` largest entries of each row (ties: the lower index first).
+
+    This is how transformers protects `min_tokens_to_keep` in min-p (`torch.topk`
+    indices). `n` is static: it sets a shape.
+    """
+    n = min(int(n), logits.shape[-1])
+    _, idx = jax.lax.top_k(logits, n)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros(logits.shape, bool).at[rows, idx].set(True)
+
+
+def nth_largest(logits: Array, n: int) -> Array:
+    """The `n`-th largest value of each row, `[batch, 1]` (static `n`)."""
+    n = min(int(n), logits.shape[-1])
+    return jax.lax.top_k(logits, n)[0][:, n - 1 : n]
+
+
+def top_k_mask(logits: Array, k: Array) -> Array:
+    """Exact top-k: removes every value strictly below the k-th largest.
+
+    Ties at the boundary are kept, so more than k tokens may survive (as in
+    transformers). `k` is traced (`[]` or `[batch]`, already clipped to `[1, V]`).
+    """
+    vocab = logits.shape[-1]
+    ascending = jnp.sort(logits, axis=-1)
+    k = jnp.broadcast_to(_per_row(k), (logits.shape[0], 1)).astype(jnp.int32)
+    threshold = jnp.take_along_axis(ascending, vocab - k, axis=-1)
+    return logits < threshold
+
+
+def top_k_mask_fast(logits: Array, k: Array, max_k: int) -> Array:
+    """Top-k without a full sort: `lax.top_k(logits, max_k)` then the k-th value.
+
+    It gives the same threshold as `top_k_mask`, hence the same mask, whenever
+    `k <= max_k` (checked by the `top_k` processor when `k` is concrete).
+    """
+    max_k = min(int(max_k), logits.shape[-1])
+    values = jax.lax.top_k(logits, max_k)[0]
+    k = jnp.broadcast_to(_per_row(k), (logits.shape[0], 1)).astype(jnp.int32)
+    threshold = jnp.take_along_axis(values, jnp.clip(k, 1, max_k) - 1, axis=-1)
+    return logits < threshold
+
+
+def top_p_mask(logits: Array, top_p: Array, min_tokens_to_keep: Array | int = 1) -> Array:
+    """Exact top-p, transformers' arithmetic.
+
+    Sort ascending (stable), take the cumulative softmax `c`, remove where
+    `c <= 1 - top_p`, never remove the last `min_tokens_to_keep` (the largest).
+    """
+    vocab = logits.shape[-1]
+    order = jnp.argsort(logits, axis=-1, stable=True)
+    ascending = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    remove_sorted = cumulative <= 1 - _per_row(top_p).astype(logits.dtype)
+    rank = jnp.arange(vocab)[None, :]
+    remove_sorted = remove_sorted & (rank < vocab - _per_row(min_tokens_to_keep))
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros(logits.shape, bool).at[rows, order].set(remove_sorted)
+
+
+# Bit patterns of non-negative float32 values sort like the values: bisecting on
+# the integers reaches an exact probability value of the row in 31 halvings.
+_ONE_BITS = 0x3F800000  # bits of 1.0f
+
+
+def top_p_mask_fast(logits: Array, top_p: Array, min_tokens_to_keep: int = 1) -> Array:
+    """Top-p without a sort: bisection on the probability threshold.
+
+    A token is kept iff the probability mass strictly above it is `< top_p`
+    (what transformers' ascending cumulative sum computes). That kept set is
+    `{p >= t}` for the smallest `t` whose "mass above t" is `< top_p`; `t` is one
+    of the row's probabilities, found exactly by bisecting on float32 bit
+    patterns (31 masked sums over the vocabulary).
+
+    It can differ from `top_p_mask` in two ways, both at the boundary: tokens
+    *tied* with the boundary token are all kept (the sort keeps a subset, by
+    index), and the masses are summed in another order, so a cumulative sum that
+    lands within float32 rounding of `1 - top_p` can fall on the other side.
+
+    Args:
+        logits: `[batch, vocab]`.
+        top_p: `[]` or `[batch]` in (0, 1].
+        min_tokens_to_keep: static count of largest tokens never removed.
+
+    Returns:
+        `[batch, vocab]` bool, True where removed.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+    p = jnp.broadcast_to(_per_row(top_p), (logits.shape[0], 1)).astype(probs.dtype)
+
+    def mass_above(t_bits: Array) -> Array:
+        return jnp.sum(jnp.where(bits > t_bits, probs, 0.0), axis=-1, keepdims=True)
+
+    # Invariant: mass_above(hi) < p (hi = 1.0 has nothing above it); lo is below.
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = mass_above(mid) < p
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    lo = jnp.full((logits.shape[0], 1), -1, jnp.int32)
+    hi = jnp.full((logits.shape[0], 1), _ONE_BITS, jnp.int32)
+    _, hi = jax.lax.fori_loop(0, 31, body, (lo, hi))
+    remove = bits < hi
+    # The largest token always has zero mass above it, so it is always kept.
+    if min_tokens_to_keep > 1:
+        remove = remove & (logits < nth_largest(logits, min_tokens_to_keep))
+    return remove
