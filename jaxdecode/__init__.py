@@ -6,6 +6,7 @@ does. See the README for the order in which `generate` applies processors.
 """
 
 from jaxdecode import sampling
+from jaxdecode.cache import KVCache, gather_beams, init_cache, visible_slots
 from jaxdecode.config import (
     GenerationConfig,
     StaticConfig,
@@ -14,6 +15,10 @@ from jaxdecode.config import (
     process_logits,
 )
 from jaxdecode.context import DecodeContext
+from jaxdecode.lm import CausalLM, from_pretrained
+from jaxdecode.models.adapters import from_linen, from_nnx
+from jaxdecode.models.base import Decoder, positions_from_mask
+from jaxdecode.models.gpt2 import GPT2Config, GPT2LMHeadModel, gpt2_decoder
 from jaxdecode.processors import (
     Chain,
     LogitsProcessor,
@@ -43,20 +48,19 @@ from jaxdecode.processors import (
     typical_p,
 )
 from jaxdecode.sampling import categorical, greedy, split_keys
+from jaxdecode.tokenizers import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Chain",
-    "DecodeContext",
-    "GenerationConfig",
-    "LogitsProcessor",
-    "StaticConfig",
-    "TracedConfig",
     "bad_words_ids",
     "begin_suppress_tokens",
     "categorical",
+    "CausalLM",
+    "Chain",
     "chain",
+    "DecodeContext",
+    "Decoder",
     "epsilon_cutoff",
     "eta_cutoff",
     "exponential_decay_length_penalty",
@@ -64,12 +68,25 @@ __all__ = [
     "forced_eos_token_id",
     "frequency_penalty",
     "frequency_presence_penalty",
+    "from_linen",
+    "from_nnx",
+    "from_pretrained",
+    "gather_beams",
+    "GenerationConfig",
+    "gpt2_decoder",
+    "GPT2Config",
+    "GPT2LMHeadModel",
     "greedy",
+    "init_cache",
+    "KVCache",
+    "load_tokenizer",
     "logits_processor",
+    "LogitsProcessor",
     "min_length",
     "min_new_tokens",
     "min_p",
     "no_repeat_ngram_size",
+    "positions_from_mask",
     "presence_penalty",
     "process_logits",
     "remove_invalid_values",
@@ -78,9 +95,13 @@ __all__ = [
     "sampling",
     "sequence_bias",
     "split_keys",
+    "StaticConfig",
     "suppress_tokens",
     "temperature",
+    "Tokenizer",
     "top_k",
     "top_p",
+    "TracedConfig",
     "typical_p",
+    "visible_slots",
 ]

@@ -133,6 +133,20 @@ class GenerationConfig:
     top_k_method: str = "exact"
     top_p_method: str = "exact"
 
+    def __post_init__(self) -> None:
+        # Lists and NumPy arrays become tuples so that configs compare and hash by
+        # content (a config is static data for jit; see CausalLM).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                value = tuple((_freeze(k), _freeze(v)) for k, v in value.items())
+            else:
+                value = _freeze(value)
+            object.__setattr__(self, f.name, value)
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
     # ------------------------------------------------------------------ #
     def replace(self, **changes: Any) -> GenerationConfig:
         """A copy with `changes`; unknown names raise ValueError."""
@@ -236,7 +250,8 @@ class GenerationConfig:
                     raise ValueError(f"{name} must not be an empty list")
                 check(name, value)
         if self.bad_words_ids is not None:
-            for word in self.bad_words_ids if isinstance(self.bad_words_ids, list) else [None]:
+            words = self.bad_words_ids
+            for word in words if isinstance(words, (list, tuple)) and words else [None]:
                 if not isinstance(word, (list, tuple)):
                     raise ValueError(
                         f"bad_words_ids must be a list of token id lists, got {self.bad_words_ids!r}"
@@ -426,28 +441,29 @@ class GenerationConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (np.ndarray, jax.Array)):
+            if isinstance(value, jax.Array):
                 value = np.asarray(value).tolist()
-            if isinstance(value, tuple):
-                value = list(value)
-            if isinstance(value, dict):  # sequence_bias dict -> transformers' list form
-                value = [
-                    [list(k) if isinstance(k, tuple) else [k], float(v)] for k, v in value.items()
-                ]
-            if _differs(value, getattr(default, f.name)):
-                out[f.name] = value
+            if value != getattr(default, f.name):
+                out[f.name] = _thaw(value)
         return out
 
 
-def _differs(a: Any, b: Any) -> bool:
-    if isinstance(b, tuple):
-        b = list(b)
-    try:
-        return bool(np.any(np.asarray(a, dtype=object) != np.asarray(b, dtype=object))) or (
-            np.shape(a) != np.shape(b)
-        )
-    except ValueError:
-        return True
+def _freeze(value: Any) -> Any:
+    """Lists / tuples / NumPy arrays -> nested tuples of Python scalars."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """Nested tuples -> nested lists (JSON's and transformers' form)."""
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    return value
 
 
 def _check_int(name: str, value: Any, lo: int) -> None:

@@ -1,0 +1,130 @@
+"""The functional KV cache: static-shape arrays, written by returning new ones.
+
+Layout: `k, v: [layers, batch, max_len, heads, head_dim]`, plus `mask [batch,
+max_len]` (which slots hold a real token: left padding and unwritten slots are
+False) and `index [batch]` (next slot to write, per row). Nothing is mutated:
+`write` returns a new cache built with `lax.dynamic_update_slice`; when the cache
+is donated to `jax.jit` XLA performs those updates in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+
+__all__ = ["KVCache", "init_cache", "gather_beams", "visible_slots"]
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `batch` rows and `max_len` slots.
+
+    Attributes:
+        k: `[layers, batch, max_len, heads, head_dim]`.
+        v: `[layers, batch, max_len, heads, head_dim]`.
+        mask: `[batch, max_len]` bool, True where a slot holds a real token.
+        index: `[batch]` int32, the next slot each row writes.
+    """
+
+    k: Array
+    v: Array
+    mask: Array
+    index: Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def nbytes_kv(self) -> int:
+        """Bytes of `k` and `v`: `2 * layers * batch * max_len * heads * head_dim * itemsize`."""
+        return int(self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize)
+
+    def write(self, layer: int, k_new: Array, v_new: Array) -> KVCache:
+        """Writes `k_new, v_new: [batch, T, heads, head_dim]` of one layer at each
+        row's `index` (rows may differ: the update is vmapped over the batch).
+        Does not advance `index`; call `advance` once after all layers."""
+
+        def one_row(buf: Array, new: Array, start: Array) -> Array:
+            zero = jnp.zeros((), jnp.int32)
+            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, zero, zero))
+
+        k_layer = jax.vmap(one_row)(self.k[layer], k_new, self.index)
+        v_layer = jax.vmap(one_row)(self.v[layer], v_new, self.index)
+        return self.replace(k=self.k.at[layer].set(k_layer), v=self.v.at[layer].set(v_layer))
+
+    def advance(self, new_mask: Array) -> KVCache:
+        """Marks `new_mask: [batch, T]` at each row's `index` and moves `index` by T."""
+        t = new_mask.shape[1]
+
+        def one_row(buf: Array, new: Array, start: Array) -> Array:
+            return jax.lax.dynamic_update_slice(buf, new.astype(bool), (start,))
+
+        mask = jax.vmap(one_row)(self.mask, new_mask, self.index)
+        return self.replace(mask=mask, index=self.index + t)
+
+
+def init_cache(
+    *,
+    layers: int,
+    batch: int,
+    max_len: int,
+    heads: int,
+    head_dim: int,
+    dtype: Any = jnp.float32,
+) -> KVCache:
+    """An empty cache (all slots masked out, every row writing at slot 0)."""
+    shape = (layers, batch, max_len, heads, head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def gather_beams(cache: Any, parent: Array) -> Any:
+    """Reorders every array of a cache (or any pytree whose leaves have the batch
+    on axis 1 for `k`/`v` and axis 0 otherwise) by `parent: [batch]` row indices.
+
+    Beam search calls this once per step with the parent beam of each new beam.
+    """
+    if isinstance(cache, KVCache):
+        return cache.replace(
+            k=jnp.take(cache.k, parent, axis=1),
+            v=jnp.take(cache.v, parent, axis=1),
+            mask=jnp.take(cache.mask, parent, axis=0),
+            index=jnp.take(cache.index, parent, axis=0),
+        )
+    return jax.tree_util.tree_map(lambda x: jnp.take(x, parent, axis=0), cache)
+
+
+def visible_slots(cache: KVCache, attention_mask: Array) -> tuple[Array, KVCache]:
+    """Which cache slots each of T new tokens may attend to, and the cache with
+    their mask recorded and `index` advanced.
+
+    A new token at slot `index[b] + t` sees every real token (mask after this
+    write) at or before its own slot. Write the layers' keys and values with the
+    *input* cache's `write` (at the old index), then keep the returned cache's
+    `mask` and `index`.
+
+    Args:
+        cache: the cache before this call.
+        attention_mask: `[batch, T]`, 1 for real new tokens, 0 for left padding.
+
+    Returns:
+        `visible [batch, T, max_len]` bool, and the advanced cache.
+    """
+    t = attention_mask.shape[1]
+    after = cache.advance(attention_mask)
+    slot = cache.index[:, None] + jnp.arange(t)[None, :]
+    causal = jnp.arange(cache.max_len)[None, None, :] <= slot[:, :, None]
+    return causal & after.mask[:, None, :], after

@@ -1,0 +1,131 @@
+"""`CausalLM`: a model you can decode with, and pass through `jax.jit` as a pytree.
+
+The parameters are the pytree's leaves; the config, the decoder functions, the
+generation config and the tokenizer are static. So `lm.generate(...)` can be
+called inside a user's jitted training step with the *current* params traced,
+never baked in as constants, and `jax.grad` / optax see only the params.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxdecode import checkpoints
+from jaxdecode.config import GenerationConfig
+from jaxdecode.models.base import Decoder, positions_from_mask
+from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder
+from jaxdecode.tokenizers import Tokenizer, load_tokenizer
+
+Array = jax.Array
+
+__all__ = ["CausalLM", "from_pretrained"]
+
+
+@struct.dataclass
+class CausalLM:
+    """A decoder with its parameters.
+
+    Attributes:
+        params: the parameter pytree (leaves).
+        decoder: the `Decoder` (pure `init_cache` / `apply`), static.
+        config: the model config (e.g. `GPT2Config`), static.
+        generation_config: defaults for `generate`, static.
+        tokenizer: a `Tokenizer` or None, static.
+    """
+
+    params: Any
+    decoder: Decoder = struct.field(pytree_node=False)
+    config: Any = struct.field(pytree_node=False, default=None)
+    generation_config: GenerationConfig = struct.field(
+        pytree_node=False, default=GenerationConfig()
+    )
+    tokenizer: Tokenizer | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder.vocab_size
+
+    def logits(self, input_ids: Any, attention_mask: Any = None) -> Array:
+        """A full forward pass: `input_ids [B, T]` -> logits `[B, T, vocab]` float32.
+
+        Positions come from `attention_mask` (0 = left padding), as in `generate`.
+        """
+        ids = jnp.asarray(input_ids, jnp.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+        mask = (
+            jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        )
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}"
+            )
+        self.decoder.check_length(ids.shape[1])
+        return _forward(self, ids, mask)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Writes a Hugging Face checkpoint (config.json, model.safetensors,
+        generation_config.json) that transformers loads."""
+        if not isinstance(self.config, GPT2Config):
+            raise ValueError("save_pretrained supports GPT-2 models (config must be a GPT2Config)")
+        checkpoints.write_checkpoint(
+            directory, self.params, self.config, self.generation_config.to_hf()
+        )
+
+    def replace_params(self, params: Any) -> CausalLM:
+        return self.replace(params=params)
+
+
+@jax.jit
+def _forward(lm: CausalLM, ids: Array, mask: Array) -> Array:
+    cache = lm.decoder.init_cache(ids.shape[0], ids.shape[1], None)
+    logits, _ = lm.decoder.apply(lm.params, ids, positions_from_mask(mask), cache, mask)
+    return logits
+
+
+def from_pretrained(
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    dtype: Any = jnp.float32,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+) -> CausalLM:
+    """Loads a Hugging Face GPT-2 checkpoint (local directory or hub id).
+
+    Args:
+        path_or_repo_id: a directory with `config.json` and `model.safetensors`
+            (or sharded safetensors), or a hub id such as "gpt2".
+        dtype: parameter and cache dtype (float32 or bfloat16).
+        allow_pickle: read `pytorch_model.bin` when no safetensors exist.
+        revision: hub revision.
+
+    Returns:
+        A `CausalLM` with params, decoder, generation config and tokenizer.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    directory = checkpoints.resolve_checkpoint_dir(
+        os.fspath(path_or_repo_id), revision=revision, allow_pickle=allow_pickle
+    )
+    config = checkpoints.read_config(directory)
+    state = checkpoints.read_state_dict(directory, allow_pickle=allow_pickle)
+    params = checkpoints.params_from_state_dict(state, config, dtype)
+    gen_path = os.path.join(directory, checkpoints.GENERATION_CONFIG)
+    if os.path.isfile(gen_path):
+        gen = GenerationConfig.from_hf(gen_path)
+    else:
+        gen = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
+    gen.validate(vocab_size=config.vocab_size)
+    return CausalLM(
+        params=params,
+        decoder=gpt2_decoder(config, dtype),
+        config=config,
+        generation_config=gen,
+        tokenizer=load_tokenizer(directory),
+    )

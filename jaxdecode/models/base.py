@@ -1,0 +1,72 @@
+"""The decoder protocol: what the decoding loops know about a model.
+
+A model is two pure functions over explicit params and an explicit cache:
+
+    init_cache(batch, max_len, dtype) -> cache
+    apply(params, ids [B, T], positions [B, T], cache, attention_mask [B, T])
+        -> (logits [B, T, V], cache)
+
+`apply` serves both prefill (T = prompt length) and one-token steps (T = 1);
+`attention_mask` marks which of the T new tokens are real (0 = left padding), and
+the cache remembers it for later steps. The loops never see Flax, files or
+tokenizers; adapters (`from_linen`, `from_nnx`, GPT-2) produce a `Decoder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = ["Decoder", "positions_from_mask"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Decoder:
+    """A model as pure functions (hashable by identity, so it can be a static jit
+    argument).
+
+    Attributes:
+        init_cache: `(batch, max_len, dtype) -> cache` pytree.
+        apply: `(params, ids, positions, cache, attention_mask) -> (logits, cache)`.
+        vocab_size: size of the logits' last axis.
+        max_positions: longest sequence the model supports (None: unbounded).
+        name: for error messages.
+    """
+
+    init_cache: Callable[[int, int, Any], Any]
+    apply: Callable[[Any, Array, Array, Any, Array], tuple[Array, Any]]
+    vocab_size: int
+    max_positions: int | None = None
+    name: str = "decoder"
+
+    def check_length(self, total: int) -> None:
+        """ValueError when `total` tokens (prompt + new) exceed `max_positions`."""
+        if self.max_positions is not None and total > self.max_positions:
+            raise ValueError(
+                f"prompt length + max_new_tokens = {total} exceeds the {self.name} model's "
+                f"n_positions={self.max_positions}; shorten the prompt or max_new_tokens"
+            )
+
+
+def positions_from_mask(attention_mask: Array, offset: Array | int = 0) -> Array:
+    """Position ids from a left-padding mask, as transformers computes them.
+
+    `cumsum(mask) - 1`, with padding positions set to 1 (their outputs are never
+    used). `offset: [batch]` adds the number of real tokens already in the cache.
+
+    Args:
+        attention_mask: `[batch, T]` with 1 for real tokens.
+        offset: `[]` or `[batch]` real tokens before these T.
+
+    Returns:
+        `[batch, T]` int32 positions.
+    """
+    mask = jnp.asarray(attention_mask).astype(jnp.int32)
+    pos = jnp.cumsum(mask, axis=-1) - 1 + jnp.asarray(offset, jnp.int32).reshape(-1, 1)
+    return jnp.where(mask == 0, 1, pos).astype(jnp.int32)

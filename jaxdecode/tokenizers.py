@@ -1,0 +1,58 @@
+"""Tokenizers: Hugging Face `tokenizers` for GPT-2 BPE checkpoints.
+
+`load_tokenizer(directory)` reads `tokenizer.json`, or `vocab.json` + `merges.txt`
+(GPT-2's byte-level BPE), and returns a `Tokenizer` with `encode` / `decode`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+__all__ = ["Tokenizer", "load_tokenizer"]
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` (hashable by identity)."""
+
+    def __init__(self, backend: object, name: str = "") -> None:
+        self.backend = backend
+        self.name = name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no special tokens added)."""
+        return list(self.backend.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name or 'bpe'}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(directory: str) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None when the directory has none."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    tok_json = os.path.join(directory, "tokenizer.json")
+    vocab = os.path.join(directory, "vocab.json")
+    merges = os.path.join(directory, "merges.txt")
+    try:
+        if os.path.isfile(tok_json):
+            return Tokenizer(HFTokenizer.from_file(tok_json), "tokenizer.json")
+        if os.path.isfile(vocab) and os.path.isfile(merges):
+            backend = HFTokenizer(models.BPE.from_file(vocab, merges))
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            backend.decoder = decoders.ByteLevel()
+            return Tokenizer(backend, "vocab.json+merges.txt")
+    except Exception as e:  # tokenizers raises its own exception types
+        raise ValueError(
+            f"cannot load the tokenizer in {directory}: {type(e).__name__}: {e}"
+        ) from None
+    return None
