@@ -15,6 +15,7 @@ from jaxdecode.config import (
     process_logits,
 )
 from jaxdecode.context import DecodeContext
+from jaxdecode.decoding import GenerateOutput, bucket_length, generate
 from jaxdecode.lm import CausalLM, from_pretrained
 from jaxdecode.models.adapters import from_linen, from_nnx
 from jaxdecode.models.base import Decoder, positions_from_mask
@@ -53,6 +54,9 @@ from jaxdecode.tokenizers import Tokenizer, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "GenerateOutput",
+    "bucket_length",
+    "generate",
     "bad_words_ids",
     "begin_suppress_tokens",
     "categorical",

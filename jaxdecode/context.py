@@ -23,13 +23,16 @@ __all__ = ["DecodeContext"]
 class DecodeContext:
     """Everything a processor may read at one decoding step.
 
-    Column `j` of `sequences` holds token `j` of every row; prompts are left-padded
-    to a common length, so all rows share the same `cur_len`.
+    Prompts are left-padded to a common length, so all rows share the same
+    `cur_len`. Lengths are *logical* (what transformers would see for the same
+    batch); `offset` extra columns at the start of `sequences` (bucket padding
+    added to avoid recompiling) are invisible to every processor: logical token
+    `j` sits in column `offset + j`.
 
     Attributes:
-        sequences: `[batch, buffer_len]` int32 token buffer; columns `>= cur_len`
-            are unused (their content is ignored).
-        cur_len: `[]` int32, number of filled columns (padded prompt + generated).
+        sequences: `[batch, buffer_len]` int32 token buffer; columns
+            `>= offset + cur_len` are not filled yet (their content is ignored).
+        cur_len: `[]` int32, logical length so far (padded prompt + generated).
         prompt_length: `[]` int32, padded prompt length (columns before generation).
         max_length: `[]` int32, total length the generation may reach.
         prompt_start: `[batch]` int32, first non-padding column of each row.
@@ -39,6 +42,7 @@ class DecodeContext:
         token_counts: `[batch, vocab]` int32, how often each token was *generated*
             (prompt excluded), or None when no processor needs it (frequency and
             presence penalties do).
+        offset: `[]` int32, buffer columns before logical column 0.
     """
 
     sequences: Array
@@ -48,6 +52,12 @@ class DecodeContext:
     prompt_start: Array
     seen: Array | None = None
     token_counts: Array | None = None
+    offset: Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+
+    @property
+    def write_col(self) -> Array:
+        """Buffer column of the next token."""
+        return self.offset + self.cur_len
 
     @classmethod
     def from_ids(
@@ -60,6 +70,7 @@ class DecodeContext:
         attention_mask: Any = None,
         track_seen: bool = True,
         track_counts: bool = True,
+        offset: Any = 0,
     ) -> DecodeContext:
         """Builds the context for a full token history `input_ids: [batch, length]`.
 
@@ -74,13 +85,16 @@ class DecodeContext:
                 transformers does for its repetition penalty).
             track_seen: build the `seen` tally.
             track_counts: build the `token_counts` tally.
+            offset: leading columns of `input_ids` that are bucket padding, not
+                part of the logical sequence (their mask must be 0).
 
         Returns:
-            A `DecodeContext` with `cur_len = length`.
+            A `DecodeContext` with `cur_len = length - offset`.
         """
         ids = jnp.asarray(input_ids, jnp.int32)
         batch, length = ids.shape
-        cur_len = jnp.asarray(length, jnp.int32)
+        offset = jnp.asarray(offset, jnp.int32)
+        cur_len = jnp.asarray(length, jnp.int32) - offset
         prompt_len = cur_len if prompt_length is None else jnp.asarray(prompt_length, jnp.int32)
         max_len = cur_len + 1 if max_length is None else jnp.asarray(max_length, jnp.int32)
         if attention_mask is None:
@@ -91,11 +105,11 @@ class DecodeContext:
         rows = jnp.arange(batch)[:, None]
         seen = None
         if track_seen:
-            in_history = cols >= start[:, None]
+            in_history = cols >= jnp.maximum(start, offset)[:, None]
             seen = jnp.zeros((batch, vocab_size), bool).at[rows, ids].max(in_history, mode="drop")
         counts = None
         if track_counts:
-            generated = jnp.broadcast_to(cols >= prompt_len, ids.shape).astype(jnp.int32)
+            generated = jnp.broadcast_to(cols >= offset + prompt_len, ids.shape).astype(jnp.int32)
             counts = (
                 jnp.zeros((batch, vocab_size), jnp.int32).at[rows, ids].add(generated, mode="drop")
             )
@@ -107,10 +121,11 @@ class DecodeContext:
             prompt_start=start,
             seen=seen,
             token_counts=counts,
+            offset=offset,
         )
 
     def append(self, tokens: Array) -> DecodeContext:
-        """Writes `tokens: [batch]` at column `cur_len` and updates the tallies.
+        """Writes `tokens: [batch]` at column `write_col` and updates the tallies.
 
         The buffer must have room (`cur_len < buffer_len`); the decoding loops size
         it to `max_length`.
@@ -118,7 +133,7 @@ class DecodeContext:
         tokens = jnp.asarray(tokens, jnp.int32)
         rows = jnp.arange(tokens.shape[0])
         sequences = jax.lax.dynamic_update_slice(
-            self.sequences, tokens[:, None], (jnp.int32(0), self.cur_len)
+            self.sequences, tokens[:, None], (jnp.int32(0), self.write_col)
         )
         seen = None if self.seen is None else self.seen.at[rows, tokens].set(True, mode="drop")
         counts = (

@@ -533,9 +533,12 @@ class NoRepeatNGram(LogitsProcessor):
         if buf < n:
             return logits
         num_windows = buf - n + 1
-        # The current (n-1)-token suffix, matched against the head of every window.
-        suffix = jax.lax.dynamic_slice_in_dim(seq, jnp.maximum(ctx.cur_len - (n - 1), 0), n - 1, 1)
-        match = jnp.arange(num_windows)[None, :] <= ctx.cur_len - n
+        end = ctx.write_col
+        # The current (n-1)-token suffix, matched against the head of every window
+        # that lies wholly in the logical sequence.
+        suffix = jax.lax.dynamic_slice_in_dim(seq, jnp.maximum(end - (n - 1), 0), n - 1, 1)
+        starts = jnp.arange(num_windows)[None, :]
+        match = (starts >= ctx.offset) & (starts <= end - n)
         for i in range(n - 1):
             match = match & (seq[:, i : i + num_windows] == suffix[:, i : i + 1])
         rows = jnp.arange(batch)[:, None]
@@ -570,7 +573,7 @@ class SequenceBias(LogitsProcessor):
         bias = jnp.broadcast_to(bias, logits.shape)
         num, width = self.prefixes.shape
         if num:
-            cols = ctx.cur_len - width + jnp.arange(width)
+            cols = ctx.write_col - width + jnp.arange(width)
             tail = jnp.take(ctx.sequences, jnp.clip(cols, 0), axis=1)  # [B, P]
             needed = jnp.arange(width)[None, :] >= width - self.prefix_len[:, None]  # [M, P]
             equal = (tail[:, None, :] == self.prefixes[None]) | ~needed[None]

@@ -1,0 +1,601 @@
+"""`generate`: greedy search, sampling and beam search as one compiled program.
+
+Prefill runs the prompt through the model once; then a `lax.scan` (or, with
+`loop="while"`, a `lax.while_loop` that stops when every row is finished) runs the
+new-token steps over the functional KV cache: processors -> chooser -> model step.
+Beam search follows transformers 5's vectorised algorithm step for step (see
+README); the cache is gathered by parent beam once per step.
+
+Static (recompiles when changed): batch, prompt bucket, max_new_tokens, num_beams,
+num_return_sequences, do_sample, early_stopping, output flags, which processors
+are present. Traced (never recompiles): every numeric value, the prompts, the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxdecode import sampling
+from jaxdecode.cache import gather_beams
+from jaxdecode.config import GenerationConfig, StaticConfig, TracedConfig
+from jaxdecode.context import DecodeContext
+from jaxdecode.lm import CausalLM
+from jaxdecode.models.base import Decoder, positions_from_mask
+
+Array = jax.Array
+
+__all__ = ["GenerateOutput", "generate", "bucket_length"]
+
+# transformers' "minus infinity" for beam bookkeeping (a finite number, so that
+# arithmetic on it stays exact where transformers' does).
+_NEG = -1.0e9
+
+
+@struct.dataclass
+class GenerateOutput:
+    """What `generate` returns (R = num_return_sequences, N = max_new_tokens).
+
+    Attributes:
+        sequences: `[B * R, prompt_len + N]` int32, prompt then generated tokens,
+            pad-filled after a row finishes.
+        token_logprobs: `[B * R, N]` float32, log-probability of each chosen token
+            under the processed distribution (0 after a row finishes).
+        lengths: `[B * R]` int32, generated tokens (EOS included).
+        scores: `[B * R, N, V]` processed scores per step (`output_scores`); for
+            beam search `[B * num_beams, N, V]`, as transformers.
+        logits: raw logits per step, same shape as `scores` (`output_logits`).
+        sequences_scores: `[B * R]` length-normalised beam scores (beam search).
+        beam_indices: `[B * R, N]` int32 beam index per step, -1 after the end
+            (beam search).
+    """
+
+    sequences: Array
+    token_logprobs: Array
+    lengths: Array
+    scores: Array | None = None
+    logits: Array | None = None
+    sequences_scores: Array | None = None
+    beam_indices: Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one compiled generate program."""
+
+    decoder: Decoder
+    config: StaticConfig
+    batch: int
+    bucket: int  # padded prompt columns
+    new_tokens: int
+    loop: str
+    track_seen: bool
+    track_counts: bool
+
+
+# --------------------------------------------------------------------------- #
+# Front door.
+# --------------------------------------------------------------------------- #
+
+
+def bucket_length(length: int, buckets: Any = "pow2") -> int:
+    """The padded prompt length for `length` under a bucketing rule.
+
+    Args:
+        length: the prompt length.
+        buckets: "pow2" (next power of two, at least 8), None (no padding), an
+            int m (round up to a multiple of m), or a sorted sequence of lengths
+            (the first >= length; beyond the last, the length itself).
+    """
+    if buckets is None:
+        return length
+    if buckets == "pow2":
+        return max(8, 1 << max(length - 1, 0).bit_length())
+    if isinstance(buckets, int) and not isinstance(buckets, bool):
+        if buckets < 1:
+            raise ValueError(f"prompt_buckets must be >= 1, got {buckets}")
+        return -(-length // buckets) * buckets
+    if isinstance(buckets, Sequence):
+        for b in sorted(int(x) for x in buckets):
+            if b >= length:
+                return b
+        return length
+    raise ValueError(
+        f"prompt_buckets must be 'pow2', None, an int or a list of ints, got {buckets!r}"
+    )
+
+
+def _is_traced(*xs: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
+
+
+def generate(
+    model: CausalLM | Decoder,
+    input_ids: Any,
+    attention_mask: Any = None,
+    config: GenerationConfig | None = None,
+    *,
+    params: Any = None,
+    key: Any = None,
+    prompt_buckets: Any = "pow2",
+    loop: str = "scan",
+    **overrides: Any,
+) -> GenerateOutput:
+    """Generates continuations of `input_ids` in one compiled program.
+
+    Args:
+        model: a `CausalLM`, or a `Decoder` together with `params=`.
+        input_ids: `[batch, prompt_len]` int token ids, left-padded.
+        attention_mask: `[batch, prompt_len]`, 0 on left padding (default: all 1).
+        config: a `GenerationConfig` (default: the model's), updated by `overrides`
+            (any `GenerationConfig` field, e.g. `max_new_tokens=32, do_sample=True`).
+        params: the parameters when `model` is a `Decoder`.
+        key: a `jax.random` key for sampling; else `config.seed`; else a fresh
+            random seed (outside `jit`; inside a `jit` pass `key`).
+        prompt_buckets: how the prompt is padded so that many lengths share one
+            compilation (see `bucket_length`); invisible in the results.
+        loop: "scan" (fixed number of steps) or "while" (stops as soon as every
+            row is finished).
+
+    Returns:
+        A `GenerateOutput`.
+    """
+    if isinstance(model, CausalLM):
+        decoder, params = model.decoder, model.params if params is None else params
+        base = model.generation_config
+    elif isinstance(model, Decoder):
+        if params is None:
+            raise ValueError("generate(decoder, ...) needs params=")
+        decoder, base = model, GenerationConfig()
+    else:
+        raise ValueError(f"model must be a CausalLM or a Decoder, got {type(model).__name__}")
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    config = (config or base).replace(**overrides) if overrides else (config or base)
+    config.validate(vocab_size=decoder.vocab_size)
+    if loop not in ("scan", "while"):
+        raise ValueError(f"loop must be 'scan' or 'while', got {loop!r}")
+
+    traced_inputs = _is_traced(input_ids, attention_mask)
+    ids = input_ids if traced_inputs else np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] < 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"input_ids must be a [batch, prompt_len] integer array, got {ids.dtype} {ids.shape}"
+        )
+    batch, prompt_len = ids.shape
+    if attention_mask is None:
+        mask = np.ones((batch, prompt_len), np.int32) if not traced_inputs else jnp.ones_like(ids)
+    else:
+        mask = attention_mask if traced_inputs else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}"
+            )
+    if not traced_inputs:
+        if ids.min() < 0 or ids.max() >= decoder.vocab_size:
+            raise ValueError(
+                f"input_ids must be in [0, {decoder.vocab_size - 1}], got [{ids.min()}, {ids.max()}]"
+            )
+        if not np.all((mask == 0) | (mask == 1)):
+            raise ValueError("attention_mask must hold only 0 and 1")
+    max_length = config.resolve_max_length(prompt_len)
+    new_tokens = max_length - prompt_len
+    if new_tokens < 1:
+        raise ValueError(
+            f"max_length={max_length} leaves no room after the {prompt_len}-token prompt; "
+            "set max_new_tokens"
+        )
+    decoder.check_length(max_length)
+
+    bucket = bucket_length(prompt_len, prompt_buckets)
+    pad_id = _pad_id(config)
+    extra = bucket - prompt_len
+    if extra:
+        if traced_inputs:
+            ids = jnp.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+            mask = jnp.pad(mask, ((0, 0), (extra, 0)))
+        else:
+            ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+            mask = np.pad(mask, ((0, 0), (extra, 0)))
+
+    if config.do_sample:
+        if key is None:
+            if config.seed is not None:
+                key = jax.random.key(config.seed)
+            elif traced_inputs or _is_traced(params):
+                raise ValueError(
+                    "generate(do_sample=True) inside jit needs key= (or a seed in the config)"
+                )
+            else:
+                key = jax.random.key(secrets.randbits(31))
+    if key is None:
+        key = jax.random.key(0)  # unused by greedy and beam search
+    elif not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+
+    static, traced = config.split()
+    needs = traced.processor.requires
+    plan = _Plan(
+        decoder=decoder,
+        config=static,
+        batch=batch,
+        bucket=bucket,
+        new_tokens=new_tokens,
+        loop=loop,
+        track_seen="seen" in needs,
+        track_counts="token_counts" in needs,
+    )
+    out = _generate_program(plan, params, ids, mask, jnp.int32(prompt_len), traced, key)
+    # Drop the bucket padding: in NumPy when concrete (no compile per length).
+    if isinstance(out.sequences, jax.core.Tracer):
+        seqs = out.sequences[:, extra:]
+    else:
+        seqs = jnp.asarray(np.asarray(out.sequences)[:, extra:])
+    return out.replace(sequences=seqs)
+
+
+def _pad_id(config: GenerationConfig) -> int:
+    if config.pad_token_id is not None:
+        return int(config.pad_token_id)
+    return config.eos_ids[0] if config.eos_ids else 0
+
+
+# --------------------------------------------------------------------------- #
+# The compiled program.
+# --------------------------------------------------------------------------- #
+
+
+@jax.jit(static_argnums=0)
+def _generate_program(
+    plan: _Plan,
+    params: Any,
+    ids: Array,
+    mask: Array,
+    prompt_len: Array,
+    traced: TracedConfig,
+    key: Array,
+) -> GenerateOutput:
+    cfg = plan.config
+    ids = jnp.asarray(ids, jnp.int32)
+    mask = jnp.asarray(mask, jnp.int32)
+    expand = cfg.num_beams if cfg.num_beams > 1 else cfg.num_return_sequences
+    if expand > 1:
+        ids = jnp.repeat(ids, expand, axis=0)
+        mask = jnp.repeat(mask, expand, axis=0)
+    rows = ids.shape[0]
+    total = plan.bucket + plan.new_tokens
+    pad = jnp.int32(
+        cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or (0,))[0]
+    )
+
+    # Prefill.
+    cache = plan.decoder.init_cache(rows, total, None)
+    positions = positions_from_mask(mask)
+    logits, cache = plan.decoder.apply(params, ids, positions, cache, mask)
+    last = logits[:, -1, :].astype(jnp.float32)
+    next_pos = jnp.sum(mask, axis=-1).astype(jnp.int32)
+
+    buffer = jnp.concatenate([ids, jnp.full((rows, plan.new_tokens), pad, jnp.int32)], axis=1)
+    ctx = DecodeContext.from_ids(
+        buffer[:, : plan.bucket],
+        vocab_size=last.shape[-1],
+        prompt_length=prompt_len,
+        max_length=prompt_len + plan.new_tokens,
+        attention_mask=mask,
+        track_seen=plan.track_seen,
+        track_counts=plan.track_counts,
+        offset=jnp.int32(plan.bucket) - prompt_len,
+    ).replace(sequences=buffer)
+
+    def model_step(cache: Any, tokens: Array, pos: Array) -> tuple[Array, Any]:
+        step_logits, cache = plan.decoder.apply(
+            params, tokens[:, None], pos[:, None], cache, jnp.ones((rows, 1), jnp.int32)
+        )
+        return step_logits[:, 0, :].astype(jnp.float32), cache
+
+    if cfg.num_beams > 1:
+        return _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step, pad)
+    return _sample_or_greedy(plan, traced, key, ctx, cache, last, next_pos, model_step, pad)
+
+
+def _eos_hit(tokens: Array, eos: tuple[int, ...]) -> Array:
+    if not eos:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.any(tokens[..., None] == jnp.asarray(eos, jnp.int32), axis=-1)
+
+
+def _row_keys(key: Array, rows: int) -> Array:
+    # Row r's stream depends only on (key, r): a row draws the same tokens in a
+    # batch of 1 or 64.
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
+
+
+def _sample_or_greedy(plan, traced, key, ctx, cache, last, next_pos, model_step, pad):
+    cfg = plan.config
+    processor = traced.processor
+    rows = last.shape[0]
+    n = plan.new_tokens
+    eos = cfg.eos_token_id
+    row_keys = _row_keys(key, rows)
+
+    def choose(ctx, logits, done, step):
+        scores = processor(logits, ctx)
+        if cfg.do_sample:
+            keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+            tokens = sampling.categorical(keys, scores)
+        else:
+            tokens = sampling.greedy(scores)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), tokens[:, None], axis=-1)[
+            :, 0
+        ]
+        tokens = jnp.where(done, pad, tokens)
+        logp = jnp.where(done, 0.0, logp)
+        return scores, tokens, logp
+
+    def record(scores, logits):
+        out = {}
+        if cfg.output_scores:
+            out["scores"] = scores
+        if cfg.output_logits:
+            out["logits"] = logits
+        return out
+
+    def body(carry, step):
+        ctx, cache, logits, done, pos, lengths = carry
+        scores, tokens, logp = choose(ctx, logits, done, step)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | _eos_hit(tokens, eos)
+        ctx = ctx.append(tokens)
+        extra = record(scores, logits)
+        logits, cache = model_step(cache, tokens, pos)
+        return (ctx, cache, logits, done, pos + 1, lengths), (tokens, logp, extra)
+
+    done0 = jnp.zeros((rows,), bool)
+    len0 = jnp.zeros((rows,), jnp.int32)
+    carry = (ctx, cache, last, done0, next_pos, len0)
+
+    if plan.loop == "scan":
+        # N - 1 steps that also run the model, then a last choice without it.
+        carry, (toks, logps, extras) = jax.lax.scan(body, carry, jnp.arange(n - 1))
+        ctx, cache, logits, done, pos, lengths = carry
+        scores, tokens, logp = choose(ctx, logits, done, jnp.int32(n - 1))
+        lengths = lengths + (~done).astype(jnp.int32)
+        ctx = ctx.append(tokens)
+        final = record(scores, logits)
+        logps = jnp.concatenate([logps, logp[None]], axis=0).T
+        stacked = {
+            k: jnp.concatenate([extras[k], v[None]], axis=0).swapaxes(0, 1)
+            for k, v in final.items()
+        }
+    else:
+        vocab = last.shape[-1]
+        bufs = {"logp": jnp.zeros((n, rows), jnp.float32)}
+        if cfg.output_scores:
+            bufs["scores"] = jnp.zeros((n, rows, vocab), jnp.float32)
+        if cfg.output_logits:
+            bufs["logits"] = jnp.zeros((n, rows, vocab), jnp.float32)
+
+        def cond(state):
+            step, carry, _ = state
+            return (step < n) & ~jnp.all(carry[3])
+
+        def wbody(state):
+            step, carry, bufs = state
+            carry, (tokens, logp, extra) = body(carry, step)
+            bufs = dict(bufs)
+            bufs["logp"] = bufs["logp"].at[step].set(logp)
+            for k in extra:
+                bufs[k] = bufs[k].at[step].set(extra[k])
+            return step + 1, carry, bufs
+
+        _, carry, bufs = jax.lax.while_loop(cond, wbody, (jnp.int32(0), carry, bufs))
+        ctx, cache, logits, done, pos, lengths = carry
+        logps = bufs.pop("logp").T
+        stacked = {k: v.swapaxes(0, 1) for k, v in bufs.items()}
+
+    return GenerateOutput(
+        sequences=ctx.sequences,
+        token_logprobs=logps,
+        lengths=lengths,
+        scores=stacked.get("scores"),
+        logits=stacked.get("logits"),
+    )
+
+
+def _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step, pad):
+    """transformers 5's vectorised beam search over a fixed number of steps.
+
+    Shapes: B batch rows, nb beams, K = max(2, 1 + #eos) * nb candidates, V vocab,
+    T buffer columns, N new tokens.
+    """
+    cfg = plan.config
+    nb = cfg.num_beams
+    rows, vocab = last.shape
+    b = rows // nb
+    n = plan.new_tokens
+    total = ctx.sequences.shape[1]
+    eos = cfg.eos_token_id
+    k_cand = max(2, 1 + len(eos)) * nb
+    lp = traced.length_penalty
+    processor = traced.processor
+    early = cfg.early_stopping
+    batch_offset = (jnp.arange(b) * nb)[:, None]
+    top_mask = jnp.arange(k_cand) < nb
+    row_keys = _row_keys(key, b)
+
+    def take(x, idx):  # x [B, M, ...], idx [B, J] -> [B, J, ...]
+        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    state = {
+        "running_scores": jnp.where(jnp.arange(nb)[None, :] == 0, 0.0, _NEG) * jnp.ones((b, 1)),
+        "running_beam_idx": jnp.full((b, nb, n), -1, jnp.int32),
+        "running_tok_lp": jnp.zeros((b, nb, n), jnp.float32),
+        "fin_seqs": ctx.sequences.reshape(b, nb, total),
+        "fin_scores": jnp.full((b, nb), _NEG, jnp.float32),
+        "fin_beam_idx": jnp.full((b, nb, n), -1, jnp.int32),
+        "fin_tok_lp": jnp.zeros((b, nb, n), jnp.float32),
+        "fin_flag": jnp.zeros((b, nb), bool),
+        "unsatisfied": jnp.ones((b,), bool),
+    }
+
+    def step_fn(carry, step):
+        ctx, cache, logits, pos, st = carry
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        scores = processor(logp, ctx)  # [B*nb, V]
+        acc = (scores.reshape(b, nb, vocab) + st["running_scores"][:, :, None]).reshape(
+            b, nb * vocab
+        )
+        if cfg.do_sample:
+            # Sampling K without replacement from softmax(acc) = Gumbel top-K; then
+            # sorted by acc, as transformers sorts its multinomial draws.
+            keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+            gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (nb * vocab,)))(keys)
+            _, idx = jax.lax.top_k(acc + gumbel, k_cand)
+            vals = jnp.take_along_axis(acc, idx, axis=1)
+            order = jnp.argsort(-vals, axis=1, stable=True)
+            vals, idx = jnp.take_along_axis(vals, order, 1), jnp.take_along_axis(idx, order, 1)
+        else:
+            vals, idx = jax.lax.top_k(acc, k_cand)
+        parent = idx // vocab  # [B, K]
+        tokens = (idx % vocab).astype(jnp.int32)
+        tok_lp = _token_scores(scores, parent, tokens, b, nb, vocab)
+        cand_seqs = take(ctx.sequences.reshape(b, nb, total), parent)
+        cand_seqs = jax.lax.dynamic_update_slice(
+            cand_seqs, tokens[:, :, None], (0, 0, ctx.write_col)
+        )
+        cand_beam_idx = (
+            take(st["running_beam_idx"], parent).at[:, :, step].set(parent + batch_offset)
+        )
+        cand_tok_lp = take(st["running_tok_lp"], parent).at[:, :, step].set(tok_lp)
+        hits = _eos_hit(tokens, eos) | (step == n - 1)
+
+        # Running beams for the next step: the best nb candidates that did not finish.
+        run_lp = vals + hits.astype(jnp.float32) * _NEG
+        _, nxt = jax.lax.top_k(run_lp, nb)
+        new_running_scores = jnp.take_along_axis(run_lp, nxt, 1)
+        new_tokens = jnp.take_along_axis(tokens, nxt, 1)
+        new_parent = (jnp.take_along_axis(parent, nxt, 1) + batch_offset).reshape(-1)
+        new_running_beam_idx = take(cand_beam_idx, nxt)
+        new_running_tok_lp = take(cand_tok_lp, nxt)
+
+        # Finished hypotheses: only the top nb candidates may enter.
+        just = hits & top_mask[None, :]
+        gen_len = (step + 1).astype(jnp.float32)
+        cand = vals / jnp.power(gen_len, lp)
+        if early is True:
+            full = jnp.all(st["fin_flag"], axis=-1, keepdims=True)
+            cand = cand + full.astype(jnp.float32) * _NEG
+        cand = cand + (~st["unsatisfied"])[:, None].astype(jnp.float32) * _NEG
+        cand = cand + (~just).astype(jnp.float32) * _NEG
+        merged_scores = jnp.concatenate([st["fin_scores"], cand], axis=1)
+        _, best = jax.lax.top_k(merged_scores, nb)
+        fin_scores = jnp.take_along_axis(merged_scores, best, 1)
+        fin_seqs = take(jnp.concatenate([st["fin_seqs"], cand_seqs], axis=1), best)
+        fin_beam_idx = take(jnp.concatenate([st["fin_beam_idx"], cand_beam_idx], axis=1), best)
+        fin_tok_lp = take(jnp.concatenate([st["fin_tok_lp"], cand_tok_lp], axis=1), best)
+        fin_flag = jnp.take_along_axis(jnp.concatenate([st["fin_flag"], just], axis=1), best, 1)
+
+        # Can a running beam still beat the worst finished one?
+        if early == "never":
+            best_len = jnp.where(lp > 0.0, jnp.float32(n), gen_len + 0.0)
+        else:
+            best_len = gen_len
+        best_running = new_running_scores[:, 0] / jnp.power(best_len, lp)
+        worst = jnp.where(fin_flag, jnp.min(fin_scores, axis=1, keepdims=True), _NEG)
+        unsatisfied = st["unsatisfied"] & jnp.any(best_running[:, None] > worst, axis=1)
+
+        ctx = ctx.reorder(new_parent).append(new_tokens.reshape(-1))
+        cache = gather_beams(cache, new_parent)
+        st = {
+            "running_scores": new_running_scores,
+            "running_beam_idx": new_running_beam_idx,
+            "running_tok_lp": new_running_tok_lp,
+            "fin_seqs": fin_seqs,
+            "fin_scores": fin_scores,
+            "fin_beam_idx": fin_beam_idx,
+            "fin_tok_lp": fin_tok_lp,
+            "fin_flag": fin_flag,
+            "unsatisfied": unsatisfied,
+        }
+        extra = {}
+        if cfg.output_scores:
+            extra["scores"] = scores
+        if cfg.output_logits:
+            extra["logits"] = logits
+        return (ctx, cache, logits, pos, st), extra, new_tokens.reshape(-1)
+
+    def scan_body(carry, step):
+        (ctx, cache, logits, pos, st), extra, tokens = step_fn(carry, step)
+        logits, cache = model_step(cache, tokens, pos)
+        return (ctx, cache, logits, pos + 1, st), extra
+
+    def stop(st: dict) -> Array:
+        # transformers stops the whole batch when no row can improve, or (with
+        # early_stopping=True) when every row has nb finished hypotheses.
+        done = ~jnp.any(st["unsatisfied"])
+        if early is True:
+            done = done | jnp.all(st["fin_flag"])
+        return done
+
+    carry = (ctx, cache, last, next_pos, state)
+    if plan.loop == "scan":
+        carry, extras = jax.lax.scan(scan_body, carry, jnp.arange(n - 1))
+        carry, final, _ = step_fn(carry, jnp.int32(n - 1))
+        stacked = {
+            k: jnp.concatenate([extras[k], v[None]], 0).swapaxes(0, 1) for k, v in final.items()
+        }
+    else:
+        bufs = {}
+        if cfg.output_scores:
+            bufs["scores"] = jnp.zeros((n, rows, vocab), jnp.float32)
+        if cfg.output_logits:
+            bufs["logits"] = jnp.zeros((n, rows, vocab), jnp.float32)
+
+        def cond(s):
+            step, carry, _ = s
+            return (step < n) & ~stop(carry[4])
+
+        def wbody(s):
+            step, carry, bufs = s
+            carry, extra, tokens = step_fn(carry, step)
+            ctx_, cache_, logits_, pos_, st_ = carry
+            logits_, cache_ = jax.lax.cond(
+                step < n - 1,
+                lambda: model_step(cache_, tokens, pos_),
+                lambda: (logits_, cache_),
+            )
+            bufs = {k: v.at[step].set(extra[k]) for k, v in bufs.items()}
+            return step + 1, (ctx_, cache_, logits_, pos_ + 1, st_), bufs
+
+        _, carry, bufs = jax.lax.while_loop(cond, wbody, (jnp.int32(0), carry, bufs))
+        stacked = {k: v.swapaxes(0, 1) for k, v in bufs.items()}
+
+    st = carry[4]
+    r = cfg.num_return_sequences
+    beam_idx = st["fin_beam_idx"][:, :r].reshape(b * r, n)
+    lengths = jnp.sum(beam_idx >= 0, axis=-1).astype(jnp.int32)
+    tok_lp = jnp.where(beam_idx >= 0, st["fin_tok_lp"][:, :r].reshape(b * r, n), 0.0)
+    return GenerateOutput(
+        sequences=st["fin_seqs"][:, :r].reshape(b * r, total),
+        token_logprobs=tok_lp,
+        lengths=lengths,
+        scores=stacked.get("scores"),
+        logits=stacked.get("logits"),
+        sequences_scores=st["fin_scores"][:, :r].reshape(b * r),
+        beam_indices=beam_idx,
+    )
+
+
+def _token_scores(
+    scores: Array, parent: Array, tokens: Array, b: int, nb: int, vocab: int
+) -> Array:
+    """`scores[batch * nb + parent, token]` for every candidate: `[B, K]`."""
+    flat = scores.reshape(b, nb * vocab)
+    return jnp.take_along_axis(flat, parent * vocab + tokens, axis=1)
