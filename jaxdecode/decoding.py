@@ -205,16 +205,15 @@ def generate(
             ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
             mask = np.pad(mask, ((0, 0), (extra, 0)))
 
-    if config.do_sample:
-        if key is None:
-            if config.seed is not None:
-                key = jax.random.key(config.seed)
-            elif traced_inputs or _is_traced(params):
-                raise ValueError(
-                    "generate(do_sample=True) inside jit needs key= (or a seed in the config)"
-                )
-            else:
-                key = jax.random.key(secrets.randbits(31))
+    if config.do_sample and key is None:
+        if config.seed is not None:
+            key = jax.random.key(config.seed)
+        elif traced_inputs or _is_traced(params):
+            raise ValueError(
+                "generate(do_sample=True) inside jit needs key= (or a seed in the config)"
+            )
+        else:
+            key = jax.random.key(secrets.randbits(31))
     if key is None:
         key = jax.random.key(0)  # unused by greedy and beam search
     elif not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
