@@ -292,6 +292,8 @@ class GenerationConfig:
         for name, used in needs_eos.items():
             if used and self.eos_token_id is None:
                 raise ValueError(f"{name} needs eos_token_id to be set (it acts on the EOS logit)")
+        if isinstance(self.top_k, jax.core.Tracer):
+            return
         if self.top_k_method == "fast" and self.do_sample:
             k = np.asarray(self.top_k)
             if np.any(k > 4096):
@@ -359,7 +361,7 @@ class GenerationConfig:
             # Always present when sampling (x / 1.0 is exact), so that sweeping the
             # temperature from 1.0 does not change the program.
             procs.append(P.temperature(self.temperature))
-            if np.any(np.asarray(self.top_k) != 0):
+            if isinstance(self.top_k, jax.core.Tracer) or np.any(np.asarray(self.top_k) != 0):
                 procs.append(P.top_k(self.top_k, min_tokens_to_keep=keep, method=self.top_k_method))
             if _is_active(self.top_p, 1.0, below=True):
                 procs.append(P.top_p(self.top_p, min_tokens_to_keep=keep, method=self.top_p_method))
@@ -472,7 +474,11 @@ def _check_int(name: str, value: Any, lo: int) -> None:
 
 
 def _is_active(value: Any, neutral: float, below: bool = False) -> bool:
-    """Whether a processor with this (scalar or per-row) value does anything."""
+    """Whether a processor with this (scalar or per-row) value does anything.
+
+    A traced value (inside a user's jit) is always active: its value is unknown."""
+    if isinstance(value, jax.core.Tracer):
+        return True
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim:
         return True  # per-row values: present, whatever the rows say

@@ -77,8 +77,13 @@ class CausalLM:
             directory, self.params, self.config, self.generation_config.to_hf()
         )
 
-    def replace_params(self, params: Any) -> CausalLM:
-        return self.replace(params=params)
+    def generate(
+        self, input_ids: Any, attention_mask: Any = None, config: Any = None, **kwargs: Any
+    ):
+        """`jaxdecode.generate(self, ...)`: see there."""
+        from jaxdecode.decoding import generate
+
+        return generate(self, input_ids, attention_mask, config, **kwargs)
 
 
 @jax.jit

@@ -833,4 +833,9 @@ def eos_ids(value: Any, name: str = "eos_token_id") -> Sequence[int]:
     """Normalises an int / list / None EOS setting to a tuple of ints."""
     if value is None:
         return ()
-    return tuple(int(t) for t in np.asarray(_token_ids(name, value)))
+    arr = np.asarray(value).reshape(-1)
+    if arr.size == 0 or not np.issubdtype(arr.dtype, np.integer) or np.any(arr < 0):
+        raise ValueError(
+            f"{name} must be a token id or a non-empty list of them (ints >= 0), got {value!r}"
+        )
+    return tuple(int(t) for t in arr)
