@@ -15,7 +15,7 @@ from jaxdecode.config import (
     process_logits,
 )
 from jaxdecode.context import DecodeContext
-from jaxdecode.decoding import GenerateOutput, bucket_length, generate
+from jaxdecode.decoding import GenerateOutput, StreamStep, bucket_length, generate, stream
 from jaxdecode.lm import CausalLM, from_pretrained
 from jaxdecode.models.adapters import from_linen, from_nnx
 from jaxdecode.models.base import Decoder, positions_from_mask
@@ -55,6 +55,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GenerateOutput",
+    "StreamStep",
+    "stream",
     "bucket_length",
     "generate",
     "bad_words_ids",

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -32,7 +33,7 @@ from jaxdecode.models.base import Decoder, positions_from_mask
 
 Array = jax.Array
 
-__all__ = ["GenerateOutput", "generate", "bucket_length"]
+__all__ = ["DecodeState", "GenerateOutput", "StreamStep", "bucket_length", "generate", "stream"]
 
 # transformers' "minus infinity" for beam bookkeeping (a finite number, so that
 # arithmetic on it stays exact where transformers' does).
@@ -116,37 +117,32 @@ def _is_traced(*xs: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
 
 
-def generate(
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A validated request: the static plan and the arguments of the program."""
+
+    plan: _Plan
+    params: Any
+    ids: Any
+    mask: Any
+    prompt_len: Array
+    traced: TracedConfig
+    key: Array
+    extra: int  # bucket padding columns, dropped from the output
+
+
+def _prepare(
     model: CausalLM | Decoder,
     input_ids: Any,
-    attention_mask: Any = None,
-    config: GenerationConfig | None = None,
-    *,
-    params: Any = None,
-    key: Any = None,
-    prompt_buckets: Any = "pow2",
-    loop: str = "scan",
-    **overrides: Any,
-) -> GenerateOutput:
-    """Generates continuations of `input_ids` in one compiled program.
-
-    Args:
-        model: a `CausalLM`, or a `Decoder` together with `params=`.
-        input_ids: `[batch, prompt_len]` int token ids, left-padded.
-        attention_mask: `[batch, prompt_len]`, 0 on left padding (default: all 1).
-        config: a `GenerationConfig` (default: the model's), updated by `overrides`
-            (any `GenerationConfig` field, e.g. `max_new_tokens=32, do_sample=True`).
-        params: the parameters when `model` is a `Decoder`.
-        key: a `jax.random` key for sampling; else `config.seed`; else a fresh
-            random seed (outside `jit`; inside a `jit` pass `key`).
-        prompt_buckets: how the prompt is padded so that many lengths share one
-            compilation (see `bucket_length`); invisible in the results.
-        loop: "scan" (fixed number of steps) or "while" (stops as soon as every
-            row is finished).
-
-    Returns:
-        A `GenerateOutput`.
-    """
+    attention_mask: Any,
+    config: GenerationConfig | None,
+    params: Any,
+    key: Any,
+    prompt_buckets: Any,
+    loop: str,
+    overrides: dict[str, Any],
+) -> _Prepared:
+    """Validates everything before tracing; pads the prompt to its bucket."""
     if isinstance(model, CausalLM):
         decoder, params = model.decoder, model.params if params is None else params
         base = model.generation_config
@@ -195,9 +191,9 @@ def generate(
     decoder.check_length(max_length)
 
     bucket = bucket_length(prompt_len, prompt_buckets)
-    pad_id = _pad_id(config)
     extra = bucket - prompt_len
     if extra:
+        pad_id = _pad_id(config)
         if traced_inputs:
             ids = jnp.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
             mask = jnp.pad(mask, ((0, 0), (extra, 0)))
@@ -231,13 +227,54 @@ def generate(
         track_seen="seen" in needs,
         track_counts="token_counts" in needs,
     )
-    out = _generate_program(plan, params, ids, mask, jnp.int32(prompt_len), traced, key)
-    # Drop the bucket padding: in NumPy when concrete (no compile per length).
-    if isinstance(out.sequences, jax.core.Tracer):
-        seqs = out.sequences[:, extra:]
-    else:
-        seqs = jnp.asarray(np.asarray(out.sequences)[:, extra:])
-    return out.replace(sequences=seqs)
+    return _Prepared(plan, params, ids, mask, jnp.int32(prompt_len), traced, key, extra)
+
+
+def _drop_columns(x: Array, extra: int) -> Array:
+    """`x[:, extra:]`, in NumPy when concrete (no compilation per prompt length)."""
+    if isinstance(x, jax.core.Tracer):
+        return x[:, extra:]
+    return jnp.asarray(np.asarray(x)[:, extra:])
+
+
+def generate(
+    model: CausalLM | Decoder,
+    input_ids: Any,
+    attention_mask: Any = None,
+    config: GenerationConfig | None = None,
+    *,
+    params: Any = None,
+    key: Any = None,
+    prompt_buckets: Any = "pow2",
+    loop: str = "scan",
+    **overrides: Any,
+) -> GenerateOutput:
+    """Generates continuations of `input_ids` in one compiled program.
+
+    Args:
+        model: a `CausalLM`, or a `Decoder` together with `params=`.
+        input_ids: `[batch, prompt_len]` int token ids, left-padded.
+        attention_mask: `[batch, prompt_len]`, 0 on left padding (default: all 1).
+        config: a `GenerationConfig` (default: the model's), updated by `overrides`
+            (any `GenerationConfig` field, e.g. `max_new_tokens=32, do_sample=True`).
+        params: the parameters when `model` is a `Decoder`.
+        key: a `jax.random` key for sampling; else `config.seed`; else a fresh
+            random seed (outside `jit`; inside a `jit` pass `key`).
+        prompt_buckets: how the prompt is padded so that many lengths share one
+            compilation (see `bucket_length`); invisible in the results.
+        loop: "scan" (fixed number of steps) or "while" (stops as soon as every
+            row is finished).
+
+    Returns:
+        A `GenerateOutput`.
+    """
+    req = _prepare(
+        model, input_ids, attention_mask, config, params, key, prompt_buckets, loop, overrides
+    )
+    out = _generate_program(
+        req.plan, req.params, req.ids, req.mask, req.prompt_len, req.traced, req.key
+    )
+    return out.replace(sequences=_drop_columns(out.sequences, req.extra))
 
 
 def _pad_id(config: GenerationConfig) -> int:
@@ -251,6 +288,128 @@ def _pad_id(config: GenerationConfig) -> int:
 # --------------------------------------------------------------------------- #
 
 
+@struct.dataclass
+class DecodeState:
+    """The loop state of greedy search and sampling (`rows = batch * R`).
+
+    Attributes:
+        ctx: the `DecodeContext` (token buffer `[rows, bucket + N]` and tallies).
+        cache: the model's KV cache.
+        logits: `[rows, vocab]` float32 raw logits for the next token.
+        done: `[rows]` bool, finished rows (they emit pad).
+        positions: `[rows]` int32 position id of the next token.
+        lengths: `[rows]` int32 tokens generated so far (EOS included).
+        step: `[]` int32 steps taken.
+        row_keys: `[rows]` PRNG keys, one stream per row.
+    """
+
+    ctx: DecodeContext
+    cache: Any
+    logits: Array
+    done: Array
+    positions: Array
+    lengths: Array
+    step: Array
+    row_keys: Array
+
+
+def _pad_value(cfg: StaticConfig) -> int:
+    if cfg.pad_token_id is not None:
+        return cfg.pad_token_id
+    return (cfg.eos_token_id or (0,))[0]
+
+
+def _prefill(
+    plan: _Plan, params: Any, ids: Array, mask: Array, prompt_len: Array, key: Array
+) -> DecodeState:
+    """Runs the prompt through the model and builds the initial loop state."""
+    cfg = plan.config
+    ids = jnp.asarray(ids, jnp.int32)
+    mask = jnp.asarray(mask, jnp.int32)
+    expand = cfg.num_beams if cfg.num_beams > 1 else cfg.num_return_sequences
+    if expand > 1:
+        ids = jnp.repeat(ids, expand, axis=0)
+        mask = jnp.repeat(mask, expand, axis=0)
+    rows = ids.shape[0]
+    total = plan.bucket + plan.new_tokens
+    cache = plan.decoder.init_cache(rows, total, None)
+    logits, cache = plan.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+    last = logits[:, -1, :].astype(jnp.float32)
+    buffer = jnp.concatenate(
+        [ids, jnp.full((rows, plan.new_tokens), _pad_value(cfg), jnp.int32)], axis=1
+    )
+    ctx = DecodeContext.from_ids(
+        ids,
+        vocab_size=last.shape[-1],
+        prompt_length=prompt_len,
+        max_length=prompt_len + plan.new_tokens,
+        attention_mask=mask,
+        track_seen=plan.track_seen,
+        track_counts=plan.track_counts,
+        offset=jnp.int32(plan.bucket) - prompt_len,
+    ).replace(sequences=buffer)
+    return DecodeState(
+        ctx=ctx,
+        cache=cache,
+        logits=last,
+        done=jnp.zeros((rows,), bool),
+        positions=jnp.sum(mask, axis=-1).astype(jnp.int32),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        # Row r's stream depends only on (key, r): a row draws the same tokens in
+        # a batch of 1 or 64.
+        row_keys=jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows)),
+    )
+
+
+def _model_step(plan: _Plan, params: Any, cache: Any, tokens: Array, positions: Array):
+    """One token per row through the model: `(logits [rows, V] float32, cache)`."""
+    rows = tokens.shape[0]
+    logits, cache = plan.decoder.apply(
+        params, tokens[:, None], positions[:, None], cache, jnp.ones((rows, 1), jnp.int32)
+    )
+    return logits[:, 0, :].astype(jnp.float32), cache
+
+
+def _decode_step(
+    plan: _Plan, params: Any, traced: TracedConfig, state: DecodeState, run_model: bool = True
+) -> tuple[DecodeState, dict[str, Array]]:
+    """Processors -> chooser -> append -> model. The body of every greedy/sampling
+    loop: `generate`'s scan and while loop, and the Python loop of `stream`.
+
+    Returns the new state and this step's outputs: `tokens [rows]`, `logp [rows]`,
+    plus `scores` / `logits` `[rows, V]` when the config asks for them.
+    """
+    cfg = plan.config
+    scores = traced.processor(state.logits, state.ctx)
+    if cfg.do_sample:
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, state.step))(state.row_keys)
+        tokens = sampling.categorical(keys, scores)
+    else:
+        tokens = sampling.greedy(scores)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    tokens = jnp.where(state.done, _pad_value(cfg), tokens)
+    logp = jnp.where(state.done, 0.0, logp)
+    out = {"tokens": tokens, "logp": logp}
+    if cfg.output_scores:
+        out["scores"] = scores
+    if cfg.output_logits:
+        out["logits"] = state.logits
+    logits, cache = state.logits, state.cache
+    if run_model:
+        logits, cache = _model_step(plan, params, cache, tokens, state.positions)
+    new = state.replace(
+        ctx=state.ctx.append(tokens),
+        cache=cache,
+        logits=logits,
+        done=state.done | _eos_hit(tokens, cfg.eos_token_id),
+        positions=state.positions + 1,
+        lengths=state.lengths + (~state.done).astype(jnp.int32),
+        step=state.step + 1,
+    )
+    return new, out
+
+
 @jax.jit(static_argnums=0)
 def _generate_program(
     plan: _Plan,
@@ -261,47 +420,13 @@ def _generate_program(
     traced: TracedConfig,
     key: Array,
 ) -> GenerateOutput:
-    cfg = plan.config
-    ids = jnp.asarray(ids, jnp.int32)
-    mask = jnp.asarray(mask, jnp.int32)
-    expand = cfg.num_beams if cfg.num_beams > 1 else cfg.num_return_sequences
-    if expand > 1:
-        ids = jnp.repeat(ids, expand, axis=0)
-        mask = jnp.repeat(mask, expand, axis=0)
-    rows = ids.shape[0]
-    total = plan.bucket + plan.new_tokens
-    pad = jnp.int32(
-        cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or (0,))[0]
-    )
-
-    # Prefill.
-    cache = plan.decoder.init_cache(rows, total, None)
-    positions = positions_from_mask(mask)
-    logits, cache = plan.decoder.apply(params, ids, positions, cache, mask)
-    last = logits[:, -1, :].astype(jnp.float32)
-    next_pos = jnp.sum(mask, axis=-1).astype(jnp.int32)
-
-    buffer = jnp.concatenate([ids, jnp.full((rows, plan.new_tokens), pad, jnp.int32)], axis=1)
-    ctx = DecodeContext.from_ids(
-        buffer[:, : plan.bucket],
-        vocab_size=last.shape[-1],
-        prompt_length=prompt_len,
-        max_length=prompt_len + plan.new_tokens,
-        attention_mask=mask,
-        track_seen=plan.track_seen,
-        track_counts=plan.track_counts,
-        offset=jnp.int32(plan.bucket) - prompt_len,
-    ).replace(sequences=buffer)
-
-    def model_step(cache: Any, tokens: Array, pos: Array) -> tuple[Array, Any]:
-        step_logits, cache = plan.decoder.apply(
-            params, tokens[:, None], pos[:, None], cache, jnp.ones((rows, 1), jnp.int32)
+    state = _prefill(plan, params, ids, mask, prompt_len, key)
+    if plan.config.num_beams > 1:
+        step = partial(_model_step, plan, params)
+        return _beam_search(
+            plan, traced, key, state.ctx, state.cache, state.logits, state.positions, step
         )
-        return step_logits[:, 0, :].astype(jnp.float32), cache
-
-    if cfg.num_beams > 1:
-        return _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step, pad)
-    return _sample_or_greedy(plan, traced, key, ctx, cache, last, next_pos, model_step, pad)
+    return _sample_or_greedy(plan, params, traced, state)
 
 
 def _eos_hit(tokens: Array, eos: tuple[int, ...]) -> Array:
@@ -311,104 +436,52 @@ def _eos_hit(tokens: Array, eos: tuple[int, ...]) -> Array:
 
 
 def _row_keys(key: Array, rows: int) -> Array:
-    # Row r's stream depends only on (key, r): a row draws the same tokens in a
-    # batch of 1 or 64.
     return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
 
 
-def _sample_or_greedy(plan, traced, key, ctx, cache, last, next_pos, model_step, pad):
+def _sample_or_greedy(
+    plan: _Plan, params: Any, traced: TracedConfig, state: DecodeState
+) -> GenerateOutput:
     cfg = plan.config
-    processor = traced.processor
-    rows = last.shape[0]
     n = plan.new_tokens
-    eos = cfg.eos_token_id
-    row_keys = _row_keys(key, rows)
-
-    def choose(ctx, logits, done, step):
-        scores = processor(logits, ctx)
-        if cfg.do_sample:
-            keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-            tokens = sampling.categorical(keys, scores)
-        else:
-            tokens = sampling.greedy(scores)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), tokens[:, None], axis=-1)[
-            :, 0
-        ]
-        tokens = jnp.where(done, pad, tokens)
-        logp = jnp.where(done, 0.0, logp)
-        return scores, tokens, logp
-
-    def record(scores, logits):
-        out = {}
-        if cfg.output_scores:
-            out["scores"] = scores
-        if cfg.output_logits:
-            out["logits"] = logits
-        return out
-
-    def body(carry, step):
-        ctx, cache, logits, done, pos, lengths = carry
-        scores, tokens, logp = choose(ctx, logits, done, step)
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | _eos_hit(tokens, eos)
-        ctx = ctx.append(tokens)
-        extra = record(scores, logits)
-        logits, cache = model_step(cache, tokens, pos)
-        return (ctx, cache, logits, done, pos + 1, lengths), (tokens, logp, extra)
-
-    done0 = jnp.zeros((rows,), bool)
-    len0 = jnp.zeros((rows,), jnp.int32)
-    carry = (ctx, cache, last, done0, next_pos, len0)
-
     if plan.loop == "scan":
         # N - 1 steps that also run the model, then a last choice without it.
-        carry, (toks, logps, extras) = jax.lax.scan(body, carry, jnp.arange(n - 1))
-        ctx, cache, logits, done, pos, lengths = carry
-        scores, tokens, logp = choose(ctx, logits, done, jnp.int32(n - 1))
-        lengths = lengths + (~done).astype(jnp.int32)
-        ctx = ctx.append(tokens)
-        final = record(scores, logits)
-        logps = jnp.concatenate([logps, logp[None]], axis=0).T
-        stacked = {
-            k: jnp.concatenate([extras[k], v[None]], axis=0).swapaxes(0, 1)
-            for k, v in final.items()
-        }
+        body = lambda st, _: _decode_step(plan, params, traced, st)
+        state, outs = jax.lax.scan(body, state, None, length=n - 1)
+        state, last = _decode_step(plan, params, traced, state, run_model=False)
+        outs = {k: jnp.concatenate([outs[k], v[None]], axis=0) for k, v in last.items()}
     else:
-        vocab = last.shape[-1]
-        bufs = {"logp": jnp.zeros((n, rows), jnp.float32)}
+        rows, vocab = state.logits.shape
+        outs = {
+            "tokens": jnp.full((n, rows), _pad_value(cfg), jnp.int32),
+            "logp": jnp.zeros((n, rows), jnp.float32),
+        }
         if cfg.output_scores:
-            bufs["scores"] = jnp.zeros((n, rows, vocab), jnp.float32)
+            outs["scores"] = jnp.zeros((n, rows, vocab), jnp.float32)
         if cfg.output_logits:
-            bufs["logits"] = jnp.zeros((n, rows, vocab), jnp.float32)
+            outs["logits"] = jnp.zeros((n, rows, vocab), jnp.float32)
 
-        def cond(state):
-            step, carry, _ = state
-            return (step < n) & ~jnp.all(carry[3])
+        def cond(carry):
+            st, _ = carry
+            return (st.step < n) & ~jnp.all(st.done)
 
-        def wbody(state):
-            step, carry, bufs = state
-            carry, (tokens, logp, extra) = body(carry, step)
-            bufs = dict(bufs)
-            bufs["logp"] = bufs["logp"].at[step].set(logp)
-            for k in extra:
-                bufs[k] = bufs[k].at[step].set(extra[k])
-            return step + 1, carry, bufs
+        def body(carry):
+            st, bufs = carry
+            i = st.step
+            st, out = _decode_step(plan, params, traced, st)
+            return st, {k: bufs[k].at[i].set(out[k]) for k in bufs}
 
-        _, carry, bufs = jax.lax.while_loop(cond, wbody, (jnp.int32(0), carry, bufs))
-        ctx, cache, logits, done, pos, lengths = carry
-        logps = bufs.pop("logp").T
-        stacked = {k: v.swapaxes(0, 1) for k, v in bufs.items()}
-
+        state, outs = jax.lax.while_loop(cond, body, (state, outs))
     return GenerateOutput(
-        sequences=ctx.sequences,
-        token_logprobs=logps,
-        lengths=lengths,
-        scores=stacked.get("scores"),
-        logits=stacked.get("logits"),
+        sequences=state.ctx.sequences,
+        token_logprobs=outs["logp"].T,
+        lengths=state.lengths,
+        scores=outs["scores"].swapaxes(0, 1) if "scores" in outs else None,
+        logits=outs["logits"].swapaxes(0, 1) if "logits" in outs else None,
     )
 
 
-def _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step, pad):
+def _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step):
     """transformers 5's vectorised beam search over a fixed number of steps.
 
     Shapes: B batch rows, nb beams, K = max(2, 1 + #eos) * nb candidates, V vocab,
@@ -598,3 +671,64 @@ def _token_scores(
     """`scores[batch * nb + parent, token]` for every candidate: `[B, K]`."""
     flat = scores.reshape(b, nb * vocab)
     return jnp.take_along_axis(flat, parent * vocab + tokens, axis=1)
+
+
+# --------------------------------------------------------------------------- #
+# Streaming: a Python loop over the same jitted step.
+# --------------------------------------------------------------------------- #
+
+
+class StreamStep(struct.PyTreeNode):
+    """One step of `stream`: NumPy arrays over the `batch * R` rows.
+
+    Attributes:
+        tokens: `[rows]` the tokens chosen at this step (pad for finished rows).
+        logprobs: `[rows]` their log-probabilities (0 for finished rows).
+        active: `[rows]` bool, False for rows that had already finished (their
+            token is padding, not output).
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    active: np.ndarray
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=0)
+# The state is donated: XLA updates the cache and buffers in place, step after step.
+_step_jit = jax.jit(_decode_step, static_argnums=(0, 4), donate_argnums=3)
+
+
+def stream(
+    model: CausalLM | Decoder,
+    input_ids: Any,
+    attention_mask: Any = None,
+    config: GenerationConfig | None = None,
+    *,
+    params: Any = None,
+    key: Any = None,
+    prompt_buckets: Any = "pow2",
+    **overrides: Any,
+) -> Iterator[StreamStep]:
+    """Yields each step's tokens as they are produced (greedy search and sampling).
+
+    The same prefill and the same step function as `generate`, driven by a
+    Python loop (one jitted call per token, the state donated), so the tokens
+    equal `generate`'s for the same key. Stops when every row has finished.
+    """
+    req = _prepare(
+        model, input_ids, attention_mask, config, params, key, prompt_buckets, "scan", overrides
+    )
+    if req.plan.config.num_beams > 1:
+        raise ValueError(
+            "stream() supports greedy search and sampling (num_beams=1); beam search only "
+            "knows its best hypothesis at the end: use generate()"
+        )
+    state = _prefill_jit(req.plan, req.params, req.ids, req.mask, req.prompt_len, req.key)
+    for _ in range(req.plan.new_tokens):
+        active = ~np.asarray(state.done)
+        if not active.any():
+            return
+        state, out = _step_jit(req.plan, req.params, req.traced, state, True)
+        yield StreamStep(
+            tokens=np.asarray(out["tokens"]), logprobs=np.asarray(out["logp"]), active=active
+        )
