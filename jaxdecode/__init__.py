@@ -49,7 +49,7 @@ from jaxdecode.processors import (
     typical_p,
 )
 from jaxdecode.sampling import categorical, greedy, split_keys
-from jaxdecode.tokenizers import Tokenizer, load_tokenizer
+from jaxdecode.tokenizers import Tokenizer, byte_tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -58,6 +58,7 @@ __all__ = [
     "StreamStep",
     "stream",
     "bucket_length",
+    "byte_tokenizer",
     "generate",
     "bad_words_ids",
     "begin_suppress_tokens",

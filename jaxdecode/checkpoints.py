@@ -36,6 +36,10 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 GENERATION_CONFIG = "generation_config.json"
 
+# The model shipped inside the package (see examples/train_bundled_model.py).
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", "kjv-gpt2")
+BUNDLED_NAMES = ("bundled", "kjv-gpt2")
+
 # Buffers that older GPT-2 checkpoints carry (causal-mask constants): not parameters.
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -215,14 +219,24 @@ def params_from_state_dict(
     return params
 
 
-def state_dict_from_params(params: Mapping[str, Any], config: GPT2Config) -> dict[str, np.ndarray]:
-    """The inverse of `params_from_state_dict`, with transformers' `transformer.` names."""
+_STORAGE = {"float32": np.float32, "float16": np.float16}
+
+
+def state_dict_from_params(
+    params: Mapping[str, Any], config: GPT2Config, dtype: str = "float32"
+) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_state_dict`, with transformers' `transformer.` names.
+
+    `dtype`: storage type, "float32" or "float16" (half the file size)."""
+    if dtype not in _STORAGE:
+        raise ValueError(f"dtype must be one of {sorted(_STORAGE)}, got {dtype!r}")
     out = {}
     for name in _expected_shapes(config):
         node: Any = params
         for p in _flax_path(name):
             node = node[p]
-        out["transformer." + name] = np.ascontiguousarray(np.asarray(node, dtype=np.float32))
+        array = np.asarray(np.asarray(node, dtype=np.float32), dtype=_STORAGE[dtype])
+        out["transformer." + name] = np.ascontiguousarray(array)
     return out
 
 
@@ -231,8 +245,9 @@ def write_checkpoint(
     params: Mapping[str, Any],
     config: GPT2Config,
     generation_config: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
 ) -> None:
-    """Writes `config.json`, `model.safetensors` (float32) and, when given,
+    """Writes `config.json`, `model.safetensors` (`dtype`) and, when given,
     `generation_config.json`: a directory transformers loads."""
     from safetensors.numpy import save_file
 
@@ -252,9 +267,14 @@ def write_checkpoint(
 def resolve_checkpoint_dir(
     path_or_repo_id: str, *, revision: str | None = None, allow_pickle: bool = False
 ) -> str:
-    """A local directory as is; otherwise a hub repo id fetched by huggingface_hub
-    (config, safetensors, generation config and tokenizer files only)."""
+    """ "bundled" (the model inside the package), a local directory as is, or a
+    hub repo id fetched by huggingface_hub (config, safetensors, generation
+    config and tokenizer files only)."""
     path = os.fspath(path_or_repo_id)
+    if path in BUNDLED_NAMES:
+        if not os.path.isfile(os.path.join(BUNDLED_DIR, CONFIG)):
+            raise ValueError(f"the bundled model is missing from {BUNDLED_DIR} (broken install?)")
+        return BUNDLED_DIR
     if os.path.isdir(path):
         return path
     if os.path.exists(path):

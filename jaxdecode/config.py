@@ -15,6 +15,7 @@ second as an ordinary argument, so changing a number never recompiles.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -426,8 +427,13 @@ class GenerationConfig:
                 raise ValueError(f"generation config {path} is not valid JSON: {e}") from None
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names and v is not None}
-        if isinstance(kwargs.get("sequence_bias"), list):
-            kwargs["sequence_bias"] = [[list(ids), float(b)] for ids, b in kwargs["sequence_bias"]]
+        bias = kwargs.get("sequence_bias")
+        if isinstance(bias, list):
+            kwargs["sequence_bias"] = [[list(ids), float(b)] for ids, b in bias]
+        elif isinstance(bias, dict):  # transformers writes {(ids,): bias} with "(3, 4)" keys
+            kwargs["sequence_bias"] = {
+                _parse_key("sequence_bias", k): float(v) for k, v in bias.items()
+            }
         if isinstance(kwargs.get("exponential_decay_length_penalty"), list):
             kwargs["exponential_decay_length_penalty"] = tuple(
                 kwargs["exponential_decay_length_penalty"]
@@ -448,6 +454,20 @@ class GenerationConfig:
             if value != getattr(default, f.name):
                 out[f.name] = _thaw(value)
         return out
+
+
+def _parse_key(name: str, key: Any) -> tuple[int, ...]:
+    """A token-id tuple from a JSON dict key such as "(3, 4)" or "[5]"."""
+    if isinstance(key, str):
+        try:
+            key = ast.literal_eval(key)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{name} key {key!r} is not a token id tuple") from None
+    if isinstance(key, int):
+        key = (key,)
+    if not isinstance(key, (tuple, list)):
+        raise ValueError(f"{name} key {key!r} is not a token id tuple")
+    return tuple(key)
 
 
 def _freeze(value: Any) -> Any:

@@ -68,14 +68,17 @@ class CausalLM:
         self.decoder.check_length(ids.shape[1])
         return _forward(self, ids, mask)
 
-    def save_pretrained(self, directory: str) -> None:
-        """Writes a Hugging Face checkpoint (config.json, model.safetensors,
-        generation_config.json) that transformers loads."""
+    def save_pretrained(self, directory: str, *, dtype: str = "float32") -> None:
+        """Writes a Hugging Face checkpoint that transformers loads: config.json,
+        model.safetensors (stored as `dtype`, "float32" or "float16"),
+        generation_config.json, and tokenizer.json when the model has a tokenizer."""
         if not isinstance(self.config, GPT2Config):
             raise ValueError("save_pretrained supports GPT-2 models (config must be a GPT2Config)")
         checkpoints.write_checkpoint(
-            directory, self.params, self.config, self.generation_config.to_hf()
+            directory, self.params, self.config, self.generation_config.to_hf(), dtype=dtype
         )
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
 
     def generate(
         self, input_ids: Any, attention_mask: Any = None, config: Any = None, **kwargs: Any

@@ -597,7 +597,7 @@ def _parse_sequences(name: str, entries: Any) -> list[tuple[tuple[int, ...], flo
     else:
         raise ValueError(f"{name} must be a dict or a list of [token_ids, bias], got {entries!r}")
     if not items:
-        raise ValueError(f"{name} must not be empty")
+        raise ValueError(f"{name} must not be empty, got {entries!r}")
     out = []
     for ids, bias in items:
         ids = tuple(ids) if isinstance(ids, (list, tuple)) else (ids,)
@@ -777,10 +777,15 @@ class ExponentialDecayLengthPenalty(LogitsProcessor):
         steps = (ctx.cur_len - regulation_start).astype(logits.dtype)
         eos = jnp.take(logits, self.eos_token_id, axis=-1, mode="clip")  # [B, E]
         penalty = jnp.abs(eos) * (jnp.power(self.factor.astype(logits.dtype), steps) - 1)
-        penalty = jnp.where(jnp.isfinite(eos) & (ctx.cur_len > regulation_start), penalty, 0.0)
+        # A zero logit gets no penalty (transformers computes 0 * inf = NaN once the
+        # factor's power overflows); an overflowing penalty caps at the largest
+        # float, so that EOS becomes certain instead of NaN after softmax.
+        active = jnp.isfinite(eos) & (eos != 0) & (ctx.cur_len > regulation_start)
+        penalty = jnp.where(active, penalty, 0.0)
         rows = jnp.arange(logits.shape[0])[:, None]
         add = jnp.zeros_like(logits).at[rows, self.eos_token_id[None, :]].set(penalty, mode="drop")
-        return logits + add
+        out = logits + add
+        return jnp.where(jnp.isposinf(out) & ~jnp.isposinf(logits), jnp.finfo(out.dtype).max, out)
 
 
 def exponential_decay_length_penalty(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-__all__ = ["Tokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "byte_tokenizer", "load_tokenizer"]
 
 
 class Tokenizer:
@@ -31,8 +31,51 @@ class Tokenizer:
         """Text of `ids`."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def save(self, directory: str) -> None:
+        """Writes `tokenizer.json` into `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        self.backend.save(os.path.join(directory, "tokenizer.json"))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.name or 'bpe'}, vocab_size={self.vocab_size})"
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters: printable
+    Latin-1 bytes map to themselves, the others to code points from 256 on."""
+    keep = list(range(ord("!"), ord("~") + 1))
+    keep += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+BYTE_EOS = "<|endoftext|>"
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A byte-level tokenizer: token id = byte value (0-255), EOS = 256.
+
+    Built as a standard `tokenizers` BPE with no merges over GPT-2's byte
+    alphabet, so `tokenizer.json` loads anywhere the `tokenizers` library does.
+    """
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(BYTE_EOS, special=True)])
+    return Tokenizer(backend, "bytes")
 
 
 def load_tokenizer(directory: str) -> Tokenizer | None:
