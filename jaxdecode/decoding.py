@@ -234,7 +234,8 @@ def _drop_columns(x: Array, extra: int) -> Array:
     """`x[:, extra:]`, in NumPy when concrete (no compilation per prompt length)."""
     if isinstance(x, jax.core.Tracer):
         return x[:, extra:]
-    return jnp.asarray(np.asarray(x)[:, extra:])
+    # device_put, not jnp.asarray: the latter compiles a copy for every new shape.
+    return jax.device_put(np.asarray(x)[:, extra:])
 
 
 def generate(
