@@ -73,8 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     train, held = load_bytes(find_kjv(args.data), heldout=0.02)
     print(f"text: {len(train):,} training bytes, {len(held):,} held-out bytes")
     cfg = GPT2Config(
-        vocab_size=257, n_positions=256, n_embd=args.width, n_layer=args.layers,
-        n_head=args.heads, bos_token_id=EOS, eos_token_id=EOS,
+        vocab_size=257,
+        n_positions=256,
+        n_embd=args.width,
+        n_layer=args.layers,
+        n_head=args.heads,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
     )
     module = GPT2LMHeadModel(cfg)
     decoder = gpt2_decoder(cfg)
@@ -89,8 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     opt_state = opt.init(params)
     prompt = jnp.asarray([list(PROMPT.encode())], jnp.int32)
     gen_cfg = jd.GenerationConfig(
-        max_new_tokens=80, do_sample=True, temperature=0.8, top_k=40,
-        eos_token_id=EOS, pad_token_id=EOS,
+        max_new_tokens=80,
+        do_sample=True,
+        temperature=0.8,
+        top_k=40,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
     )
 
     def loss_fn(params, batch):
@@ -137,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
             params, opt_state, batch_from(train, args.batch), step, sub
         )
         if (step + 1) % 100 == 0:
-            print(f"step {step + 1:5d}  loss {float(loss):.3f} nats/byte  {time.time() - t0:6.0f} s", flush=True)
+            print(
+                f"step {step + 1:5d}  loss {float(loss):.3f} nats/byte  {time.time() - t0:6.0f} s",
+                flush=True,
+            )
         if (step + 1) % args.sample_every == 0:
             print("  sample:", repr(decode(sample[0])), flush=True)
     train_seconds = time.time() - t0
@@ -157,8 +169,14 @@ def main(argv: list[str] | None = None) -> None:
         decoder=decoder,
         config=cfg,
         generation_config=jd.GenerationConfig(
-            max_new_tokens=200, do_sample=True, temperature=0.8, top_k=40, top_p=0.95,
-            bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS,
+            max_new_tokens=200,
+            do_sample=True,
+            temperature=0.8,
+            top_k=40,
+            top_p=0.95,
+            bos_token_id=EOS,
+            eos_token_id=EOS,
+            pad_token_id=EOS,
         ),
         tokenizer=jd.byte_tokenizer(),
     )
