@@ -251,14 +251,11 @@ def write_checkpoint(
     `generation_config.json`: a directory transformers loads."""
     from safetensors.numpy import save_file
 
+    state = state_dict_from_params(params, config, dtype)  # validates dtype first
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as f:
         json.dump(config.to_hf(), f, indent=2)
-    save_file(
-        state_dict_from_params(params, config),
-        os.path.join(directory, SAFETENSORS),
-        {"format": "pt"},
-    )
+    save_file(state, os.path.join(directory, SAFETENSORS), {"format": "pt"})
     if generation_config is not None:
         with open(os.path.join(directory, GENERATION_CONFIG), "w", encoding="utf-8") as f:
             json.dump(dict(generation_config), f, indent=2)

@@ -306,6 +306,7 @@ class TopP(LogitsProcessor):
     """Nucleus filtering: keeps the smallest top set with probability mass >= p."""
 
     p: Array
+    cutoff: Array  # 1 - p, rounded from float64 as transformers does
     min_tokens_to_keep: int = struct.field(pytree_node=False, default=1)
     method: str = struct.field(pytree_node=False, default="exact")
 
@@ -313,7 +314,7 @@ class TopP(LogitsProcessor):
         if self.method == "fast":
             remove = sampling.top_p_mask_fast(logits, self.p, self.min_tokens_to_keep)
         else:
-            remove = sampling.top_p_mask(logits, self.p, self.min_tokens_to_keep)
+            remove = sampling.top_p_mask(logits, self.p, self.min_tokens_to_keep, self.cutoff)
         return jnp.where(remove, NEG_INF, logits)
 
 
@@ -323,8 +324,14 @@ def top_p(p: Any, *, min_tokens_to_keep: int = 1, method: str = "exact") -> TopP
     method: "exact" (sort, transformers' arithmetic) or "fast" (sort-free
     bisection; see `jaxdecode.sampling.top_p_mask_fast` for where they differ).
     """
+    leaf = _float_leaf("top_p", p, lo=0.0, hi=1.0, lo_open=True)
+    if _is_concrete(p):
+        cutoff = jnp.asarray(1.0 - np.asarray(p, np.float64), jnp.float32)
+    else:
+        cutoff = 1.0 - leaf
     return TopP(
-        p=_float_leaf("top_p", p, lo=0.0, hi=1.0, lo_open=True),
+        p=leaf,
+        cutoff=cutoff,
         min_tokens_to_keep=_static_int("min_tokens_to_keep", min_tokens_to_keep, 1),
         method=_check_method("top_p_method", method),
     )

@@ -78,10 +78,34 @@ def byte_tokenizer() -> Tokenizer:
     return Tokenizer(backend, "bytes")
 
 
+def _special_tokens(directory: str) -> list[str]:
+    """Special tokens named by special_tokens_map.json / tokenizer_config.json,
+    plus GPT-2's <|endoftext|>."""
+    import json
+
+    found = {BYTE_EOS}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = data.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                found.add(value)
+    return sorted(found)
+
+
 def load_tokenizer(directory: str) -> Tokenizer | None:
     """The checkpoint's tokenizer, or None when the directory has none."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
 
     tok_json = os.path.join(directory, "tokenizer.json")
     vocab = os.path.join(directory, "vocab.json")
@@ -93,6 +117,10 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
             backend = HFTokenizer(models.BPE.from_file(vocab, merges))
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             backend.decoder = decoders.ByteLevel()
+            # GPT-2's vocab.json holds <|endoftext|>; as in transformers it is a
+            # special token: one id when encoded, dropped when decoding.
+            specials = [t for t in _special_tokens(directory) if backend.token_to_id(t) is not None]
+            backend.add_special_tokens([AddedToken(t, special=True) for t in specials])
             return Tokenizer(backend, "vocab.json+merges.txt")
     except Exception as e:  # tokenizers raises its own exception types
         raise ValueError(

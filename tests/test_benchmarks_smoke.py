@@ -1,0 +1,54 @@
+"""Smoke test of `benchmarks/processors.py`: a tiny run end to end, then the JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "processors.py"
+
+
+def test_processors_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "processors.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "jaxdecode ms/step" in proc.stdout
+
+    data = json.loads(out.read_text(encoding="utf-8"))
+    machine = data["machine"]
+    for field in ("processor", "cpu_count", "jax", "torch", "transformers", "date"):
+        assert field in machine, field
+
+    records = data["records"]
+    got = {(r["workload"], r["batch"], r["method"]) for r in records}
+    assert got == {
+        ("sample_topk_topp", 2, "exact"),
+        ("sample_topk_topp", 2, "fast"),
+        ("sample_topp", 2, "exact"),
+        ("sample_topp", 2, "fast"),
+        ("greedy_penalties", 2, None),
+    }
+    assert len(records) == len(got)
+    for r in records:
+        assert r["vocab"] == 1000
+        for field in ("jaxdecode_ms", "transformers_ms", "ratio", "compile_s"):
+            assert r[field] > 0, (r, field)
+        assert abs(r["ratio"] - r["transformers_ms"] / r["jaxdecode_ms"]) < 1e-9
+        # The same processing as transformers: exact methods and greedy match it.
+        if r["method"] != "fast":
+            assert r["check"]["mask_mismatch"] == 0, r
+    greedy = next(r for r in records if r["workload"] == "greedy_penalties")
+    assert greedy["check"]["tokens_match"] is True
