@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from common import cpu_model as _cpu_model
+from common import load_avg as _load_avg
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
@@ -429,24 +431,6 @@ def _hf_breakdown(
 # --------------------------------------------------------------------------- #
 # Reporting.
 # --------------------------------------------------------------------------- #
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _load_avg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def machine_info() -> dict[str, Any]:

@@ -317,7 +317,7 @@ def _done_ids(out_path: str) -> set[str]:
             if line.strip():
                 try:
                     done.add(json.dumps(json.loads(line)["id"]))
-                except (json.JSONDecodeError, KeyError):
+                except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                     raise CLIError(
                         f"{out_path} has a line that is not a result: {line[:60]!r}"
                     ) from None
@@ -333,7 +333,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     records = _read_prompts(args.prompts_file)
     lm = _load_model(args.model)
     base_overrides = _config_overrides(args)
-    base = _make_config(lm, base_overrides)
+    _make_config(lm, base_overrides)  # command-line options fail fast, before any prompt
     if args.batch_size < 1:
         raise CLIError(f"--batch_size must be >= 1, got {args.batch_size}")
     done = _done_ids(args.output)
@@ -349,58 +349,67 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         bucket = jaxdecode.bucket_length(length, "pow2")
         groups.setdefault((bucket, json.dumps(opts, sort_keys=True)), []).append(r)
 
-    seed = base.seed if base.seed is not None else 0
+    # Validate every group's options before anything is written.
+    configs = {}
+    for gkey, group in groups.items():
+        try:
+            configs[gkey] = _make_config(lm, {**base_overrides, **json.loads(gkey[1])})
+        except CLIError as e:
+            raise CLIError(f"prompt id {group[0]['id']!r}: {e}") from None
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="prompt", disable=args.quiet, file=sys.stderr)
     n_tokens, t0 = 0, time.time()
-    with open(args.output, "a", encoding="utf-8") as out_file:
-        for (_, opts_json), group in sorted(groups.items()):
-            config = _make_config(lm, {**base_overrides, **json.loads(opts_json)})
-            for start in range(0, len(group), args.batch_size):
-                batch = group[start : start + args.batch_size]
-                real = len(batch)
-                # Pad the last batch to the full size: one program per bucket.
-                prompts = [r["prompt"] for r in batch] + [batch[-1]["prompt"]] * (
-                    args.batch_size - real
-                )
-                ids, mask = _encode_batch(lm, prompts, _pad_id(config))
-                # The key depends on the batch's first id only: a resumed run samples
-                # what the uninterrupted run would have.
-                salt = zlib.crc32(json.dumps(batch[0]["id"]).encode()) % 2**31
-                key = jax.random.fold_in(jax.random.key(seed), salt)
-                try:
-                    out = jaxdecode.generate(lm, ids, mask, config, key=key)
-                except ValueError as e:
-                    raise CLIError(f"prompt id {batch[0]['id']!r}: {e}") from None
-                seqs, lengths = np.asarray(out.sequences), np.asarray(out.lengths)
-                r_per = config.num_return_sequences
-                lines = []
-                for i, rec in enumerate(batch):
-                    texts, toks = [], []
-                    for j in range(r_per):
-                        row = i * r_per + j
-                        tokens, text = _completion(
-                            lm, config, seqs[row], ids.shape[1], lengths[row]
-                        )
-                        texts.append(text)
-                        toks.append(tokens)
-                        n_tokens += len(tokens)
-                    result = {"id": rec["id"], "prompt": rec["prompt"]}
-                    if r_per == 1:
-                        result.update(text=texts[0], tokens=toks[0])
-                    else:
-                        result.update(texts=texts, tokens=toks)
-                    lines.append(json.dumps(result, ensure_ascii=False) + "\n")
-                out_file.write("".join(lines))
-                out_file.flush()
-                os.fsync(out_file.fileno())
-                bar.update(real)
-                elapsed = max(time.time() - t0, 1e-9)
-                bar.set_postfix(
-                    tok_s=f"{n_tokens / elapsed:.0f}", prompt_s=f"{bar.n / elapsed:.1f}"
-                )
-    bar.close()
+    try:
+        with open(args.output, "a", encoding="utf-8") as out_file:
+            for gkey, group in sorted(groups.items()):
+                config = configs[gkey]
+                seed = config.seed if config.seed is not None else 0
+                for start in range(0, len(group), args.batch_size):
+                    batch = group[start : start + args.batch_size]
+                    real = len(batch)
+                    # Pad the last batch to the full size: one program per bucket.
+                    prompts = [r["prompt"] for r in batch] + [batch[-1]["prompt"]] * (
+                        args.batch_size - real
+                    )
+                    ids, mask = _encode_batch(lm, prompts, _pad_id(config))
+                    # The key depends on the batch's first id only: a resumed run samples
+                    # what the uninterrupted run would have.
+                    salt = zlib.crc32(json.dumps(batch[0]["id"]).encode()) % 2**31
+                    key = jax.random.fold_in(jax.random.key(seed), salt)
+                    try:
+                        out = jaxdecode.generate(lm, ids, mask, config, key=key)
+                    except ValueError as e:
+                        raise CLIError(f"prompt id {batch[0]['id']!r}: {e}") from None
+                    seqs, lengths = np.asarray(out.sequences), np.asarray(out.lengths)
+                    r_per = config.num_return_sequences
+                    lines = []
+                    for i, rec in enumerate(batch):
+                        texts, toks = [], []
+                        for j in range(r_per):
+                            row = i * r_per + j
+                            tokens, text = _completion(
+                                lm, config, seqs[row], ids.shape[1], lengths[row]
+                            )
+                            texts.append(text)
+                            toks.append(tokens)
+                            n_tokens += len(tokens)
+                        result = {"id": rec["id"], "prompt": rec["prompt"]}
+                        if r_per == 1:
+                            result.update(text=texts[0], tokens=toks[0])
+                        else:
+                            result.update(texts=texts, tokens=toks)
+                        lines.append(json.dumps(result, ensure_ascii=False) + "\n")
+                    out_file.write("".join(lines))
+                    out_file.flush()
+                    os.fsync(out_file.fileno())
+                    bar.update(real)
+                    elapsed = max(time.time() - t0, 1e-9)
+                    bar.set_postfix(
+                        tok_s=f"{n_tokens / elapsed:.0f}", prompt_s=f"{bar.n / elapsed:.1f}"
+                    )
+    finally:
+        bar.close()
     if not args.quiet:
         print(
             f"wrote {len(todo)} results to {args.output} ({len(done)} were already there)",

@@ -1,7 +1,8 @@
 """`GenerationConfig`: every decoding option, validated, with transformers' names.
 
 Field names and defaults follow `transformers.GenerationConfig` (v5, with its
-global defaults filled in: `max_length=20`, `top_k=50`, ...), so a
+global defaults filled in: `top_k=50`, ...; `max_length=None` means 20 new
+tokens, as transformers' default does), so a
 `generation_config.json` from the hub reads and writes unchanged. Our additions:
 `frequency_penalty`, `presence_penalty`, `seed`, `repetition_penalty_form`,
 `top_k_method`, `top_p_method`.
@@ -39,6 +40,9 @@ __all__ = [
     "logits_processor",
     "process_logits",
 ]
+
+# What transformers generates when neither max_length nor max_new_tokens is set.
+DEFAULT_NEW_TOKENS = 20
 
 # Fields that exist in transformers.GenerationConfig (written by to_hf()).
 _HF_FIELDS = (
@@ -88,7 +92,7 @@ class GenerationConfig:
     """
 
     # Length.
-    max_length: int = 20
+    max_length: int | None = None
     max_new_tokens: int | None = None
     min_length: int = 0
     min_new_tokens: int | None = None
@@ -171,7 +175,8 @@ class GenerationConfig:
             self, so that calls chain.
         """
         _int = _check_int
-        _int("max_length", self.max_length, 1)
+        if self.max_length is not None:
+            _int("max_length", self.max_length, 1)
         if self.max_new_tokens is not None:
             _int("max_new_tokens", self.max_new_tokens, 1)
         _int("min_length", self.min_length, 0)
@@ -281,7 +286,11 @@ class GenerationConfig:
             raise ValueError(
                 f"min_new_tokens={self.min_new_tokens} must be <= max_new_tokens={self.max_new_tokens}"
             )
-        if self.max_new_tokens is None and self.min_length > self.max_length:
+        if (
+            self.max_new_tokens is None
+            and self.max_length is not None
+            and self.min_length > self.max_length
+        ):
             raise ValueError(
                 f"min_length={self.min_length} must be <= max_length={self.max_length}"
             )
@@ -334,7 +343,9 @@ class GenerationConfig:
             procs.append(P.no_repeat_ngram_size(self.no_repeat_ngram_size))
         if self.bad_words_ids is not None:
             procs.append(P.bad_words_ids(self.bad_words_ids, eos_token_id=eos or None))
-        if self.min_length > 0 and eos:
+        # transformers turns min_new_tokens into min_length = prompt + min_new_tokens,
+        # replacing any min_length: the min-new-tokens processor alone does that.
+        if self.min_length > 0 and eos and self.min_new_tokens is None:
             procs.append(P.min_length(self.min_length, eos))
         if self.min_new_tokens and eos:
             procs.append(P.min_new_tokens(self.min_new_tokens, eos))
@@ -346,7 +357,9 @@ class GenerationConfig:
             procs.append(P.remove_invalid_values())
         if self.exponential_decay_length_penalty is not None and eos:
             procs.append(
-                P.exponential_decay_length_penalty(self.exponential_decay_length_penalty, eos)
+                P.exponential_decay_length_penalty(
+                    self.exponential_decay_length_penalty, eos, max_steps=self._step_bound()
+                )
             )
         if self.suppress_tokens is not None:
             procs.append(P.suppress_tokens(self.suppress_tokens))
@@ -379,10 +392,19 @@ class GenerationConfig:
         return P.chain(*procs)
 
     # ------------------------------------------------------------------ #
+    def _step_bound(self) -> int:
+        """An upper bound on generated tokens, to size per-step tables."""
+        if self.max_new_tokens is not None:
+            return int(self.max_new_tokens)
+        return DEFAULT_NEW_TOKENS if self.max_length is None else int(self.max_length)
+
     def resolve_max_length(self, prompt_length: int) -> int:
-        """Total length: `prompt_length + max_new_tokens`, else `max_length`."""
+        """Total length: `prompt_length + max_new_tokens`, else `max_length`, else
+        `prompt_length + 20` (transformers' default of 20 counts new tokens)."""
         if self.max_new_tokens is not None:
             return int(prompt_length) + int(self.max_new_tokens)
+        if self.max_length is None:
+            return int(prompt_length) + DEFAULT_NEW_TOKENS
         return int(self.max_length)
 
     def split(self) -> tuple[StaticConfig, TracedConfig]:
@@ -392,7 +414,7 @@ class GenerationConfig:
             do_sample=bool(self.do_sample),
             num_beams=int(self.num_beams),
             num_return_sequences=int(self.num_return_sequences),
-            max_length=int(self.max_length),
+            max_length=None if self.max_length is None else int(self.max_length),
             max_new_tokens=None if self.max_new_tokens is None else int(self.max_new_tokens),
             early_stopping=self.early_stopping,
             output_scores=bool(self.output_scores),
@@ -512,7 +534,7 @@ class StaticConfig:
     do_sample: bool
     num_beams: int
     num_return_sequences: int
-    max_length: int
+    max_length: int | None
     max_new_tokens: int | None
     early_stopping: bool | str
     output_scores: bool

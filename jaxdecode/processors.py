@@ -778,12 +778,20 @@ class ExponentialDecayLengthPenalty(LogitsProcessor):
     start: Array
     factor: Array
     eos_token_id: Array
+    growth: Array  # [M] float32(factor ** n - 1) for n < M, computed in float64
 
     def __call__(self, logits: Array, ctx: DecodeContext) -> Array:
         regulation_start = self.start + ctx.prompt_length
-        steps = (ctx.cur_len - regulation_start).astype(logits.dtype)
+        steps = ctx.cur_len - regulation_start
         eos = jnp.take(logits, self.eos_token_id, axis=-1, mode="clip")  # [B, E]
-        penalty = jnp.abs(eos) * (jnp.power(self.factor.astype(logits.dtype), steps) - 1)
+        # transformers rounds `factor ** n - 1` once from float64; the table holds
+        # those values, float32 powers serve beyond it (or for a traced factor).
+        growth = jnp.power(self.factor.astype(logits.dtype), steps.astype(logits.dtype)) - 1
+        m = self.growth.shape[0]
+        if m:
+            exact = self.growth[jnp.clip(steps, 0, m - 1)].astype(logits.dtype)
+            growth = jnp.where(steps < m, exact, growth)
+        penalty = jnp.abs(eos) * growth
         # A zero logit gets no penalty (transformers computes 0 * inf = NaN once the
         # factor's power overflows); an overflowing penalty caps at the largest
         # float, so that EOS becomes certain instead of NaN after softmax.
@@ -796,19 +804,30 @@ class ExponentialDecayLengthPenalty(LogitsProcessor):
 
 
 def exponential_decay_length_penalty(
-    start_and_factor: Any, eos_token_id: Any
+    start_and_factor: Any, eos_token_id: Any, *, max_steps: int = 1024
 ) -> ExponentialDecayLengthPenalty:
-    """`(start_index, decay_factor)`: start >= 0 generated tokens, factor >= 1."""
+    """`(start_index, decay_factor)`: start >= 0 generated tokens, factor >= 1.
+
+    `max_steps` (static) sizes the float64-exact table of `factor ** n - 1`."""
     if not isinstance(start_and_factor, (tuple, list)) or len(start_and_factor) != 2:
         raise ValueError(
             "exponential_decay_length_penalty must be a (start_index, decay_factor) pair, "
             f"got {start_and_factor!r}"
         )
     start, factor = start_and_factor
+    factor_leaf = _float_leaf("exponential_decay_length_penalty[1] (decay_factor)", factor, lo=1.0)
+    max_steps = _static_int("max_steps", max_steps, 0)
+    if _is_concrete(factor) and np.ndim(factor) == 0:
+        with np.errstate(over="ignore"):
+            table = np.power(np.float64(factor), np.arange(max_steps + 1)) - 1.0
+        growth = jnp.asarray(table.astype(np.float32))
+    else:
+        growth = jnp.zeros((0,), jnp.float32)
     return ExponentialDecayLengthPenalty(
         start=_int_leaf("exponential_decay_length_penalty[0] (start_index)", start, lo=0),
-        factor=_float_leaf("exponential_decay_length_penalty[1] (decay_factor)", factor, lo=1.0),
+        factor=factor_leaf,
         eos_token_id=_token_ids("eos_token_id", eos_token_id),
+        growth=growth,
     )
 
 

@@ -212,7 +212,8 @@ def top_p_mask_fast(logits: Array, top_p: Array, min_tokens_to_keep: int = 1) ->
     lo = jnp.full((logits.shape[0], 1), -1, jnp.int32)
     hi = jnp.full((logits.shape[0], 1), _ONE_BITS, jnp.int32)
     _, hi = jax.lax.fori_loop(0, 31, body, (lo, hi))
-    remove = bits < hi
+    # p >= 1 keeps everything (the float32 total can round below 1).
+    remove = (bits < hi) & (p < 1.0)
     # The largest token always has zero mass above it, so it is always kept.
     if min_tokens_to_keep > 1:
         remove = remove & (logits < nth_largest(logits, min_tokens_to_keep))

@@ -32,6 +32,10 @@ def test_defaults_equal_transformers_effective_defaults():
     common = sorted({f.name for f in dataclasses.fields(GC)} & set(hf))
     assert len(common) >= 20, common
     mismatched = {n: (getattr(ours, n), hf[n]) for n in common if getattr(ours, n) != hf[n]}
+    # max_length=None means transformers' default of 20 *new* tokens (generate()
+    # adds the prompt length to an unset max_length of 20).
+    assert mismatched.pop("max_length", None) in (None, (None, 20))
+    assert GC().resolve_max_length(7) == 7 + 20
     assert not mismatched
 
 
@@ -102,7 +106,7 @@ INVALID = [
     (dict(sequence_bias=[[[1, 2], 1.0], [[55], -1.0]]), 50, "sequence_bias"),
     (dict(max_new_tokens=3, min_new_tokens=5, eos_token_id=2), None, "min_new_tokens"),
     (dict(min_length=5), None, "min_length"),
-    (dict(min_length=30, eos_token_id=2), None, "min_length"),
+    (dict(min_length=30, max_length=20, eos_token_id=2), None, "min_length"),
     (dict(min_new_tokens=2), None, "min_new_tokens"),
     (dict(exponential_decay_length_penalty=(2, 1.5)), None, "exponential_decay_length_penalty"),
     (
@@ -273,7 +277,8 @@ def test_from_hf_reads_a_file_saved_by_transformers(tmp_path):
     transformers.GenerationConfig(**_SAVED).save_pretrained(tmp_path)
     cfg = GC.from_hf(tmp_path)
     assert cfg == GC(**_SAVED)
-    assert cfg.max_length == 20  # transformers' global default fills the gap
+    # Unset, as in transformers (max_new_tokens decides the length).
+    assert cfg.max_length is None and cfg.resolve_max_length(5) == 5 + 64
     assert cfg.eos_ids == (1, 2)
     cfg.validate(vocab_size=16)
 
@@ -457,7 +462,8 @@ EXPECTED_ORDER = [
     "FrequencyPresencePenalty",  # ours (not in transformers): right after repetition
     "NoRepeatNGram",
     "BadWords",
-    "MinLength",
+    # no "MinLength": min_new_tokens is set, and transformers' generate() then
+    # replaces min_length with prompt + min_new_tokens (a duplicate of MinNewTokens)
     "MinNewTokens",
     "ForcedBOS",
     "ForcedEOS",
@@ -541,6 +547,10 @@ def test_logits_processor_matches_transformers_live(change):
         # We keep temperature 1.0 in the chain (x / 1 is exact) so that sweeping
         # it from 1.0 does not change the compiled program; transformers drops it.
         our_tags.remove("Temperature")
+    if fields.get("min_new_tokens") is not None and "MinLength" in hf_tags:
+        # generate() sets min_length = prompt + min_new_tokens, which makes its
+        # MinLength processor a duplicate of MinNewTokens: we leave it out.
+        hf_tags.remove("MinLength")
     assert our_tags == hf_tags
     keep = {
         _HF_TAG[type(p).__name__]: p.min_tokens_to_keep
