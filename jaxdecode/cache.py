@@ -1,6 +1,7 @@
 """The functional KV cache: static-shape arrays, written by returning new ones.
 
-Layout: `k, v: [layers, batch, max_len, heads, head_dim]`, plus `mask [batch,
+Layout: `k, v: [layers, batch, heads, max_len, head_dim]` (head-major, so
+attention reads each layer as a batched matrix without a transpose), plus `mask [batch,
 max_len]` (which slots hold a real token: left padding and unwritten slots are
 False) and `index [batch]` (next slot to write, per row). Nothing is mutated:
 `write` returns a new cache built with `lax.dynamic_update_slice`; when the cache
@@ -25,8 +26,8 @@ class KVCache:
     """Keys and values of every layer for `batch` rows and `max_len` slots.
 
     Attributes:
-        k: `[layers, batch, max_len, heads, head_dim]`.
-        v: `[layers, batch, max_len, heads, head_dim]`.
+        k: `[layers, batch, heads, max_len, head_dim]`.
+        v: `[layers, batch, heads, max_len, head_dim]`.
         mask: `[batch, max_len]` bool, True where a slot holds a real token.
         index: `[batch]` int32, the next slot each row writes.
     """
@@ -38,7 +39,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch(self) -> int:
@@ -50,16 +51,22 @@ class KVCache:
 
     def write(self, layer: int, k_new: Array, v_new: Array) -> KVCache:
         """Writes `k_new, v_new: [batch, T, heads, head_dim]` of one layer at each
-        row's `index` (rows may differ: the update is vmapped over the batch).
-        Does not advance `index`; call `advance` once after all layers."""
+        row's `index` (rows may differ). Does not advance `index`; call `advance`
+        once after all layers.
 
-        def one_row(buf: Array, new: Array, start: Array) -> Array:
-            zero = jnp.zeros((), jnp.int32)
-            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, zero, zero))
+        One scatter into the stacked array per tensor: inside a loop whose carry
+        is the cache (or with the cache donated) XLA updates it in place instead of
+        copying a layer out and back.
+        """
+        b, t = k_new.shape[:2]
+        rows = jnp.arange(b)[:, None]
+        slots = self.index[:, None] + jnp.arange(t)[None, :]  # [B, T]
 
-        k_layer = jax.vmap(one_row)(self.k[layer], k_new, self.index)
-        v_layer = jax.vmap(one_row)(self.v[layer], v_new, self.index)
-        return self.replace(k=self.k.at[layer].set(k_layer), v=self.v.at[layer].set(v_layer))
+        def put(buf: Array, new: Array) -> Array:
+            # buf[layer, row, :, slot, :] = new[row, t]  (new: [B, T, H, D])
+            return buf.at[layer, rows, :, slots, :].set(new.astype(buf.dtype), mode="drop")
+
+        return self.replace(k=put(self.k, k_new), v=put(self.v, v_new))
 
     def advance(self, new_mask: Array) -> KVCache:
         """Marks `new_mask: [batch, T]` at each row's `index` and moves `index` by T."""
@@ -82,7 +89,7 @@ def init_cache(
     dtype: Any = jnp.float32,
 ) -> KVCache:
     """An empty cache (all slots masked out, every row writing at slot 0)."""
-    shape = (layers, batch, max_len, heads, head_dim)
+    shape = (layers, batch, heads, max_len, head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -96,15 +103,15 @@ def gather_beams(cache: Any, parent: Array) -> Any:
     on axis 1 for `k`/`v` and axis 0 otherwise) by `parent: [batch]` row indices.
 
     Beam search calls this once per step with the parent beam of each new beam.
+    The indices are in range by construction, so the gather skips bounds handling.
     """
+    rows = lambda x: x.at[parent].get(mode="promise_in_bounds")
     if isinstance(cache, KVCache):
+        kv = lambda x: x.at[:, parent].get(mode="promise_in_bounds")
         return cache.replace(
-            k=jnp.take(cache.k, parent, axis=1),
-            v=jnp.take(cache.v, parent, axis=1),
-            mask=jnp.take(cache.mask, parent, axis=0),
-            index=jnp.take(cache.index, parent, axis=0),
+            k=kv(cache.k), v=kv(cache.v), mask=rows(cache.mask), index=rows(cache.index)
         )
-    return jax.tree_util.tree_map(lambda x: jnp.take(x, parent, axis=0), cache)
+    return jax.tree_util.tree_map(rows, cache)
 
 
 def visible_slots(cache: KVCache, attention_mask: Array) -> tuple[Array, KVCache]:

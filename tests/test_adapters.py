@@ -44,12 +44,17 @@ def _full_pass_visible(attention_mask):
 
 
 def _attend(q, keys, values, visible):
-    """q: [B, T, H, D], keys/values: [B, S, H, D], visible: [B, T, S]."""
-    scores = jnp.einsum("bthd,bshd->bhts", q, keys) / np.sqrt(HEAD_DIM)
+    """q: [B, T, H, D], keys/values: [B, H, S, D] (the cache layout), visible: [B, T, S]."""
+    scores = jnp.einsum("bthd,bhsd->bhts", q, keys) / np.sqrt(HEAD_DIM)
     scores = jnp.where(visible[:, None], scores, -1e30)
     weights = jax.nn.softmax(scores, axis=-1)
     b, t = q.shape[:2]
-    return jnp.einsum("bhts,bshd->bthd", weights, values).reshape(b, t, DIM)
+    return jnp.einsum("bhts,bhsd->bthd", weights, values).reshape(b, t, DIM)
+
+
+def _heads_first(x):
+    """[B, T, H, D] -> [B, H, T, D], the cache's layout (for the no-cache pass)."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 def _split_heads(qkv):
@@ -72,10 +77,10 @@ class LinenDecoder(nn.Module):
         for i in range(LAYERS):
             q, k, v = _split_heads(nn.Dense(3 * DIM, name=f"qkv_{i}")(nn.LayerNorm()(x)))
             if cache is None:
-                keys, values = k, v
+                keys, values = _heads_first(k), _heads_first(v)
             else:
                 cache = cache.write(i, k, v)
-                keys, values = cache.k[i], cache.v[i]
+                keys, values = cache.k[i], cache.v[i]  # [B, H, S, D]
             x = x + nn.Dense(DIM, name=f"out_{i}")(_attend(q, keys, values, visible))
             h = nn.gelu(nn.Dense(2 * DIM, name=f"up_{i}")(nn.LayerNorm()(x)))
             x = x + nn.Dense(DIM, name=f"down_{i}")(h)
@@ -118,10 +123,10 @@ class NNXDecoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             q, k, v = _split_heads(layer.qkv(layer.ln_1(x)))
             if cache is None:
-                keys, values = k, v
+                keys, values = _heads_first(k), _heads_first(v)
             else:
                 cache = cache.write(i, k, v)
-                keys, values = cache.k[i], cache.v[i]
+                keys, values = cache.k[i], cache.v[i]  # [B, H, S, D]
             x = x + layer.out(_attend(q, keys, values, visible))
             x = x + layer.down(nnx.gelu(layer.up(layer.ln_2(x))))
         logits = self.head(self.ln_f(x))

@@ -12,6 +12,7 @@ import pytest
 import jaxdecode as jd
 
 L, B, S, H, D = 3, 4, 10, 2, 8  # layers, batch, max_len, heads, head_dim
+KV_SHAPE = (L, B, H, S, D)  # the cache layout: head-major
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
@@ -34,7 +35,7 @@ def _cache(dtype=jnp.float32, index=None, layers=L, batch=B, max_len=S):
 
 def _random_cache(rng, dtype=jnp.float32):
     """A cache full of distinct values, random mask and per-row indices."""
-    shape = (L, B, S, H, D)
+    shape = KV_SHAPE
     return jd.KVCache(
         k=jnp.asarray(rng.normal(size=shape), dtype),
         v=jnp.asarray(rng.normal(size=shape), dtype),
@@ -53,7 +54,7 @@ def test_init_cache_shapes_and_dtypes(dtype, jit):
     )
     cache = init()
     assert isinstance(cache, jd.KVCache)
-    assert cache.k.shape == cache.v.shape == (L, B, S, H, D)
+    assert cache.k.shape == cache.v.shape == (L, B, H, S, D)
     assert cache.k.dtype == cache.v.dtype == jnp.dtype(dtype)
     assert cache.mask.shape == (B, S) and cache.mask.dtype == jnp.bool_
     assert cache.index.shape == (B,) and cache.index.dtype == jnp.int32
@@ -128,13 +129,13 @@ def test_write_at_per_row_indices(rng, dtype, jit, t):
 
     ref_k = np.asarray(before.k, np.float32).copy()
     ref_v = np.asarray(before.v, np.float32).copy()
-    for b in range(B):
-        ref_k[layer, b, index[b] : index[b] + t] = np.asarray(
+    for b in range(B):  # new[b]: [T, H, D] -> buf[layer, b]: [H, S, D]
+        ref_k[layer, b, :, index[b] : index[b] + t] = np.asarray(
             jnp.asarray(k_new[b], dtype), np.float32
-        )
-        ref_v[layer, b, index[b] : index[b] + t] = np.asarray(
+        ).transpose(1, 0, 2)
+        ref_v[layer, b, :, index[b] : index[b] + t] = np.asarray(
             jnp.asarray(v_new[b], dtype), np.float32
-        )
+        ).transpose(1, 0, 2)
     assert after.k.dtype == after.v.dtype == jnp.dtype(dtype)
     np.testing.assert_array_equal(np.asarray(after.k, np.float32), ref_k)
     np.testing.assert_array_equal(np.asarray(after.v, np.float32), ref_v)
@@ -152,7 +153,7 @@ def test_write_every_layer_is_independent(rng):
     k = np.asarray(cache.k)
     for layer in range(L):
         for b, i in enumerate([1, 0, 3, 2]):
-            np.testing.assert_array_equal(k[layer, b, i], layer + 1.0)
+            np.testing.assert_array_equal(k[layer, b, :, i], layer + 1.0)
     assert np.count_nonzero(k) == L * B * H * D
 
 

@@ -144,20 +144,21 @@ class _Attention(nn.Module):
         shape = (b, t, cfg.n_head, cfg.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         cache = cache.write(self.layer, k, v)
-        keys, values = cache.k[self.layer], cache.v[self.layer]  # [B, S, H, D]
+        keys, values = cache.k[self.layer], cache.v[self.layer]  # [B, H, S, D]
         scale = 1.0
         if cfg.scale_attn_weights:
             scale = cfg.head_dim**-0.5
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= float(self.layer + 1)
         # Scores and softmax in float32 whatever the cache dtype (what
-        # reorder_and_upcast_attn asks for; harmless in float32).
+        # reorder_and_upcast_attn asks for; harmless in float32), accumulated by the
+        # matmul itself rather than by upcasting the whole cache.
         scores = jnp.einsum(
-            "bthd,bshd->bhts", q.astype(jnp.float32), keys.astype(jnp.float32)
+            "bthd,bhsd->bhts", q.astype(keys.dtype), keys, preferred_element_type=jnp.float32
         ) * jnp.float32(scale)
         scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", weights, values).reshape(b, t, cfg.n_embd)
+        out = jnp.einsum("bhts,bhsd->bthd", weights, values).reshape(b, t, cfg.n_embd)
         out = nn.Dense(cfg.n_embd, dtype=self.dtype, param_dtype=self.dtype, name="c_proj")(out)
         return out, cache
 
