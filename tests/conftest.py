@@ -59,3 +59,10 @@ def assert_same_scores(ours: np.ndarray, ref: np.ndarray, atol: float = 1e-6) ->
 
 
 jax.config.update("jax_numpy_rank_promotion", "allow")
+
+# Hypothesis: derandomized in CI (CI=true) so that a run is reproducible.
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")

@@ -713,7 +713,7 @@ def test_beam_search_hand_checked_optimum(length_penalty):
         ),
         ((np.ones((1, 3), int), np.array([[0, 2, 1]])), dict(max_new_tokens=4), "only 0 and 1"),
         ((np.ones((1, 10), int),), dict(max_new_tokens=119), "n_positions=128"),
-        ((np.ones((1, 20), int),), {}, "max_length=20 leaves no room"),
+        ((np.ones((1, 20), int),), {"max_length": 20}, "max_length=20 leaves no room"),
         (
             (np.ones((1, 3), int),),
             dict(max_new_tokens=4, num_beams=2, num_return_sequences=3),
