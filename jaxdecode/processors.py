@@ -818,9 +818,11 @@ def exponential_decay_length_penalty(
     factor_leaf = _float_leaf("exponential_decay_length_penalty[1] (decay_factor)", factor, lo=1.0)
     max_steps = _static_int("max_steps", max_steps, 0)
     if _is_concrete(factor) and np.ndim(factor) == 0:
-        with np.errstate(over="ignore"):
-            table = np.power(np.float64(factor), np.arange(max_steps + 1)) - 1.0
-        growth = jnp.asarray(table.astype(np.float32))
+        with np.errstate(over="ignore"):  # beyond float32: inf, capped in __call__
+            table = (np.power(np.float64(factor), np.arange(max_steps + 1)) - 1.0).astype(
+                np.float32
+            )
+        growth = jnp.asarray(table)
     else:
         growth = jnp.zeros((0,), jnp.float32)
     return ExponentialDecayLengthPenalty(
