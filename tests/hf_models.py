@@ -43,6 +43,13 @@ def make_hf_model(
     torch.manual_seed(seed)
     hf_config = transformers.GPT2Config(**kwargs, attn_implementation="eager")
     model = transformers.GPT2LMHeadModel(hf_config).eval()
+    spread_weights(model, spread)
+    return model
+
+
+def spread_weights(model: transformers.GPT2LMHeadModel, spread: float) -> None:
+    """Re-draws every parameter (in place, from torch's current seed) with the
+    wider-than-GPT-2 spread described in the module docstring."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("wte.weight", "wpe.weight")):
@@ -56,7 +63,38 @@ def make_hf_model(
                 p.normal_(0.0, spread / math.sqrt(p.shape[0]))
             else:
                 p.normal_(0.0, 0.1 * spread)
-    return model
+
+
+def generate_processors(
+    model: transformers.GPT2LMHeadModel, options: dict, prompt_ids: Any, mask: Any
+) -> transformers.LogitsProcessorList:
+    """The LogitsProcessorList transformers' `generate` builds for `options` and this
+    prompt, prepared as `generate` prepares it (global defaults such as top_k=50,
+    special tokens, lengths)."""
+    prompt = torch.as_tensor(np.asarray(prompt_ids), dtype=torch.long)
+    has_default_max_length = options.get("max_length") is None
+    has_default_min_length = options.get("min_length") is None
+    config, _ = model._prepare_generation_config(transformers.GenerationConfig(**options))
+    model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device="cpu")
+    config = model._prepare_generated_length(
+        config,
+        has_default_max_length=has_default_max_length,
+        has_default_min_length=has_default_min_length,
+        model_input_name="input_ids",
+        input_ids_length=prompt.shape[1],
+        inputs_tensor=prompt,
+    )
+    # generate drops an all-ones mask before building the processors.
+    mask = np.asarray(mask)
+    attention_mask = None if mask.all() else torch.as_tensor(mask)
+    return model._get_logits_processor(
+        generation_config=config,
+        input_ids_seq_length=prompt.shape[1],
+        encoder_input_ids=prompt,
+        logits_processor=None,
+        device="cpu",
+        model_kwargs={"attention_mask": attention_mask},
+    )
 
 
 def save_hf_model(model: transformers.GPT2LMHeadModel, directory: Any, **kwargs: Any) -> str:

@@ -36,6 +36,7 @@ import pytest
 import torch
 import transformers
 from conftest import assert_same_scores
+from hf_models import generate_processors, spread_weights
 
 import jaxdecode as jd
 
@@ -86,19 +87,8 @@ def make_model(seed: int = MODEL_SEED) -> transformers.GPT2LMHeadModel:
         attn_implementation="eager",
     )
     model = transformers.GPT2LMHeadModel(config).eval()
+    spread_weights(model, SPREAD)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("wte.weight", "wpe.weight")):
-                p.normal_(0.0, SPREAD)
-            elif ".ln_" in name or "ln_f" in name:
-                if name.endswith("weight"):
-                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
-                else:
-                    p.normal_(0.0, 0.2)
-            elif name.endswith("weight"):  # Conv1D: [in, out]
-                p.normal_(0.0, SPREAD / math.sqrt(p.shape[0]))
-            else:
-                p.normal_(0.0, 0.1 * SPREAD)
         # The LM head is tied to wte: adding s * m / |m|^2 to an EOS row, with m
         # the mean final hidden state, raises that EOS logit by s on average (by
         # more or less depending on the context), so EOS wins at some steps only.
@@ -409,27 +399,7 @@ def hf_processors(hf, options: dict, ids: np.ndarray, mask: np.ndarray):
     this prompt (as in tests/test_processors_hf.py: defaults, special tokens and
     lengths prepared as `generate` prepares them)."""
     options = dict(options, max_new_tokens=NEW, pad_token_id=PAD, bos_token_id=BOS)
-    prompt = torch.as_tensor(ids)
-    config, _ = hf._prepare_generation_config(transformers.GenerationConfig(**options))
-    hf._prepare_special_tokens(config, kwargs_has_attention_mask=True, device="cpu")
-    config = hf._prepare_generated_length(
-        config,
-        has_default_max_length=True,
-        has_default_min_length=True,
-        model_input_name="input_ids",
-        input_ids_length=prompt.shape[1],
-        inputs_tensor=prompt,
-    )
-    # generate drops an all-ones mask before building the processors.
-    attention_mask = None if mask.all() else torch.as_tensor(mask)
-    return hf._get_logits_processor(
-        generation_config=config,
-        input_ids_seq_length=prompt.shape[1],
-        encoder_input_ids=prompt,
-        logits_processor=None,
-        device="cpu",
-        model_kwargs={"attention_mask": attention_mask},
-    )
+    return generate_processors(hf, options, ids, mask)
 
 
 def hf_forward_logits(hf, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

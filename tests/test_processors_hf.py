@@ -27,6 +27,7 @@ import pytest
 import torch
 import transformers
 from conftest import assert_same_scores, count_compiles
+from hf_models import generate_processors
 from transformers.generation import logits_process as hf
 
 import jaxdecode as jd
@@ -851,30 +852,7 @@ def tiny_model(vocab: int) -> transformers.GPT2LMHeadModel:
 def hf_generate_processors(options: dict, prompt_ids: np.ndarray, mask: np.ndarray):
     """The LogitsProcessorList `generate` builds for `options`, prepared as generate does
     (global defaults such as top_k=50 filled in, special tokens, lengths)."""
-    model = tiny_model(VOCAB)
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
-    has_default_max_length = options.get("max_length") is None
-    has_default_min_length = options.get("min_length") is None
-    config, _ = model._prepare_generation_config(transformers.GenerationConfig(**options))
-    model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device="cpu")
-    config = model._prepare_generated_length(
-        config,
-        has_default_max_length=has_default_max_length,
-        has_default_min_length=has_default_min_length,
-        model_input_name="input_ids",
-        input_ids_length=prompt.shape[1],
-        inputs_tensor=prompt,
-    )
-    # generate drops an all-ones mask before building the processors.
-    attention_mask = None if mask.all() else torch.as_tensor(mask)
-    return model._get_logits_processor(
-        generation_config=config,
-        input_ids_seq_length=prompt.shape[1],
-        encoder_input_ids=prompt,
-        logits_processor=None,
-        device="cpu",
-        model_kwargs={"attention_mask": attention_mask},
-    )
+    return generate_processors(tiny_model(VOCAB), options, prompt_ids, mask)
 
 
 COMBOS = {
