@@ -171,12 +171,6 @@ def _encode_batch(lm, prompts: Sequence[str], pad_id: int):
     return ids, mask
 
 
-def _pad_id(config) -> int:
-    if config.pad_token_id is not None:
-        return int(config.pad_token_id)
-    return config.eos_ids[0] if config.eos_ids else 0
-
-
 def _completion(lm, config, row, prompt_width: int, length: int) -> tuple[list[int], str]:
     tokens = [int(t) for t in row[prompt_width : prompt_width + int(length)]]
     text_tokens = tokens[:-1] if tokens and tokens[-1] in config.eos_ids else tokens
@@ -199,7 +193,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     lm = _load_model(args.model)
     overrides = _config_overrides(args)
     config = _make_config(lm, overrides)
-    ids, mask = _encode_batch(lm, args.prompts, _pad_id(config))
+    ids, mask = _encode_batch(lm, args.prompts, config.pad_id)
     key = jax.random.key(config.seed if config.seed is not None else int(time.time_ns() % 2**31))
     rows_per_prompt = config.num_return_sequences
     prompts = [p for p in args.prompts for _ in range(rows_per_prompt)]
@@ -372,7 +366,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     prompts = [r["prompt"] for r in batch] + [batch[-1]["prompt"]] * (
                         args.batch_size - real
                     )
-                    ids, mask = _encode_batch(lm, prompts, _pad_id(config))
+                    ids, mask = _encode_batch(lm, prompts, config.pad_id)
                     # The key depends on the batch's first id only: a resumed run samples
                     # what the uninterrupted run would have.
                     salt = zlib.crc32(json.dumps(batch[0]["id"]).encode()) % 2**31

@@ -161,6 +161,14 @@ class GenerationConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def pad_id(self) -> int:
+        """The id finished rows emit: pad_token_id, else the first EOS id (as
+        transformers falls back), else 0."""
+        if self.pad_token_id is not None:
+            return int(self.pad_token_id)
+        return self.eos_ids[0] if self.eos_ids else 0
+
+    @property
     def eos_ids(self) -> tuple[int, ...]:
         """EOS ids as a tuple (empty when unset)."""
         return P.eos_ids(self.eos_token_id)
@@ -419,7 +427,7 @@ class GenerationConfig:
             early_stopping=self.early_stopping,
             output_scores=bool(self.output_scores),
             output_logits=bool(self.output_logits),
-            pad_token_id=self.pad_token_id,
+            pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
         )
         traced = TracedConfig(
@@ -539,7 +547,7 @@ class StaticConfig:
     early_stopping: bool | str
     output_scores: bool
     output_logits: bool
-    pad_token_id: int | None
+    pad_token_id: int  # resolved: see GenerationConfig.pad_id
     eos_token_id: tuple[int, ...]
 
 

@@ -193,7 +193,7 @@ def _prepare(
     bucket = bucket_length(prompt_len, prompt_buckets)
     extra = bucket - prompt_len
     if extra:
-        pad_id = _pad_id(config)
+        pad_id = config.pad_id
         if traced_inputs:
             ids = jnp.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
             mask = jnp.pad(mask, ((0, 0), (extra, 0)))
@@ -278,12 +278,6 @@ def generate(
     return out.replace(sequences=_drop_columns(out.sequences, req.extra))
 
 
-def _pad_id(config: GenerationConfig) -> int:
-    if config.pad_token_id is not None:
-        return int(config.pad_token_id)
-    return config.eos_ids[0] if config.eos_ids else 0
-
-
 # --------------------------------------------------------------------------- #
 # The compiled program.
 # --------------------------------------------------------------------------- #
@@ -314,12 +308,6 @@ class DecodeState:
     row_keys: Array
 
 
-def _pad_value(cfg: StaticConfig) -> int:
-    if cfg.pad_token_id is not None:
-        return cfg.pad_token_id
-    return (cfg.eos_token_id or (0,))[0]
-
-
 def _prefill(
     plan: _Plan, params: Any, ids: Array, mask: Array, prompt_len: Array, key: Array
 ) -> DecodeState:
@@ -337,7 +325,7 @@ def _prefill(
     logits, cache = plan.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
     last = logits[:, -1, :].astype(jnp.float32)
     buffer = jnp.concatenate(
-        [ids, jnp.full((rows, plan.new_tokens), _pad_value(cfg), jnp.int32)], axis=1
+        [ids, jnp.full((rows, plan.new_tokens), cfg.pad_token_id, jnp.int32)], axis=1
     )
     ctx = DecodeContext.from_ids(
         ids,
@@ -357,9 +345,7 @@ def _prefill(
         positions=jnp.sum(mask, axis=-1).astype(jnp.int32),
         lengths=jnp.zeros((rows,), jnp.int32),
         step=jnp.zeros((), jnp.int32),
-        # Row r's stream depends only on (key, r): a row draws the same tokens in
-        # a batch of 1 or 64.
-        row_keys=jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows)),
+        row_keys=_row_keys(key, rows),
     )
 
 
@@ -389,7 +375,7 @@ def _decode_step(
     else:
         tokens = sampling.greedy(scores)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    tokens = jnp.where(state.done, _pad_value(cfg), tokens)
+    tokens = jnp.where(state.done, cfg.pad_token_id, tokens)
     logp = jnp.where(state.done, 0.0, logp)
     out = {"tokens": tokens, "logp": logp}
     if cfg.output_scores:
@@ -437,6 +423,8 @@ def _eos_hit(tokens: Array, eos: tuple[int, ...]) -> Array:
 
 
 def _row_keys(key: Array, rows: int) -> Array:
+    # Row r's stream depends only on (key, r): a row draws the same tokens in a
+    # batch of 1 or 64.
     return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
 
 
@@ -454,7 +442,7 @@ def _sample_or_greedy(
     else:
         rows, vocab = state.logits.shape
         outs = {
-            "tokens": jnp.full((n, rows), _pad_value(cfg), jnp.int32),
+            "tokens": jnp.full((n, rows), cfg.pad_token_id, jnp.int32),
             "logp": jnp.zeros((n, rows), jnp.float32),
         }
         if cfg.output_scores:

@@ -135,8 +135,7 @@ def _static_int(name: str, value: Any, lo: int) -> int:
 
 def _row(value: Array, dtype: Any = jnp.float32) -> Array:
     """`[]` stays `[]`, `[batch]` becomes `[batch, 1]` to broadcast over the vocabulary."""
-    value = jnp.asarray(value, dtype)
-    return value[:, None] if value.ndim == 1 else value
+    return sampling._per_row(jnp.asarray(value, dtype))
 
 
 def _divide(x: Array, divisor: Array) -> Array:
@@ -199,14 +198,6 @@ class Chain(LogitsProcessor):
         for p in self.processors:
             logits = p(logits, ctx)
         return logits
-
-    def stages(self, logits: Array, ctx: DecodeContext) -> list[Array]:
-        """The logits after each processor, in order (for debugging and `explain`)."""
-        out = []
-        for p in self.processors:
-            logits = p(logits, ctx)
-            out.append(logits)
-        return out
 
 
 def chain(*processors: LogitsProcessor) -> Chain:
