@@ -74,8 +74,13 @@ def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _is_conv1d(name: str) -> bool:
+    """GPT-2's Conv1D weights are `[in, out]`; jaxdecode stores them `[out, in]`."""
+    return name.endswith(".weight") and name.split(".")[-2] in ("c_attn", "c_proj", "c_fc")
+
+
 def _flax_path(name: str) -> tuple[str, ...]:
-    """`h.3.attn.c_attn.weight` -> `("h_3", "attn", "c_attn", "kernel")`."""
+    """`h.3.attn.c_attn.weight` -> `("h_3", "attn", "c_attn", "weight")`."""
     parts = name.split(".")
     if parts[0] == "h":
         parts = [f"h_{parts[1]}", *parts[2:]]
@@ -86,7 +91,7 @@ def _flax_path(name: str) -> tuple[str, ...]:
     elif module.startswith("ln"):
         parts[-1] = "scale" if leaf == "weight" else "bias"
     else:
-        parts[-1] = "kernel" if leaf == "weight" else "bias"
+        parts[-1] = leaf  # projections: `weight` (stored transposed, see _CONV1D) / `bias`
     return tuple(parts)
 
 
@@ -215,6 +220,8 @@ def params_from_state_dict(
         array = np.asarray(tensor)
         if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
             raise ValueError(f"tensor {name} has dtype {array.dtype}, expected a floating type")
+        if _is_conv1d(name):
+            array = array.T
         node[leaf] = jnp.asarray(array, dtype=dtype)
     return params
 
@@ -236,6 +243,8 @@ def state_dict_from_params(
         for p in _flax_path(name):
             node = node[p]
         array = np.asarray(np.asarray(node, dtype=np.float32), dtype=_STORAGE[dtype])
+        if _is_conv1d(name):
+            array = array.T
         out["transformer." + name] = np.ascontiguousarray(array)
     return out
 

@@ -308,6 +308,11 @@ class DecodeState:
     row_keys: Array
 
 
+def _expand(cfg: StaticConfig) -> int:
+    """Cache rows per prompt: beams, or returned sequences when sampling."""
+    return cfg.num_beams if cfg.num_beams > 1 else cfg.num_return_sequences
+
+
 def _prefill(
     plan: _Plan, params: Any, ids: Array, mask: Array, prompt_len: Array, key: Array
 ) -> DecodeState:
@@ -315,7 +320,7 @@ def _prefill(
     cfg = plan.config
     ids = jnp.asarray(ids, jnp.int32)
     mask = jnp.asarray(mask, jnp.int32)
-    expand = cfg.num_beams if cfg.num_beams > 1 else cfg.num_return_sequences
+    expand = _expand(cfg)
     if expand > 1:
         ids = jnp.repeat(ids, expand, axis=0)
         mask = jnp.repeat(mask, expand, axis=0)
@@ -407,6 +412,7 @@ def _generate_program(
     traced: TracedConfig,
     key: Array,
 ) -> GenerateOutput:
+    params = plan.decoder.prepared(params, ids.shape[0] * _expand(plan.config))
     state = _prefill(plan, params, ids, mask, prompt_len, key)
     if plan.config.num_beams > 1:
         step = partial(_model_step, plan, params)
@@ -683,6 +689,9 @@ class StreamStep(struct.PyTreeNode):
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=0)
+_prepare_params_jit = jax.jit(
+    lambda decoder, params, rows: decoder.prepared(params, rows), static_argnums=(0, 2)
+)
 # The state is donated: XLA updates the cache and buffers in place, step after step.
 _step_jit = jax.jit(_decode_step, static_argnums=(0, 4), donate_argnums=3)
 
@@ -712,12 +721,14 @@ def stream(
             "stream() supports greedy search and sampling (num_beams=1); beam search only "
             "knows its best hypothesis at the end: use generate()"
         )
-    state = _prefill_jit(req.plan, req.params, req.ids, req.mask, req.prompt_len, req.key)
+    rows = req.ids.shape[0] * _expand(req.plan.config)
+    params = _prepare_params_jit(req.plan.decoder, req.params, rows)
+    state = _prefill_jit(req.plan, params, req.ids, req.mask, req.prompt_len, req.key)
     for _ in range(req.plan.new_tokens):
         active = ~np.asarray(state.done)
         if not active.any():
             return
-        state, out = _step_jit(req.plan, req.params, req.traced, state, True)
+        state, out = _step_jit(req.plan, params, req.traced, state, True)
         yield StreamStep(
             tokens=np.asarray(out["tokens"]), logprobs=np.asarray(out["logp"]), active=active
         )

@@ -37,6 +37,9 @@ class Decoder:
         vocab_size: size of the logits' last axis.
         max_positions: longest sequence the model supports (None: unbounded).
         name: for error messages.
+        prepare: optional `(params, rows) -> params`, called once per decoding
+            program outside its loop with the number of cache rows; returns the
+            params to decode with (e.g. a weight layout that suits that batch).
     """
 
     init_cache: Callable[[int, int, Any], Any]
@@ -44,6 +47,11 @@ class Decoder:
     vocab_size: int
     max_positions: int | None = None
     name: str = "decoder"
+    prepare: Callable[[Any, int], Any] | None = None
+
+    def prepared(self, params: Any, rows: int) -> Any:
+        """`prepare(params, rows)`, or params unchanged without a hook."""
+        return params if self.prepare is None else self.prepare(params, rows)
 
     def check_length(self, total: int) -> None:
         """ValueError when `total` tokens (prompt + new) exceed `max_positions`."""

@@ -3,8 +3,10 @@
 The architecture of Hugging Face's `GPT2LMHeadModel`: learned position
 embeddings, pre-LayerNorm blocks, `gelu_new` MLP (or any `activation_function`
 transformers allows for GPT-2), tied LM head. Parameter names mirror the
-checkpoint's (`wte`, `wpe`, `h_0.attn.c_attn`, ...); Conv1D weights are stored
-`[in, out]` like a Flax `Dense` kernel, so conversion is a rename.
+checkpoint's (`wte`, `wpe`, `h_0.attn.c_attn`, ...). Projection weights are
+stored `[out, in]` (PyTorch `Linear`'s layout, the transpose of GPT-2's Conv1D):
+XLA's CPU matrix-vector product streams that layout ~15% faster at small batch,
+and decoding one token per step is all matrix-vector products.
 
 `gpt2_decoder(config)` returns the `Decoder` (pure `init_cache` / `apply`) that
 the decoding loops use.
@@ -27,6 +29,9 @@ from jaxdecode.models.base import Decoder
 Array = jax.Array
 
 __all__ = ["GPT2Config", "GPT2LMHeadModel", "gpt2_decoder", "ACTIVATIONS"]
+
+# Name of the transposed LM head `gpt2_decoder`'s `prepare` adds for one-row decoding.
+LM_HEAD_T = "lm_head_t"
 
 
 def _gelu_tanh(x: Array) -> Array:
@@ -130,6 +135,21 @@ class GPT2Config:
         return out
 
 
+class _Linear(nn.Module):
+    """`x @ weight.T + bias` with `weight: [out, in]`."""
+
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.normal(0.02)
+        weight = self.param("weight", init, (self.features, x.shape[-1]), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), weight, (((x.ndim - 1,), (1,)), ((), ())))
+        return y + bias
+
+
 class _Attention(nn.Module):
     config: GPT2Config
     layer: int
@@ -139,7 +159,7 @@ class _Attention(nn.Module):
     def __call__(self, x: Array, cache: KVCache, visible: Array) -> tuple[Array, KVCache]:
         cfg = self.config
         b, t, _ = x.shape
-        qkv = nn.Dense(3 * cfg.n_embd, dtype=self.dtype, param_dtype=self.dtype, name="c_attn")(x)
+        qkv = _Linear(3 * cfg.n_embd, self.dtype, name="c_attn")(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         shape = (b, t, cfg.n_head, cfg.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
@@ -159,7 +179,7 @@ class _Attention(nn.Module):
         scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         out = jnp.einsum("bhts,bhsd->bthd", weights, values).reshape(b, t, cfg.n_embd)
-        out = nn.Dense(cfg.n_embd, dtype=self.dtype, param_dtype=self.dtype, name="c_proj")(out)
+        out = _Linear(cfg.n_embd, self.dtype, name="c_proj")(out)
         return out, cache
 
 
@@ -170,9 +190,9 @@ class _MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        h = nn.Dense(cfg.inner_dim, dtype=self.dtype, param_dtype=self.dtype, name="c_fc")(x)
+        h = _Linear(cfg.inner_dim, self.dtype, name="c_fc")(x)
         h = ACTIVATIONS[cfg.activation_function](h)
-        return nn.Dense(cfg.n_embd, dtype=self.dtype, param_dtype=self.dtype, name="c_proj")(h)
+        return _Linear(cfg.n_embd, self.dtype, name="c_proj")(h)
 
 
 class _Block(nn.Module):
@@ -225,7 +245,11 @@ class GPT2LMHeadModel(nn.Module):
         x = nn.LayerNorm(
             epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.dtype, name="ln_f"
         )(x)
-        logits = wte.attend(x).astype(jnp.float32)
+        if self.has_variable("params", LM_HEAD_T):  # added by the decoder's `prepare`
+            logits = x @ self.get_variable("params", LM_HEAD_T)
+        else:
+            logits = wte.attend(x)
+        logits = logits.astype(jnp.float32)
         return logits, cache.replace(mask=after.mask, index=after.index)
 
 
@@ -246,9 +270,21 @@ def gpt2_decoder(config: GPT2Config, dtype: Any = jnp.float32) -> Decoder:
     def apply(params: Any, ids: Array, positions: Array, cache: KVCache, attention_mask: Array):
         return module.apply({"params": params}, ids, positions, cache, attention_mask)
 
+    def prepare(params: Any, rows: int) -> Any:
+        # With one row, XLA:CPU's matrix-vector product reads the tied LM head
+        # [vocab, n_embd] ~25% faster as its transpose [n_embd, vocab] (measured on
+        # GPT-2-small; at 2+ rows the original layout wins). One copy per program,
+        # outside the loop; the barrier stops XLA folding the transpose back into
+        # the dot.
+        if rows != 1 or LM_HEAD_T in params:
+            return params
+        head = jax.lax.optimization_barrier(params["wte"]["embedding"].T)
+        return {**params, LM_HEAD_T: head}
+
     return Decoder(
         init_cache=init,
         apply=apply,
+        prepare=prepare,
         vocab_size=config.vocab_size,
         max_positions=config.n_positions,
         name="GPT-2",
@@ -273,7 +309,7 @@ def init_params(config: GPT2Config, key: Array, dtype: Any = jnp.float32) -> Any
     out = []
     for (path, leaf), k in zip(leaves, keys, strict=True):
         name = str(path[-1])
-        if "kernel" in name or "embedding" in name:
+        if "weight" in name or "embedding" in name:
             out.append(0.02 * jax.random.normal(k, leaf.shape, leaf.dtype))
         else:
             out.append(leaf)
