@@ -61,11 +61,21 @@ def split_keys(key: Array, batch: int) -> Array:
     return jax.random.split(key, batch)
 
 
+# `categorical` draws among this many candidates when no row has more finite
+# logits (what top-k / top-p leave), instead of one Gumbel per vocabulary entry.
+SAMPLE_CANDIDATES = 64
+
+
 def categorical(keys: Array, logits: Array) -> Array:
     """Samples one token per row from `softmax(logits)`, each row with its own key.
 
     A row's draw depends only on its key and its logits, never on the other rows,
     so a row sampled in a batch of 8 gets the token it would get alone.
+
+    When every row has at most `SAMPLE_CANDIDATES` finite logits (after top-k,
+    or a small nucleus) the Gumbel-max draw runs over those candidates only
+    (`lax.top_k`, then a `lax.cond`): the same distribution for a fraction of
+    the cost (~1 ms instead of ~5 ms for 8 rows of 50k on a 2-core CPU).
 
     Args:
         keys: `[batch]` PRNG keys (see `split_keys`), typed or raw `[batch, 2]`.
@@ -74,7 +84,18 @@ def categorical(keys: Array, logits: Array) -> Array:
     Returns:
         `[batch]` int32 token ids.
     """
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    draw = jax.vmap(jax.random.categorical)
+    n = SAMPLE_CANDIDATES
+    if logits.shape[-1] <= 4 * n:
+        return draw(keys, logits).astype(jnp.int32)
+    values, idx = jax.lax.top_k(logits, n + 1)
+
+    def among_candidates() -> Array:
+        pick = draw(keys, values[:, :n])
+        return jnp.take_along_axis(idx, pick[:, None], axis=-1)[:, 0]
+
+    few = jnp.all(values[:, n] == -jnp.inf)
+    return jax.lax.cond(few, among_candidates, lambda: draw(keys, logits)).astype(jnp.int32)
 
 
 def keep_top_mask(logits: Array, n: int) -> Array:
@@ -141,6 +162,68 @@ def top_k_mask_fast(logits: Array, k: Array, max_k: int) -> Array:
     return logits < threshold
 
 
+def _remove_in_order(
+    shape, order: Array, probs: Array, below, cutoff: Array, keep_n: Array
+) -> Array:
+    """Transformers' top-p rule on tokens `order` (ids ranked ascending, stable)
+    with probabilities `probs` and `below` the mass ranked before them; every
+    token not in `order` is removed."""
+    n = order.shape[-1]
+    remove = (below + jnp.cumsum(probs, axis=-1) <= cutoff) & (jnp.arange(n)[None, :] < n - keep_n)
+    rows = jnp.arange(shape[0])[:, None]
+    return jnp.ones(shape, bool).at[rows, order].set(remove)
+
+
+def _top_p_rows(logits: Array, top_p: Array, min_tokens_to_keep, cutoff) -> tuple[Array, Array]:
+    """`cutoff` and `min_tokens_to_keep` as `[batch, 1]` columns."""
+    batch = logits.shape[0]
+    if cutoff is None:
+        cutoff = 1 - jnp.asarray(top_p, logits.dtype)
+    cutoff = jnp.broadcast_to(_per_row(cutoff), (batch, 1)).astype(logits.dtype)
+    keep_n = jnp.broadcast_to(_per_row(min_tokens_to_keep), (batch, 1)).astype(jnp.int32)
+    return cutoff, keep_n
+
+
+def _top_p_sorted(logits: Array, cutoff: Array, keep_n: Array) -> Array:
+    order = jnp.argsort(logits, axis=-1, stable=True)
+    ascending = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(ascending, axis=-1)
+    return _remove_in_order(logits.shape, order, probs, 0.0, cutoff, keep_n)
+
+
+def _top_p_candidates(logits: Array, cutoff: Array, keep_n: Array) -> tuple[Array, Array]:
+    """Top-p ranking only the `EXACT_TOP_K_CANDIDATES` largest of each row.
+
+    Returns `(remove, exact)`: `exact` (a scalar) is True when that mask is
+    the full sort's for every row: the mass outside the candidates is clear of
+    the cutoff, no tie straddles the candidate boundary, and min_tokens_to_keep
+    fits among them.
+    """
+    n = EXACT_TOP_K_CANDIDATES
+    rows = jnp.arange(logits.shape[0])[:, None]
+    # Candidates in stable ascending order: by value, ties by index.
+    idx = jnp.sort(jax.lax.top_k(logits, n)[1], axis=-1)
+    values = jnp.take_along_axis(logits, idx, -1)
+    rank = jnp.argsort(values, axis=-1, stable=True)
+    order = jnp.take_along_axis(idx, rank, -1)
+    values = jnp.take_along_axis(values, rank, -1)
+    probs = jax.nn.softmax(logits, axis=-1)
+    outside = jnp.sum(probs.at[rows, order].set(0.0), axis=-1, keepdims=True)
+    # Margin: the full sort sums in another order, so an outside mass within
+    # rounding of the cutoff is left to it.
+    settled = ((outside == 0) & (cutoff >= 0)) | (outside + 1e-5 < cutoff)
+    # A tie across the boundary would rank outside tokens above candidates in the
+    # full sort; harmless only among -inf tokens that min_tokens_to_keep misses.
+    outside_max = jnp.max(logits.at[rows, order].set(-jnp.inf), axis=-1, keepdims=True)
+    finite = jnp.sum(values > -jnp.inf, axis=-1, keepdims=True)
+    clean = (outside_max < values[:, :1]) | ((outside_max == -jnp.inf) & (keep_n <= finite))
+    exact = jnp.all(settled & clean & (keep_n <= n))
+    remove = _remove_in_order(
+        logits.shape, order, jnp.take_along_axis(probs, order, -1), outside, cutoff, keep_n
+    )
+    return remove, exact
+
+
 def top_p_mask(
     logits: Array,
     top_p: Array,
@@ -151,21 +234,19 @@ def top_p_mask(
 
     Sort ascending (stable), take the cumulative softmax `c`, remove where
     `c <= 1 - top_p`, never remove the last `min_tokens_to_keep` (the largest).
+    The full sort (slow on XLA:CPU: ~9 ms per 50k row) runs only when the nucleus
+    may extend beyond the `EXACT_TOP_K_CANDIDATES` largest (a `lax.cond`, so
+    nothing recompiles); otherwise those are ranked alone, after the mass
+    outside them (always the case after a top-k of at most that many).
     `cutoff` is `1 - top_p` when given: transformers computes it in float64
     before comparing with float32 sums, so the `top_p` processor precomputes it
     on the host (`float32(1 - float64(p))` can differ from `1 - float32(p)`).
     """
-    vocab = logits.shape[-1]
-    order = jnp.argsort(logits, axis=-1, stable=True)
-    ascending = jnp.take_along_axis(logits, order, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    if cutoff is None:
-        cutoff = 1 - jnp.asarray(top_p, logits.dtype)
-    remove_sorted = cumulative <= _per_row(cutoff).astype(logits.dtype)
-    rank = jnp.arange(vocab)[None, :]
-    remove_sorted = remove_sorted & (rank < vocab - _per_row(min_tokens_to_keep))
-    rows = jnp.arange(logits.shape[0])[:, None]
-    return jnp.zeros(logits.shape, bool).at[rows, order].set(remove_sorted)
+    cutoff, keep_n = _top_p_rows(logits, top_p, min_tokens_to_keep, cutoff)
+    if logits.shape[-1] <= EXACT_TOP_K_CANDIDATES:
+        return _top_p_sorted(logits, cutoff, keep_n)
+    remove, exact = _top_p_candidates(logits, cutoff, keep_n)
+    return jax.lax.cond(exact, lambda: remove, lambda: _top_p_sorted(logits, cutoff, keep_n))
 
 
 # Bit patterns of non-negative float32 values sort like the values: bisecting on

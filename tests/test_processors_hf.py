@@ -433,6 +433,56 @@ def test_top_p_exact_cumulative_probability_at_threshold():
     np.testing.assert_array_equal(np.isfinite(ref[4]), [0, 0, 0, 0, 1, 1, 1, 1])
 
 
+def _top_p_large_vocab_cases():
+    """(label, scores [4, 1000], top_p, min_tokens_to_keep, candidate path exact?)."""
+    rng = np.random.default_rng(7)
+    v = 1000
+    after_top_k = np.full((4, v), NEG_INF, np.float32)  # 40 finite, as after top_k(40)
+    for r in range(4):
+        after_top_k[r, rng.choice(v, 40, replace=False)] = rng.standard_normal(40) * 2
+    peaked = (rng.standard_normal((4, v)) * 6).astype(np.float32)  # small nucleus
+    flat = (rng.standard_normal((4, v)) * 0.1).astype(np.float32)  # nucleus ~ 900 tokens
+    # 200 large distinct values, then 100 tied at 0 across the 256-candidate
+    # boundary (kept out of the nucleus: torch's sort orders large ties its own way).
+    tied = np.full((4, v), -5.0, np.float32)
+    tied[:, :200] = 10 + rng.standard_normal((4, 200))
+    tied[:, 200:300] = 0.0
+    # 260 finite tokens, the rest -inf: the -inf tie straddles nothing that matters.
+    few_finite = np.full((4, v), NEG_INF, np.float32)
+    few_finite[:, :200] = rng.standard_normal((4, 200)) * 3
+    return [
+        ("after top_k", after_top_k, 0.9, 1, True),
+        ("after top_k, p=1", after_top_k, 1.0, 1, True),
+        ("after top_k, keep 45 > 40 finite", after_top_k, 0.5, 45, False),
+        ("peaked", peaked, 0.9, 1, True),
+        ("peaked, keep 300 > candidates", peaked, 0.9, 300, False),
+        ("flat", flat, 0.9, 1, False),
+        ("tie across the boundary", tied, 0.9, 1, False),
+        ("few finite", few_finite, 0.95, 3, True),
+    ]
+
+
+def test_top_p_exact_large_vocab_both_paths():
+    """Top-p ranks only `lax.top_k` candidates when that is provably the sort's
+    mask, else sorts: both paths equal transformers, and each case takes the path
+    it was built for."""
+    from jaxdecode import sampling
+
+    candidate_check = jax.jit(sampling._top_p_candidates)
+    for label, scores, p, keep, want_exact in _top_p_large_vocab_cases():
+        ids = np.zeros((scores.shape[0], 2), np.int64)
+        cutoff = jnp.full((4, 1), np.float32(1 - np.float64(p)))
+        _, exact = candidate_check(jnp.asarray(scores), cutoff, jnp.full((4, 1), keep))
+        assert bool(exact) == want_exact, label
+        compare(
+            jd.top_p(p, min_tokens_to_keep=keep),
+            hf.TopPLogitsWarper(p, min_tokens_to_keep=keep),
+            scores,
+            ids,
+            what=label,
+        )
+
+
 def test_top_p_fast_dyadic_without_ties():
     # Exact cumulative sums, but only p whose boundary does not split the 1/8 pair
     # (p = 0.8 or 0.875 would: the sort-free method then keeps both, by design).

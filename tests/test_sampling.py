@@ -173,6 +173,25 @@ def test_categorical_chi_square_after_temperature():
     assert _chi2(counts, P8) > 3 * CHI2_CRIT_DF7_P001
 
 
+@pytest.mark.parametrize("n_finite", [8, jd.sampling.SAMPLE_CANDIDATES + 1])
+def test_categorical_chi_square_large_vocab(n_finite):
+    """A 1000-token vocabulary with 8 finite tokens (drawn among `lax.top_k`
+    candidates) or 65 (drawn over the whole row): the same distribution."""
+    rng = np.random.default_rng(n_finite)
+    vocab = 1000
+    where = rng.choice(vocab, n_finite, replace=False)
+    row = np.full(vocab, -np.inf, np.float32)
+    # 8 tokens carry P8 (up to a factor); the other finite ones are negligible.
+    row[where[:8]] = np.log(P8)
+    row[where[8:]] = -60.0
+    keys = jd.split_keys(jax.random.key(n_finite), N_CHI)
+    draws = np.asarray(_draw(keys, jnp.broadcast_to(jnp.asarray(row), (N_CHI, vocab))))
+    assert np.all(np.isin(draws, where[:8]))
+    counts = np.array([np.sum(draws == w) for w in where[:8]])
+    assert _chi2(counts, P8) < CHI2_CRIT_DF7_P001
+    assert _chi2(counts, P8[::-1]) > 3 * CHI2_CRIT_DF7_P001
+
+
 # --------------------------------------------------------------------------- #
 # sampling after truncation never draws a removed token
 # --------------------------------------------------------------------------- #
