@@ -413,6 +413,52 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- #
+# jaxdecode explain
+# --------------------------------------------------------------------------- #
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from jaxdecode.trace import trace
+
+    try:
+        from jaxdecode import explain
+    except ImportError as e:  # pragma: no cover - matplotlib is in the test extra
+        raise CLIError(str(e)) from None
+    if args.steps < 1 or args.top < 1:
+        raise CLIError(f"--steps and --top must be >= 1, got {args.steps} and {args.top}")
+    lm = _load_model(args.model)
+    overrides = _config_overrides(args)
+    if "max_length" not in overrides:
+        overrides.setdefault("max_new_tokens", args.steps)
+    config = _make_config(lm, overrides)
+    ids, mask = _encode_batch(lm, [args.prompt], config.pad_id)
+    key = jax.random.key(config.seed if config.seed is not None else 0)
+    try:
+        tr = trace(lm, ids, config, attention_mask=mask, key=key)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    decode = lambda t: lm.tokenizer.decode([t])
+    try:
+        written = explain.write_report(
+            tr,
+            args.output,
+            decode=decode,
+            steps=args.steps,
+            m=args.top,
+            title=f"jaxdecode explain: {args.prompt!r}",
+        )
+    except OSError as e:
+        raise CLIError(f"cannot write to {args.output}: {e}") from None
+    seq = np.asarray(tr.output.sequences)[0, ids.shape[1] :][: int(tr.output.lengths[0])]
+    print(args.prompt + lm.tokenizer.decode([int(t) for t in seq]))
+    print(f"wrote {len(written) - 1} pictures and {written[-1]}")
+    return 0
+
+
+# --------------------------------------------------------------------------- #
 # Entry point.
 # --------------------------------------------------------------------------- #
 
@@ -446,6 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch_size", "--batch-size", type=int, default=16)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(ev)
+
+    ex = sub.add_parser(
+        "explain",
+        help="draw what each decoding parameter does to the next-token distribution",
+    )
+    ex.add_argument("prompt", metavar="PROMPT")
+    ex.add_argument("-o", "--output", required=True, metavar="DIR")
+    ex.add_argument("--model", default="bundled")
+    ex.add_argument("--steps", type=int, default=6, help="steps drawn (6)")
+    ex.add_argument("--top", type=int, default=10, help="tokens per bar chart (10)")
+    _add_config_flags(ex)
     return parser
 
 
@@ -458,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "explain":
+            return _cmd_explain(args)
         parser.print_help()
         return 2
     except CLIError as e:

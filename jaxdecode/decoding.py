@@ -30,6 +30,7 @@ from jaxdecode.config import GenerationConfig, StaticConfig, TracedConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.lm import CausalLM
 from jaxdecode.models.base import Decoder, positions_from_mask
+from jaxdecode.processors import processor_stages
 
 Array = jax.Array
 
@@ -65,6 +66,7 @@ class GenerateOutput:
     logits: Array | None = None
     sequences_scores: Array | None = None
     beam_indices: Array | None = None
+    trace: dict[str, Array] | None = None  # only from `jaxdecode.trace`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,9 @@ class _Plan:
     loop: str
     track_seen: bool
     track_counts: bool
+    # `trace`: also output the scores after every processor (and, for beam search,
+    # every candidate). False in `generate`, so its program carries none of it.
+    record: bool = False
 
 
 # --------------------------------------------------------------------------- #
@@ -129,6 +134,7 @@ class _Prepared:
     traced: TracedConfig
     key: Array
     extra: int  # bucket padding columns, dropped from the output
+    config: GenerationConfig  # the resolved configuration
 
 
 def _prepare(
@@ -227,7 +233,7 @@ def _prepare(
         track_seen="seen" in needs,
         track_counts="token_counts" in needs,
     )
-    return _Prepared(plan, params, ids, mask, jnp.int32(prompt_len), traced, key, extra)
+    return _Prepared(plan, params, ids, mask, jnp.int32(prompt_len), traced, key, extra, config)
 
 
 def _drop_columns(x: Array, extra: int) -> Array:
@@ -373,7 +379,11 @@ def _decode_step(
     plus `scores` / `logits` `[rows, V]` when the config asks for them.
     """
     cfg = plan.config
-    scores = traced.processor(state.logits, state.ctx)
+    if plan.record:
+        stages = processor_stages(traced.processor, state.logits, state.ctx)
+        scores = stages[-1] if stages else state.logits
+    else:
+        scores = traced.processor(state.logits, state.ctx)
     if cfg.do_sample:
         keys = jax.vmap(lambda k: jax.random.fold_in(k, state.step))(state.row_keys)
         tokens = sampling.categorical(keys, scores)
@@ -387,6 +397,8 @@ def _decode_step(
         out["scores"] = scores
     if cfg.output_logits:
         out["logits"] = state.logits
+    if plan.record:
+        out["trace/stages"] = jnp.stack([state.logits, *stages])  # [S + 1, rows, V]
     logits, cache = state.logits, state.cache
     if run_model:
         logits, cache = _model_step(plan, params, cache, tokens, state.positions)
@@ -473,7 +485,15 @@ def _sample_or_greedy(
         lengths=state.lengths,
         scores=outs["scores"].swapaxes(0, 1) if "scores" in outs else None,
         logits=outs["logits"].swapaxes(0, 1) if "logits" in outs else None,
+        trace=_trace_outputs(plan, outs),
     )
+
+
+def _trace_outputs(plan: _Plan, outs: dict[str, Array]) -> dict[str, Array] | None:
+    """The `trace/...` outputs, step-major (`[steps, ...]`), or None."""
+    if not plan.record:
+        return None
+    return {k.removeprefix("trace/"): v for k, v in outs.items() if k.startswith("trace/")}
 
 
 def _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step):
@@ -515,7 +535,11 @@ def _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step):
     def step_fn(carry, step):
         ctx, cache, logits, pos, st = carry
         logp = jax.nn.log_softmax(logits, axis=-1)
-        scores = processor(logp, ctx)  # [B*nb, V]
+        if plan.record:
+            stages = processor_stages(processor, logp, ctx)
+            scores = stages[-1] if stages else logp
+        else:
+            scores = processor(logp, ctx)  # [B*nb, V]
         acc = (scores.reshape(b, nb, vocab) + st["running_scores"][:, :, None]).reshape(
             b, nb * vocab
         )
@@ -596,6 +620,22 @@ def _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step):
             extra["scores"] = scores
         if cfg.output_logits:
             extra["logits"] = logits
+        if plan.record:
+            extra.update(
+                {
+                    "trace/stages": jnp.stack([logp, *stages]),  # [S + 1, rows, V]
+                    "trace/cand_tokens": tokens,  # [B, K]
+                    "trace/cand_parent": parent,  # beam 0..nb-1
+                    "trace/cand_scores": vals,  # running log-prob sums
+                    "trace/cand_normalized": vals / jnp.power(gen_len, lp),
+                    "trace/cand_finishing": just,  # may enter the finished set
+                    "trace/cand_eos": hits,
+                    "trace/kept": nxt,  # [B, nb] candidates that run on
+                    "trace/fin_scores": fin_scores,  # [B, nb] the finished set after it
+                    "trace/fin_flag": fin_flag,
+                    "trace/unsatisfied": unsatisfied,  # [B]
+                }
+            )
         return (ctx, cache, logits, pos, st), extra, new_tokens.reshape(-1)
 
     def scan_body(carry, step):
@@ -615,9 +655,9 @@ def _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step):
     if plan.loop == "scan":
         carry, extras = jax.lax.scan(scan_body, carry, jnp.arange(n - 1))
         carry, final, _ = step_fn(carry, jnp.int32(n - 1))
-        stacked = {
-            k: jnp.concatenate([extras[k], v[None]], 0).swapaxes(0, 1) for k, v in final.items()
-        }
+        stacked = {k: jnp.concatenate([extras[k], v[None]], 0) for k, v in final.items()}
+        traces = _trace_outputs(plan, stacked)
+        stacked = {k: v.swapaxes(0, 1) for k, v in stacked.items() if not k.startswith("trace/")}
     else:
         bufs = {}
         if cfg.output_scores:
@@ -643,6 +683,7 @@ def _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step):
 
         _, carry, bufs = jax.lax.while_loop(cond, wbody, (jnp.int32(0), carry, bufs))
         stacked = {k: v.swapaxes(0, 1) for k, v in bufs.items()}
+        traces = None  # `trace` runs the scan loop
 
     st = carry[4]
     r = cfg.num_return_sequences
@@ -657,6 +698,7 @@ def _beam_search(plan, traced, key, ctx, cache, last, next_pos, model_step):
         logits=stacked.get("logits"),
         sequences_scores=st["fin_scores"][:, :r].reshape(b * r),
         beam_indices=beam_idx,
+        trace=traces,
     )
 
 

@@ -199,6 +199,30 @@ class Chain(LogitsProcessor):
             logits = p(logits, ctx)
         return logits
 
+    def stages(self, logits: Array, ctx: DecodeContext) -> list[Array]:
+        """The scores after each processor, in order (the last is `__call__`'s).
+
+        What `jaxdecode.trace` records; the same calls as `__call__`.
+        """
+        out = []
+        for p in self.processors:
+            logits = p(logits, ctx)
+            out.append(logits)
+        return out
+
+
+def stage_names(processor: LogitsProcessor) -> list[str]:
+    """Names of the stages `processor_stages` returns (the processors' classes)."""
+    procs = processor.processors if isinstance(processor, Chain) else (processor,)
+    return [type(p).__name__ for p in procs]
+
+
+def processor_stages(processor: LogitsProcessor, logits: Array, ctx: DecodeContext) -> list[Array]:
+    """`processor.stages(...)` for a `Chain`, `[processor(...)]` for one processor."""
+    if isinstance(processor, Chain):
+        return processor.stages(logits, ctx)
+    return [processor(logits, ctx)]
+
 
 def chain(*processors: LogitsProcessor) -> Chain:
     """Composes processors; nested chains are flattened.
