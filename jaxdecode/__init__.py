@@ -50,6 +50,7 @@ from jaxdecode.processors import (
 )
 from jaxdecode.sampling import categorical, greedy, split_keys
 from jaxdecode.tokenizers import Tokenizer, byte_tokenizer, load_tokenizer
+from jaxdecode.trace import Hypothesis, Trace, trace
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,9 @@ __all__ = [
     "GenerateOutput",
     "StreamStep",
     "stream",
+    "trace",
+    "Trace",
+    "Hypothesis",
     "bucket_length",
     "byte_tokenizer",
     "generate",

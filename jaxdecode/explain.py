@@ -46,11 +46,11 @@ def _pyplot():
 
 
 def token_label(decode: Decode | None, token: int) -> str:
-    """A printable label: `decode(token)` with spaces and control characters shown."""
-    text = decode(token) if decode is not None else str(token)
-    shown = text.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥")
-    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
-    return shown or f"#{token}"
+    """A printable label: the token's text quoted as a Python literal (`' '`,
+    `'\\n'`, `'\\x00'`), so spaces and control bytes stay visible in any font."""
+    if decode is None:
+        return f"#{token}"
+    return repr(decode(token))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -103,7 +103,7 @@ def plot_step(tr: Trace, step: int, *, row: int = 0, m: int = 10, decode: Decode
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(y, labels, fontsize=8, family="monospace")
     axes[0][0].invert_yaxis()
-    what = f"chose {token_label(decode, chosen)!r}" if chosen is not None else "beam search"
+    what = f"chose {token_label(decode, chosen)}" if chosen is not None else "beam search"
     fig.suptitle(f"step {step}: next-token probability after each processor ({what})", fontsize=10)
     fig.tight_layout()
     return fig
