@@ -49,6 +49,7 @@ from jaxdecode.processors import (
     typical_p,
 )
 from jaxdecode.sampling import categorical, greedy, split_keys
+from jaxdecode.sharding import make_mesh, parse_mesh, shard_params
 from jaxdecode.tokenizers import Tokenizer, byte_tokenizer, load_tokenizer
 from jaxdecode.trace import Hypothesis, Trace, trace
 
@@ -59,6 +60,9 @@ __all__ = [
     "StreamStep",
     "stream",
     "trace",
+    "make_mesh",
+    "parse_mesh",
+    "shard_params",
     "Trace",
     "Hypothesis",
     "bucket_length",

@@ -146,6 +146,20 @@ def _load_model(name: str):
     return lm
 
 
+def _mesh_and_model(args: argparse.Namespace, lm):
+    """`--mesh data=4,model=2`: the mesh, and the model with its weights placed on it
+    once (instead of at every batch)."""
+    if not getattr(args, "mesh", None):
+        return None, lm
+    from jaxdecode.sharding import parse_mesh, shard_params
+
+    try:
+        mesh = parse_mesh(args.mesh)
+    except ValueError as e:
+        raise CLIError(f"--mesh: {e}") from None
+    return mesh, lm.replace(params=shard_params(lm.params, mesh, lm.decoder.param_specs))
+
+
 def _make_config(lm, overrides: dict[str, Any]):
     try:
         config = lm.generation_config.replace(**overrides)
@@ -191,6 +205,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompts:
         raise CLIError("give at least one PROMPT")
     lm = _load_model(args.model)
+    mesh, lm = _mesh_and_model(args, lm)
     overrides = _config_overrides(args)
     config = _make_config(lm, overrides)
     ids, mask = _encode_batch(lm, args.prompts, config.pad_id)
@@ -230,7 +245,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        out = jaxdecode.generate(lm, ids, mask, config, key=key)
+        out = jaxdecode.generate(lm, ids, mask, config, key=key, mesh=mesh)
     except ValueError as e:
         raise CLIError(str(e)) from None
     seqs = np.asarray(out.sequences)
@@ -326,6 +341,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     records = _read_prompts(args.prompts_file)
     lm = _load_model(args.model)
+    mesh, lm = _mesh_and_model(args, lm)
     base_overrides = _config_overrides(args)
     _make_config(lm, base_overrides)  # command-line options fail fast, before any prompt
     if args.batch_size < 1:
@@ -372,7 +388,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     salt = zlib.crc32(json.dumps(batch[0]["id"]).encode()) % 2**31
                     key = jax.random.fold_in(jax.random.key(seed), salt)
                     try:
-                        out = jaxdecode.generate(lm, ids, mask, config, key=key)
+                        out = jaxdecode.generate(lm, ids, mask, config, key=key, mesh=mesh)
                     except ValueError as e:
                         raise CLIError(f"prompt id {batch[0]['id']!r}: {e}") from None
                     seqs, lengths = np.asarray(out.sequences), np.asarray(out.lengths)
@@ -481,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     gen.add_argument(
+        "--mesh",
+        metavar="data=D,model=M",
+        help="shard over a device mesh, e.g. data=4,model=2 (rows over data; weights, "
+        "KV-cache heads and vocabulary over model; product = device count)",
+    )
+    gen.add_argument(
         "--json", action="store_true", help="one JSON object per output (tokens, text, scores)"
     )
     _add_config_flags(gen)
@@ -491,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="bundled")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=16)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.add_argument(
+        "--mesh",
+        metavar="data=D,model=M",
+        help="shard over a device mesh, e.g. data=4,model=2 (rows over data; weights, "
+        "KV-cache heads and vocabulary over model; product = device count)",
+    )
     _add_config_flags(ev)
 
     ex = sub.add_parser(

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxdecode import sampling
 from jaxdecode.cache import gather_beams
@@ -31,6 +33,7 @@ from jaxdecode.context import DecodeContext
 from jaxdecode.lm import CausalLM
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import processor_stages
+from jaxdecode.sharding import DATA, MODEL, cache_specs, constrain, shard_params
 
 Array = jax.Array
 
@@ -84,6 +87,7 @@ class _Plan:
     # `trace`: also output the scores after every processor (and, for beam search,
     # every candidate). False in `generate`, so its program carries none of it.
     record: bool = False
+    mesh: Mesh | None = None  # shard rows over `data`, heads/vocab over `model`
 
 
 # --------------------------------------------------------------------------- #
@@ -147,6 +151,7 @@ def _prepare(
     prompt_buckets: Any,
     loop: str,
     overrides: dict[str, Any],
+    mesh: Mesh | None = None,
 ) -> _Prepared:
     """Validates everything before tracing; pads the prompt to its bucket."""
     if isinstance(model, CausalLM):
@@ -165,7 +170,16 @@ def _prepare(
     if loop not in ("scan", "while"):
         raise ValueError(f"loop must be 'scan' or 'while', got {loop!r}")
 
-    traced_inputs = _is_traced(input_ids, attention_mask)
+    if mesh is not None:
+        if not isinstance(mesh, Mesh) or set(mesh.axis_names) != {DATA, MODEL}:
+            raise ValueError(
+                f"mesh must be a jax.sharding.Mesh with axes ('data', 'model') "
+                f"(see jaxdecode.make_mesh), got {mesh!r}"
+            )
+        params = shard_params(params, mesh, decoder.param_specs)
+    # Traced inside a user's jit, or global arrays spanning several hosts: no
+    # host-side look at the values.
+    traced_inputs = _is_traced(input_ids, attention_mask) or _is_global(input_ids, attention_mask)
     ids = input_ids if traced_inputs else np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[1] < 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(
@@ -232,14 +246,20 @@ def _prepare(
         loop=loop,
         track_seen="seen" in needs,
         track_counts="token_counts" in needs,
+        mesh=mesh,
     )
     return _Prepared(plan, params, ids, mask, jnp.int32(prompt_len), traced, key, extra, config)
 
 
+def _is_global(*xs: Any) -> bool:
+    """Arrays with shards on other hosts (multi-process `jax.distributed`)."""
+    return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in xs)
+
+
 def _drop_columns(x: Array, extra: int) -> Array:
     """`x[:, extra:]`, in NumPy when concrete (no compilation per prompt length)."""
-    if isinstance(x, jax.core.Tracer):
-        return x[:, extra:]
+    if isinstance(x, jax.core.Tracer) or _is_global(x):
+        return x[:, extra:] if extra else x
     # device_put, not jnp.asarray: the latter compiles a copy for every new shape.
     return jax.device_put(np.asarray(x)[:, extra:])
 
@@ -254,6 +274,7 @@ def generate(
     key: Any = None,
     prompt_buckets: Any = "pow2",
     loop: str = "scan",
+    mesh: Mesh | None = None,
     **overrides: Any,
 ) -> GenerateOutput:
     """Generates continuations of `input_ids` in one compiled program.
@@ -271,12 +292,16 @@ def generate(
             compilation (see `bucket_length`); invisible in the results.
         loop: "scan" (fixed number of steps) or "while" (stops as soon as every
             row is finished).
+        mesh: a `jax.sharding.Mesh` with axes `("data", "model")`
+            (`jaxdecode.make_mesh`): rows over `data`, weights, KV-cache heads
+            and the vocabulary over `model` (see `jaxdecode.sharding`). The
+            tokens are the single-device ones.
 
     Returns:
         A `GenerateOutput`.
     """
     req = _prepare(
-        model, input_ids, attention_mask, config, params, key, prompt_buckets, loop, overrides
+        model, input_ids, attention_mask, config, params, key, prompt_buckets, loop, overrides, mesh
     )
     out = _generate_program(
         req.plan, req.params, req.ids, req.mask, req.prompt_len, req.traced, req.key
@@ -333,8 +358,9 @@ def _prefill(
     rows = ids.shape[0]
     total = plan.bucket + plan.new_tokens
     cache = plan.decoder.init_cache(rows, total, None)
+    cache = constrain(cache, plan.mesh, cache_specs(cache))
     logits, cache = plan.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
-    last = logits[:, -1, :].astype(jnp.float32)
+    last = _constrain_logits(plan, logits[:, -1, :].astype(jnp.float32))
     buffer = jnp.concatenate(
         [ids, jnp.full((rows, plan.new_tokens), cfg.pad_token_id, jnp.int32)], axis=1
     )
@@ -366,7 +392,14 @@ def _model_step(plan: _Plan, params: Any, cache: Any, tokens: Array, positions: 
     logits, cache = plan.decoder.apply(
         params, tokens[:, None], positions[:, None], cache, jnp.ones((rows, 1), jnp.int32)
     )
-    return logits[:, 0, :].astype(jnp.float32), cache
+    cache = constrain(cache, plan.mesh, cache_specs(cache))
+    return _constrain_logits(plan, logits[:, 0, :].astype(jnp.float32)), cache
+
+
+def _constrain_logits(plan: _Plan, logits: Array) -> Array:
+    # Vocabulary-sharded logits: processors and choosers run on them as on one
+    # device (XLA partitions the reductions, top_k and sorts exactly).
+    return constrain(logits, plan.mesh, P(DATA, MODEL))
 
 
 def _decode_step(
@@ -425,6 +458,8 @@ def _generate_program(
     key: Array,
 ) -> GenerateOutput:
     params = plan.decoder.prepared(params, ids.shape[0] * _expand(plan.config))
+    ids = constrain(ids, plan.mesh, P(DATA, None))
+    mask = constrain(mask, plan.mesh, P(DATA, None))
     state = _prefill(plan, params, ids, mask, prompt_len, key)
     if plan.config.num_beams > 1:
         step = partial(_model_step, plan, params)

@@ -40,6 +40,8 @@ class Decoder:
         prepare: optional `(params, rows) -> params`, called once per decoding
             program outside its loop with the number of cache rows; returns the
             params to decode with (e.g. a weight layout that suits that batch).
+        param_specs: optional `params -> PartitionSpec tree` over the mesh axes
+            `data` / `model`, for `generate(..., mesh=...)` (default: replicated).
     """
 
     init_cache: Callable[[int, int, Any], Any]
@@ -48,6 +50,7 @@ class Decoder:
     max_positions: int | None = None
     name: str = "decoder"
     prepare: Callable[[Any, int], Any] | None = None
+    param_specs: Callable[[Any], Any] | None = None
 
     def prepared(self, params: Any, rows: int) -> Any:
         """`prepare(params, rows)`, or params unchanged without a hook."""

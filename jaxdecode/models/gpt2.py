@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxdecode.cache import KVCache, init_cache, visible_slots
 from jaxdecode.models.base import Decoder
+from jaxdecode.sharding import gpt2_param_specs
 
 Array = jax.Array
 
@@ -285,6 +286,7 @@ def gpt2_decoder(config: GPT2Config, dtype: Any = jnp.float32) -> Decoder:
         init_cache=init,
         apply=apply,
         prepare=prepare,
+        param_specs=gpt2_param_specs,
         vocab_size=config.vocab_size,
         max_positions=config.n_positions,
         name="GPT-2",

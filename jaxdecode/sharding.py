@@ -1,0 +1,174 @@
+"""Sharded decoding over a device mesh: data parallel and tensor parallel.
+
+jaxdecode runs on JAX's own machinery: a `jax.sharding.Mesh` with a `data` axis
+(the batch: prompt rows, their beams and their KV-cache rows) and a `model`
+axis (attention heads of the KV cache and of the projections, MLP hidden
+units, the vocabulary of the LM head and of the logits). `generate(...,
+mesh=mesh)` places the parameters with `NamedSharding`s (once: already placed
+parameters are left alone), and the compiled program constrains the prompt,
+the cache and the logits with `with_sharding_constraint`; XLA's SPMD
+partitioner inserts the collectives. The semantics never depend on the mesh:
+top-k, top-p and the sampling draw over vocabulary-sharded logits are the
+single-device results (threefry random bits are partitionable), which the
+tests check token for token.
+
+Several hosts: call `jax.distributed.initialize()` in every process, build the
+global mesh over `jax.devices()`, assemble the global batch from each host's
+rows with `jax.make_array_from_process_local_data`, and call `generate` with
+it; see README ("Scaling out").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxdecode.cache import KVCache
+
+__all__ = [
+    "DATA",
+    "MODEL",
+    "make_mesh",
+    "parse_mesh",
+    "gpt2_param_specs",
+    "param_shardings",
+    "shard_params",
+    "cache_specs",
+    "per_device_bytes",
+]
+
+DATA, MODEL = "data", "model"
+
+Array = jax.Array
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Any = None) -> Mesh:
+    """A `(data, model)` mesh over `devices` (default: all, `jax.devices()`).
+
+    Raises:
+        ValueError: when `data * model` is not the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    for name, value in (("data", data), ("model", model)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"mesh axis {name} must be an int >= 1, got {value!r}")
+    if data * model != len(devices):
+        raise ValueError(
+            f"mesh data={data} x model={model} = {data * model} devices, but "
+            f"{len(devices)} are available; the product must equal the device count"
+        )
+    return Mesh(np.asarray(devices, dtype=object).reshape(data, model), (DATA, MODEL))
+
+
+def parse_mesh(text: str, devices: Any = None) -> Mesh:
+    """`"data=4,model=2"` (either axis may be omitted: 1) -> `make_mesh(4, 2)`."""
+    sizes = {DATA: 1, MODEL: 1}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in sizes:
+            raise ValueError(
+                f"mesh must look like 'data=4,model=2' (axes data, model), got {text!r}"
+            )
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"mesh axis {name} must be an integer, got {value!r}") from None
+    return make_mesh(sizes[DATA], sizes[MODEL], devices)
+
+
+def _divisible(spec: P, shape: tuple[int, ...], mesh: Mesh) -> bool:
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        if axis is not None and dim % mesh.shape[axis]:
+            return False
+    return True
+
+
+def gpt2_param_specs(params: Mapping[str, Any]) -> Any:
+    """Megatron-style tensor parallelism for jaxdecode's GPT-2 parameters.
+
+    Projections are stored `[out, in]`: the QKV and MLP-in projections are split
+    by output (heads, hidden units), the attention and MLP-out projections by
+    input, so each pair needs one reduction; the tied embedding `[vocab, embd]`
+    is split by vocabulary, so the logits come out vocabulary-sharded. Layer
+    norms and position embeddings are replicated.
+    """
+
+    def spec(path: tuple[Any, ...], leaf: Any) -> P:
+        names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+        name = names[-1]
+        module = names[-2] if len(names) > 1 else ""
+        parent = names[-3] if len(names) > 2 else ""
+        if module == "wte" and name == "embedding":
+            return P(MODEL, None)
+        if module in ("c_attn", "c_fc"):
+            return P(MODEL, None) if name == "weight" else P(MODEL)
+        if module == "c_proj" and parent in ("attn", "mlp"):
+            return P(None, MODEL) if name == "weight" else P()
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def param_shardings(params: Any, mesh: Mesh, specs: Callable[[Any], Any] | None = None) -> Any:
+    """`NamedSharding`s for `params` from `specs(params)` (default: replicated).
+
+    A leaf whose sharded dimension does not divide by the mesh axis is
+    replicated instead (e.g. GPT-2's vocabulary of 50 257 over 2 devices): a
+    placement, never a change of the result.
+    """
+    tree = specs(params) if specs is not None else jax.tree_util.tree_map(lambda _: P(), params)
+
+    def place(leaf: Any, spec: P) -> NamedSharding:
+        if not _divisible(spec, np.shape(leaf), mesh):
+            spec = P()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map(place, params, tree, is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_params(params: Any, mesh: Mesh, specs: Callable[[Any], Any] | None = None) -> Any:
+    """`params` placed on `mesh` (a no-op for leaves already placed so)."""
+    shardings = param_shardings(params, mesh, specs)
+
+    def put(leaf: Any, sharding: NamedSharding) -> Any:
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+            return leaf
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree_util.tree_map(put, params, shardings)
+
+
+def cache_specs(cache: Any) -> Any:
+    """PartitionSpecs of a decoder cache: a `KVCache` `[L, B, H, S, D]` shards rows
+    over `data` and heads over `model`; another cache type shards the leading
+    axis of every array over `data` (the batch, by the decoder protocol)."""
+    if isinstance(cache, KVCache):
+        kv = P(None, DATA, MODEL, None, None)
+        return KVCache(k=kv, v=kv, mask=P(DATA, None), index=P(DATA))
+    return jax.tree_util.tree_map(lambda x: P(DATA) if np.ndim(x) else P(), cache)
+
+
+def constrain(tree: Any, mesh: Mesh | None, specs: Any) -> Any:
+    """`with_sharding_constraint` of `tree` to `specs` on `mesh` (None: unchanged)."""
+    if mesh is None:
+        return tree
+    shardings = jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+    )
+    return jax.lax.with_sharding_constraint(tree, shardings)
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of `tree`'s arrays (its first device's shards)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array):
+            device = leaf.sharding._device_assignment[0]
+            total += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
+    return total
