@@ -33,7 +33,7 @@ from jaxdecode.context import DecodeContext
 from jaxdecode.lm import CausalLM
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import processor_stages
-from jaxdecode.sharding import DATA, MODEL, cache_specs, constrain, shard_params
+from jaxdecode.sharding import DATA, MODEL, cache_specs, constrain, fit_spec, shard_params
 
 Array = jax.Array
 
@@ -226,7 +226,8 @@ def _prepare(
             key = jax.random.key(config.seed)
         elif traced_inputs or _is_traced(params):
             raise ValueError(
-                "generate(do_sample=True) inside jit needs key= (or a seed in the config)"
+                "generate(do_sample=True) inside jit, or on multi-host arrays, needs key= (or a "
+                "seed in the config): every host must draw the same numbers"
             )
         else:
             key = jax.random.key(secrets.randbits(31))
@@ -358,7 +359,7 @@ def _prefill(
     rows = ids.shape[0]
     total = plan.bucket + plan.new_tokens
     cache = plan.decoder.init_cache(rows, total, None)
-    cache = constrain(cache, plan.mesh, cache_specs(cache))
+    cache = constrain(cache, plan.mesh, cache_specs)
     logits, cache = plan.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
     last = _constrain_logits(plan, logits[:, -1, :].astype(jnp.float32))
     buffer = jnp.concatenate(
@@ -392,14 +393,16 @@ def _model_step(plan: _Plan, params: Any, cache: Any, tokens: Array, positions: 
     logits, cache = plan.decoder.apply(
         params, tokens[:, None], positions[:, None], cache, jnp.ones((rows, 1), jnp.int32)
     )
-    cache = constrain(cache, plan.mesh, cache_specs(cache))
+    cache = constrain(cache, plan.mesh, cache_specs)
     return _constrain_logits(plan, logits[:, 0, :].astype(jnp.float32)), cache
 
 
 def _constrain_logits(plan: _Plan, logits: Array) -> Array:
     # Vocabulary-sharded logits: processors and choosers run on them as on one
     # device (XLA partitions the reductions, top_k and sorts exactly).
-    return constrain(logits, plan.mesh, P(DATA, MODEL))
+    if plan.mesh is None:
+        return logits
+    return constrain(logits, plan.mesh, fit_spec(P(DATA, MODEL), logits.shape, plan.mesh))
 
 
 def _decode_step(
@@ -458,8 +461,9 @@ def _generate_program(
     key: Array,
 ) -> GenerateOutput:
     params = plan.decoder.prepared(params, ids.shape[0] * _expand(plan.config))
-    ids = constrain(ids, plan.mesh, P(DATA, None))
-    mask = constrain(mask, plan.mesh, P(DATA, None))
+    if plan.mesh is not None:
+        rows = fit_spec(P(DATA, None), ids.shape, plan.mesh)
+        ids, mask = constrain((ids, mask), plan.mesh, (rows, rows))
     state = _prefill(plan, params, ids, mask, prompt_len, key)
     if plan.config.num_beams > 1:
         step = partial(_model_step, plan, params)

@@ -39,6 +39,7 @@ __all__ = [
     "param_shardings",
     "shard_params",
     "cache_specs",
+    "fit_spec",
     "per_device_bytes",
 ]
 
@@ -82,11 +83,20 @@ def parse_mesh(text: str, devices: Any = None) -> Mesh:
     return make_mesh(sizes[DATA], sizes[MODEL], devices)
 
 
-def _divisible(spec: P, shape: tuple[int, ...], mesh: Mesh) -> bool:
-    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-        if axis is not None and dim % mesh.shape[axis]:
-            return False
-    return True
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """`spec` adjusted to `shape`: a mesh axis whose dimension it does not divide
+    moves to the last free dimension it divides (12 heads over 8 devices: the
+    64-wide head dimension instead), or is dropped (that axis replicates)."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    for i, axis in enumerate(entries):
+        if axis is None or shape[i] % mesh.shape[axis] == 0:
+            continue
+        entries[i] = None
+        for j in reversed(range(len(shape))):
+            if entries[j] is None and j != i and shape[j] % mesh.shape[axis] == 0:
+                entries[j] = axis
+                break
+    return P(*entries)
 
 
 def gpt2_param_specs(params: Mapping[str, Any]) -> Any:
@@ -118,16 +128,15 @@ def gpt2_param_specs(params: Mapping[str, Any]) -> Any:
 def param_shardings(params: Any, mesh: Mesh, specs: Callable[[Any], Any] | None = None) -> Any:
     """`NamedSharding`s for `params` from `specs(params)` (default: replicated).
 
-    A leaf whose sharded dimension does not divide by the mesh axis is
-    replicated instead (e.g. GPT-2's vocabulary of 50 257 over 2 devices): a
+    A leaf whose sharded dimension does not divide by the mesh axis is split
+    along another dimension that does (GPT-2's embedding `[50257, 768]` over 2
+    devices: by its 768 columns instead of its vocabulary), else replicated: a
     placement, never a change of the result.
     """
     tree = specs(params) if specs is not None else jax.tree_util.tree_map(lambda _: P(), params)
 
     def place(leaf: Any, spec: P) -> NamedSharding:
-        if not _divisible(spec, np.shape(leaf), mesh):
-            spec = P()
-        return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, fit_spec(spec, np.shape(leaf), mesh))
 
     return jax.tree_util.tree_map(place, params, tree, is_leaf=lambda x: isinstance(x, P))
 
@@ -144,20 +153,27 @@ def shard_params(params: Any, mesh: Mesh, specs: Callable[[Any], Any] | None = N
     return jax.tree_util.tree_map(put, params, shardings)
 
 
-def cache_specs(cache: Any) -> Any:
+def cache_specs(cache: Any, mesh: Mesh) -> Any:
     """PartitionSpecs of a decoder cache: a `KVCache` `[L, B, H, S, D]` shards rows
-    over `data` and heads over `model`; another cache type shards the leading
-    axis of every array over `data` (the batch, by the decoder protocol)."""
+    over `data` and heads over `model` (`fit_spec` when they do not divide);
+    another cache type shards the leading axis of every array over `data` (the
+    batch, by the decoder protocol)."""
     if isinstance(cache, KVCache):
-        kv = P(None, DATA, MODEL, None, None)
-        return KVCache(k=kv, v=kv, mask=P(DATA, None), index=P(DATA))
-    return jax.tree_util.tree_map(lambda x: P(DATA) if np.ndim(x) else P(), cache)
+        kv = fit_spec(P(None, DATA, MODEL, None, None), cache.k.shape, mesh)
+        rows = fit_spec(P(DATA, None), cache.mask.shape, mesh)
+        return KVCache(k=kv, v=kv, mask=rows, index=P(*rows[:1]))
+    return jax.tree_util.tree_map(
+        lambda x: fit_spec(P(DATA), np.shape(x), mesh) if np.ndim(x) else P(), cache
+    )
 
 
 def constrain(tree: Any, mesh: Mesh | None, specs: Any) -> Any:
-    """`with_sharding_constraint` of `tree` to `specs` on `mesh` (None: unchanged)."""
+    """`with_sharding_constraint` of `tree` to `specs` (a PartitionSpec tree, or
+    `specs(tree, mesh)`) on `mesh` (None: unchanged)."""
     if mesh is None:
         return tree
+    if callable(specs):
+        specs = specs(tree, mesh)
     shardings = jax.tree_util.tree_map(
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
     )

@@ -52,3 +52,35 @@ def test_processors_benchmark_quick(tmp_path: Path) -> None:
             assert r["check"]["mask_mismatch"] == 0, r
     greedy = next(r for r in records if r["workload"] == "greedy_penalties")
     assert greedy["check"]["tokens_match"] is True
+
+
+def test_mesh_benchmark_quick(tmp_path: Path) -> None:
+    """benchmarks/mesh.py on 8 CPU devices with a tiny model: every mesh decodes
+    the single-device tokens, and the per-device cache shrinks 8-fold."""
+    out = tmp_path / "mesh.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mesh.py"), "--quick", "--devices", "8"]
+        + ["--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["machine"]["devices"] == 8
+    records = {r["mesh"]: r for r in data["records"]}
+    assert set(records) == {
+        "single device",
+        "data=8,model=1",
+        "data=4,model=2",
+        "data=2,model=4",
+        "data=1,model=8",
+    }
+    assert all(r["same_tokens"] for r in records.values())
+    single = records["single device"]["cache_mb_per_device"]
+    for name in ("data=8,model=1", "data=1,model=8"):
+        assert abs(records[name]["cache_mb_per_device"] * 8 - single) < 1e-9

@@ -20,8 +20,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 import jaxdecode as jd
+from jaxdecode.sharding import fit_spec
 
 HERE = os.path.dirname(__file__)
 EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -169,3 +172,28 @@ def test_cli_eval_on_a_mesh(tmp_path):
         timeout=300,
     )
     assert res.returncode == 2 and "--mesh: mesh data=3 x model=1 = 3 devices, but 8" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape", "want"),
+    [
+        # GPT-2 small's cache: 12 heads do not divide by 8, the 64-wide head dim does.
+        (
+            P(None, "data", "model", None, None),
+            (12, 8, 12, 160, 64),
+            P(None, "data", None, None, "model"),
+        ),
+        (
+            P(None, "data", "model", None, None),
+            (12, 8, 16, 160, 64),
+            P(None, "data", "model", None, None),
+        ),
+        # GPT-2's vocabulary of 50 257 is prime to 8: split the 768 columns instead.
+        (P("model", None), (50257, 768), P(None, "model")),
+        (P("model", None), (50257, 7), P(None, None)),  # nothing divides: replicated
+        (P("data", None), (3, 5), P(None, None)),
+    ],
+)
+def test_fit_spec(spec, shape, want):
+    mesh = AbstractMesh((2, 8), ("data", "model"))
+    assert fit_spec(spec, shape, mesh) == want
