@@ -437,11 +437,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
+    from jaxdecode import explain
     from jaxdecode.trace import trace
 
     try:
-        from jaxdecode import explain
-    except ImportError as e:  # pragma: no cover - matplotlib is in the test extra
+        explain._pyplot()
+    except ImportError as e:  # matplotlib is an optional extra
         raise CLIError(str(e)) from None
     if args.steps < 1 or args.top < 1:
         raise CLIError(f"--steps and --top must be >= 1, got {args.steps} and {args.top}")

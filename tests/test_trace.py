@@ -231,3 +231,15 @@ def test_cli_explain(tmp_path):
     assert (out / "beam_tree.png").is_file()
     res = subprocess.run(cmd + ["--steps", "0"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "--steps" in res.stderr
+
+
+def test_cli_explain_without_matplotlib_is_a_one_line_error():
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; from jaxdecode.cli import main; "
+        "sys.exit(main(['explain', 'In', '-o', 'unused']))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        'jaxdecode: error: jaxdecode explain draws with matplotlib: pip install "jaxdecode[explain]"'
+    )
