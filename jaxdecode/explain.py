@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdecode.trace import Trace
+from jaxdecode.trace import Trace, softmax64
 
 __all__ = [
     "plot_step",
@@ -51,15 +51,6 @@ def token_label(decode: Decode | None, token: int) -> str:
     if decode is None:
         return f"#{token}"
     return repr(decode(token))
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    finite = np.isfinite(x)
-    if not finite.any():
-        return np.zeros_like(x)
-    e = np.where(finite, np.exp(x - x[finite].max()), 0.0)
-    return e / e.sum()
 
 
 def _token_set(tr: Trace, step: int, row: int, m: int) -> list[int]:
@@ -109,6 +100,20 @@ def plot_step(tr: Trace, step: int, *, row: int = 0, m: int = 10, decode: Decode
     return fig
 
 
+def _finish_bars(fig, ax, y, tokens, decode: Decode | None, title: str):
+    """Token labels on the y axis (most probable on top), legend, title."""
+    ax.set_yticks(y)
+    ax.set_yticklabels(
+        [token_label(decode, int(t)) for t in tokens], family="monospace", fontsize=8
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("probability")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_temperature_sweep(
     tr: Trace,
     step: int,
@@ -126,18 +131,10 @@ def plot_temperature_sweep(
     height = 0.8 / len(temperatures)
     y = np.arange(len(tokens))
     for i, t in enumerate(temperatures):
-        p = _softmax(raw / t)
+        p = softmax64(raw / t)
         ax.barh(y + i * height, [p[k] for k in tokens], height, label=f"T = {t:g}")
-    ax.set_yticks(y + height * (len(temperatures) - 1) / 2)
-    ax.set_yticklabels([token_label(decode, k) for k in tokens], family="monospace", fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("probability")
-    ax.legend(fontsize=8)
-    ax.set_title(
-        f"step {step}: softmax(logits / T), top {len(tokens)} tokens at T = 1", fontsize=10
-    )
-    fig.tight_layout()
-    return fig
+    title = f"step {step}: softmax(logits / T), top {len(tokens)} tokens at T = 1"
+    return _finish_bars(fig, ax, y + height * (len(temperatures) - 1) / 2, tokens, decode, title)
 
 
 def repetition_penalty_effect(
@@ -158,12 +155,10 @@ def repetition_penalty_effect(
     from jaxdecode.processors import repetition_penalty
 
     penalty = 1.5 if penalty is None else penalty
-    prompt_row = row // max(1, tr.tokens.shape[1] // tr.prompt.shape[0])
-    history = np.concatenate([tr.prompt[prompt_row], tr.tokens[:step, row]])[None]
-    ctx = DecodeContext.from_ids(history, vocab_size=tr.stages.shape[-1])
+    ctx = DecodeContext.from_ids(tr.history(step, row)[None], vocab_size=tr.stages.shape[-1])
     raw = tr.stages[step, 0, row][None]
     after = np.asarray(repetition_penalty(penalty)(jnp.asarray(raw), ctx))[0]
-    return _softmax(raw[0]), _softmax(after), penalty
+    return softmax64(raw[0]), softmax64(after), penalty
 
 
 def plot_repetition_penalty(
@@ -180,8 +175,7 @@ def plot_repetition_penalty(
     before, after, used = repetition_penalty_effect(tr, step, penalty, row=row)
     tokens = list(np.argsort(-before, kind="stable")[:m])
     tokens += [t for t in np.argsort(-after, kind="stable")[:m] if t not in tokens][:5]
-    prompt_row = row // max(1, tr.tokens.shape[1] // tr.prompt.shape[0])
-    seen = set(tr.prompt[prompt_row].tolist()) | set(tr.tokens[:step, row].tolist())
+    seen = set(tr.history(step, row).tolist())
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(tokens) + 1.4))
     y = np.arange(len(tokens))
     hatch = ["//" if t in seen else "" for t in tokens]
@@ -189,18 +183,8 @@ def plot_repetition_penalty(
     bars = ax.barh(y + 0.2, [after[t] for t in tokens], 0.4, label="after", color=KEPT)
     for bar, h in zip(bars, hatch, strict=True):
         bar.set_hatch(h)
-    ax.set_yticks(y)
-    ax.set_yticklabels(
-        [token_label(decode, int(t)) for t in tokens], family="monospace", fontsize=8
-    )
-    ax.invert_yaxis()
-    ax.set_xlabel("probability")
-    ax.legend(fontsize=8)
-    ax.set_title(
-        f"step {step}: repetition penalty {used:g} (hatched: already in the text)", fontsize=10
-    )
-    fig.tight_layout()
-    return fig
+    title = f"step {step}: repetition penalty {used:g} (hatched: already in the text)"
+    return _finish_bars(fig, ax, y, tokens, decode, title)
 
 
 def plot_beam_tree(tr: Trace, *, row: int = 0, decode: Decode | None = None, max_steps: int = 12):
@@ -329,6 +313,11 @@ def write_report(
 
     Returns the paths written, `index.html` last.
     """
+    for name, value in (("m", m), ("steps", 1 if steps is None else steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not temperatures or any(not t > 0 for t in temperatures):
+        raise ValueError(f"temperatures must be > 0, got {tuple(temperatures)!r}")
     os.makedirs(out_dir, exist_ok=True)
     steps = min(tr.steps, steps or tr.steps)
     pictures: list[tuple[str, str, Any]] = []

@@ -185,6 +185,6 @@ def per_device_bytes(tree: Any) -> int:
     total = 0
     for leaf in jax.tree_util.tree_leaves(tree):
         if isinstance(leaf, jax.Array):
-            device = leaf.sharding._device_assignment[0]
+            device = leaf.addressable_shards[0].device
             total += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
     return total

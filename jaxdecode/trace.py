@@ -32,6 +32,16 @@ from jaxdecode.processors import stage_names
 __all__ = ["Trace", "Hypothesis", "trace"]
 
 
+def softmax64(x: np.ndarray) -> np.ndarray:
+    """Softmax of one row in float64 on the host; -inf entries get 0 (all -inf: zeros)."""
+    x = np.asarray(x, np.float64)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return np.zeros_like(x)
+    e = np.where(finite, np.exp(x - x[finite].max()), 0.0)
+    return e / e.sum()
+
+
 @dataclasses.dataclass(frozen=True)
 class Hypothesis:
     """A beam-search candidate that ended (EOS or the last step).
@@ -95,12 +105,12 @@ class Trace:
 
     def probs(self, step: int, stage: int | str = -1, row: int = 0) -> np.ndarray:
         """`[V]` softmax of the scores at `stage` (0 where a processor removed a token)."""
-        x = self.stages[step, self.stage_index(stage), row].astype(np.float64)
-        finite = np.isfinite(x)
-        if not finite.any():
-            return np.zeros_like(x)
-        e = np.where(finite, np.exp(x - x[finite].max()), 0.0)
-        return e / e.sum()
+        return softmax64(self.stages[step, self.stage_index(stage), row])
+
+    def history(self, step: int, row: int = 0) -> np.ndarray:
+        """`[prompt_len + step]` row `row`'s tokens before `step`: prompt, then generated."""
+        prompt_row = row // max(1, self.tokens.shape[1] // self.prompt.shape[0])
+        return np.concatenate([self.prompt[prompt_row], self.tokens[:step, row]])
 
     def kept(self, step: int, stage: int | str = -1, row: int = 0) -> np.ndarray:
         """`[V]` bool: tokens still possible after `stage` (finite scores)."""

@@ -243,3 +243,21 @@ def test_cli_explain_without_matplotlib_is_a_one_line_error():
     assert res.stderr.strip() == (
         'jaxdecode: error: jaxdecode explain draws with matplotlib: pip install "jaxdecode[explain]"'
     )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"m": 0}, "m must be an int >= 1, got 0"),
+        ({"steps": 0}, "steps must be an int >= 1, got 0"),
+        ({"temperatures": (1.0, 0.0)}, r"temperatures must be > 0, got \(1.0, 0.0\)"),
+    ],
+)
+def test_report_validates_its_options(lm, tmp_path, kwargs, message):
+    from jaxdecode import explain
+
+    ids, _ = _ids(lm, "In")
+    tr = trace(lm, ids, GREEDY, steps=2)
+    with pytest.raises(ValueError, match=message):
+        explain.write_report(tr, str(tmp_path / "x"), **kwargs)
+    assert not (tmp_path / "x").exists()
