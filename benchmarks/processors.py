@@ -198,7 +198,7 @@ def _choose(logits: jax.Array, keys: jax.Array | None) -> jax.Array:
 
 @jax.jit
 def step(
-    chain: jd.Chain, logits: jax.Array, ctx: jd.DecodeContext, keys: jax.Array | None
+    chain: jd.Chain, logits: jax.Array, ctx: jd.DecodeContext, state: Any, keys: jax.Array | None
 ) -> jax.Array:
     """One decoding step's processing: the chain, then the chooser.
 
@@ -206,17 +206,20 @@ def step(
         chain: the processor chain (a pytree: its numbers are traced).
         logits: `[batch, vocab]` float32.
         ctx: the decode context.
+        state: the chain's state (`chain.init(ctx)`, built once, as the loops do).
         keys: `[batch]` PRNG keys to sample, or None for greedy.
 
     Returns:
         `[batch]` int32 tokens.
     """
-    return _choose(chain(logits, ctx), keys)
+    return _choose(chain(logits, ctx, state), keys)
 
 
 @jax.jit
-def _process(chain: jd.LogitsProcessor, logits: jax.Array, ctx: jd.DecodeContext) -> jax.Array:
-    return chain(logits, ctx)
+def _process(
+    chain: jd.LogitsProcessor, logits: jax.Array, ctx: jd.DecodeContext, state: Any = None
+) -> jax.Array:
+    return chain(logits, ctx, state)
 
 
 @jax.jit
@@ -346,21 +349,17 @@ def bench_one(workload: str, batch: int, settings: Settings) -> list[dict[str, A
     records = []
     for method in methods:
         chain = jax_chain(workload, method)
-        needs = chain.requires
-        ctx = jd.DecodeContext.from_ids(
-            history,
-            vocab_size=vocab,
-            track_seen="seen" in needs,
-            track_counts="token_counts" in needs,
+        ctx = jd.DecodeContext.from_ids(history, vocab_size=vocab)
+        state = jax.block_until_ready(jax.jit(chain.init)(ctx))
+        compile_s, jd_times = time_jax(
+            lambda c=chain, x=ctx, s=state: step(c, logits, x, s, keys), settings
         )
-        jax.block_until_ready(ctx)
-        compile_s, jd_times = time_jax(lambda c=chain, x=ctx: step(c, logits, x, keys), settings)
         jd_ms = statistics.median(jd_times)
 
-        processed = _process(chain, logits, ctx)
+        processed = _process(chain, logits, ctx, state)
         check: dict[str, Any] = {"mask_mismatch": _mask_mismatch(processed, hf_scores)}
         if not sample:
-            tokens = np.asarray(step(chain, logits, ctx, keys))
+            tokens = np.asarray(step(chain, logits, ctx, state, keys))
             check["tokens_match"] = bool(np.array_equal(tokens, hf_tokens))
         record: dict[str, Any] = {
             "workload": workload,
@@ -399,7 +398,8 @@ def _jax_breakdown(
     """Median ms of each processor alone (on the raw logits) and of the chooser alone."""
     out = {}
     for proc in chain.processors:
-        _, times = time_jax(lambda p=proc: _process(p, logits, ctx), settings)
+        state = jax.block_until_ready(jax.jit(proc.init)(ctx))
+        _, times = time_jax(lambda p=proc, s=state: _process(p, logits, ctx, s), settings)
         out[_stage_name(proc)] = statistics.median(times)
     _, times = time_jax(lambda: _choose_only(logits, keys), settings)
     out["chooser"] = statistics.median(times)

@@ -151,14 +151,14 @@ class DecodeContext:
         The buffer must have room (`write_col + T <= buffer_len`); the decoding
         loops size it to the longest row plus the widest append.
         """
-        tokens = jnp.asarray(tokens, jnp.int32)
+        tokens = owned(tokens, jnp.int32)
         if tokens.ndim == 1:
             tokens = tokens[:, None]
         t = tokens.shape[1]
         rows = jnp.arange(tokens.shape[0])[:, None]
         cols = self.write_col[:, None] + jnp.arange(t)[None, :]
         sequences = self.sequences.at[rows, cols].set(tokens, mode="drop")
-        step = jnp.int32(t) if n is None else jnp.asarray(n, jnp.int32)
+        step = jnp.int32(t) if n is None else owned(n, jnp.int32)
         return self.replace(sequences=sequences, cur_len=self.cur_len + step)
 
     def reorder(self, indices: Array) -> DecodeContext:

@@ -24,7 +24,7 @@ from jaxdecode.arrays import is_traced, owned
 from jaxdecode.config import SEED_MAX, GenerationConfig
 from jaxdecode.models.base import Decoder
 from jaxdecode.processors import TracedConfig, split_config
-from jaxdecode.processors.base import check_rows
+from jaxdecode.processors.base import LogitsProcessor, chain, check_rows
 from jaxdecode.search.loop import GenerateOutput, Plan
 from jaxdecode.search.program import generate_program, prefill_program
 from jaxdecode.search.sample import decode_step
@@ -198,6 +198,7 @@ def prepare(
     prompt_buckets: Any = "pow2",
     loop: str = "scan",
     mesh: Mesh | None = None,
+    logits_processor: LogitsProcessor | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Request:
     """Validates a `generate` call before tracing and pads the prompt to its bucket.
@@ -283,6 +284,13 @@ def prepare(
     key, per_row = _resolve_key(key, batch)
 
     static, traced = split_config(config)
+    if logits_processor is not None:
+        if not isinstance(logits_processor, LogitsProcessor):
+            raise ValueError(
+                "logits_processor must be a jaxdecode LogitsProcessor or chain, got "
+                f"{type(logits_processor).__name__}"
+            )
+        traced = traced.replace(processor=chain(traced.processor, logits_processor))
     check_rows(traced.processor, batch)
     if np.ndim(config.length_penalty) != 0:
         raise ValueError(f"length_penalty must be a scalar, got {config.length_penalty!r}")
@@ -333,6 +341,7 @@ def generate(
     prompt_buckets: Any = "pow2",
     loop: str = "scan",
     mesh: Mesh | None = None,
+    logits_processor: LogitsProcessor | None = None,
     **overrides: Any,
 ) -> GenerateOutput:
     """Generates continuations of `input_ids` in one compiled program.
@@ -358,6 +367,10 @@ def generate(
             (`jaxdecode.make_mesh`): rows over `data`, weights, KV-cache heads
             and the vocabulary over `model` (see `jaxdecode.sharding`). The
             tokens are the single-device ones.
+        logits_processor: extra processors (a processor or `chain`, stateful
+            ones included), applied after the config's chain, as transformers
+            appends a custom `logits_processor` list. A pytree like the rest: its
+            values are traced, its structure is static.
 
     Returns:
         A `GenerateOutput`.
@@ -372,6 +385,7 @@ def generate(
         prompt_buckets=prompt_buckets,
         loop=loop,
         mesh=mesh,
+        logits_processor=logits_processor,
         overrides=overrides,
     )
     out = generate_program(req.plan, *req.args())
@@ -415,6 +429,7 @@ def stream(
     params: Any = None,
     key: Any = None,
     prompt_buckets: Any = "pow2",
+    logits_processor: LogitsProcessor | None = None,
     **overrides: Any,
 ) -> Iterator[StreamStep]:
     """Yields each step's tokens as they are produced (greedy search and sampling).
@@ -431,6 +446,7 @@ def stream(
         params=params,
         key=key,
         prompt_buckets=prompt_buckets,
+        logits_processor=logits_processor,
         overrides=overrides,
     )
     if req.plan.config.num_beams > 1:

@@ -354,7 +354,7 @@ def _step(static, traced, logits, ctx):
 
 
 def test_split_static_part_is_shared_by_numeric_changes(rng):
-    (sa, ta), (sb, tb) = GC(**_BASE, **_A).split(), GC(**{**_BASE, **_B}).split()
+    (sa, ta), (sb, tb) = jd.split_config(GC(**_BASE, **_A)), jd.split_config(GC(**{**_BASE, **_B}))
     assert isinstance(sa, jd.StaticConfig) and isinstance(ta, jd.TracedConfig)
     assert sa == sb and hash(sa) == hash(sb) and {sa: 1}[sb] == 1
     assert jax.tree_util.tree_structure(ta) == jax.tree_util.tree_structure(tb)
@@ -376,14 +376,14 @@ def test_split_static_part_is_shared_by_numeric_changes(rng):
     [dict(num_beams=4), dict(max_new_tokens=9), dict(eos_token_id=[2]), dict(do_sample=False)],
 )
 def test_split_static_part_changes_with_shapes_and_code(change):
-    sa, _ = GC(**_BASE, **_A).split()
-    sb, _ = GC(**{**_BASE, **_A, **change}).split()
+    sa, _ = jd.split_config(GC(**_BASE, **_A))
+    sb, _ = jd.split_config(GC(**{**_BASE, **_A, **change}))
     assert sa != sb
 
 
 def test_split_validates_first():
     with pytest.raises(ValueError, match="top_p"):
-        GC(top_p=3.0).split()
+        jd.split_config(GC(top_p=3.0))
 
 
 # --------------------------------------------------------------------------- #

@@ -28,8 +28,8 @@ def _apply(processor, logits, ctx):
 
 
 @jax.jit
-def _append(ctx, tokens):
-    return ctx.append(tokens)
+def _append(processor, ctx, state, tokens):
+    return ctx.append(tokens), processor.update(state, tokens)
 
 
 def _ctx(ids=None, prompt_length=None, **kw):
@@ -274,7 +274,7 @@ def test_cutoffs_keep_min_tokens(name, mtk, data):
 )
 def test_repetition_penalty_hf_lowers_seen_tokens(x, ids, theta):
     ctx = _ctx(ids, 5)
-    seen = np.asarray(ctx.seen)
+    seen = np.asarray(jd.repetition_penalty(theta).init(ctx))
     out = run(jd.repetition_penalty(theta), x, ctx)
     # Seen logits never rise, unseen ones are untouched.
     assert np.all(out[seen] <= x[seen])
@@ -306,7 +306,7 @@ def test_repetition_penalty_can_raise_a_seen_token_probability_with_two_seen():
 )
 def test_repetition_penalty_ctrl_divides_seen_tokens(x, ids, theta):
     ctx = _ctx(ids, 5)
-    seen = np.asarray(ctx.seen)
+    seen = np.asarray(jd.repetition_penalty(theta, form="ctrl").init(ctx))
     out = run(jd.repetition_penalty(theta, form="ctrl"), x, ctx)
     want = np.where(seen, x / np.float32(theta), x)
     # XLA flushes subnormal results to zero; compare up to the smallest normal float.
@@ -314,7 +314,7 @@ def test_repetition_penalty_ctrl_divides_seen_tokens(x, ids, theta):
 
 
 # --------------------------------------------------------------------------- #
-# DecodeContext: incremental tallies == recomputed tallies
+# Processor state: incremental tallies (init + update per token) == recomputed
 # --------------------------------------------------------------------------- #
 
 BUF = 12
@@ -334,16 +334,20 @@ def test_append_matches_from_ids(data):
     buf = np.zeros((B, BUF), np.int32)
     buf[:, :plen] = prompt
     ctx = ctx.replace(sequences=jnp.asarray(buf))
+    tallies = jd.chain(jd.repetition_penalty(1.5), jd.frequency_penalty(0.5))
+    state = tallies.init(ctx)
     for t in range(BUF - plen):
-        ctx = _append(ctx, gen[:, t])
+        ctx, state = _append(tallies, ctx, state, gen[:, t])
     ref = jd.DecodeContext.from_ids(
         np.concatenate([prompt, gen], 1), vocab_size=V, prompt_length=plen, attention_mask=mask
     )
-    assert int(ctx.cur_len) == BUF
-    assert int(ctx.prompt_length) == plen
+    assert np.all(np.asarray(ctx.cur_len) == BUF)
+    assert np.all(np.asarray(ctx.prompt_length) == plen)
     np.testing.assert_array_equal(ctx.sequences, ref.sequences)
-    np.testing.assert_array_equal(ctx.seen, ref.seen)
-    np.testing.assert_array_equal(ctx.token_counts, ref.token_counts)
+    seen, counts = state
+    ref_seen, ref_counts = tallies.init(ref)
+    np.testing.assert_array_equal(seen, ref_seen)
+    np.testing.assert_array_equal(counts, ref_counts)
     np.testing.assert_array_equal(ctx.prompt_start, ref.prompt_start)
 
 

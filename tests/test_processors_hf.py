@@ -69,7 +69,6 @@ def _direct(processor, scores, ids, prompt_length, max_length, attention_mask, l
     (`offset`, masked out), then the history, then `junk` columns past `cur_len`
     that are not filled yet. Processors must see neither.
     """
-    needs = processor.requires
     mask = jnp.concatenate([jnp.zeros_like(lead), attention_mask], axis=1)
     ctx = jd.DecodeContext.from_ids(
         jnp.concatenate([lead, ids], axis=1),
@@ -77,8 +76,6 @@ def _direct(processor, scores, ids, prompt_length, max_length, attention_mask, l
         prompt_length=prompt_length,
         max_length=max_length,
         attention_mask=mask,
-        track_seen="seen" in needs,
-        track_counts="token_counts" in needs,
         offset=lead.shape[1],
     )
     ctx = ctx.replace(sequences=jnp.concatenate([ctx.sequences, junk], axis=1))
@@ -114,7 +111,7 @@ def ours(
         return {k: np.asarray(v) for k, v in out.items()}
     if isinstance(processor, jd.GenerationConfig):
         max_length = processor.resolve_max_length(prompt)
-        processor = processor.build_processor()
+        processor = jd.logits_processor(processor)
     mask = np.ones((batch, prompt), np.int32) if attention_mask is None else attention_mask
     rng = np.random.default_rng(length)
     out[JIT_PATH] = _direct(
@@ -966,19 +963,23 @@ GEN_MAX = 8
 def _decode_loop(processor, scores, prompt, mask, generated, num_generated, max_length, junk):
     """The step as a decoding loop reaches it: a context built once from the prompt in
     a buffer with room, then one `append` per generated token; unfilled columns hold
-    junk."""
-    needs = processor.requires
+    junk. The processor state is built once from the prompt (`init`) and updated
+    per token (`update`), as the loops do."""
     ctx = jd.DecodeContext.from_ids(
         prompt,
         vocab_size=scores.shape[-1],
         max_length=max_length,
         attention_mask=mask,
-        track_seen="seen" in needs,
-        track_counts="token_counts" in needs,
     )
     ctx = ctx.replace(sequences=jnp.concatenate([ctx.sequences, junk], axis=1))
-    ctx = jax.lax.fori_loop(0, num_generated, lambda i, c: c.append(generated[:, i]), ctx)
-    return processor(scores, ctx)
+    state = processor.init(ctx)
+
+    def step(i, carry):
+        c, s = carry
+        return c.append(generated[:, i]), processor.update(s, generated[:, i])
+
+    ctx, state = jax.lax.fori_loop(0, num_generated, step, (ctx, state))
+    return processor(scores, ctx, state)
 
 
 @pytest.mark.parametrize("name", list(COMBOS))
@@ -986,7 +987,7 @@ def test_generation_config_matches_generate_processors(name):
     options = dict(COMBOS[name])
     options.setdefault("max_new_tokens", 10)
     cfg = jd.GenerationConfig(**options)
-    processor = cfg.build_processor()
+    processor = jd.logits_processor(cfg)
     for generated in (0, 6):  # the first step, and one after six generated tokens
         scores, ids, mask = combo_inputs(generated, seed=len(name) + generated)
         hf_chain = hf_generate_processors(options, ids[:, :PROMPT], mask)

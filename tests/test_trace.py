@@ -70,7 +70,7 @@ def test_stages_equal_process_logits_and_choices_equal_generate(lm, config):
     new = np.asarray(out.sequences)[:, ids.shape[1] :]
     np.testing.assert_array_equal(tr.tokens.T, new)
 
-    chain = config.build_processor()
+    chain = jd.logits_processor(config)
     names = [type(p).__name__ for p in chain.processors]
     assert tr.stage_names == ["raw", *names]
     assert tr.stages.shape == (6 if config is SAMPLING else 5, len(names) + 1, 2, lm.vocab_size)
