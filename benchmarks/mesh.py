@@ -52,8 +52,9 @@ def main(argv=None) -> int:
     import common
 
     import jaxdecode as jd
-    from jaxdecode import decoding, sharding
+    from jaxdecode import generation, sharding
     from jaxdecode.models.gpt2 import init_params
+    from jaxdecode.search import prefill_program
 
     if args.quick:
         cfg = jd.GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=8)
@@ -91,12 +92,9 @@ def main(argv=None) -> int:
         seqs = np.asarray(out.sequences)
         if reference is None:
             reference = seqs
-        req = decoding._prepare(
-            placed, ids, None, config, None, jax.random.key(0), "pow2", "scan", {}, mesh
-        )
-        state = jax.jit(decoding._prefill, static_argnums=0)(
-            req.plan, req.params, req.ids, req.mask, req.prompt_len, req.key
-        )
+        req = generation.prepare(placed, ids, None, config, key=jax.random.key(0), mesh=mesh)
+        params = req.plan.decoder.prepared(req.params, req.plan.rows)
+        _, state = jax.jit(prefill_program, static_argnums=0)(req.plan, params, *req.args()[1:])
         rec = {
             "mesh": "single device" if mesh is None else f"data={d},model={m}",
             "param_mb_per_device": sharding.per_device_bytes(placed.params) / 2**20,

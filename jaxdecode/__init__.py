@@ -7,15 +7,9 @@ does. See the README for the order in which `generate` applies processors.
 
 from jaxdecode import sampling
 from jaxdecode.cache import KVCache, gather_beams, init_cache, visible_slots
-from jaxdecode.config import (
-    GenerationConfig,
-    StaticConfig,
-    TracedConfig,
-    logits_processor,
-    process_logits,
-)
+from jaxdecode.config import GenerationConfig, StaticConfig
 from jaxdecode.context import DecodeContext
-from jaxdecode.decoding import GenerateOutput, StreamStep, bucket_length, generate, stream
+from jaxdecode.generation import GenerateOutput, StreamStep, bucket_length, generate, stream
 from jaxdecode.lm import CausalLM, from_pretrained
 from jaxdecode.models.adapters import from_linen, from_nnx
 from jaxdecode.models.base import Decoder, positions_from_mask
@@ -23,6 +17,7 @@ from jaxdecode.models.gpt2 import GPT2Config, GPT2LMHeadModel, gpt2_decoder
 from jaxdecode.processors import (
     Chain,
     LogitsProcessor,
+    TracedConfig,
     bad_words_ids,
     begin_suppress_tokens,
     chain,
@@ -33,15 +28,18 @@ from jaxdecode.processors import (
     forced_eos_token_id,
     frequency_penalty,
     frequency_presence_penalty,
+    logits_processor,
     min_length,
     min_new_tokens,
     min_p,
     no_repeat_ngram_size,
     presence_penalty,
+    process_logits,
     remove_invalid_values,
     renormalize_logits,
     repetition_penalty,
     sequence_bias,
+    split_config,
     suppress_tokens,
     temperature,
     top_k,
@@ -109,6 +107,7 @@ __all__ = [
     "repetition_penalty",
     "sampling",
     "sequence_bias",
+    "split_config",
     "split_keys",
     "StaticConfig",
     "suppress_tokens",

@@ -78,6 +78,78 @@ class KVCache:
         mask = jax.vmap(one_row)(self.mask, new_mask, self.index)
         return self.replace(mask=mask, index=self.index + t)
 
+    def rewind(self, n: Array, *, width: int | None = None) -> KVCache:
+        """Forgets each row's last `n: [batch]` written slots.
+
+        The slots are cleared (keys and values zeroed, mask False) and `index`
+        moves back by `n`, so writing the same tokens again gives bitwise the cache
+        of never having written them (speculative decoding rewinds a row past
+        its rejected draft tokens).
+
+        Args:
+            n: `[batch]` int32 slots to forget per row, `0 <= n <= index`.
+            width: static upper bound on `n` (e.g. the draft length + 1): clears a
+                window of `width` slots per row with one scatter instead of
+                rewriting the whole cache. Default: the whole `max_len`.
+        """
+        n = jnp.asarray(n, jnp.int32)
+        start = self.index - n  # [B]
+        if width is None:
+            slot = jnp.arange(self.max_len)[None, :]
+            gone = (slot >= start[:, None]) & (slot < self.index[:, None])  # [B, S]
+            keep = ~gone[None, :, None, :, None]
+            return self.replace(
+                k=jnp.where(keep, self.k, 0),
+                v=jnp.where(keep, self.v, 0),
+                mask=self.mask & ~gone,
+                index=start,
+            )
+        offs = jnp.arange(width)[None, :]
+        # Slots start..index-1 of each row; the rest of the window points past
+        # the cache and is dropped by the scatter.
+        slots = jnp.where(offs < n[:, None], start[:, None] + offs, self.max_len)  # [B, W]
+        rows = jnp.arange(self.batch)[:, None]
+
+        def clear(buf: Array) -> Array:
+            return buf.at[:, rows, :, slots, :].set(0, mode="drop")
+
+        mask = self.mask.at[rows, slots].set(False, mode="drop")
+        return self.replace(k=clear(self.k), v=clear(self.v), mask=mask, index=start)
+
+    def insert_rows(self, slots: Array, rows: KVCache) -> KVCache:
+        """Places the rows of another cache into rows `slots` of this one.
+
+        A continuous-batching engine prefills new prompts into a small cache and
+        inserts them into free slots of the live cache; the inserted rows then
+        decode exactly as they would alone.
+
+        Args:
+            slots: `[n]` int32 row indices of this cache (distinct).
+            rows: a cache of `n` rows with the same layers, heads and head_dim
+                and `max_len <= self.max_len`; its slots land at the start of each
+                target row, the rest of the target row is cleared.
+        """
+        slots = jnp.asarray(slots, jnp.int32)
+        width = rows.max_len
+        if width > self.max_len:
+            raise ValueError(
+                f"insert_rows: the inserted cache has max_len={width}, more than this "
+                f"cache's {self.max_len}"
+            )
+        pad = self.max_len - width
+
+        def put(buf: Array, new: Array) -> Array:
+            new = jnp.pad(new.astype(buf.dtype), ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+            return buf.at[:, slots].set(new)
+
+        mask = jnp.pad(rows.mask, ((0, 0), (0, pad)))
+        return self.replace(
+            k=put(self.k, rows.k),
+            v=put(self.v, rows.v),
+            mask=self.mask.at[slots].set(mask),
+            index=self.index.at[slots].set(rows.index),
+        )
+
 
 def init_cache(
     *,

@@ -514,32 +514,33 @@ def _group_key(config, bucket: int) -> tuple:
     import jaxdecode
     from jaxdecode.config import PER_ROW_FIELDS
 
-    # The seed splits sampled prompts until generate takes one key per row.
-    per_row = set(PER_ROW_FIELDS)
-    if config.num_beams > 1 or config.num_return_sequences > 1:
-        per_row = set()  # several rows per prompt: values are grouped exactly
+    per_row = set(PER_ROW_FIELDS) | {"seed"}  # the seed: one key per prompt row
     fixed = tuple(
         (f.name, getattr(config, f.name))
         for f in dataclasses.fields(config)
         if f.name not in per_row
     )
-    if not config.do_sample:  # the seed is unused: it splits nothing
-        fixed = tuple((k, v) for k, v in fixed if k != "seed")
     structure = jax.tree_util.tree_structure(jaxdecode.logits_processor(config))
     return bucket, fixed, structure
 
 
 def _batch_config(configs: list, arrayed: tuple[str, ...]):
-    """One config for a batch of prompts that share a group: per-row fields as
-    `[batch]` arrays (always arrays, so every batch of the group has the same
-    shapes: one compiled program)."""
+    """One config and key for a batch of prompts that share a group: per-row fields
+    as `[batch]` arrays (always arrays, so every batch of the group has the same
+    shapes: one compiled program) and, when sampling, one key per prompt,
+    `jax.random.key(seed)`, so that each prompt draws what it draws alone."""
+    import jax
+    import jax.numpy as jnp
     import numpy as np
 
     values = {}
     for name in arrayed:
         dtype = np.int32 if name == "top_k" else np.float32
         values[name] = np.asarray([getattr(c, name) for c in configs], dtype)
-    return configs[0].replace(**values)
+    config = configs[0].replace(**values, seed=None)
+    if not config.do_sample:
+        return config, None
+    return config, jnp.stack([jax.random.key(c.seed) for c in configs])
 
 
 def _arrayed_fields(config, batch: int) -> tuple[str, ...]:
@@ -551,8 +552,6 @@ def _arrayed_fields(config, batch: int) -> tuple[str, ...]:
     import jaxdecode
     from jaxdecode.config import PER_ROW_FIELDS
 
-    if config.num_beams > 1 or config.num_return_sequences > 1:
-        return ()
     base = jax.tree_util.tree_structure(jaxdecode.logits_processor(config))
     out = []
     for name in PER_ROW_FIELDS:
@@ -628,10 +627,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     batch = group[start : start + args.batch_size]
                     # Pad the last batch to the full size: one program per group.
                     padded = batch + [batch[-1]] * (args.batch_size - len(batch))
-                    config = _batch_config([c for _, _, c in padded], arrayed)
+                    config, keys = _batch_config([c for _, _, c in padded], arrayed)
                     ids, mask = _left_pad([e for _, e, _ in padded], config.pad_id)
                     try:
-                        out = jaxdecode.generate(lm, ids, mask, config, mesh=mesh)
+                        out = jaxdecode.generate(lm, ids, mask, config, key=keys, mesh=mesh)
                     except ValueError as e:
                         raise CLIError(f"prompt id {batch[0][0]['id']!r}: {e}") from None
                     r_per = config.num_return_sequences

@@ -7,11 +7,11 @@ tokens, as transformers' default does), so a
 `frequency_penalty`, `presence_penalty`, `seed`, `repetition_penalty_form`,
 `top_k_method`, `top_p_method`.
 
-A config splits in two (`split()`): a hashable `StaticConfig` (shapes and which
-code runs: batch-independent lengths, beams, which processors are present) and
-a pytree of traced values (`TracedConfig`: the processor chain's numbers and the
-length penalty). Jitted functions take the first as a static argument and the
-second as an ordinary argument, so changing a number never recompiles.
+A config splits in two: a hashable `StaticConfig` (`static()`: shapes and which
+code runs) and a pytree of traced values (`jaxdecode.processors.split_config`:
+the processor chain, built next to the processors, whose numbers are leaves,
+and the length penalty). Jitted functions take the first as a static argument
+and the second as an ordinary argument, so changing a number never recompiles.
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from jaxdecode import processors as P
-from jaxdecode.context import DecodeContext
+from jaxdecode.validation import check_range, eos_ids, parse_sequences
 
 Array = jax.Array
 
@@ -38,12 +35,14 @@ __all__ = [
     "FIELD_TYPES",
     "HF_FIELDS",
     "PER_ROW_FIELDS",
+    "SEED_MAX",
     "GenerationConfig",
     "StaticConfig",
-    "TracedConfig",
-    "logits_processor",
-    "process_logits",
 ]
+
+# Seeds are 32-bit: `jax.random.key` keeps only the low 32 bits of larger seeds
+# (without x64), so two larger seeds would silently draw the same numbers.
+SEED_MAX = 2**32 - 1
 
 # What transformers generates when neither max_length nor max_new_tokens is set.
 DEFAULT_NEW_TOKENS = 20
@@ -152,7 +151,7 @@ class GenerationConfig:
     @property
     def eos_ids(self) -> tuple[int, ...]:
         """EOS ids as a tuple (empty when unset)."""
-        return P.eos_ids(self.eos_token_id)
+        return eos_ids(self.eos_token_id)
 
     def validate(self, vocab_size: int | None = None) -> GenerationConfig:
         """Raises ValueError naming the field, its value and the allowed range.
@@ -188,30 +187,48 @@ class GenerationConfig:
             raise ValueError(
                 f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
             )
-        P._check_range("length_penalty", self.length_penalty)
+        check_range("length_penalty", self.length_penalty)
         if self.do_sample:
-            P._check_range("temperature", self.temperature, lo=0.0, lo_open=True)
+            check_range("temperature", self.temperature, lo=0.0, lo_open=True)
         else:
-            P._check_range("temperature", self.temperature, lo=0.0)
-        P._check_range("top_k", self.top_k, lo=0, integer=True)
-        P._check_range("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+            check_range("temperature", self.temperature, lo=0.0)
+        check_range("top_k", self.top_k, lo=0, integer=True)
+        check_range("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         if self.min_p is not None:
-            P._check_range("min_p", self.min_p, lo=0.0, hi=1.0)
-        P._check_range("typical_p", self.typical_p, lo=0.0, hi=1.0, lo_open=True)
-        P._check_range("epsilon_cutoff", self.epsilon_cutoff, lo=0.0, hi=1.0, hi_open=True)
-        P._check_range("eta_cutoff", self.eta_cutoff, lo=0.0, hi=1.0, hi_open=True)
-        P._check_range("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
-        P._check_range("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
-        P._check_range("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
-        if self.seed is not None:
-            _int("seed", self.seed, 0)
+            check_range("min_p", self.min_p, lo=0.0, hi=1.0)
+        check_range("typical_p", self.typical_p, lo=0.0, hi=1.0, lo_open=True)
+        check_range("epsilon_cutoff", self.epsilon_cutoff, lo=0.0, hi=1.0, hi_open=True)
+        check_range("eta_cutoff", self.eta_cutoff, lo=0.0, hi=1.0, hi_open=True)
+        check_range("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        check_range("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        check_range("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, (int, np.integer))
+            or not 0 <= self.seed <= SEED_MAX
+        ):
+            raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
         for name, allowed in FIELD_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self._validate_token_ids(vocab_size)
         self._validate_combinations()
-        self.build_processor()  # parses bad_words_ids / sequence_bias / decay penalty
+        self._validate_decay_penalty()
         return self
+
+    def _validate_decay_penalty(self) -> None:
+        value = self.exponential_decay_length_penalty
+        if value is None:
+            return
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise ValueError(
+                "exponential_decay_length_penalty must be a (start_index, decay_factor) pair, "
+                f"got {value!r}"
+            )
+        check_range(
+            "exponential_decay_length_penalty[0] (start_index)", value[0], lo=0, integer=True
+        )
+        check_range("exponential_decay_length_penalty[1] (decay_factor)", value[1], lo=1.0)
 
     def _validate_token_ids(self, vocab_size: int | None) -> None:
         def check(name: str, ids: Any) -> None:
@@ -249,7 +266,7 @@ class GenerationConfig:
                     )
                 check("bad_words_ids", list(word))
         if self.sequence_bias is not None:
-            for ids, _ in P._parse_sequences("sequence_bias", self.sequence_bias):
+            for ids, _ in parse_sequences("sequence_bias", self.sequence_bias):
                 check("sequence_bias", list(ids))
 
     def _validate_combinations(self) -> None:
@@ -310,74 +327,8 @@ class GenerationConfig:
             return len(self.eos_ids) + 1 if self.eos_token_id is not None else 2
         return 1
 
-    def build_processor(self) -> P.Chain:
-        """The processor chain `generate` applies, in transformers' order (see README)."""
-        eos = self.eos_ids
-        procs: list[P.LogitsProcessor] = []
-        if self.sequence_bias is not None:
-            procs.append(P.sequence_bias(self.sequence_bias))
-        if _is_active(self.repetition_penalty, 1.0):
-            procs.append(
-                P.repetition_penalty(self.repetition_penalty, form=self.repetition_penalty_form)
-            )
-        if _is_active(self.frequency_penalty, 0.0) or _is_active(self.presence_penalty, 0.0):
-            procs.append(
-                P.frequency_presence_penalty(self.frequency_penalty, self.presence_penalty)
-            )
-        if self.no_repeat_ngram_size > 0:
-            procs.append(P.no_repeat_ngram_size(self.no_repeat_ngram_size))
-        if self.bad_words_ids is not None:
-            procs.append(P.bad_words_ids(self.bad_words_ids, eos_token_id=eos or None))
-        # transformers turns min_new_tokens into min_length = prompt + min_new_tokens,
-        # replacing any min_length: the min-new-tokens processor alone does that.
-        if self.min_length > 0 and eos and self.min_new_tokens is None:
-            procs.append(P.min_length(self.min_length, eos))
-        if self.min_new_tokens and eos:
-            procs.append(P.min_new_tokens(self.min_new_tokens, eos))
-        if self.forced_bos_token_id is not None:
-            procs.append(P.forced_bos_token_id(self.forced_bos_token_id))
-        if self.forced_eos_token_id is not None:
-            procs.append(P.forced_eos_token_id(self.forced_eos_token_id))
-        if self.remove_invalid_values:
-            procs.append(P.remove_invalid_values())
-        if self.exponential_decay_length_penalty is not None and eos:
-            procs.append(
-                P.exponential_decay_length_penalty(
-                    self.exponential_decay_length_penalty, eos, max_steps=self._step_bound()
-                )
-            )
-        if self.suppress_tokens is not None:
-            procs.append(P.suppress_tokens(self.suppress_tokens))
-        if self.begin_suppress_tokens is not None:
-            procs.append(
-                P.begin_suppress_tokens(
-                    self.begin_suppress_tokens,
-                    after_forced_bos=self.forced_bos_token_id is not None,
-                )
-            )
-        if self.do_sample:
-            keep = self.min_tokens_to_keep()
-            # Always present when sampling (x / 1.0 is exact), so that sweeping the
-            # temperature from 1.0 does not change the program.
-            procs.append(P.temperature(self.temperature))
-            if isinstance(self.top_k, jax.core.Tracer) or np.any(np.asarray(self.top_k) != 0):
-                procs.append(P.top_k(self.top_k, min_tokens_to_keep=keep, method=self.top_k_method))
-            if _is_active(self.top_p, 1.0, below=True):
-                procs.append(P.top_p(self.top_p, min_tokens_to_keep=keep, method=self.top_p_method))
-            if self.min_p is not None:
-                procs.append(P.min_p(self.min_p, min_tokens_to_keep=keep))
-            if _is_active(self.typical_p, 1.0, below=True):
-                procs.append(P.typical_p(self.typical_p, min_tokens_to_keep=keep))
-            if _is_active(self.epsilon_cutoff, 0.0):
-                procs.append(P.epsilon_cutoff(self.epsilon_cutoff, min_tokens_to_keep=keep))
-            if _is_active(self.eta_cutoff, 0.0):
-                procs.append(P.eta_cutoff(self.eta_cutoff, min_tokens_to_keep=keep))
-        if self.renormalize_logits:
-            procs.append(P.renormalize_logits())
-        return P.chain(*procs)
-
     # ------------------------------------------------------------------ #
-    def _step_bound(self) -> int:
+    def step_bound(self) -> int:
         """An upper bound on generated tokens, to size per-step tables."""
         if self.max_new_tokens is not None:
             return int(self.max_new_tokens)
@@ -392,10 +343,10 @@ class GenerationConfig:
             return int(prompt_length) + DEFAULT_NEW_TOKENS
         return int(self.max_length)
 
-    def split(self) -> tuple[StaticConfig, TracedConfig]:
-        """(hashable static part, pytree of traced values). Validates first."""
+    def static(self) -> StaticConfig:
+        """The hashable part: what sets shapes or selects code. Validates first."""
         self.validate()
-        static = StaticConfig(
+        return StaticConfig(
             do_sample=bool(self.do_sample),
             num_beams=int(self.num_beams),
             num_return_sequences=int(self.num_return_sequences),
@@ -407,11 +358,6 @@ class GenerationConfig:
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
         )
-        traced = TracedConfig(
-            processor=self.build_processor(),
-            length_penalty=jnp.asarray(self.length_penalty, jnp.float32),
-        )
-        return static, traced
 
     # ------------------------------------------------------------------ #
     @classmethod
@@ -515,18 +461,6 @@ def _check_int(name: str, value: Any, lo: int) -> None:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
 
 
-def _is_active(value: Any, neutral: float, below: bool = False) -> bool:
-    """Whether a processor with this (scalar or per-row) value does anything.
-
-    A traced value (inside a user's jit) is always active: its value is unknown."""
-    if isinstance(value, jax.core.Tracer):
-        return True
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim:
-        return True  # per-row values: present, whatever the rows say
-    return bool(arr < neutral) if below else bool(arr != neutral)
-
-
 @dataclasses.dataclass(frozen=True)
 class StaticConfig:
     """The hashable part of a config: what sets shapes or selects code."""
@@ -541,83 +475,3 @@ class StaticConfig:
     output_logits: bool
     pad_token_id: int  # resolved: see GenerationConfig.pad_id
     eos_token_id: tuple[int, ...]
-
-
-@struct.dataclass
-class TracedConfig:
-    """The traced part of a config: the processor chain (its numbers are leaves)
-    and the length penalty."""
-
-    processor: P.Chain
-    length_penalty: Array
-
-
-def logits_processor(config: GenerationConfig | None = None, **overrides: Any) -> P.Chain:
-    """The chain `generate` applies for `config` (see the README for the order).
-
-    >>> logits_processor(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
-    """
-    config = (config or GenerationConfig()).replace(**overrides)
-    config.validate()
-    return config.build_processor()
-
-
-@jax.jit
-def _apply(processor: P.Chain, scores: Array, ctx: DecodeContext) -> Array:
-    return processor(scores, ctx)
-
-
-def process_logits(
-    scores: Any,
-    input_ids: Any,
-    config: GenerationConfig | P.LogitsProcessor,
-    *,
-    prompt_length: int | None = None,
-    attention_mask: Any = None,
-) -> Array:
-    """Applies what `generate` would apply at this step, outside any loop.
-
-    Args:
-        scores: `[batch, vocab]` raw logits for the next token (cast to float32).
-        input_ids: `[batch, length]` everything so far: the (left-padded) prompt
-            followed by the tokens generated.
-        config: a `GenerationConfig` (its chain is built with `logits_processor`),
-            or a processor / chain to apply as is.
-        prompt_length: columns of `input_ids` that are the prompt (default: all).
-        attention_mask: `[batch, >= prompt_length]` prompt mask (0 = left padding).
-
-    Returns:
-        `[batch, vocab]` float32 processed scores.
-    """
-    scores = jnp.asarray(scores, jnp.float32)
-    ids = np.asarray(input_ids)
-    if scores.ndim != 2 or ids.ndim != 2 or ids.shape[0] != scores.shape[0]:
-        raise ValueError(
-            f"scores must be [batch, vocab] and input_ids [batch, length] with the same batch, "
-            f"got {scores.shape} and {ids.shape}"
-        )
-    length = ids.shape[1]
-    if prompt_length is None:
-        prompt_length = length
-    if not 0 <= int(prompt_length) <= length:
-        raise ValueError(f"prompt_length must be in [0, {length}], got {prompt_length}")
-    if isinstance(config, GenerationConfig):
-        config.validate(vocab_size=scores.shape[-1])
-        processor = config.build_processor()
-        max_length = config.resolve_max_length(prompt_length)
-    elif isinstance(config, P.LogitsProcessor):
-        processor = config if isinstance(config, P.Chain) else P.chain(config)
-        max_length = length + 1
-    else:
-        raise ValueError(f"config must be a GenerationConfig or a LogitsProcessor, got {config!r}")
-    needs = processor.requires
-    ctx = DecodeContext.from_ids(
-        ids,
-        vocab_size=scores.shape[-1],
-        prompt_length=prompt_length,
-        max_length=max_length,
-        attention_mask=attention_mask,
-        track_seen="seen" in needs,
-        track_counts="token_counts" in needs,
-    )
-    return _apply(processor, scores, ctx)

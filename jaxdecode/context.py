@@ -1,9 +1,12 @@
 """The decode context: what a logits processor may know about the sequence so far.
 
 Processors never see the model or the loop. They see a `DecodeContext`: the token
-buffer, how much of it is filled, where the prompt ends, and two per-token tallies
-that are kept up to date incrementally (one scatter per step) instead of being
-recomputed from the whole history, and never as a `[batch, length, vocab]` one-hot.
+buffer, and per row how much of it is filled, where the prompt ends and where the
+row may stop. Every length is per row (`[batch]`), so rows of one batch may sit at
+different positions (a continuous-batching engine's slots, speculative decoding's
+different numbers of accepted tokens) and each row sees exactly what it would see
+alone. Per-token tallies (tokens seen, generated counts) are processor *state*
+(see `jaxdecode.processors`), not part of the context.
 """
 
 from __future__ import annotations
@@ -14,35 +17,38 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxdecode.arrays import owned
+
 Array = jax.Array
 
 __all__ = ["DecodeContext"]
 
 
+def _per_row(value: Any, batch: int) -> Array:
+    return jnp.broadcast_to(jnp.asarray(value, jnp.int32), (batch,))
+
+
 @struct.dataclass
 class DecodeContext:
-    """Everything a processor may read at one decoding step.
+    """Everything a processor may read at one decoding step, per row.
 
-    Prompts are left-padded to a common length, so all rows share the same
-    `cur_len`. Lengths are *logical* (what transformers would see for the same
-    batch); `offset` extra columns at the start of `sequences` (bucket padding
-    added to avoid recompiling) are invisible to every processor: logical token
-    `j` sits in column `offset + j`.
+    Lengths are *logical* (what transformers would see for the same row: a
+    left-padded prompt counts its padding, as transformers does); `offset[b]`
+    extra columns at the start of row b's buffer (bucket padding added to avoid
+    recompiling) are invisible to every processor: logical token `j` of row b
+    sits in column `offset[b] + j`.
 
     Attributes:
         sequences: `[batch, buffer_len]` int32 token buffer; columns
-            `>= offset + cur_len` are not filled yet (their content is ignored).
-        cur_len: `[]` int32, logical length so far (padded prompt + generated).
-        prompt_length: `[]` int32, padded prompt length (columns before generation).
-        max_length: `[]` int32, total length the generation may reach.
-        prompt_start: `[batch]` int32, first non-padding column of each row.
-        seen: `[batch, vocab]` bool, tokens present in columns
-            `prompt_start..cur_len` (prompt included), or None when no processor
-            needs it (repetition penalty does).
-        token_counts: `[batch, vocab]` int32, how often each token was *generated*
-            (prompt excluded), or None when no processor needs it (frequency and
-            presence penalties do).
-        offset: `[]` int32, buffer columns before logical column 0.
+            `>= offset + cur_len` of a row are not filled yet (their content is
+            ignored).
+        cur_len: `[batch]` int32, logical length so far (prompt + generated).
+        prompt_length: `[batch]` int32, logical prompt length (padding included).
+        max_length: `[batch]` int32, total length the row may reach.
+        prompt_start: `[batch]` int32, first non-padding buffer column of each row.
+        offset: `[batch]` int32, buffer columns before logical column 0.
+        vocab_size: static, the size of the logits' last axis (stateful
+            processors size their tallies with it).
     """
 
     sequences: Array
@@ -50,14 +56,35 @@ class DecodeContext:
     prompt_length: Array
     max_length: Array
     prompt_start: Array
-    seen: Array | None = None
-    token_counts: Array | None = None
-    offset: Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+    offset: Array
+    vocab_size: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def batch(self) -> int:
+        return self.sequences.shape[0]
 
     @property
     def write_col(self) -> Array:
-        """Buffer column of the next token."""
+        """`[batch]` buffer column of each row's next token."""
         return self.offset + self.cur_len
+
+    @property
+    def generated(self) -> Array:
+        """`[batch]` tokens generated so far (`cur_len - prompt_length`)."""
+        return self.cur_len - self.prompt_length
+
+    def history_mask(self) -> Array:
+        """`[batch, buffer_len]` bool, True on the columns that hold the row's
+        history (prompt without its left padding, then generated tokens)."""
+        cols = jnp.arange(self.sequences.shape[1])[None, :]
+        start = jnp.maximum(self.prompt_start, self.offset)[:, None]
+        return (cols >= start) & (cols < self.write_col[:, None])
+
+    def generated_mask(self) -> Array:
+        """`[batch, buffer_len]` bool, True on the generated columns."""
+        cols = jnp.arange(self.sequences.shape[1])[None, :]
+        first = (self.offset + self.prompt_length)[:, None]
+        return (cols >= first) & (cols < self.write_col[:, None])
 
     @classmethod
     def from_ids(
@@ -68,89 +95,72 @@ class DecodeContext:
         prompt_length: Any = None,
         max_length: Any = None,
         attention_mask: Any = None,
-        track_seen: bool = True,
-        track_counts: bool = True,
         offset: Any = 0,
+        cur_len: Any = None,
     ) -> DecodeContext:
         """Builds the context for a full token history `input_ids: [batch, length]`.
 
         Args:
             input_ids: `[batch, length]` tokens so far (padded prompt, then generated).
             vocab_size: size of the logits' last axis.
-            prompt_length: columns that belong to the (padded) prompt; defaults to
-                `length` (nothing generated yet).
-            max_length: total length allowed; defaults to `length + 1`.
-            attention_mask: `[batch, >= prompt_length]`, 0 on left padding. Only the
-                position of the first non-zero entry of each row is used (as
+            prompt_length: `[]` or `[batch]` logical prompt length; defaults to
+                `cur_len` (nothing generated yet).
+            max_length: `[]` or `[batch]` total length allowed; defaults to
+                `cur_len + 1`.
+            attention_mask: `[batch, >= prompt columns]`, 0 on left padding. Only
+                the position of the first non-zero entry of each row is used (as
                 transformers does for its repetition penalty).
-            track_seen: build the `seen` tally.
-            track_counts: build the `token_counts` tally.
-            offset: leading columns of `input_ids` that are bucket padding, not
+            offset: `[]` or `[batch]` leading columns that are bucket padding, not
                 part of the logical sequence (their mask must be 0).
+            cur_len: `[]` or `[batch]` logical length; defaults to
+                `length - offset` (the whole buffer is history).
 
         Returns:
-            A `DecodeContext` with `cur_len = length - offset`.
+            A `DecodeContext`.
         """
-        ids = jnp.asarray(input_ids, jnp.int32)
+        ids = owned(input_ids, jnp.int32)
         batch, length = ids.shape
-        offset = jnp.asarray(offset, jnp.int32)
-        cur_len = jnp.asarray(length, jnp.int32) - offset
-        prompt_len = cur_len if prompt_length is None else jnp.asarray(prompt_length, jnp.int32)
-        max_len = cur_len + 1 if max_length is None else jnp.asarray(max_length, jnp.int32)
+        offset = _per_row(owned(offset, jnp.int32), batch)
+        cur = length - offset if cur_len is None else _per_row(owned(cur_len, jnp.int32), batch)
+        prompt = cur if prompt_length is None else _per_row(owned(prompt_length, jnp.int32), batch)
+        limit = cur + 1 if max_length is None else _per_row(owned(max_length, jnp.int32), batch)
         if attention_mask is None:
             start = jnp.zeros((batch,), jnp.int32)
         else:
-            start = jnp.argmax(jnp.asarray(attention_mask) != 0, axis=-1).astype(jnp.int32)
-        cols = jnp.arange(length)[None, :]
-        rows = jnp.arange(batch)[:, None]
-        seen = None
-        if track_seen:
-            in_history = cols >= jnp.maximum(start, offset)[:, None]
-            seen = jnp.zeros((batch, vocab_size), bool).at[rows, ids].max(in_history, mode="drop")
-        counts = None
-        if track_counts:
-            generated = jnp.broadcast_to(cols >= offset + prompt_len, ids.shape).astype(jnp.int32)
-            counts = (
-                jnp.zeros((batch, vocab_size), jnp.int32).at[rows, ids].add(generated, mode="drop")
-            )
+            mask = owned(attention_mask)
+            start = jnp.argmax(mask != 0, axis=-1).astype(jnp.int32)
         return cls(
             sequences=ids,
-            cur_len=cur_len,
-            prompt_length=prompt_len,
-            max_length=max_len,
+            cur_len=cur,
+            prompt_length=prompt,
+            max_length=limit,
             prompt_start=start,
-            seen=seen,
-            token_counts=counts,
             offset=offset,
+            vocab_size=int(vocab_size),
         )
 
-    def append(self, tokens: Array) -> DecodeContext:
-        """Writes `tokens: [batch]` at column `write_col` and updates the tallies.
+    def append(self, tokens: Array, n: Array | None = None) -> DecodeContext:
+        """Writes tokens at each row's `write_col` and advances the rows.
 
-        The buffer must have room (`cur_len < buffer_len`); the decoding loops size
-        it to `max_length`.
+        Args:
+            tokens: `[batch]` one token per row, or `[batch, T]` several.
+            n: `[batch]` int32, how many of the T tokens each row keeps (`0..T`);
+                default all T. Tokens past `n` are written but stay outside the
+                row's history (a later append overwrites them).
+
+        The buffer must have room (`write_col + T <= buffer_len`); the decoding
+        loops size it to the longest row plus the widest append.
         """
         tokens = jnp.asarray(tokens, jnp.int32)
-        rows = jnp.arange(tokens.shape[0])
-        sequences = jax.lax.dynamic_update_slice(
-            self.sequences, tokens[:, None], (jnp.int32(0), self.write_col)
-        )
-        seen = None if self.seen is None else self.seen.at[rows, tokens].set(True, mode="drop")
-        counts = (
-            None
-            if self.token_counts is None
-            else self.token_counts.at[rows, tokens].add(1, mode="drop")
-        )
-        return self.replace(
-            sequences=sequences, cur_len=self.cur_len + 1, seen=seen, token_counts=counts
-        )
+        if tokens.ndim == 1:
+            tokens = tokens[:, None]
+        t = tokens.shape[1]
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        cols = self.write_col[:, None] + jnp.arange(t)[None, :]
+        sequences = self.sequences.at[rows, cols].set(tokens, mode="drop")
+        step = jnp.int32(t) if n is None else jnp.asarray(n, jnp.int32)
+        return self.replace(sequences=sequences, cur_len=self.cur_len + step)
 
     def reorder(self, indices: Array) -> DecodeContext:
         """Gathers rows (beam search's parent beams): `indices: [batch]`."""
-        take = lambda x: None if x is None else jnp.take(x, indices, axis=0)
-        return self.replace(
-            sequences=take(self.sequences),
-            prompt_start=take(self.prompt_start),
-            seen=take(self.seen),
-            token_counts=take(self.token_counts),
-        )
+        return jax.tree_util.tree_map(lambda x: jnp.take(x, indices, axis=0), self)

@@ -17,6 +17,7 @@ from flax import struct
 
 from jaxdecode import checkpoints
 from jaxdecode.config import GenerationConfig
+from jaxdecode.generation import generate
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder
 from jaxdecode.tokenizers import Tokenizer, load_tokenizer
@@ -84,8 +85,6 @@ class CausalLM:
         self, input_ids: Any, attention_mask: Any = None, config: Any = None, **kwargs: Any
     ):
         """`jaxdecode.generate(self, ...)`: see there."""
-        from jaxdecode.decoding import generate
-
         return generate(self, input_ids, attention_mask, config, **kwargs)
 
 

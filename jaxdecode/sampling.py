@@ -29,10 +29,13 @@ __all__ = [
     "top_p_mask",
     "top_p_mask_fast",
     "keep_top_mask",
+    "nth_largest",
+    "per_row",
+    "top_p_candidates",
 ]
 
 
-def _per_row(value: Array, ndim: int = 2) -> Array:
+def per_row(value: Array, ndim: int = 2) -> Array:
     """Shapes a `[]` or `[batch]` parameter to broadcast against `[batch, vocab]`."""
     value = jnp.asarray(value)
     return value.reshape(value.shape + (1,) * (ndim - 1)) if value.ndim == 1 else value
@@ -133,7 +136,7 @@ def top_k_mask(logits: Array, k: Array) -> Array:
     either way nothing recompiles): the same threshold, hence the same mask.
     """
     vocab = logits.shape[-1]
-    k = jnp.broadcast_to(_per_row(k), (logits.shape[0], 1)).astype(jnp.int32)
+    k = jnp.broadcast_to(per_row(k), (logits.shape[0], 1)).astype(jnp.int32)
 
     def from_sort() -> Array:
         ascending = jnp.sort(logits, axis=-1)
@@ -159,7 +162,7 @@ def top_k_mask_fast(logits: Array, k: Array, max_k: int) -> Array:
     """
     max_k = min(int(max_k), logits.shape[-1])
     values = jax.lax.top_k(logits, max_k)[0]
-    k = jnp.broadcast_to(_per_row(k), (logits.shape[0], 1)).astype(jnp.int32)
+    k = jnp.broadcast_to(per_row(k), (logits.shape[0], 1)).astype(jnp.int32)
     threshold = jnp.take_along_axis(values, jnp.clip(k, 1, max_k) - 1, axis=-1)
     return logits < threshold
 
@@ -181,8 +184,8 @@ def _top_p_rows(logits: Array, top_p: Array, min_tokens_to_keep, cutoff) -> tupl
     batch = logits.shape[0]
     if cutoff is None:
         cutoff = 1 - jnp.asarray(top_p, logits.dtype)
-    cutoff = jnp.broadcast_to(_per_row(cutoff), (batch, 1)).astype(logits.dtype)
-    keep_n = jnp.broadcast_to(_per_row(min_tokens_to_keep), (batch, 1)).astype(jnp.int32)
+    cutoff = jnp.broadcast_to(per_row(cutoff), (batch, 1)).astype(logits.dtype)
+    keep_n = jnp.broadcast_to(per_row(min_tokens_to_keep), (batch, 1)).astype(jnp.int32)
     return cutoff, keep_n
 
 
@@ -193,7 +196,7 @@ def _top_p_sorted(logits: Array, cutoff: Array, keep_n: Array) -> Array:
     return _remove_in_order(logits.shape, order, probs, 0.0, cutoff, keep_n)
 
 
-def _top_p_candidates(logits: Array, cutoff: Array, keep_n: Array) -> tuple[Array, Array]:
+def top_p_candidates(logits: Array, cutoff: Array, keep_n: Array) -> tuple[Array, Array]:
     """Top-p ranking only the `EXACT_TOP_K_CANDIDATES` largest of each row.
 
     Returns `(remove, exact)`: `exact` (a scalar) is True when that mask is
@@ -247,7 +250,7 @@ def top_p_mask(
     cutoff, keep_n = _top_p_rows(logits, top_p, min_tokens_to_keep, cutoff)
     if logits.shape[-1] <= EXACT_TOP_K_CANDIDATES:
         return _top_p_sorted(logits, cutoff, keep_n)
-    remove, exact = _top_p_candidates(logits, cutoff, keep_n)
+    remove, exact = top_p_candidates(logits, cutoff, keep_n)
     return jax.lax.cond(exact, lambda: remove, lambda: _top_p_sorted(logits, cutoff, keep_n))
 
 
@@ -280,7 +283,7 @@ def top_p_mask_fast(logits: Array, top_p: Array, min_tokens_to_keep: int = 1) ->
     """
     probs = jax.nn.softmax(logits, axis=-1)
     bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
-    p = jnp.broadcast_to(_per_row(top_p), (logits.shape[0], 1)).astype(probs.dtype)
+    p = jnp.broadcast_to(per_row(top_p), (logits.shape[0], 1)).astype(probs.dtype)
 
     def mass_above(t_bits: Array) -> Array:
         return jnp.sum(jnp.where(bits > t_bits, probs, 0.0), axis=-1, keepdims=True)

@@ -24,10 +24,9 @@ import jax
 import numpy as np
 
 from jaxdecode.config import GenerationConfig
-from jaxdecode.decoding import GenerateOutput, _drop_columns, _generate_program, _prepare
-from jaxdecode.lm import CausalLM
-from jaxdecode.models.base import Decoder
+from jaxdecode.generation import GenerateOutput, drop_columns, prepare
 from jaxdecode.processors import stage_names
+from jaxdecode.search import generate_program
 
 __all__ = ["Trace", "Hypothesis", "trace"]
 
@@ -164,7 +163,7 @@ class Trace:
 
 
 def trace(
-    model: CausalLM | Decoder,
+    model: Any,
     input_ids: Any,
     config: GenerationConfig | None = None,
     *,
@@ -192,19 +191,24 @@ def trace(
     Returns:
         A `Trace`.
     """
-    req = _prepare(
-        model, input_ids, attention_mask, config, params, key, prompt_buckets, "scan", overrides
+    req = prepare(
+        model,
+        input_ids,
+        attention_mask,
+        config,
+        params=params,
+        key=key,
+        prompt_buckets=prompt_buckets,
+        overrides=overrides,
     )
     if steps is not None and not 1 <= steps <= req.plan.new_tokens:
         raise ValueError(
             f"steps must be in [1, {req.plan.new_tokens}] (max_new_tokens), got {steps}"
         )
     plan = dataclasses.replace(req.plan, record=True)
-    out = _generate_program(
-        plan, req.params, req.ids, req.mask, req.prompt_len, req.traced, req.key
-    )
+    out = generate_program(plan, *req.args())
     rec = {k: np.asarray(v) for k, v in jax.device_get(out.trace).items()}
-    out = out.replace(sequences=_drop_columns(out.sequences, req.extra), trace=None)
+    out = out.replace(sequences=drop_columns(out.sequences, req.extra), trace=None)
     n = steps or plan.new_tokens
     stages = rec.pop("stages")[:n]
     if plan.config.num_beams > 1:

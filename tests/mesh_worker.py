@@ -17,8 +17,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxdecode as jd  # noqa: E402
-from jaxdecode import decoding, sharding  # noqa: E402
+from jaxdecode import generation, sharding  # noqa: E402
 from jaxdecode.models.gpt2 import init_params  # noqa: E402
+from jaxdecode.search import prefill_program  # noqa: E402
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 
@@ -62,11 +63,10 @@ def main() -> None:
         params = jd.shard_params(lm.params, mesh, lm.decoder.param_specs)
         rec["param_bytes"] = sharding.per_device_bytes(params)
         # The cache the program builds: generate's own prefill, on this mesh.
-        req = decoding._prepare(
-            lm, ids, mask, CONFIGS["greedy"], None, key, "pow2", "scan", {}, mesh
-        )
-        prefill = jax.jit(decoding._prefill, static_argnums=0)
-        state = prefill(req.plan, req.params, req.ids, req.mask, req.prompt_len, req.key)
+        req = generation.prepare(lm, ids, mask, CONFIGS["greedy"], key=key, mesh=mesh)
+        prefill = jax.jit(prefill_program, static_argnums=0)
+        params = req.plan.decoder.prepared(req.params, req.plan.rows)
+        _, state = prefill(req.plan, params, *req.args()[1:])
         rec["cache_bytes"] = sharding.per_device_bytes((state.cache.k, state.cache.v))
         rec["cache_spec"] = str(state.cache.k.sharding.spec)
         rec["logits_spec"] = str(state.logits.sharding.spec)

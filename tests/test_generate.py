@@ -23,8 +23,8 @@ import pytest
 from conftest import count_compiles
 
 import jaxdecode as jd
-from jaxdecode import decoding
 from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder, init_params
+from jaxdecode.search import generate_program
 
 N = 6  # max_new_tokens used wherever a test does not need another value
 NEG = np.float32(-1.0e9)
@@ -376,28 +376,28 @@ def _prompts(length: int) -> np.ndarray:
 def test_prompt_lengths_in_one_bucket_do_not_recompile(lm):
     prompts = {n: _prompts(n) for n in (3, 4, 5, 6, 7)}
     lm.generate(prompts[4], max_new_tokens=N)  # warm-up: bucket 8
-    programs = decoding._generate_program._cache_size()
+    programs = generate_program._cache_size()
     for n in (3, 5, 6, 7):
         with count_compiles() as c:
             out = lm.generate(prompts[n], max_new_tokens=N)
         assert out.sequences.shape == (3, n + N)
         np.testing.assert_array_equal(np_(out.sequences)[:, :n], prompts[n])
-        assert decoding._generate_program._cache_size() == programs, f"length {n}"
+        assert generate_program._cache_size() == programs, f"length {n}"
         assert c.count == 0, f"prompt length {n} (bucket 8) compiled {c.count} time(s)"
 
 
 def test_a_new_bucket_compiles_one_program(lm):
     p4, p9, p10 = _prompts(4), _prompts(9), _prompts(10)
     lm.generate(p4, max_new_tokens=N)  # warm-up: bucket 8
-    programs = decoding._generate_program._cache_size()
+    programs = generate_program._cache_size()
     with count_compiles() as c9:
         lm.generate(p9, max_new_tokens=N)  # bucket 16
     assert c9.count >= 1
-    assert decoding._generate_program._cache_size() == programs + 1
+    assert generate_program._cache_size() == programs + 1
     with count_compiles() as c10:
         out = lm.generate(p10, max_new_tokens=N)  # bucket 16 again
     assert out.sequences.shape == (3, 10 + N)
-    assert decoding._generate_program._cache_size() == programs + 1
+    assert generate_program._cache_size() == programs + 1
     assert c10.count == 0, f"prompt length 10 (bucket 16, compiled) compiled {c10.count} time(s)"
 
 

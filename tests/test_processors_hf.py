@@ -468,7 +468,7 @@ def test_top_p_exact_large_vocab_both_paths():
     it was built for."""
     from jaxdecode import sampling
 
-    candidate_check = jax.jit(sampling._top_p_candidates)
+    candidate_check = jax.jit(sampling.top_p_candidates)
     for label, scores, p, keep, want_exact in _top_p_large_vocab_cases():
         ids = np.zeros((scores.shape[0], 2), np.int64)
         cutoff = jnp.full((4, 1), np.float32(1 - np.float64(p)))

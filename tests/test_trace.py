@@ -21,7 +21,8 @@ import pytest
 from conftest import assert_same_scores, count_compiles
 
 import jaxdecode as jd
-from jaxdecode import decoding
+from jaxdecode import generation
+from jaxdecode.search import generate_program
 from jaxdecode.trace import trace
 
 
@@ -137,12 +138,12 @@ def test_generate_program_records_nothing(lm):
     GenerateOutput's outputs; trace's has more. Tracing does not make generate
     compile again."""
     ids, mask = _ids(lm, "In the beginning")
-    req = decoding._prepare(lm, ids, mask, SAMPLING, None, jax.random.key(0), "pow2", "scan", {})
+    req = generation.prepare(lm, ids, mask, SAMPLING, key=jax.random.key(0))
     assert req.plan.record is False
-    args = (req.params, req.ids, req.mask, req.prompt_len, req.traced, req.key)
-    plain = decoding._generate_program.lower(req.plan, *args)
+    args = req.args()
+    plain = generate_program.lower(req.plan, *args)
 
-    recorded = decoding._generate_program.lower(dataclasses.replace(req.plan, record=True), *args)
+    recorded = generate_program.lower(dataclasses.replace(req.plan, record=True), *args)
     assert len(jax.tree_util.tree_leaves(plain.out_info)) == 3  # sequences, logprobs, lengths
     assert len(jax.tree_util.tree_leaves(recorded.out_info)) == 4  # + the stages
     assert plain.as_text() != recorded.as_text()

@@ -1,0 +1,450 @@
+"""The front door: `generate` and `stream` validate a request, pad the prompt to its
+bucket, pick the static plan and run the compiled program (`jaxdecode.search`).
+
+Static (recompiles when changed): batch, prompt bucket, max_new_tokens, num_beams,
+num_return_sequences, do_sample, early_stopping, output flags, which processors
+are present. Traced (never recompiles): every numeric value, the prompts, the keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh
+
+from jaxdecode.arrays import is_traced, owned
+from jaxdecode.config import SEED_MAX, GenerationConfig
+from jaxdecode.models.base import Decoder
+from jaxdecode.processors import TracedConfig, split_config
+from jaxdecode.processors.base import check_rows
+from jaxdecode.search.loop import GenerateOutput, Plan
+from jaxdecode.search.program import generate_program, prefill_program
+from jaxdecode.search.sample import decode_step
+from jaxdecode.sharding import DATA, MODEL, shard_params
+
+Array = jax.Array
+
+__all__ = [
+    "GenerateOutput",
+    "Request",
+    "StreamStep",
+    "bucket_length",
+    "drop_columns",
+    "generate",
+    "prepare",
+    "stream",
+]
+
+
+def bucket_length(length: int, buckets: Any = "pow2") -> int:
+    """The padded prompt length for `length` under a bucketing rule.
+
+    Args:
+        length: the prompt length.
+        buckets: "pow2" (next power of two, at least 8), None (no padding), an
+            int m (round up to a multiple of m), or a sorted sequence of lengths
+            (the first >= length; beyond the last, the length itself).
+    """
+    if buckets is None:
+        return length
+    if buckets == "pow2":
+        return max(8, 1 << max(length - 1, 0).bit_length())
+    if isinstance(buckets, int) and not isinstance(buckets, bool):
+        if buckets < 1:
+            raise ValueError(f"prompt_buckets must be >= 1, got {buckets}")
+        return -(-length // buckets) * buckets
+    if isinstance(buckets, Sequence):
+        for b in sorted(int(x) for x in buckets):
+            if b >= length:
+                return b
+        return length
+    raise ValueError(
+        f"prompt_buckets must be 'pow2', None, an int or a list of ints, got {buckets!r}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A validated request: the static plan and the arguments of the program."""
+
+    plan: Plan
+    params: Any
+    ids: Any
+    mask: Any
+    prompt_len: Array
+    traced: TracedConfig
+    key: Array
+    extra: int  # bucket padding columns, dropped from the output
+    config: GenerationConfig  # the resolved configuration
+    seed: int | None  # the seed drawn here (sampling without key or seed), else None
+
+    def args(self) -> tuple[Any, ...]:
+        """The arguments of `generate_program` after the plan."""
+        return (self.params, self.ids, self.mask, self.prompt_len, self.traced, self.key)
+
+
+def _is_global(*xs: Any) -> bool:
+    """Arrays with shards on other hosts (multi-process `jax.distributed`)."""
+    return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in xs)
+
+
+def _model_parts(model: Any, params: Any) -> tuple[Decoder, Any, GenerationConfig]:
+    """`(decoder, params, default config)` of a `CausalLM`-like object or a `Decoder`."""
+    if isinstance(model, Decoder):
+        if params is None:
+            raise ValueError("generate(decoder, ...) needs params=")
+        return model, params, GenerationConfig()
+    decoder = getattr(model, "decoder", None)
+    if isinstance(decoder, Decoder):
+        return decoder, model.params if params is None else params, model.generation_config
+    raise ValueError(f"model must be a CausalLM or a Decoder, got {type(model).__name__}")
+
+
+def _check_seed(name: str, seed: Any) -> int:
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, (int, np.integer))
+        or not 0 <= int(seed) <= SEED_MAX
+    ):
+        raise ValueError(f"{name} must be an integer in [0, {SEED_MAX}], got {seed!r}")
+    return int(seed)
+
+
+def _resolve_key(key: Any, batch: int) -> tuple[Array, bool]:
+    """`(key, per_row)`: one typed key, or `[batch]` typed keys (one per prompt).
+
+    Accepts a typed key (`jax.random.key`), raw `uint32` key data (`[2]`, or
+    `[batch, 2]` for per-prompt keys), `[batch]` typed keys, or an int seed.
+    """
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(_check_seed("key (an int seed)", key)), False
+    arr = key if isinstance(key, (jax.Array, jax.core.Tracer)) else np.array(key, copy=True)
+    typed = jnp.issubdtype(arr.dtype, jax.dtypes.prng_key)
+    if typed:
+        if arr.ndim == 0:
+            return arr, False
+        if arr.shape == (batch,):
+            return arr, True
+    elif arr.dtype == np.uint32 and arr.shape in ((2,), (batch, 2)):
+        wrapped = jax.random.wrap_key_data(owned(arr, jnp.uint32))
+        return wrapped, wrapped.ndim == 1
+    raise ValueError(
+        "key must be a jax.random.key, a [batch] array of keys (one per prompt row, "
+        f"batch={batch}), raw uint32 key data of shape [2] or [batch, 2], or an int seed in "
+        f"[0, {SEED_MAX}]; got {getattr(arr, 'dtype', type(key).__name__)} "
+        f"{getattr(arr, 'shape', '')}"
+    )
+
+
+def _available_bytes(decoder: Decoder) -> int | None:
+    """Free memory of the device that will hold the cache, when known."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if device.platform == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
+    """ValueError when the KV cache and per-step buffers cannot fit, before
+    anything is allocated."""
+    total = plan.bucket + plan.new_tokens
+    cache = jax.eval_shape(lambda: decoder.init_cache(plan.rows, total, None))
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
+    vocab = decoder.vocab_size
+    # logits, scores and a few [rows, V] temporaries per step, float32; beam search's
+    # candidate scores [B, nb * V]; output_scores / output_logits keep [rows, N, V].
+    step_bytes = 6 * plan.rows * vocab * 4
+    kept = (int(plan.config.output_scores) + int(plan.config.output_logits)) * plan.rows
+    need = cache_bytes + step_bytes + kept * plan.new_tokens * vocab * 4
+    devices = 1 if mesh is None else mesh.devices.size
+    free = _available_bytes(decoder)
+    if free is not None and need > free * devices:
+        cfg = plan.config
+        raise ValueError(
+            f"generate needs about {need / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB "
+            f"for batch={plan.batch} x num_beams={cfg.num_beams} x "
+            f"num_return_sequences={cfg.num_return_sequences} = {plan.rows} rows of {total} "
+            f"tokens) but the device has {free / 2**30:.2f} GiB free; lower the batch, "
+            "num_beams or max_new_tokens"
+        )
+
+
+def prepare(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    config: GenerationConfig | None = None,
+    *,
+    params: Any = None,
+    key: Any = None,
+    prompt_buckets: Any = "pow2",
+    loop: str = "scan",
+    mesh: Mesh | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Request:
+    """Validates a `generate` call before tracing and pads the prompt to its bucket.
+
+    The arguments are `generate`'s. Returns the `Request` whose `plan` and
+    `args()` `generate_program` runs (`jaxdecode.trace` runs it with recording on).
+    """
+    decoder, params, base = _model_parts(model, params)
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    config = (config or base).replace(**overrides) if overrides else (config or base)
+    config.validate(vocab_size=decoder.vocab_size)
+    if loop not in ("scan", "while"):
+        raise ValueError(f"loop must be 'scan' or 'while', got {loop!r}")
+    if mesh is not None and (not isinstance(mesh, Mesh) or set(mesh.axis_names) != {DATA, MODEL}):
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh with axes ('data', 'model') "
+            f"(see jaxdecode.make_mesh), got {mesh!r}"
+        )
+    # Traced inside a user's jit, or global arrays spanning several hosts: no
+    # host-side look at the values.
+    traced_inputs = is_traced(input_ids, attention_mask) or _is_global(input_ids, attention_mask)
+    ids = input_ids if traced_inputs else np.array(input_ids, copy=True)
+    if ids.ndim != 2 or ids.shape[1] < 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"input_ids must be a [batch, prompt_len] integer array, got {ids.dtype} {ids.shape}"
+        )
+    batch, prompt_len = ids.shape
+    if attention_mask is None:
+        mask = np.ones((batch, prompt_len), np.int32) if not traced_inputs else jnp.ones_like(ids)
+    else:
+        mask = attention_mask if traced_inputs else np.array(attention_mask, copy=True)
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}"
+            )
+    if not traced_inputs:
+        if ids.min() < 0 or ids.max() >= decoder.vocab_size:
+            raise ValueError(
+                f"input_ids must be in [0, {decoder.vocab_size - 1}], got [{ids.min()}, {ids.max()}]"
+            )
+        if not np.all((mask == 0) | (mask == 1)):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        empty = np.flatnonzero(~np.any(mask == 1, axis=1))
+        if empty.size:
+            raise ValueError(
+                f"attention_mask rows {empty.tolist()} are all 0: every prompt needs at least "
+                "one real token"
+            )
+    max_length = config.resolve_max_length(prompt_len)
+    new_tokens = max_length - prompt_len
+    if new_tokens < 1:
+        raise ValueError(
+            f"max_length={max_length} leaves no room after the {prompt_len}-token prompt; "
+            "set max_new_tokens"
+        )
+    decoder.check_length(max_length)
+
+    bucket = bucket_length(prompt_len, prompt_buckets)
+    extra = bucket - prompt_len
+    if extra:
+        pad_id = config.pad_id
+        if traced_inputs:
+            ids = jnp.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+            mask = jnp.pad(mask, ((0, 0), (extra, 0)))
+        else:
+            ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+            mask = np.pad(mask, ((0, 0), (extra, 0)))
+
+    drawn = None
+    if key is None and config.do_sample:
+        if config.seed is not None:
+            key = config.seed
+        elif traced_inputs or is_traced(params):
+            raise ValueError(
+                "generate(do_sample=True) inside jit, or on multi-host arrays, needs key= (or a "
+                "seed in the config): every host must draw the same numbers"
+            )
+        else:
+            key = drawn = secrets.randbits(32)
+    if key is None:
+        key = 0  # unused by greedy and beam search
+    key, per_row = _resolve_key(key, batch)
+
+    static, traced = split_config(config)
+    check_rows(traced.processor, batch)
+    if np.ndim(config.length_penalty) != 0:
+        raise ValueError(f"length_penalty must be a scalar, got {config.length_penalty!r}")
+    plan = Plan(
+        decoder=decoder,
+        config=static,
+        batch=batch,
+        bucket=bucket,
+        new_tokens=new_tokens,
+        loop=loop,
+        per_row_keys=per_row,
+        mesh=mesh,
+    )
+    if not traced_inputs:
+        _check_memory(plan, decoder, mesh)
+    if mesh is not None:
+        params = shard_params(params, mesh, decoder.param_specs)
+    return Request(
+        plan=plan,
+        params=params,
+        ids=ids,
+        mask=mask,
+        prompt_len=jnp.int32(prompt_len),
+        traced=traced,
+        key=key,
+        extra=extra,
+        config=config,
+        seed=drawn,
+    )
+
+
+def drop_columns(x: Array, extra: int) -> Array:
+    """`x[:, extra:]`, in NumPy when concrete (no compilation per prompt length)."""
+    if isinstance(x, jax.core.Tracer) or _is_global(x):
+        return x[:, extra:] if extra else x
+    # device_put, not jnp.asarray: the latter compiles a copy for every new shape.
+    return jax.device_put(np.asarray(x)[:, extra:])
+
+
+def generate(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    config: GenerationConfig | None = None,
+    *,
+    params: Any = None,
+    key: Any = None,
+    prompt_buckets: Any = "pow2",
+    loop: str = "scan",
+    mesh: Mesh | None = None,
+    **overrides: Any,
+) -> GenerateOutput:
+    """Generates continuations of `input_ids` in one compiled program.
+
+    Args:
+        model: a `CausalLM`, or a `Decoder` together with `params=`.
+        input_ids: `[batch, prompt_len]` int token ids, left-padded.
+        attention_mask: `[batch, prompt_len]`, 0 on left padding (default: all 1);
+            every row needs at least one 1.
+        config: a `GenerationConfig` (default: the model's), updated by `overrides`
+            (any `GenerationConfig` field, e.g. `max_new_tokens=32, do_sample=True`).
+        params: the parameters when `model` is a `Decoder`.
+        key: for sampling: a `jax.random.key`, or `[batch]` keys (one per prompt
+            row: each prompt then draws what it draws alone with its key), or an
+            int seed in `[0, 2**32 - 1]`; else `config.seed`; else a fresh random
+            seed, returned as `GenerateOutput.seed` (outside `jit`; inside a `jit`
+            pass `key`).
+        prompt_buckets: how the prompt is padded so that many lengths share one
+            compilation (see `bucket_length`); invisible in the results.
+        loop: "scan" (fixed number of steps) or "while" (stops as soon as every
+            row is finished).
+        mesh: a `jax.sharding.Mesh` with axes `("data", "model")`
+            (`jaxdecode.make_mesh`): rows over `data`, weights, KV-cache heads
+            and the vocabulary over `model` (see `jaxdecode.sharding`). The
+            tokens are the single-device ones.
+
+    Returns:
+        A `GenerateOutput`.
+    """
+    req = prepare(
+        model,
+        input_ids,
+        attention_mask,
+        config,
+        params=params,
+        key=key,
+        prompt_buckets=prompt_buckets,
+        loop=loop,
+        mesh=mesh,
+        overrides=overrides,
+    )
+    out = generate_program(req.plan, *req.args())
+    return out.replace(sequences=drop_columns(out.sequences, req.extra), seed=req.seed)
+
+
+# --------------------------------------------------------------------------- #
+# Streaming: a Python loop over the same jitted step.
+# --------------------------------------------------------------------------- #
+
+
+class StreamStep(struct.PyTreeNode):
+    """One step of `stream`: NumPy arrays over the `batch * R` rows.
+
+    Attributes:
+        tokens: `[rows]` the tokens chosen at this step (pad for finished rows).
+        logprobs: `[rows]` their log-probabilities (0 for finished rows).
+        active: `[rows]` bool, False for rows that had already finished (their
+            token is padding, not output).
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    active: np.ndarray
+
+
+_prefill_jit = jax.jit(prefill_program, static_argnums=0)
+_prepare_params_jit = jax.jit(
+    lambda decoder, params, rows: decoder.prepared(params, rows), static_argnums=(0, 2)
+)
+# The state is donated: XLA updates the cache and buffers in place, step after step.
+_step_jit = jax.jit(decode_step, static_argnums=(0, 4), donate_argnums=3)
+
+
+def stream(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    config: GenerationConfig | None = None,
+    *,
+    params: Any = None,
+    key: Any = None,
+    prompt_buckets: Any = "pow2",
+    **overrides: Any,
+) -> Iterator[StreamStep]:
+    """Yields each step's tokens as they are produced (greedy search and sampling).
+
+    The same prefill and the same step function as `generate`, driven by a
+    Python loop (one jitted call per token, the state donated), so the tokens
+    equal `generate`'s for the same key. Stops when every row has finished.
+    """
+    req = prepare(
+        model,
+        input_ids,
+        attention_mask,
+        config,
+        params=params,
+        key=key,
+        prompt_buckets=prompt_buckets,
+        overrides=overrides,
+    )
+    if req.plan.config.num_beams > 1:
+        raise ValueError(
+            "stream() supports greedy search and sampling (num_beams=1); beam search only "
+            "knows its best hypothesis at the end: use generate()"
+        )
+    params = _prepare_params_jit(req.plan.decoder, req.params, req.plan.rows)
+    traced, state = _prefill_jit(req.plan, params, *req.args()[1:])
+    for _ in range(req.plan.new_tokens):
+        active = ~np.asarray(state.done)
+        if not active.any():
+            return
+        state, out = _step_jit(req.plan, params, traced, state, True)
+        yield StreamStep(
+            tokens=np.asarray(out["tokens"]), logprobs=np.asarray(out["logp"]), active=active
+        )

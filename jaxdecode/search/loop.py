@@ -1,0 +1,288 @@
+"""What every search strategy shares: the static plan, the output, the prefill,
+the model step and one scan-or-while runner.
+
+A strategy (greedy/sampling in `sample.py`, beam search in `beam.py`) is a step
+function `(carry, i, run_model) -> (carry, outputs)`; `run` drives it `n` times
+with `lax.scan` (a fixed number of steps) or `lax.while_loop` (stopping when the
+strategy says every row is finished).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxdecode.config import StaticConfig
+from jaxdecode.context import DecodeContext
+from jaxdecode.models.base import Decoder, positions_from_mask
+from jaxdecode.processors import Chain
+from jaxdecode.sharding import DATA, MODEL, cache_specs, constrain, fit_spec
+
+Array = jax.Array
+
+__all__ = [
+    "Plan",
+    "GenerateOutput",
+    "DecodeState",
+    "expand_rows",
+    "prefill",
+    "model_step",
+    "constrain_logits",
+    "eos_hit",
+    "row_keys",
+    "run",
+    "trace_outputs",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one compiled generate program."""
+
+    decoder: Decoder
+    config: StaticConfig
+    batch: int  # prompt rows
+    bucket: int  # padded prompt columns
+    new_tokens: int
+    loop: str  # "scan" or "while"
+    # One PRNG key per prompt row (`key` of shape [batch]) instead of one key.
+    per_row_keys: bool = False
+    # `trace`: also output the scores after every processor (and, for beam search,
+    # every candidate). False in `generate`, so its program carries none of it.
+    record: bool = False
+    mesh: Mesh | None = None  # shard rows over `data`, heads/vocab over `model`
+
+    @property
+    def expand(self) -> int:
+        """Cache rows per prompt: beams, or returned sequences when sampling."""
+        cfg = self.config
+        return cfg.num_beams if cfg.num_beams > 1 else cfg.num_return_sequences
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.expand
+
+
+@struct.dataclass
+class GenerateOutput:
+    """What `generate` returns (R = num_return_sequences, N = max_new_tokens).
+
+    Attributes:
+        sequences: `[B * R, prompt_len + N]` int32, prompt then generated tokens,
+            pad-filled after a row finishes.
+        token_logprobs: `[B * R, N]` float32, log-probability of each chosen token
+            under the processed distribution (0 after a row finishes).
+        lengths: `[B * R]` int32, generated tokens (EOS included).
+        scores: `[B * R, N, V]` processed scores per step (`output_scores`); for
+            beam search `[B * num_beams, N, V]`, as transformers.
+        logits: raw logits per step, same shape as `scores` (`output_logits`).
+        sequences_scores: `[B * R]` length-normalised beam scores (beam search).
+        beam_indices: `[B * R, N]` int32 beam index per step, -1 after the end
+            (beam search).
+        trace: only from `jaxdecode.trace`.
+        seed: the seed `generate` drew itself when sampling without a key or a
+            seed (pass it back as `seed=` to reproduce the call); else None.
+    """
+
+    sequences: Array
+    token_logprobs: Array
+    lengths: Array
+    scores: Array | None = None
+    logits: Array | None = None
+    sequences_scores: Array | None = None
+    beam_indices: Array | None = None
+    trace: dict[str, Array] | None = None
+    seed: int | None = struct.field(pytree_node=False, default=None)
+
+
+@struct.dataclass
+class DecodeState:
+    """The loop state of greedy search and sampling (`rows = batch * R`).
+
+    Attributes:
+        ctx: the `DecodeContext` (token buffer `[rows, bucket + N]`, per-row lengths).
+        cache: the model's KV cache.
+        logits: `[rows, vocab]` float32 raw logits for the next token.
+        done: `[rows]` bool, finished rows (they emit pad).
+        positions: `[rows]` int32 position id of the next token.
+        lengths: `[rows]` int32 tokens generated so far (EOS included).
+        step: `[]` int32 steps taken.
+        row_keys: `[rows]` PRNG keys, one stream per row.
+        proc_state: the processor chain's state (leaves `[rows, ...]`).
+    """
+
+    ctx: DecodeContext
+    cache: Any
+    logits: Array
+    done: Array
+    positions: Array
+    lengths: Array
+    step: Array
+    row_keys: Array
+    proc_state: Any
+
+
+def expand_rows(tree: Any, expand: int) -> Any:
+    """Repeats every leaf's rows (axis 0) `expand` times: `[B, ...] -> [B * expand, ...]`."""
+    if expand == 1:
+        return tree
+    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, expand, axis=0), tree)
+
+
+def row_keys(key: Array, batch: int, expand: int, per_row: bool) -> Array:
+    """`[batch * expand]` keys, one stream per row.
+
+    Row j of prompt b draws from `fold_in(key[b], j)` with per-prompt keys
+    (`per_row`, `key: [batch]`), else from `fold_in(key, b * expand + j)`: either
+    way a prompt draws the same tokens in a batch as alone with its key.
+    """
+    if per_row:
+        j = jnp.tile(jnp.arange(expand), batch)
+        return jax.vmap(jax.random.fold_in)(jnp.repeat(key, expand, axis=0), j)
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch * expand))
+
+
+def constrain_logits(plan: Plan, logits: Array) -> Array:
+    # Vocabulary-sharded logits: processors and choosers run on them as on one
+    # device (XLA partitions the reductions, top_k and sorts exactly).
+    if plan.mesh is None:
+        return logits
+    return constrain(logits, plan.mesh, fit_spec(P(DATA, MODEL), logits.shape, plan.mesh))
+
+
+def prefill(
+    plan: Plan,
+    params: Any,
+    ids: Array,
+    mask: Array,
+    prompt_len: Array,
+    key: Array,
+    processor: Chain,
+) -> DecodeState:
+    """Runs the prompt through the model and builds the initial loop state.
+
+    Args:
+        plan: the static plan.
+        params: the model parameters (prepared for `plan.rows`).
+        ids: `[batch, bucket]` left-padded prompt ids.
+        mask: `[batch, bucket]` 0 on padding.
+        prompt_len: `[]` the logical prompt length (before bucket padding).
+        key: one key, or `[batch]` keys (`plan.per_row_keys`).
+        processor: the chain whose state the loop carries (initialised here
+            from the prompt).
+    """
+    cfg = plan.config
+    ids = expand_rows(jnp.asarray(ids, jnp.int32), plan.expand)
+    mask = expand_rows(jnp.asarray(mask, jnp.int32), plan.expand)
+    rows = plan.rows
+    total = plan.bucket + plan.new_tokens
+    cache = plan.decoder.init_cache(rows, total, None)
+    cache = constrain(cache, plan.mesh, cache_specs)
+    logits, cache = plan.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+    last = constrain_logits(plan, logits[:, -1, :].astype(jnp.float32))
+    buffer = jnp.concatenate(
+        [ids, jnp.full((rows, plan.new_tokens), cfg.pad_token_id, jnp.int32)], axis=1
+    )
+    ctx = DecodeContext.from_ids(
+        buffer,
+        vocab_size=last.shape[-1],
+        prompt_length=prompt_len,
+        max_length=prompt_len + plan.new_tokens,
+        attention_mask=mask,
+        offset=jnp.int32(plan.bucket) - prompt_len,
+        cur_len=prompt_len,
+    )
+    return DecodeState(
+        ctx=ctx,
+        cache=cache,
+        logits=last,
+        done=jnp.zeros((rows,), bool),
+        positions=jnp.sum(mask, axis=-1).astype(jnp.int32),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        row_keys=row_keys(key, plan.batch, plan.expand, plan.per_row_keys),
+        proc_state=processor.init(ctx),
+    )
+
+
+def model_step(plan: Plan, params: Any, cache: Any, tokens: Array, positions: Array):
+    """One token per row through the model: `(logits [rows, V] float32, cache)`."""
+    rows = tokens.shape[0]
+    logits, cache = plan.decoder.apply(
+        params, tokens[:, None], positions[:, None], cache, jnp.ones((rows, 1), jnp.int32)
+    )
+    cache = constrain(cache, plan.mesh, cache_specs)
+    return constrain_logits(plan, logits[:, 0, :].astype(jnp.float32)), cache
+
+
+def eos_hit(tokens: Array, eos: tuple[int, ...]) -> Array:
+    """`tokens == any EOS id`, elementwise."""
+    if not eos:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.any(tokens[..., None] == jnp.asarray(eos, jnp.int32), axis=-1)
+
+
+StepFn = Callable[[Any, Array, bool], tuple[Any, dict[str, Array]]]
+
+
+def run(
+    step: StepFn,
+    carry: Any,
+    n: int,
+    *,
+    loop: str,
+    finished: Callable[[Any], Array],
+    fill: dict[str, Any] | None = None,
+) -> tuple[Any, dict[str, Array]]:
+    """Runs `step` for `n` steps; returns the final carry and the stacked outputs.
+
+    Args:
+        step: `(carry, i, run_model) -> (carry, outputs)`; `run_model=False` on
+            the scan's last step (its model call would be wasted).
+        carry: the initial carry.
+        n: steps (static).
+        loop: "scan" (exactly n steps) or "while" (stops once `finished(carry)`).
+        finished: `carry -> []` bool, every row finished (the while loop's exit).
+        fill: initial values of output buffers for steps a while loop never
+            runs (default 0), e.g. the pad id for tokens.
+
+    Returns:
+        `(carry, outputs)` with every output stacked step-major: `[n, ...]`.
+    """
+    if loop == "scan":
+        carry, outs = jax.lax.scan(lambda c, i: step(c, i, True), carry, jnp.arange(n - 1))
+        carry, last = step(carry, jnp.int32(n - 1), False)
+        return carry, {k: jnp.concatenate([outs[k], v[None]], axis=0) for k, v in last.items()}
+    fill = fill or {}
+    shapes = jax.eval_shape(lambda c: step(c, jnp.int32(0), True)[1], carry)
+    bufs = {
+        k: jnp.full((n, *s.shape), fill.get(k, 0), s.dtype)
+        for k, s in shapes.items()
+        if not k.startswith("trace/")
+    }
+
+    def cond(state):
+        i, c, _ = state
+        return (i < n) & ~finished(c)
+
+    def body(state):
+        i, c, b = state
+        c, out = step(c, i, True)
+        return i + 1, c, {k: b[k].at[i].set(out[k]) for k in b}
+
+    _, carry, bufs = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, bufs))
+    return carry, bufs
+
+
+def trace_outputs(plan: Plan, outs: dict[str, Array]) -> dict[str, Array] | None:
+    """The `trace/...` outputs, step-major (`[steps, ...]`), or None."""
+    if not plan.record:
+        return None
+    return {k.removeprefix("trace/"): v for k, v in outs.items() if k.startswith("trace/")}

@@ -1,0 +1,59 @@
+"""The one compiled program behind `generate`: prefill, then a search strategy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from jaxdecode.processors import TracedConfig
+from jaxdecode.processors.base import expand_rows
+from jaxdecode.search.beam import beam_program
+from jaxdecode.search.loop import GenerateOutput, Plan, prefill
+from jaxdecode.search.sample import sample_program
+from jaxdecode.sharding import DATA, constrain, fit_spec
+
+Array = jax.Array
+
+__all__ = ["generate_program", "prefill_program"]
+
+
+def prefill_program(
+    plan: Plan,
+    params: Any,
+    ids: Array,
+    mask: Array,
+    prompt_len: Array,
+    traced: TracedConfig,
+    key: Array,
+):
+    """`(traced with per-row values expanded, the prefilled state)`; `params` must
+    be prepared for `plan.rows` (`Decoder.prepared`).
+
+    What `generate_program` runs before its loop; `stream` jits it on its own.
+    """
+    if plan.mesh is not None:
+        rows = fit_spec(P(DATA, None), ids.shape, plan.mesh)
+        ids, mask = constrain((ids, mask), plan.mesh, (rows, rows))
+    traced = traced.replace(processor=expand_rows(traced.processor, plan.expand))
+    state = prefill(plan, params, ids, mask, prompt_len, key, traced.processor)
+    return traced, state
+
+
+@jax.jit(static_argnums=0)
+def generate_program(
+    plan: Plan,
+    params: Any,
+    ids: Array,
+    mask: Array,
+    prompt_len: Array,
+    traced: TracedConfig,
+    key: Array,
+) -> GenerateOutput:
+    """Prefill and the whole search loop as one jitted function of `plan` (static)."""
+    params = plan.decoder.prepared(params, plan.rows)
+    traced, state = prefill_program(plan, params, ids, mask, prompt_len, traced, key)
+    if plan.config.num_beams > 1:
+        return beam_program(plan, params, traced, state, key)
+    return sample_program(plan, params, traced, state)

@@ -1,0 +1,99 @@
+"""Greedy search and sampling: processors -> chooser -> append -> model.
+
+`decode_step` is the body of every greedy/sampling loop: `generate`'s scan and
+while loop (through `loop.run`) and the Python loop of `stream`. A row's draw
+depends only on its key stream and its own token index (`lengths`), never on the
+loop's step count or the batch around it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxdecode import sampling
+from jaxdecode.processors import TracedConfig, processor_stages
+from jaxdecode.search.loop import (
+    DecodeState,
+    GenerateOutput,
+    Plan,
+    eos_hit,
+    model_step,
+    run,
+    trace_outputs,
+)
+
+Array = jax.Array
+
+__all__ = ["decode_step", "sample_program"]
+
+
+def decode_step(
+    plan: Plan, params: Any, traced: TracedConfig, state: DecodeState, run_model: bool = True
+) -> tuple[DecodeState, dict[str, Array]]:
+    """One token per row.
+
+    Returns the new state and this step's outputs: `tokens [rows]`, `logp [rows]`,
+    plus `scores` / `logits` `[rows, V]` when the config asks for them.
+    """
+    cfg = plan.config
+    processor = traced.processor
+    if plan.record:
+        stages = processor_stages(processor, state.logits, state.ctx, state.proc_state)
+        scores = stages[-1] if stages else state.logits
+    else:
+        scores = processor(state.logits, state.ctx, state.proc_state)
+    if cfg.do_sample:
+        keys = jax.vmap(jax.random.fold_in)(state.row_keys, state.lengths)
+        tokens = sampling.categorical(keys, scores)
+    else:
+        tokens = sampling.greedy(scores)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    tokens = jnp.where(state.done, cfg.pad_token_id, tokens)
+    logp = jnp.where(state.done, 0.0, logp)
+    out = {"tokens": tokens, "logp": logp}
+    if cfg.output_scores:
+        out["scores"] = scores
+    if cfg.output_logits:
+        out["logits"] = state.logits
+    if plan.record:
+        out["trace/stages"] = jnp.stack([state.logits, *stages])  # [S + 1, rows, V]
+    logits, cache = state.logits, state.cache
+    if run_model:
+        logits, cache = model_step(plan, params, cache, tokens, state.positions)
+    new = state.replace(
+        ctx=state.ctx.append(tokens),
+        cache=cache,
+        logits=logits,
+        done=state.done | eos_hit(tokens, cfg.eos_token_id),
+        positions=state.positions + 1,
+        lengths=state.lengths + (~state.done).astype(jnp.int32),
+        step=state.step + 1,
+        proc_state=processor.update(state.proc_state, tokens),
+    )
+    return new, out
+
+
+def sample_program(
+    plan: Plan, params: Any, traced: TracedConfig, state: DecodeState
+) -> GenerateOutput:
+    """Greedy search or sampling from a prefilled state, `plan.new_tokens` steps."""
+    cfg = plan.config
+    state, outs = run(
+        lambda st, i, run_model: decode_step(plan, params, traced, st, run_model),
+        state,
+        plan.new_tokens,
+        loop=plan.loop,
+        finished=lambda st: jnp.all(st.done),
+        fill={"tokens": cfg.pad_token_id},
+    )
+    return GenerateOutput(
+        sequences=state.ctx.sequences,
+        token_logprobs=outs["logp"].T,
+        lengths=state.lengths,
+        scores=outs["scores"].swapaxes(0, 1) if "scores" in outs else None,
+        logits=outs["logits"].swapaxes(0, 1) if "logits" in outs else None,
+        trace=trace_outputs(plan, outs),
+    )
