@@ -629,3 +629,175 @@ def test_eval_output_in_a_missing_directory(model_dir, env, tmp_path):
     out = tmp_path / "no" / "such" / "out.jsonl"
     res = run(env, "eval", str(prompts_file), "-o", str(out), "--model", model_dir)
     assert_one_line_error(res, "does not exist")
+
+
+# --------------------------------------------------------------------------- #
+# eval batches by static options only, and each line is `generate --json`'s
+# --------------------------------------------------------------------------- #
+
+
+def line_flags(options: dict) -> list[str]:
+    """A prompt line's options as command-line flags."""
+    flags = []
+    for name, value in options.items():
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, list):
+            flags += [f"--{name}", *map(str, value)]
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def in_process(capsys, *argv: str) -> str:
+    """`jaxdecode ARGV` in this process (no JAX import per run); its stdout."""
+    from jaxdecode.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+@pytest.fixture
+def no_persistent_cache(monkeypatch):
+    # In-process runs must not turn on the persistent cache for the whole worker.
+    monkeypatch.setenv("JAXDECODE_COMPILATION_CACHE", "off")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+
+
+def test_eval_lines_equal_generate_json(model_dir, tmp_path, capsys, no_persistent_cache):
+    base = ["--model", model_dir, "--max_new_tokens", "5"]
+    lines = [
+        {"id": "greedy", "prompt": "In the"},
+        {"id": "t06", "prompt": "And God", "do_sample": True, "temperature": 0.6, "top_p": 0.8},
+        {"id": "t13", "prompt": "said", "do_sample": True, "temperature": 1.3, "top_p": 0.7},
+        {"id": "own-seed", "prompt": "Let", "do_sample": True, "seed": 5, "top_k": 7},
+        {"id": "beams", "prompt": "light", "num_beams": 2},
+        {"id": "two", "prompt": "and", "do_sample": True, "num_return_sequences": 2,
+         "repetition_penalty": 1.3},
+        {"id": "long", "prompt": "a much longer prompt than the others", "max_length": 40},
+    ]  # fmt: skip
+    prompts_file, out_file = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(prompts_file, lines)
+    in_process(
+        capsys, "eval", str(prompts_file), "-o", str(out_file), *base, "--seed", "3",
+        "--batch_size", "4", "--quiet",
+    )  # fmt: skip
+    results = {r["id"]: r for r in read_results(out_file)}
+    assert results.keys() == {line["id"] for line in lines}
+    for line in lines:
+        rec = results[line["id"]]
+        options = {k: v for k, v in line.items() if k not in ("id", "prompt", "seed")}
+        flags = base[:2] if "max_length" in options else base  # as eval: max_length wins
+        if rec["seed"] is not None:
+            flags = [*flags, "--seed", str(rec["seed"])]
+        out = in_process(capsys, "generate", line["prompt"], *flags, *line_flags(options), "--json")
+        (want,) = json_lines(out)
+        limit = 40 - len(line["prompt"]) if "max_length" in line else 5
+        check_record(rec, limit, EVAL, n=line.get("num_return_sequences", 1))
+        assert_same_result(rec, want)
+    assert results["own-seed"]["seed"] == 5
+    assert len(results["long"]["outputs"][0]["tokens"]) == 40 - len(
+        b"a much longer prompt than the others"
+    )
+
+
+def test_eval_per_row_values_share_one_batch_and_one_program(
+    model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache
+):
+    from conftest import count_compiles
+
+    # One model object for every in-process run: a fresh load has a new decoder,
+    # hence new programs (each CLI process loads once, so this is the CLI's case).
+    lm = jaxdecode.from_pretrained(model_dir)
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    calls = []
+    real_generate = jaxdecode.generate
+    monkeypatch.setattr(
+        jaxdecode, "generate", lambda *a, **k: calls.append(a[1].shape) or real_generate(*a, **k)
+    )
+    # Every per-row processor present from the command line.
+    options = dict(
+        do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, typical_p=0.9,
+        epsilon_cutoff=0.001, eta_cutoff=0.001, repetition_penalty=1.2,
+        frequency_penalty=0.1, presence_penalty=0.1,
+    )  # fmt: skip
+
+    def run_eval(tag: str, lines: list[dict]) -> None:
+        prompts_file = tmp_path / f"{tag}.jsonl"
+        write_jsonl(prompts_file, lines)
+        calls.clear()
+        in_process(
+            capsys, "eval", str(prompts_file), "-o", str(tmp_path / f"{tag}-out.jsonl"),
+            "--model", model_dir, "--max_new_tokens", "4", "--batch_size", "8", "--quiet",
+            *line_flags(options),
+        )  # fmt: skip
+
+    with count_compiles() as first:
+        run_eval("uniform", [{"prompt": f"row {i}"} for i in range(8)])
+    assert first.count > 0 and len(calls) == 1
+    # Eight rows, every per-row value and the seed different: one batch, no compilation.
+    varied = [
+        {
+            "prompt": f"row {i}", "seed": 100 + i, "temperature": 0.5 + 0.1 * i,
+            "top_k": 5 + i, "top_p": 0.5 + 0.05 * i, "min_p": 0.01 * (i + 1),
+            "typical_p": 0.6 + 0.04 * i, "epsilon_cutoff": 0.0005 * (i + 1),
+            "eta_cutoff": 0.0007 * (i + 1), "repetition_penalty": 1.0 + 0.1 * (i + 1),
+            "frequency_penalty": 0.1 * i - 0.3, "presence_penalty": 0.3 - 0.1 * i,
+        }
+        for i in range(8)
+    ]  # fmt: skip
+    with count_compiles() as second:
+        run_eval("varied", varied)
+    assert second.count == 0, "rows differing in per-row values compiled a new program"
+    assert [c[0] for c in calls] == [8], "rows differing in per-row values were split"
+    # A static difference (greedy rows among sampled ones) splits the group.
+    run_eval("static", [{"prompt": "x", "do_sample": False}, {"prompt": "y"}])
+    assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- #
+# The persistent compilation cache: a second CLI run compiles nothing
+# --------------------------------------------------------------------------- #
+
+COUNTING_DRIVER = """
+import json, sys
+from jax import monitoring
+counts = {"compiles": 0, "cache_hits": 0}
+def duration(name, _secs, **_):
+    if name == "/jax/core/compile/backend_compile_duration":
+        counts["compiles"] += 1
+def event(name, **_):
+    if name == "/jax/compilation_cache/cache_hits":
+        counts["cache_hits"] += 1
+monitoring.register_event_duration_secs_listener(duration)
+monitoring.register_event_listener(event)
+from jaxdecode.cli import main
+code = main(sys.argv[1:])
+print(json.dumps(counts), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_second_cli_run_reads_the_compilation_cache(model_dir, env, tmp_path):
+    cache = tmp_path / "cache"
+    clean = {k: v for k, v in env.items() if not k.startswith(("JAX_COMPILATION", "JAX_PERSIST"))}
+    clean["JAXDECODE_COMPILATION_CACHE"] = str(cache)
+    args = ["generate", "In the beginning", "--model", model_dir, "--max_new_tokens", "4"]
+    driver = [sys.executable, "-c", COUNTING_DRIVER]
+    first, second = run(clean, *args, cmd=driver), run(clean, *args, cmd=driver)
+    assert first.rc == 0 and second.rc == 0, (first, second)
+    assert first.out == second.out
+    c1, c2 = (json.loads(r.err.strip().split("\n")[-1]) for r in (first, second))
+    # "compiles" counts requests to compile; a cache hit answers one without XLA.
+    assert c1["compiles"] > 0 and c1["cache_hits"] == 0, c1
+    assert len(list(cache.iterdir())) > 0, "nothing written to the cache"
+    assert c2 == {"compiles": c1["compiles"], "cache_hits": c1["compiles"]}, (c1, c2)
+    # Turned off: nothing read, everything compiled again.
+    off = run({**clean, "JAXDECODE_COMPILATION_CACHE": "off"}, *args, cmd=driver)
+    flag = run(clean, *args, "--no-compilation-cache", cmd=driver)
+    for res in (off, flag):
+        assert res.rc == 0, res
+        assert json.loads(res.err.strip().split("\n")[-1]) == {**c1, "cache_hits": 0}
