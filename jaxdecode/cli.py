@@ -13,8 +13,11 @@ import argparse
 import dataclasses
 import json
 import os
+import secrets
 import sys
 import time
+import types
+import typing
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -27,47 +30,28 @@ class CLIError(Exception):
 
 
 # --------------------------------------------------------------------------- #
-# GenerationConfig fields as flags.
+# GenerationConfig fields as flags, derived from the dataclass's field types.
 # --------------------------------------------------------------------------- #
 
-_JSON_FIELDS = {"bad_words_ids", "sequence_bias"}
-_INT_LIST_FIELDS = {
-    "eos_token_id",
-    "forced_eos_token_id",
-    "suppress_tokens",
-    "begin_suppress_tokens",
-}
-_CHOICES = {
-    "repetition_penalty_form": ("hf", "ctrl"),
-    "top_k_method": ("exact", "fast"),
-    "top_p_method": ("exact", "fast"),
-}
-_INT_FIELDS = {
-    "max_length",
-    "max_new_tokens",
-    "min_length",
-    "min_new_tokens",
-    "num_beams",
-    "top_k",
-    "no_repeat_ngram_size",
-    "num_return_sequences",
-    "pad_token_id",
-    "bos_token_id",
-    "forced_bos_token_id",
-    "seed",
-}
-_SKIP = {"return_dict_in_generate"}
+_SKIP = {"return_dict_in_generate"}  # the CLI always has the whole output
 
 
-def _early_stopping(text: str) -> bool | str:
-    low = text.lower()
-    if low in ("true", "1", "yes"):
-        return True
-    if low in ("false", "0", "no"):
-        return False
-    if low == "never":
-        return "never"
-    raise argparse.ArgumentTypeError(f"must be true, false or never, got {text!r}")
+def _bool_or(choices: tuple[str, ...]):
+    """An argparse type for `bool | Literal[...]` (early_stopping: true/false/never)."""
+
+    def parse(text: str) -> bool | str:
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        if low in choices:
+            return low
+        raise argparse.ArgumentTypeError(
+            f"must be true, false or {' or '.join(choices)}, got {text!r}"
+        )
+
+    return parse
 
 
 def _json_value(text: str) -> Any:
@@ -77,52 +61,91 @@ def _json_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"must be JSON ({e})") from None
 
 
+def _union_args(tp: Any) -> tuple[Any, ...]:
+    """The members of a union type (None dropped); a non-union is its own member."""
+    args = (
+        typing.get_args(tp)
+        if isinstance(tp, types.UnionType) or (typing.get_origin(tp) is typing.Union)
+        else (tp,)
+    )
+    return tuple(a for a in args if a is not type(None))
+
+
+def _flag_kind(field: dataclasses.Field, tp: Any) -> str:
+    """How a `GenerationConfig` field is given on the command line, from its type:
+    "bool" (--x/--no-x), "bool_or_choice", "choice" (Literal), "scalar" (int,
+    float, or a per-row number: one value for every row), "tuple" (that many
+    values), "ids" (int | Sequence[int]: one or more ints), else "json"."""
+    args = _union_args(tp)
+    literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+    if args == (bool,):
+        return "bool"
+    if bool in args and literals:
+        return "bool_or_choice"
+    if literals and len(args) == 1:
+        return "choice"
+    if field.metadata.get("per_row") or args in ((int,), (float,)):
+        return "scalar"
+    if len(args) == 1 and typing.get_origin(args[0]) is tuple:
+        return "tuple"
+    if set(args) == {int, Sequence[int]}:
+        return "ids"
+    return "json"
+
+
+def _flag_kwargs(field: dataclasses.Field, tp: Any) -> dict[str, Any]:
+    """argparse keywords for one `GenerationConfig` field (see `_flag_kind`)."""
+    kind, args = _flag_kind(field, tp), _union_args(tp)
+    literal = next((a for a in args if typing.get_origin(a) is typing.Literal), None)
+    if kind == "bool":
+        return {"action": argparse.BooleanOptionalAction}
+    if kind == "bool_or_choice":
+        choices = tuple(typing.get_args(literal))
+        return {"type": _bool_or(choices), "metavar": "{true,false," + ",".join(choices) + "}"}
+    if kind == "choice":
+        return {"choices": typing.get_args(literal)}
+    if kind == "scalar":
+        return {"type": args[0]}
+    if kind == "tuple":
+        members = typing.get_args(args[0])
+        return {
+            "type": float if float in members else int,
+            "nargs": len(members),
+            "metavar": tuple(t.__name__.upper() for t in members),
+        }
+    if kind == "ids":
+        return {"type": int, "nargs": "+"}
+    return {"type": _json_value, "metavar": "JSON"}
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from jaxdecode.config import GenerationConfig
+    from jaxdecode.config import FIELD_TYPES, GenerationConfig
 
     group = parser.add_argument_group("generation options (transformers names)")
     for f in dataclasses.fields(GenerationConfig):
-        name = f.name
-        if name in _SKIP:
+        if f.name in _SKIP:
             continue
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        kw: dict[str, Any] = {"dest": name, "default": None}
-        if f.type in ("bool", bool) or isinstance(f.default, bool) and name != "early_stopping":
-            kw["action"] = argparse.BooleanOptionalAction
-        elif name == "early_stopping":
-            kw["type"] = _early_stopping
-            kw["metavar"] = "{true,false,never}"
-        elif name in _JSON_FIELDS:
-            kw["type"] = _json_value
-            kw["metavar"] = "JSON"
-        elif name in _INT_LIST_FIELDS:
-            kw["type"] = int
-            kw["nargs"] = "+"
-        elif name == "exponential_decay_length_penalty":
-            kw["type"] = float
-            kw["nargs"] = 2
-            kw["metavar"] = ("START", "FACTOR")
-        elif name in _CHOICES:
-            kw["choices"] = _CHOICES[name]
-        elif name in _INT_FIELDS:
-            kw["type"] = int
-        else:
-            kw["type"] = float
-        group.add_argument(*flags, **kw)
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        group.add_argument(
+            *flags, dest=f.name, default=None, **_flag_kwargs(f, FIELD_TYPES[f.name])
+        )
 
 
 def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxdecode.config import GenerationConfig
+    """The fields given on the command line, in `GenerationConfig`'s types."""
+    from jaxdecode.config import FIELD_TYPES, GenerationConfig
 
     out: dict[str, Any] = {}
     for f in dataclasses.fields(GenerationConfig):
         value = getattr(args, f.name, None)
         if value is None:
             continue
-        if f.name in _INT_LIST_FIELDS and len(value) == 1:
-            value = value[0]
-        if f.name == "exponential_decay_length_penalty":
-            value = (int(value[0]), float(value[1]))
+        kind = _flag_kind(f, FIELD_TYPES[f.name])
+        if kind == "tuple":
+            members = typing.get_args(_union_args(FIELD_TYPES[f.name])[0])
+            value = tuple(t(v) for t, v in zip(members, value, strict=True))
+        elif kind == "ids" and len(value) == 1:
+            value = value[0]  # `--eos_token_id 5`: one id
         out[f.name] = value
     return out
 
@@ -130,6 +153,9 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- #
 # Shared helpers.
 # --------------------------------------------------------------------------- #
+
+GENERATE_SCHEMA = "jaxdecode.generate/1"
+EVAL_SCHEMA = "jaxdecode.eval/1"
 
 
 def _load_model(name: str):
@@ -160,9 +186,30 @@ def _mesh_and_model(args: argparse.Namespace, lm):
     return mesh, lm.replace(params=shard_params(lm.params, mesh, lm.decoder.param_specs))
 
 
+_NOT_PRINTED = ("output_scores", "output_logits")
+
+
+def _check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Options the CLI cannot honour are refused; `max_length` given without
+    `max_new_tokens` replaces the model's default `max_new_tokens` (which would
+    otherwise take precedence, as in transformers)."""
+    for name in _NOT_PRINTED:
+        if overrides.get(name):
+            raise CLIError(
+                f"{name} is not printed by the command line (a [steps, vocab] table per "
+                "output); --json gives each token's log-probability (token_logprobs), "
+                f"Python's jaxdecode.generate({name}=True) the full table"
+            )
+    if "max_length" in overrides and "max_new_tokens" not in overrides:
+        overrides = {**overrides, "max_new_tokens": None}
+    return overrides
+
+
 def _make_config(lm, overrides: dict[str, Any]):
     try:
-        config = lm.generation_config.replace(**overrides)
+        config = lm.generation_config.replace(
+            **_check_overrides(overrides), output_scores=False, output_logits=False
+        )
         return config.validate(vocab_size=lm.vocab_size)
     except ValueError as e:
         raise CLIError(str(e)) from None
@@ -170,12 +217,16 @@ def _make_config(lm, overrides: dict[str, Any]):
 
 def _encode_batch(lm, prompts: Sequence[str], pad_id: int):
     """Left-padded ids and mask for a list of prompts."""
-    import numpy as np
-
     encoded = [lm.tokenizer.encode(p) for p in prompts]
     empty = [i for i, e in enumerate(encoded) if not e]
     if empty:
         raise CLIError(f"prompt {empty[0] + 1} is empty; give at least one character")
+    return _left_pad(encoded, pad_id)
+
+
+def _left_pad(encoded: Sequence[Sequence[int]], pad_id: int):
+    import numpy as np
+
     width = max(len(e) for e in encoded)
     ids = np.full((len(encoded), width), pad_id, np.int32)
     mask = np.zeros((len(encoded), width), np.int32)
@@ -185,10 +236,62 @@ def _encode_batch(lm, prompts: Sequence[str], pad_id: int):
     return ids, mask
 
 
-def _completion(lm, config, row, prompt_width: int, length: int) -> tuple[list[int], str]:
-    tokens = [int(t) for t in row[prompt_width : prompt_width + int(length)]]
-    text_tokens = tokens[:-1] if tokens and tokens[-1] in config.eos_ids else tokens
-    return tokens, lm.tokenizer.decode(text_tokens)
+def _outputs(model: str, lm, config, out, first_row: int, n_rows: int, width: int) -> list[dict]:
+    """The records of rows `[first_row, first_row + n_rows)` of a `GenerateOutput`:
+    text, tokens, token log-probabilities, beam score (None unless beam search).
+
+    Raises CLIError when the model produced non-finite log-probabilities (broken
+    weights): NaN must never reach the output."""
+    import numpy as np
+
+    seqs, lengths = np.asarray(out.sequences), np.asarray(out.lengths)
+    logps = np.asarray(out.token_logprobs)
+    beam = None if out.sequences_scores is None else np.asarray(out.sequences_scores)
+    records = []
+    for row in range(first_row, first_row + n_rows):
+        n = int(lengths[row])
+        tokens = [int(t) for t in seqs[row, width : width + n]]
+        row_logps = logps[row, :n].astype(np.float64)
+        score = None if beam is None else float(beam[row])
+        if not np.all(np.isfinite(row_logps)) or (score is not None and not np.isfinite(score)):
+            raise CLIError(
+                f"model {model!r} produced non-finite log-probabilities (NaN or inf): "
+                "its weights or logits are broken; check the checkpoint"
+            )
+        text_tokens = tokens[:-1] if tokens and tokens[-1] in config.eos_ids else tokens
+        records.append(
+            {
+                "text": lm.tokenizer.decode(text_tokens),
+                "tokens": tokens,
+                "token_logprobs": [round(float(x), 6) for x in row_logps],
+                "sequence_score": score,
+            }
+        )
+    return records
+
+
+def _result(schema: str, prompt: str, seed: int | None, outputs: list[dict], **extra: Any) -> dict:
+    """One result record (the `--json` / eval schema; README, "The command line")."""
+    return {"schema": schema, **extra, "prompt": prompt, "seed": seed, "outputs": outputs}
+
+
+def _dumps(record: dict) -> str:
+    # allow_nan=False: a NaN that got past _outputs is an error, never invalid JSON.
+    return json.dumps(record, ensure_ascii=False, allow_nan=False)
+
+
+def _sampling_seed(config) -> tuple[Any, bool]:
+    """(config with a seed when sampling, whether the CLI drew the seed itself)."""
+    if config.do_sample and config.seed is None:
+        return config.replace(seed=secrets.randbits(31)), True
+    return config, False
+
+
+def _tell_seed(config, drawn: bool) -> None:
+    """A seed the CLI drew itself goes to stderr, so that the run can be repeated."""
+    if drawn:
+        seed = config.seed
+        print(f"jaxdecode: sampled with seed {seed} (repeat with --seed {seed})", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- #
@@ -197,95 +300,98 @@ def _completion(lm, config, row, prompt_width: int, length: int) -> tuple[list[i
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
-
     import jaxdecode
 
     if not args.prompts:
         raise CLIError("give at least one PROMPT")
+    if args.stream and args.json:
+        raise CLIError(
+            "--stream prints text as it is produced and --json whole records: give one of them"
+        )
     lm = _load_model(args.model)
     mesh, lm = _mesh_and_model(args, lm)
-    overrides = _config_overrides(args)
-    config = _make_config(lm, overrides)
+    config = _make_config(lm, _config_overrides(args))
     ids, mask = _encode_batch(lm, args.prompts, config.pad_id)
-    key = jax.random.key(config.seed if config.seed is not None else int(time.time_ns() % 2**31))
-    rows_per_prompt = config.num_return_sequences
-    prompts = [p for p in args.prompts for _ in range(rows_per_prompt)]
+    config, drawn = _sampling_seed(config)
+    seed = config.seed if config.do_sample else None
 
     if args.stream:
-        if config.num_beams > 1:
-            raise CLIError(
-                "--stream works with greedy search and sampling, not with --num_beams > 1"
-            )
-        if len(prompts) > 1:
-            raise CLIError(
-                "--stream prints one continuation: give one prompt and num_return_sequences 1"
-            )
-        out_tokens: list[int] = []
-        sys.stdout.write(args.prompts[0])
-        sys.stdout.flush()
-        emitted = ""
-        try:
-            for step in jaxdecode.stream(lm, ids, mask, config, key=key):
-                if not step.active[0]:
-                    break
-                tok = int(step.tokens[0])
-                if tok in config.eos_ids:
-                    break
-                out_tokens.append(tok)
-                text = lm.tokenizer.decode(out_tokens)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    sys.stdout.write(text[len(emitted) :])
-                    sys.stdout.flush()
-                    emitted = text
-        except ValueError as e:
-            raise CLIError(str(e)) from None
-        sys.stdout.write(lm.tokenizer.decode(out_tokens)[len(emitted) :] + "\n")
+        _stream(lm, ids, mask, config, args.prompts)
+        _tell_seed(config, drawn)
         return 0
-
     try:
-        out = jaxdecode.generate(lm, ids, mask, config, key=key, mesh=mesh)
+        out = jaxdecode.generate(lm, ids, mask, config, mesh=mesh)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    seqs = np.asarray(out.sequences)
-    lengths = np.asarray(out.lengths)
-    logps = np.asarray(out.token_logprobs)
-    results = []
-    for i, prompt in enumerate(prompts):
-        tokens, text = _completion(lm, config, seqs[i], ids.shape[1], lengths[i])
-        record = {
-            "prompt": prompt,
-            "text": text,
-            "tokens": tokens,
-            "token_logprobs": [round(float(x), 6) for x in logps[i, : len(tokens)]],
-        }
-        if out.sequences_scores is not None:
-            record["sequence_score"] = float(np.asarray(out.sequences_scores)[i])
-        results.append(record)
-    if args.json:
-        for r in results:
-            print(json.dumps(r, ensure_ascii=False))
-    else:
-        for i, r in enumerate(results):
-            if i:
-                print("---")
-            print(r["prompt"] + r["text"])
+    _tell_seed(config, drawn)
+    r = config.num_return_sequences
+    for i, prompt in enumerate(args.prompts):
+        outputs = _outputs(args.model, lm, config, out, i * r, r, ids.shape[1])
+        if args.json:
+            print(_dumps(_result(GENERATE_SCHEMA, prompt, seed, outputs)))
+        else:
+            for j, o in enumerate(outputs):
+                if i or j:
+                    print("---")
+                print(prompt + o["text"])
     return 0
+
+
+def _stream(lm, ids, mask, config, prompts: list[str]) -> None:
+    import jaxdecode
+
+    if config.num_beams > 1:
+        raise CLIError("--stream works with greedy search and sampling, not with --num_beams > 1")
+    if len(prompts) > 1 or config.num_return_sequences > 1:
+        raise CLIError(
+            "--stream prints one continuation: give one prompt and num_return_sequences 1"
+        )
+    out_tokens: list[int] = []
+    sys.stdout.write(prompts[0])
+    sys.stdout.flush()
+    emitted = ""
+    try:
+        for step in jaxdecode.stream(lm, ids, mask, config):
+            if not step.active[0]:
+                break
+            tok = int(step.tokens[0])
+            if tok in config.eos_ids:
+                break
+            out_tokens.append(tok)
+            text = lm.tokenizer.decode(out_tokens)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(emitted) :])
+                sys.stdout.flush()
+                emitted = text
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    sys.stdout.write(lm.tokenizer.decode(out_tokens)[len(emitted) :] + "\n")
 
 
 # --------------------------------------------------------------------------- #
 # jaxdecode eval
 # --------------------------------------------------------------------------- #
 
+_MAX_REPORTED = 20  # bad lines named in one error
 
-def _read_prompts(path: str) -> list[dict[str, Any]]:
+
+def _bad_lines(path: str, errors: list[tuple[int, str]]) -> CLIError:
+    """One error naming every bad line (up to _MAX_REPORTED), in line order."""
+    errors = [msg for _, msg in sorted(errors)]
+    more = f"; ... and {len(errors) - _MAX_REPORTED} more" if len(errors) > _MAX_REPORTED else ""
+    what = "a bad line" if len(errors) == 1 else f"{len(errors)} bad lines"
+    return CLIError(
+        f"{path} has {what}, nothing was generated: " + "; ".join(errors[:_MAX_REPORTED]) + more
+    )
+
+
+def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """The well-formed prompt records, each with its line number `_line`, and one
+    error per malformed line."""
     from jaxdecode.config import GenerationConfig
 
     names = {f.name for f in dataclasses.fields(GenerationConfig)}
-    if not os.path.isfile(path):
-        raise CLIError(f"prompts file not found: {path}")
-    records = []
+    records, errors = [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -293,127 +399,252 @@ def _read_prompts(path: str) -> list[dict[str, Any]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CLIError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                errors.append((n, f"line {n}: not valid JSON ({e.msg})"))
+                continue
             if isinstance(rec, str):
                 rec = {"prompt": rec}
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise CLIError(f"{path}:{n}: each line must be an object with a string 'prompt'")
+                errors.append((n, f"line {n}: each line must be an object with a string 'prompt'"))
+                continue
+            rec.setdefault("id", n)
             unknown = sorted(set(rec) - names - {"prompt", "id"})
             if unknown:
-                raise CLIError(
-                    f"{path}:{n}: unknown field {unknown[0]!r} (not a GenerationConfig option)"
-                )
-            rec.setdefault("id", n)
-            records.append(rec)
-    ids = [r["id"] for r in records]
-    if len(set(map(json.dumps, ids))) != len(ids):
-        raise CLIError(f"{path}: duplicate 'id' values; ids must be unique for resuming")
-    return records
+                msg = f"unknown field {unknown[0]!r} (not a GenerationConfig option)"
+                errors.append((n, f"line {n} (id {rec['id']!r}): {msg}"))
+                continue
+            records.append({**rec, "_line": n})
+    seen: dict[str, int] = {}
+    for r in records:
+        key = json.dumps(r["id"])
+        if key in seen:
+            msg = f"duplicate id {r['id']!r} (also line {seen[key]}); ids must be unique"
+            errors.append((r["_line"], f"line {r['_line']}: {msg}"))
+        seen.setdefault(key, r["_line"])
+    return records, errors
 
 
-def _done_ids(out_path: str) -> set[str]:
-    """Ids already in OUT. A partial last line (a killed write) is cut off, so
-    appending continues on a clean line."""
-    done: set[str] = set()
+def _check_paths(prompts_path: str, out_path: str) -> None:
+    """Refuses an OUT that is the prompts file (by path or inode) or cannot be
+    written, before anything is loaded."""
+    if not os.path.isfile(prompts_path):
+        raise CLIError(f"prompts file not found: {prompts_path}")
+    if os.path.isdir(out_path):
+        raise CLIError(f"-o {out_path} is a directory; give a file")
+    if os.path.exists(out_path) and os.path.samefile(prompts_path, out_path):
+        raise CLIError(f"-o {out_path} is the prompts file; give another file for the results")
+    parent = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"-o {out_path}: directory {parent} does not exist")
+
+
+def _done_results(out_path: str) -> dict[str, dict]:
+    """Results already in OUT, by id. Only jaxdecode eval records count (their
+    `schema`); any other line means OUT is not ours, and nothing is touched. A
+    partial last line (a killed write) is cut off, so appending continues on a
+    clean line."""
+    done: dict[str, dict] = {}
     if not os.path.exists(out_path):
         return done
-    with open(out_path, "rb+") as f:
+    with open(out_path, "rb") as f:
         data = f.read()
-        good = data.rfind(b"\n") + 1
-        if good < len(data):
+    good = data.rfind(b"\n") + 1
+    for n, line in enumerate(data[:good].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, dict) and rec.get("schema") == EVAL_SCHEMA and "id" in rec
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise CLIError(
+                f'{out_path}:{n} is not a jaxdecode eval result (no "schema": '
+                f'"{EVAL_SCHEMA}"): {line[:60]!r}; give another -o'
+            )
+        done[json.dumps(rec["id"])] = rec
+    if good < len(data):
+        with open(out_path, "rb+") as f:
             f.truncate(good)
-        for line in data[:good].splitlines():
-            if line.strip():
-                try:
-                    done.add(json.dumps(json.loads(line)["id"]))
-                except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                    raise CLIError(
-                        f"{out_path} has a line that is not a result: {line[:60]!r}"
-                    ) from None
     return done
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _prompt_seed(rec: dict[str, Any], base_seed: int) -> int:
+    """A prompt's seed: its own `seed`, else one derived from --seed and its id
+    (stable across runs, so a resumed run samples what the whole run would)."""
+    if "seed" in rec:
+        return rec["seed"]
+    return zlib.crc32(json.dumps([base_seed, rec["id"]]).encode()) % 2**31
+
+
+def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, base_seed: int):
+    """The prompt's validated config (seed resolved; `max_length` turned into the
+    prompt's own `max_new_tokens`, as `generate` on that prompt alone would use).
+
+    Raises ValueError naming the field."""
+    line = {k: v for k, v in rec.items() if k not in ("prompt", "id", "_line")}
+    overrides = {**base, **line}
+    if "max_length" in line and "max_new_tokens" not in line:
+        overrides.pop("max_new_tokens", None)
+    try:
+        overrides = _check_overrides(overrides)
+    except CLIError as e:
+        raise ValueError(str(e)) from None
+    config = lm.generation_config.replace(**overrides, output_scores=False, output_logits=False)
+    config.validate(vocab_size=lm.vocab_size)
+    total = config.resolve_max_length(n_tokens)
+    if total - n_tokens < 1:
+        raise ValueError(
+            f"max_length={config.max_length} leaves no room after the {n_tokens}-token prompt"
+        )
+    lm.decoder.check_length(total)
+    config = config.replace(max_new_tokens=total - n_tokens, max_length=None)
+    if config.do_sample:
+        config = config.replace(seed=_prompt_seed(rec, base_seed))
+        config.validate()
+    return config
+
+
+def _group_key(config, bucket: int) -> tuple:
+    """What must be equal for prompts to share a batch: the prompt bucket, every
+    static field and every value that is not per-row, and which processors are
+    present (the chain's tree structure). Per-row values (temperature, top_p, ...,
+    penalties) and the seed differ freely within a batch."""
+    import jax
+
+    import jaxdecode
+    from jaxdecode.config import PER_ROW_FIELDS
+
+    per_row = set(PER_ROW_FIELDS) | {"seed"}  # the seed: one key per prompt row
+    fixed = tuple(
+        (f.name, getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if f.name not in per_row
+    )
+    structure = jax.tree_util.tree_structure(jaxdecode.logits_processor(config))
+    return bucket, fixed, structure
+
+
+def _batch_config(configs: list, arrayed: tuple[str, ...]):
+    """One config and key for a batch of prompts that share a group: per-row fields
+    as `[batch]` arrays (always arrays, so every batch of the group has the same
+    shapes: one compiled program) and, when sampling, one key per prompt,
+    `jax.random.key(seed)`, so that each prompt draws what it draws alone."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    values = {}
+    for name in arrayed:
+        dtype = np.int32 if name == "top_k" else np.float32
+        values[name] = np.asarray([getattr(c, name) for c in configs], dtype)
+    config = configs[0].replace(**values, seed=None)
+    if not config.do_sample:
+        return config, None
+    return config, jnp.stack([jax.random.key(c.seed) for c in configs])
+
+
+def _arrayed_fields(config, batch: int) -> tuple[str, ...]:
+    """The per-row fields that can be `[batch]` arrays in this group without
+    adding a processor (an absent processor's neutral value stays a scalar)."""
     import jax
     import numpy as np
 
     import jaxdecode
+    from jaxdecode.config import PER_ROW_FIELDS
 
-    records = _read_prompts(args.prompts_file)
+    base = jax.tree_util.tree_structure(jaxdecode.logits_processor(config))
+    out = []
+    for name in PER_ROW_FIELDS:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        try:  # an array makes the processor present: it may refuse a neutral value
+            trial = jaxdecode.logits_processor(config.replace(**{name: np.full(batch, value)}))
+        except ValueError:
+            continue
+        if jax.tree_util.tree_structure(trial) == base:
+            out.append(name)
+    return tuple(out)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import jaxdecode
+
+    if args.batch_size < 1:
+        raise CLIError(f"--batch_size must be >= 1, got {args.batch_size}")
+    _check_paths(args.prompts_file, args.output)
+    records, errors = _read_prompts(args.prompts_file)
     lm = _load_model(args.model)
     mesh, lm = _mesh_and_model(args, lm)
     base_overrides = _config_overrides(args)
     _make_config(lm, base_overrides)  # command-line options fail fast, before any prompt
-    if args.batch_size < 1:
-        raise CLIError(f"--batch_size must be >= 1, got {args.batch_size}")
-    done = _done_ids(args.output)
+    base_seed = base_overrides.pop("seed", 0)
+    done = _done_results(args.output)
+    for r in records:
+        prev = done.get(json.dumps(r["id"]))
+        if prev is not None and prev.get("prompt") != r["prompt"]:
+            raise CLIError(
+                f"{args.output} has a result for id {r['id']!r} with another prompt than "
+                f"line {r['_line']} of {args.prompts_file}; give another -o"
+            )
     todo = [r for r in records if json.dumps(r["id"]) not in done]
-    # Group by bucketed prompt length and by per-prompt options, so each batch
-    # shares one compiled program and a stream of prompts compiles a handful of times.
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in todo:
-        opts = {k: v for k, v in r.items() if k not in ("prompt", "id")}
-        length = len(lm.tokenizer.encode(r["prompt"]))
-        if length == 0:
-            raise CLIError(f"prompt id {r['id']!r} is empty")
-        bucket = jaxdecode.bucket_length(length, "pow2")
-        groups.setdefault((bucket, json.dumps(opts, sort_keys=True)), []).append(r)
 
-    # Validate every group's options before anything is written.
-    configs = {}
-    for gkey, group in groups.items():
+    # Every prompt and option is checked before the first generation.
+    planned = []
+    for r in todo:
+        encoded = lm.tokenizer.encode(r["prompt"])
+        if not encoded:
+            errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): prompt is empty"))
+            continue
         try:
-            configs[gkey] = _make_config(lm, {**base_overrides, **json.loads(gkey[1])})
-        except CLIError as e:
-            raise CLIError(f"prompt id {group[0]['id']!r}: {e}") from None
+            config = _eval_config(lm, base_overrides, r, len(encoded), base_seed)
+        except ValueError as e:
+            errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {e}"))
+            continue
+        planned.append((r, encoded, config))
+    if errors:
+        raise _bad_lines(args.prompts_file, errors)
+
+    # Groups share one compiled program: same bucket and static options.
+    groups: dict[tuple, list] = {}
+    for item in planned:
+        bucket = jaxdecode.bucket_length(len(item[1]), "pow2")
+        groups.setdefault(_group_key(item[2], bucket), []).append(item)
+
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="prompt", disable=args.quiet, file=sys.stderr)
     n_tokens, t0 = 0, time.time()
     try:
-        with open(args.output, "a", encoding="utf-8") as out_file:
-            for gkey, group in sorted(groups.items()):
-                config = configs[gkey]
-                seed = config.seed if config.seed is not None else 0
+        out_file = open(args.output, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise CLIError(f"cannot write to {args.output}: {e.strerror}") from None
+    try:
+        with out_file:
+            for group in groups.values():
+                arrayed = _arrayed_fields(group[0][2], args.batch_size)
                 for start in range(0, len(group), args.batch_size):
                     batch = group[start : start + args.batch_size]
-                    real = len(batch)
-                    # Pad the last batch to the full size: one program per bucket.
-                    prompts = [r["prompt"] for r in batch] + [batch[-1]["prompt"]] * (
-                        args.batch_size - real
-                    )
-                    ids, mask = _encode_batch(lm, prompts, config.pad_id)
-                    # The key depends on the batch's first id only: a resumed run samples
-                    # what the uninterrupted run would have.
-                    salt = zlib.crc32(json.dumps(batch[0]["id"]).encode()) % 2**31
-                    key = jax.random.fold_in(jax.random.key(seed), salt)
+                    # Pad the last batch to the full size: one program per group.
+                    padded = batch + [batch[-1]] * (args.batch_size - len(batch))
+                    config, keys = _batch_config([c for _, _, c in padded], arrayed)
+                    ids, mask = _left_pad([e for _, e, _ in padded], config.pad_id)
                     try:
-                        out = jaxdecode.generate(lm, ids, mask, config, key=key, mesh=mesh)
+                        out = jaxdecode.generate(lm, ids, mask, config, key=keys, mesh=mesh)
                     except ValueError as e:
-                        raise CLIError(f"prompt id {batch[0]['id']!r}: {e}") from None
-                    seqs, lengths = np.asarray(out.sequences), np.asarray(out.lengths)
+                        raise CLIError(f"prompt id {batch[0][0]['id']!r}: {e}") from None
                     r_per = config.num_return_sequences
                     lines = []
-                    for i, rec in enumerate(batch):
-                        texts, toks = [], []
-                        for j in range(r_per):
-                            row = i * r_per + j
-                            tokens, text = _completion(
-                                lm, config, seqs[row], ids.shape[1], lengths[row]
-                            )
-                            texts.append(text)
-                            toks.append(tokens)
-                            n_tokens += len(tokens)
-                        result = {"id": rec["id"], "prompt": rec["prompt"]}
-                        if r_per == 1:
-                            result.update(text=texts[0], tokens=toks[0])
-                        else:
-                            result.update(texts=texts, tokens=toks)
-                        lines.append(json.dumps(result, ensure_ascii=False) + "\n")
+                    for i, (rec, _, cfg) in enumerate(batch):
+                        outputs = _outputs(args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1])
+                        n_tokens += sum(len(o["tokens"]) for o in outputs)
+                        seed = cfg.seed if cfg.do_sample else None
+                        result = _result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"])
+                        lines.append(_dumps(result) + "\n")
                     out_file.write("".join(lines))
                     out_file.flush()
                     os.fsync(out_file.fileno())
-                    bar.update(real)
+                    bar.update(len(batch))
                     elapsed = max(time.time() - t0, 1e-9)
                     bar.set_postfix(
                         tok_s=f"{n_tokens / elapsed:.0f}", prompt_s=f"{bar.n / elapsed:.1f}"
@@ -466,6 +697,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             steps=args.steps,
             m=args.top,
             title=f"jaxdecode explain: {args.prompt!r}",
+            prompt_text=args.prompt,
         )
     except OSError as e:
         raise CLIError(f"cannot write to {args.output}: {e}") from None
@@ -478,6 +710,60 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- #
 # Entry point.
 # --------------------------------------------------------------------------- #
+
+
+CACHE_ENV = "JAXDECODE_COMPILATION_CACHE"
+_OFF = ("", "0", "off", "false", "no", "none")
+
+
+def compilation_cache_dir(environ: typing.Mapping[str, str] | None = None) -> str | None:
+    """Where the CLI keeps JAX's persistent compilation cache, or None when off.
+
+    `$JAXDECODE_COMPILATION_CACHE` (a directory, or `off`), else
+    `$XDG_CACHE_HOME/jaxdecode/jax`, else `~/.cache/jaxdecode/jax`.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in _OFF else os.path.expanduser(value)
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxdecode", "jax")
+
+
+def _enable_compilation_cache(args: argparse.Namespace) -> None:
+    """Turns on JAX's persistent compilation cache for this process (the CLI only,
+    never on `import jaxdecode`): a second run reads its programs from disk instead
+    of compiling them. A JAX_COMPILATION_CACHE_DIR set by the user wins."""
+    if getattr(args, "no_compilation_cache", False) or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    directory = compilation_cache_dir()
+    if directory is None:
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        print(f"jaxdecode: no compilation cache ({directory}: {e.strerror})", file=sys.stderr)
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Every program, however quick to compile: a CLI run is a handful of programs,
+    # and the small ones add up to seconds too.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="bundled", help="'bundled' (default), a local HF directory or a hub id"
+    )
+    parser.add_argument(
+        "--no-compilation-cache",
+        "--no_compilation_cache",
+        dest="no_compilation_cache",
+        action="store_true",
+        help=f"do not read or write JAX's persistent compilation cache ({CACHE_ENV}=off too)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -493,9 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate continuations of one or more prompts (one batch)"
     )
     gen.add_argument("prompts", nargs="*", metavar="PROMPT")
-    gen.add_argument(
-        "--model", default="bundled", help="'bundled' (default), a local HF directory or a hub id"
-    )
+    _add_common(gen)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     gen.add_argument(
         "--mesh",
@@ -504,14 +788,16 @@ def build_parser() -> argparse.ArgumentParser:
         "KV-cache heads and vocabulary over model; product = device count)",
     )
     gen.add_argument(
-        "--json", action="store_true", help="one JSON object per output (tokens, text, scores)"
+        "--json",
+        action="store_true",
+        help=f"one JSON object per prompt (schema {GENERATE_SCHEMA!r}; see the README)",
     )
     _add_config_flags(gen)
 
     ev = sub.add_parser("eval", help="batch generation over a JSONL file of prompts (resumable)")
     ev.add_argument("prompts_file", metavar="PROMPTS.jsonl")
     ev.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
-    ev.add_argument("--model", default="bundled")
+    _add_common(ev)
     ev.add_argument("--batch_size", "--batch-size", type=int, default=16)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument(
@@ -528,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("prompt", metavar="PROMPT")
     ex.add_argument("-o", "--output", required=True, metavar="DIR")
-    ex.add_argument("--model", default="bundled")
+    _add_common(ex)
     ex.add_argument("--steps", type=int, default=6, help="steps drawn (6)")
     ex.add_argument("--top", type=int, default=10, help="tokens per bar chart (10)")
     _add_config_flags(ex)
@@ -540,6 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _enable_compilation_cache(args)
         if args.command == "generate":
             return _cmd_generate(args)
         if args.command == "eval":

@@ -20,8 +20,8 @@ import ast
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import jax
 import numpy as np
@@ -30,7 +30,15 @@ from jaxdecode.validation import check_range, eos_ids, parse_sequences
 
 Array = jax.Array
 
-__all__ = ["GenerationConfig", "StaticConfig"]
+__all__ = [
+    "FIELD_CHOICES",
+    "FIELD_TYPES",
+    "HF_FIELDS",
+    "PER_ROW_FIELDS",
+    "SEED_MAX",
+    "GenerationConfig",
+    "StaticConfig",
+]
 
 # Seeds are 32-bit: `jax.random.key` keeps only the low 32 bits of larger seeds
 # (without x64), so two larger seeds would silently draw the same numbers.
@@ -39,42 +47,19 @@ SEED_MAX = 2**32 - 1
 # What transformers generates when neither max_length nor max_new_tokens is set.
 DEFAULT_NEW_TOKENS = 20
 
-# Fields that exist in transformers.GenerationConfig (written by to_hf()).
-_HF_FIELDS = (
-    "max_length",
-    "max_new_tokens",
-    "min_length",
-    "min_new_tokens",
-    "early_stopping",
-    "do_sample",
-    "num_beams",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "epsilon_cutoff",
-    "eta_cutoff",
-    "repetition_penalty",
-    "length_penalty",
-    "no_repeat_ngram_size",
-    "bad_words_ids",
-    "sequence_bias",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "remove_invalid_values",
-    "exponential_decay_length_penalty",
-    "suppress_tokens",
-    "begin_suppress_tokens",
-    "renormalize_logits",
-    "num_return_sequences",
-    "output_scores",
-    "output_logits",
-    "return_dict_in_generate",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-)
+# Types of the fields. A per-row value is a scalar, or one value per row `[batch]`.
+PerRowFloat = float | Sequence[float] | Array
+PerRowInt = int | Sequence[int] | Array
+TokenIds = int | Sequence[int]  # one token id, or several
+TokenSequences = Sequence[Sequence[int]]  # [[ids], [ids], ...]
+SequenceBias = Mapping[tuple[int, ...], float] | Sequence[tuple[Sequence[int], float]]
+
+
+def _field(default: Any, *, hf: bool = True, per_row: bool = False) -> Any:
+    """A `GenerationConfig` field. Metadata, read by `to_hf`/`from_hf` and the CLI:
+    `hf` (transformers has a field of that name), `per_row` (a traced value that may
+    be one value per row; rows differing only in such values share one program)."""
+    return dataclasses.field(default=default, metadata={"hf": hf, "per_row": per_row})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,51 +72,51 @@ class GenerationConfig:
     """
 
     # Length.
-    max_length: int | None = None
-    max_new_tokens: int | None = None
-    min_length: int = 0
-    min_new_tokens: int | None = None
+    max_length: int | None = _field(None)
+    max_new_tokens: int | None = _field(None)
+    min_length: int = _field(0)
+    min_new_tokens: int | None = _field(None)
     # Strategy.
-    do_sample: bool = False
-    num_beams: int = 1
-    early_stopping: bool | str = False
-    length_penalty: float = 1.0
-    num_return_sequences: int = 1
+    do_sample: bool = _field(False)
+    num_beams: int = _field(1)
+    early_stopping: bool | Literal["never"] = _field(False)
+    length_penalty: float = _field(1.0)
+    num_return_sequences: int = _field(1)
     # Warpers (sampling only).
-    temperature: Any = 1.0
-    top_k: Any = 50
-    top_p: Any = 1.0
-    min_p: Any = None
-    typical_p: Any = 1.0
-    epsilon_cutoff: Any = 0.0
-    eta_cutoff: Any = 0.0
+    temperature: PerRowFloat = _field(1.0, per_row=True)
+    top_k: PerRowInt = _field(50, per_row=True)
+    top_p: PerRowFloat = _field(1.0, per_row=True)
+    min_p: PerRowFloat | None = _field(None, per_row=True)
+    typical_p: PerRowFloat = _field(1.0, per_row=True)
+    epsilon_cutoff: PerRowFloat = _field(0.0, per_row=True)
+    eta_cutoff: PerRowFloat = _field(0.0, per_row=True)
     # Processors.
-    repetition_penalty: Any = 1.0
-    no_repeat_ngram_size: int = 0
-    bad_words_ids: Any = None
-    sequence_bias: Any = None
-    forced_bos_token_id: int | None = None
-    forced_eos_token_id: Any = None
-    remove_invalid_values: bool = False
-    exponential_decay_length_penalty: Any = None
-    suppress_tokens: Any = None
-    begin_suppress_tokens: Any = None
-    renormalize_logits: bool = False
+    repetition_penalty: PerRowFloat = _field(1.0, per_row=True)
+    no_repeat_ngram_size: int = _field(0)
+    bad_words_ids: TokenSequences | None = _field(None)
+    sequence_bias: SequenceBias | None = _field(None)
+    forced_bos_token_id: int | None = _field(None)
+    forced_eos_token_id: TokenIds | None = _field(None)
+    remove_invalid_values: bool = _field(False)
+    exponential_decay_length_penalty: tuple[int, float] | None = _field(None)
+    suppress_tokens: TokenIds | None = _field(None)
+    begin_suppress_tokens: TokenIds | None = _field(None)
+    renormalize_logits: bool = _field(False)
     # Outputs.
-    output_scores: bool = False
-    output_logits: bool = False
-    return_dict_in_generate: bool = False
+    output_scores: bool = _field(False)
+    output_logits: bool = _field(False)
+    return_dict_in_generate: bool = _field(False)
     # Special tokens.
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
-    eos_token_id: Any = None
+    pad_token_id: int | None = _field(None)
+    bos_token_id: int | None = _field(None)
+    eos_token_id: TokenIds | None = _field(None)
     # jaxdecode additions.
-    frequency_penalty: Any = 0.0
-    presence_penalty: Any = 0.0
-    seed: int | None = None
-    repetition_penalty_form: str = "hf"
-    top_k_method: str = "exact"
-    top_p_method: str = "exact"
+    frequency_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
+    presence_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
+    seed: int | None = _field(None, hf=False)
+    repetition_penalty_form: Literal["hf", "ctrl"] = _field("hf", hf=False)
+    top_k_method: Literal["exact", "fast"] = _field("exact", hf=False)
+    top_p_method: Literal["exact", "fast"] = _field("exact", hf=False)
 
     def __post_init__(self) -> None:
         # Lists and NumPy arrays become tuples so that configs compare and hash by
@@ -223,11 +208,7 @@ class GenerationConfig:
             or not 0 <= self.seed <= SEED_MAX
         ):
             raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
-        for name, allowed in (
-            ("repetition_penalty_form", ("hf", "ctrl")),
-            ("top_k_method", ("exact", "fast")),
-            ("top_p_method", ("exact", "fast")),
-        ):
+        for name, allowed in FIELD_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self._validate_token_ids(vocab_size)
@@ -426,6 +407,21 @@ class GenerationConfig:
             if value != getattr(default, f.name):
                 out[f.name] = _thaw(value)
         return out
+
+
+# Derived from the dataclass (one list of fields): transformers' names, the
+# fields that take one value per row, and the allowed values of `Literal` fields.
+FIELD_TYPES: dict[str, Any] = get_type_hints(GenerationConfig)
+HF_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(GenerationConfig) if f.metadata["hf"]
+)
+PER_ROW_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(GenerationConfig) if f.metadata["per_row"]
+)
+# `Literal[...]` fields: their allowed values.
+FIELD_CHOICES: dict[str, tuple[Any, ...]] = {
+    name: get_args(t) for name, t in FIELD_TYPES.items() if get_origin(t) is Literal
+}
 
 
 def _parse_key(name: str, key: Any) -> tuple[int, ...]:

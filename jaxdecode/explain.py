@@ -184,6 +184,8 @@ def plot_repetition_penalty(
     for bar, h in zip(bars, hatch, strict=True):
         bar.set_hatch(h)
     title = f"step {step}: repetition penalty {used:g} (hatched: already in the text)"
+    if "RepetitionPenalty" not in tr.stage_names:
+        title = f"illustration, not in this configuration: {title}"
     return _finish_bars(fig, ax, y, tokens, decode, title)
 
 
@@ -308,8 +310,13 @@ def write_report(
     temperatures: Sequence[float] = (0.5, 1.0, 2.0),
     title: str = "jaxdecode explain",
     row: int = 0,
+    prompt_text: str | None = None,
 ) -> list[str]:
     """Writes the pictures (PNG) and `index.html` (self-contained) into `out_dir`.
+
+    `repetition_penalty.png` is drawn only when the configuration has a repetition
+    penalty. `prompt_text` is the prompt as the page shows it (default: the
+    prompt's tokens decoded one by one).
 
     Returns the paths written, `index.html` last.
     """
@@ -332,14 +339,15 @@ def write_report(
             plot_temperature_sweep(tr, 0, temperatures, row=row, m=m, decode=decode),
         )
     )
-    rep_step = min(steps - 1, max(1, steps // 2))
-    pictures.append(
-        (
-            "repetition_penalty.png",
-            "Repetition penalty",
-            plot_repetition_penalty(tr, rep_step, row=row, m=m, decode=decode),
+    if "RepetitionPenalty" in tr.stage_names:
+        rep_step = min(steps - 1, max(1, steps // 2))
+        pictures.append(
+            (
+                "repetition_penalty.png",
+                "Repetition penalty",
+                plot_repetition_penalty(tr, rep_step, row=row, m=m, decode=decode),
+            )
         )
-    )
     if tr.beam is not None:
         pictures.append(
             ("beam_tree.png", "Beam search", plot_beam_tree(tr, row=row, decode=decode))
@@ -360,12 +368,16 @@ def write_report(
             body += "<h3>Finished hypotheses</h3>" + _beam_table(tr, row, decode)
         sections.append(f"<h2>{html.escape(heading)}</h2>\n{body}")
 
-    prompt = "".join(token_label(decode, int(t)) for t in tr.prompt[0])
+    if prompt_text is None:
+        prompt_row = tr.prompt[row // max(1, tr.tokens.shape[1] // tr.prompt.shape[0])]
+        prompt_text = "".join(
+            decode(int(t)) if decode else token_label(None, int(t)) for t in prompt_row
+        )
     cfg = {k: v for k, v in tr.config.to_hf().items() if v is not None}
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>Prompt: <code>{html.escape(prompt)}</code></p>"
+        f"<p>Prompt: <code>{html.escape(prompt_text)}</code></p>"
         f"<p>Stages: {html.escape(' → '.join(tr.stage_names))}</p>"
         f"<details><summary>generation config</summary><pre>{html.escape(str(cfg))}</pre></details>"
         + "\n".join(sections)

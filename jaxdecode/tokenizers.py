@@ -28,8 +28,19 @@ class Tokenizer:
         return list(self.backend.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`."""
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of `ids`. An id the tokenizer does not know (a model whose vocabulary
+        is larger than its tokenizer's) is written `<unk:ID>`, never dropped."""
+        ids = [int(i) for i in ids]
+        unknown = [i for i, t in enumerate(ids) if t < 0 or self.backend.id_to_token(t) is None]
+        if not unknown:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        parts, start = [], 0
+        for i in unknown:  # decode the known runs between unknown ids
+            parts.append(self.backend.decode(ids[start:i], skip_special_tokens=skip_special_tokens))
+            parts.append(f"<unk:{ids[i]}>")
+            start = i + 1
+        parts.append(self.backend.decode(ids[start:], skip_special_tokens=skip_special_tokens))
+        return "".join(parts)
 
     def save(self, directory: str) -> None:
         """Writes `tokenizer.json` into `directory`."""

@@ -8,6 +8,7 @@ share a persistent JAX compilation cache (per module), which changes no result.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -35,6 +36,7 @@ CFG = GPT2Config(
     eos_token_id=EOS,
 )
 TOKENIZER = jaxdecode.byte_tokenizer()
+EVAL = "jaxdecode.eval/1"
 
 
 # --------------------------------------------------------------------------- #
@@ -42,22 +44,27 @@ TOKENIZER = jaxdecode.byte_tokenizer()
 # --------------------------------------------------------------------------- #
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+def save_model(directory: Path, cfg: GPT2Config = CFG, nan: bool = False) -> str:
     # Jitted: eager Flax init runs (and compiles) op by op.
-    params = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+    if nan:  # a broken checkpoint: every weight NaN
+        params = jax.tree.map(lambda x: np.full(x.shape, np.nan, x.dtype), params)
     lm = jaxdecode.CausalLM(
         params=params,
-        decoder=gpt2_decoder(CFG),
-        config=CFG,
+        decoder=gpt2_decoder(cfg),
+        config=cfg,
         generation_config=jaxdecode.GenerationConfig(
             max_new_tokens=20, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS
         ),
         tokenizer=jaxdecode.byte_tokenizer(),
     )
-    directory = tmp_path_factory.mktemp("tiny-gpt2")
     lm.save_pretrained(str(directory))
     return str(directory)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return save_model(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +77,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "JAX_COMPILATION_CACHE_DIR": str(cache),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "JAXDECODE_COMPILATION_CACHE": "off",  # the JAX_* settings above are the cache
     }
 
 
@@ -98,8 +106,21 @@ def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.split("\n") if line]
 
 
-def check_record(rec: dict, max_new_tokens: int) -> None:
+def check_record(
+    rec: dict, max_new_tokens: int, schema: str = "jaxdecode.generate/1", n: int = 1
+) -> None:
+    """A result record: its schema and fields, then each output (`check_output`)."""
+    keys = ["schema", "prompt", "seed", "outputs"] + (["id"] if schema.endswith("eval/1") else [])
+    assert sorted(rec) == sorted(keys), rec
+    assert rec["schema"] == schema, rec
+    assert len(rec["outputs"]) == n, rec
+    for out in rec["outputs"]:
+        check_output(out, max_new_tokens)
+
+
+def check_output(rec: dict, max_new_tokens: int) -> None:
     """tokens, token_logprobs and text agree with each other."""
+    assert sorted(rec) == ["sequence_score", "text", "token_logprobs", "tokens"], rec
     tokens = rec["tokens"]
     assert 1 <= len(tokens) <= max_new_tokens, rec
     assert all(isinstance(t, int) and 0 <= t < VOCAB for t in tokens), rec
@@ -107,10 +128,24 @@ def check_record(rec: dict, max_new_tokens: int) -> None:
     assert len(tokens) == max_new_tokens or tokens[-1] == EOS, rec
     body = tokens[:-1] if tokens[-1] == EOS else tokens
     assert rec["text"] == TOKENIZER.decode(body), rec
-    if "token_logprobs" in rec:
-        logps = rec["token_logprobs"]
-        assert len(logps) == len(tokens), rec
-        assert all(np.isfinite(x) and x <= 0 for x in logps), rec
+    logps = rec["token_logprobs"]
+    assert len(logps) == len(tokens), rec
+    assert all(np.isfinite(x) and x <= 0 for x in logps), rec
+
+
+def assert_same_result(got: dict, want: dict) -> None:
+    """Records equal but for schema and id; log-probabilities within float32
+    rounding (a batch of several rows may round the last digit differently)."""
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("schema", "id", "outputs")}
+    assert strip(got) == strip(want)
+    assert len(got["outputs"]) == len(want["outputs"])
+    for a, b in zip(got["outputs"], want["outputs"], strict=True):
+        assert (a["tokens"], a["text"]) == (b["tokens"], b["text"]), (got, want)
+        np.testing.assert_allclose(a["token_logprobs"], b["token_logprobs"], atol=1e-5)
+        if b["sequence_score"] is None:
+            assert a["sequence_score"] is None
+        else:
+            np.testing.assert_allclose(a["sequence_score"], b["sequence_score"], atol=1e-5)
 
 
 def assert_one_line_error(res: Result, *words: str | tuple[str, ...]) -> None:
@@ -167,11 +202,13 @@ def test_generate_text_json_and_inprocess_parity(model_dir, env):
     for rec, prompt in zip(records, PROMPTS, strict=True):
         assert rec["prompt"] == prompt
         check_record(rec, 5)
-        assert len(rec["tokens"]) == 5  # greedy on random weights: no EOS in 5 steps
+        assert rec["seed"] is None, "greedy: no seed"
+        assert len(rec["outputs"][0]["tokens"]) == 5  # random weights: no EOS in 5 steps
+        assert rec["outputs"][0]["sequence_score"] is None
 
     # Plain output: prompt + continuation per prompt, separated by "---". The
     # dashed flag (text run) and the underscored one (JSON run) mean the same.
-    expected = "\n---\n".join(r["prompt"] + r["text"] for r in records) + "\n"
+    expected = "\n---\n".join(r["prompt"] + r["outputs"][0]["text"] for r in records) + "\n"
     assert text.out == expected
 
     # The CLI decodes exactly what `jaxdecode.generate` does in-process.
@@ -183,8 +220,8 @@ def test_generate_text_json_and_inprocess_parity(model_dir, env):
     width = ids.shape[1]
     for i, rec in enumerate(records):
         n = int(lengths[i])
-        assert rec["tokens"] == seqs[i, width : width + n].tolist()
-        np.testing.assert_allclose(rec["token_logprobs"], logps[i, :n], atol=1e-5)
+        assert rec["outputs"][0]["tokens"] == seqs[i, width : width + n].tolist()
+        np.testing.assert_allclose(rec["outputs"][0]["token_logprobs"], logps[i, :n], atol=1e-5)
 
 
 def test_generate_seeded_sampling_and_sampled_stream(model_dir, env):
@@ -198,11 +235,26 @@ def test_generate_seeded_sampling_and_sampled_stream(model_dir, env):
     assert a.out != c.out, "different seeds, same samples"
     (rec,) = json_lines(a.out)
     check_record(rec, 8)
+    assert rec["seed"] == 3
+    assert a.err == "", "a seed given is not announced"
 
     # Streaming samples through the same step with the same key: same text.
     streamed = run(env, *args, "--seed", "3", "--stream")
     assert streamed.rc == 0, streamed
-    assert streamed.out == rec["prompt"] + rec["text"] + "\n"
+    assert streamed.out == rec["prompt"] + rec["outputs"][0]["text"] + "\n"
+
+
+def test_generate_draws_a_seed_it_shows_and_that_repeats_the_run(model_dir, env):
+    args = ["generate", "Hello", "--model", model_dir, "--max_new_tokens", "8", "--do_sample"]
+    drawn = run(env, *args, "--json")
+    assert drawn.rc == 0, drawn
+    (rec,) = json_lines(drawn.out)
+    seed = rec["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**31, rec
+    assert drawn.err == f"jaxdecode: sampled with seed {seed} (repeat with --seed {seed})\n"
+    again = run(env, *args, "--json", "--seed", str(seed))
+    assert again.rc == 0, again
+    assert again.out == drawn.out
 
 
 def test_stream_equals_generate_through_console_script(model_dir, env):
@@ -231,7 +283,7 @@ def test_generate_beam_search_json(model_dir, env):
     assert res.rc == 0, res
     (rec,) = json_lines(res.out)
     check_record(rec, 5)
-    score = rec["sequence_score"]
+    score = rec["outputs"][0]["sequence_score"]
     assert isinstance(score, float) and np.isfinite(score) and score <= 0
 
 
@@ -247,6 +299,13 @@ def test_generate_beam_search_json(model_dir, env):
         (["Hi", "--early_stopping", "sometimes"], ["early_stopping", "sometimes"]),
         (["Hi", "--bad_words_ids", "notjson"], ["bad_words_ids"]),
         (["Hi", "--stream", "--num_beams", "2"], ["stream", "num_beams"]),
+        (["Hi", "--do_sample", "--seed", "99999999999999999999"], ["seed", "99999999999999999999"]),
+        (["Hi", "--seed", "-1"], ["seed"]),
+        (["Hi", "--stream", "--json"], ["--stream", "--json"]),
+        (["Hi", "--output_scores", "--json"], ["output_scores"]),
+        (["Hi", "--output_logits"], ["output_logits"]),
+        (["Hello world", "--max_length", "5"], ["max_length=5", "11-token prompt"]),
+        (["Hi", "--max_length", "9", "--max_new_tokens", "1000"], ["n_positions"]),
     ],
     ids=[
         "unknown-flag",
@@ -258,6 +317,13 @@ def test_generate_beam_search_json(model_dir, env):
         "early_stopping",
         "bad_words_ids",
         "stream-beams",
+        "huge-seed",
+        "negative-seed",
+        "stream-json",
+        "output_scores",
+        "output_logits",
+        "max_length-too-short",
+        "max_new_tokens-wins",
     ],
 )
 def test_generate_bad_inputs(model_dir, env, args, words):
@@ -266,6 +332,41 @@ def test_generate_bad_inputs(model_dir, env, args, words):
 
 def test_generate_unknown_model(env):
     assert_one_line_error(run(env, "generate", "Hi", "--model", "/no/such/dir"), "/no/such/dir")
+
+
+def test_generate_max_length_is_honoured(model_dir, env):
+    # The model's generation_config sets max_new_tokens=20; --max_length replaces it.
+    res = run(env, "generate", "Hi", "--model", model_dir, "--max_length", "5", "--json")
+    assert res.rc == 0, res
+    (rec,) = json_lines(res.out)
+    check_record(rec, 3)
+    assert len(rec["outputs"][0]["tokens"]) == 3, "max_length=5 after a 2-token prompt: 3 new"
+
+
+def test_tokens_the_tokenizer_does_not_know_are_shown(tmp_path, env):
+    # A model with 300 tokens and a tokenizer with 257: ids 257..299 have no text.
+    cfg = dataclasses.replace(CFG, vocab_size=300)
+    model = save_model(tmp_path / "big-vocab", cfg)
+    res = run(
+        env, "generate", "Hi", "--model", model, "--max_new_tokens", "3", "--json",
+        "--sequence_bias", "[[[290], 100.0]]",
+    )  # fmt: skip
+    assert res.rc == 0, res
+    (rec,) = json_lines(res.out)
+    assert rec["outputs"][0]["tokens"] == [290, 290, 290]
+    assert rec["outputs"][0]["text"] == "<unk:290><unk:290><unk:290>"
+    assert TOKENIZER.decode([72, 290, 105]) == "H<unk:290>i"
+
+
+def test_a_model_with_nan_weights_is_a_clear_error(tmp_path, env):
+    model = save_model(tmp_path / "nan-model", nan=True)
+    res = run(env, "generate", "Hi", "--model", model, "--max_new_tokens", "3", "--json")
+    assert_one_line_error(res, model, "non-finite")
+    prompts_file, out_file = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(prompts_file, [{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}])
+    res = run(env, "eval", str(prompts_file), "-o", str(out_file), "--model", model, "--quiet")
+    assert_one_line_error(res, model, "non-finite")
+    assert out_file.read_text(encoding="utf-8") == "", "nothing is written, never a NaN"
 
 
 # --------------------------------------------------------------------------- #
@@ -315,11 +416,13 @@ def test_eval_per_prompt_options_progress_and_rerun(model_dir, env, tmp_path):
         got = by_id[rec["id"]]
         assert got["prompt"] == rec["prompt"]
         limit = rec.get("max_new_tokens", 6)
-        check_record(got, limit)
+        check_record(got, limit, EVAL)
         if "max_new_tokens" in rec:  # the line's option overrides --max_new_tokens 6
-            assert len(got["tokens"]) <= 3, got
+            assert len(got["outputs"][0]["tokens"]) <= 3, got
+        assert (got["seed"] is None) == (not rec.get("do_sample")), got
     # do_sample from the line took effect: sampled twins differ from the greedy ones.
-    differ = [by_id[f"greedy{j}"]["tokens"] != by_id[f"sampled{j}"]["tokens"] for j in range(4)]
+    toks = lambda i: by_id[i]["outputs"][0]["tokens"]
+    differ = [toks(f"greedy{j}") != toks(f"sampled{j}") for j in range(4)]
     assert all(differ), differ
 
     # A second run over a complete OUT does nothing.
@@ -343,7 +446,7 @@ def test_eval_without_ids_uses_line_numbers(model_dir, env, tmp_path):
     prompts = {1: "first", 2: "second one", 3: "x"}
     for r in results:
         assert r["prompt"] == prompts[r["id"]]
-        check_record(r, 4)
+        check_record(r, 4, EVAL)
 
 
 def test_eval_resume_after_kill(model_dir, env, tmp_path):
@@ -366,6 +469,7 @@ def test_eval_resume_after_kill(model_dir, env, tmp_path):
     # The killed run compiles from scratch (no shared cache): long pauses between buckets.
     killed_out = tmp_path / "resumed.jsonl"
     no_cache = {k: v for k, v in env.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    assert no_cache["JAXDECODE_COMPILATION_CACHE"] == "off"
     proc = subprocess.Popen(
         [*MODULE_CMD, *args(killed_out)],
         env=no_cache,
@@ -389,7 +493,7 @@ def test_eval_resume_after_kill(model_dir, env, tmp_path):
     assert 0 < len(before_kill) < n, f"{len(before_kill)} lines at the kill"
     # A torn write: half a result line at the end.
     with open(killed_out, "ab") as f:
-        f.write(b'{"id": 59, "prompt": "abcd')
+        f.write(b'{"schema": "jaxdecode.eval/1", "id": 59, "prompt": "abcd')
 
     resumed = run(env, *args(killed_out))
     assert resumed.rc == 0, resumed
@@ -403,30 +507,42 @@ def test_eval_resume_after_kill(model_dir, env, tmp_path):
     assert clean.rc == 0, clean
     clean_by_id = {r["id"]: r for r in read_results(clean_out)}
     for r in results:
-        check_record(r, 4)
+        check_record(r, 4, EVAL)
         assert r == clean_by_id[r["id"]], "a resumed result differs from the clean run"
 
 
-def test_eval_per_prompt_seed_overrides_command_line(model_dir, env, tmp_path):
-    line = {"id": "x", "prompt": "Hello", "do_sample": True}
+def test_eval_seeds_per_prompt_and_from_the_command_line(model_dir, env, tmp_path):
+    """A line's own seed is used as is; other prompts get a seed derived from
+    --seed and their id. Each record names its seed, and `generate --seed` with
+    it gives the same output."""
+    lines = [
+        {"id": "own", "prompt": "Hello", "do_sample": True, "seed": 1},
+        {"id": "derived", "prompt": "Hello", "do_sample": True},
+    ]
+    prompts_file = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts_file, lines)
 
-    def sample(tag: str, record: dict, seed: str) -> list[int]:
-        prompts_file, out_file = tmp_path / f"{tag}.jsonl", tmp_path / f"{tag}-out.jsonl"
-        write_jsonl(prompts_file, [record])
+    def results(seed: str) -> dict:
+        out_file = tmp_path / f"out-{seed}.jsonl"
         res = run(
             env, "eval", str(prompts_file), "-o", str(out_file), "--model", model_dir,
-            "--max_new_tokens", "8", "--batch_size", "1", "--quiet", "--seed", seed,
+            "--max_new_tokens", "8", "--batch_size", "2", "--quiet", "--seed", seed,
         )  # fmt: skip
         assert res.rc == 0, res
-        (result,) = read_results(out_file)
-        return result["tokens"]
+        return {r["id"]: r for r in read_results(out_file)}
 
-    seed1 = sample("cmdline-seed1", line, "1")
-    seed2 = sample("cmdline-seed2", line, "2")
-    assert seed1 != seed2, "--seed has no effect on eval's sampling"
-    # {"seed": 1} on the line overrides --seed 2: the same as --seed 1.
-    line_seed1 = sample("line-seed1", {**line, "seed": 1}, "2")
-    assert line_seed1 == seed1, "a per-prompt seed is ignored (the command line's is used)"
+    two, three = results("2"), results("3")
+    assert two["own"] == three["own"] and two["own"]["seed"] == 1, "the line's seed wins"
+    assert two["derived"]["seed"] != three["derived"]["seed"], "--seed has no effect"
+    assert two["derived"]["outputs"] != three["derived"]["outputs"]
+    for rec in (two["own"], two["derived"]):
+        gen = run(
+            env, "generate", "Hello", "--model", model_dir, "--max_new_tokens", "8",
+            "--do_sample", "--seed", str(rec["seed"]), "--json",
+        )  # fmt: skip
+        assert gen.rc == 0, gen
+        (want,) = json_lines(gen.out)
+        assert_same_result(rec, want)
 
 
 @pytest.mark.parametrize(
@@ -439,6 +555,9 @@ def test_eval_per_prompt_seed_overrides_command_line(model_dir, env, tmp_path):
         (['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'], None, ["id"]),
         (['{"id": 1, "prompt": "a"}', '{"id": 2, "prompt": "b", "top_p": 1.5}'], None, ["top_p"]),
         (['{"id": 1, "prompt": "a"}'], "[1]\n", ["out.jsonl"]),
+        # Input lines (an id, no result schema) in OUT are not results: refused.
+        (['{"id": 1, "prompt": "a"}'], '{"id": 1, "prompt": "a"}\n', ["out.jsonl", "schema"]),
+        (['{"id": 1, "prompt": "' + "x" * 120 + '"}'], None, ["line 1", "n_positions"]),
     ],
     ids=[
         "missing-file",
@@ -448,6 +567,8 @@ def test_eval_per_prompt_seed_overrides_command_line(model_dir, env, tmp_path):
         "duplicate-ids",
         "bad-option-value",
         "out-line-not-a-result",
+        "out-holds-input-lines",
+        "prompt-too-long",
     ],
 )
 def test_eval_bad_inputs(model_dir, env, tmp_path, lines, out_text, words):
@@ -461,5 +582,222 @@ def test_eval_bad_inputs(model_dir, env, tmp_path, lines, out_text, words):
     assert_one_line_error(res, *words)
     if out_text is not None:
         assert out_file.read_text(encoding="utf-8") == out_text, "OUT was changed"
-    elif "top_p" not in words:  # a bad per-prompt value may stop a run part-way
+    else:
         assert not out_file.exists(), "nothing is written on a bad prompts file"
+
+
+def test_eval_reports_every_bad_line_before_generating(model_dir, env, tmp_path):
+    lines = [
+        {"id": "ok1", "prompt": "fine"},
+        {"id": "hot", "prompt": "b", "top_p": 1.5},
+        {"id": "long", "prompt": "y" * 120},
+        {"id": "ok2", "prompt": "also fine"},
+        {"id": "typo", "prompt": "c", "temprature": 0.5},
+        {"id": "empty", "prompt": ""},
+    ]
+    prompts_file, out_file = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(prompts_file, lines)
+    res = run(env, "eval", str(prompts_file), "-o", str(out_file), "--model", model_dir)
+    assert_one_line_error(
+        res, "4 bad lines", "line 2 (id 'hot'): top_p", "line 3 (id 'long')", "n_positions",
+        "line 5 (id 'typo'): unknown field 'temprature'", "line 6 (id 'empty'): prompt is empty",
+    )  # fmt: skip
+    assert not out_file.exists(), "nothing is generated before every line is checked"
+
+
+@pytest.mark.parametrize("how", ["same-path", "symlink", "hardlink"])
+def test_eval_refuses_to_write_into_its_input(model_dir, env, tmp_path, how):
+    prompts_file = tmp_path / "prompts.jsonl"
+    # No trailing newline: the case that cut the last prompt.
+    text = '{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "b"}'
+    prompts_file.write_text(text, encoding="utf-8")
+    out = prompts_file
+    if how == "symlink":
+        out = tmp_path / "link.jsonl"
+        out.symlink_to(prompts_file)
+    elif how == "hardlink":
+        out = tmp_path / "hard.jsonl"
+        os.link(prompts_file, out)
+    res = run(env, "eval", str(prompts_file), "-o", str(out), "--model", model_dir)
+    assert_one_line_error(res, "prompts file")
+    assert prompts_file.read_text(encoding="utf-8") == text, "the input was changed"
+
+
+def test_eval_output_in_a_missing_directory(model_dir, env, tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts_file, [{"prompt": "a"}])
+    out = tmp_path / "no" / "such" / "out.jsonl"
+    res = run(env, "eval", str(prompts_file), "-o", str(out), "--model", model_dir)
+    assert_one_line_error(res, "does not exist")
+
+
+# --------------------------------------------------------------------------- #
+# eval batches by static options only, and each line is `generate --json`'s
+# --------------------------------------------------------------------------- #
+
+
+def line_flags(options: dict) -> list[str]:
+    """A prompt line's options as command-line flags."""
+    flags = []
+    for name, value in options.items():
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, list):
+            flags += [f"--{name}", *map(str, value)]
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def in_process(capsys, *argv: str) -> str:
+    """`jaxdecode ARGV` in this process (no JAX import per run); its stdout."""
+    from jaxdecode.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+@pytest.fixture
+def no_persistent_cache(monkeypatch):
+    # In-process runs must not turn on the persistent cache for the whole worker.
+    monkeypatch.setenv("JAXDECODE_COMPILATION_CACHE", "off")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+
+
+def test_eval_lines_equal_generate_json(model_dir, tmp_path, capsys, no_persistent_cache):
+    base = ["--model", model_dir, "--max_new_tokens", "5"]
+    lines = [
+        {"id": "greedy", "prompt": "In the"},
+        {"id": "t06", "prompt": "And God", "do_sample": True, "temperature": 0.6, "top_p": 0.8},
+        {"id": "t13", "prompt": "said", "do_sample": True, "temperature": 1.3, "top_p": 0.7},
+        {"id": "own-seed", "prompt": "Let", "do_sample": True, "seed": 5, "top_k": 7},
+        {"id": "beams", "prompt": "light", "num_beams": 2},
+        {"id": "two", "prompt": "and", "do_sample": True, "num_return_sequences": 2,
+         "repetition_penalty": 1.3},
+        {"id": "long", "prompt": "a much longer prompt than the others", "max_length": 40},
+    ]  # fmt: skip
+    prompts_file, out_file = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(prompts_file, lines)
+    in_process(
+        capsys, "eval", str(prompts_file), "-o", str(out_file), *base, "--seed", "3",
+        "--batch_size", "4", "--quiet",
+    )  # fmt: skip
+    results = {r["id"]: r for r in read_results(out_file)}
+    assert results.keys() == {line["id"] for line in lines}
+    for line in lines:
+        rec = results[line["id"]]
+        options = {k: v for k, v in line.items() if k not in ("id", "prompt", "seed")}
+        flags = base[:2] if "max_length" in options else base  # as eval: max_length wins
+        if rec["seed"] is not None:
+            flags = [*flags, "--seed", str(rec["seed"])]
+        out = in_process(capsys, "generate", line["prompt"], *flags, *line_flags(options), "--json")
+        (want,) = json_lines(out)
+        limit = 40 - len(line["prompt"]) if "max_length" in line else 5
+        check_record(rec, limit, EVAL, n=line.get("num_return_sequences", 1))
+        assert_same_result(rec, want)
+    assert results["own-seed"]["seed"] == 5
+    assert len(results["long"]["outputs"][0]["tokens"]) == 40 - len(
+        b"a much longer prompt than the others"
+    )
+
+
+def test_eval_per_row_values_share_one_batch_and_one_program(
+    model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache
+):
+    from conftest import count_compiles
+
+    # One model object for every in-process run: a fresh load has a new decoder,
+    # hence new programs (each CLI process loads once, so this is the CLI's case).
+    lm = jaxdecode.from_pretrained(model_dir)
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    calls = []
+    real_generate = jaxdecode.generate
+    monkeypatch.setattr(
+        jaxdecode, "generate", lambda *a, **k: calls.append(a[1].shape) or real_generate(*a, **k)
+    )
+    # Every per-row processor present from the command line.
+    options = dict(
+        do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, typical_p=0.9,
+        epsilon_cutoff=0.001, eta_cutoff=0.001, repetition_penalty=1.2,
+        frequency_penalty=0.1, presence_penalty=0.1,
+    )  # fmt: skip
+
+    def run_eval(tag: str, lines: list[dict]) -> None:
+        prompts_file = tmp_path / f"{tag}.jsonl"
+        write_jsonl(prompts_file, lines)
+        calls.clear()
+        in_process(
+            capsys, "eval", str(prompts_file), "-o", str(tmp_path / f"{tag}-out.jsonl"),
+            "--model", model_dir, "--max_new_tokens", "4", "--batch_size", "8", "--quiet",
+            *line_flags(options),
+        )  # fmt: skip
+
+    with count_compiles() as first:
+        run_eval("uniform", [{"prompt": f"row {i}"} for i in range(8)])
+    assert first.count > 0 and len(calls) == 1
+    # Eight rows, every per-row value and the seed different: one batch, no compilation.
+    varied = [
+        {
+            "prompt": f"row {i}", "seed": 100 + i, "temperature": 0.5 + 0.1 * i,
+            "top_k": 5 + i, "top_p": 0.5 + 0.05 * i, "min_p": 0.01 * (i + 1),
+            "typical_p": 0.6 + 0.04 * i, "epsilon_cutoff": 0.0005 * (i + 1),
+            "eta_cutoff": 0.0007 * (i + 1), "repetition_penalty": 1.0 + 0.1 * (i + 1),
+            "frequency_penalty": 0.1 * i - 0.3, "presence_penalty": 0.3 - 0.1 * i,
+        }
+        for i in range(8)
+    ]  # fmt: skip
+    with count_compiles() as second:
+        run_eval("varied", varied)
+    assert second.count == 0, "rows differing in per-row values compiled a new program"
+    assert [c[0] for c in calls] == [8], "rows differing in per-row values were split"
+    # A static difference (greedy rows among sampled ones) splits the group.
+    run_eval("static", [{"prompt": "x", "do_sample": False}, {"prompt": "y"}])
+    assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- #
+# The persistent compilation cache: a second CLI run compiles nothing
+# --------------------------------------------------------------------------- #
+
+COUNTING_DRIVER = """
+import json, sys
+from jax import monitoring
+counts = {"compiles": 0, "cache_hits": 0}
+def duration(name, _secs, **_):
+    if name == "/jax/core/compile/backend_compile_duration":
+        counts["compiles"] += 1
+def event(name, **_):
+    if name == "/jax/compilation_cache/cache_hits":
+        counts["cache_hits"] += 1
+monitoring.register_event_duration_secs_listener(duration)
+monitoring.register_event_listener(event)
+from jaxdecode.cli import main
+code = main(sys.argv[1:])
+print(json.dumps(counts), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_second_cli_run_reads_the_compilation_cache(model_dir, env, tmp_path):
+    cache = tmp_path / "cache"
+    clean = {k: v for k, v in env.items() if not k.startswith(("JAX_COMPILATION", "JAX_PERSIST"))}
+    clean["JAXDECODE_COMPILATION_CACHE"] = str(cache)
+    args = ["generate", "In the beginning", "--model", model_dir, "--max_new_tokens", "4"]
+    driver = [sys.executable, "-c", COUNTING_DRIVER]
+    first, second = run(clean, *args, cmd=driver), run(clean, *args, cmd=driver)
+    assert first.rc == 0 and second.rc == 0, (first, second)
+    assert first.out == second.out
+    c1, c2 = (json.loads(r.err.strip().split("\n")[-1]) for r in (first, second))
+    # "compiles" counts requests to compile; a cache hit answers one without XLA.
+    assert c1["compiles"] > 0 and c1["cache_hits"] == 0, c1
+    assert len(list(cache.iterdir())) > 0, "nothing written to the cache"
+    assert c2 == {"compiles": c1["compiles"], "cache_hits": c1["compiles"]}, (c1, c2)
+    # Turned off: nothing read, everything compiled again.
+    off = run({**clean, "JAXDECODE_COMPILATION_CACHE": "off"}, *args, cmd=driver)
+    flag = run(clean, *args, "--no-compilation-cache", cmd=driver)
+    for res in (off, flag):
+        assert res.rc == 0, res
+        assert json.loads(res.err.strip().split("\n")[-1]) == {**c1, "cache_hits": 0}

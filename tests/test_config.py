@@ -16,7 +16,7 @@ from conftest import count_compiles
 
 import jaxdecode as jd
 from jaxdecode import processors as P
-from jaxdecode.config import _HF_FIELDS
+from jaxdecode.config import FIELD_CHOICES, FIELD_TYPES, HF_FIELDS, PER_ROW_FIELDS
 
 GC = jd.GenerationConfig
 
@@ -42,7 +42,7 @@ def test_defaults_equal_transformers_effective_defaults():
 def test_defaults_of_fields_without_a_transformers_global_default_are_unset():
     hf_defaults = transformers.GenerationConfig._get_default_generation_params()
     hf = transformers.GenerationConfig()
-    rest = [n for n in _HF_FIELDS if n not in hf_defaults]
+    rest = [n for n in HF_FIELDS if n not in hf_defaults]
     assert rest
     for name in rest:
         assert getattr(hf, name) is None, name
@@ -53,6 +53,102 @@ def test_default_config_validates_and_writes_nothing():
     assert GC().validate() == GC()
     assert GC().to_hf() == {}
     assert len(jd.logits_processor(GC()).processors) == 0
+
+
+# --------------------------------------------------------------------------- #
+# One list of fields: types and metadata drive the HF names and the CLI flags
+# --------------------------------------------------------------------------- #
+
+
+def test_fields_are_typed_precisely_and_carry_their_metadata():
+    from typing import Any
+
+    hf_fields = set(vars(transformers.GenerationConfig()))
+    for f in dataclasses.fields(GC):
+        assert FIELD_TYPES[f.name] is not Any and "Any" not in str(FIELD_TYPES[f.name]), f.name
+        assert set(f.metadata) == {"hf", "per_row"}, f.name
+        # `hf` says exactly whether transformers has the field.
+        assert f.metadata["hf"] == (f.name in hf_fields), f.name
+    assert tuple(f.name for f in dataclasses.fields(GC) if f.metadata["hf"]) == HF_FIELDS
+    assert set(PER_ROW_FIELDS) == {
+        "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
+        "eta_cutoff", "repetition_penalty", "frequency_penalty", "presence_penalty",
+    }  # fmt: skip
+    assert FIELD_CHOICES == {
+        "repetition_penalty_form": ("hf", "ctrl"),
+        "top_k_method": ("exact", "fast"),
+        "top_p_method": ("exact", "fast"),
+    }
+    for name, allowed in FIELD_CHOICES.items():  # validate() reads the same list
+        GC(**{name: allowed[-1]}).validate()
+        with pytest.raises(ValueError, match=name):
+            GC(**{name: "other"}).validate()
+
+
+def test_per_row_fields_take_one_value_per_row():
+    values = {"top_k": [3, 5]} | {n: [0.5, 0.6] for n in PER_ROW_FIELDS if n != "top_k"}
+    GC(do_sample=True, **values).validate()
+
+
+# Every CLI flag, derived from the field's type, parses into a valid config.
+CLI_VALUES = {
+    "max_length": (["9"], 9),
+    "max_new_tokens": (["4"], 4),
+    "min_length": (["2"], 2),
+    "min_new_tokens": (["1"], 1),
+    "do_sample": ([], True),
+    "num_beams": (["2"], 2),
+    "early_stopping": (["never"], "never"),
+    "length_penalty": (["0.5"], 0.5),
+    "num_return_sequences": (["1"], 1),
+    "temperature": (["0.7"], 0.7),
+    "top_k": (["5"], 5),
+    "top_p": (["0.9"], 0.9),
+    "min_p": (["0.1"], 0.1),
+    "typical_p": (["0.8"], 0.8),
+    "epsilon_cutoff": (["0.001"], 0.001),
+    "eta_cutoff": (["0.002"], 0.002),
+    "repetition_penalty": (["1.2"], 1.2),
+    "no_repeat_ngram_size": (["3"], 3),
+    "bad_words_ids": (["[[5], [6, 7]]"], ((5,), (6, 7))),
+    "sequence_bias": (["[[[5], 1.5]]"], (((5,), 1.5),)),
+    "forced_bos_token_id": (["3"], 3),
+    "forced_eos_token_id": (["4", "6"], (4, 6)),
+    "remove_invalid_values": ([], True),
+    "exponential_decay_length_penalty": (["3", "1.5"], (3, 1.5)),
+    "suppress_tokens": (["8"], 8),
+    "begin_suppress_tokens": (["8", "9"], (8, 9)),
+    "renormalize_logits": ([], True),
+    "output_scores": ([], True),
+    "output_logits": ([], True),
+    "pad_token_id": (["0"], 0),
+    "bos_token_id": (["1"], 1),
+    "eos_token_id": (["2"], 2),
+    "frequency_penalty": (["0.3"], 0.3),
+    "presence_penalty": (["-0.3"], -0.3),
+    "seed": (["7"], 7),
+    "repetition_penalty_form": (["ctrl"], "ctrl"),
+    "top_k_method": (["fast"], "fast"),
+    "top_p_method": (["fast"], "fast"),
+}
+
+
+def test_cli_flags_are_derived_from_the_fields():
+    from jaxdecode import cli
+
+    names = {f.name for f in dataclasses.fields(GC)} - {"return_dict_in_generate"}
+    assert set(CLI_VALUES) == names, "a field without a CLI test value"
+    for name, (argv, want) in CLI_VALUES.items():
+        for flag in {f"--{name}", f"--{name.replace('_', '-')}"}:
+            args = cli.build_parser().parse_args(["generate", "x", flag, *argv])
+            got = cli._config_overrides(args)
+            assert set(got) == {name}, (flag, got)
+            config = GC(eos_token_id=2).replace(**got)
+            assert getattr(config, name) == want, (flag, got)
+        if name not in ("max_length", "min_length"):
+            config.validate(vocab_size=20)
+    args = cli.build_parser().parse_args(["generate", "x", "--no-do_sample"])
+    assert cli._config_overrides(args) == {"do_sample": False}
 
 
 # --------------------------------------------------------------------------- #

@@ -188,8 +188,9 @@ def test_report_pictures_and_html(lm, tmp_path, beams):
     decode = lambda t: lm.tokenizer.decode([t])
     written = explain.write_report(tr, str(tmp_path), decode=decode, steps=3, m=8)
     names = sorted(os.path.basename(p) for p in written)
-    want = ["index.html", "repetition_penalty.png", "step_00.png", "step_01.png", "step_02.png"]
-    want += ["temperature.png"] + (["beam_tree.png"] if beams > 1 else [])
+    want = ["index.html", "step_00.png", "step_01.png", "step_02.png", "temperature.png"]
+    # The repetition penalty is drawn only when the configuration has one.
+    want += ["repetition_penalty.png"] if beams == 1 else ["beam_tree.png"]
     assert names == sorted(want)
     for path in written[:-1]:
         size = os.path.getsize(path)
@@ -201,6 +202,7 @@ def test_report_pictures_and_html(lm, tmp_path, beams):
     assert page.count("data:image/png;base64,") == len(written) - 1
     assert "<table>" in page
     assert ("TopP" if beams == 1 else "Finished hypotheses") in page
+    assert "<p>Prompt: <code>And God said</code></p>" in page, "the prompt as text, not tokens"
 
 
 def test_repetition_penalty_effect_lowers_seen_tokens(lm):
@@ -209,6 +211,8 @@ def test_repetition_penalty_effect_lowers_seen_tokens(lm):
     ids, _ = _ids(lm, "the the the the")
     tr = trace(lm, ids, GREEDY.replace(repetition_penalty=1.0, frequency_penalty=0.0))
     before, after, used = explain.repetition_penalty_effect(tr, 1, 2.0)
+    fig = explain.plot_repetition_penalty(tr, 1, 2.0)  # asked for: an illustration, labelled
+    assert fig.axes[0].get_title().startswith("illustration, not in this configuration")
     seen = set(ids[0].tolist()) | {tr.chosen(0)}
     assert used == 2.0
     for t in seen:  # a seen token's probability only goes down... relative to unseen ones
@@ -227,9 +231,13 @@ def test_cli_explain(tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
-    assert "wrote 5 pictures" in res.stdout and str(out / "index.html") in res.stdout
+    # 2 steps, temperature, beam tree; no repetition penalty was asked for.
+    assert "wrote 4 pictures" in res.stdout and str(out / "index.html") in res.stdout
     assert res.stdout.startswith("In the beginning")
     assert (out / "beam_tree.png").is_file()
+    assert not (out / "repetition_penalty.png").exists()
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "<p>Prompt: <code>In the beginning</code></p>" in page
     res = subprocess.run(cmd + ["--steps", "0"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "--steps" in res.stderr
 
