@@ -10,6 +10,7 @@ lack either).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -185,3 +186,36 @@ def test_workers_import_without_jax_or_torch() -> None:
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_script_dry_run(tmp_path: Path) -> None:
+    """`benchmarks/gpu.sh --dry-run` runs its comparison on the CPU (tiny model, one
+    workload, one dtype) and writes the JSON and Markdown table it would on a GPU."""
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        DTYPES="bfloat16",
+        WORKLOADS="greedy_b64",
+        BUDGET_S="500",
+    )
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu.sh"), "--dry-run", "--out", str(tmp_path)],
+        cwd=tmp_path,  # the script finds the repository itself
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = tmp_path / "compare_hf_cpu_gpt2-tiny_bfloat16_dry_run.json"
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["settings"]["dtype"] == data["settings"]["hf_dtype"] == "bfloat16"
+    assert data["settings"]["hf_python"] == sys.executable
+    assert data["machine"]["transformers_device"] == "cpu"
+    [record] = data["records"]
+    assert record["workload"] == "greedy_b64" and record["batch"] == 64
+    assert record["jaxdecode_dtype"] == record["transformers_dtype"] == "bfloat16"
+    assert record["jaxdecode_new_tokens_ok"] and record["transformers_new_tokens_ok"]
+    assert "| greedy_b64 |" in out.with_suffix(".md").read_text(encoding="utf-8")
+    assert "| greedy_b64 |" in proc.stdout  # the summary at the end

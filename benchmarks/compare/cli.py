@@ -12,10 +12,11 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import common
 
-from .harness import LIB_NAMES, PEERS, Settings, run_benchmark
+from .harness import LIB_NAMES, PEERS, RunResult, Settings, run_benchmark
 from .models import MODELS
 from .protocol import BENCH_DIR, ROOT
 from .tables import (
@@ -242,7 +243,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from_args(args)
     load_before = common.load_avg()
-    result = run_benchmark(settings)
+    path = args.json
+
+    def write(result: RunResult) -> dict[str, Any]:
+        nonlocal path
+        document = result_document(result, settings, load_before)
+        if path is None:
+            platform = document["machine"].get("jax_backend", "cpu")
+            path = default_json_path(RESULTS, platform, settings, DEFAULT_MODEL)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        return document
+
+    # The JSON is rewritten after every workload: a run stopped early (a time
+    # limit on a borrowed GPU) keeps what it finished.
+    result = run_benchmark(settings, on_record=write)
     records = result.records
 
     print()
@@ -256,14 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(format_decode_table(records, ["jaxdecode", *peer_prefixes]))
 
-    document = result_document(result, settings, load_before)
-    machine = document["machine"]
-    print(f"\nload average (1, 5, 15 min): before {load_before}, after {machine['load_avg_after']}")
-    path = args.json or default_json_path(
-        RESULTS, machine.get("jax_backend", "cpu"), settings, DEFAULT_MODEL
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    document = write(result)
+    after = document["machine"]["load_avg_after"]
+    print(f"\nload average (1, 5, 15 min): before {load_before}, after {after}")
     print(f"wrote {path}")
     if args.markdown is not None:
         tables = []

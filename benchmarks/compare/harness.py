@@ -12,7 +12,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -326,11 +326,16 @@ class RunResult:
     loaded: dict[str, dict[str, Any]]
 
 
-def run_benchmark(settings: Settings) -> RunResult:
+def run_benchmark(
+    settings: Settings, on_record: Callable[[RunResult], None] | None = None
+) -> RunResult:
     """Measures the bandwidth, then every workload with every library.
 
     Args:
         settings: what to run.
+        on_record: called after each workload with what is measured so far (e.g.
+            to write the JSON as it grows, so that a run cut short keeps its
+            finished workloads).
 
     Returns:
         The records and what the workers reported.
@@ -364,6 +369,8 @@ def run_benchmark(settings: Settings) -> RunResult:
                 bench_workload(WORKLOADS[name], libs, settings, model, bandwidth["bandwidth_gbs"])
             )
             print(f"  {name} done", flush=True)
+            if on_record is not None:
+                on_record(RunResult(list(records), bandwidth, config, libs.info, libs.loaded))
     finally:
         info, loaded = dict(libs.info), dict(libs.loaded)
         libs.close()
