@@ -21,6 +21,11 @@
 #    (and a .md table beside it). A run that would start with under a minute left
 #    is skipped and said so; what finished is kept.
 #
+# The libraries' processes are shared by a run's workloads (fresh ones per workload
+# would cost about two minutes of the budget): JAX's device peak memory is then the
+# maximum since the run started ("device_peak_scope": "process"); torch's is per
+# workload.
+#
 # float32 runs set JAX_DEFAULT_MATMUL_PRECISION=float32: XLA's default lets a
 # float32 matrix product run as TF32 on a GPU, torch's default does not; both do
 # full float32 then (each JSON records both settings).

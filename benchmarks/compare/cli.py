@@ -28,7 +28,14 @@ from .tables import (
 )
 from .workloads import DEFAULT_WORKLOADS, WORKLOADS
 
-__all__ = ["DEFAULT_MODEL", "QUICK_MODEL", "main", "parse_args"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "QUICK_MODEL",
+    "build_parser",
+    "main",
+    "parse_args",
+    "settings_from_args",
+]
 
 RESULTS = BENCH_DIR / "results"
 DEFAULT_MODEL = "gpt2-small"
@@ -40,15 +47,8 @@ FLAX_VENV_HELP = (
 )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The command line.
-
-    Args:
-        argv: arguments (default: `sys.argv[1:]`).
-
-    Returns:
-        The parsed options, `--quick`'s defaults filled in.
-    """
+def build_parser() -> argparse.ArgumentParser:
+    """The options (one flat `add_argument` per option, hence the length)."""
     parser = argparse.ArgumentParser(
         prog="compare_hf.py",
         description=__doc__.splitlines()[0],
@@ -168,6 +168,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="also write the tables as Markdown (README style) to this file",
     )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line.
+
+    Args:
+        argv: arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        The parsed options, `--quick`'s defaults filled in.
+    """
+    parser = build_parser()
     args = parser.parse_args(argv)
     # --quick changes the defaults; options given explicitly win.
     sizes = dict(prompt_len=8, new_tokens=8, runs=1, bw_mb=64, workers="shared")

@@ -195,6 +195,82 @@ def _alternate(
     return times
 
 
+def _library_fields(
+    workload: Workload,
+    settings: Settings,
+    model: Geometry,
+    bandwidth_gbs: float,
+    *,
+    loaded: dict[str, Any],
+    setup: dict[str, Any],
+    memory: dict[str, Any],
+    run_s: list[float],
+    one_s: list[float] | None,
+) -> dict[str, Any]:
+    """One library's fields of a workload record (without the comparison with jaxdecode).
+
+    Args:
+        workload: what was decoded.
+        settings: sizes and whether one-token runs were timed.
+        model: the checkpoint's sizes.
+        bandwidth_gbs: the measured memory bandwidth.
+        loaded: the library's `load` reply.
+        setup: its `setup` reply (with "one", the `setup_one` reply, when timed).
+        memory: its `memory` reply.
+        run_s: its timed full runs, seconds.
+        one_s: its timed one-token runs, seconds (None: not timed).
+
+    Returns:
+        The fields, unprefixed ("ms_per_step", "mbu", ...).
+    """
+    n = settings.new_tokens
+    med_s = statistics.median(run_s)
+    ms = med_s / n * 1e3
+    kv = kv_bytes_per_step(
+        model.layers,
+        workload.rows,
+        settings.prompt_len,
+        n,
+        model.kv_width,
+        loaded["cache_itemsize"],
+    )
+    step_bytes = loaded["weight_bytes"] + kv
+    peak = memory["device_peak_mb"]
+    fields: dict[str, Any] = {
+        "ms_per_step": ms,
+        "min_ms_per_step": min(run_s) / n * 1e3,
+        "run_s": run_s,
+        "tokens_per_s": workload.batch * n / med_s,
+        "compile_s": setup["compile_s"],
+        "first_call_s": setup["first_call_s"],
+        "first_call_minus_median_s": setup["first_call_s"] - med_s,
+        "peak_mb": peak if peak is not None else memory["peak_rss_mb"],
+        "peak_rss_mb": memory["peak_rss_mb"],
+        "rss_before_mb": memory["rss_before_mb"],
+        "peak_scope": memory["peak_scope"],
+        "device_peak_mb": memory["device_peak_mb"],
+        "device_peak_scope": memory["device_peak_scope"],
+        "weight_bytes": loaded["weight_bytes"],
+        "kv_bytes_per_step": kv,
+        "mbu": mbu(step_bytes, ms / 1e3, bandwidth_gbs),
+        "dtype": loaded["dtype"],
+        "new_tokens_ok": setup["new_tokens_ok"],
+    }
+    if "compile_phases_s" in setup:
+        fields["compile_phases_s"] = setup["compile_phases_s"]
+    if "device" in loaded:
+        fields["device"] = loaded["device"]
+    if one_s is not None:
+        one = statistics.median(one_s)
+        fields["one_token_s"] = one
+        fields["one_token_compile_s"] = setup["one"]["compile_s"]
+        if n > 1:
+            decode_ms = (med_s - one) / (n - 1) * 1e3
+            fields["decode_ms_per_step"] = decode_ms
+            fields["mbu_decode"] = mbu(step_bytes, decode_ms / 1e3, bandwidth_gbs)
+    return fields
+
+
 def bench_workload(
     workload: Workload,
     libs: Libraries,
@@ -246,60 +322,29 @@ def bench_workload(
         "new_tokens": n,
         "runs": s.runs,
     }
-    jd_seqs = np.asarray(setup["jd"]["sequences"])
     for name in names:
-        prefix = LIB_NAMES[name]
-        loaded = libs.loaded[name]
-        run_s = times[name]
-        med_s = statistics.median(run_s)
-        ms = med_s / n * 1e3
-        kv = kv_bytes_per_step(
-            model.layers, workload.rows, s.prompt_len, n, model.kv_width, loaded["cache_itemsize"]
+        fields = _library_fields(
+            workload,
+            settings,
+            model,
+            bandwidth_gbs,
+            loaded=libs.loaded[name],
+            setup=setup[name],
+            memory=memory[name],
+            run_s=times[name],
+            one_s=one_times.get(name),
         )
-        step_bytes = loaded["weight_bytes"] + kv
-        mem = memory[name]
-        peak = mem["device_peak_mb"] if mem["device_peak_mb"] is not None else mem["peak_rss_mb"]
-        fields: dict[str, Any] = {
-            "ms_per_step": ms,
-            "min_ms_per_step": min(run_s) / n * 1e3,
-            "run_s": run_s,
-            "tokens_per_s": workload.batch * n / med_s,
-            "compile_s": setup[name]["compile_s"],
-            "first_call_s": setup[name]["first_call_s"],
-            "first_call_minus_median_s": setup[name]["first_call_s"] - med_s,
-            "peak_mb": peak,
-            "peak_rss_mb": mem["peak_rss_mb"],
-            "rss_before_mb": mem["rss_before_mb"],
-            "peak_scope": mem["peak_scope"],
-            "device_peak_mb": mem["device_peak_mb"],
-            "device_peak_scope": mem["device_peak_scope"],
-            "weight_bytes": loaded["weight_bytes"],
-            "kv_bytes_per_step": kv,
-            "mbu": mbu(step_bytes, ms / 1e3, bandwidth_gbs),
-            "dtype": loaded["dtype"],
-            "new_tokens_ok": setup[name]["new_tokens_ok"],
-        }
-        if "compile_phases_s" in setup[name]:
-            fields["compile_phases_s"] = setup[name]["compile_phases_s"]
-        if name == "hf":
-            fields["device"] = loaded["device"]
-        if s.prefill:
-            one = statistics.median(one_times[name])
-            fields["one_token_s"] = one
-            fields["one_token_compile_s"] = setup[name]["one"]["compile_s"]
-            if n > 1:
-                decode_ms = (med_s - one) / (n - 1) * 1e3
-                fields["decode_ms_per_step"] = decode_ms
-                fields["mbu_decode"] = mbu(step_bytes, decode_ms / 1e3, bandwidth_gbs)
         if name != "jd":
-            jd_ms = record["jaxdecode_ms_per_step"]
-            fields["ratio"] = ms / jd_ms  # peer / jaxdecode: > 1 means jaxdecode is faster
+            # peer / jaxdecode: > 1 means jaxdecode is faster
+            fields["ratio"] = fields["ms_per_step"] / record["jaxdecode_ms_per_step"]
             if workload.has_parity:
                 peer_seqs = np.asarray(setup[name]["sequences"])
+                jd_seqs = np.asarray(setup["jd"]["sequences"])
                 fields["parity"] = bool(np.array_equal(peer_seqs, jd_seqs))
                 fields["first_mismatch"] = first_mismatch(peer_seqs, jd_seqs)
             else:
                 fields["parity"] = None
+        prefix = LIB_NAMES[name]
         for key, value in fields.items():
             record[f"{prefix}_{key}" if key != "ratio" or name != "hf" else "ratio"] = value
     if "hf" in names:
