@@ -190,7 +190,7 @@ def test_workers_import_without_jax_or_torch() -> None:
 
 def test_gpu_script_dry_run(tmp_path: Path) -> None:
     """`benchmarks/gpu.sh --dry-run` runs its comparison on the CPU (tiny model, one
-    workload, one dtype) and writes the JSON and Markdown table it would on a GPU."""
+    workload, one dtype) and writes the JSON and the Markdown summary it would on a GPU."""
     env = dict(
         os.environ,
         PYTHON=sys.executable,
@@ -217,5 +217,9 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
     assert record["workload"] == "greedy_b64" and record["batch"] == 64
     assert record["jaxdecode_dtype"] == record["transformers_dtype"] == "bfloat16"
     assert record["jaxdecode_new_tokens_ok"] and record["transformers_new_tokens_ok"]
-    assert "| greedy_b64 |" in out.with_suffix(".md").read_text(encoding="utf-8")
-    assert "| greedy_b64 |" in proc.stdout  # the summary at the end
+    summary = (tmp_path / "compare_hf_cpu_dry_run_summary.md").read_text(encoding="utf-8")
+    assert "## gpt2-tiny, bfloat16" in summary and "| greedy_b64 |" in summary
+    assert summary in proc.stdout  # printed at the end
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [out.name, "compare_hf_cpu_dry_run_summary.md"]
+    )
