@@ -46,7 +46,8 @@
 # CPU, transformers on the CPU, the tiny model and --quick sizes, results in a
 # temporary directory (or --out DIR). PYTHON picks the interpreter (default python3;
 # for a dry run it needs jaxdecode's dependencies, torch and transformers; on a GPU
-# machine it only creates the two environments, so it must be one jax supports).
+# machine that lacks them it only creates the two environments, so it must be a
+# Python version that jax supports).
 #
 # Settings (environment variables):
 #   INSTALL    auto (default: install only if PYTHON lacks something), always, never

@@ -112,7 +112,9 @@ class JaxdecodeWorker(JaxMixin, Worker):
             "jax_devices": [str(d) for d in jax.devices()],
             "jax_device_kind": device.device_kind,
             # float32 matmuls on a GPU: XLA's default may use TF32 (JAX_DEFAULT_MATMUL_PRECISION).
-            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+            "jax_default_matmul_precision": getattr(
+                jax.config, "jax_default_matmul_precision", None
+            ),
         }
 
     def cmd_bandwidth(self, mb: int, reps: int) -> dict[str, Any]:
