@@ -1,8 +1,8 @@
 """Helpers shared by the benchmark scripts: machine facts and process memory.
 
-Standard library only, so that any interpreter can import it (the `compare_hf.py`
-worker for transformers 4.57's Flax generate runs in its own virtual environment,
-without jaxdecode).
+Standard library only, so that any interpreter can import it (the workers of the
+`compare` package may run in virtual environments without jaxdecode: transformers
+4.57's Flax generate, or CUDA torch apart from JAX's CUDA libraries in `gpu.sh`).
 """
 
 from __future__ import annotations
