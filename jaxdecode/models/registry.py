@@ -64,6 +64,7 @@ class Family:
 # model_type -> module defining `FAMILY` (imported on first lookup).
 _BUILTIN: dict[str, str] = {
     "gpt2": "jaxdecode.models.gpt2",
+    **{t: "jaxdecode.models.llama" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
 }
 
 _REGISTERED: dict[str, Family] = {}
