@@ -1,31 +1,29 @@
-"""Hugging Face GPT-2 checkpoints: read, check, convert, write.
+"""Hugging Face checkpoints, whatever the model family: find, read, check, write.
 
-Reads `config.json` + `model.safetensors` (or the shards of
-`model.safetensors.index.json`), checks every tensor's name and shape against the
-config, and converts to the Flax parameter tree of `jaxdecode.models.gpt2`. It
-never unpickles: a directory with only `pytorch_model.bin` is refused unless the
-caller passes `allow_pickle=True` (then `torch.load(weights_only=True)` reads it).
-Writing produces a checkpoint that `transformers.GPT2LMHeadModel.from_pretrained`
-loads.
+Finds a checkpoint (a local directory, the bundled model, or a hub id), reads
+`config.json` and `model.safetensors` (or the shards of
+`model.safetensors.index.json`) as NumPy arrays, checks tensors against the
+shapes a family's converter expects (`checked_tensors`), and writes a
+directory transformers loads. It never unpickles: a directory with only
+`pytorch_model.bin` is refused unless the caller passes `allow_pickle=True`
+(then `torch.load(weights_only=True)` reads it). Names, layouts and shapes
+belong to each family's `convert.py` (`jaxdecode.models.<family>`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
-
-from jaxdecode.models.gpt2 import GPT2Config
 
 __all__ = [
     "read_config",
     "read_state_dict",
-    "params_from_state_dict",
-    "state_dict_from_params",
+    "checked_tensors",
+    "to_storage",
     "write_checkpoint",
     "resolve_checkpoint_dir",
 ]
@@ -40,63 +38,10 @@ GENERATION_CONFIG = "generation_config.json"
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", "kjv-gpt2")
 BUNDLED_NAMES = ("bundled", "kjv-gpt2")
 
-# Buffers that older GPT-2 checkpoints carry (causal-mask constants): not parameters.
-_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
-
-def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor names (without the `transformer.` prefix) -> shapes."""
-    e, inner = config.n_embd, config.inner_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "wte.weight": (config.vocab_size, e),
-        "wpe.weight": (config.n_positions, e),
-        "ln_f.weight": (e,),
-        "ln_f.bias": (e,),
-    }
-    for i in range(config.n_layer):
-        h = f"h.{i}."
-        shapes.update(
-            {
-                h + "ln_1.weight": (e,),
-                h + "ln_1.bias": (e,),
-                h + "attn.c_attn.weight": (e, 3 * e),
-                h + "attn.c_attn.bias": (3 * e,),
-                h + "attn.c_proj.weight": (e, e),
-                h + "attn.c_proj.bias": (e,),
-                h + "ln_2.weight": (e,),
-                h + "ln_2.bias": (e,),
-                h + "mlp.c_fc.weight": (e, inner),
-                h + "mlp.c_fc.bias": (inner,),
-                h + "mlp.c_proj.weight": (inner, e),
-                h + "mlp.c_proj.bias": (e,),
-            }
-        )
-    return shapes
-
-
-def _is_conv1d(name: str) -> bool:
-    """GPT-2's Conv1D weights are `[in, out]`; jaxdecode stores them `[out, in]`."""
-    return name.endswith(".weight") and name.split(".")[-2] in ("c_attn", "c_proj", "c_fc")
-
-
-def _flax_path(name: str) -> tuple[str, ...]:
-    """`h.3.attn.c_attn.weight` -> `("h_3", "attn", "c_attn", "weight")`."""
-    parts = name.split(".")
-    if parts[0] == "h":
-        parts = [f"h_{parts[1]}", *parts[2:]]
-    leaf = parts[-1]
-    module = parts[-2]
-    if module in ("wte", "wpe"):
-        parts[-1] = "embedding"
-    elif module.startswith("ln"):
-        parts[-1] = "scale" if leaf == "weight" else "bias"
-    else:
-        parts[-1] = leaf  # projections: `weight` (stored transposed, see _CONV1D) / `bias`
-    return tuple(parts)
-
-
-def read_config(directory: str) -> GPT2Config:
-    """Reads and checks `config.json` of a GPT-2 checkpoint directory."""
+def read_config(directory: str) -> dict[str, Any]:
+    """The `config.json` of a checkpoint directory as a dict (a model family's
+    config class reads it)."""
     path = os.path.join(directory, CONFIG)
     if not os.path.isfile(path):
         raise ValueError(f"{directory} has no {CONFIG}; is it a Hugging Face model directory?")
@@ -105,10 +50,9 @@ def read_config(directory: str) -> GPT2Config:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    try:
-        return GPT2Config.from_hf(data)
-    except TypeError as e:
-        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _load_safetensors_file(path: str) -> dict[str, np.ndarray]:
@@ -158,7 +102,7 @@ def read_state_dict(directory: str, *, allow_pickle: bool = False) -> dict[str, 
             raise ValueError(
                 f"{directory} has only {PICKLE} (a pickle, which can run code when loaded); "
                 "jaxdecode reads safetensors. Convert it once with transformers: "
-                "`GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`, "
+                "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)`, "
                 "or pass allow_pickle=True if you trust the file"
             )
         import torch  # only for this opt-in path
@@ -176,95 +120,79 @@ def read_state_dict(directory: str, *, allow_pickle: bool = False) -> dict[str, 
     )
 
 
-def params_from_state_dict(
-    state: Mapping[str, np.ndarray], config: GPT2Config, dtype: Any = jnp.float32
-) -> dict[str, Any]:
-    """Checks names and shapes, then builds the Flax parameter tree.
+def checked_tensors(
+    state: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    normalize: Callable[[str], str | None],
+    context: str,
+) -> dict[str, np.ndarray]:
+    """The tensors of `state` under their normalized names, each checked.
+
+    Args:
+        state: checkpoint name -> array, as read.
+        expected: normalized name -> shape, from the config.
+        normalize: checkpoint name -> normalized name, or None for a tensor to
+            skip (a buffer, a tied head already checked by the caller).
+        context: what the checkpoint should be, for the unexpected-tensor
+            message (e.g. "a GPT-2 with n_layer=2").
 
     Raises:
-        ValueError: naming the first missing, unexpected or misshapen tensor.
+        ValueError: naming the first unexpected, misshapen, non-floating or
+            missing tensor.
     """
-    expected = _expected_shapes(config)
     found: dict[str, np.ndarray] = {}
     for raw_name, tensor in state.items():
-        name = raw_name.removeprefix("transformer.")
-        if name.endswith(_BUFFER_SUFFIXES):
-            continue
-        if name == "lm_head.weight":  # tied to wte: must agree in shape, then unused
-            if tuple(tensor.shape) != expected["wte.weight"]:
-                raise ValueError(
-                    f"tensor lm_head.weight has shape {tuple(tensor.shape)}, expected "
-                    f"{expected['wte.weight']} (tied to wte.weight)"
-                )
+        name = normalize(raw_name)
+        if name is None:
             continue
         if name not in expected:
+            raise ValueError(f"unexpected tensor {raw_name} for {context}")
+        if tuple(tensor.shape) != tuple(expected[name]):
             raise ValueError(
-                f"unexpected tensor {raw_name} for a GPT-2 with n_layer={config.n_layer}"
+                f"tensor {raw_name} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(expected[name])} from config.json"
             )
-        if tuple(tensor.shape) != expected[name]:
-            raise ValueError(
-                f"tensor {raw_name} has shape {tuple(tensor.shape)}, expected {expected[name]} from config.json"
-            )
-        found[name] = tensor
+        array = np.asarray(tensor)
+        if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
+            raise ValueError(f"tensor {name} has dtype {array.dtype}, expected a floating type")
+        found[name] = array
     missing = [n for n in expected if n not in found]
     if missing:
         raise ValueError(
             f"checkpoint is missing tensor {missing[0]} ({len(missing)} missing in all)"
         )
-    params: dict[str, Any] = {}
-    for name, tensor in found.items():
-        node = params
-        *parents, leaf = _flax_path(name)
-        for p in parents:
-            node = node.setdefault(p, {})
-        array = np.asarray(tensor)
-        if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-            raise ValueError(f"tensor {name} has dtype {array.dtype}, expected a floating type")
-        if _is_conv1d(name):
-            array = array.T
-        node[leaf] = jnp.asarray(array, dtype=dtype)
-    return params
+    return found
 
 
-_STORAGE = {"float32": np.float32, "float16": np.float16}
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def state_dict_from_params(
-    params: Mapping[str, Any], config: GPT2Config, dtype: str = "float32"
-) -> dict[str, np.ndarray]:
-    """The inverse of `params_from_state_dict`, with transformers' `transformer.` names.
-
-    `dtype`: storage type, "float32" or "float16" (half the file size)."""
-    if dtype not in _STORAGE:
-        raise ValueError(f"dtype must be one of {sorted(_STORAGE)}, got {dtype!r}")
-    out = {}
-    for name in _expected_shapes(config):
-        node: Any = params
-        for p in _flax_path(name):
-            node = node[p]
-        array = np.asarray(np.asarray(node, dtype=np.float32), dtype=_STORAGE[dtype])
-        if _is_conv1d(name):
-            array = array.T
-        out["transformer." + name] = np.ascontiguousarray(array)
-    return out
+def to_storage(array: Any, dtype: str) -> np.ndarray:
+    """`array` as a contiguous NumPy array of storage type `dtype` (a key of
+    `STORAGE_DTYPES`), going through float32 (bfloat16 params included)."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    out = np.asarray(np.asarray(array, dtype=np.float32), dtype=STORAGE_DTYPES[dtype])
+    return np.ascontiguousarray(out)
 
 
 def write_checkpoint(
     directory: str,
-    params: Mapping[str, Any],
-    config: GPT2Config,
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
     generation_config: Mapping[str, Any] | None = None,
     dtype: str = "float32",
 ) -> None:
-    """Writes `config.json`, `model.safetensors` (`dtype`) and, when given,
-    `generation_config.json`: a directory transformers loads."""
+    """Writes `config.json`, `model.safetensors` (every tensor of `state` stored
+    as `dtype`) and, when given, `generation_config.json`: a directory
+    transformers loads."""
     from safetensors.numpy import save_file
 
-    state = state_dict_from_params(params, config, dtype)  # validates dtype first
+    tensors = {name: to_storage(array, dtype) for name, array in state.items()}
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as f:
-        json.dump(config.to_hf(), f, indent=2)
-    save_file(state, os.path.join(directory, SAFETENSORS), {"format": "pt"})
+        json.dump(dict(config), f, indent=2)
+    save_file(tensors, os.path.join(directory, SAFETENSORS), {"format": "pt"})
     if generation_config is not None:
         with open(os.path.join(directory, GENERATION_CONFIG), "w", encoding="utf-8") as f:
             json.dump(dict(generation_config), f, indent=2)

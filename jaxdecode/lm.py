@@ -18,8 +18,8 @@ from flax import struct
 from jaxdecode import checkpoints
 from jaxdecode.config import GenerationConfig
 from jaxdecode.generation import generate
+from jaxdecode.models import registry
 from jaxdecode.models.base import Decoder, positions_from_mask
-from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder
 from jaxdecode.tokenizers import Tokenizer, load_tokenizer
 
 Array = jax.Array
@@ -34,7 +34,8 @@ class CausalLM:
     Attributes:
         params: the parameter pytree (leaves).
         decoder: the `Decoder` (pure `init_cache` / `apply`), static.
-        config: the model config (e.g. `GPT2Config`), static.
+        config: the model config (e.g. `GPT2Config`), static; `save_pretrained`
+            finds the model family from its `model_type`.
         generation_config: defaults for `generate`, static.
         tokenizer: a `Tokenizer` or None, static.
     """
@@ -72,11 +73,17 @@ class CausalLM:
     def save_pretrained(self, directory: str, *, dtype: str = "float32") -> None:
         """Writes a Hugging Face checkpoint that transformers loads: config.json,
         model.safetensors (stored as `dtype`, "float32" or "float16"),
-        generation_config.json, and tokenizer.json when the model has a tokenizer."""
-        if not isinstance(self.config, GPT2Config):
-            raise ValueError("save_pretrained supports GPT-2 models (config must be a GPT2Config)")
+        generation_config.json, and tokenizer.json when the model has a tokenizer.
+
+        Works for any registered model family (`jaxdecode.models.registry`)."""
+        if dtype not in checkpoints.STORAGE_DTYPES:
+            raise ValueError(
+                f"dtype must be one of {sorted(checkpoints.STORAGE_DTYPES)}, got {dtype!r}"
+            )
+        family = registry.family_for_config(self.config)
+        state = family.state_dict_from_params(self.params, self.config)
         checkpoints.write_checkpoint(
-            directory, self.params, self.config, self.generation_config.to_hf(), dtype=dtype
+            directory, state, self.config.to_hf(), self.generation_config.to_hf(), dtype=dtype
         )
         if self.tokenizer is not None:
             self.tokenizer.save(directory)
@@ -102,11 +109,12 @@ def from_pretrained(
     allow_pickle: bool = False,
     revision: str | None = None,
 ) -> CausalLM:
-    """Loads a Hugging Face GPT-2 checkpoint (local directory or hub id).
+    """Loads a Hugging Face checkpoint (local directory or hub id) of any
+    registered model family, chosen by `config.json`'s `model_type`.
 
     Args:
         path_or_repo_id: a directory with `config.json` and `model.safetensors`
-            (or sharded safetensors), or a hub id such as "gpt2".
+            (or sharded safetensors), "bundled", or a hub id such as "gpt2".
         dtype: parameter and cache dtype (float32 or bfloat16).
         allow_pickle: read `pytorch_model.bin` when no safetensors exist.
         revision: hub revision.
@@ -120,18 +128,27 @@ def from_pretrained(
     directory = checkpoints.resolve_checkpoint_dir(
         os.fspath(path_or_repo_id), revision=revision, allow_pickle=allow_pickle
     )
-    config = checkpoints.read_config(directory)
+    data = checkpoints.read_config(directory)
+    family = registry.lookup(data.get("model_type", "gpt2"))
+    try:
+        config = family.config_class.from_hf(data)
+    except TypeError as e:
+        raise ValueError(f"{os.path.join(directory, checkpoints.CONFIG)}: {e}") from None
     state = checkpoints.read_state_dict(directory, allow_pickle=allow_pickle)
-    params = checkpoints.params_from_state_dict(state, config, dtype)
+    params = family.params_from_state_dict(state, config, dtype)
+    decoder = family.decoder(config, dtype)
     gen_path = os.path.join(directory, checkpoints.GENERATION_CONFIG)
     if os.path.isfile(gen_path):
         gen = GenerationConfig.from_hf(gen_path)
     else:
-        gen = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
-    gen.validate(vocab_size=config.vocab_size)
+        gen = GenerationConfig(
+            bos_token_id=getattr(config, "bos_token_id", None),
+            eos_token_id=getattr(config, "eos_token_id", None),
+        )
+    gen.validate(vocab_size=decoder.vocab_size)
     return CausalLM(
         params=params,
-        decoder=gpt2_decoder(config, dtype),
+        decoder=decoder,
         config=config,
         generation_config=gen,
         tokenizer=load_tokenizer(directory),

@@ -20,7 +20,7 @@ it; see README ("Scaling out").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,7 +35,8 @@ __all__ = [
     "MODEL",
     "make_mesh",
     "parse_mesh",
-    "gpt2_param_specs",
+    "path_names",
+    "constrain",
     "param_shardings",
     "shard_params",
     "cache_specs",
@@ -99,39 +100,20 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*entries)
 
 
-def gpt2_param_specs(params: Mapping[str, Any]) -> Any:
-    """Megatron-style tensor parallelism for jaxdecode's GPT-2 parameters.
-
-    Projections are stored `[out, in]`: the QKV and MLP-in projections are split
-    by output (heads, hidden units), the attention and MLP-out projections by
-    input, so each pair needs one reduction; the tied embedding `[vocab, embd]`
-    is split by vocabulary, so the logits come out vocabulary-sharded. Layer
-    norms and position embeddings are replicated.
-    """
-
-    def spec(path: tuple[Any, ...], leaf: Any) -> P:
-        names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
-        name = names[-1]
-        module = names[-2] if len(names) > 1 else ""
-        parent = names[-3] if len(names) > 2 else ""
-        if module == "wte" and name == "embedding":
-            return P(MODEL, None)
-        if module in ("c_attn", "c_fc"):
-            return P(MODEL, None) if name == "weight" else P(MODEL)
-        if module == "c_proj" and parent in ("attn", "mlp"):
-            return P(None, MODEL) if name == "weight" else P()
-        return P()
-
-    return jax.tree_util.tree_map_with_path(spec, params)
+def path_names(path: tuple[Any, ...]) -> list[str]:
+    """The key names of a `tree_map_with_path` path (`["h_0", "attn", "c_attn", "weight"]`),
+    for families' spec functions that match parameters by name."""
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
 def param_shardings(params: Any, mesh: Mesh, specs: Callable[[Any], Any] | None = None) -> Any:
     """`NamedSharding`s for `params` from `specs(params)` (default: replicated).
 
-    A leaf whose sharded dimension does not divide by the mesh axis is split
-    along another dimension that does (GPT-2's embedding `[50257, 768]` over 2
-    devices: by its 768 columns instead of its vocabulary), else replicated: a
-    placement, never a change of the result.
+    `specs` is a model family's spec function (`Decoder.param_specs`). A leaf
+    whose sharded dimension does not divide by the mesh axis is split along
+    another dimension that does (an embedding `[50257, 768]` over 2 devices: by
+    its 768 columns instead of its vocabulary), else replicated: a placement,
+    never a change of the result.
     """
     tree = specs(params) if specs is not None else jax.tree_util.tree_map(lambda _: P(), params)
 

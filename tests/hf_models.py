@@ -129,3 +129,76 @@ def left_padded_batch(
         ids[b, :p] = 0
         mask[b, :p] = 0
     return ids, mask
+
+
+# --------------------------------------------------------------------------- #
+# Llama-style families (llama, mistral, qwen2, qwen3, gemma).
+# --------------------------------------------------------------------------- #
+
+LLAMA_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+}
+
+# Small defaults (GQA: 4 query heads over 2 KV heads; head_dim 8 != hidden / heads).
+LLAMA_TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def make_llama_model(model_type: str = "llama", seed: int = 0, spread: float = 1.0, **config: Any):
+    """A transformers Llama-style model (eager attention, float32, eval) with wide
+    random weights: embeddings and heads normal(0, spread), projections
+    normal(0, spread / sqrt(fan_in)), biases normal(0, 0.1), norm weights around
+    identity with spread 0.2 (Gemma's `(1 + w)` form: around 0)."""
+    config_cls, model_cls = (getattr(transformers, n) for n in LLAMA_CLASSES[model_type])
+    torch.manual_seed(seed)
+    hf_config = config_cls(**{**LLAMA_TINY, **config}, attn_implementation="eager")
+    model = model_cls(hf_config).eval()
+    identity = 0.0 if model_type == "gemma" else 1.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name or "lm_head" in name:
+                p.normal_(0.0, spread)
+            elif "norm" in name:
+                p.copy_(identity + 0.2 * torch.randn_like(p))
+            elif name.endswith("weight"):  # Linear: [out, in]
+                p.normal_(0.0, spread / math.sqrt(p.shape[1]))
+            else:
+                p.normal_(0.0, 0.1 * spread)
+    return model
+
+
+def hf_step_logits(model: Any, ids: Any, mask: Any, prefill: int) -> np.ndarray:
+    """transformers' logits from a prefill of `prefill` tokens, then one token per
+    call through its own cache (what `generate` does; for dynamic RoPE this
+    differs from one full pass)."""
+    ids = torch.as_tensor(np.asarray(ids, np.int64))
+    mask = torch.as_tensor(np.asarray(mask, np.int64))
+    positions = torch.as_tensor(np.asarray(jd.positions_from_mask(np.asarray(mask)), np.int64))
+    out, cache = [], None
+    with torch.no_grad():
+        for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
+            res = model(
+                ids[:, start:stop],
+                attention_mask=mask[:, :stop],
+                position_ids=positions[:, start:stop],
+                cache=cache,
+                use_cache=True,
+            )
+            cache = res.cache
+            out.append(res.logits.float().numpy())
+    return np.concatenate(out, axis=1)

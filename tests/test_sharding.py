@@ -197,3 +197,33 @@ def test_cli_eval_on_a_mesh(tmp_path):
 def test_fit_spec(spec, shape, want):
     mesh = AbstractMesh((2, 8), ("data", "model"))
     assert fit_spec(spec, shape, mesh) == want
+
+
+@pytest.fixture(scope="module")
+def llama_mesh_runs():
+    res = subprocess.run(
+        [sys.executable, os.path.join(HERE, "llama_mesh_worker.py")],
+        env=EIGHT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return _last_json(res.stdout)
+
+
+@pytest.mark.parametrize("mesh", ["4x2", "2x4", "1x8"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_gqa_llama_on_a_mesh_equals_single_device(llama_mesh_runs, mesh, strategy):
+    """8 query heads over 2 KV heads: on model axes of 4 and 8 the KV heads do not
+    divide, the cache splits its head dimension instead; the tokens never change."""
+    single = np.asarray(llama_mesh_runs["single"][strategy])
+    np.testing.assert_array_equal(np.asarray(llama_mesh_runs["meshes"][mesh][strategy]), single)
+    assert single.shape[0] == 8
+
+
+def test_gqa_llama_placements(llama_mesh_runs):
+    runs = llama_mesh_runs["meshes"]
+    assert runs["4x2"]["cache_spec"] == "P(None, 'data', 'model', None, None)"
+    assert runs["1x8"]["cache_spec"] == "P(None, 'data', None, None, 'model')"
+    assert runs["2x4"]["k_proj_spec"] == "P('model', None)"

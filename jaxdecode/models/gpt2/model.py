@@ -4,9 +4,7 @@ The architecture of Hugging Face's `GPT2LMHeadModel`: learned position
 embeddings, pre-LayerNorm blocks, `gelu_new` MLP (or any `activation_function`
 transformers allows for GPT-2), tied LM head. Parameter names mirror the
 checkpoint's (`wte`, `wpe`, `h_0.attn.c_attn`, ...). Projection weights are
-stored `[out, in]` (PyTorch `Linear`'s layout, the transpose of GPT-2's Conv1D):
-XLA's CPU matrix-vector product streams that layout ~15% faster at small batch,
-and decoding one token per step is all matrix-vector products.
+stored `[out, in]` (`layers.Dense`, the transpose of GPT-2's Conv1D).
 
 `gpt2_decoder(config)` returns the `Decoder` (pure `init_cache` / `apply`) that
 the decoding loops use.
@@ -14,9 +12,6 @@ the decoding loops use.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -25,130 +20,16 @@ import jax.numpy as jnp
 
 from jaxdecode.cache import KVCache, init_cache, visible_slots
 from jaxdecode.models.base import Decoder
-from jaxdecode.sharding import gpt2_param_specs
+from jaxdecode.models.gpt2.config import GPT2Config
+from jaxdecode.models.gpt2.sharding import gpt2_param_specs
+from jaxdecode.models.layers import ACTIVATIONS, Dense, attend
 
 Array = jax.Array
 
-__all__ = ["GPT2Config", "GPT2LMHeadModel", "gpt2_decoder", "ACTIVATIONS"]
+__all__ = ["GPT2LMHeadModel", "gpt2_decoder", "init_params", "LM_HEAD_T"]
 
 # Name of the transposed LM head `gpt2_decoder`'s `prepare` adds for one-row decoding.
 LM_HEAD_T = "lm_head_t"
-
-
-def _gelu_tanh(x: Array) -> Array:
-    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * jnp.power(x, 3.0))))
-
-
-def _gelu_fast(x: Array) -> Array:
-    return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
-
-
-# The activation names transformers' ACT2FN accepts that make sense for GPT-2.
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_fast": _gelu_fast,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "linear": lambda x: x,
-}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GPT2Config:
-    """The `GPT2Config` fields that change inference (names as in transformers)."""
-
-    vocab_size: int = 50257
-    n_positions: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_inner: int | None = None
-    activation_function: str = "gelu_new"
-    layer_norm_epsilon: float = 1e-5
-    scale_attn_weights: bool = True
-    scale_attn_by_inverse_layer_idx: bool = False
-    reorder_and_upcast_attn: bool = False
-    bos_token_id: int | None = 50256
-    eos_token_id: int | None = 50256
-    tie_word_embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPT2Config.{name} must be an integer >= 1, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPT2Config.n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
-            )
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
-            raise ValueError(
-                f"GPT2Config.n_inner must be None or an integer >= 1, got {self.n_inner!r}"
-            )
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(
-                f"GPT2Config.activation_function must be one of {sorted(ACTIVATIONS)}, "
-                f"got {self.activation_function!r}"
-            )
-        if not self.tie_word_embeddings:
-            raise ValueError(
-                "GPT2Config.tie_word_embeddings=False is not supported (GPT-2 ties its LM head)"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def inner_dim(self) -> int:
-        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
-
-    @classmethod
-    def from_hf(cls, data: Mapping[str, Any]) -> GPT2Config:
-        """From a transformers `config.json` dict (unknown keys ignored)."""
-        model_type = data.get("model_type", "gpt2")
-        if model_type != "gpt2":
-            raise ValueError(f"config.json model_type must be 'gpt2', got {model_type!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in names}
-        for key, alias in (
-            ("n_embd", "hidden_size"),
-            ("n_layer", "num_hidden_layers"),
-            ("n_head", "num_attention_heads"),
-            ("n_positions", "max_position_embeddings"),
-        ):
-            if key not in kwargs and alias in data:
-                kwargs[key] = data[alias]
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-        return cls(**kwargs)
-
-    def to_hf(self) -> dict[str, Any]:
-        """A `config.json` dict that `transformers.GPT2Config` loads."""
-        out = dataclasses.asdict(self)
-        out.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
-        return out
-
-
-class _Linear(nn.Module):
-    """`x @ weight.T + bias` with `weight: [out, in]`."""
-
-    features: int
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        init = nn.initializers.normal(0.02)
-        weight = self.param("weight", init, (self.features, x.shape[-1]), self.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), weight, (((x.ndim - 1,), (1,)), ((), ())))
-        return y + bias
 
 
 class _Attention(nn.Module):
@@ -160,27 +41,21 @@ class _Attention(nn.Module):
     def __call__(self, x: Array, cache: KVCache, visible: Array) -> tuple[Array, KVCache]:
         cfg = self.config
         b, t, _ = x.shape
-        qkv = _Linear(3 * cfg.n_embd, self.dtype, name="c_attn")(x)
+        qkv = Dense(3 * cfg.n_embd, self.dtype, name="c_attn")(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         shape = (b, t, cfg.n_head, cfg.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         cache = cache.write(self.layer, k, v)
-        keys, values = cache.k[self.layer], cache.v[self.layer]  # [B, H, S, D]
         scale = 1.0
         if cfg.scale_attn_weights:
             scale = cfg.head_dim**-0.5
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= float(self.layer + 1)
-        # Scores and softmax in float32 whatever the cache dtype (what
-        # reorder_and_upcast_attn asks for; harmless in float32), accumulated by the
-        # matmul itself rather than by upcasting the whole cache.
-        scores = jnp.einsum(
-            "bthd,bhsd->bhts", q.astype(keys.dtype), keys, preferred_element_type=jnp.float32
-        ) * jnp.float32(scale)
-        scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bhts,bhsd->bthd", weights, values).reshape(b, t, cfg.n_embd)
-        out = _Linear(cfg.n_embd, self.dtype, name="c_proj")(out)
+        # `attend` computes scores and softmax in float32 whatever the cache dtype,
+        # which is what reorder_and_upcast_attn asks for (harmless in float32).
+        out = attend(q, cache.k[self.layer], cache.v[self.layer], visible, scale)
+        out = out.reshape(b, t, cfg.n_embd)
+        out = Dense(cfg.n_embd, self.dtype, name="c_proj")(out)
         return out, cache
 
 
@@ -191,9 +66,9 @@ class _MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        h = _Linear(cfg.inner_dim, self.dtype, name="c_fc")(x)
+        h = Dense(cfg.inner_dim, self.dtype, name="c_fc")(x)
         h = ACTIVATIONS[cfg.activation_function](h)
-        return _Linear(cfg.n_embd, self.dtype, name="c_proj")(h)
+        return Dense(cfg.n_embd, self.dtype, name="c_proj")(h)
 
 
 class _Block(nn.Module):

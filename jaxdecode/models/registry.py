@@ -1,0 +1,118 @@
+"""Model families by Hugging Face `model_type`.
+
+A `Family` is everything generic code needs to know about an architecture:
+its config class (`from_hf(dict)` / `to_hf()`), a decoder builder, the
+checkpoint converter both ways, tensor-parallel param specs and a random init.
+`from_pretrained` reads `config.json`, looks its `model_type` up here and does
+the rest through the family; `save_pretrained` looks the family up from the
+config object's `model_type`. Adding a family is a new package under
+`jaxdecode/models/` plus one line in `_BUILTIN` (or a `register` call from user
+code); generic modules (`lm.py`, `checkpoints.py`, `sharding.py`, the decoding
+loops) never change.
+
+Built-in families are imported lazily, on first lookup of one of their model
+types, so importing jaxdecode does not build every family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxdecode.models.base import Decoder
+
+Array = jax.Array
+
+__all__ = ["Family", "family_for_config", "lookup", "model_types", "register"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Family:
+    """One architecture (possibly several HF `model_type`s sharing its code).
+
+    Attributes:
+        name: for messages, e.g. "GPT-2".
+        model_types: the HF `model_type`s this family reads.
+        config_class: a class with `from_hf(dict) -> config` (ValueError for a
+            value it cannot honour) and `config.to_hf() -> dict`; its instances
+            carry `model_type`.
+        decoder: `(config, dtype) -> Decoder`.
+        params_from_state_dict: `(state {name: ndarray}, config, dtype) -> params`,
+            ValueError naming the first missing, unexpected or misshapen tensor.
+        state_dict_from_params: `(params, config) -> {name: float32 ndarray}` with
+            transformers' names, the inverse of the above.
+        param_specs: `params -> PartitionSpec tree` over the mesh axes.
+        init_params: `(config, key, dtype) -> params`, random, for tests and
+            training from scratch.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    config_class: type
+    decoder: Callable[[Any, Any], Decoder]
+    params_from_state_dict: Callable[[Mapping[str, np.ndarray], Any, Any], Any]
+    state_dict_from_params: Callable[[Any, Any], dict[str, np.ndarray]]
+    param_specs: Callable[[Any], Any]
+    init_params: Callable[[Any, Array, Any], Any]
+
+
+# model_type -> module defining `FAMILY` (imported on first lookup).
+_BUILTIN: dict[str, str] = {
+    "gpt2": "jaxdecode.models.gpt2",
+    **{t: "jaxdecode.models.llama" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
+}
+
+_REGISTERED: dict[str, Family] = {}
+
+
+def register(family: Family) -> None:
+    """Makes `family` the one `from_pretrained` uses for its model types."""
+    if not isinstance(family, Family):
+        raise ValueError(f"register needs a Family, got {type(family).__name__}")
+    for model_type in family.model_types:
+        _REGISTERED[model_type] = family
+
+
+def model_types() -> list[str]:
+    """Every model_type with a family (built in or registered), sorted."""
+    return sorted(set(_BUILTIN) | set(_REGISTERED))
+
+
+def lookup(model_type: str) -> Family:
+    """The family reading `model_type`.
+
+    Raises:
+        ValueError: for a model_type no family reads, listing those supported.
+    """
+    if model_type not in _REGISTERED and model_type in _BUILTIN:
+        module = importlib.import_module(_BUILTIN[model_type])
+        register(module.FAMILY)
+    if model_type not in _REGISTERED:
+        raise ValueError(
+            f"config.json model_type {model_type!r} is not supported; jaxdecode reads "
+            f"model_type {', '.join(repr(t) for t in model_types())}"
+        )
+    return _REGISTERED[model_type]
+
+
+def family_for_config(config: Any) -> Family:
+    """The family of a config object (by its `model_type`), checked to be of
+    that family's config class."""
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model_type, str):
+        raise ValueError(
+            f"config {type(config).__name__} names no model_type; save_pretrained needs the "
+            "config of a registered model family"
+        )
+    family = lookup(model_type)
+    if not isinstance(config, family.config_class):
+        raise ValueError(
+            f"config {type(config).__name__} has model_type {model_type!r}, whose family "
+            f"{family.name} uses {family.config_class.__name__}"
+        )
+    return family

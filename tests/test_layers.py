@@ -1,0 +1,137 @@
+"""Shared model layers (`jaxdecode.models.layers`) against NumPy references, and
+the model-family registry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdecode as jd
+from jaxdecode.models import layers, registry
+
+
+def _np_attention(q, k, v, visible, scale, softcap=None):
+    """transformers' eager attention: K/V repeated to the query heads (`repeat_kv`)."""
+    group = q.shape[2] // k.shape[1]
+    k = np.repeat(k, group, axis=1)  # [B, Hq, S, D]
+    v = np.repeat(v, group, axis=1)
+    scores = np.einsum("bthd,bhsd->bhts", q, k) * scale
+    if softcap is not None:
+        scores = np.tanh(scores / softcap) * softcap
+    scores = np.where(visible[:, None], scores, -np.inf)
+    scores = scores - scores.max(-1, keepdims=True)
+    w = np.exp(scores)
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhts,bhsd->bthd", w, v)
+
+
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads"), [(4, 4), (6, 2), (4, 1)], ids=["mha", "gqa", "mqa"]
+)
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_attend_matches_repeated_kv(q_heads, kv_heads, softcap):
+    rng = np.random.default_rng(0)
+    b, t, s, d = 2, 3, 7, 8
+    q = rng.normal(size=(b, t, q_heads, d)).astype(np.float32)
+    k = rng.normal(size=(b, kv_heads, s, d)).astype(np.float32)
+    v = rng.normal(size=(b, kv_heads, s, d)).astype(np.float32)
+    visible = rng.random((b, t, s)) < 0.6
+    visible[..., 0] = True
+    want = _np_attention(q, k, v, visible, 0.4, softcap)
+    got = jax.jit(layers.attend, static_argnums=(4, 5))(q, k, v, visible, 0.4, softcap)
+    assert got.shape == (b, t, q_heads, d)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+
+
+def test_attend_refuses_heads_that_do_not_group():
+    x = jnp.zeros((1, 1, 3, 4))
+    with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of KV heads \(2\)"):
+        layers.attend(
+            x, jnp.zeros((1, 2, 5, 4)), jnp.zeros((1, 2, 5, 4)), jnp.ones((1, 1, 5), bool), 1.0
+        )
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm(offset):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    w = rng.normal(size=(8,)).astype(np.float32)
+    norm = layers.RMSNorm(eps=1e-3, offset=offset)
+    got = norm.apply({"params": {"weight": w}}, x)
+    want = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-3) * (offset + w)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_rotates_half_split_pairs():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(1, 2, 1, 4)).astype(np.float32)
+    pos = np.array([[0, 5]])
+    inv = np.array([1.0, 0.1], np.float32)
+    cos, sin = layers.rope_cos_sin(pos, inv, 2.0)
+    got = np.asarray(layers.apply_rope(x, cos, sin))
+    for t in range(2):
+        for i in range(2):  # pair (i, i + 2) rotates by angle pos * inv[i], scaled by 2
+            a = pos[0, t] * inv[i]
+            x1, x2 = x[0, t, 0, i], x[0, t, 0, i + 2]
+            want = 2 * np.array([x1 * np.cos(a) - x2 * np.sin(a), x2 * np.cos(a) + x1 * np.sin(a)])
+            np.testing.assert_allclose(got[0, t, 0, [i, i + 2]], want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+def test_registry_lookup_and_config_family():
+    family = registry.lookup("gpt2")
+    assert family.config_class is jd.GPT2Config and "gpt2" in registry.model_types()
+    assert registry.family_for_config(jd.GPT2Config()) is family
+    with pytest.raises(ValueError, match=r"model_type 'bert' is not supported.*'gpt2'"):
+        registry.lookup("bert")
+    with pytest.raises(ValueError, match="names no model_type"):
+        registry.family_for_config(object())
+    with pytest.raises(ValueError, match="needs a Family"):
+        registry.register("gpt2")
+
+
+def test_a_registered_family_loads_and_saves_without_touching_generic_code(tmp_path):
+    """A user family (here GPT-2's pieces under another model_type) goes through
+    from_pretrained and save_pretrained by the registry alone."""
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class OtherConfig(jd.GPT2Config):
+        model_type = "other-gpt"
+
+        @classmethod
+        def from_hf(cls, data):
+            return cls(
+                **{
+                    k: v
+                    for k, v in data.items()
+                    if k in {"n_layer", "n_embd", "n_head", "vocab_size", "n_positions"}
+                }
+            )
+
+        def to_hf(self):
+            return {**super().to_hf(), "model_type": "other-gpt"}
+
+    gpt2 = registry.lookup("gpt2")
+    registry.register(
+        dataclasses.replace(
+            gpt2, name="Other", model_types=("other-gpt",), config_class=OtherConfig
+        )
+    )
+    cfg = OtherConfig(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
+    params = gpt2.init_params(cfg, jax.random.key(0), jnp.float32)
+    lm = jd.CausalLM(params=params, decoder=jd.gpt2_decoder(cfg), config=cfg)
+    lm.save_pretrained(str(tmp_path))
+    again = jd.from_pretrained(tmp_path)
+    assert isinstance(again.config, OtherConfig) and again.config == cfg
+    ids = np.arange(6, dtype=np.int32).reshape(1, 6)
+    np.testing.assert_array_equal(np.asarray(again.logits(ids)), np.asarray(lm.logits(ids)))
+
+
+def test_save_pretrained_needs_a_family_config(tmp_path):
+    lm = jd.from_pretrained("bundled")
+    with pytest.raises(ValueError, match="names no model_type"):
+        lm.replace(config=None).save_pretrained(str(tmp_path))
