@@ -175,9 +175,9 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
     vocab = os.path.join(directory, "vocab.json")
     merges = os.path.join(directory, "merges.txt")
     try:
-        template, specials = _chat_template_and_specials(directory)
+        template, named = _chat_template_and_specials(directory)
         if os.path.isfile(tok_json):
-            return Tokenizer(HFTokenizer.from_file(tok_json), "tokenizer.json", template, specials)
+            return Tokenizer(HFTokenizer.from_file(tok_json), "tokenizer.json", template, named)
         if os.path.isfile(vocab) and os.path.isfile(merges):
             backend = HFTokenizer(models.BPE.from_file(vocab, merges))
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -186,7 +186,7 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
             # special token: one id when encoded, dropped when decoding.
             specials = [t for t in _special_tokens(directory) if backend.token_to_id(t) is not None]
             backend.add_special_tokens([AddedToken(t, special=True) for t in specials])
-            return Tokenizer(backend, "vocab.json+merges.txt", template, specials)
+            return Tokenizer(backend, "vocab.json+merges.txt", template, named)
     except Exception as e:  # tokenizers raises its own exception types
         raise ValueError(
             f"cannot load the tokenizer in {directory}: {type(e).__name__}: {e}"
