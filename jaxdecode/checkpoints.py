@@ -219,6 +219,8 @@ def resolve_checkpoint_dir(
         return BUNDLED_DIR
     if os.path.isdir(path):
         return path
+    if path.endswith(".gguf") and not os.path.exists(path):
+        raise ValueError(f"GGUF file {path} does not exist")
     if os.path.exists(path):
         raise ValueError(
             f"{path} is a file; from_pretrained needs a model directory, a GGUF file or a hub id"
@@ -240,6 +242,8 @@ def resolve_checkpoint_dir(
         "vocab.json",
         "merges.txt",
         "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
     ]
     if allow_pickle:
         patterns.append(PICKLE)
