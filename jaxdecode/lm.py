@@ -149,7 +149,7 @@ def from_pretrained(
         os.fspath(path_or_repo_id), revision=revision, allow_pickle=allow_pickle
     )
     data = checkpoints.read_config(directory)
-    family = registry.lookup(data.get("model_type", "gpt2"))
+    family = registry.family_for_hf_config(data)
     try:
         config = family.config_class.from_hf(data)
     except TypeError as e:

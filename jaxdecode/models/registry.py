@@ -28,7 +28,15 @@ from jaxdecode.models.base import Decoder
 
 Array = jax.Array
 
-__all__ = ["Family", "family_for_config", "lookup", "lookup_gguf", "model_types", "register"]
+__all__ = [
+    "Family",
+    "family_for_config",
+    "family_for_hf_config",
+    "lookup",
+    "lookup_gguf",
+    "model_types",
+    "register",
+]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -111,6 +119,15 @@ def lookup(model_type: str) -> Family:
             f"model_type {', '.join(repr(t) for t in model_types())}"
         )
     return _REGISTERED[model_type]
+
+
+# A config.json without `model_type` (older GPT-2 checkpoints) reads as this.
+DEFAULT_MODEL_TYPE = "gpt2"
+
+
+def family_for_hf_config(data: Mapping[str, Any]) -> Family:
+    """The family of a `config.json` dict, by its `model_type`."""
+    return lookup(data.get("model_type", DEFAULT_MODEL_TYPE))
 
 
 def lookup_gguf(architecture: str) -> Family:
