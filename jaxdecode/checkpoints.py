@@ -8,10 +8,15 @@ directory transformers loads. It never unpickles: a directory with only
 `pytorch_model.bin` is refused unless the caller passes `allow_pickle=True`
 (then `torch.load(weights_only=True)` reads it). Names, layouts and shapes
 belong to each family's `convert.py` (`jaxdecode.models.<family>`).
+
+GGUF files (llama.cpp's format) are read with the `gguf` package: metadata as
+a dict, every tensor dequantized to float32 in PyTorch `Linear`'s `[out, in]`
+layout under its llama.cpp name; a family's `gguf.py` maps names and config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -26,6 +31,9 @@ __all__ = [
     "to_storage",
     "write_checkpoint",
     "resolve_checkpoint_dir",
+    "GGUFFile",
+    "is_gguf",
+    "read_gguf",
 ]
 
 CONFIG = "config.json"
@@ -211,8 +219,12 @@ def resolve_checkpoint_dir(
         return BUNDLED_DIR
     if os.path.isdir(path):
         return path
+    if path.endswith(".gguf") and not os.path.exists(path):
+        raise ValueError(f"GGUF file {path} does not exist")
     if os.path.exists(path):
-        raise ValueError(f"{path} is a file; from_pretrained needs a model directory or a hub id")
+        raise ValueError(
+            f"{path} is a file; from_pretrained needs a model directory, a GGUF file or a hub id"
+        )
     looks_like_repo = (
         path.count("/") <= 1 and not path.startswith((".", "/", "~")) and path.strip() == path
     )
@@ -230,6 +242,8 @@ def resolve_checkpoint_dir(
         "vocab.json",
         "merges.txt",
         "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
     ]
     if allow_pickle:
         patterns.append(PICKLE)
@@ -239,3 +253,66 @@ def resolve_checkpoint_dir(
         raise ValueError(
             f"cannot fetch model {path!r} from the Hugging Face hub: {type(e).__name__}: {e}"
         ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file's contents.
+
+    Attributes:
+        path: the file.
+        metadata: every key-value field (`general.architecture`,
+            `llama.block_count`, `tokenizer.ggml.tokens`, ...), decoded.
+        tensors: llama.cpp tensor name -> float32 array, dequantized, in
+            `[out, in]` layout (NumPy order of the GGUF shape).
+    """
+
+    path: str
+    metadata: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+
+def is_gguf(path: str) -> bool:
+    """Whether `path` is a file that starts with the GGUF magic."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def read_gguf(path: str) -> GGUFFile:
+    """Reads and dequantizes a GGUF file (`gguf.quants.dequantize`, float32).
+
+    Raises:
+        ValueError: for an unreadable file or a tensor type the gguf package
+            cannot dequantize, naming the file and the tensor.
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("reading GGUF files needs the gguf package (pip install gguf)") from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on damaged files
+        raise ValueError(f"cannot read {path} as GGUF: {type(e).__name__}: {e}") from None
+    metadata: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        try:
+            metadata[name] = field.contents()
+        except Exception as e:
+            raise ValueError(f"{path}: cannot decode GGUF field {name}: {e}") from None
+    tensors: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except Exception as e:
+            raise ValueError(
+                f"{path}: cannot dequantize tensor {tensor.name} of type "
+                f"{tensor.tensor_type.name}: {type(e).__name__}: {e}"
+            ) from None
+        tensors[tensor.name] = np.asarray(array, dtype=np.float32)
+    return GGUFFile(path=path, metadata=metadata, tensors=tensors)

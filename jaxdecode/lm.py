@@ -20,7 +20,7 @@ from jaxdecode.config import GenerationConfig
 from jaxdecode.generation import generate
 from jaxdecode.models import registry
 from jaxdecode.models.base import Decoder, positions_from_mask
-from jaxdecode.tokenizers import Tokenizer, load_tokenizer
+from jaxdecode.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 Array = jax.Array
 
@@ -88,6 +88,19 @@ class CausalLM:
         if self.tokenizer is not None:
             self.tokenizer.save(directory)
 
+    def apply_chat_template(
+        self, messages: Any, add_generation_prompt: bool = False, **kwargs: Any
+    ) -> str:
+        """The tokenizer's chat template rendered for `messages`
+        (`[{"role": "user", "content": "..."}]`), as transformers'
+        `apply_chat_template(..., tokenize=False)`; encode it with
+        `lm.tokenizer.encode`. See `Tokenizer.apply_chat_template`."""
+        if self.tokenizer is None:
+            raise ValueError("apply_chat_template needs a model with a tokenizer")
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+
     def generate(
         self, input_ids: Any, attention_mask: Any = None, config: Any = None, **kwargs: Any
     ):
@@ -110,11 +123,14 @@ def from_pretrained(
     revision: str | None = None,
 ) -> CausalLM:
     """Loads a Hugging Face checkpoint (local directory or hub id) of any
-    registered model family, chosen by `config.json`'s `model_type`.
+    registered model family, chosen by `config.json`'s `model_type`, or a GGUF
+    file (chosen by its `general.architecture`; weights dequantized to `dtype`,
+    tokenizer and chat template from the file).
 
     Args:
         path_or_repo_id: a directory with `config.json` and `model.safetensors`
-            (or sharded safetensors), "bundled", or a hub id such as "gpt2".
+            (or sharded safetensors), a `.gguf` file, "bundled", or a hub id
+            such as "gpt2".
         dtype: parameter and cache dtype (float32 or bfloat16).
         allow_pickle: read `pytorch_model.bin` when no safetensors exist.
         revision: hub revision.
@@ -125,11 +141,14 @@ def from_pretrained(
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    path = os.fspath(path_or_repo_id)
+    if checkpoints.is_gguf(path):
+        return _from_gguf(path, dtype)
     directory = checkpoints.resolve_checkpoint_dir(
         os.fspath(path_or_repo_id), revision=revision, allow_pickle=allow_pickle
     )
     data = checkpoints.read_config(directory)
-    family = registry.lookup(data.get("model_type", "gpt2"))
+    family = registry.family_for_hf_config(data)
     try:
         config = family.config_class.from_hf(data)
     except TypeError as e:
@@ -152,4 +171,27 @@ def from_pretrained(
         config=config,
         generation_config=gen,
         tokenizer=load_tokenizer(directory),
+    )
+
+
+def _from_gguf(path: str, dtype: Any) -> CausalLM:
+    gguf = checkpoints.read_gguf(path)
+    family = registry.lookup_gguf(gguf.architecture)
+    if family.from_gguf is None:
+        raise ValueError(f"the {family.name} family cannot read GGUF files")
+    config, state = family.from_gguf(gguf.metadata, gguf.tensors)
+    params = family.params_from_state_dict(state, config, dtype)
+    decoder = family.decoder(config, dtype)
+    gen = GenerationConfig(
+        bos_token_id=getattr(config, "bos_token_id", None),
+        eos_token_id=getattr(config, "eos_token_id", None),
+        pad_token_id=getattr(config, "pad_token_id", None),
+    )
+    gen.validate(vocab_size=decoder.vocab_size)
+    return CausalLM(
+        params=params,
+        decoder=decoder,
+        config=config,
+        generation_config=gen,
+        tokenizer=tokenizer_from_gguf(gguf.metadata),
     )

@@ -1,24 +1,80 @@
-"""Tokenizers: Hugging Face `tokenizers` for GPT-2 BPE checkpoints.
+"""Tokenizers and chat templates.
 
 `load_tokenizer(directory)` reads `tokenizer.json`, or `vocab.json` + `merges.txt`
-(GPT-2's byte-level BPE), and returns a `Tokenizer` with `encode` / `decode`.
+(GPT-2's byte-level BPE), plus the chat template and special tokens of
+`tokenizer_config.json` / `chat_template.jinja`; `tokenizer_from_gguf(metadata)`
+builds the same from a GGUF file's vocabulary, merges and template. Both return
+a `Tokenizer` with `encode` / `decode` / `apply_chat_template`.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["Tokenizer", "byte_tokenizer", "load_tokenizer"]
+__all__ = [
+    "Tokenizer",
+    "byte_tokenizer",
+    "load_tokenizer",
+    "render_chat_template",
+    "tokenizer_from_gguf",
+]
+
+# The special-token names transformers passes to chat templates.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class Tokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer` (hashable by identity)."""
+    """A thin wrapper over `tokenizers.Tokenizer` (hashable by identity).
 
-    def __init__(self, backend: object, name: str = "") -> None:
+    Attributes:
+        backend: the `tokenizers.Tokenizer`.
+        name: where it came from.
+        chat_template: the model's Jinja chat template, or None.
+        special_tokens: `{"bos_token": "<s>", ...}` as the template sees them.
+    """
+
+    def __init__(
+        self,
+        backend: object,
+        name: str = "",
+        chat_template: str | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+    ) -> None:
         self.backend = backend
         self.name = name
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """The conversation rendered by the model's chat template, as
+        transformers' `apply_chat_template(..., tokenize=False)` renders it.
+
+        Args:
+            messages: `[{"role": "user", "content": "..."}, ...]`.
+            add_generation_prompt: end with the header of an assistant turn.
+            **kwargs: extra template variables (they override special tokens).
+
+        Raises:
+            ValueError: when the tokenizer has no chat template, or the template
+                raises (`raise_exception`) or fails to render.
+        """
+        if self.chat_template is None:
+            raise ValueError(f"{self!r} has no chat template")
+        return render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            **{**self.special_tokens, **kwargs},
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -44,9 +100,17 @@ class Tokenizer:
         return "".join(parts)
 
     def save(self, directory: str) -> None:
-        """Writes `tokenizer.json` into `directory`."""
+        """Writes `tokenizer.json` into `directory`, and `tokenizer_config.json`
+        (special tokens, chat template) when the tokenizer has either."""
         os.makedirs(directory, exist_ok=True)
         self.backend.save(os.path.join(directory, "tokenizer.json"))
+        if self.chat_template is not None or self.special_tokens:
+            config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+            config.update(self.special_tokens)
+            if self.chat_template is not None:
+                config["chat_template"] = self.chat_template
+            with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, ensure_ascii=False)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -161,8 +225,9 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
     vocab = os.path.join(directory, "vocab.json")
     merges = os.path.join(directory, "merges.txt")
     try:
+        template, named = _chat_template_and_specials(directory)
         if os.path.isfile(tok_json):
-            return Tokenizer(HFTokenizer.from_file(tok_json), "tokenizer.json")
+            return Tokenizer(HFTokenizer.from_file(tok_json), "tokenizer.json", template, named)
         if os.path.isfile(vocab) and os.path.isfile(merges):
             backend = HFTokenizer(models.BPE.from_file(vocab, merges))
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -171,9 +236,172 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
             # special token: one id when encoded, dropped when decoding.
             specials = [t for t in _special_tokens(directory) if backend.token_to_id(t) is not None]
             backend.add_special_tokens([AddedToken(t, special=True) for t in specials])
-            return Tokenizer(backend, "vocab.json+merges.txt")
+            return Tokenizer(backend, "vocab.json+merges.txt", template, named)
     except Exception as e:  # tokenizers raises its own exception types
         raise ValueError(
             f"cannot load the tokenizer in {directory}: {type(e).__name__}: {e}"
         ) from None
     return None
+
+
+def _chat_template_and_specials(directory: str) -> tuple[str | None, dict[str, str]]:
+    """The chat template (`chat_template.jinja`, else tokenizer_config.json's
+    `chat_template`: a string, or a list of named templates whose "default" is
+    used) and the special tokens of tokenizer_config.json."""
+    config: dict[str, Any] = {}
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    specials = {}
+    for key in SPECIAL_TOKEN_NAMES:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            specials[key] = value
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja_path = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            template = f.read()
+    return (template if isinstance(template, str) else None), specials
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = False,
+    **variables: Any,
+) -> str:
+    """Renders a Hugging Face chat template with jinja2 the way transformers does:
+    a sandboxed environment with `trim_blocks` and `lstrip_blocks`, the
+    `loopcontrols` extension, a `tojson` filter that keeps non-ASCII text, and
+    the globals `raise_exception` and `strftime_now`; the template sees
+    `messages`, `add_generation_prompt`, `tools=None`, `documents=None` and
+    `variables` (special tokens such as `bos_token`, `eos_token`).
+
+    Raises:
+        ValueError: for a message that is not a mapping, or a template that
+            fails to render (its `raise_exception` message included).
+    """
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    for message in messages:
+        if not isinstance(message, Mapping):
+            raise ValueError(
+                f"chat messages must be mappings with role and content, got {message!r}"
+            )
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: Any = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    def strftime_now(fmt: str) -> str:
+        import datetime
+
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        compiled = env.from_string(template)
+        return compiled.render(
+            messages=[dict(m) for m in messages],
+            tools=variables.pop("tools", None),
+            documents=variables.pop("documents", None),
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"the chat template failed: {e}") from None
+
+
+# llama.cpp's `tokenizer.ggml.pre` values whose regexes split every digit on its
+# own before GPT-2's regex (llama.cpp applies its regexes in sequence).
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_GPT2_ONLY = ("gpt-2", "gpt2", "default")
+
+
+def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
+    """A byte-level BPE `Tokenizer` from a GGUF file's `tokenizer.ggml.*` fields.
+
+    The pre-tokenizer is rebuilt from `tokenizer.ggml.pre` as llama.cpp (and the
+    model's training) splits text: for "smollm" and its kin every digit is its
+    own piece, then GPT-2's regex applies (transformers' GGUF converter uses
+    GPT-2's regex alone and so tokenizes digits differently). CONTROL tokens
+    (type 3) become special tokens, USER_DEFINED ones (type 4) added tokens; the
+    chat template and the BOS / EOS / UNK / pad token strings come along.
+
+    Raises:
+        ValueError: for a tokenizer model other than "gpt2" (byte-level BPE) or
+            a pre-tokenizer type it does not know.
+    """
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(
+            f"GGUF tokenizer.ggml.model {kind!r} is not supported (jaxdecode reads byte-level "
+            "BPE, 'gpt2')"
+        )
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    if pre in _DIGITS_THEN_GPT2:
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    elif pre in _GPT2_ONLY:
+        pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        raise ValueError(
+            f"GGUF tokenizer.ggml.pre {pre!r} is not supported (known: "
+            f"{', '.join(_DIGITS_THEN_GPT2 + _GPT2_ONLY)})"
+        )
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+    types = list(metadata.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    pairs = list(zip(tokens, types, strict=True))
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in pairs if k == 3]
+    )
+    backend.add_tokens([AddedToken(t, normalized=False) for t, k in pairs if k == 4])
+    specials = {}
+    for key, name in (
+        ("bos", "bos_token"),
+        ("eos", "eos_token"),
+        ("unknown", "unk_token"),
+        ("padding", "pad_token"),
+    ):
+        index = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if index is not None and 0 <= int(index) < len(tokens):
+            specials[name] = tokens[int(index)]
+    return Tokenizer(backend, f"gguf ({pre})", metadata.get("tokenizer.chat_template"), specials)

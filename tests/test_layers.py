@@ -135,3 +135,15 @@ def test_save_pretrained_needs_a_family_config(tmp_path):
     lm = jd.from_pretrained("bundled")
     with pytest.raises(ValueError, match="names no model_type"):
         lm.replace(config=None).save_pretrained(str(tmp_path))
+
+
+def test_gguf_paths_and_architectures(tmp_path):
+    with pytest.raises(ValueError, match="GGUF file /nope/model.gguf does not exist"):
+        jd.from_pretrained("/nope/model.gguf")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file")
+    with pytest.raises(ValueError, match="is a file"):
+        jd.from_pretrained(fake)
+    assert registry.lookup_gguf("llama").name == "Llama"
+    with pytest.raises(ValueError, match="architecture 'falcon' is not supported.*'llama'"):
+        registry.lookup_gguf("falcon")

@@ -28,7 +28,15 @@ from jaxdecode.models.base import Decoder
 
 Array = jax.Array
 
-__all__ = ["Family", "family_for_config", "lookup", "model_types", "register"]
+__all__ = [
+    "Family",
+    "family_for_config",
+    "family_for_hf_config",
+    "lookup",
+    "lookup_gguf",
+    "model_types",
+    "register",
+]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -49,6 +57,9 @@ class Family:
         param_specs: `params -> PartitionSpec tree` over the mesh axes.
         init_params: `(config, key, dtype) -> params`, random, for tests and
             training from scratch.
+        gguf_architectures: GGUF `general.architecture` values this family reads.
+        from_gguf: `(metadata, tensors) -> (config, state dict with transformers'
+            names)` for a GGUF file (see `checkpoints.read_gguf`), or None.
     """
 
     name: str
@@ -59,6 +70,10 @@ class Family:
     state_dict_from_params: Callable[[Any, Any], dict[str, np.ndarray]]
     param_specs: Callable[[Any], Any]
     init_params: Callable[[Any, Array, Any], Any]
+    gguf_architectures: tuple[str, ...] = ()
+    from_gguf: Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], tuple[Any, dict]] | None = (
+        None
+    )
 
 
 # model_type -> module defining `FAMILY` (imported on first lookup).
@@ -67,7 +82,11 @@ _BUILTIN: dict[str, str] = {
     **{t: "jaxdecode.models.llama" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
 }
 
+# GGUF general.architecture -> module defining `FAMILY`.
+_BUILTIN_GGUF: dict[str, str] = {"llama": "jaxdecode.models.llama"}
+
 _REGISTERED: dict[str, Family] = {}
+_REGISTERED_GGUF: dict[str, Family] = {}
 
 
 def register(family: Family) -> None:
@@ -76,6 +95,8 @@ def register(family: Family) -> None:
         raise ValueError(f"register needs a Family, got {type(family).__name__}")
     for model_type in family.model_types:
         _REGISTERED[model_type] = family
+    for arch in family.gguf_architectures:
+        _REGISTERED_GGUF[arch] = family
 
 
 def model_types() -> list[str]:
@@ -98,6 +119,32 @@ def lookup(model_type: str) -> Family:
             f"model_type {', '.join(repr(t) for t in model_types())}"
         )
     return _REGISTERED[model_type]
+
+
+# A config.json without `model_type` (older GPT-2 checkpoints) reads as this.
+DEFAULT_MODEL_TYPE = "gpt2"
+
+
+def family_for_hf_config(data: Mapping[str, Any]) -> Family:
+    """The family of a `config.json` dict, by its `model_type`."""
+    return lookup(data.get("model_type", DEFAULT_MODEL_TYPE))
+
+
+def lookup_gguf(architecture: str) -> Family:
+    """The family reading GGUF files of `general.architecture` `architecture`.
+
+    Raises:
+        ValueError: for an architecture no family reads.
+    """
+    if architecture not in _REGISTERED_GGUF and architecture in _BUILTIN_GGUF:
+        register(importlib.import_module(_BUILTIN_GGUF[architecture]).FAMILY)
+    if architecture not in _REGISTERED_GGUF:
+        known = sorted(set(_BUILTIN_GGUF) | set(_REGISTERED_GGUF))
+        raise ValueError(
+            f"GGUF general.architecture {architecture!r} is not supported; jaxdecode reads "
+            f"{', '.join(repr(a) for a in known)}"
+        )
+    return _REGISTERED_GGUF[architecture]
 
 
 def family_for_config(config: Any) -> Family:

@@ -2,6 +2,7 @@
 
 from jaxdecode.models.llama import convert
 from jaxdecode.models.llama.config import MODEL_TYPES, LlamaConfig
+from jaxdecode.models.llama.from_gguf import from_gguf
 from jaxdecode.models.llama.model import LlamaForCausalLM, init_params, llama_decoder
 from jaxdecode.models.llama.sharding import llama_param_specs
 from jaxdecode.models.registry import Family
@@ -24,4 +25,6 @@ FAMILY = Family(
     state_dict_from_params=convert.state_dict_from_params,
     param_specs=llama_param_specs,
     init_params=init_params,
+    gguf_architectures=("llama",),
+    from_gguf=from_gguf,
 )

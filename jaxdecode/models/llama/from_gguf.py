@@ -1,0 +1,149 @@
+"""llama-architecture GGUF files -> `LlamaConfig` and a transformers-named state dict.
+
+llama.cpp's converter renames tensors (`blk.3.attn_q.weight`), stores the config
+as `llama.*` metadata, and permutes the rows of the Q and K projections (it
+rotates interleaved pairs, transformers rotates halves): within each head the
+rows `[0, d/2, 1, d/2 + 1, ...]`. Undoing that permutation gives back the
+checkpoint's own tensors (bitwise for unquantized files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxdecode.models.llama.config import LlamaConfig
+
+__all__ = ["config_from_gguf", "state_dict_from_gguf", "unpermute_rotary_rows"]
+
+# llama.cpp's per-block names -> transformers' (under `model.layers.N.`).
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+def _get(metadata: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = metadata.get(key, default)
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value
+
+
+def config_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> LlamaConfig:
+    """A `LlamaConfig` from `llama.*` metadata (and whether `output.weight` exists:
+    without it the LM head is tied to the embedding).
+
+    Raises:
+        ValueError: for metadata that changes inference and is not supported
+            (partial rotary dimensions, rope scaling types other than none /
+            linear, llama 3 `rope_freqs` factors, MoE experts).
+    """
+    arch = _get(metadata, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF general.architecture must be 'llama', got {arch!r}")
+    key = lambda name, default=None: _get(metadata, f"llama.{name}", default)
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    if not isinstance(heads, int):
+        raise ValueError(f"GGUF llama.attention.head_count must be one integer, got {heads!r}")
+    head_dim = key("attention.key_length", hidden // heads)
+    if key("attention.value_length", head_dim) != head_dim:
+        raise ValueError("GGUF llama.attention.value_length != key_length is not supported")
+    rot = key("rope.dimension_count", head_dim)
+    if rot != head_dim:
+        raise ValueError(
+            f"GGUF llama.rope.dimension_count={rot} differs from head_dim={head_dim} "
+            "(partial rotary embeddings are not supported)"
+        )
+    if key("expert_count", 0):
+        raise ValueError("GGUF llama.expert_count > 0 (mixture of experts) is not supported")
+    if "rope_freqs.weight" in tensors:
+        raise ValueError("GGUF rope_freqs (llama 3 rope factors) is not supported")
+    rope: dict[str, Any] = {
+        "rope_type": "default",
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+    }
+    scaling = key("rope.scaling.type", "none")
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=float(key("rope.scaling.factor")))
+    elif scaling not in ("none", None):
+        raise ValueError(
+            f"GGUF llama.rope.scaling.type={scaling!r} is not supported (none, linear)"
+        )
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab = key("vocab_size", len(tokens) if tokens is not None else None)
+    eos = _get(metadata, "tokenizer.ggml.eos_token_id")
+    return LlamaConfig(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=key("feed_forward_length"),
+        num_hidden_layers=key("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=key("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        max_position_embeddings=key("context_length", 2048),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in tensors,
+        rope_parameters=rope,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        bos_token_id=_get(metadata, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=eos,
+        pad_token_id=_get(metadata, "tokenizer.ggml.padding_token_id"),
+    )
+
+
+def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes llama.cpp's Q/K row permutation of `weight: [heads * d, ...]`:
+    within each head, row `2 i + j` of the file is row `j * d/2 + i` of the
+    checkpoint."""
+    d = weight.shape[0] // heads
+    w = weight.reshape(heads, d // 2, 2, *weight.shape[1:])
+    return np.ascontiguousarray(w.swapaxes(1, 2).reshape(weight.shape))
+
+
+def state_dict_from_gguf(
+    tensors: Mapping[str, np.ndarray], config: LlamaConfig
+) -> dict[str, np.ndarray]:
+    """transformers' names and layout for the file's tensors.
+
+    Raises:
+        ValueError: for a tensor name llama.cpp's llama architecture does not use.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, array in tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK:
+            module = _BLOCK[parts[2]]
+            if module == "self_attn.q_proj":
+                array = unpermute_rotary_rows(array, config.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                array = unpermute_rotary_rows(array, config.num_key_value_heads)
+            out[f"model.layers.{parts[1]}.{module}.{parts[3]}"] = array
+        elif len(parts) == 2 and parts[0] in _TOP:
+            out[f"{_TOP[parts[0]]}.{parts[1]}"] = array
+        else:
+            raise ValueError(f"GGUF tensor {name} is not part of a llama-architecture model")
+    return out
+
+
+def from_gguf(
+    metadata: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
+) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """`(config, transformers-named state dict)` of a llama-architecture GGUF file."""
+    config = config_from_gguf(metadata, tensors)
+    return config, state_dict_from_gguf(tensors, config)
