@@ -297,3 +297,33 @@ def test_sampling_scores_on_transformers_history(ours, hf, batch):
         assert_same_scores(np.asarray(got), ref, atol=1e-5)
         kept = np.isfinite(ref).sum(axis=1)
         assert np.all((kept >= 1) & (kept <= 50)), kept  # top-k / top-p removed tokens
+
+
+@pytest.mark.parity
+def test_stop_strings_equal_transformers(ours, hf, batch):
+    """stop_strings on the real model, 8 prompts in one batch: each row stops on the
+    same token as transformers' StopStringCriteria (strings spanning and cutting
+    tokens: " of", "ing t", "\\n\\n")."""
+    model, hf_tok = hf
+    ids, mask = batch
+    stops = [" of", "ing t", "\n\n"]
+    options = dict(
+        do_sample=False,
+        max_new_tokens=NEW,
+        eos_token_id=ours.generation_config.eos_token_id,
+        pad_token_id=ours.generation_config.pad_token_id,
+    )
+    with torch.no_grad():
+        ref = model.generate(
+            torch.as_tensor(ids),
+            attention_mask=torch.as_tensor(mask),
+            stop_strings=stops,
+            tokenizer=hf_tok,
+            **options,
+        ).numpy()
+    out = jd.generate(ours, ids, mask, stop_strings=stops, **options)
+    got = np.asarray(out.sequences)
+    np.testing.assert_array_equal(got[:, : ref.shape[1]], ref)
+    assert np.all(got[:, ref.shape[1] :] == options["pad_token_id"])
+    lengths = np.asarray(out.lengths)
+    assert np.sum(lengths < NEW) >= 4, lengths  # most rows did stop on a string
