@@ -313,10 +313,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError(
             "--stream prints text as it is produced and --json whole records: give one of them"
         )
+    if args.system is not None and not args.chat:
+        raise CLIError("--system needs --chat (it is the chat's system message)")
     lm = _load_model(args.model)
     mesh, lm = _mesh_and_model(args, lm)
     config = _make_config(lm, _config_overrides(args))
-    ids, mask = _encode_batch(lm, args.prompts, config.pad_id)
+    texts = [_chat_text(lm, p, args.system) for p in args.prompts] if args.chat else args.prompts
+    ids, mask = _encode_batch(lm, texts, config.pad_id)
     config, drawn = _sampling_seed(config)
     seed = config.seed if config.do_sample else None
 
@@ -338,8 +341,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             for j, o in enumerate(outputs):
                 if i or j:
                     print("---")
-                print(prompt + o["text"])
+                print(o["text"] if args.chat else prompt + o["text"])
     return 0
+
+
+def _chat_text(lm, prompt: str, system: str | None) -> str:
+    """`prompt` as the user's turn of a chat, rendered with the model's chat template."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": prompt})
+    try:
+        return lm.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as e:
+        raise CLIError(f"--chat: {e}") from None
 
 
 def _stream(lm, ids, mask, config, prompts: list[str]) -> None:
@@ -786,6 +799,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="*", metavar="PROMPT")
     _add_common(gen)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="each PROMPT is a user message, rendered with the model's chat template",
+    )
+    gen.add_argument("--system", metavar="TEXT", help="with --chat: a system message first")
     gen.add_argument(
         "--mesh",
         metavar="data=D,model=M",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -327,3 +329,24 @@ def test_stop_strings_equal_transformers(ours, hf, batch):
     assert np.all(got[:, ref.shape[1] :] == options["pad_token_id"])
     lengths = np.asarray(out.lengths)
     assert np.sum(lengths < NEW) >= 4, lengths  # most rows did stop on a string
+
+
+def test_cli_chat_answer_in_one_command():
+    """`jaxdecode generate --model FILE.gguf --chat "..."`: the README's real-model
+    command, end to end."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdecode.cli", "generate", "--model", gguf_path(), "--chat"]
+        + ["What is the capital of France?", "--no-do_sample", "--max_new_tokens", "20"],
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "JAXDECODE_COMPILATION_CACHE": "off"},
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "Paris" in proc.stdout.decode()
+    # --system without --chat, and --chat on a model without a template: one line, exit 2.
+    bad = subprocess.run(
+        [sys.executable, "-m", "jaxdecode.cli", "generate", "Hi", "--system", "Be brief."],
+        capture_output=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and b"--system needs --chat" in bad.stderr
