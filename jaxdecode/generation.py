@@ -24,7 +24,7 @@ from jaxdecode.arrays import is_traced, owned
 from jaxdecode.config import SEED_MAX, GenerationConfig
 from jaxdecode.models.base import Decoder
 from jaxdecode.processors import TracedConfig, split_config
-from jaxdecode.processors.base import LogitsProcessor, chain, check_rows
+from jaxdecode.processors.base import LogitsProcessor, check_rows
 from jaxdecode.search.loop import GenerateOutput, Plan
 from jaxdecode.search.program import generate_program, prefill_program
 from jaxdecode.search.sample import decode_step
@@ -283,14 +283,14 @@ def prepare(
         key = 0  # unused by greedy and beam search
     key, per_row = _resolve_key(key, batch)
 
-    static, traced = split_config(config)
-    if logits_processor is not None:
-        if not isinstance(logits_processor, LogitsProcessor):
-            raise ValueError(
-                "logits_processor must be a jaxdecode LogitsProcessor or chain, got "
-                f"{type(logits_processor).__name__}"
-            )
-        traced = traced.replace(processor=chain(traced.processor, logits_processor))
+    if logits_processor is not None and not isinstance(logits_processor, LogitsProcessor):
+        raise ValueError(
+            "logits_processor must be a jaxdecode LogitsProcessor or chain, got "
+            f"{type(logits_processor).__name__}"
+        )
+    static, traced = split_config(
+        config, tokenizer=getattr(model, "tokenizer", None), extra=logits_processor
+    )
     check_rows(traced.processor, batch)
     if np.ndim(config.length_penalty) != 0:
         raise ValueError(f"length_penalty must be a scalar, got {config.length_penalty!r}")
@@ -368,9 +368,11 @@ def generate(
             and the vocabulary over `model` (see `jaxdecode.sharding`). The
             tokens are the single-device ones.
         logits_processor: extra processors (a processor or `chain`, stateful
-            ones included), applied after the config's chain, as transformers
-            appends a custom `logits_processor` list. A pytree like the rest: its
-            values are traced, its structure is static.
+            ones included, e.g. `jd.json_schema(schema, lm.tokenizer)`), placed
+            where transformers puts a custom `logits_processor` list: after the
+            config's processors, before the sampling warpers (temperature,
+            top-k, top-p, ...). A pytree like the rest: its values are traced,
+            its structure is static.
 
     Returns:
         A `GenerateOutput`.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-__all__ = ["Tokenizer", "byte_tokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "byte_to_unicode", "byte_tokenizer", "load_tokenizer"]
 
 
 class Tokenizer:
@@ -54,7 +54,7 @@ class Tokenizer:
         return f"Tokenizer({self.name or 'bpe'}, vocab_size={self.vocab_size})"
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters: printable
     Latin-1 bytes map to themselves, the others to code points from 256 on."""
     keep = list(range(ord("!"), ord("~") + 1))
@@ -81,7 +81,7 @@ def byte_tokenizer() -> Tokenizer:
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    vocab = {ch: b for b, ch in byte_to_unicode().items()}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
