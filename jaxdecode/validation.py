@@ -129,7 +129,9 @@ def normalize_schema(schema: Any) -> str:
         except json.JSONDecodeError as e:
             raise ValueError(f"json_schema is not valid JSON ({e}): {schema[:80]!r}") from None
     if not isinstance(schema, Mapping):
-        raise ValueError(f"json_schema must be a JSON object (a dict or its JSON text), got {schema!r}")
+        raise ValueError(
+            f"json_schema must be a JSON object (a dict or its JSON text), got {schema!r}"
+        )
     try:
         return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError) as e:
@@ -169,7 +171,9 @@ def _is_per_row(name: str, value: Any) -> bool:
     )
 
 
-def parse_constraints(fields: Mapping[str, Any]) -> tuple[bool, list[tuple[str, Any] | None]] | None:
+def parse_constraints(
+    fields: Mapping[str, Any],
+) -> tuple[bool, list[tuple[str, Any] | None]] | None:
     """The output constraint of a config's `regex` / `json_schema` / `choices`.
 
     Either one field holds one constraint for every row, or the fields hold

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -241,6 +242,11 @@ def compile_regex(pattern: str, tokenizer: Any) -> TokenAutomaton:
             ) from None
         raise ValueError(f"regex {_short(pattern)} is invalid: {text}") from None
     automaton = _from_index(index, size, eos=size, source=f"regex {_short(pattern)}")
+    if not automaton.final.any():
+        raise ValueError(
+            f"the tokenizer's vocabulary cannot produce the regex {_short(pattern)}: no "
+            "sequence of its tokens reaches the end of a match"
+        )
     _AUTOMATA[key] = (tokenizer, automaton)
     while len(_AUTOMATA) > _CACHE_SIZE:
         _AUTOMATA.popitem(last=False)
@@ -252,16 +258,42 @@ def _short(text: str, n: int = 80) -> str:
 
 
 def _from_index(index: Any, vocab: int, *, eos: int, source: str) -> TokenAutomaton:
-    """outlines-core's index renumbered `0..S-1` in CSR form, EOS moves dropped."""
-    transitions = index.get_transitions()
+    """outlines-core's index renumbered `0..S-1` in CSR form, EOS moves dropped,
+    states that cannot reach an accepting state removed (no final state left:
+    the vocabulary cannot produce any match)."""
+    transitions = {
+        s: {t: n for t, n in moves.items() if t != eos}
+        for s, moves in index.get_transitions().items()
+    }
     finals = set(index.get_final_states())
-    ids = sorted(set(transitions) | finals | {index.get_initial_state()})
+    # Keep only states from which an accepting state can be reached: a token into
+    # a trap (a path the vocabulary cannot finish) is never allowed.
+    alive, frontier = set(finals), list(finals)
+    parents: dict[int, set[int]] = {}
+    for s, moves in transitions.items():
+        for n in moves.values():
+            parents.setdefault(n, set()).add(s)
+    while frontier:
+        for p in parents.get(frontier.pop(), ()):
+            if p not in alive:
+                alive.add(p)
+                frontier.append(p)
+    start = index.get_initial_state()
+    if start not in alive:
+        alive = {start}
+        finals = set()
+    transitions = {
+        s: {t: n for t, n in moves.items() if n in alive}
+        for s, moves in transitions.items()
+        if s in alive
+    }
+    ids = sorted(alive)
     number = {s: i for i, s in enumerate(ids)}
     indptr = np.zeros(len(ids) + 1, np.int64)
     toks, nxts = [], []
     for i, s in enumerate(ids):
         moves = transitions.get(s, {})
-        t = np.fromiter((k for k in moves if k != eos), np.int64)
+        t = np.fromiter(moves, np.int64, count=len(moves))
         t.sort()
         toks.append(t.astype(np.int32))
         nxts.append(np.fromiter((number[moves[k]] for k in t), np.int32, count=t.size))
@@ -278,6 +310,28 @@ def _from_index(index: Any, vocab: int, *, eos: int, source: str) -> TokenAutoma
     )
 
 
+# Value bounds outlines-core's JSON-schema-to-regex reads past (the type is kept).
+_IGNORED = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
+
+
+def _ignored_keywords(node: Any) -> set[str]:
+    if isinstance(node, Mapping):
+        found = {k for k in node if k in _IGNORED and not isinstance(node[k], (dict, list))}
+        return found.union(*(_ignored_keywords(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_ignored_keywords(v) for v in node))
+    return set()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("outlines-core")
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
 def schema_regex(schema: Any, whitespace: str | None = None) -> str:
     """outlines-core's regular expression for a JSON schema.
 
@@ -288,13 +342,22 @@ def schema_regex(schema: Any, whitespace: str | None = None) -> str:
     from outlines_core.json_schema import build_regex_from_schema
 
     text = normalize_schema(schema)
+    ignored = sorted(_ignored_keywords(json.loads(text)))
+    if ignored:
+        warnings.warn(
+            f"json_schema uses {', '.join(ignored)}, which outlines-core {_version()} does not "
+            "enforce: outputs have the right types but may break these bounds",
+            stacklevel=3,
+        )
     try:
         return build_regex_from_schema(text, whitespace)
     except (ValueError, TypeError) as e:
         raise ValueError(f"json_schema {_short(text)} is not supported: {e}") from None
 
 
-def compile_json_schema(schema: Any, tokenizer: Any, whitespace: str | None = None) -> TokenAutomaton:
+def compile_json_schema(
+    schema: Any, tokenizer: Any, whitespace: str | None = None
+) -> TokenAutomaton:
     """The token automaton of a JSON schema (outputs are JSON values it validates;
     `whitespace` is the regex allowed between tokens, default outlines-core's)."""
     pattern = schema_regex(schema, whitespace)
@@ -425,7 +488,9 @@ def union(
     states = _bucket(real)
     nnz = sum(a.nnz for a in automata)
     sizes = layout_bytes(states, vocab, nnz)
-    chosen = layout if layout != "auto" else ("dense" if sizes["dense"] <= dense_limit else "sparse")
+    chosen = (
+        layout if layout != "auto" else ("dense" if sizes["dense"] <= dense_limit else "sparse")
+    )
     if sizes[chosen] > max_bytes:
         what = ", ".join(a.source for a in automata[:4]) + (" ..." if len(automata) > 4 else "")
         raise ValueError(

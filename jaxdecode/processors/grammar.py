@@ -93,8 +93,7 @@ class Grammar(LogitsProcessor):
         ids = eos_ids(eos_token_id)
         if not ids:
             raise ValueError(
-                "a constraint needs eos_token_id: EOS is how a row ends once its output is "
-                "complete"
+                "a constraint needs eos_token_id: EOS is how a row ends once its output is complete"
             )
         return self.replace(eos=ids)
 
@@ -117,10 +116,7 @@ class Grammar(LogitsProcessor):
         tokens = tokens.astype(jnp.int32)
         s = jnp.maximum(state, 0)
         t = jnp.clip(tokens, 0, self.vocab - 1)
-        if self.layout == "dense":
-            nxt = self.next[s, t]
-        else:
-            nxt = self._bisect(s, t)
+        nxt = self.next[s, t] if self.layout == "dense" else self._bisect(s, t)
         nxt = jnp.where((state >= 0) & (tokens >= 0) & (tokens < self.vocab), nxt, -1)
         if self.eos:
             nxt = jnp.where(jnp.isin(tokens, jnp.asarray(self.eos, jnp.int32)), state, nxt)
