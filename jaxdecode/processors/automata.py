@@ -41,6 +41,10 @@ __all__ = [
     "TokenAutomaton",
     "Tables",
     "choice_regex",
+    "clear_cache",
+    "layout_bytes",
+    "schema_regex",
+    "state_bucket",
     "compile_choice",
     "compile_json_schema",
     "compile_regex",
@@ -213,6 +217,12 @@ def _outlines_vocabulary(tokenizer: Any) -> tuple[Any, int]:
 # --------------------------------------------------------------------------- #
 
 _AUTOMATA: OrderedDict[tuple[str, int], tuple[Any, TokenAutomaton]] = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Forgets every compiled automaton and vocabulary (benchmarks time cold builds)."""
+    _AUTOMATA.clear()
+    _VOCABS.clear()
 
 
 def compile_regex(pattern: str, tokenizer: Any) -> TokenAutomaton:
@@ -456,7 +466,7 @@ def layout_bytes(num_states: int, vocab: int, nnz: int) -> dict[str, int]:
     }
 
 
-def _bucket(n: int) -> int:
+def state_bucket(n: int) -> int:
     """States padded to a power of two (at least 16): a batch of other schemas
     with as many states reuses the compiled program."""
     return max(16, 1 << max(n - 1, 0).bit_length())
@@ -485,7 +495,7 @@ def union(
     vocab = max(a.vocab for a in automata)
     offsets = np.cumsum([0] + [a.num_states for a in automata])
     real = int(offsets[-1])
-    states = _bucket(real)
+    states = state_bucket(real)
     nnz = sum(a.nnz for a in automata)
     sizes = layout_bytes(states, vocab, nnz)
     chosen = (
