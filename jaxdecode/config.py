@@ -65,7 +65,7 @@ SequenceBias = Mapping[tuple[int, ...], float] | Sequence[tuple[Sequence[int], f
 # Output constraints: one for every row, or a list with one entry per row (None:
 # that row is free).
 Regex = str | Sequence[str | None]
-JsonSchema = Mapping[str, Any] | str | Sequence[Mapping[str, Any] | str | None]
+JsonSchema = Mapping[str, object] | str | Sequence[Mapping[str, object] | str | None]
 Choices = Sequence[str] | Sequence[Sequence[str] | None]
 
 
