@@ -87,12 +87,16 @@ def _flag_kind(field: dataclasses.Field, tp: Any) -> str:
         return "choice"
     if field.metadata.get("per_row") or args in ((int,), (float,)):
         return "scalar"
+    if set(args) == {str, Sequence[str]}:
+        return "strings"
+    if str in args:
+        return "text"  # one string (a regex); per-row lists come from eval lines
+    if Sequence[str] in args:
+        return "texts"
     if len(args) == 1 and typing.get_origin(args[0]) is tuple:
         return "tuple"
     if set(args) == {int, Sequence[int]}:
         return "ids"
-    if set(args) == {str, Sequence[str]}:
-        return "strings"
     return "json"
 
 
@@ -120,6 +124,10 @@ def _flag_kwargs(field: dataclasses.Field, tp: Any) -> dict[str, Any]:
         return {"type": int, "nargs": "+"}
     if kind == "strings":
         return {"type": str, "nargs": "+", "metavar": "TEXT"}
+    if kind == "text":
+        return {"type": str}
+    if kind == "texts":
+        return {"type": str, "nargs": "+"}
     return {"type": _json_value, "metavar": "JSON"}
 
 
@@ -516,30 +524,54 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
         )
     lm.decoder.check_length(total)
     config = config.replace(max_new_tokens=total - n_tokens, max_length=None)
+    _check_constraint(lm, config)
     if config.do_sample:
         config = config.replace(seed=_prompt_seed(rec, base_seed))
         config.validate()
     return config
 
 
+def _check_constraint(lm, config) -> None:
+    """A line's regex / json_schema / choices: one constraint, compiled now (cached)
+    so that a bad one is reported with the other bad lines, before generating."""
+    from jaxdecode.processors.grammar import compile_spec
+
+    parsed = config.constraints()
+    if parsed is None:
+        return
+    if parsed[0]:
+        raise ValueError("a line's regex / json_schema / choices is one constraint, not a list")
+    if not config.eos_ids:
+        raise ValueError(f"{parsed[1][0][0]} needs eos_token_id (the model has none)")
+    compile_spec(parsed[1][0], lm.tokenizer)
+
+
+def _unconstrained(config):
+    from jaxdecode.config import CONSTRAINT_FIELDS
+
+    return config.replace(**dict.fromkeys(CONSTRAINT_FIELDS))
+
+
 def _group_key(config, bucket: int) -> tuple:
     """What must be equal for prompts to share a batch: the prompt bucket, every
     static field and every value that is not per-row, and which processors are
     present (the chain's tree structure). Per-row values (temperature, top_p, ...,
-    penalties) and the seed differ freely within a batch."""
+    penalties), the seed and the output constraint (rows of different schemas
+    share one automaton table) differ freely within a batch."""
     import jax
 
     import jaxdecode
-    from jaxdecode.config import PER_ROW_FIELDS
+    from jaxdecode.config import CONSTRAINT_FIELDS, PER_ROW_FIELDS
 
-    per_row = set(PER_ROW_FIELDS) | {"seed"}  # the seed: one key per prompt row
+    # The seed: one key per prompt row.
+    per_row = set(PER_ROW_FIELDS) | {"seed"} | set(CONSTRAINT_FIELDS)
     fixed = tuple(
         (f.name, getattr(config, f.name))
         for f in dataclasses.fields(config)
         if f.name not in per_row
     )
-    structure = jax.tree_util.tree_structure(jaxdecode.logits_processor(config))
-    return bucket, fixed, structure
+    structure = jax.tree_util.tree_structure(jaxdecode.logits_processor(_unconstrained(config)))
+    return bucket, fixed, structure, config.constraints() is not None
 
 
 def _batch_config(configs: list, arrayed: tuple[str, ...]):
@@ -551,10 +583,16 @@ def _batch_config(configs: list, arrayed: tuple[str, ...]):
     import jax.numpy as jnp
     import numpy as np
 
+    from jaxdecode.config import CONSTRAINT_FIELDS
+
     values = {}
     for name in arrayed:
         dtype = np.int32 if name == "top_k" else np.float32
         values[name] = np.asarray([getattr(c, name) for c in configs], dtype)
+    # Constraints: one list per field, each row's entry in its own field (one table).
+    for name in CONSTRAINT_FIELDS:
+        rows = [getattr(c, name) for c in configs]
+        values[name] = tuple(rows) if any(r is not None for r in rows) else None
     config = configs[0].replace(**values, seed=None)
     if not config.do_sample:
         return config, None
@@ -570,6 +608,7 @@ def _arrayed_fields(config, batch: int) -> tuple[str, ...]:
     import jaxdecode
     from jaxdecode.config import PER_ROW_FIELDS
 
+    config = _unconstrained(config)
     base = jax.tree_util.tree_structure(jaxdecode.logits_processor(config))
     out = []
     for name in PER_ROW_FIELDS:

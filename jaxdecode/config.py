@@ -5,7 +5,8 @@ global defaults filled in: `top_k=50`, ...; `max_length=None` means 20 new
 tokens, as transformers' default does), so a
 `generation_config.json` from the hub reads and writes unchanged. Our additions:
 `frequency_penalty`, `presence_penalty`, `seed`, `repetition_penalty_form`,
-`top_k_method`, `top_p_method`.
+`top_k_method`, `top_p_method`, and the output constraints `regex`,
+`json_schema`, `choices`.
 
 A config splits in two: a hashable `StaticConfig` (`static()`: shapes and which
 code runs) and a pytree of traced values (`jaxdecode.processors.split_config`:
@@ -26,11 +27,19 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import jax
 import numpy as np
 
-from jaxdecode.validation import check_range, eos_ids, parse_sequences
+from jaxdecode.validation import (
+    CONSTRAINT_FIELDS,
+    check_range,
+    eos_ids,
+    normalize_schema,
+    parse_constraints,
+    parse_sequences,
+)
 
 Array = jax.Array
 
 __all__ = [
+    "CONSTRAINT_FIELDS",
     "FIELD_CHOICES",
     "FIELD_TYPES",
     "HF_FIELDS",
@@ -53,6 +62,11 @@ PerRowInt = int | Sequence[int] | Array
 TokenIds = int | Sequence[int]  # one token id, or several
 TokenSequences = Sequence[Sequence[int]]  # [[ids], [ids], ...]
 SequenceBias = Mapping[tuple[int, ...], float] | Sequence[tuple[Sequence[int], float]]
+# Output constraints: one for every row, or a list with one entry per row (None:
+# that row is free).
+Regex = str | Sequence[str | None]
+JsonSchema = Mapping[str, object] | str | Sequence[Mapping[str, object] | str | None]
+Choices = Sequence[str] | Sequence[Sequence[str] | None]
 
 
 def _field(default: Any, *, hf: bool = True, per_row: bool = False) -> Any:
@@ -118,8 +132,19 @@ class GenerationConfig:
     repetition_penalty_form: Literal["hf", "ctrl"] = _field("hf", hf=False)
     top_k_method: Literal["exact", "fast"] = _field("exact", hf=False)
     top_p_method: Literal["exact", "fast"] = _field("exact", hf=False)
+    # Output constraints (need the model's tokenizer; see jaxdecode.processors.grammar).
+    regex: Regex | None = _field(None, hf=False)
+    json_schema: JsonSchema | None = _field(None, hf=False)
+    choices: Choices | None = _field(None, hf=False)
 
     def __post_init__(self) -> None:
+        # A JSON schema is kept as its compact JSON text (hashable, key order kept).
+        schema = self.json_schema
+        if isinstance(schema, Mapping):
+            object.__setattr__(self, "json_schema", _schema_text(schema))
+        elif isinstance(schema, (list, tuple)):
+            texts = tuple(_schema_text(s) if isinstance(s, Mapping) else s for s in schema)
+            object.__setattr__(self, "json_schema", texts)
         # Lists and NumPy arrays become tuples so that configs compare and hash by
         # content (a config is static data for jit; see CausalLM).
         for f in dataclasses.fields(self):
@@ -215,7 +240,14 @@ class GenerationConfig:
         self._validate_token_ids(vocab_size)
         self._validate_combinations()
         self._validate_decay_penalty()
+        self.constraints()
         return self
+
+    def constraints(self) -> tuple[bool, list[tuple[str, Any] | None]] | None:
+        """The output constraint of `regex` / `json_schema` / `choices`: None, or
+        `(per_row, specs)` with `specs` `(field, value)` pairs (one for every row,
+        or one per row, None for a free row). Raises ValueError when malformed."""
+        return parse_constraints({name: getattr(self, name) for name in CONSTRAINT_FIELDS})
 
     def _validate_decay_penalty(self) -> None:
         value = self.exponential_decay_length_penalty
@@ -437,6 +469,15 @@ PER_ROW_FIELDS: tuple[str, ...] = tuple(
 FIELD_CHOICES: dict[str, tuple[Any, ...]] = {
     name: get_args(t) for name, t in FIELD_TYPES.items() if get_origin(t) is Literal
 }
+
+
+def _schema_text(schema: Mapping[str, Any]) -> Any:
+    """A schema dict as JSON text; left as is (for `validate` to report) when it
+    holds values JSON cannot write."""
+    try:
+        return normalize_schema(schema)
+    except ValueError:
+        return schema
 
 
 def _parse_key(name: str, key: Any) -> tuple[int, ...]:

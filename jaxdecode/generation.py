@@ -24,7 +24,7 @@ from jaxdecode.arrays import is_traced, owned
 from jaxdecode.config import SEED_MAX, GenerationConfig
 from jaxdecode.models.base import Decoder
 from jaxdecode.processors import TracedConfig, split_config
-from jaxdecode.processors.base import LogitsProcessor, chain, check_rows
+from jaxdecode.processors.base import LogitsProcessor, check_rows
 from jaxdecode.search.loop import GenerateOutput, Plan
 from jaxdecode.search.program import generate_program, prefill_program
 from jaxdecode.search.sample import decode_step
@@ -306,14 +306,12 @@ def prepare(
     host_side = not (traced_inputs or is_traced(params))
     key, per_row, drawn = _sampling_key(key, config, batch, host_side)
 
-    static, traced = split_config(config)
-    if logits_processor is not None:
-        if not isinstance(logits_processor, LogitsProcessor):
-            raise ValueError(
-                "logits_processor must be a jaxdecode LogitsProcessor or chain, got "
-                f"{type(logits_processor).__name__}"
-            )
-        traced = traced.replace(processor=chain(traced.processor, logits_processor))
+    if logits_processor is not None and not isinstance(logits_processor, LogitsProcessor):
+        raise ValueError(
+            "logits_processor must be a jaxdecode LogitsProcessor or chain, got "
+            f"{type(logits_processor).__name__}"
+        )
+    static, traced = split_config(config, tokenizer=tokenizer, extra=logits_processor)
     if config.stop_strings is not None:
         stop = _stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
         traced = traced.replace(stop=stop)
@@ -408,10 +406,13 @@ def generate(
             and the vocabulary over `model` (see `jaxdecode.sharding`). The
             tokens are the single-device ones.
         logits_processor: extra processors (a processor or `chain`, stateful
-            ones included), applied after the config's chain, as transformers
-            appends a custom `logits_processor` list. A pytree like the rest: its
-            values are traced, its structure is static.
-        tokenizer: for `stop_strings` (default: the `CausalLM`'s tokenizer).
+            ones included, e.g. `jd.json_schema(schema, lm.tokenizer)`), placed
+            where transformers puts a custom `logits_processor` list: after the
+            config's processors, before the sampling warpers (temperature,
+            top-k, top-p, ...). A pytree like the rest: its values are traced,
+            its structure is static.
+        tokenizer: for `stop_strings`, `regex`, `json_schema` and `choices`
+            (default: the `CausalLM`'s tokenizer).
 
     Returns:
         A `GenerateOutput`.

@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "Tokenizer",
+    "byte_to_unicode",
     "byte_tokenizer",
     "load_tokenizer",
     "render_chat_template",
@@ -154,10 +155,10 @@ class Tokenizer:
 
 @functools.cache
 def _unicode_to_byte() -> dict[str, int]:
-    return {c: b for b, c in _byte_to_unicode().items()}
+    return {c: b for b, c in byte_to_unicode().items()}
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters: printable
     Latin-1 bytes map to themselves, the others to code points from 256 on."""
     keep = list(range(ord("!"), ord("~") + 1))
@@ -184,7 +185,7 @@ def byte_tokenizer() -> Tokenizer:
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    vocab = {ch: b for b, ch in byte_to_unicode().items()}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()

@@ -4,13 +4,24 @@ allowed range in a `ValueError`."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["is_concrete", "check_range", "static_int", "eos_ids", "parse_sequences"]
+__all__ = [
+    "CONSTRAINT_FIELDS",
+    "is_concrete",
+    "check_range",
+    "static_int",
+    "eos_ids",
+    "parse_sequences",
+    "normalize_schema",
+    "parse_constraints",
+]
 
 
 def is_concrete(value: Any) -> bool:
@@ -99,3 +110,109 @@ def parse_sequences(name: str, entries: Any) -> list[tuple[tuple[int, ...], floa
             raise ValueError(f"{name} biases must not be NaN (entry {ids!r})")
         out.append((tuple(int(t) for t in ids), float(bias)))
     return out
+
+
+# The `GenerationConfig` fields that constrain the output (one kind per row).
+CONSTRAINT_FIELDS = ("regex", "json_schema", "choices")
+
+
+def normalize_schema(schema: Any) -> str:
+    """A JSON schema (a dict, or its JSON text) as compact JSON text. Key order is
+    kept: it sets the order of the properties in the output.
+
+    Raises:
+        ValueError: not JSON, or not a JSON object.
+    """
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"json_schema is not valid JSON ({e}): {schema[:80]!r}") from None
+    if not isinstance(schema, Mapping):
+        raise ValueError(
+            f"json_schema must be a JSON object (a dict or its JSON text), got {schema!r}"
+        )
+    try:
+        return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"json_schema must hold JSON values only: {e}") from None
+
+
+def _one_constraint(name: str, value: Any) -> tuple[str, Any]:
+    """`(name, value)` checked without a tokenizer (the regex itself is checked
+    when it is compiled)."""
+    if name == "regex":
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"regex must be a non-empty string, got {value!r}")
+        return name, value
+    if name == "json_schema":
+        return name, normalize_schema(value)
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or not value
+        or not all(isinstance(c, str) for c in value)
+    ):
+        raise ValueError(f"choices must be a non-empty list of strings, got {value!r}")
+    return name, tuple(value)
+
+
+def _is_per_row(name: str, value: Any) -> bool:
+    """A list of constraints, one per row (vs one constraint for every row)."""
+    if name == "regex":
+        return not isinstance(value, str)
+    if name == "json_schema":
+        return not isinstance(value, (str, Mapping))
+    # choices: a list of strings is one constraint; a list of lists (or None) is per row.
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and any(not isinstance(c, str) for c in value)
+    )
+
+
+def parse_constraints(
+    fields: Mapping[str, Any],
+) -> tuple[bool, list[tuple[str, Any] | None]] | None:
+    """The output constraint of a config's `regex` / `json_schema` / `choices`.
+
+    Either one field holds one constraint for every row, or the fields hold
+    per-row lists of equal length (one entry per prompt row, None for an
+    unconstrained row) with at most one constraint per row.
+
+    Returns:
+        None (no constraint), else `(per_row, specs)`: `specs` are `(field,
+        value)` pairs (or None), one for all rows, or one per row.
+
+    Raises:
+        ValueError: naming the field and what is wrong.
+    """
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not given:
+        return None
+    per_row = {k: _is_per_row(k, v) for k, v in given.items()}
+    if not any(per_row.values()):
+        if len(given) > 1:
+            raise ValueError(
+                f"set one of regex, json_schema, choices, got {' and '.join(sorted(given))} "
+                "(per-row lists may mix them, one per row)"
+            )
+        ((name, value),) = given.items()
+        return False, [_one_constraint(name, value)]
+    if not all(per_row.values()):
+        raise ValueError(
+            f"{', '.join(sorted(given))}: a per-row list cannot be combined with one constraint "
+            "for every row"
+        )
+    lengths = {k: len(v) for k, v in given.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"per-row constraint lists must have equal lengths, got {lengths}")
+    specs: list[tuple[str, Any] | None] = []
+    for row in range(next(iter(lengths.values()))):
+        here = {k: v[row] for k, v in given.items() if v[row] is not None}
+        if len(here) > 1:
+            raise ValueError(f"row {row} has {' and '.join(sorted(here))}: at most one per row")
+        specs.append(_one_constraint(*next(iter(here.items()))) if here else None)
+    if all(s is None for s in specs):
+        return None
+    return True, specs

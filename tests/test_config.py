@@ -130,6 +130,9 @@ CLI_VALUES = {
     "repetition_penalty_form": (["ctrl"], "ctrl"),
     "top_k_method": (["fast"], "fast"),
     "top_p_method": (["fast"], "fast"),
+    "regex": (["[a-z]+"], "[a-z]+"),
+    "json_schema": (['{"type": "object"}'], '{"type": "object"}'),  # JSON text
+    "choices": (["yes", "no way"], ("yes", "no way")),
 }
 
 
@@ -304,6 +307,10 @@ def _rich_config():
         repetition_penalty_form="ctrl",
         top_k_method="fast",
         top_p_method="fast",
+        # One constraint per row, each row's in its own field.
+        regex=["[a-z]+", None, None],
+        json_schema=[None, {"type": "object"}, None],
+        choices=[None, None, ["yes", "no"]],
     ).validate()
 
 

