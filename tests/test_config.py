@@ -78,6 +78,7 @@ def test_fields_are_typed_precisely_and_carry_their_metadata():
         "repetition_penalty_form": ("hf", "ctrl"),
         "top_k_method": ("exact", "fast"),
         "top_p_method": ("exact", "fast"),
+        "logprobs_mode": ("processed", "raw"),
     }
     for name, allowed in FIELD_CHOICES.items():  # validate() reads the same list
         GC(**{name: allowed[-1]}).validate()
@@ -130,6 +131,10 @@ CLI_VALUES = {
     "repetition_penalty_form": (["ctrl"], "ctrl"),
     "top_k_method": (["fast"], "fast"),
     "top_p_method": (["fast"], "fast"),
+    "output_raw_logprobs": ([], True),
+    "logprobs": (["3"], 3),
+    "logprobs_mode": (["raw"], "raw"),
+    "prompt_logprobs": (["0"], 0),
 }
 
 
@@ -304,6 +309,10 @@ def _rich_config():
         repetition_penalty_form="ctrl",
         top_k_method="fast",
         top_p_method="fast",
+        output_raw_logprobs=True,
+        logprobs=4,
+        logprobs_mode="raw",
+        prompt_logprobs=0,
     ).validate()
 
 
