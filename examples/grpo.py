@@ -23,7 +23,7 @@ The reward is verifiable and simple: 1 when the completion contains the word
 completions). Within a few hundred steps the mean reward climbs towards 1.
 
 Usage:
-    python examples/grpo.py [--steps 300] [--samples 8] [--lr 3e-4] [--seed 0]
+    python examples/grpo.py [--steps 300] [--samples 8] [--lr 5e-5] [--seed 0]
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def make_train_step(
 def train(
     steps: int = 300,
     samples: int = 8,
-    lr: float = 3e-4,
+    lr: float = 5e-5,
     seed: int = 0,
     new_tokens: int = NEW_TOKENS,
     log_every: int = 10,
@@ -194,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--samples", type=int, default=8, help="completions per prompt (R)")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     train(args.steps, args.samples, args.lr, args.seed)
