@@ -75,7 +75,8 @@ def _flag_kind(field: dataclasses.Field, tp: Any) -> str:
     """How a `GenerationConfig` field is given on the command line, from its type:
     "bool" (--x/--no-x), "bool_or_choice", "choice" (Literal), "scalar" (int,
     float, or a per-row number: one value for every row), "tuple" (that many
-    values), "ids" (int | Sequence[int]: one or more ints), else "json"."""
+    values), "ids" (int | Sequence[int]: one or more ints), "strings" (str |
+    Sequence[str]: one or more strings), else "json"."""
     args = _union_args(tp)
     literals = [a for a in args if typing.get_origin(a) is typing.Literal]
     if args == (bool,):
@@ -90,6 +91,8 @@ def _flag_kind(field: dataclasses.Field, tp: Any) -> str:
         return "tuple"
     if set(args) == {int, Sequence[int]}:
         return "ids"
+    if set(args) == {str, Sequence[str]}:
+        return "strings"
     return "json"
 
 
@@ -115,6 +118,8 @@ def _flag_kwargs(field: dataclasses.Field, tp: Any) -> dict[str, Any]:
         }
     if kind == "ids":
         return {"type": int, "nargs": "+"}
+    if kind == "strings":
+        return {"type": str, "nargs": "+", "metavar": "TEXT"}
     return {"type": _json_value, "metavar": "JSON"}
 
 

@@ -112,6 +112,7 @@ class GenerationConfig:
     pad_token_id: int | None = _field(None)
     bos_token_id: int | None = _field(None)
     eos_token_id: TokenIds | None = _field(None)
+    stop_strings: str | Sequence[str] | None = _field(None)
     # jaxdecode additions.
     frequency_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
     presence_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
@@ -307,6 +308,20 @@ class GenerationConfig:
                 "num_return_sequences must be 1 for greedy search (num_beams=1, do_sample=False), "
                 f"got {self.num_return_sequences}; use do_sample=True or num_beams >= it"
             )
+        if self.stop_strings is not None:
+            strings = (
+                [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
+            )
+            if not strings or any(not isinstance(x, str) or not x for x in strings):
+                raise ValueError(
+                    "stop_strings must be a string or a non-empty list of non-empty strings, "
+                    f"got {self.stop_strings!r}"
+                )
+            if beams > 1:
+                raise ValueError(
+                    "stop_strings works with greedy search and sampling (num_beams=1), got "
+                    f"num_beams={beams}"
+                )
         if beams > 1 and self.num_return_sequences > beams:
             raise ValueError(
                 f"num_return_sequences must be <= num_beams={beams}, got {self.num_return_sequences}"

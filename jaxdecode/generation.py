@@ -28,6 +28,7 @@ from jaxdecode.processors.base import LogitsProcessor, chain, check_rows
 from jaxdecode.search.loop import GenerateOutput, Plan
 from jaxdecode.search.program import generate_program, prefill_program
 from jaxdecode.search.sample import decode_step
+from jaxdecode.search.stopping import stop_strings, token_tables
 from jaxdecode.sharding import DATA, MODEL, shard_params
 
 Array = jax.Array
@@ -42,6 +43,7 @@ __all__ = [
     "model_parts",
     "generate",
     "prepare",
+    "stop_tables",
     "stream",
 ]
 
@@ -98,15 +100,17 @@ def _is_global(*xs: Any) -> bool:
     return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in xs)
 
 
-def model_parts(model: Any, params: Any) -> tuple[Decoder, Any, GenerationConfig]:
-    """`(decoder, params, default config)` of a `CausalLM`-like object or a `Decoder`."""
+def model_parts(model: Any, params: Any) -> tuple[Decoder, Any, GenerationConfig, Any]:
+    """`(decoder, params, default config, tokenizer)` of a `CausalLM`-like object or
+    a `Decoder`."""
     if isinstance(model, Decoder):
         if params is None:
             raise ValueError("generate(decoder, ...) needs params=")
-        return model, params, GenerationConfig()
+        return model, params, GenerationConfig(), None
     decoder = getattr(model, "decoder", None)
     if isinstance(decoder, Decoder):
-        return decoder, model.params if params is None else params, model.generation_config
+        params = model.params if params is None else params
+        return decoder, params, model.generation_config, getattr(model, "tokenizer", None)
     raise ValueError(f"model must be a CausalLM or a Decoder, got {type(model).__name__}")
 
 
@@ -189,6 +193,62 @@ def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
         )
 
 
+def _prompt_arrays(
+    input_ids: Any, attention_mask: Any, vocab_size: int, traced_inputs: bool
+) -> tuple[Any, Any]:
+    """Validated `(ids, mask)`, copied from host memory (or as given when traced)."""
+    ids = input_ids if traced_inputs else np.array(input_ids, copy=True)
+    if ids.ndim != 2 or ids.shape[1] < 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"input_ids must be a [batch, prompt_len] integer array, got {ids.dtype} {ids.shape}"
+        )
+    if attention_mask is None:
+        mask = jnp.ones_like(ids) if traced_inputs else np.ones(ids.shape, np.int32)
+    else:
+        mask = attention_mask if traced_inputs else np.array(attention_mask, copy=True)
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}"
+            )
+    if traced_inputs:
+        return ids, mask
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(
+            f"input_ids must be in [0, {vocab_size - 1}], got [{ids.min()}, {ids.max()}]"
+        )
+    if not np.all((mask == 0) | (mask == 1)):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    empty = np.flatnonzero(~np.any(mask == 1, axis=1))
+    if empty.size:
+        raise ValueError(
+            f"attention_mask rows {empty.tolist()} are all 0: every prompt needs at least "
+            "one real token"
+        )
+    return ids, mask
+
+
+def _sampling_key(
+    key: Any, config: GenerationConfig, batch: int, host_side: bool
+) -> tuple[Array, bool, int | None]:
+    """`(key, per_row, drawn seed)`: the key given, else `config.seed`, else a
+    fresh seed drawn here (reported back), else an unused key for greedy/beams."""
+    drawn = None
+    if key is None and config.do_sample:
+        if config.seed is not None:
+            key = config.seed
+        elif not host_side:
+            raise ValueError(
+                "generate(do_sample=True) inside jit, or on multi-host arrays, needs key= (or a "
+                "seed in the config): every host must draw the same numbers"
+            )
+        else:
+            key = drawn = secrets.randbits(32)
+    if key is None:
+        key = 0  # unused by greedy and beam search
+    key, per_row = _resolve_key(key, batch)
+    return key, per_row, drawn
+
+
 def prepare(
     model: Any,
     input_ids: Any,
@@ -201,14 +261,19 @@ def prepare(
     loop: str = "scan",
     mesh: Mesh | None = None,
     logits_processor: LogitsProcessor | None = None,
+    tokenizer: Any = None,
     overrides: dict[str, Any] | None = None,
 ) -> Request:
     """Validates a `generate` call before tracing and pads the prompt to its bucket.
 
+    Every check `generate` makes happens here, in order, before anything is
+    traced; that is why it is long.
+
     The arguments are `generate`'s. Returns the `Request` whose `plan` and
     `args()` `generate_program` runs (`jaxdecode.trace` runs it with recording on).
     """
-    decoder, params, base = model_parts(model, params)
+    decoder, params, base, model_tokenizer = model_parts(model, params)
+    tokenizer = model_tokenizer if tokenizer is None else tokenizer
     if config is not None and not isinstance(config, GenerationConfig):
         raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
     config = (config or base).replace(**overrides) if overrides else (config or base)
@@ -223,33 +288,8 @@ def prepare(
     # Traced inside a user's jit, or global arrays spanning several hosts: no
     # host-side look at the values.
     traced_inputs = is_traced(input_ids, attention_mask) or _is_global(input_ids, attention_mask)
-    ids = input_ids if traced_inputs else np.array(input_ids, copy=True)
-    if ids.ndim != 2 or ids.shape[1] < 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(
-            f"input_ids must be a [batch, prompt_len] integer array, got {ids.dtype} {ids.shape}"
-        )
+    ids, mask = _prompt_arrays(input_ids, attention_mask, decoder.vocab_size, traced_inputs)
     batch, prompt_len = ids.shape
-    if attention_mask is None:
-        mask = np.ones((batch, prompt_len), np.int32) if not traced_inputs else jnp.ones_like(ids)
-    else:
-        mask = attention_mask if traced_inputs else np.array(attention_mask, copy=True)
-        if mask.shape != ids.shape:
-            raise ValueError(
-                f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}"
-            )
-    if not traced_inputs:
-        if ids.min() < 0 or ids.max() >= decoder.vocab_size:
-            raise ValueError(
-                f"input_ids must be in [0, {decoder.vocab_size - 1}], got [{ids.min()}, {ids.max()}]"
-            )
-        if not np.all((mask == 0) | (mask == 1)):
-            raise ValueError("attention_mask must hold only 0 and 1")
-        empty = np.flatnonzero(~np.any(mask == 1, axis=1))
-        if empty.size:
-            raise ValueError(
-                f"attention_mask rows {empty.tolist()} are all 0: every prompt needs at least "
-                "one real token"
-            )
     max_length = config.resolve_max_length(prompt_len)
     new_tokens = max_length - prompt_len
     if new_tokens < 1:
@@ -261,29 +301,13 @@ def prepare(
 
     bucket = bucket_length(prompt_len, prompt_buckets)
     extra = bucket - prompt_len
-    if extra:
-        pad_id = config.pad_id
-        if traced_inputs:
-            ids = jnp.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
-            mask = jnp.pad(mask, ((0, 0), (extra, 0)))
-        else:
-            ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
-            mask = np.pad(mask, ((0, 0), (extra, 0)))
+    if extra:  # left padding, masked out (np on the host: no compile per length)
+        xp = jnp if traced_inputs else np
+        ids = xp.pad(ids, ((0, 0), (extra, 0)), constant_values=config.pad_id)
+        mask = xp.pad(mask, ((0, 0), (extra, 0)))
 
-    drawn = None
-    if key is None and config.do_sample:
-        if config.seed is not None:
-            key = config.seed
-        elif traced_inputs or is_traced(params):
-            raise ValueError(
-                "generate(do_sample=True) inside jit, or on multi-host arrays, needs key= (or a "
-                "seed in the config): every host must draw the same numbers"
-            )
-        else:
-            key = drawn = secrets.randbits(32)
-    if key is None:
-        key = 0  # unused by greedy and beam search
-    key, per_row = _resolve_key(key, batch)
+    host_side = not (traced_inputs or is_traced(params))
+    key, per_row, drawn = _sampling_key(key, config, batch, host_side)
 
     static, traced = split_config(config)
     if logits_processor is not None:
@@ -293,6 +317,9 @@ def prepare(
                 f"{type(logits_processor).__name__}"
             )
         traced = traced.replace(processor=chain(traced.processor, logits_processor))
+    if config.stop_strings is not None:
+        stop = stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
+        traced = traced.replace(stop=stop)
     check_rows(traced.processor, batch)
     if np.ndim(config.length_penalty) != 0:
         raise ValueError(f"length_penalty must be a scalar, got {config.length_penalty!r}")
@@ -324,6 +351,19 @@ def prepare(
     )
 
 
+_TOKEN_TABLES: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+
+def stop_tables(strings: Any, tokenizer: Any, vocab_size: int) -> Any:
+    """The stop strings' device tables; each tokenizer's byte table is built once
+    (it walks the whole vocabulary)."""
+    cached = _TOKEN_TABLES.get((id(tokenizer), vocab_size))
+    if cached is None or cached[0] is not tokenizer:
+        cached = (tokenizer, token_tables(tokenizer, vocab_size))
+        _TOKEN_TABLES[(id(tokenizer), vocab_size)] = cached
+    return stop_strings(strings, tables=cached[1])
+
+
 def drop_columns(x: Array, extra: int) -> Array:
     """`x[:, extra:]`, in NumPy when concrete (no compilation per prompt length)."""
     if isinstance(x, jax.core.Tracer) or _is_global(x):
@@ -344,6 +384,7 @@ def generate(
     loop: str = "scan",
     mesh: Mesh | None = None,
     logits_processor: LogitsProcessor | None = None,
+    tokenizer: Any = None,
     **overrides: Any,
 ) -> GenerateOutput:
     """Generates continuations of `input_ids` in one compiled program.
@@ -373,6 +414,7 @@ def generate(
             ones included), applied after the config's chain, as transformers
             appends a custom `logits_processor` list. A pytree like the rest: its
             values are traced, its structure is static.
+        tokenizer: for `stop_strings` (default: the `CausalLM`'s tokenizer).
 
     Returns:
         A `GenerateOutput`.
@@ -388,6 +430,7 @@ def generate(
         loop=loop,
         mesh=mesh,
         logits_processor=logits_processor,
+        tokenizer=tokenizer,
         overrides=overrides,
     )
     out = generate_program(req.plan, *req.args())
@@ -447,6 +490,7 @@ def stream(
     key: Any = None,
     prompt_buckets: Any = "pow2",
     logits_processor: LogitsProcessor | None = None,
+    tokenizer: Any = None,
     **overrides: Any,
 ) -> Iterator[StreamStep]:
     """Yields each step's tokens as they are produced (greedy search and sampling).
@@ -464,6 +508,7 @@ def stream(
         key=key,
         prompt_buckets=prompt_buckets,
         logits_processor=logits_processor,
+        tokenizer=tokenizer,
         overrides=overrides,
     )
     if req.plan.config.num_beams > 1:

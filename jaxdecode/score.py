@@ -34,7 +34,7 @@ from flax import struct
 from jaxdecode.arrays import is_traced
 from jaxdecode.config import GenerationConfig
 from jaxdecode.context import DecodeContext
-from jaxdecode.generation import model_parts
+from jaxdecode.generation import model_parts, stop_tables
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import Chain, split_config
 from jaxdecode.processors.base import LogitsProcessor, chain, check_rows
@@ -56,7 +56,8 @@ class ScoreOutput:
         raw_logprobs: `[batch, N]` float32, under the model's own distribution
             (log_softmax of the raw logits); 0 where `mask` is False.
         mask: `[batch, N]` bool, True for the tokens that count: up to and
-            including the first EOS of the completion (`generate` pads after it)
+            including the first EOS or stop string of the completion (`generate`
+            pads after it)
             and, with a full-length `attention_mask`, where it is 1.
         support_size: `[batch, N]` int32, tokens the processors kept (scores
             above -inf) at each position (`return_support=True`).
@@ -85,16 +86,18 @@ class ScorePlan:
 def _tokens_scan(
     plan: ScorePlan,
     processor: Chain,
+    stop: Any,
     ctx: DecodeContext,
     logits: Array,
     tokens: Array,
     valid: Array,
 ) -> dict[str, Array]:
     """Processor chain along the given tokens: `[B, N, V]` logits, `[B, N]`
-    tokens and validity -> per-position outputs `[B, N]`."""
+    tokens and validity -> per-position outputs `[B, N]`. A row's completion ends
+    at its first EOS or stop string (`stop`: the `StopStrings` tables or None)."""
 
     def step(carry, x):
-        ctx, state, done = carry
+        ctx, state, done, window = carry
         raw_logits, tok, ok = x  # [B, V], [B], [B]
         scores = processor.apply(raw_logits, ctx, state)
         logp = jax.nn.log_softmax(scores, axis=-1)
@@ -110,18 +113,22 @@ def _tokens_scan(
             kept = scores > -jnp.inf
             out["support_size"] = jnp.sum(kept, axis=-1, dtype=jnp.int32)
             out["support_logmass"] = jax.nn.logsumexp(jnp.where(kept, raw, -jnp.inf), axis=-1)
-        carry = (ctx.append(tok), processor.update(state, tok), done | eos_hit(tok, plan.eos))
-        return carry, out
+        done = done | eos_hit(tok, plan.eos)
+        if stop is not None:
+            window, stopped = stop.advance(window, tok)
+            done = done | stopped
+        return (ctx.append(tok), processor.update(state, tok), done, window), out
 
     done = jnp.zeros((tokens.shape[0],), bool)
+    window = None if stop is None else stop.init(ctx)
     xs = (logits.swapaxes(0, 1), tokens.T, valid.T)
-    _, outs = jax.lax.scan(step, (ctx, processor.init(ctx), done), xs)
+    _, outs = jax.lax.scan(step, (ctx, processor.init(ctx), done, window), xs)
     return {k: v.T for k, v in outs.items()}
 
 
 @jax.jit(static_argnums=0)
 def score_program(
-    plan: ScorePlan, params: Any, sequences: Array, mask: Array, processor: Chain
+    plan: ScorePlan, params: Any, sequences: Array, mask: Array, processor: Chain, stop: Any
 ) -> ScoreOutput:
     """One forward pass over `sequences [B, L]` (`mask [B, L]`), then the
     processor scan over the last `L - prompt_length` positions."""
@@ -140,7 +147,7 @@ def score_program(
         attention_mask=mask[:, :p],
         cur_len=p,
     )
-    outs = _tokens_scan(plan, processor, ctx, logits, sequences[:, p:], mask[:, p:] == 1)
+    outs = _tokens_scan(plan, processor, stop, ctx, logits, sequences[:, p:], mask[:, p:] == 1)
     return ScoreOutput(
         logprobs=outs["logprobs"],
         raw_logprobs=outs["raw_logprobs"],
@@ -205,6 +212,7 @@ def score(
     params: Any = None,
     logits_processor: LogitsProcessor | None = None,
     return_support: bool = False,
+    tokenizer: Any = None,
     **overrides: Any,
 ) -> ScoreOutput:
     """Per-token log-probabilities of `sequences` after their prompt, as `generate`
@@ -233,11 +241,13 @@ def score(
         logits_processor: extra processors after the config's chain, as in
             `generate`.
         return_support: also return `support_size` and `support_logmass`.
+        tokenizer: for the config's `stop_strings` (default: the `CausalLM`'s),
+            which end a completion as in `generate`.
 
     Returns:
         A `ScoreOutput` (`[batch, length - prompt_length]` arrays).
     """
-    decoder, params, base = model_parts(model, params)
+    decoder, params, base, model_tokenizer = model_parts(model, params)
     if config is not None and not isinstance(config, GenerationConfig):
         raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
     config = (config or base).replace(**overrides) if overrides else (config or base)
@@ -265,6 +275,10 @@ def score(
             )
         processor = chain(processor, logits_processor)
     check_rows(processor, batch)
+    stop = None
+    if config.stop_strings is not None:
+        tokenizer = model_tokenizer if tokenizer is None else tokenizer
+        stop = stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
     plan = ScorePlan(
         decoder=decoder,
         prompt_length=p,
@@ -272,4 +286,4 @@ def score(
         eos=config.eos_ids,
         support=bool(return_support),
     )
-    return score_program(plan, params, seqs, mask, processor)
+    return score_program(plan, params, seqs, mask, processor, stop)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -50,8 +51,46 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` stands for in decoded text (b"" for an unknown id).
+
+        Byte-level BPE pieces map back through GPT-2's byte alphabet; added and
+        special tokens are their text; SentencePiece pieces turn "▁" into a space
+        and byte-fallback pieces `<0xNN>` into that byte.
+        """
+        piece = self.backend.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if int(token_id) in self._added_ids:
+            return piece.encode("utf-8")
+        if self._byte_level:
+            decoder = _unicode_to_byte()
+            if all(c in decoder for c in piece):
+                return bytes(decoder[c] for c in piece)
+            return piece.encode("utf-8")
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    @functools.cached_property
+    def _added_ids(self) -> frozenset[int]:
+        added = getattr(self.backend, "get_added_tokens_decoder", lambda: {})()
+        return frozenset(int(i) for i in added)
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return "ByteLevel" in repr(getattr(self.backend, "decoder", None))
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.name or 'bpe'}, vocab_size={self.vocab_size})"
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in _byte_to_unicode().items()}
 
 
 def _byte_to_unicode() -> dict[int, str]:

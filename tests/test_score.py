@@ -319,3 +319,19 @@ def test_shared_prefill_samples_what_repeated_prompts_sample(loop):
     both = jd.generate(lm, IDS, MASK, config, key=keys, num_return_sequences=4, loop=loop)
     first = jd.generate(lm, IDS[:1], MASK[:1], config, key=keys[:1], num_return_sequences=4)
     np.testing.assert_array_equal(both.sequences[:4], first.sequences)
+
+
+def test_score_ends_completions_at_stop_strings():
+    """With stop strings, `score`'s mask ends where `generate` stopped."""
+    lm = tiny()
+    tok = jd.byte_tokenizer()  # ids 48..52 are the bytes "0".."4"
+    config = _config(dict(SAMPLE, top_k=0, stop_strings=["0", "1", "2", "3", "4"]))
+    out = jd.generate(lm, IDS, MASK, config, key=jax.random.key(8), tokenizer=tok)
+    s = jd.score(
+        lm, out.sequences, config, prompt_length=7, attention_mask=np.repeat(MASK, R, 0),
+        tokenizer=tok,
+    )  # fmt: skip
+    lengths = np.asarray(out.lengths)
+    assert np.any(lengths < N) and not np.any(np.isin(np.asarray(out.sequences)[:, 7:], EOS))
+    np.testing.assert_array_equal(np.asarray(s.mask).sum(1), lengths)
+    np.testing.assert_allclose(s.logprobs, out.token_logprobs, rtol=0, atol=1e-5)

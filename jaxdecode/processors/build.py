@@ -126,11 +126,13 @@ def from_config(config: GenerationConfig) -> Chain:
 
 @struct.dataclass
 class TracedConfig:
-    """The traced part of a config: the processor chain (its numbers are leaves)
-    and the length penalty."""
+    """The traced part of a config: the processor chain (its numbers are leaves),
+    the length penalty, and the stop strings' tables (`jaxdecode.search.stopping`,
+    set by `generate`, which has the tokenizer)."""
 
     processor: Chain
     length_penalty: Array
+    stop: Any = None
 
 
 def split_config(config: GenerationConfig) -> tuple[StaticConfig, TracedConfig]:

@@ -23,7 +23,7 @@ from jaxdecode.cache import gather_beams
 from jaxdecode.config import StaticConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.models.base import Decoder, positions_from_mask
-from jaxdecode.processors import Chain
+from jaxdecode.processors import TracedConfig
 from jaxdecode.sharding import DATA, MODEL, cache_specs, constrain, fit_spec
 
 Array = jax.Array
@@ -143,6 +143,8 @@ class DecodeState:
         step: `[]` int32 steps taken.
         row_keys: `[rows]` PRNG keys, one stream per row.
         proc_state: the processor chain's state (leaves `[rows, ...]`).
+        stop_window: `[rows, W]` int32 last bytes of each row's text when the
+            config has stop strings (`jaxdecode.search.stopping`), else None.
         prompt: the prompt log-probability outputs of `prompt_outputs` (`[batch,
             bucket, ...]`, one per prompt, not per row) when the config asks for
             them, else None; `generate_program` takes them out before the loop.
@@ -157,6 +159,7 @@ class DecodeState:
     step: Array
     row_keys: Array
     proc_state: Any
+    stop_window: Array | None = None
     prompt: dict[str, Array] | None = None
 
 
@@ -232,7 +235,7 @@ def prefill(
     mask: Array,
     prompt_len: Array,
     key: Array,
-    processor: Chain,
+    traced: TracedConfig,
 ) -> DecodeState:
     """Runs the prompt through the model and builds the initial loop state.
 
@@ -243,8 +246,8 @@ def prefill(
         mask: `[batch, bucket]` 0 on padding.
         prompt_len: `[]` the logical prompt length (before bucket padding).
         key: one key, or `[batch]` keys (`plan.per_row_keys`).
-        processor: the chain whose state the loop carries (initialised here
-            from the prompt).
+        traced: the traced config: the processor chain whose state the loop
+            carries and the stop strings (both initialised here from the prompt).
     """
     cfg = plan.config
     ids = jnp.asarray(ids, jnp.int32)
@@ -288,7 +291,8 @@ def prefill(
         lengths=jnp.zeros((rows,), jnp.int32),
         step=jnp.zeros((), jnp.int32),
         row_keys=row_keys(key, plan.batch, plan.expand, plan.per_row_keys),
-        proc_state=processor.init(ctx),
+        proc_state=traced.processor.init(ctx),
+        stop_window=None if traced.stop is None else traced.stop.init(ctx),
         prompt=prompt,
     )
 

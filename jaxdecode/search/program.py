@@ -37,7 +37,7 @@ def prefill_program(
         rows = fit_spec(P(DATA, None), ids.shape, plan.mesh)
         ids, mask = constrain((ids, mask), plan.mesh, (rows, rows))
     traced = traced.replace(processor=expand_processor_rows(traced.processor, plan.expand))
-    state = prefill(plan, params, ids, mask, prompt_len, key, traced.processor)
+    state = prefill(plan, params, ids, mask, prompt_len, key, traced)
     return traced, state
 
 

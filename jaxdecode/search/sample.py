@@ -75,15 +75,21 @@ def decode_step(
     logits, cache = state.logits, state.cache
     if run_model:
         logits, cache = model_step(plan, params, cache, tokens, state.positions)
+    done = state.done | eos_hit(tokens, cfg.eos_token_id)
+    window = state.stop_window
+    if traced.stop is not None:
+        window, stopped = traced.stop.advance(window, tokens)
+        done = done | stopped
     new = state.replace(
         ctx=state.ctx.append(tokens),
         cache=cache,
         logits=logits,
-        done=state.done | eos_hit(tokens, cfg.eos_token_id),
+        done=done,
         positions=state.positions + 1,
         lengths=state.lengths + (~state.done).astype(jnp.int32),
         step=state.step + 1,
         proc_state=processor.update(state.proc_state, tokens),
+        stop_window=window,
     )
     return new, out
 
