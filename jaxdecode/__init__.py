@@ -52,6 +52,7 @@ from jaxdecode.processors import (
     typical_p,
 )
 from jaxdecode.sampling import categorical, greedy, split_keys
+from jaxdecode.score import ScoreOutput, score
 from jaxdecode.sharding import make_mesh, parse_mesh, shard_params
 from jaxdecode.tokenizers import Tokenizer, byte_tokenizer, load_tokenizer
 from jaxdecode.trace import Hypothesis, Trace, trace
@@ -116,6 +117,8 @@ __all__ = [
     "renormalize_logits",
     "repetition_penalty",
     "sampling",
+    "score",
+    "ScoreOutput",
     "sequence_bias",
     "split_config",
     "split_keys",

@@ -249,9 +249,13 @@ def _left_pad(encoded: Sequence[Sequence[int]], pad_id: int):
     return ids, mask
 
 
-def _outputs(model: str, lm, config, out, first_row: int, n_rows: int, width: int) -> list[dict]:
+def _outputs(
+    model: str, lm, config, out, first_row: int, n_rows: int, width: int, prompt_mask=None
+) -> list[dict]:
     """The records of rows `[first_row, first_row + n_rows)` of a `GenerateOutput`:
-    text, tokens, token log-probabilities, beam score (None unless beam search).
+    text, tokens, token log-probabilities, beam score (None unless beam search),
+    and the log-probability outputs the config asks for (`_logprob_fields`;
+    `prompt_mask: [width]` marks the prompt's real tokens).
 
     Raises CLIError when the model produced non-finite log-probabilities (broken
     weights): NaN must never reach the output."""
@@ -278,9 +282,42 @@ def _outputs(model: str, lm, config, out, first_row: int, n_rows: int, width: in
                 "tokens": tokens,
                 "token_logprobs": [round(float(x), 6) for x in row_logps],
                 "sequence_score": score,
+                **_logprob_fields(out, row, n, prompt_mask),
             }
         )
     return records
+
+
+def _logprob_fields(out, row: int, n: int, prompt_mask) -> dict[str, Any]:
+    """`raw_token_logprobs`, `top_logprobs` (per generated token, `[[id, logprob],
+    ...]` best first) and `prompt_logprobs` (per real prompt token, null for the
+    first) / `prompt_top_logprobs` of one output row, when present."""
+    import numpy as np
+
+    def rounded(values) -> list[float]:
+        return [round(float(x), 6) for x in values]
+
+    def pairs(ids, logps) -> list[list[list]]:
+        return [
+            [[int(t), round(float(lp), 6)] for t, lp in zip(i, p, strict=True)]
+            for i, p in zip(ids, logps, strict=True)
+        ]
+
+    fields: dict[str, Any] = {}
+    if out.raw_token_logprobs is not None:
+        fields["raw_token_logprobs"] = rounded(np.asarray(out.raw_token_logprobs)[row, :n])
+    if out.top_token_ids is not None:
+        fields["top_logprobs"] = pairs(
+            np.asarray(out.top_token_ids)[row, :n], np.asarray(out.top_logprobs)[row, :n]
+        )
+    if out.prompt_logprobs is not None:
+        real = np.flatnonzero(np.asarray(prompt_mask) == 1)
+        fields["prompt_logprobs"] = [None] + rounded(np.asarray(out.prompt_logprobs)[row, real[1:]])
+        if out.prompt_top_token_ids is not None:
+            ids = np.asarray(out.prompt_top_token_ids)[row, real[1:]]
+            logps = np.asarray(out.prompt_top_logprobs)[row, real[1:]]
+            fields["prompt_top_logprobs"] = [None] + pairs(ids, logps)
+    return fields
 
 
 def _result(schema: str, prompt: str, seed: int | None, outputs: list[dict], **extra: Any) -> dict:
@@ -331,6 +368,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config, drawn = _sampling_seed(config)
     seed = config.seed if config.do_sample else None
 
+    asked = [
+        name
+        for name, on in (
+            ("output_raw_logprobs", config.output_raw_logprobs),
+            ("logprobs", config.logprobs is not None),
+            ("prompt_logprobs", config.prompt_logprobs is not None),
+        )
+        if on
+    ]
+    if asked and not args.json:
+        raise CLIError(f"{', '.join(asked)}: printed in the --json records only; add --json")
     if args.stream:
         _stream(lm, ids, mask, config, args.prompts)
         _tell_seed(config, drawn)
@@ -342,7 +390,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _tell_seed(config, drawn)
     r = config.num_return_sequences
     for i, prompt in enumerate(args.prompts):
-        outputs = _outputs(args.model, lm, config, out, i * r, r, ids.shape[1])
+        outputs = _outputs(args.model, lm, config, out, i * r, r, ids.shape[1], mask[i])
         if args.json:
             print(_dumps(_result(GENERATE_SCHEMA, prompt, seed, outputs)))
         else:
@@ -693,7 +741,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     r_per = config.num_return_sequences
                     lines = []
                     for i, (rec, _, cfg) in enumerate(batch):
-                        outputs = _outputs(args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1])
+                        outputs = _outputs(
+                            args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1], mask[i]
+                        )
                         n_tokens += sum(len(o["tokens"]) for o in outputs)
                         seed = cfg.seed if cfg.do_sample else None
                         result = _result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"])

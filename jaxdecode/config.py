@@ -5,8 +5,10 @@ global defaults filled in: `top_k=50`, ...; `max_length=None` means 20 new
 tokens, as transformers' default does), so a
 `generation_config.json` from the hub reads and writes unchanged. Our additions:
 `frequency_penalty`, `presence_penalty`, `seed`, `repetition_penalty_form`,
-`top_k_method`, `top_p_method`, and the output constraints `regex`,
-`json_schema`, `choices`.
+`top_k_method`, `top_p_method`, the output constraints `regex`,
+`json_schema`, `choices`, and the log-probability outputs named as
+vLLM's `SamplingParams`: `logprobs` (top-N alternatives per step),
+`logprobs_mode`, `prompt_logprobs`, and `output_raw_logprobs`.
 
 A config splits in two: a hashable `StaticConfig` (`static()`: shapes and which
 code runs) and a pytree of traced values (`jaxdecode.processors.split_config`:
@@ -136,6 +138,12 @@ class GenerationConfig:
     regex: Regex | None = _field(None, hf=False)
     json_schema: JsonSchema | None = _field(None, hf=False)
     choices: Choices | None = _field(None, hf=False)
+    # Log-probability outputs (names as vLLM's SamplingParams; off by default, so
+    # the program computes none of it unless asked).
+    output_raw_logprobs: bool = _field(False, hf=False)
+    logprobs: int | None = _field(None, hf=False)
+    logprobs_mode: Literal["processed", "raw"] = _field("processed", hf=False)
+    prompt_logprobs: int | None = _field(None, hf=False)
 
     def __post_init__(self) -> None:
         # A JSON schema is kept as its compact JSON text (hashable, key order kept).
@@ -199,12 +207,17 @@ class GenerationConfig:
         _int("num_beams", self.num_beams, 1)
         _int("num_return_sequences", self.num_return_sequences, 1)
         _int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        if self.logprobs is not None:
+            _int("logprobs", self.logprobs, 0)
+        if self.prompt_logprobs is not None:
+            _int("prompt_logprobs", self.prompt_logprobs, 0)
         for name in (
             "do_sample",
             "remove_invalid_values",
             "renormalize_logits",
             "output_scores",
             "output_logits",
+            "output_raw_logprobs",
             "return_dict_in_generate",
         ):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
@@ -238,6 +251,7 @@ class GenerationConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self._validate_token_ids(vocab_size)
+        self._validate_logprobs(vocab_size)
         self._validate_combinations()
         self._validate_decay_penalty()
         self.constraints()
@@ -248,6 +262,23 @@ class GenerationConfig:
         `(per_row, specs)` with `specs` `(field, value)` pairs (one for every row,
         or one per row, None for a free row). Raises ValueError when malformed."""
         return parse_constraints({name: getattr(self, name) for name in CONSTRAINT_FIELDS})
+
+    def _validate_logprobs(self, vocab_size: int | None) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if vocab_size is not None and n is not None and n > vocab_size:
+                raise ValueError(f"{name} must be <= the vocabulary size {vocab_size}, got {n}")
+        if self.num_beams > 1:
+            for name, used in (
+                ("output_raw_logprobs", self.output_raw_logprobs),
+                ("logprobs", bool(self.logprobs)),
+            ):
+                if used:
+                    raise ValueError(
+                        f"{name} applies to greedy search and sampling (num_beams=1), got "
+                        f"num_beams={self.num_beams}; beam search returns token_logprobs and "
+                        "sequences_scores"
+                    )
 
     def _validate_decay_penalty(self) -> None:
         value = self.exponential_decay_length_penalty
@@ -402,6 +433,10 @@ class GenerationConfig:
             early_stopping=self.early_stopping,
             output_scores=bool(self.output_scores),
             output_logits=bool(self.output_logits),
+            output_raw_logprobs=bool(self.output_raw_logprobs),
+            logprobs=int(self.logprobs or 0),
+            logprobs_mode=self.logprobs_mode,
+            prompt_logprobs=-1 if self.prompt_logprobs is None else int(self.prompt_logprobs),
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
         )
@@ -529,5 +564,9 @@ class StaticConfig:
     early_stopping: bool | str
     output_scores: bool
     output_logits: bool
+    output_raw_logprobs: bool
+    logprobs: int  # top-N alternatives per step; 0 = none
+    logprobs_mode: str  # "processed" or "raw": the distribution of the alternatives
+    prompt_logprobs: int  # -1 = off; 0 = the prompt tokens' own; N = plus top-N
     pad_token_id: int  # resolved: see GenerationConfig.pad_id
     eos_token_id: tuple[int, ...]

@@ -38,9 +38,12 @@ __all__ = [
     "Request",
     "StreamStep",
     "bucket_length",
+    "drop_bucket",
     "drop_columns",
+    "model_parts",
     "generate",
     "prepare",
+    "stop_tables",
     "stream",
 ]
 
@@ -97,7 +100,7 @@ def _is_global(*xs: Any) -> bool:
     return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in xs)
 
 
-def _model_parts(model: Any, params: Any) -> tuple[Decoder, Any, GenerationConfig, Any]:
+def model_parts(model: Any, params: Any) -> tuple[Decoder, Any, GenerationConfig, Any]:
     """`(decoder, params, default config, tokenizer)` of a `CausalLM`-like object or
     a `Decoder`."""
     if isinstance(model, Decoder):
@@ -269,7 +272,7 @@ def prepare(
     The arguments are `generate`'s. Returns the `Request` whose `plan` and
     `args()` `generate_program` runs (`jaxdecode.trace` runs it with recording on).
     """
-    decoder, params, base, model_tokenizer = _model_parts(model, params)
+    decoder, params, base, model_tokenizer = model_parts(model, params)
     tokenizer = model_tokenizer if tokenizer is None else tokenizer
     if config is not None and not isinstance(config, GenerationConfig):
         raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
@@ -313,7 +316,7 @@ def prepare(
         )
     static, traced = split_config(config, tokenizer=tokenizer, extra=logits_processor)
     if config.stop_strings is not None:
-        stop = _stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
+        stop = stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
         traced = traced.replace(stop=stop)
     check_rows(traced.processor, batch)
     if np.ndim(config.length_penalty) != 0:
@@ -349,7 +352,7 @@ def prepare(
 _TOKEN_TABLES: dict[tuple[int, int], tuple[Any, Any]] = {}
 
 
-def _stop_tables(strings: Any, tokenizer: Any, vocab_size: int) -> Any:
+def stop_tables(strings: Any, tokenizer: Any, vocab_size: int) -> Any:
     """The stop strings' device tables; each tokenizer's byte table is built once
     (it walks the whole vocabulary)."""
     cached = _TOKEN_TABLES.get((id(tokenizer), vocab_size))
@@ -432,7 +435,15 @@ def generate(
         overrides=overrides,
     )
     out = generate_program(req.plan, *req.args())
-    return out.replace(sequences=drop_columns(out.sequences, req.extra), seed=req.seed)
+    return drop_bucket(out, req.extra).replace(seed=req.seed)
+
+
+def drop_bucket(out: GenerateOutput, extra: int) -> GenerateOutput:
+    """The output without the bucket padding's columns (sequences and prompt outputs)."""
+    names = ("sequences", "prompt_logprobs", "prompt_top_logprobs", "prompt_top_token_ids")
+    return out.replace(
+        **{n: drop_columns(getattr(out, n), extra) for n in names if getattr(out, n) is not None}
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -448,11 +459,18 @@ class StreamStep(struct.PyTreeNode):
         logprobs: `[rows]` their log-probabilities (0 for finished rows).
         active: `[rows]` bool, False for rows that had already finished (their
             token is padding, not output).
+        raw_logprobs: `[rows]` the tokens' raw-model log-probabilities
+            (`output_raw_logprobs`), else None.
+        top_logprobs: `[rows, n]` the n best log-probabilities (`logprobs=n`), else None.
+        top_token_ids: `[rows, n]` their ids, else None.
     """
 
     tokens: np.ndarray
     logprobs: np.ndarray
     active: np.ndarray
+    raw_logprobs: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    top_token_ids: np.ndarray | None = None
 
 
 _prefill_jit = jax.jit(prefill_program, static_argnums=0)
@@ -499,6 +517,11 @@ def stream(
             "stream() supports greedy search and sampling (num_beams=1); beam search only "
             "knows its best hypothesis at the end: use generate()"
         )
+    if req.plan.config.prompt_logprobs >= 0:
+        raise ValueError(
+            "stream() yields the generated tokens only; prompt_logprobs needs generate() "
+            "(or jaxdecode.score for the prompt)"
+        )
     params = _prepare_params_jit(req.plan.decoder, req.params, req.plan.rows)
     traced, state = _prefill_jit(req.plan, params, *req.args()[1:])
     for _ in range(req.plan.new_tokens):
@@ -506,6 +529,12 @@ def stream(
         if not active.any():
             return
         state, out = _step_jit(req.plan, params, traced, state, True)
+        host = {k: np.asarray(v) for k, v in out.items()}
         yield StreamStep(
-            tokens=np.asarray(out["tokens"]), logprobs=np.asarray(out["logp"]), active=active
+            tokens=host["tokens"],
+            logprobs=host["logp"],
+            active=active,
+            raw_logprobs=host.get("raw_logp"),
+            top_logprobs=host.get("top_logp"),
+            top_token_ids=host.get("top_ids"),
         )

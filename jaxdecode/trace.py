@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxdecode.config import GenerationConfig
-from jaxdecode.generation import GenerateOutput, drop_columns, prepare
+from jaxdecode.generation import GenerateOutput, drop_bucket, prepare
 from jaxdecode.processors import stage_names
 from jaxdecode.search import generate_program
 
@@ -208,7 +208,7 @@ def trace(
     plan = dataclasses.replace(req.plan, record=True)
     out = generate_program(plan, *req.args())
     rec = {k: np.asarray(v) for k, v in jax.device_get(out.trace).items()}
-    out = out.replace(sequences=drop_columns(out.sequences, req.extra), trace=None)
+    out = drop_bucket(out, req.extra).replace(trace=None)
     n = steps or plan.new_tokens
     stages = rec.pop("stages")[:n]
     if plan.config.num_beams > 1:

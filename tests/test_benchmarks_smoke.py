@@ -84,3 +84,22 @@ def test_mesh_benchmark_quick(tmp_path: Path) -> None:
     single = records["single device"]["cache_mb_per_device"]
     for name in ("data=8,model=1", "data=1,model=8"):
         assert abs(records[name]["cache_mb_per_device"] * 8 - single) < 1e-9
+
+
+def test_rollout_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "rollout.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "rollout.py"), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text(encoding="utf-8"))
+    results = data["results"]
+    assert set(results) == {"jaxdecode shared", "jaxdecode repeated", "transformers"}
+    assert results["jaxdecode shared"]["same_tokens_as_repeated"] is True

@@ -801,3 +801,45 @@ def test_second_cli_run_reads_the_compilation_cache(model_dir, env, tmp_path):
     for res in (off, flag):
         assert res.rc == 0, res
         assert json.loads(res.err.strip().split("\n")[-1]) == {**c1, "cache_hits": 0}
+
+
+def test_generate_json_prints_logprob_outputs(model_dir, capsys, no_persistent_cache):
+    """--output_raw_logprobs / --logprobs N / --prompt_logprobs N: the --json
+    record carries the values `jaxdecode.generate` returns; without --json they
+    are refused (the text output has no place for them)."""
+    from jaxdecode import cli
+
+    flags = ["--max_new_tokens", "4", "--do_sample", "--seed", "3", "--top_k", "5"]
+    extra = ["--output_raw_logprobs", "--logprobs", "2", "--prompt_logprobs", "1"]
+    out = in_process(
+        capsys, "generate", "Hi", "Hello", "--model", model_dir, "--json", *flags, *extra
+    )
+    records = json_lines(out)
+    lm = jaxdecode.from_pretrained(model_dir)
+    encoded = [lm.tokenizer.encode(p) for p in ("Hi", "Hello")]
+    width = max(map(len, encoded))
+    ids = np.full((2, width), EOS, np.int32)
+    mask = np.zeros((2, width), np.int32)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e) :], mask[i, width - len(e) :] = e, 1
+    ref = jaxdecode.generate(
+        lm, ids, mask, max_new_tokens=4, do_sample=True, seed=3, top_k=5,
+        output_raw_logprobs=True, logprobs=2, prompt_logprobs=1,
+    )  # fmt: skip
+    for i, rec in enumerate(records):
+        o = rec["outputs"][0]
+        n = len(o["tokens"])
+        np.testing.assert_allclose(
+            o["raw_token_logprobs"], ref.raw_token_logprobs[i, :n], atol=1e-5
+        )
+        assert [[t for t, _ in step] for step in o["top_logprobs"]] == (
+            np.asarray(ref.top_token_ids[i, :n]).tolist()
+        )
+        real = np.flatnonzero(mask[i])
+        assert len(o["prompt_logprobs"]) == len(real) and o["prompt_logprobs"][0] is None
+        np.testing.assert_allclose(
+            o["prompt_logprobs"][1:], ref.prompt_logprobs[i, real[1:]], atol=1e-5
+        )
+        assert len(o["prompt_top_logprobs"][1]) == 1
+    assert cli.main(["generate", "Hi", "--model", model_dir, "--logprobs", "2"]) == 2
+    assert "--json" in capsys.readouterr().err

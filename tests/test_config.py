@@ -78,6 +78,7 @@ def test_fields_are_typed_precisely_and_carry_their_metadata():
         "repetition_penalty_form": ("hf", "ctrl"),
         "top_k_method": ("exact", "fast"),
         "top_p_method": ("exact", "fast"),
+        "logprobs_mode": ("processed", "raw"),
     }
     for name, allowed in FIELD_CHOICES.items():  # validate() reads the same list
         GC(**{name: allowed[-1]}).validate()
@@ -133,6 +134,10 @@ CLI_VALUES = {
     "regex": (["[a-z]+"], "[a-z]+"),
     "json_schema": (['{"type": "object"}'], '{"type": "object"}'),  # JSON text
     "choices": (["yes", "no way"], ("yes", "no way")),
+    "output_raw_logprobs": ([], True),
+    "logprobs": (["3"], 3),
+    "logprobs_mode": (["raw"], "raw"),
+    "prompt_logprobs": (["0"], 0),
 }
 
 
@@ -311,6 +316,10 @@ def _rich_config():
         regex=["[a-z]+", None, None],
         json_schema=[None, {"type": "object"}, None],
         choices=[None, None, ["yes", "no"]],
+        output_raw_logprobs=True,
+        logprobs=4,
+        logprobs_mode="raw",
+        prompt_logprobs=0,
     ).validate()
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +38,25 @@ def test_train_and_sample_runs_and_learns():
     samples = re.findall(r"^\s+sample @ step (\d+): ", out, re.M)
     # Steps 0, 10, 20 (every 10) and 29 (the last), one line per prompt.
     assert {int(s) for s in samples} == {0, 10, 20, 29}, out
+
+
+def _load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grpo_reward_rises_and_ratio_starts_at_one():
+    """A short GRPO run (4 prompts x 4 samples x 16 bytes): the reward rises,
+    the first inner step's ratio is exactly 1, the sampler's log-probabilities
+    equal the trainer's to float rounding, and the second inner step moves."""
+    grpo = _load_example("grpo")
+    history = grpo.train(steps=14, samples=4, lr=2e-3, new_tokens=16, print_fn=None)
+    rewards = [h["reward"] for h in history]
+    assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.25, rewards
+    assert all(h["first_ratio_dev"] == 0.0 for h in history)
+    assert max(h["sampler_gap"] for h in history) <= 1e-5
+    assert max(h["ratio_range_1"] for h in history) > 1e-3

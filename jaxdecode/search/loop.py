@@ -19,6 +19,7 @@ from flax import struct
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxdecode.cache import gather_beams
 from jaxdecode.config import StaticConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.models.base import Decoder, positions_from_mask
@@ -37,6 +38,8 @@ __all__ = [
     "constrain_logits",
     "eos_hit",
     "row_keys",
+    "prompt_outputs",
+    "top_n",
     "run",
     "trace_outputs",
 ]
@@ -86,6 +89,24 @@ class GenerateOutput:
         sequences_scores: `[B * R]` length-normalised beam scores (beam search).
         beam_indices: `[B * R, N]` int32 beam index per step, -1 after the end
             (beam search).
+        raw_token_logprobs: `[B * R, N]` float32, log-probability of each chosen
+            token under the model's own distribution (log_softmax of the raw
+            logits, before any processor; 0 after a row finishes)
+            (`output_raw_logprobs`).
+        top_logprobs: `[B * R, N, n]` float32, the n most likely tokens' log-probs
+            at each step, best first, under the processed distribution (or the
+            raw one with `logprobs_mode="raw"`); 0 after a row finishes
+            (`logprobs=n`).
+        top_token_ids: `[B * R, N, n]` int32, their ids (pad after a row finishes).
+        prompt_logprobs: `[B * R, prompt_len]` float32, log-probability of each
+            prompt token given the tokens before it under the model's own
+            distribution; 0 for the first real token and for left padding
+            (`prompt_logprobs` not None).
+        prompt_top_logprobs: `[B * R, prompt_len, n]` float32, the n most likely
+            tokens at each prompt position (the alternatives to `prompt_logprobs`;
+            0 where it is 0) (`prompt_logprobs=n`, n >= 1).
+        prompt_top_token_ids: `[B * R, prompt_len, n]` int32, their ids (pad where
+            there is no prediction).
         trace: only from `jaxdecode.trace`.
         seed: the seed `generate` drew itself when sampling without a key or a
             seed (pass it back as `seed=` to reproduce the call); else None.
@@ -98,6 +119,12 @@ class GenerateOutput:
     logits: Array | None = None
     sequences_scores: Array | None = None
     beam_indices: Array | None = None
+    raw_token_logprobs: Array | None = None
+    top_logprobs: Array | None = None
+    top_token_ids: Array | None = None
+    prompt_logprobs: Array | None = None
+    prompt_top_logprobs: Array | None = None
+    prompt_top_token_ids: Array | None = None
     trace: dict[str, Array] | None = None
     seed: int | None = struct.field(pytree_node=False, default=None)
 
@@ -118,6 +145,9 @@ class DecodeState:
         proc_state: the processor chain's state (leaves `[rows, ...]`).
         stop_window: `[rows, W]` int32 last bytes of each row's text when the
             config has stop strings (`jaxdecode.search.stopping`), else None.
+        prompt: the prompt log-probability outputs of `prompt_outputs` (`[batch,
+            bucket, ...]`, one per prompt, not per row) when the config asks for
+            them, else None; `generate_program` takes them out before the loop.
     """
 
     ctx: DecodeContext
@@ -130,6 +160,7 @@ class DecodeState:
     row_keys: Array
     proc_state: Any
     stop_window: Array | None = None
+    prompt: dict[str, Array] | None = None
 
 
 def expand_rows(tree: Any, expand: int) -> Any:
@@ -160,6 +191,43 @@ def constrain_logits(plan: Plan, logits: Array) -> Array:
     return constrain(logits, plan.mesh, fit_spec(P(DATA, MODEL), logits.shape, plan.mesh))
 
 
+def top_n(logp: Array, n: int) -> tuple[Array, Array]:
+    """The n largest log-probs of each row, best first, and their ids:
+    `logp: [..., V]` -> `([..., n] float32, [..., n] int32)`."""
+    values, ids = jax.lax.top_k(logp, n)
+    return values, ids.astype(jnp.int32)
+
+
+def prompt_outputs(plan: Plan, logits: Array, ids: Array, mask: Array) -> dict[str, Array]:
+    """Log-probabilities of the prompt tokens under the model (no processors).
+
+    Args:
+        plan: the static plan (`config.prompt_logprobs >= 0`).
+        logits: `[batch, bucket, V]` the prefill's logits.
+        ids: `[batch, bucket]` the prompt.
+        mask: `[batch, bucket]` 0 on padding.
+
+    Returns:
+        `{"logprobs": [batch, bucket]}`, plus `"top_logprobs"`, `"top_ids"`
+        `[batch, bucket, n]` for `prompt_logprobs = n >= 1`. Column j is about
+        token j given the tokens before it; columns without a real token before
+        them (the first real token, padding) hold 0 (and the pad id).
+    """
+    cfg = plan.config
+    logp = jax.nn.log_softmax(logits[:, :-1, :].astype(jnp.float32), axis=-1)
+    has = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)  # [B, bucket - 1]
+    own = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    pad = lambda x, value: jnp.pad(
+        x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2), constant_values=value
+    )
+    out = {"logprobs": pad(jnp.where(has, own, 0.0), 0.0)}
+    if cfg.prompt_logprobs > 0:
+        values, top = top_n(logp, cfg.prompt_logprobs)
+        out["top_logprobs"] = pad(jnp.where(has[..., None], values, 0.0), 0.0)
+        out["top_ids"] = pad(jnp.where(has[..., None], top, cfg.pad_token_id), cfg.pad_token_id)
+    return out
+
+
 def prefill(
     plan: Plan,
     params: Any,
@@ -182,14 +250,26 @@ def prefill(
             carries and the stop strings (both initialised here from the prompt).
     """
     cfg = plan.config
-    ids = expand_rows(jnp.asarray(ids, jnp.int32), plan.expand)
-    mask = expand_rows(jnp.asarray(mask, jnp.int32), plan.expand)
+    ids = jnp.asarray(ids, jnp.int32)
+    mask = jnp.asarray(mask, jnp.int32)
     rows = plan.rows
     total = plan.bucket + plan.new_tokens
-    cache = plan.decoder.init_cache(rows, total, None)
+    # Shared prefix: each prompt goes through the model once; its cache rows and
+    # last logits are then copied to the `expand` rows (returned sequences or
+    # beams) that continue it. A row's prefill does not depend on the rows
+    # around it, so this equals prefilling every copy, at 1/expand of the cost.
+    cache = plan.decoder.init_cache(plan.batch, total, None)
     cache = constrain(cache, plan.mesh, cache_specs)
     logits, cache = plan.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
-    last = constrain_logits(plan, logits[:, -1, :].astype(jnp.float32))
+    last = logits[:, -1, :].astype(jnp.float32)
+    prompt = prompt_outputs(plan, logits, ids, mask) if cfg.prompt_logprobs >= 0 else None
+    if plan.expand > 1:
+        parent = jnp.repeat(jnp.arange(plan.batch), plan.expand)
+        cache = gather_beams(cache, parent)
+        last = jnp.take(last, parent, axis=0)
+        ids, mask = expand_rows((ids, mask), plan.expand)
+    cache = constrain(cache, plan.mesh, cache_specs)
+    last = constrain_logits(plan, last)
     buffer = jnp.concatenate(
         [ids, jnp.full((rows, plan.new_tokens), cfg.pad_token_id, jnp.int32)], axis=1
     )
@@ -213,6 +293,7 @@ def prefill(
         row_keys=row_keys(key, plan.batch, plan.expand, plan.per_row_keys),
         proc_state=traced.processor.init(ctx),
         stop_window=None if traced.stop is None else traced.stop.init(ctx),
+        prompt=prompt,
     )
 
 

@@ -8,9 +8,9 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from jaxdecode.processors import TracedConfig
-from jaxdecode.processors.base import expand_rows
+from jaxdecode.processors.base import expand_rows as expand_processor_rows
 from jaxdecode.search.beam import beam_program
-from jaxdecode.search.loop import GenerateOutput, Plan, prefill
+from jaxdecode.search.loop import GenerateOutput, Plan, expand_rows, prefill
 from jaxdecode.search.sample import sample_program
 from jaxdecode.sharding import DATA, constrain, fit_spec
 
@@ -36,7 +36,7 @@ def prefill_program(
     if plan.mesh is not None:
         rows = fit_spec(P(DATA, None), ids.shape, plan.mesh)
         ids, mask = constrain((ids, mask), plan.mesh, (rows, rows))
-    traced = traced.replace(processor=expand_rows(traced.processor, plan.expand))
+    traced = traced.replace(processor=expand_processor_rows(traced.processor, plan.expand))
     state = prefill(plan, params, ids, mask, prompt_len, key, traced)
     return traced, state
 
@@ -54,6 +54,17 @@ def generate_program(
     """Prefill and the whole search loop as one jitted function of `plan` (static)."""
     params = plan.decoder.prepared(params, plan.rows)
     traced, state = prefill_program(plan, params, ids, mask, prompt_len, traced, key)
+    prompt, state = state.prompt, state.replace(prompt=None)  # not carried by the loop
     if plan.config.num_beams > 1:
-        return beam_program(plan, params, traced, state, key)
-    return sample_program(plan, params, traced, state)
+        out = beam_program(plan, params, traced, state, key)
+    else:
+        out = sample_program(plan, params, traced, state)
+    if prompt is None:
+        return out
+    # One row per returned sequence (R of each prompt, for beams and sampling).
+    prompt = expand_rows(prompt, plan.config.num_return_sequences)
+    return out.replace(
+        prompt_logprobs=prompt["logprobs"],
+        prompt_top_logprobs=prompt.get("top_logprobs"),
+        prompt_top_token_ids=prompt.get("top_ids"),
+    )

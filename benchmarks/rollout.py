@@ -1,0 +1,223 @@
+"""RL rollout workload: P prompts x R samples x N new tokens, sampling with top-p.
+
+One run of each, on the same checkpoint (GPT-2 small, random weights, made with
+transformers and saved once under `benchmarks/.cache/gpt2-small-random/`, the
+`compare` package's spec):
+
+* `jaxdecode shared`: `generate(num_return_sequences=R)`: each prompt is
+  prefilled once and its KV cache copied to its R rows;
+* `jaxdecode repeated`: the prompts repeated R times, `num_return_sequences=1`:
+  the same samples (row r draws from `fold_in(key, r)` either way), with R
+  prefills per prompt, what `generate` did before shared prefixes;
+* `transformers`: `generate(num_return_sequences=R)` in torch on CPU (it repeats
+  the prompt R times before its prefill).
+
+jaxdecode's programs are compiled ahead of time (compile time reported apart);
+every figure is one timed run (wall clock, `block_until_ready`). The prefill
+alone (the prefill program on its own) is timed for both jaxdecode variants, to
+show the saving. EOS is disabled so that every row generates N tokens in every
+library.
+
+Usage:
+    python benchmarks/rollout.py                      # 8 x 16 x 128, prompts of 64 tokens
+    python benchmarks/rollout.py --quick              # smoke test: tiny model, tiny sizes
+    python benchmarks/rollout.py --json benchmarks/results/rollout_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import host_info  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+TINY = {
+    "n_layer": 2,
+    "n_embd": 64,
+    "n_head": 4,
+    "vocab_size": 1000,
+    "bos_token_id": 999,
+    "eos_token_id": 999,
+}
+
+
+def make_checkpoint(directory: Path, config: dict[str, Any], seed: int = 0) -> Path:
+    """A random-weight GPT-2 checkpoint, written once by transformers."""
+    if (directory / "config.json").is_file():
+        return directory
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
+    model.save_pretrained(directory)
+    return directory
+
+
+def timed(fn, *args) -> tuple[float, Any]:
+    import jax
+
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start, out
+
+
+def run_jaxdecode(directory: Path, ids: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    import jaxdecode as jd
+    from jaxdecode import generation
+    from jaxdecode.search import generate_program, prefill_program
+
+    lm = jd.from_pretrained(directory)
+    config = lm.generation_config.replace(
+        do_sample=True,
+        top_p=args.top_p,
+        top_k=0,
+        temperature=1.0,
+        max_new_tokens=args.new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    key = jax.random.key(args.seed)
+    variants = {
+        "shared": (ids, config.replace(num_return_sequences=args.samples)),
+        "repeated": (np.repeat(ids, args.samples, axis=0), config),
+    }
+    prefill_jit = jax.jit(prefill_program, static_argnums=0)
+    results: dict[str, Any] = {}
+    sequences = {}
+    for name, (prompt_ids, cfg) in variants.items():
+        req = generation.prepare(lm, prompt_ids, None, cfg, key=key)
+        start = time.perf_counter()
+        compiled = generate_program.lower(req.plan, *req.args()).compile()
+        compile_s = time.perf_counter() - start
+        seconds, out = timed(compiled, *req.args())
+        params = lm.decoder.prepared(req.params, req.plan.rows)
+        pre = prefill_jit.lower(req.plan, params, *req.args()[1:]).compile()
+        timed(pre, params, *req.args()[1:])  # first run: allocations
+        prefill_s, _ = timed(pre, params, *req.args()[1:])
+        rows = out.sequences.shape[0]
+        sequences[name] = np.asarray(out.sequences)
+        results[f"jaxdecode {name}"] = {
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(rows * args.new_tokens / seconds, 1),
+            "prefill_seconds": round(prefill_s, 4),
+            "compile_seconds": round(compile_s, 2),
+        }
+        print(f"jaxdecode {name}: {results[f'jaxdecode {name}']}", flush=True)
+    same = bool(np.array_equal(sequences["shared"], sequences["repeated"]))
+    results["jaxdecode shared"]["same_tokens_as_repeated"] = same
+    return results
+
+
+def run_transformers(directory: Path, ids: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    torch.manual_seed(args.seed)
+    inputs = torch.as_tensor(ids, dtype=torch.long)
+    kwargs = dict(
+        attention_mask=torch.ones_like(inputs),
+        do_sample=True,
+        top_p=args.top_p,
+        top_k=0,
+        temperature=1.0,
+        num_return_sequences=args.samples,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    with torch.inference_mode():
+        warm = inputs[:1, :4]
+        short = {"max_new_tokens": 2, "min_new_tokens": 2, "attention_mask": torch.ones_like(warm)}
+        model.generate(warm, **{**kwargs, **short})
+        start = time.perf_counter()
+        out = model.generate(inputs, **kwargs)
+        seconds = time.perf_counter() - start
+    rows = out.shape[0]
+    return {
+        "transformers": {
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(rows * args.new_tokens / seconds, 1),
+            "torch_threads": torch.get_num_threads(),
+        }
+    }
+
+
+def markdown(record: dict[str, Any]) -> str:
+    w = record["workload"]
+    lines = [
+        f"{w['prompts']} prompts x R={w['samples']} x {w['new_tokens']} new tokens, prompts of "
+        f"{w['prompt_len']} tokens, top-p {w['top_p']}, {record['model']}",
+        "",
+        "| | rollout (s) | generated tokens/s | prefill alone (s) | compile (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in record["results"].items():
+        lines.append(
+            f"| {name} | {r['seconds']} | {r['tokens_per_s']} | {r.get('prefill_seconds', '')} "
+            f"| {r.get('compile_seconds', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny model and sizes (smoke test)")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the record here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.samples, args.new_tokens, args.prompt_len = 2, 3, 4, 8
+        config, name = TINY, "gpt2-tiny"
+    else:
+        config, name = {}, "gpt2-small"
+    directory = make_checkpoint(CACHE / f"{name}-random", config)
+    vocab = config.get("vocab_size", 50257)
+    ids = np.random.default_rng(args.seed).integers(0, vocab, (args.prompts, args.prompt_len))
+    ids = ids.astype(np.int32)
+    results = run_jaxdecode(directory, ids, args)
+    if not args.no_transformers:
+        results.update(run_transformers(directory, ids, args))
+    record = {
+        "benchmark": "rollout",
+        "model": f"{name} (random weights)",
+        "workload": {
+            "prompts": args.prompts,
+            "samples": args.samples,
+            "new_tokens": args.new_tokens,
+            "prompt_len": args.prompt_len,
+            "top_p": args.top_p,
+        },
+        "host": host_info(),
+        "jax_platforms": os.environ.get("JAX_PLATFORMS"),
+        "results": results,
+    }
+    print(markdown(record))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
