@@ -237,11 +237,8 @@ def _left_pad(encoded: Sequence[Sequence[int]], pad_id: int):
 
 
 def _outputs(model: str, lm, config, out, first_row: int, n_rows: int, width: int) -> list[dict]:
-    """The records of rows `[first_row, first_row + n_rows)` of a `GenerateOutput`:
-    text, tokens, token log-probabilities, beam score (None unless beam search).
-
-    Raises CLIError when the model produced non-finite log-probabilities (broken
-    weights): NaN must never reach the output."""
+    """The records of rows `[first_row, first_row + n_rows)` of a `GenerateOutput`
+    (see `_record`)."""
     import numpy as np
 
     seqs, lengths = np.asarray(out.sequences), np.asarray(out.lengths)
@@ -250,24 +247,34 @@ def _outputs(model: str, lm, config, out, first_row: int, n_rows: int, width: in
     records = []
     for row in range(first_row, first_row + n_rows):
         n = int(lengths[row])
-        tokens = [int(t) for t in seqs[row, width : width + n]]
-        row_logps = logps[row, :n].astype(np.float64)
+        tokens = seqs[row, width : width + n]
         score = None if beam is None else float(beam[row])
-        if not np.all(np.isfinite(row_logps)) or (score is not None and not np.isfinite(score)):
-            raise CLIError(
-                f"model {model!r} produced non-finite log-probabilities (NaN or inf): "
-                "its weights or logits are broken; check the checkpoint"
-            )
-        text_tokens = tokens[:-1] if tokens and tokens[-1] in config.eos_ids else tokens
-        records.append(
-            {
-                "text": lm.tokenizer.decode(text_tokens),
-                "tokens": tokens,
-                "token_logprobs": [round(float(x), 6) for x in row_logps],
-                "sequence_score": score,
-            }
-        )
+        records.append(_record(model, lm, config, tokens, logps[row, :n], score))
     return records
+
+
+def _record(model: str, lm, config, tokens, logps, score: float | None) -> dict:
+    """One output: text, tokens, token log-probabilities, beam score (None unless
+    beam search).
+
+    Raises CLIError when the model produced non-finite log-probabilities (broken
+    weights): NaN must never reach the output."""
+    import numpy as np
+
+    tokens = [int(t) for t in tokens]
+    row_logps = np.asarray(logps).astype(np.float64)
+    if not np.all(np.isfinite(row_logps)) or (score is not None and not np.isfinite(score)):
+        raise CLIError(
+            f"model {model!r} produced non-finite log-probabilities (NaN or inf): "
+            "its weights or logits are broken; check the checkpoint"
+        )
+    text_tokens = tokens[:-1] if tokens and tokens[-1] in config.eos_ids else tokens
+    return {
+        "text": lm.tokenizer.decode(text_tokens),
+        "tokens": tokens,
+        "token_logprobs": [round(float(x), 6) for x in row_logps],
+        "sequence_score": score,
+    }
 
 
 def _result(schema: str, prompt: str, seed: int | None, outputs: list[dict], **extra: Any) -> dict:
@@ -504,38 +511,28 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
     return config
 
 
-def _group_key(config, bucket: int) -> tuple:
-    """What must be equal for prompts to share a batch: the prompt bucket, every
-    static field and every value that is not per-row, and which processors are
-    present (the chain's tree structure). Per-row values (temperature, top_p, ...,
-    penalties) and the seed differ freely within a batch."""
-    import jax
+def _static_group_key(config, bucket: int) -> tuple:
+    """What prompts must share to be one static batch: the prompt bucket, the length
+    and the engine's `group_key` (every option but the per-row values and the
+    seed, and which processors are present)."""
+    from jaxdecode.engine import group_key
 
-    import jaxdecode
-    from jaxdecode.config import PER_ROW_FIELDS
-
-    per_row = set(PER_ROW_FIELDS) | {"seed"}  # the seed: one key per prompt row
-    fixed = tuple(
-        (f.name, getattr(config, f.name))
-        for f in dataclasses.fields(config)
-        if f.name not in per_row
-    )
-    structure = jax.tree_util.tree_structure(jaxdecode.logits_processor(config))
-    return bucket, fixed, structure
+    return bucket, config.max_new_tokens, group_key(config)
 
 
 def _batch_config(configs: list, arrayed: tuple[str, ...]):
-    """One config and key for a batch of prompts that share a group: per-row fields
-    as `[batch]` arrays (always arrays, so every batch of the group has the same
-    shapes: one compiled program) and, when sampling, one key per prompt,
-    `jax.random.key(seed)`, so that each prompt draws what it draws alone."""
+    """One config and key for a static batch of prompts that share a group:
+    per-row fields as `[batch]` arrays (always arrays, so every batch of the group
+    has the same shapes: one compiled program; float64, so that a top-p cutoff
+    `1 - p` rounds as for the prompt alone) and, when sampling, one key per
+    prompt, `jax.random.key(seed)`, so that each prompt draws what it draws alone."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     values = {}
     for name in arrayed:
-        dtype = np.int32 if name == "top_k" else np.float32
+        dtype = np.int32 if name == "top_k" else np.float64
         values[name] = np.asarray([getattr(c, name) for c in configs], dtype)
     config = configs[0].replace(**values, seed=None)
     if not config.do_sample:
@@ -543,35 +540,100 @@ def _batch_config(configs: list, arrayed: tuple[str, ...]):
     return config, jnp.stack([jax.random.key(c.seed) for c in configs])
 
 
-def _arrayed_fields(config, batch: int) -> tuple[str, ...]:
-    """The per-row fields that can be `[batch]` arrays in this group without
-    adding a processor (an absent processor's neutral value stays a scalar)."""
-    import jax
-    import numpy as np
+class _Writer:
+    """Appends result lines to OUT (flushed and fsynced after each group of lines,
+    so that a killed run loses nothing it reported) and moves the progress bar."""
 
+    def __init__(self, out_file, bar) -> None:
+        self.out_file, self.bar = out_file, bar
+        self.tokens, self.t0 = 0, time.time()
+
+    def write(self, results: list[dict]) -> None:
+        if not results:
+            return
+        self.out_file.write("".join(_dumps(r) + "\n" for r in results))
+        self.out_file.flush()
+        os.fsync(self.out_file.fileno())
+        self.tokens += sum(len(o["tokens"]) for r in results for o in r["outputs"])
+        self.bar.update(len(results))
+        elapsed = max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix(
+            tok_s=f"{self.tokens / elapsed:.0f}", prompt_s=f"{self.bar.n / elapsed:.1f}"
+        )
+
+
+def _eval_engine(args: argparse.Namespace, lm, planned: list, writer: _Writer) -> None:
+    """Continuous batching (`jaxdecode.Engine`): one engine per group of prompts
+    that can share slots, `--batch_size` slots; each result is written as its row
+    finishes."""
     import jaxdecode
-    from jaxdecode.config import PER_ROW_FIELDS
+    from jaxdecode.engine import Engine, group_key
 
-    base = jax.tree_util.tree_structure(jaxdecode.logits_processor(config))
-    out = []
-    for name in PER_ROW_FIELDS:
-        value = getattr(config, name)
-        if value is None:
-            continue
-        try:  # an array makes the processor present: it may refuse a neutral value
-            trial = jaxdecode.logits_processor(config.replace(**{name: np.full(batch, value)}))
-        except ValueError:
-            continue
-        if jax.tree_util.tree_structure(trial) == base:
-            out.append(name)
-    return tuple(out)
+    groups: dict[tuple, list] = {}
+    for item in planned:
+        groups.setdefault(group_key(item[2]), []).append(item)
+    for group in groups.values():
+        max_len = max(
+            jaxdecode.bucket_length(len(e), "pow2") + c.max_new_tokens for _, e, c in group
+        )
+        try:
+            engine = Engine(
+                lm,
+                slots=min(args.batch_size, len(group)),
+                max_len=max_len,
+                config=group[0][2],
+                steps_per_call=args.steps_per_call,
+            )
+            engine.submit([e for _, e, _ in group], [c for _, _, c in group])
+        except ValueError as e:
+            raise CLIError(f"prompt id {group[0][0]['id']!r}: {e}") from None
+        while engine.pending:
+            lines = []
+            for res in engine.step():
+                rec, _, cfg = group[res.index]
+                outputs = [_record(args.model, lm, cfg, res.tokens, res.token_logprobs, None)]
+                lines.append(_result(EVAL_SCHEMA, rec["prompt"], res.seed, outputs, id=rec["id"]))
+            writer.write(lines)
+        del engine  # its slot cache, before the next group's
+
+
+def _eval_static(args: argparse.Namespace, lm, mesh, planned: list, writer: _Writer) -> None:
+    """Static batches of `--batch_size` prompts of one group (same bucket, length
+    and static options); a batch ends when its longest row does."""
+    import jaxdecode
+    from jaxdecode.engine import arrayed_fields
+
+    groups: dict[tuple, list] = {}
+    for item in planned:
+        bucket = jaxdecode.bucket_length(len(item[1]), "pow2")
+        groups.setdefault(_static_group_key(item[2], bucket), []).append(item)
+    for group in groups.values():
+        arrayed = arrayed_fields(group[0][2], args.batch_size)
+        for start in range(0, len(group), args.batch_size):
+            batch = group[start : start + args.batch_size]
+            # Pad the last batch to the full size: one program per group.
+            padded = batch + [batch[-1]] * (args.batch_size - len(batch))
+            config, keys = _batch_config([c for _, _, c in padded], arrayed)
+            ids, mask = _left_pad([e for _, e, _ in padded], config.pad_id)
+            try:
+                out = jaxdecode.generate(lm, ids, mask, config, key=keys, mesh=mesh)
+            except ValueError as e:
+                raise CLIError(f"prompt id {batch[0][0]['id']!r}: {e}") from None
+            r_per = config.num_return_sequences
+            lines = []
+            for i, (rec, _, cfg) in enumerate(batch):
+                outputs = _outputs(args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1])
+                seed = cfg.seed if cfg.do_sample else None
+                lines.append(_result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"]))
+            writer.write(lines)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import jaxdecode
 
     if args.batch_size < 1:
         raise CLIError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.steps_per_call < 1:
+        raise CLIError(f"--steps_per_call must be >= 1, got {args.steps_per_call}")
     _check_paths(args.prompts_file, args.output)
     records, errors = _read_prompts(args.prompts_file)
     lm = _load_model(args.model)
@@ -605,50 +667,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if errors:
         raise _bad_lines(args.prompts_file, errors)
 
-    # Groups share one compiled program: same bucket and static options.
-    groups: dict[tuple, list] = {}
-    for item in planned:
-        bucket = jaxdecode.bucket_length(len(item[1]), "pow2")
-        groups.setdefault(_group_key(item[2], bucket), []).append(item)
-
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="prompt", disable=args.quiet, file=sys.stderr)
-    n_tokens, t0 = 0, time.time()
     try:
         out_file = open(args.output, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
     except OSError as e:
         raise CLIError(f"cannot write to {args.output}: {e.strerror}") from None
+    writer = _Writer(out_file, bar)
+    # The engine decodes one sequence per prompt on one device; beam search,
+    # several returned sequences and --mesh use static batches.
+    static = args.static_batching or mesh is not None
+    one = lambda c: c.num_beams == 1 and c.num_return_sequences == 1
     try:
         with out_file:
-            for group in groups.values():
-                arrayed = _arrayed_fields(group[0][2], args.batch_size)
-                for start in range(0, len(group), args.batch_size):
-                    batch = group[start : start + args.batch_size]
-                    # Pad the last batch to the full size: one program per group.
-                    padded = batch + [batch[-1]] * (args.batch_size - len(batch))
-                    config, keys = _batch_config([c for _, _, c in padded], arrayed)
-                    ids, mask = _left_pad([e for _, e, _ in padded], config.pad_id)
-                    try:
-                        out = jaxdecode.generate(lm, ids, mask, config, key=keys, mesh=mesh)
-                    except ValueError as e:
-                        raise CLIError(f"prompt id {batch[0][0]['id']!r}: {e}") from None
-                    r_per = config.num_return_sequences
-                    lines = []
-                    for i, (rec, _, cfg) in enumerate(batch):
-                        outputs = _outputs(args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1])
-                        n_tokens += sum(len(o["tokens"]) for o in outputs)
-                        seed = cfg.seed if cfg.do_sample else None
-                        result = _result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"])
-                        lines.append(_dumps(result) + "\n")
-                    out_file.write("".join(lines))
-                    out_file.flush()
-                    os.fsync(out_file.fileno())
-                    bar.update(len(batch))
-                    elapsed = max(time.time() - t0, 1e-9)
-                    bar.set_postfix(
-                        tok_s=f"{n_tokens / elapsed:.0f}", prompt_s=f"{bar.n / elapsed:.1f}"
-                    )
+            _eval_engine(args, lm, [it for it in planned if not static and one(it[2])], writer)
+            _eval_static(args, lm, mesh, [it for it in planned if static or not one(it[2])], writer)
     finally:
         bar.close()
     if not args.quiet:
@@ -798,7 +832,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("prompts_file", metavar="PROMPTS.jsonl")
     ev.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
     _add_common(ev)
-    ev.add_argument("--batch_size", "--batch-size", type=int, default=16)
+    ev.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=int,
+        default=16,
+        help="rows decoded together: the engine's slots, or the static batch size (16)",
+    )
+    ev.add_argument(
+        "--static-batching",
+        "--static_batching",
+        dest="static_batching",
+        action="store_true",
+        help="static batches (a batch ends with its longest row) instead of the "
+        "continuous-batching engine; always used for beam search, "
+        "num_return_sequences > 1 and --mesh",
+    )
+    ev.add_argument(
+        "--steps_per_call",
+        "--steps-per-call",
+        type=int,
+        default=16,
+        help="engine: most decoding steps per call of its program (16)",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument(
         "--mesh",
