@@ -579,7 +579,7 @@ def _eval_engine(args: argparse.Namespace, lm, planned: list, writer: _Writer) -
         try:
             engine = Engine(
                 lm,
-                slots=min(args.batch_size, len(group)),
+                slots=args.batch_size,  # whatever the group's size: the same programs
                 max_len=max_len,
                 config=group[0][2],
                 steps_per_call=args.steps_per_call,

@@ -704,10 +704,15 @@ def test_eval_lines_equal_generate_json(model_dir, tmp_path, capsys, no_persiste
     )
 
 
+@pytest.mark.parametrize("mode", ["engine", "static"])
 def test_eval_per_row_values_share_one_batch_and_one_program(
-    model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache
+    model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache, mode
 ):
+    """Static batching: one `generate` call (one batch); the engine: one engine
+    (one decode program). Either way no compilation for new per-row values."""
     from conftest import count_compiles
+
+    from jaxdecode import engine
 
     # One model object for every in-process run: a fresh load has a new decoder,
     # hence new programs (each CLI process loads once, so this is the CLI's case).
@@ -718,6 +723,14 @@ def test_eval_per_row_values_share_one_batch_and_one_program(
     monkeypatch.setattr(
         jaxdecode, "generate", lambda *a, **k: calls.append(a[1].shape) or real_generate(*a, **k)
     )
+    real_engine = engine.Engine
+
+    def counted_engine(*a, **k):
+        calls.append((k["slots"],))
+        return real_engine(*a, **k)
+
+    monkeypatch.setattr(engine, "Engine", counted_engine)
+    mode_flags = ["--static-batching"] if mode == "static" else []
     # Every per-row processor present from the command line.
     options = dict(
         do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, typical_p=0.9,
@@ -732,7 +745,7 @@ def test_eval_per_row_values_share_one_batch_and_one_program(
         in_process(
             capsys, "eval", str(prompts_file), "-o", str(tmp_path / f"{tag}-out.jsonl"),
             "--model", model_dir, "--max_new_tokens", "4", "--batch_size", "8", "--quiet",
-            *line_flags(options),
+            *line_flags(options), *mode_flags,
         )  # fmt: skip
 
     with count_compiles() as first:
