@@ -190,7 +190,7 @@ def test_one_prefill_program_per_bucket_and_one_decode_program():
     assert running.count == 0, "the engine compiled while running"
     assert len(first) == 7 and len(second) == 14
     stats = engine.stats
-    assert stats.tokens == sum(len(r.tokens) for r in first + second)
+    assert stats.tokens == stats.work == sum(len(r.tokens) for r in first + second)
     assert 0 < stats.occupancy <= 1
 
 
