@@ -36,6 +36,7 @@ Array = jax.Array
 __all__ = [
     "GenerateOutput",
     "Request",
+    "available_bytes",
     "StreamStep",
     "bucket_length",
     "drop_bucket",
@@ -150,8 +151,9 @@ def _resolve_key(key: Any, batch: int) -> tuple[Array, bool]:
     )
 
 
-def _available_bytes(decoder: Decoder) -> int | None:
-    """Free memory of the device that will hold the cache, when known."""
+def available_bytes() -> int | None:
+    """Free memory of the device that will hold the cache, when known (the
+    accelerator's allocator limit, or the host's available memory on CPU)."""
     device = jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
@@ -181,7 +183,7 @@ def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
     kept = (int(plan.config.output_scores) + int(plan.config.output_logits)) * plan.rows
     need = cache_bytes + step_bytes + kept * plan.new_tokens * vocab * 4
     devices = 1 if mesh is None else mesh.devices.size
-    free = _available_bytes(decoder)
+    free = available_bytes()
     if free is not None and need > free * devices:
         cfg = plan.config
         raise ValueError(

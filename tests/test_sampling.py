@@ -99,6 +99,25 @@ def test_categorical_rows_are_independent(key_kind, seed):
     assert len(set(np.asarray(_draw(keys, same)).tolist())) > 1
 
 
+def test_categorical_row_with_few_candidates_draws_alike_beside_any_row():
+    """A row with few finite logits (after top-k) draws among its candidates;
+    a neighbour with a whole finite vocabulary must not change its path."""
+    rng = np.random.default_rng(4)
+    vocab = 4 * jd.sampling.SAMPLE_CANDIDATES + 1  # large enough for the candidate path
+    keys = jd.split_keys(jax.random.key(5), 2)
+    few = np.full((2, vocab), -np.inf, np.float32)
+    for row in range(2):
+        few[row, rng.choice(vocab, 10, replace=False)] = rng.normal(size=10)
+    alone = [int(_draw_row(keys, few, i)) for i in range(2)]
+    many = rng.normal(size=(2, vocab)).astype(np.float32)
+    for i in range(2):
+        mixed = many.copy()
+        mixed[i] = few[i]
+        assert int(np.asarray(_draw(keys, mixed))[i]) == alone[i]
+        # and the row with every logit finite draws as alone too
+        assert int(np.asarray(_draw(keys, mixed))[1 - i]) == int(_draw_row(keys, mixed, 1 - i))
+
+
 def test_categorical_is_deterministic_in_its_key():
     keys = jd.split_keys(jax.random.key(3), B)
     logits = jnp.zeros((B, V), jnp.float32)

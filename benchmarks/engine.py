@@ -1,0 +1,343 @@
+"""Continuous batching vs static batching vs transformers, on an evaluation set
+whose outputs stop at EOS with a long tail.
+
+The model is a GPT-2 with random weights (`--layers`, `--width`, `--vocab`)
+whose EOS behaviour is rigged through its position embeddings: one residual
+dimension is written only by the position embedding, large at a set of "EOS
+positions"; the (tied) EOS embedding reads only that dimension. So greedy
+decoding emits EOS exactly when the row reaches the next EOS position, and a
+prompt's output length is set by its length: most outputs are short, prompts
+that end past the last EOS position run to `--max-new-tokens`. The same
+checkpoint (written by transformers, read by `jaxdecode.from_pretrained`) runs
+in the three contenders, greedy, batch size `--slots`:
+
+* engine: `jaxdecode.Engine` (`--slots` slots, `--steps-per-call`), every prompt
+  submitted at once, prompt buckets of powers of two;
+* static: `jaxdecode.generate` on batches of `--slots` prompts of one prompt
+  bucket (what `jaxdecode eval --static-batching` runs), `loop="while"` (a batch
+  stops when its last row does);
+* transformers: `GPT2LMHeadModel.generate` on batches of `--slots` prompts in
+  set order, left padding.
+
+Reported: generated tokens per second (EOS included, padding after it not),
+the engine's slot occupancy (tokens / slot-steps) and how many prompts give the
+same tokens in all three. Compilation and warm-up are outside the timings.
+
+Usage:
+    python benchmarks/engine.py                        # 512 prompts, writes results/
+    python benchmarks/engine.py --prompts 64 --max-new-tokens 32 --quick   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import host_info  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rigged_checkpoint(directory: str, args: argparse.Namespace) -> dict:
+    """Writes the rigged GPT-2 with transformers; returns the EOS positions used."""
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    n_pos = args.max_prompt + args.max_new_tokens + 8
+    cfg = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=n_pos,
+        n_embd=args.width,
+        n_layer=args.layers,
+        n_head=args.heads,
+        bos_token_id=args.vocab - 1,
+        eos_token_id=args.vocab - 1,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    eos, clock = args.vocab - 1, args.width - 1
+    rng = np.random.default_rng(args.seed)
+    # EOS positions: random gaps (mean --gap) up to --last-eos; a prompt ending
+    # past the last one runs to max_new_tokens.
+    positions, p = [], args.min_prompt
+    while True:
+        p += int(rng.geometric(1.0 / args.gap))
+        if p >= args.last_eos:
+            break
+        positions.append(p)
+    positions.append(args.last_eos)
+    with torch.no_grad():
+        wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+        wte[:, clock] = 0.0
+        wte[eos] = 0.0
+        wte[eos, clock] = 2.0  # the tied head: logit(EOS) = 2 * normalized clock
+        wpe[:, clock] = 0.0
+        wpe[positions, clock] = 1000.0
+        for block in model.transformer.h:  # nothing else writes the clock dimension
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight[:, clock] = 0.0
+                proj.bias[clock] = 0.0
+        model.transformer.ln_f.weight[clock] = 1.0
+        model.transformer.ln_f.bias[clock] = -1.0  # logit(EOS) ~ -2 elsewhere
+    model.generation_config.pad_token_id = eos
+    model.save_pretrained(directory)
+    return {"eos_positions": positions, "eos_token_id": eos}
+
+
+def workload(args: argparse.Namespace) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed + 1)
+    lengths = rng.integers(args.min_prompt, args.max_prompt + 1, args.prompts)
+    return [rng.integers(0, args.vocab - 1, int(n)).tolist() for n in lengths]
+
+
+def run_engine(lm, prompts, args) -> dict:
+    import jaxdecode as jd
+
+    width = jd.bucket_length(args.max_prompt, "pow2") + args.max_new_tokens
+    engine = jd.Engine(
+        lm,
+        slots=args.slots,
+        max_len=width,
+        config=lm.generation_config.replace(max_new_tokens=args.max_new_tokens),
+        steps_per_call=args.steps_per_call,
+    )
+    # Warm-up: one prompt per bucket compiles every program.
+    buckets = sorted({jd.bucket_length(len(p), "pow2") for p in prompts})
+    engine.submit([[1] * max(1, b // 2 + 1) if b > 8 else [1] for b in buckets])
+    list(engine)
+    engine.stats = type(engine.stats)(slots=args.slots)
+    t0 = time.perf_counter()
+    engine.submit(prompts)
+    results = sorted(engine, key=lambda r: r.index)
+    seconds = time.perf_counter() - t0
+    stats = engine.stats
+    return {
+        "seconds": seconds,
+        "tokens": stats.tokens,
+        "tokens_per_s": stats.tokens / seconds,
+        "prompts_per_s": len(prompts) / seconds,
+        "occupancy": stats.occupancy,
+        "occupancy_while_waiting": stats.occupancy_while_waiting,
+        "decode_calls": stats.calls,
+        "steps": stats.steps,
+        "prefill_calls": stats.prefills,
+        "cache_bytes": engine.cache_bytes,
+        "outputs": [r.tokens.tolist() for r in results],
+    }
+
+
+def _static_batches(prompts, size):
+    """Batches of one pow2 prompt bucket, in set order within a bucket (as
+    `jaxdecode eval --static-batching` groups prompts)."""
+    import jaxdecode as jd
+
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(jd.bucket_length(len(p), "pow2"), []).append(i)
+    for members in groups.values():
+        for s in range(0, len(members), size):
+            yield members[s : s + size]
+
+
+def _left_pad(rows, pad):
+    import numpy as np
+
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    return ids, mask
+
+
+def run_static(lm, prompts, args) -> dict:
+    import numpy as np
+
+    import jaxdecode as jd
+
+    config = lm.generation_config.replace(max_new_tokens=args.max_new_tokens)
+    batches = list(_static_batches(prompts, args.slots))
+
+    def one(batch):
+        rows = [prompts[i] for i in batch]
+        rows += [rows[-1]] * (args.slots - len(rows))  # full batches: one program per bucket
+        ids, mask = _left_pad(rows, config.pad_id)
+        return jd.generate(lm, ids, mask, config, loop="while")
+
+    seen = set()
+    for batch in batches:  # warm-up: one batch per bucket
+        bucket = jd.bucket_length(max(len(prompts[i]) for i in batch), "pow2")
+        if bucket not in seen:
+            seen.add(bucket)
+            one(batch).sequences.block_until_ready()
+    outputs: dict[int, list[int]] = {}
+    t0 = time.perf_counter()
+    for batch in batches:
+        out = one(batch)
+        width = np.asarray(out.sequences).shape[1] - args.max_new_tokens
+        seqs, lengths = np.asarray(out.sequences), np.asarray(out.lengths)
+        for r, i in enumerate(batch):
+            outputs[i] = seqs[r, width : width + int(lengths[r])].tolist()
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(v) for v in outputs.values())
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "prompts_per_s": len(prompts) / seconds,
+        "batches": len(batches),
+        "outputs": [outputs[i] for i in range(len(prompts))],
+    }
+
+
+def run_transformers(directory, prompts, args, eos) -> dict:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    model = GPT2LMHeadModel.from_pretrained(directory).eval()
+
+    def one(rows):
+        ids, mask = _left_pad(rows, eos)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=torch.as_tensor(ids, dtype=torch.long),
+                attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+        new = out[:, ids.shape[1] :].tolist()
+        result = []
+        for row in new:
+            n = row.index(eos) + 1 if eos in row else len(row)
+            result.append(row[:n])
+        return result
+
+    one([prompts[0]] * 2)  # warm-up
+    outputs = []
+    t0 = time.perf_counter()
+    for s in range(0, len(prompts), args.slots):
+        outputs += one(prompts[s : s + args.slots])
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o) for o in outputs)
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "prompts_per_s": len(prompts) / seconds,
+        "torch_threads": torch.get_num_threads(),
+        "outputs": outputs,
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--prompts", type=int, default=512)
+    p.add_argument("--min-prompt", type=int, default=8)
+    p.add_argument("--max-prompt", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--gap", type=float, default=24.0, help="mean gap between EOS positions")
+    p.add_argument("--last-eos", type=int, default=186, help="no EOS position after this one")
+    p.add_argument("--slots", type=int, default=64, help="engine slots = static batch size")
+    p.add_argument("--steps-per-call", type=int, default=16)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default; on a crowded 2-core host 1 is far faster)",
+    )
+    p.add_argument("--json", default=os.path.join(HERE, "results", "engine_cpu.json"))
+    p.add_argument("--quick", action="store_true", help="smoke test: no JSON unless --json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import jax
+
+    import jaxdecode as jd
+
+    prompts = workload(args)
+    with tempfile.TemporaryDirectory() as directory:
+        rig = rigged_checkpoint(directory, args)
+        lm = jd.from_pretrained(directory)
+        eos = rig["eos_token_id"]
+        report = {
+            "host": host_info(),
+            "jax": jax.__version__,
+            "device": str(jax.devices()[0]),
+            "args": vars(args),
+            "model": "GPT-2, random weights, EOS rigged by position (see docstring)",
+            **rig,
+        }
+        contenders = {
+            "engine": lambda: run_engine(lm, prompts, args),
+            "static": lambda: run_static(lm, prompts, args),
+        }
+        if not args.skip_transformers:
+            contenders["transformers"] = lambda: run_transformers(directory, prompts, args, eos)
+        runs = {}
+        for name, fn in contenders.items():
+            runs[name] = fn()
+            print(
+                f"{name:>12}: {runs[name]['tokens_per_s']:8.1f} tokens/s "
+                f"({runs[name]['tokens']} tokens in {runs[name]['seconds']:.1f} s)",
+                flush=True,
+            )
+    lengths = [len(o) for o in runs["engine"]["outputs"]]
+    outputs = {name: r.pop("outputs") for name, r in runs.items()}
+    same = sum(
+        all(outputs[n][i] == outputs["engine"][i] for n in outputs) for i in range(len(prompts))
+    )
+    report["runs"] = runs
+    report["output_lengths"] = {
+        "mean": sum(lengths) / len(lengths),
+        "at_max_new_tokens": sum(n == args.max_new_tokens for n in lengths),
+        "at_most_32": sum(n <= 32 for n in lengths),
+    }
+    report["same_tokens_in_all"] = same
+    report["engine_vs_static"] = runs["engine"]["tokens_per_s"] / runs["static"]["tokens_per_s"]
+    if "transformers" in runs:
+        report["engine_vs_transformers"] = (
+            runs["engine"]["tokens_per_s"] / runs["transformers"]["tokens_per_s"]
+        )
+    print(
+        f"occupancy {runs['engine']['occupancy']:.1%} "
+        f"({runs['engine']['occupancy_while_waiting']:.1%} while prompts waited); engine/static "
+        f"{report['engine_vs_static']:.2f}x"
+        + (
+            f", engine/transformers {report['engine_vs_transformers']:.2f}x"
+            if "engine_vs_transformers" in report
+            else ""
+        )
+        + f"; outputs: mean {report['output_lengths']['mean']:.1f} tokens, "
+        f"{report['output_lengths']['at_max_new_tokens']} at max_new_tokens; "
+        f"{same}/{len(prompts)} prompts give the same tokens in all"
+    )
+    if not args.quick or "--json" in (argv or sys.argv):
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()

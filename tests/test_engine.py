@@ -1,0 +1,255 @@
+"""The continuous-batching engine: each prompt's output equals `generate` on that
+prompt alone, whatever its slot, its neighbours or the steps per call; one
+prefill program per bucket and one decode program; clear refusals."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from conftest import count_compiles
+
+import jaxdecode as jd
+from jaxdecode import engine as engine_mod
+from jaxdecode.engine import Engine, generate_many
+from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder, init_params
+
+V = 64
+EOS = 11
+BUCKETS = [32]  # one prompt bucket for the parity test: generate compiles less
+
+
+@functools.cache
+def tiny_lm() -> jd.CausalLM:
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=V, n_positions=128)
+    params = init_params(config, jax.random.key(3))
+    # Sharper logits than the default init, so that greedy is not all ties.
+    params = jax.tree_util.tree_map(lambda x: x * 4.0, params)
+    defaults = jd.GenerationConfig(eos_token_id=EOS, pad_token_id=0, max_new_tokens=10)
+    return jd.CausalLM(params=params, decoder=gpt2_decoder(config), generation_config=defaults)
+
+
+def _prompts(rng, n, lo=1, hi=30):
+    return [rng.integers(1, V, int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+# Groups of prompts: within a group only per-row values, seeds and lengths differ.
+# Every processor appears in some group.
+STATIC = {
+    "greedy": dict(do_sample=False),
+    "greedy-rules": dict(
+        do_sample=False,
+        no_repeat_ngram_size=2,
+        min_new_tokens=2,
+        suppress_tokens=[5],
+        begin_suppress_tokens=[7],
+        sequence_bias=[[[3], 2.0], [[4, 6], -1.5]],
+        bad_words_ids=[[9], [1, 2]],
+        forced_eos_token_id=EOS,
+        exponential_decay_length_penalty=(2, 1.3),
+        remove_invalid_values=True,
+        repetition_penalty=1.2,
+        frequency_penalty=0.3,
+        presence_penalty=0.2,
+    ),
+    "sample-warpers": dict(
+        do_sample=True,
+        temperature=0.8,
+        top_k=20,
+        top_p=0.9,
+        min_p=0.02,
+        typical_p=0.95,
+        epsilon_cutoff=1e-4,
+        eta_cutoff=1e-4,
+        repetition_penalty=1.1,
+        frequency_penalty=0.1,
+        presence_penalty=0.1,
+    ),
+    "sample-fast-min_length": dict(
+        do_sample=True,
+        top_k=8,
+        top_k_method="fast",
+        top_p=0.8,
+        top_p_method="fast",
+        min_length=12,
+        forced_bos_token_id=13,
+        renormalize_logits=True,
+    ),
+}
+
+
+def _per_row(rng, name: str) -> dict:
+    """Per-row values, seed and length of one prompt of group `name`."""
+    out = {"max_new_tokens": int(rng.choice([4, 10]))}
+    if "rules" in name:
+        out.update(repetition_penalty=float(rng.uniform(1.0, 1.6)))
+        out.update(frequency_penalty=float(rng.uniform(-0.5, 0.5)))
+    if name.startswith("sample"):
+        out["seed"] = int(rng.integers(0, 2**32 - 1))
+        out["temperature"] = float(rng.uniform(0.5, 1.5))
+        out["top_p"] = float(rng.uniform(0.5, 1.0))
+    if name == "sample-warpers":
+        out.update(top_k=int(rng.integers(1, 40)), min_p=float(rng.uniform(0, 0.1)))
+        out.update(typical_p=float(rng.uniform(0.5, 0.99)))
+        out.update(presence_penalty=float(rng.uniform(-0.5, 0.5)))
+    return out
+
+
+def _workload(seed: int = 0, per_group: int = 6):
+    rng = np.random.default_rng(seed)
+    prompts, configs = [], []
+    for name, static in STATIC.items():
+        group = _prompts(rng, per_group)
+        if name == "sample-fast-min_length":
+            group[0] = group[0][:1]  # a one-token prompt: the forced BOS acts on it
+        for p in group:
+            prompts.append(p)
+            configs.append({**static, **_per_row(rng, name)})
+    order = rng.permutation(len(prompts))  # groups interleaved in submission order
+    return [prompts[i] for i in order], [configs[i] for i in order]
+
+
+def _alone(lm, prompt, options):
+    out = jd.generate(
+        lm, np.asarray([prompt]), config=lm.generation_config.replace(**options),
+        prompt_buckets=BUCKETS,
+    )  # fmt: skip
+    n = int(out.lengths[0])
+    tokens = np.asarray(out.sequences)[0, len(prompt) : len(prompt) + n]
+    return tokens, np.asarray(out.token_logprobs)[0, :n]
+
+
+def test_each_prompt_equals_generate_alone():
+    """24 prompts of 1-29 tokens in 4 groups (every processor, per-row values,
+    seeds and lengths differing) over 3 slots, refilled as rows finish."""
+    lm = tiny_lm()
+    prompts, configs = _workload()
+    results = generate_many(lm, prompts, configs, slots=3, steps_per_call=4, prompt_buckets=BUCKETS)
+    assert [r.index for r in results] == list(range(len(prompts)))
+    lengths = []
+    for prompt, options, res in zip(prompts, configs, results, strict=True):
+        tokens, logps = _alone(lm, prompt, options)
+        np.testing.assert_array_equal(res.tokens, tokens, err_msg=f"{prompt} {options}")
+        # A row of a batch rounds its matmuls in another order than one row alone
+        # (as in generate with several prompts): the last float32 bit may differ.
+        np.testing.assert_allclose(res.token_logprobs, logps, rtol=0, atol=1e-5)
+        assert res.seed == options.get("seed")
+        lengths.append(len(tokens))
+    # The workload has rows stopped by EOS and rows cut by their own max_new_tokens.
+    assert any(n < c["max_new_tokens"] for n, c in zip(lengths, configs, strict=True))
+    assert any(n == c["max_new_tokens"] for n, c in zip(lengths, configs, strict=True))
+
+
+def test_results_do_not_depend_on_scheduling():
+    """The same prompts in another order, with other steps per call (hence other
+    slots and neighbours): bitwise the same tokens and log-probabilities."""
+    lm = tiny_lm()
+    rng = np.random.default_rng(1)
+    prompts = _prompts(rng, 14)
+    options = [{**STATIC["sample-warpers"], **_per_row(rng, "sample-warpers")} for _ in prompts]
+    config = lm.generation_config.replace(**STATIC["sample-warpers"])
+    runs = []
+    for n_steps, order in [(1, range(14)), (7, range(13, -1, -1)), (3, rng.permutation(14))]:
+        engine = Engine(lm, slots=4, max_len=48, config=config, steps_per_call=n_steps)
+        order = list(order)
+        engine.submit([prompts[i] for i in order], [options[i] for i in order])
+        runs.append({order[r.index]: r for r in engine})
+        assert engine.stats.finished == 14 and engine.pending == 0
+    for other in runs[1:]:
+        for i in range(14):
+            np.testing.assert_array_equal(other[i].tokens, runs[0][i].tokens)
+            np.testing.assert_array_equal(other[i].token_logprobs, runs[0][i].token_logprobs)
+
+
+def test_one_prefill_program_per_bucket_and_one_decode_program():
+    lm = tiny_lm()
+    rng = np.random.default_rng(2)
+    config = lm.generation_config.replace(do_sample=True, top_p=0.9, repetition_penalty=1.2)
+    engine = Engine(lm, slots=5, max_len=44, config=config, steps_per_call=6)
+    lengths = [3, 12, 20, 5, 14, 30, 2]  # buckets 8, 16, 32
+    per_row = lambda: dict(
+        seed=int(rng.integers(0, 1000)),
+        temperature=float(rng.uniform(0.5, 1.5)),
+        top_p=float(rng.uniform(0.5, 0.99)),
+        repetition_penalty=float(rng.uniform(1.0, 2.0)),
+        max_new_tokens=int(rng.integers(1, 12)),
+    )
+    with count_compiles() as warm:
+        engine.submit(
+            [rng.integers(1, V, n).tolist() for n in lengths], [per_row() for _ in lengths]
+        )
+        first = list(engine)
+    assert warm.count == 3 + 1, "one prefill program per bucket and one decode program"
+    with count_compiles() as running:
+        engine.submit(
+            [rng.integers(1, V, n).tolist() for n in lengths * 2], [per_row() for _ in lengths * 2]
+        )
+        second = list(engine)
+    assert running.count == 0, "the engine compiled while running"
+    assert len(first) == 7 and len(second) == 14
+    stats = engine.stats
+    assert stats.tokens == stats.work == sum(len(r.tokens) for r in first + second)
+    assert 0 < stats.occupancy <= 1
+
+
+def test_greedy_engine_equals_generate_over_buckets():
+    """Default buckets (powers of two), prompts in several buckets, the engine's
+    own config for every prompt."""
+    lm = tiny_lm()
+    rng = np.random.default_rng(3)
+    prompts = _prompts(rng, 6, 1, 40)
+    engine = Engine(lm, slots=2, max_len=64, steps_per_call=2)
+    engine.submit(prompts)
+    results = sorted(engine, key=lambda r: r.index)
+    for prompt, res in zip(prompts, results, strict=True):
+        out = jd.generate(lm, np.asarray([prompt]))
+        n = int(out.lengths[0])
+        np.testing.assert_array_equal(res.tokens, np.asarray(out.sequences)[0, len(prompt) :][:n])
+
+
+def test_refusals():
+    lm = tiny_lm()
+    with pytest.raises(ValueError, match=r"num_beams=2.*generate\(\)"):
+        Engine(lm, max_len=32, config=lm.generation_config.replace(num_beams=2))
+    engine = Engine(lm, slots=2, max_len=32)
+    with pytest.raises(ValueError, match=r"num_return_sequences=3.*generate\(\)"):
+        engine.submit([[1, 2]], {"num_return_sequences": 3, "do_sample": True})
+    with pytest.raises(ValueError, match=r"no_repeat_ngram_size=2.*generate_many"):
+        engine.submit([[1, 2]], {"no_repeat_ngram_size": 2})
+    with pytest.raises(
+        ValueError, match=r"bucket \(16 tokens\) plus max_new_tokens=20.*max_len=32"
+    ):
+        engine.submit([list(range(1, 10))], {"max_new_tokens": 20})
+    with pytest.raises(ValueError, match=r"prompt 0 is empty"):
+        engine.submit([[]])
+    with pytest.raises(ValueError, match=r"configs has 1 entries for 2 prompts"):
+        engine.submit([[1], [2]], [None])
+    with pytest.raises(ValueError, match=r"output_scores=True needs generate"):
+        engine.submit([[1]], {"output_scores": True})
+    assert engine.pending == 0, "a refused submit queued nothing"
+    with pytest.raises(ValueError, match=r"slots must be an integer >= 1, got 0"):
+        Engine(lm, slots=0, max_len=32)
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_allocating(monkeypatch):
+    lm = tiny_lm()
+    monkeypatch.setattr(engine_mod, "available_bytes", lambda: 10_000)
+
+    def allocated(*args):
+        raise AssertionError("allocated before checking memory")
+
+    monkeypatch.setattr(engine_mod, "_empty_jit", allocated)
+    with pytest.raises(
+        ValueError, match=r"slots=64, max_len=100.*KV cache.*lower slots or max_len"
+    ):
+        Engine(lm, slots=64, max_len=100)
+
+
+def test_cache_bytes_are_reported():
+    lm = tiny_lm()
+    engine = Engine(lm, slots=3, max_len=40)
+    # k and v: [layers, slots, heads, max_len, head_dim] float32, plus mask and index.
+    kv = 2 * 2 * 3 * 2 * 40 * 8 * 4
+    assert engine.cache_bytes == kv + 3 * 40 + 3 * 4
