@@ -14,7 +14,7 @@ in the three contenders, greedy, batch size `--slots`:
 * engine: `jaxdecode.Engine` (`--slots` slots, `--steps-per-call`), every prompt
   submitted at once, prompt buckets of powers of two;
 * static: `jaxdecode.generate` on batches of `--slots` prompts of one prompt
-  bucket (what `jaxdecode eval --static-batching` runs), `loop="while"` (a batch
+  bucket (what `jaxdecode eval` runs), `loop="while"` (a batch
   stops when its last row does);
 * transformers: `GPT2LMHeadModel.generate` on batches of `--slots` prompts in
   set order, left padding.
@@ -137,7 +137,7 @@ def run_engine(lm, prompts, args) -> dict:
 
 def _static_batches(prompts, size):
     """Batches of one pow2 prompt bucket, in set order within a bucket (as
-    `jaxdecode eval --static-batching` groups prompts)."""
+    `jaxdecode eval` groups prompts)."""
     import jaxdecode as jd
 
     groups: dict[int, list[int]] = {}
