@@ -131,6 +131,7 @@ CLI_VALUES = {
     "repetition_penalty_form": (["ctrl"], "ctrl"),
     "top_k_method": (["fast"], "fast"),
     "top_p_method": (["fast"], "fast"),
+    "stop_strings": (["unto", ", and"], ("unto", ", and")),
     "regex": (["[a-z]+"], "[a-z]+"),
     "json_schema": (['{"type": "object"}'], '{"type": "object"}'),  # JSON text
     "choices": (["yes", "no way"], ("yes", "no way")),
@@ -312,6 +313,7 @@ def _rich_config():
         repetition_penalty_form="ctrl",
         top_k_method="fast",
         top_p_method="fast",
+        stop_strings=["unto", "\n\n"],
         # One constraint per row, each row's in its own field.
         regex=["[a-z]+", None, None],
         json_schema=[None, {"type": "object"}, None],
