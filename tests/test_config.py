@@ -139,7 +139,6 @@ CLI_VALUES = {
     "logprobs": (["3"], 3),
     "logprobs_mode": (["raw"], "raw"),
     "prompt_logprobs": (["0"], 0),
-    "stop_strings": (["ab", "c"], ("ab", "c")),
 }
 
 
@@ -323,7 +322,6 @@ def _rich_config():
         logprobs=4,
         logprobs_mode="raw",
         prompt_logprobs=0,
-        stop_strings=["ab"],
     ).validate()
 
 
