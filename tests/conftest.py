@@ -7,6 +7,11 @@ import os
 from collections.abc import Iterator
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI turns on JAX's persistent compilation cache (in the user's cache directory)
+# for its process; tests that run `jaxdecode.cli.main` in-process must not turn it on
+# for the whole pytest worker (a worker then compiled through the cache-writing path
+# and crashed once in XLA). The cache tests set their own directory explicitly.
+os.environ.setdefault("JAXDECODE_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
