@@ -71,3 +71,14 @@ from hypothesis import settings as _hyp_settings  # noqa: E402
 _hyp_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 if os.environ.get("CI"):
     _hyp_settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def _persistent_cache_stays_off():
+    """A test that turns on JAX's persistent compilation cache for the whole worker
+    fails here (every later compilation in that worker would go through the cache)."""
+    yield
+    directory = jax.config.jax_compilation_cache_dir
+    if directory is not None:
+        jax.config.update("jax_compilation_cache_dir", None)
+        pytest.fail(f"the test left JAX's persistent compilation cache on ({directory})")

@@ -1,0 +1,121 @@
+"""Runs the test suite one file per process, N files at a time, and reports each.
+
+    python scripts/run_tests.py            # every tests/test_*.py, 2 at a time
+    python scripts/run_tests.py -j 4 tests/test_llama.py tests/test_gguf.py
+    python scripts/run_tests.py --no-skips # CI: a skipped test fails the run
+
+Why not `pytest -n 2`: an xdist worker lives for the whole suite and compiles
+thousands of XLA programs; twice in long runs a worker crashed inside XLA's
+compiler (a segfault after ~20 minutes of compiling) and pytest-xdist then waited
+forever for the lost worker's tests, so CI hit its time limit instead of failing.
+A fresh process per file keeps every file's compilations to itself, a crash fails
+exactly one file (with its log), and a file that hangs is killed after
+`--timeout` seconds. Plain `python -m pytest` still works for development.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Started first so that the long files do not end up alone at the end.
+SLOW_FIRST = (
+    "test_cli.py",
+    "test_gguf.py",
+    "test_llama.py",
+    "test_grammar.py",
+    "test_generate_hf.py",
+    "test_processors_hf.py",
+    "test_config.py",
+    "test_sharding.py",
+    "test_readme.py",
+    "test_processor_properties.py",
+)
+SUMMARY = re.compile(r"=+ (.*?) in [0-9.]+s")
+
+
+def run_file(path: Path, timeout: float, logs: Path, extra: list[str]) -> tuple[str, int, float]:
+    """Runs one test file in its own pytest process; returns (summary, rc, seconds)."""
+    log = logs / (path.stem + ".log")
+    start = time.monotonic()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *extra]
+    with open(log, "wb") as out:
+        try:
+            rc = subprocess.run(
+                [*cmd, str(path)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = -1
+    seconds = time.monotonic() - start
+    text = log.read_text(errors="replace")
+    found = SUMMARY.findall(text)
+    if rc == -1:
+        summary = f"killed after {timeout:.0f} s"
+    elif rc < 0:
+        summary = f"crashed (signal {-rc})"
+    else:
+        summary = found[-1] if found else f"exit {rc}"
+    return summary, rc, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("files", nargs="*", help="test files (default: tests/test_*.py)")
+    parser.add_argument("-j", "--jobs", type=int, default=2, help="files run at once")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per file")
+    parser.add_argument("--no-skips", action="store_true", help="a skipped test fails the run")
+    parser.add_argument("--logs", default=".test-logs", help="one log per file here")
+    parser.add_argument("--pytest-args", default="", help="extra pytest arguments (one string)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+
+    files = [Path(f).resolve() for f in args.files] or sorted((ROOT / "tests").glob("test_*.py"))
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    files.sort(key=lambda p: (rank.get(p.name, len(rank)), p.name))
+    logs = ROOT / args.logs
+    logs.mkdir(exist_ok=True)
+    env_note = f"{len(files)} files, {args.jobs} at a time, logs in {logs}"
+    print(f"run_tests: {env_note}", flush=True)
+
+    start = time.monotonic()
+    results: dict[Path, tuple[str, int, float]] = {}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {
+            pool.submit(run_file, f, args.timeout, logs, args.pytest_args.split()): f for f in files
+        }
+        for future in concurrent.futures.as_completed(futures):
+            path = futures[future]
+            results[path] = summary, rc, seconds = future.result()
+            mark = "ok  " if rc == 0 else "FAIL"
+            print(f"{mark} {seconds:6.1f} s  {path.name:34s} {summary}", flush=True)
+
+    failed = [p for p, (_, rc, _) in results.items() if rc != 0]
+    skipped = [p for p, (s, _, _) in results.items() if "skipped" in s]
+    for path in failed:
+        text = (logs / (path.stem + ".log")).read_text(errors="replace")
+        print(f"\n----- {path.name} (last 60 lines of {path.stem}.log) -----")
+        print("\n".join(text.splitlines()[-60:]))
+    total = time.monotonic() - start
+    print(f"\nrun_tests: {len(files) - len(failed)}/{len(files)} files passed in {total:.0f} s")
+    if failed:
+        print("run_tests: failed: " + " ".join(p.name for p in failed))
+        return 1
+    if args.no_skips and skipped:
+        print(
+            "run_tests: skipped tests (parity tests must run): " + " ".join(p.name for p in skipped)
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
