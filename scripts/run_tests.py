@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,31 +39,40 @@ SLOW_FIRST = (
     "test_readme.py",
     "test_processor_properties.py",
 )
-SUMMARY = re.compile(r"=+ (.*?) in [0-9.]+s")
+SUMMARY = re.compile(r"^(?:=+ )?(\d+ (?:passed|failed|error).*?) in [0-9.]+s", re.MULTILINE)
 
 
-def run_file(path: Path, timeout: float, logs: Path, extra: list[str]) -> tuple[str, int, float]:
-    """Runs one test file in its own pytest process; returns (summary, rc, seconds)."""
+def run_file(
+    path: Path, timeout: float, logs: Path, extra: list[str]
+) -> tuple[str, int, float, float]:
+    """Runs one test file in its own pytest process.
+
+    Returns:
+        (summary line, exit code, wall seconds, CPU seconds of the process tree);
+        CPU seconds / cores is what the file costs on an otherwise idle machine.
+    """
     log = logs / (path.stem + ".log")
     start = time.monotonic()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *extra]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
     with open(log, "wb") as out:
-        try:
-            rc = subprocess.run(
-                [*cmd, str(path)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
-            ).returncode
-        except subprocess.TimeoutExpired:
-            rc = -1
+        proc = subprocess.Popen(
+            [*cmd, "--durations=10", *extra, str(path)], cwd=ROOT, stdout=out, stderr=out
+        )
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        timer.cancel()
+    proc.returncode = rc = os.waitstatus_to_exitcode(status)
     seconds = time.monotonic() - start
-    text = log.read_text(errors="replace")
-    found = SUMMARY.findall(text)
-    if rc == -1:
+    cpu = usage.ru_utime + usage.ru_stime
+    found = SUMMARY.findall(log.read_text(errors="replace"))
+    if rc < 0 and seconds >= timeout:
         summary = f"killed after {timeout:.0f} s"
     elif rc < 0:
         summary = f"crashed (signal {-rc})"
     else:
         summary = found[-1] if found else f"exit {rc}"
-    return summary, rc, seconds
+    return summary, rc, seconds, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,25 +96,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run_tests: {env_note}", flush=True)
 
     start = time.monotonic()
-    results: dict[Path, tuple[str, int, float]] = {}
+    results: dict[Path, tuple[str, int, float, float]] = {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {
             pool.submit(run_file, f, args.timeout, logs, args.pytest_args.split()): f for f in files
         }
         for future in concurrent.futures.as_completed(futures):
             path = futures[future]
-            results[path] = summary, rc, seconds = future.result()
+            results[path] = summary, rc, seconds, cpu = future.result()
             mark = "ok  " if rc == 0 else "FAIL"
-            print(f"{mark} {seconds:6.1f} s  {path.name:34s} {summary}", flush=True)
+            line = f"{mark} {seconds:6.1f} s wall {cpu:6.1f} s CPU  {path.name:30s} {summary}"
+            print(line, flush=True)
 
-    failed = [p for p, (_, rc, _) in results.items() if rc != 0]
-    skipped = [p for p, (s, _, _) in results.items() if "skipped" in s]
+    failed = [p for p, r in results.items() if r[1] != 0]
+    skipped = [p for p, r in results.items() if "skipped" in r[0]]
+    cpu_total = sum(r[3] for r in results.values())
     for path in failed:
         text = (logs / (path.stem + ".log")).read_text(errors="replace")
         print(f"\n----- {path.name} (last 60 lines of {path.stem}.log) -----")
         print("\n".join(text.splitlines()[-60:]))
     total = time.monotonic() - start
-    print(f"\nrun_tests: {len(files) - len(failed)}/{len(files)} files passed in {total:.0f} s")
+    print(
+        f"\nrun_tests: {len(files) - len(failed)}/{len(files)} files passed in {total:.0f} s"
+        f" ({cpu_total:.0f} CPU seconds)"
+    )
     if failed:
         print("run_tests: failed: " + " ".join(p.name for p in failed))
         return 1
