@@ -154,7 +154,9 @@ def _resolve_key(key: Any, batch: int) -> tuple[Array, bool]:
 def available_bytes() -> int | None:
     """Free memory of the device that will hold the cache, when known (the
     accelerator's allocator limit, or the host's available memory on CPU)."""
-    device = jax.devices()[0]
+    # A local device: in a multi-process run jax.devices()[0] may belong to another
+    # process, and its memory_stats() raises.
+    device = jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))

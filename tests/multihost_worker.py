@@ -19,7 +19,15 @@ import jax  # noqa: E402
 
 pid, port = int(sys.argv[1]), int(sys.argv[2])
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+# Generous timeouts: on a loaded 2-core machine one process can reach the shutdown
+# barrier minutes after the other (the 300 s default failed there once).
+jax.distributed.initialize(
+    f"127.0.0.1:{port}",
+    num_processes=2,
+    process_id=pid,
+    heartbeat_timeout_seconds=600,
+    shutdown_timeout_seconds=1200,
+)
 
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402

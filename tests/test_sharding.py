@@ -153,7 +153,15 @@ def test_cli_eval_on_a_mesh(tmp_path):
         with open(out) as f:
             outs[name] = [json.loads(line) for line in f]
     assert len(outs["mesh"]) == 4
-    assert outs["mesh"] == outs["single"]
+    # Same records, tokens and text exactly; the log-probabilities within float32
+    # rounding (the model axis splits the reductions, so the last printed digit of a
+    # logprob may differ: -1.399989 vs -1.39999).
+    for a, b in zip(outs["mesh"], outs["single"], strict=True):
+        oa, ob = a.pop("outputs"), b.pop("outputs")
+        assert a == b
+        for x, y in zip(oa, ob, strict=True):
+            np.testing.assert_allclose(x.pop("token_logprobs"), y.pop("token_logprobs"), atol=1e-5)
+            assert x == y
     res = subprocess.run(
         [
             sys.executable,
