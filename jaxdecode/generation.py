@@ -25,9 +25,9 @@ from jaxdecode.config import SEED_MAX, GenerationConfig
 from jaxdecode.models.base import Decoder
 from jaxdecode.processors import TracedConfig, split_config
 from jaxdecode.processors.base import LogitsProcessor, check_rows
+from jaxdecode.search.drafters import DEFAULT_NGRAM, DraftModel, PromptLookup
 from jaxdecode.search.loop import GenerateOutput, Plan
 from jaxdecode.search.program import generate_program, prefill_program
-from jaxdecode.search.drafters import DEFAULT_NGRAM, DraftModel, PromptLookup
 from jaxdecode.search.sample import decode_step
 from jaxdecode.search.speculative import speculative_program
 from jaxdecode.search.stopping import stop_strings, token_tables
@@ -171,7 +171,9 @@ def _drafter(
     try:
         draft, draft_params, _, _ = model_parts(assistant_model, assistant_params)
     except ValueError as e:
-        raise ValueError(f"assistant_model: {e}".replace("generate(decoder", "assistant_model")) from None
+        raise ValueError(
+            f"assistant_model: {e}".replace("generate(decoder", "assistant_model")
+        ) from None
     if draft.vocab_size != decoder.vocab_size:
         raise ValueError(
             f"assistant_model must share the model's vocabulary: its vocab_size is "

@@ -125,9 +125,7 @@ class DraftModel:
         return hash((id(self.decoder), self.k))
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, DraftModel) and other.decoder is self.decoder and other.k == self.k
-        )
+        return isinstance(other, DraftModel) and other.decoder is self.decoder and other.k == self.k
 
     def prefill(self, params: Any, ids: Array, mask: Array, expand: int, max_len: int) -> Any:
         """The draft cache after the prompt *minus its last token* (rewound by one
@@ -183,7 +181,9 @@ class DraftModel:
             scores, cache)`; the cache then holds `prev, last` and the first
             K - 1 drafts.
         """
-        clip = (lambda p: p) if max_position is None else (lambda p: jnp.minimum(p, max_position - 1))
+        clip = (
+            (lambda p: p) if max_position is None else (lambda p: jnp.minimum(p, max_position - 1))
+        )
         rows = last.shape[0]
 
         def choose(scores: Array, j: int | Array) -> Array:
@@ -202,7 +202,11 @@ class DraftModel:
             ctx = ctx.append(token)
             state = processor.update(state, token)
             logits, cache = self.decoder.apply(
-                params, token[:, None], clip(position + j)[:, None], cache, jnp.ones((rows, 1), jnp.int32)
+                params,
+                token[:, None],
+                clip(position + j)[:, None],
+                cache,
+                jnp.ones((rows, 1), jnp.int32),
             )
             new_scores = processor(logits[:, 0].astype(jnp.float32), ctx, state)
             new = choose(new_scores, j)
