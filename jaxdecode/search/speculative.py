@@ -347,8 +347,11 @@ def _round(
 # measured: 37 ms vs 110 ms), so a verification that accepts less than ~2
 # tokens per row is slower than plain decoding.
 VERIFY_GAIN = 2.0
-# Weight of the newest observation in each row's running draft accuracy.
+# Weight of the newest observation in each row's running draft accuracy, and
+# its start: optimistic, so that the first rounds verify (a grounded row keeps
+# verifying; a row whose drafts miss falls back after a miss or two).
 RATE_STEP = 0.3
+RATE_START = 0.9
 
 
 def _lookup_round(
@@ -437,7 +440,7 @@ def _start(
         stop_window=state.stop_window,
         drafted=jnp.zeros((rows,), jnp.int32),
         accepted=jnp.zeros((rows,), jnp.int32),
-        rate=jnp.full((rows,), 0.5, jnp.float32),
+        rate=jnp.full((rows,), RATE_START, jnp.float32),
         outs=outs,
     )
     return traced, spec, prompt
