@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--lookup_k", type=int, default=10)
     parser.add_argument("--draft_k", type=int, default=4)
-    parser.add_argument("--draft_layers", type=int, default=8)
+    parser.add_argument("--draft_layers", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--no-hf", action="store_true", help="jaxdecode only")

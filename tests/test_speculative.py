@@ -48,6 +48,8 @@ GREEDY = dict(
     forced_eos_token_id=EOS[0],
 )
 LOOKUP_K, DRAFT_K = 3, 2
+# Every optional output, compared with plain decoding's.
+OUTPUTS = dict(output_scores=True, output_raw_logprobs=True, logprobs=2, prompt_logprobs=1)
 
 
 def _truncated(model, layers: int):
@@ -86,11 +88,12 @@ def _batch():
 def greedy_runs(models):
     lm, draft, _, _ = models
     ids, mask = _batch()
+    options = {**GREEDY, **OUTPUTS}
     return {
-        "plain": jd.generate(lm, ids, mask, **GREEDY),
-        "lookup": jd.generate(lm, ids, mask, prompt_lookup_num_tokens=LOOKUP_K, **GREEDY),
+        "plain": jd.generate(lm, ids, mask, **options),
+        "lookup": jd.generate(lm, ids, mask, prompt_lookup_num_tokens=LOOKUP_K, **options),
         "draft": jd.generate(
-            lm, ids, mask, assistant_model=draft, num_assistant_tokens=DRAFT_K, **GREEDY
+            lm, ids, mask, assistant_model=draft, num_assistant_tokens=DRAFT_K, **options
         ),
     }
 
@@ -104,6 +107,18 @@ def test_greedy_equals_plain_greedy_for_every_row(greedy_runs, drafter):
         np.asarray(spec.token_logprobs), np.asarray(plain.token_logprobs), atol=1e-5
     )
     lengths = np.asarray(plain.lengths)
+    for name in ("raw_token_logprobs", "top_logprobs", "prompt_logprobs", "prompt_top_logprobs"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(spec, name)), np.asarray(getattr(plain, name)), atol=1e-5
+        )
+    for name in ("top_token_ids", "prompt_top_token_ids"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(spec, name)), np.asarray(getattr(plain, name))
+        )
+    for row, n in enumerate(lengths):  # after its end a row has no scores
+        np.testing.assert_allclose(
+            np.asarray(spec.scores)[row, :n], np.asarray(plain.scores)[row, :n], atol=1e-4
+        )
     assert lengths.min() < NEW, "some row must end with EOS before the limit"
     drafted, accepted = np.asarray(spec.drafted), np.asarray(spec.accepted)
     assert np.all(accepted <= drafted) and accepted.sum() > 0
