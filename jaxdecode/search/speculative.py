@@ -366,9 +366,9 @@ def _lookup_round(
     when they are not worth a (K + 1)-position forward pass.
 
     Each row keeps `rate`, a running estimate of how often its lookup draft's
-    next token is right (observed every round it has a draft, verified or not:
-    a plain step checks the draft's first token for free). With per-token
-    accuracy r, a draft is expected to yield `r / (1 - r)` accepted tokens; the
+    next token is right, observed every round it has a draft: a verified round
+    counts its accepted drafts and its rejection, a plain step checks the
+    draft's first token for free. With per-token accuracy r, a draft is expected to yield `r / (1 - r)` accepted tokens; the
     round verifies when their sum over rows reaches `VERIFY_GAIN` per active
     row. The choice depends only on the history, never on this round's draws,
     so sampling stays exact.
@@ -387,10 +387,16 @@ def _lookup_round(
         s,
     )
     rows = jnp.arange(drafts.shape[0])
+    # Unverified: was the draft's first token the one emitted? Verified: the
+    # accepted drafts are successes, a rejection (if any) one failure.
     first = new.ctx.sequences[rows, s.ctx.write_col]  # the first token emitted this round
     right = (first == drafts[:, 0]).astype(jnp.float32)
+    won = (new.accepted - s.accepted).astype(jnp.float32)
+    tried = (new.drafted - s.drafted).astype(jnp.float32)
+    trials = won + (won < tried).astype(jnp.float32)
+    observed = jnp.where(tried > 0, won / jnp.maximum(trials, 1.0), right)
     seen = drafting & (new.lengths > s.lengths)
-    rate = jnp.where(seen, (1.0 - RATE_STEP) * s.rate + RATE_STEP * right, s.rate)
+    rate = jnp.where(seen, (1.0 - RATE_STEP) * s.rate + RATE_STEP * observed, s.rate)
     return new.replace(rate=jnp.clip(rate, 0.0, 0.99))
 
 
