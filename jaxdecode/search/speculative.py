@@ -31,8 +31,9 @@ Randomness: token index t of a row draws from `fold_in(row_key, t)` (plain
 decoding's stream for its first token; then per purpose: acceptance, residual,
 draft), so a row's tokens never depend on the batch around it.
 
-Long: the round is one function (`_round`, ~110 lines) because its steps share
-a dozen per-row arrays; splitting it would only pass them around.
+Long (~560 lines): the round, its acceptance rule, the cut where decoding
+stops, the output writes and prompt lookup's verify-or-step choice belong
+together; each is its own function.
 """
 
 from __future__ import annotations
@@ -219,6 +220,85 @@ def _accept_sampled(
     return n, emitted
 
 
+def _cut(
+    cfg: Any,
+    traced: TracedConfig,
+    emitted: Array,
+    n: Array,
+    lengths: Array,
+    active: Array,
+    window: Array | None,
+    new_tokens: int,
+) -> tuple[Array, Array, Array | None]:
+    """Where plain decoding would stop inside the emitted tokens: after an EOS, a
+    stop string's end, or the length limit.
+
+    Returns `count [rows]` tokens kept (0 for finished rows), `stopped [rows]`
+    (an EOS or stop string among them), and the stop window after them.
+    """
+    w = emitted.shape[1]
+    count = jnp.minimum(n + 1, new_tokens - lengths)
+    eos = eos_hit(emitted, cfg.eos_token_id)
+    count = jnp.minimum(count, _first(eos, w) + 1)
+    if traced.stop is not None:
+
+        def advance(win, j):
+            win, hit = traced.stop.advance(win, emitted[:, j])
+            return win, (win, hit)
+
+        _, (windows, hits) = jax.lax.scan(advance, window, jnp.arange(w))
+        count = jnp.minimum(count, _first(hits.T, w) + 1)
+    count = jnp.where(active, count, 0)
+    kept = jnp.arange(w)[None, :] < count[:, None]
+    stopped = jnp.any(eos & kept, axis=1)
+    if traced.stop is not None:
+        stopped = stopped | jnp.any(hits.T & kept, axis=1)
+        window = _where_rows(count > 0, _select(windows, jnp.maximum(count - 1, 0)), window)
+    return count, stopped, window
+
+
+def _write_outputs(
+    cfg: Any,
+    outs: dict[str, Array],
+    scores: Array,
+    logits: Array,
+    emitted: Array,
+    kept: Array,
+    lengths: Array,
+) -> dict[str, Array]:
+    """Writes each kept position's outputs at its generated-token index.
+
+    Args:
+        cfg: the static config (which outputs exist).
+        outs: the buffers `[rows, N + K + 1, ...]`.
+        scores: `[rows, W, V]` processed scores; logits: `[rows, W, V]` raw.
+        emitted: `[rows, W]` tokens; kept: `[rows, W]` which of them are kept.
+        lengths: `[rows]` tokens generated before this round.
+    """
+    outs = dict(outs)
+    rows, w = emitted.shape
+    logp_all = jax.nn.log_softmax(scores, axis=-1)
+    chosen = {"tokens": emitted}
+    chosen["logp"] = jnp.take_along_axis(logp_all, emitted[..., None], axis=-1)[..., 0]
+    if cfg.output_raw_logprobs or (cfg.logprobs and cfg.logprobs_mode == "raw"):
+        raw_all = jax.nn.log_softmax(logits, axis=-1)
+    if cfg.output_raw_logprobs:
+        chosen["raw_logp"] = jnp.take_along_axis(raw_all, emitted[..., None], axis=-1)[..., 0]
+    if cfg.logprobs:
+        values, ids = top_n(raw_all if cfg.logprobs_mode == "raw" else logp_all, cfg.logprobs)
+        chosen["top_logp"], chosen["top_ids"] = values, ids
+    if cfg.output_scores:
+        chosen["scores"] = scores
+    if cfg.output_logits:
+        chosen["logits"] = logits
+    row_idx = jnp.arange(rows)[:, None]
+    cols = lengths[:, None] + jnp.arange(w)[None, :]
+    where = jnp.where(kept, cols, outs["tokens"].shape[1])  # the rest is dropped
+    for name, value in chosen.items():
+        outs[name] = outs[name].at[row_idx, where].set(value.astype(outs[name].dtype), mode="drop")
+    return outs
+
+
 def _round(
     plan: Plan,
     drafter: Drafter,
@@ -263,27 +343,10 @@ def _round(
         n = _leading((drafts == best[:, :k]) & real)
         emitted = best  # the accepted drafts are the argmax tokens themselves
 
-    # Where plain decoding would stop: EOS, stop strings, the length limit.
-    count = n + 1
-    count = jnp.minimum(count, new_tokens - s.lengths)
-    count = jnp.minimum(count, _first(eos_hit(emitted, cfg.eos_token_id), w) + 1)
-    window = s.stop_window
-    if traced.stop is not None:
-
-        def advance(win, j):
-            win, hit = traced.stop.advance(win, emitted[:, j])
-            return win, (win, hit)
-
-        _, (windows, hits) = jax.lax.scan(advance, window, jnp.arange(w))
-        count = jnp.minimum(count, _first(hits.T, w) + 1)
-    count = jnp.where(active, count, 0)
-    stopped = jnp.zeros((rows,), bool)
-    cols = jnp.arange(w)[None, :]
-    kept = cols < count[:, None]  # [rows, W] emitted and kept
-    stopped = jnp.any(eos_hit(emitted, cfg.eos_token_id) & kept, axis=1)
-    if traced.stop is not None:
-        stopped = stopped | jnp.any(hits.T & kept, axis=1)
-        window = _where_rows(count > 0, _select(windows, jnp.maximum(count - 1, 0)), window)
+    count, stopped, window = _cut(
+        cfg, traced, emitted, n, s.lengths, active, s.stop_window, new_tokens
+    )
+    kept = jnp.arange(w)[None, :] < count[:, None]  # [rows, W] emitted and kept
 
     # Processor state after the kept tokens: the drafts' states up to n, then the
     # token drawn at n (when kept).
@@ -297,25 +360,7 @@ def _round(
         s.last,
     )
 
-    outs = dict(s.outs)
-    logp_all = jax.nn.log_softmax(scores, axis=-1)
-    chosen = {"tokens": emitted}
-    chosen["logp"] = jnp.take_along_axis(logp_all, emitted[..., None], axis=-1)[..., 0]
-    if cfg.output_raw_logprobs or (cfg.logprobs and cfg.logprobs_mode == "raw"):
-        raw_all = jax.nn.log_softmax(logits, axis=-1)
-    if cfg.output_raw_logprobs:
-        chosen["raw_logp"] = jnp.take_along_axis(raw_all, emitted[..., None], axis=-1)[..., 0]
-    if cfg.logprobs:
-        values, ids = top_n(raw_all if cfg.logprobs_mode == "raw" else logp_all, cfg.logprobs)
-        chosen["top_logp"], chosen["top_ids"] = values, ids
-    if cfg.output_scores:
-        chosen["scores"] = scores
-    if cfg.output_logits:
-        chosen["logits"] = logits
-    row_idx = jnp.arange(rows)[:, None]
-    where = jnp.where(kept, s.lengths[:, None] + cols, outs["tokens"].shape[1])  # drop the rest
-    for name, value in chosen.items():
-        outs[name] = outs[name].at[row_idx, where].set(value.astype(outs[name].dtype), mode="drop")
+    outs = _write_outputs(cfg, s.outs, scores, logits, emitted, kept, s.lengths)
 
     target_cache = cache.rewind(w - jnp.where(active, count, 0), width=w)
     draft_cache = s.draft_cache
