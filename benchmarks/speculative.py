@@ -127,6 +127,17 @@ def main() -> None:
         "--b1_prompts", type=int, default=4, help="prompts timed one at a time for batch 1"
     )
     parser.add_argument("--no-hf", action="store_true", help="jaxdecode only")
+    parser.add_argument(
+        "--workloads", nargs="+", default=["grounded", "open"], choices=["grounded", "open"]
+    )
+    parser.add_argument(
+        "--hf_assisted_batches",
+        type=int,
+        nargs="*",
+        default=None,
+        help="batches at which transformers' assisted generation runs (default: all; it "
+        "runs prompts one at a time, slowly with a poor draft)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -256,6 +267,9 @@ def main() -> None:
             "transformers assisted": {"assistant_model": hf_draft},
         }
         for variant, extra in hf_variants.items():
+            skip = args.hf_assisted_batches is not None and batch not in args.hf_assisted_batches
+            if variant == "transformers assisted" and skip:
+                continue
             one_by_one = batch > 1 and bool(extra)
             row = {"workload": workload, "batch": batch, "variant": variant, "seconds": 0.0,
                    "tokens": 0, "one_prompt_at_a_time": one_by_one}  # fmt: skip
@@ -269,7 +283,7 @@ def main() -> None:
                 json.dump(results, f, indent=1)
 
     for workload, texts in (("grounded", GROUNDED), ("open", OPEN)):
-        for batch in args.batches:
+        for batch in args.batches if workload in args.workloads else ():
             measure(workload, texts, batch)
 
     def tps(workload, batch, variant):
