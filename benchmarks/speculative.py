@@ -127,6 +127,7 @@ def main() -> None:
         "--b1_prompts", type=int, default=4, help="prompts timed one at a time for batch 1"
     )
     parser.add_argument("--no-hf", action="store_true", help="jaxdecode only")
+    parser.add_argument("--no-draft", action="store_true", help="no draft-model variant")
     parser.add_argument(
         "--workloads", nargs="+", default=["grounded", "open"], choices=["grounded", "open"]
     )
@@ -243,7 +244,8 @@ def main() -> None:
         else:
             groups = [encode(texts[:batch])]
         plain = {}
-        for variant in ("jaxdecode greedy", "jaxdecode prompt lookup", "jaxdecode draft model"):
+        variants = ["jaxdecode greedy", "jaxdecode prompt lookup", "jaxdecode draft model"]
+        for variant in variants[:2] if args.no_draft else variants:
             row = {"workload": workload, "batch": batch, "variant": variant, "seconds": 0.0,
                    "tokens": 0}  # fmt: skip
             for g, (ids, mask, _) in enumerate(groups):
@@ -267,6 +269,8 @@ def main() -> None:
             "transformers assisted": {"assistant_model": hf_draft},
         }
         for variant, extra in hf_variants.items():
+            if args.no_draft and variant == "transformers assisted":
+                continue
             skip = args.hf_assisted_batches is not None and batch not in args.hf_assisted_batches
             if variant == "transformers assisted" and skip:
                 continue
