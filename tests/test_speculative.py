@@ -148,7 +148,7 @@ def test_each_row_equals_transformers_at_batch_1(models, greedy_runs, drafter):
         assert len(ref) == n or ref[n:].eq(0).all()  # transformers pads after EOS
 
 
-def test_stop_strings_and_draft_equal_to_target_on_the_bundled_model():
+def test_stop_strings_end_rows_where_plain_decoding_does():
     lm = jd.from_pretrained("bundled")
     texts = ["And God said", "In the beginning God"]
     rows = [lm.tokenizer.encode(t) for t in texts]
