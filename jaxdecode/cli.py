@@ -185,6 +185,19 @@ def _load_model(name: str):
     return lm
 
 
+def _load_assistant(args: argparse.Namespace):
+    """`--assistant_model PATH`: the draft model for speculative decoding, or None."""
+    path = getattr(args, "assistant_model", None)
+    if path is None:
+        return None
+    import jaxdecode
+
+    try:
+        return jaxdecode.from_pretrained(path)
+    except ValueError as e:
+        raise CLIError(f"cannot load --assistant_model {path!r}: {e}") from None
+
+
 def _mesh_and_model(args: argparse.Namespace, lm):
     """`--mesh data=4,model=2`: the mesh, and the model with its weights placed on it
     once (instead of at every batch)."""
@@ -363,6 +376,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     lm = _load_model(args.model)
     mesh, lm = _mesh_and_model(args, lm)
     config = _make_config(lm, _config_overrides(args))
+    assistant = _load_assistant(args)
     texts = [_chat_text(lm, p, args.system) for p in args.prompts] if args.chat else args.prompts
     ids, mask = _encode_batch(lm, texts, config.pad_id)
     config, drawn = _sampling_seed(config)
@@ -384,7 +398,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         _tell_seed(config, drawn)
         return 0
     try:
-        out = jaxdecode.generate(lm, ids, mask, config, mesh=mesh)
+        out = jaxdecode.generate(lm, ids, mask, config, mesh=mesh, assistant_model=assistant)
     except ValueError as e:
         raise CLIError(str(e)) from None
     _tell_seed(config, drawn)
@@ -681,6 +695,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     records, errors = _read_prompts(args.prompts_file)
     lm = _load_model(args.model)
     mesh, lm = _mesh_and_model(args, lm)
+    assistant = _load_assistant(args)
     base_overrides = _config_overrides(args)
     _make_config(lm, base_overrides)  # command-line options fail fast, before any prompt
     base_seed = base_overrides.pop("seed", 0)
@@ -735,7 +750,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     config, keys = _batch_config([c for _, _, c in padded], arrayed)
                     ids, mask = _left_pad([e for _, e, _ in padded], config.pad_id)
                     try:
-                        out = jaxdecode.generate(lm, ids, mask, config, key=keys, mesh=mesh)
+                        out = jaxdecode.generate(
+                            lm, ids, mask, config, key=keys, mesh=mesh, assistant_model=assistant
+                        )
                     except ValueError as e:
                         raise CLIError(f"prompt id {batch[0][0]['id']!r}: {e}") from None
                     r_per = config.num_return_sequences
@@ -905,6 +922,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"one JSON object per prompt (schema {GENERATE_SCHEMA!r}; see the README)",
     )
+    gen.add_argument(
+        "--assistant_model",
+        "--assistant-model",
+        metavar="PATH",
+        help="draft model for speculative decoding (a checkpoint like --model, with the same "
+        "vocabulary; --num_assistant_tokens per round); --prompt_lookup_num_tokens K "
+        "speculates without one",
+    )
     _add_config_flags(gen)
 
     ev = sub.add_parser("eval", help="batch generation over a JSONL file of prompts (resumable)")
@@ -918,6 +943,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="data=D,model=M",
         help="shard over a device mesh, e.g. data=4,model=2 (rows over data; weights, "
         "KV-cache heads and vocabulary over model; product = device count)",
+    )
+    ev.add_argument(
+        "--assistant_model",
+        "--assistant-model",
+        metavar="PATH",
+        help="draft model for speculative decoding (a checkpoint like --model, with the same "
+        "vocabulary; --num_assistant_tokens per round); --prompt_lookup_num_tokens K "
+        "speculates without one",
     )
     _add_config_flags(ev)
 

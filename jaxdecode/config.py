@@ -127,6 +127,11 @@ class GenerationConfig:
     bos_token_id: int | None = _field(None)
     eos_token_id: TokenIds | None = _field(None)
     stop_strings: str | Sequence[str] | None = _field(None)
+    # Speculative decoding (jaxdecode.search.speculative): K draft tokens per
+    # round from prompt lookup, or from `generate(assistant_model=...)`.
+    prompt_lookup_num_tokens: int | None = _field(None)
+    max_matching_ngram_size: int | None = _field(None)
+    num_assistant_tokens: int = _field(20)
     # jaxdecode additions.
     frequency_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
     presence_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
@@ -207,6 +212,11 @@ class GenerationConfig:
         _int("num_beams", self.num_beams, 1)
         _int("num_return_sequences", self.num_return_sequences, 1)
         _int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        if self.prompt_lookup_num_tokens is not None:
+            _int("prompt_lookup_num_tokens", self.prompt_lookup_num_tokens, 1)
+        if self.max_matching_ngram_size is not None:
+            _int("max_matching_ngram_size", self.max_matching_ngram_size, 1)
+        _int("num_assistant_tokens", self.num_assistant_tokens, 1)
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0)
         if self.prompt_logprobs is not None:
@@ -354,6 +364,11 @@ class GenerationConfig:
                     "stop_strings works with greedy search and sampling (num_beams=1), got "
                     f"num_beams={beams}"
                 )
+        if beams > 1 and self.prompt_lookup_num_tokens is not None:
+            raise ValueError(
+                "prompt_lookup_num_tokens (speculative decoding) works with greedy search and "
+                f"sampling (num_beams=1), got num_beams={beams}"
+            )
         if beams > 1 and self.num_return_sequences > beams:
             raise ValueError(
                 f"num_return_sequences must be <= num_beams={beams}, got {self.num_return_sequences}"

@@ -667,6 +667,11 @@ def _check_strategy(config: GenerationConfig) -> None:
                 f"the engine returns tokens and their log-probabilities; {name}=True needs "
                 "generate()"
             )
+    if config.prompt_lookup_num_tokens is not None:
+        raise ValueError(
+            "the engine decodes one token per slot and step; speculative decoding "
+            f"(prompt_lookup_num_tokens={config.prompt_lookup_num_tokens}) needs generate()"
+        )
 
 
 def _difference(a: GenerationConfig, b: GenerationConfig) -> str:

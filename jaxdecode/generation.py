@@ -25,9 +25,11 @@ from jaxdecode.config import SEED_MAX, GenerationConfig
 from jaxdecode.models.base import Decoder
 from jaxdecode.processors import TracedConfig, split_config
 from jaxdecode.processors.base import LogitsProcessor, check_rows
+from jaxdecode.search.drafters import DEFAULT_NGRAM, DraftModel, PromptLookup
 from jaxdecode.search.loop import GenerateOutput, Plan
 from jaxdecode.search.program import generate_program, prefill_program
 from jaxdecode.search.sample import decode_step
+from jaxdecode.search.speculative import speculative_program
 from jaxdecode.search.stopping import stop_strings, token_tables
 from jaxdecode.sharding import DATA, MODEL, shard_params
 
@@ -90,10 +92,29 @@ class Request:
     extra: int  # bucket padding columns, dropped from the output
     config: GenerationConfig  # the resolved configuration
     seed: int | None  # the seed drawn here (sampling without key or seed), else None
+    # Speculative decoding: the drafter (static) and the draft model's params.
+    drafter: PromptLookup | DraftModel | None = None
+    draft_params: Any = None
 
     def args(self) -> tuple[Any, ...]:
         """The arguments of `generate_program` after the plan."""
         return (self.params, self.ids, self.mask, self.prompt_len, self.traced, self.key)
+
+    def run(self) -> GenerateOutput:
+        """The compiled program for this request (plain or speculative)."""
+        if self.drafter is None:
+            return generate_program(self.plan, *self.args())
+        return speculative_program(
+            self.plan,
+            self.drafter,
+            self.params,
+            self.draft_params,
+            self.ids,
+            self.mask,
+            self.prompt_len,
+            self.traced,
+            self.key,
+        )
 
 
 def _is_global(*xs: Any) -> bool:
@@ -113,6 +134,52 @@ def model_parts(model: Any, params: Any) -> tuple[Decoder, Any, GenerationConfig
         params = model.params if params is None else params
         return decoder, params, model.generation_config, getattr(model, "tokenizer", None)
     raise ValueError(f"model must be a CausalLM or a Decoder, got {type(model).__name__}")
+
+
+def _drafter(
+    config: GenerationConfig,
+    decoder: Decoder,
+    assistant_model: Any,
+    assistant_params: Any,
+    mesh: Mesh | None,
+) -> tuple[PromptLookup | DraftModel | None, Any]:
+    """`(drafter, draft params)` for speculative decoding, or `(None, None)`.
+
+    Raises ValueError for what speculation does not combine with (beam search,
+    a mesh, both drafters at once, a draft model with another vocabulary)."""
+    lookup = config.prompt_lookup_num_tokens
+    if assistant_model is None:
+        if assistant_params is not None:
+            raise ValueError("assistant_params needs assistant_model (a Decoder)")
+        if lookup is None:
+            return None, None
+    if config.num_beams > 1:
+        raise ValueError(
+            "speculative decoding (prompt_lookup_num_tokens / assistant_model) works with greedy "
+            f"search and sampling (num_beams=1), got num_beams={config.num_beams}"
+        )
+    if mesh is not None:
+        raise ValueError("speculative decoding runs on one device: mesh must be None")
+    if assistant_model is None:
+        ngram = config.max_matching_ngram_size or DEFAULT_NGRAM
+        return PromptLookup(k=int(lookup), max_ngram=int(ngram)), None
+    if lookup is not None:
+        raise ValueError(
+            "give either prompt_lookup_num_tokens (prompt lookup) or assistant_model (a draft "
+            f"model), not both; got prompt_lookup_num_tokens={lookup}"
+        )
+    try:
+        draft, draft_params, _, _ = model_parts(assistant_model, assistant_params)
+    except ValueError as e:
+        raise ValueError(
+            f"assistant_model: {e}".replace("generate(decoder", "assistant_model")
+        ) from None
+    if draft.vocab_size != decoder.vocab_size:
+        raise ValueError(
+            f"assistant_model must share the model's vocabulary: its vocab_size is "
+            f"{draft.vocab_size}, the model's {decoder.vocab_size}"
+        )
+    return DraftModel(decoder=draft, k=int(config.num_assistant_tokens)), draft_params
 
 
 def _check_seed(name: str, seed: Any) -> int:
@@ -267,6 +334,8 @@ def prepare(
     logits_processor: LogitsProcessor | None = None,
     tokenizer: Any = None,
     overrides: dict[str, Any] | None = None,
+    assistant_model: Any = None,
+    assistant_params: Any = None,
 ) -> Request:
     """Validates a `generate` call before tracing and pads the prompt to its bucket.
 
@@ -302,6 +371,9 @@ def prepare(
             "set max_new_tokens"
         )
     decoder.check_length(max_length)
+    drafter, draft_params = _drafter(config, decoder, assistant_model, assistant_params, mesh)
+    if isinstance(drafter, DraftModel):
+        drafter.decoder.check_length(max_length)
 
     bucket = bucket_length(prompt_len, prompt_buckets)
     extra = bucket - prompt_len
@@ -350,6 +422,8 @@ def prepare(
         extra=extra,
         config=config,
         seed=drawn,
+        drafter=drafter,
+        draft_params=draft_params,
     )
 
 
@@ -387,6 +461,8 @@ def generate(
     mesh: Mesh | None = None,
     logits_processor: LogitsProcessor | None = None,
     tokenizer: Any = None,
+    assistant_model: Any = None,
+    assistant_params: Any = None,
     **overrides: Any,
 ) -> GenerateOutput:
     """Generates continuations of `input_ids` in one compiled program.
@@ -420,9 +496,18 @@ def generate(
             its structure is static.
         tokenizer: for `stop_strings`, `regex`, `json_schema` and `choices`
             (default: the `CausalLM`'s tokenizer).
+        assistant_model: a draft model for speculative decoding: a `CausalLM`,
+            or a `Decoder` with `assistant_params=`, with the model's vocabulary;
+            it proposes `num_assistant_tokens` tokens per round, which the model
+            verifies in one forward pass (`jaxdecode.search.speculative`).
+            `prompt_lookup_num_tokens=K` speculates without a draft model.
+            Greedy output is plain greedy's; sampled output has the same
+            distribution. Not with beam search or a mesh.
+        assistant_params: the draft model's parameters when it is a `Decoder`.
 
     Returns:
-        A `GenerateOutput`.
+        A `GenerateOutput` (with per-row `drafted` / `accepted` counts when
+        speculating).
     """
     req = prepare(
         model,
@@ -437,8 +522,10 @@ def generate(
         logits_processor=logits_processor,
         tokenizer=tokenizer,
         overrides=overrides,
+        assistant_model=assistant_model,
+        assistant_params=assistant_params,
     )
-    out = generate_program(req.plan, *req.args())
+    out = req.run()
     return drop_bucket(out, req.extra).replace(seed=req.seed)
 
 
@@ -516,6 +603,11 @@ def stream(
         tokenizer=tokenizer,
         overrides=overrides,
     )
+    if req.drafter is not None:
+        raise ValueError(
+            "stream() decodes one token per step; speculative decoding "
+            "(prompt_lookup_num_tokens) needs generate()"
+        )
     if req.plan.config.num_beams > 1:
         raise ValueError(
             "stream() supports greedy search and sampling (num_beams=1); beam search only "

@@ -205,6 +205,11 @@ def trace(
         raise ValueError(
             f"steps must be in [1, {req.plan.new_tokens}] (max_new_tokens), got {steps}"
         )
+    if req.drafter is not None:
+        raise ValueError(
+            "trace records one token per step; speculative decoding "
+            "(prompt_lookup_num_tokens) is for generate()"
+        )
     plan = dataclasses.replace(req.plan, record=True)
     out = generate_program(plan, *req.args())
     rec = {k: np.asarray(v) for k, v in jax.device_get(out.trace).items()}

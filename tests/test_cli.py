@@ -843,3 +843,17 @@ def test_generate_json_prints_logprob_outputs(model_dir, capsys, no_persistent_c
         assert len(o["prompt_top_logprobs"][1]) == 1
     assert cli.main(["generate", "Hi", "--model", model_dir, "--logprobs", "2"]) == 2
     assert "--json" in capsys.readouterr().err
+
+
+def test_generate_speculative_flags_give_the_greedy_tokens(model_dir, capsys, no_persistent_cache):
+    """--prompt_lookup_num_tokens and --assistant_model (here the model itself)
+    print the plain greedy records; a bad --assistant_model is a one-line error."""
+    from jaxdecode import cli
+
+    base = ["generate", "In the", "And God said", "--model", model_dir, "--json"]
+    base += ["--max_new_tokens", "6", "--no-do_sample"]
+    plain = json_lines(in_process(capsys, *base))
+    for extra in (["--prompt_lookup_num_tokens", "3"], ["--assistant_model", model_dir]):
+        assert json_lines(in_process(capsys, *base, *extra)) == plain, extra
+    assert cli.main([*base, "--assistant_model", model_dir + "-missing"]) == 2
+    assert "--assistant_model" in capsys.readouterr().err

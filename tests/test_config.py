@@ -139,6 +139,9 @@ CLI_VALUES = {
     "logprobs": (["3"], 3),
     "logprobs_mode": (["raw"], "raw"),
     "prompt_logprobs": (["0"], 0),
+    "prompt_lookup_num_tokens": (["10"], 10),
+    "max_matching_ngram_size": (["3"], 3),
+    "num_assistant_tokens": (["5"], 5),
 }
 
 
@@ -227,6 +230,12 @@ INVALID = [
     (dict(top_p_method="sorted"), None, "top_p_method"),
     (dict(repetition_penalty_form="openai"), None, "repetition_penalty_form"),
     (dict(do_sample=True, top_k_method="fast", top_k=5000), None, "top_k"),
+    (dict(prompt_lookup_num_tokens=0), None, "prompt_lookup_num_tokens"),
+    (dict(prompt_lookup_num_tokens=2.5), None, "prompt_lookup_num_tokens"),
+    (dict(max_matching_ngram_size=0), None, "max_matching_ngram_size"),
+    (dict(num_assistant_tokens=0), None, "num_assistant_tokens"),
+    (dict(num_assistant_tokens=True), None, "num_assistant_tokens"),
+    (dict(num_beams=2, prompt_lookup_num_tokens=3), None, "prompt_lookup_num_tokens"),
 ]
 
 
@@ -322,6 +331,9 @@ def _rich_config():
         logprobs=4,
         logprobs_mode="raw",
         prompt_logprobs=0,
+        prompt_lookup_num_tokens=6,
+        max_matching_ngram_size=3,
+        num_assistant_tokens=5,
     ).validate()
 
 

@@ -107,6 +107,10 @@ class GenerateOutput:
             0 where it is 0) (`prompt_logprobs=n`, n >= 1).
         prompt_top_token_ids: `[B * R, prompt_len, n]` int32, their ids (pad where
             there is no prediction).
+        drafted: `[B * R]` int32 draft tokens verified per row (speculative
+            decoding: `prompt_lookup_num_tokens` or `assistant_model`), else None.
+        accepted: `[B * R]` int32 of those, the ones accepted (`accepted /
+            drafted` is the row's acceptance rate), else None.
         trace: only from `jaxdecode.trace`.
         seed: the seed `generate` drew itself when sampling without a key or a
             seed (pass it back as `seed=` to reproduce the call); else None.
@@ -125,6 +129,8 @@ class GenerateOutput:
     prompt_logprobs: Array | None = None
     prompt_top_logprobs: Array | None = None
     prompt_top_token_ids: Array | None = None
+    drafted: Array | None = None
+    accepted: Array | None = None
     trace: dict[str, Array] | None = None
     seed: int | None = struct.field(pytree_node=False, default=None)
 

@@ -1,0 +1,220 @@
+"""Drafters for speculative decoding: who proposes the K tokens a round verifies.
+
+* `PromptLookup` (transformers' `prompt_lookup_num_tokens`): matches each row's
+  last n tokens (n from `max_matching_ngram_size` down to 1) against the row's
+  own history (prompt and generated text) and proposes the K tokens that
+  followed the most recent earlier occurrence. No model; a deterministic draft
+  (its distribution q is one-hot). All in-graph, static shapes.
+* `DraftModel` (transformers' `assistant_model`): any `Decoder` with the target's
+  vocabulary, with its own KV cache, run K one-token steps per round through
+  the same processor chain as the target (so its draft distribution q is the
+  *processed* one the acceptance rule needs).
+
+Both are static (hashable) descriptions; the arrays they work on are passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxdecode import sampling
+from jaxdecode.cache import gather_beams
+from jaxdecode.context import DecodeContext
+from jaxdecode.models.base import Decoder, positions_from_mask
+from jaxdecode.processors import Chain
+
+Array = jax.Array
+
+__all__ = ["PromptLookup", "DraftModel", "DEFAULT_NGRAM", "draft_key"]
+
+# transformers' prompt lookup matches n-grams up to this size when
+# `max_matching_ngram_size` is unset.
+DEFAULT_NGRAM = 2
+
+# Per-token key streams: token index t of a row draws its acceptance test, its
+# residual sample and its draft sample from `fold_in(fold_in(row_key, t), tag)`.
+ACCEPT, RESIDUAL, DRAFT = 1, 2, 3
+
+
+def draft_key(row_keys: Array, index: Array, tag: int) -> Array:
+    """`[rows]` keys for token index `index: [rows]` of each row and a purpose tag."""
+    keys = jax.vmap(jax.random.fold_in)(row_keys, index)
+    return jax.vmap(lambda k: jax.random.fold_in(k, tag))(keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLookup:
+    """n-gram lookup in the row's own history.
+
+    Attributes:
+        k: draft tokens per round (`prompt_lookup_num_tokens`).
+        max_ngram: longest n-gram matched (`max_matching_ngram_size`, default 2).
+    """
+
+    k: int
+    max_ngram: int = DEFAULT_NGRAM
+
+    def propose(self, ctx: DecodeContext) -> tuple[Array, Array]:
+        """Drafts for every row from its history in `ctx`.
+
+        For n = max_ngram .. 1: the row's last n tokens are compared with every
+        earlier window of its history (left padding and bucket padding excluded)
+        that has at least one token after it; the longest n with a match wins,
+        and among its matches the most recent. The proposal is the K tokens
+        after that match, continued periodically when the match is so recent
+        that fewer than K tokens follow it (text that repeats with period P
+        keeps repeating: `draft[i] = history[start + i mod P]`).
+
+        Args:
+            ctx: the decode context; the history ends at each row's `write_col`.
+
+        Returns:
+            `(drafts [rows, K] int32, found [rows] bool)`; rows without a match
+            have `found` False (their drafts are ignored).
+        """
+        seq = ctx.sequences
+        rows, width = seq.shape
+        end = ctx.write_col  # [rows] exclusive end of the history
+        first = jnp.maximum(ctx.prompt_start, ctx.offset)  # first real column
+        length = end - first
+        starts = jnp.arange(width)[None, :]
+        found = jnp.zeros((rows,), bool)
+        begin = jnp.zeros((rows,), jnp.int32)  # column after the match
+        for n in range(1, self.max_ngram + 1):  # larger n overrides smaller n
+            if n > width - 1:
+                break
+            windows = width - n + 1
+            s = starts[:, :windows]
+            # transformers tries n-grams only up to length - 1 of the input.
+            ok = (s >= first[:, None]) & (s + n < end[:, None]) & (length[:, None] > n)
+            for i in range(n):
+                tail = jnp.take_along_axis(seq, jnp.clip(end - n + i, 0)[:, None], axis=1)
+                ok = ok & (seq[:, i : i + windows] == tail)
+            hit = jnp.any(ok, axis=1)
+            last = jnp.max(jnp.where(ok, s, -1), axis=1).astype(jnp.int32)  # most recent
+            found = found | hit
+            begin = jnp.where(hit, last + n, begin)
+        period = jnp.maximum(end - begin, 1)
+        cols = begin[:, None] + jnp.arange(self.k)[None, :] % period[:, None]
+        drafts = jnp.take_along_axis(seq, jnp.clip(cols, 0, width - 1), axis=1)
+        return drafts.astype(jnp.int32), found
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DraftModel:
+    """A smaller (or truncated) model with the target's vocabulary.
+
+    Its cache always lags the target's history by two tokens at the start of a
+    round: the round feeds `[prev, last]` (the last two tokens of the row), then
+    K - 1 single draft tokens, so that after any number of accepted tokens a
+    rewind leaves it consistent without a variable-length input.
+
+    Attributes:
+        decoder: the draft model's `Decoder`.
+        k: draft tokens per round (`num_assistant_tokens`).
+    """
+
+    decoder: Decoder
+    k: int
+
+    def __hash__(self) -> int:
+        return hash((id(self.decoder), self.k))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DraftModel) and other.decoder is self.decoder and other.k == self.k
+
+    def prefill(self, params: Any, ids: Array, mask: Array, expand: int, max_len: int) -> Any:
+        """The draft cache after the prompt *minus its last token* (rewound by one
+        slot), one row per decoding row (`expand` rows per prompt).
+
+        Args:
+            params: the draft model's parameters.
+            ids: `[batch, bucket]` left-padded prompt.
+            mask: `[batch, bucket]` 0 on padding.
+            expand: rows per prompt (returned sequences).
+            max_len: cache slots.
+        """
+        cache = self.decoder.init_cache(ids.shape[0], max_len, None)
+        _, cache = self.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+        cache = cache.rewind(jnp.ones((ids.shape[0],), jnp.int32), width=1)
+        if expand > 1:
+            cache = gather_beams(cache, jnp.repeat(jnp.arange(ids.shape[0]), expand))
+        return cache
+
+    def propose(
+        self,
+        params: Any,
+        cache: Any,
+        prev: Array,
+        last: Array,
+        position: Array,
+        ctx: DecodeContext,
+        proc_state: Any,
+        processor: Chain,
+        row_keys: Array | None,
+        lengths: Array,
+        max_position: int | None,
+    ) -> tuple[Array, Array, Any]:
+        """K draft tokens per row, each chosen from the draft model's processed
+        distribution given the row's history and the drafts before it.
+
+        Args:
+            params: the draft model's parameters.
+            cache: its cache, holding the history before `prev`.
+            prev: `[rows]` the token before `last`.
+            last: `[rows]` the row's last token (not in either cache).
+            position: `[rows]` position id of `last`.
+            ctx: the context whose history ends with `last`.
+            proc_state: the processor state for that history.
+            processor: the target's processor chain (applied to the draft's logits).
+            row_keys: `[rows]` key streams when sampling, None for greedy.
+            lengths: `[rows]` tokens generated so far (`last` included): the
+                token index of draft j is `lengths + j`.
+            max_position: the model's position limit (positions are clipped below it).
+
+        Returns:
+            `(drafts [rows, K] int32, q [rows, K, V] float32 processed draft
+            scores, cache)`; the cache then holds `prev, last` and the first
+            K - 1 drafts.
+        """
+        clip = (
+            (lambda p: p) if max_position is None else (lambda p: jnp.minimum(p, max_position - 1))
+        )
+        rows = last.shape[0]
+
+        def choose(scores: Array, j: int | Array) -> Array:
+            if row_keys is None:
+                return sampling.greedy(scores)
+            return sampling.categorical(draft_key(row_keys, lengths + j, DRAFT), scores)
+
+        two = jnp.stack([prev, last], axis=1)
+        pos = clip(jnp.stack([position - 1, position], axis=1))
+        logits, cache = self.decoder.apply(params, two, pos, cache, jnp.ones((rows, 2), jnp.int32))
+        scores = processor(logits[:, -1].astype(jnp.float32), ctx, proc_state)
+        token = choose(scores, 0)
+
+        def step(carry, j):
+            cache, ctx, state, token, scores = carry
+            ctx = ctx.append(token)
+            state = processor.update(state, token)
+            logits, cache = self.decoder.apply(
+                params,
+                token[:, None],
+                clip(position + j)[:, None],
+                cache,
+                jnp.ones((rows, 1), jnp.int32),
+            )
+            new_scores = processor(logits[:, 0].astype(jnp.float32), ctx, state)
+            new = choose(new_scores, j)
+            return (cache, ctx, state, new, new_scores), (token, scores)
+
+        (cache, _, _, token, scores), (tokens, all_scores) = jax.lax.scan(
+            step, (cache, ctx, proc_state, token, scores), jnp.arange(1, self.k)
+        )
+        drafts = jnp.concatenate([tokens.T.reshape(rows, -1), token[:, None]], axis=1)
+        q = jnp.concatenate([all_scores.swapaxes(0, 1), scores[:, None]], axis=1)
+        return drafts.astype(jnp.int32), q, cache
