@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdecode.cache import KVCache
 from jaxdecode.config import PER_ROW_FIELDS, SEED_MAX, GenerationConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.generation import available_bytes, bucket_length
@@ -54,6 +55,7 @@ __all__ = [
     "Engine",
     "EngineResult",
     "EngineStats",
+    "SlotState",
     "arrayed_fields",
     "generate_many",
     "group_key",
@@ -132,7 +134,6 @@ def _put_per_row(live: Chain, new: Chain, slots: Array) -> Chain:
 def _put_rows(live: Any, new: Any, slots: Array) -> Any:
     """Every leaf's rows `slots` set from `new` (rows on axis 0; a `KVCache`'s
     `k`/`v` on axis 1); rows past the end (unused prefill rows) are dropped."""
-    from jaxdecode.cache import KVCache
 
     def put(x: Any, y: Any) -> Any:
         if isinstance(x, KVCache):
@@ -451,7 +452,8 @@ class Engine:
         )
         self._params = _prepare_jit(decoder, params, self.slots)
         self._state = _empty_jit(self._plan, self.max_len, self._template(self.slots))
-        self._pending: collections.deque[_Pending] = collections.deque()
+        # Waiting prompts by bucket, each in submission order.
+        self._pending: dict[int, collections.deque[_Pending]] = {}
         self._owner: dict[int, _Pending] = {}
         self._free = list(range(self.slots))
         self._submitted = 0
@@ -519,7 +521,8 @@ class Engine:
             self._resolve(self._submitted + i, p, c)
             for i, (p, c) in enumerate(zip(prompts, per, strict=True))
         ]
-        self._pending.extend(items)
+        for it in items:
+            self._pending.setdefault(it.bucket, collections.deque()).append(it)
         self._submitted += len(items)
         return [it.index for it in items]
 
@@ -570,12 +573,15 @@ class Engine:
     @property
     def pending(self) -> int:
         """Prompts submitted and not finished yet."""
-        return len(self._pending) + len(self._owner)
+        return self._waiting() + len(self._owner)
+
+    def _waiting(self) -> int:
+        return sum(len(q) for q in self._pending.values())
 
     def __iter__(self) -> Iterator[EngineResult]:
         """Runs until every submitted prompt is finished, yielding each result as
         its row finishes (not in submission order)."""
-        while self._pending or self._owner:
+        while self.pending:
             yield from self.step()
 
     def step(self) -> list[EngineResult]:
@@ -583,7 +589,7 @@ class Engine:
         self._admit_waiting()
         if not self._owner:
             return []
-        waiting = len(self._pending)
+        waiting = self._waiting()
         want = len(self._free) + min(waiting, self.prefill_rows) if waiting else self.slots + 1
         self._state, n, work = _decode_jit(
             self._plan, self.steps_per_call, self._params, self._state, jnp.int32(want)
@@ -599,13 +605,14 @@ class Engine:
 
     def _admit_waiting(self) -> None:
         while self._free and self._pending:
-            bucket = self._pending[0].bucket
-            take = min(len(self._free), self.prefill_rows)
-            group = [it for it in self._pending if it.bucket == bucket][:take]
-            chosen = {id(it) for it in group}
-            self._pending = collections.deque(it for it in self._pending if id(it) not in chosen)
-            slots = [self._free.pop(0) for _ in group]
-            self._place(group, slots)
+            # The bucket of the oldest waiting prompt; up to prefill_rows of it.
+            bucket = min(self._pending, key=lambda b: self._pending[b][0].index)
+            queue = self._pending[bucket]
+            take = min(len(self._free), self.prefill_rows, len(queue))
+            group = [queue.popleft() for _ in range(take)]
+            if not queue:
+                del self._pending[bucket]
+            self._place(group, [self._free.pop(0) for _ in group])
 
     def _place(self, group: list[_Pending], slots: list[int]) -> None:
         rows, bucket = self.prefill_rows, group[0].bucket
