@@ -43,7 +43,7 @@ from flax import struct
 from jaxdecode.cache import KVCache
 from jaxdecode.config import PER_ROW_FIELDS, SEED_MAX, GenerationConfig
 from jaxdecode.context import DecodeContext
-from jaxdecode.generation import available_bytes, bucket_length
+from jaxdecode.generation import available_bytes, bucket_length, stop_tables
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import Chain, LogitsProcessor, TracedConfig, from_config
 from jaxdecode.search.loop import DecodeState, Plan, row_keys
@@ -222,6 +222,7 @@ def _admit(
         step=state.dec.step,
         row_keys=row_keys(keys, n, 1, True),
         proc_state=processor.init(ctx),
+        stop_window=None if state.traced.stop is None else state.traced.stop.init(ctx),
     )
     traced = state.traced.replace(processor=_put_per_row(state.traced.processor, processor, slots))
     return state.replace(
@@ -259,8 +260,9 @@ def _decode(
     return state, n, work
 
 
-def _empty(plan: Plan, width: int, processor: Chain) -> SlotState:
-    """Every slot empty (finished), with the per-row values of `processor`."""
+def _empty(plan: Plan, width: int, processor: Chain, stop: Any) -> SlotState:
+    """Every slot empty (finished), with the per-row values of `processor` and
+    the stop strings' tables `stop` (or None)."""
     slots, decoder = plan.batch, plan.decoder
     ids = jnp.full((slots, width), plan.config.pad_token_id, jnp.int32)
     zeros = jnp.zeros((slots,), jnp.int32)
@@ -277,10 +279,11 @@ def _empty(plan: Plan, width: int, processor: Chain) -> SlotState:
         step=jnp.zeros((), jnp.int32),
         row_keys=jax.vmap(jax.random.key)(zeros.astype(jnp.uint32)),
         proc_state=processor.init(ctx),
+        stop_window=None if stop is None else stop.init(ctx),
     )
     return SlotState(
         dec=dec,
-        traced=TracedConfig(processor=processor, length_penalty=jnp.float32(1.0)),
+        traced=TracedConfig(processor=processor, length_penalty=jnp.float32(1.0), stop=stop),
         max_new=zeros,
         logp=jnp.zeros((slots, width), jnp.float32),
     )
@@ -451,7 +454,12 @@ class Engine:
             per_row_keys=True,
         )
         self._params = _prepare_jit(decoder, params, self.slots)
-        self._state = _empty_jit(self._plan, self.max_len, self._template(self.slots))
+        stop = None
+        if self.config.stop_strings is not None:
+            if self.tokenizer is None:
+                raise ValueError("stop_strings needs the model's tokenizer (the model has none)")
+            stop = stop_tables(self.config.stop_strings, self.tokenizer, decoder.vocab_size)
+        self._state = _empty_jit(self._plan, self.max_len, self._template(self.slots), stop)
         # Waiting prompts by bucket, each in submission order.
         self._pending: dict[int, collections.deque[_Pending]] = {}
         self._owner: dict[int, _Pending] = {}
