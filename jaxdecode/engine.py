@@ -198,8 +198,8 @@ def _admit(
     n, bucket = ids.shape
     width = state.logp.shape[1]
     cache = plan.decoder.init_cache(n, width, None)
-    logits, cache = plan.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
-    last = logits[:, -1, :].astype(jnp.float32)
+    # The LM head on the last position only: the others' logits are not needed.
+    last, cache = plan.decoder.prefill_last(params, ids, positions_from_mask(mask), cache, mask)
     prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
     pad = jnp.full((n, width - bucket), plan.config.pad_token_id, jnp.int32)
     ctx = DecodeContext.from_ids(
