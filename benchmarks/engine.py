@@ -173,6 +173,7 @@ def run_engine(lm, prompts, args, max_new_tokens=None) -> dict:
         steps_per_call=args.steps_per_call,
         prompt_buckets=rule,
         prefill_rows=args.prefill_rows,
+        compact_tail=args.compact_tail,
     )
     # Warm-up: one prompt per bucket compiles every program.
     buckets = sorted({jd.bucket_length(len(p), rule) for p in prompts})
@@ -192,6 +193,7 @@ def run_engine(lm, prompts, args, max_new_tokens=None) -> dict:
         "tokens_per_s": stats.tokens / seconds,
         "prompts_per_s": len(prompts) / seconds,
         "occupancy": stats.occupancy,
+        "compute_occupancy": stats.compute_occupancy,
         "occupancy_while_waiting": stats.occupancy_while_waiting,
         "decode_calls": stats.calls,
         "steps": stats.steps,
@@ -328,6 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--engine-buckets", default="pow2", help="engine prompt buckets: pow2 or a multiple (32)"
     )
+    p.add_argument("--compact-tail", action="store_true", help="engine: Engine(compact_tail=True)")
     p.add_argument(
         "--prefill-share",
         action="store_true",

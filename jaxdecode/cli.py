@@ -714,9 +714,10 @@ def _engine_serves(config) -> bool:
 
 
 def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
-    """Continuous batching (`jaxdecode.Engine`): one engine per group of prompts
-    that may share slots (`engine.group_key`), `--batch_size` slots; the records of
-    each decode call's finished prompts are written (and fsynced) at once."""
+    """Continuous batching (`jaxdecode.Engine`, `compact_tail` on): one engine per
+    group of prompts that may share slots (`engine.group_key`), `--batch_size`
+    slots; the records of each decode call's finished prompts are written (and
+    fsynced) at once."""
     import numpy as np
 
     from jaxdecode.engine import Engine, group_key
@@ -735,6 +736,7 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
                 config=group[0][2],
                 steps_per_call=args.steps_per_call,
                 prefill_rows=args.prefill_rows,
+                compact_tail=True,
             )
             engine.submit([e for _, e, _ in group], [c for _, _, c in group])
         except ValueError as e:

@@ -289,7 +289,44 @@ def _empty(plan: Plan, width: int, processor: Chain, stop: Any) -> SlotState:
     )
 
 
+def _take(state: SlotState, rows: Array) -> SlotState:
+    """The state of slots `rows` only (`[n]` int32): every per-row leaf, the
+    cache's rows and the processors' per-row values; shared tables as they are."""
+
+    def take(x: Any) -> Any:
+        if isinstance(x, KVCache):
+            return x.replace(k=x.k[:, rows], v=x.v[:, rows], mask=x.mask[rows], index=x.index[rows])
+        return x if jnp.ndim(x) == 0 else x[rows]
+
+    dec = jax.tree_util.tree_map(take, state.dec, is_leaf=lambda x: isinstance(x, KVCache))
+    procs = []
+    for p in state.traced.processor.processors:
+        changes = {
+            field: getattr(p, field)[rows]
+            for field in p.row_fields
+            if jnp.ndim(getattr(p, field)) == 1
+        }
+        procs.append(dataclasses.replace(p, **changes) if changes else p)
+    traced = state.traced.replace(processor=Chain(processors=tuple(procs)))
+    return SlotState(dec=dec, traced=traced, max_new=state.max_new[rows], logp=state.logp[rows])
+
+
+def _spread(full: SlotState, small: SlotState, rows: Array) -> SlotState:
+    """`full` with its slots `rows` set from every row of `small` (`_take`'s inverse)."""
+    traced = full.traced.replace(
+        processor=_put_per_row(full.traced.processor, small.traced.processor, rows)
+    )
+    return full.replace(
+        dec=_put_rows(full.dec, small.dec, rows),
+        traced=traced,
+        max_new=full.max_new.at[rows].set(small.max_new),
+        logp=full.logp.at[rows].set(small.logp),
+    )
+
+
 _empty_jit = jax.jit(_empty, static_argnums=(0, 1))
+_take_jit = jax.jit(_take)
+_spread_jit = jax.jit(_spread, donate_argnums=0)
 _admit_jit = jax.jit(_admit, static_argnums=0, donate_argnums=2)
 _decode_jit = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=3)
 _prepare_jit = jax.jit(
@@ -336,6 +373,8 @@ class EngineStats:
         waiting_steps, waiting_work: the same, over the calls that started
             with prompts waiting for a slot.
         tokens: tokens of the finished prompts.
+        row_steps: rows computed (steps times the rows of the state; fewer
+            than `steps * slots` when `compact_tail` shrank the state).
         prefills: prefill program calls.
         finished: prompts finished.
     """
@@ -349,11 +388,18 @@ class EngineStats:
     tokens: int = 0
     prefills: int = 0
     finished: int = 0
+    row_steps: int = 0
 
     @property
     def occupancy(self) -> float:
         """Fraction of slot-steps that generated a token."""
         return self.work / max(self.steps * self.slots, 1)
+
+    @property
+    def compute_occupancy(self) -> float:
+        """Fraction of the rows computed that generated a token (equals
+        `occupancy` unless `compact_tail` shrank the state)."""
+        return self.work / max(self.row_steps, 1)
 
     @property
     def occupancy_while_waiting(self) -> float:
@@ -409,6 +455,13 @@ class Engine:
             prompts waiting.
         prefill_rows: prompts prefilled together (static; default
             `min(slots, 8)`).
+        compact_tail: when no prompt waits and at most a quarter of the rows
+            decoding are live, move the live rows into a state of a quarter as
+            many rows (down to one), so that the tail's steps compute only them
+            (on a CPU a step costs in proportion to its rows). The programs of
+            every size (`slots`, `slots/4`, ...) are compiled here, at
+            construction; a `submit` after compaction moves the rows back
+            (compiling that copy on its first use).
 
     Raises:
         ValueError: a bad argument, or a slot cache that cannot fit in the
@@ -425,6 +478,7 @@ class Engine:
         prompt_buckets: Any = "pow2",
         steps_per_call: int = 16,
         prefill_rows: int | None = None,
+        compact_tail: bool = False,
     ) -> None:
         decoder, params, base = _model_parts(model)
         self.slots = _check_int("slots", slots, 1)
@@ -454,12 +508,31 @@ class Engine:
             per_row_keys=True,
         )
         self._params = _prepare_jit(decoder, params, self.slots)
+        # Row counts the state may shrink to: slots, slots/4, ... (rounded up), 1.
+        self._levels = [self.slots]
+        while compact_tail and self._levels[-1] > 1:
+            self._levels.append(-(-self._levels[-1] // 4))
         stop = None
         if self.config.stop_strings is not None:
             if self.tokenizer is None:
                 raise ValueError("stop_strings needs the model's tokenizer (the model has none)")
             stop = stop_tables(self.config.stop_strings, self.tokenizer, decoder.vocab_size)
+        self._stop = stop
         self._state = _empty_jit(self._plan, self.max_len, self._template(self.slots), stop)
+        self._size = self.slots  # rows of self._state
+        self._small: dict[int, tuple[Plan, Any]] = {}
+        for size in self._levels[1:]:  # compile every size's programs now
+            plan = dataclasses.replace(self._plan, batch=size)
+            self._small[size] = (plan, _prepare_jit(decoder, params, size))
+        if len(self._levels) > 1:
+            state = _empty_jit(self._plan, self.max_len, self._template(self.slots), stop)
+            for size in self._levels[1:]:
+                state = _take_jit(state, jnp.arange(size, dtype=jnp.int32))
+                plan, prepared = self._small[size]
+                state, _, _ = _decode_jit(
+                    plan, self.steps_per_call, prepared, state, jnp.int32(size + 1)
+                )
+            del state
         # Waiting prompts by bucket, each in submission order.
         self._pending: dict[int, collections.deque[_Pending]] = {}
         self._owner: dict[int, _Pending] = {}
@@ -598,20 +671,48 @@ class Engine:
         if not self._owner:
             return []
         waiting = self._waiting()
-        want = len(self._free) + min(waiting, self.prefill_rows) if waiting else self.slots + 1
+        if not waiting:
+            self._compact()
+        want = len(self._free) + min(waiting, self.prefill_rows) if waiting else self._size + 1
+        plan, params = (
+            (self._plan, self._params) if self._size == self.slots else self._small[self._size]
+        )
         self._state, n, work = _decode_jit(
-            self._plan, self.steps_per_call, self._params, self._state, jnp.int32(want)
+            plan, self.steps_per_call, params, self._state, jnp.int32(want)
         )
         n, work = int(n), int(work)
         self.stats.calls += 1
         self.stats.steps += n
+        self.stats.row_steps += n * self._size
         self.stats.work += work
         if waiting:
             self.stats.waiting_steps += n
             self.stats.waiting_work += work
         return self._harvest()
 
+    def _compact(self) -> None:
+        """Live rows into the next smaller state while they fit (`compact_tail`)."""
+        level = self._levels.index(self._size)
+        while level + 1 < len(self._levels) and len(self._owner) <= self._levels[level + 1]:
+            size = self._levels[level + 1]
+            live = sorted(self._owner)
+            rows = live + [s for s in range(self._size) if s not in self._owner][: size - len(live)]
+            self._state = _take_jit(self._state, jnp.asarray(rows, jnp.int32))
+            self._owner = {j: self._owner[s] for j, s in enumerate(live)}
+            self._free = list(range(len(live), size))
+            self._size, level = size, level + 1
+
+    def _expand(self) -> None:
+        """Back to all slots (prompts were submitted after compaction)."""
+        full = _empty_jit(self._plan, self.max_len, self._template(self.slots), self._stop)
+        rows = jnp.arange(self._size, dtype=jnp.int32)
+        self._state = _spread_jit(full, self._state, rows)
+        self._free = sorted(self._free + list(range(self._size, self.slots)))
+        self._size = self.slots
+
     def _admit_waiting(self) -> None:
+        if self._pending and self._size < self.slots:
+            self._expand()
         while self._free and self._pending:
             # The bucket of the oldest waiting prompt; up to prefill_rows of it.
             bucket = min(self._pending, key=lambda b: self._pending[b][0].index)
@@ -716,6 +817,7 @@ def generate_many(
     prompt_buckets: Any = "pow2",
     steps_per_call: int = 16,
     prefill_rows: int | None = None,
+    compact_tail: bool = False,
     **overrides: Any,
 ) -> list[EngineResult]:
     """Generates for many prompts with continuous batching; results in prompt order.
@@ -728,7 +830,8 @@ def generate_many(
         model: a `CausalLM`.
         prompts: token id sequences.
         configs: as `Engine.submit` (None, one config or dict, or one per prompt).
-        slots, prompt_buckets, steps_per_call, prefill_rows: as `Engine`.
+        slots, prompt_buckets, steps_per_call, prefill_rows, compact_tail: as
+            `Engine`.
         max_len: cache columns per slot (default: the longest prompt bucket plus
             `max_new_tokens` among the prompts).
         **overrides: `GenerationConfig` fields applied to the model's config
@@ -761,6 +864,7 @@ def generate_many(
             prompt_buckets=prompt_buckets,
             steps_per_call=steps_per_call,
             prefill_rows=prefill_rows,
+            compact_tail=compact_tail,
         )
         engine.submit([prompts[i] for i in members], [resolved[i] for i in members])
         for r in engine:
