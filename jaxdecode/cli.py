@@ -714,7 +714,7 @@ def _engine_serves(config) -> bool:
 
 
 def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
-    """Continuous batching (`jaxdecode.Engine`, `compact_tail` on): one engine per
+    """Continuous batching (`jaxdecode.Engine`, `compact_tail` from 8 slots): one engine per
     group of prompts that may share slots (`engine.group_key`), `--batch_size`
     slots; the records of each decode call's finished prompts are written (and
     fsynced) at once."""
@@ -736,7 +736,8 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
                 config=group[0][2],
                 steps_per_call=args.steps_per_call,
                 prefill_rows=args.prefill_rows,
-                compact_tail=True,
+                # Below 8 slots the smaller programs cost more to compile than they save.
+                compact_tail=args.batch_size >= 8,
             )
             engine.submit([e for _, e, _ in group], [c for _, _, c in group])
         except ValueError as e:
