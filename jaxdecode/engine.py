@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdecode.cache import KVCache
 from jaxdecode.config import PER_ROW_FIELDS, SEED_MAX, GenerationConfig
 from jaxdecode.context import DecodeContext
-from jaxdecode.generation import available_bytes, bucket_length
+from jaxdecode.generation import available_bytes, bucket_length, stop_tables
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import Chain, LogitsProcessor, TracedConfig, from_config
 from jaxdecode.search.loop import DecodeState, Plan, row_keys
@@ -54,6 +55,7 @@ __all__ = [
     "Engine",
     "EngineResult",
     "EngineStats",
+    "SlotState",
     "arrayed_fields",
     "generate_many",
     "group_key",
@@ -132,7 +134,6 @@ def _put_per_row(live: Chain, new: Chain, slots: Array) -> Chain:
 def _put_rows(live: Any, new: Any, slots: Array) -> Any:
     """Every leaf's rows `slots` set from `new` (rows on axis 0; a `KVCache`'s
     `k`/`v` on axis 1); rows past the end (unused prefill rows) are dropped."""
-    from jaxdecode.cache import KVCache
 
     def put(x: Any, y: Any) -> Any:
         if isinstance(x, KVCache):
@@ -197,8 +198,8 @@ def _admit(
     n, bucket = ids.shape
     width = state.logp.shape[1]
     cache = plan.decoder.init_cache(n, width, None)
-    logits, cache = plan.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
-    last = logits[:, -1, :].astype(jnp.float32)
+    # The LM head on the last position only: the others' logits are not needed.
+    last, cache = plan.decoder.prefill_last(params, ids, positions_from_mask(mask), cache, mask)
     prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
     pad = jnp.full((n, width - bucket), plan.config.pad_token_id, jnp.int32)
     ctx = DecodeContext.from_ids(
@@ -221,6 +222,7 @@ def _admit(
         step=state.dec.step,
         row_keys=row_keys(keys, n, 1, True),
         proc_state=processor.init(ctx),
+        stop_window=None if state.traced.stop is None else state.traced.stop.init(ctx),
     )
     traced = state.traced.replace(processor=_put_per_row(state.traced.processor, processor, slots))
     return state.replace(
@@ -258,8 +260,9 @@ def _decode(
     return state, n, work
 
 
-def _empty(plan: Plan, width: int, processor: Chain) -> SlotState:
-    """Every slot empty (finished), with the per-row values of `processor`."""
+def _empty(plan: Plan, width: int, processor: Chain, stop: Any) -> SlotState:
+    """Every slot empty (finished), with the per-row values of `processor` and
+    the stop strings' tables `stop` (or None)."""
     slots, decoder = plan.batch, plan.decoder
     ids = jnp.full((slots, width), plan.config.pad_token_id, jnp.int32)
     zeros = jnp.zeros((slots,), jnp.int32)
@@ -276,16 +279,54 @@ def _empty(plan: Plan, width: int, processor: Chain) -> SlotState:
         step=jnp.zeros((), jnp.int32),
         row_keys=jax.vmap(jax.random.key)(zeros.astype(jnp.uint32)),
         proc_state=processor.init(ctx),
+        stop_window=None if stop is None else stop.init(ctx),
     )
     return SlotState(
         dec=dec,
-        traced=TracedConfig(processor=processor, length_penalty=jnp.float32(1.0)),
+        traced=TracedConfig(processor=processor, length_penalty=jnp.float32(1.0), stop=stop),
         max_new=zeros,
         logp=jnp.zeros((slots, width), jnp.float32),
     )
 
 
+def _take(state: SlotState, rows: Array) -> SlotState:
+    """The state of slots `rows` only (`[n]` int32): every per-row leaf, the
+    cache's rows and the processors' per-row values; shared tables as they are."""
+
+    def take(x: Any) -> Any:
+        if isinstance(x, KVCache):
+            return x.replace(k=x.k[:, rows], v=x.v[:, rows], mask=x.mask[rows], index=x.index[rows])
+        return x if jnp.ndim(x) == 0 else x[rows]
+
+    dec = jax.tree_util.tree_map(take, state.dec, is_leaf=lambda x: isinstance(x, KVCache))
+    procs = []
+    for p in state.traced.processor.processors:
+        changes = {
+            field: getattr(p, field)[rows]
+            for field in p.row_fields
+            if jnp.ndim(getattr(p, field)) == 1
+        }
+        procs.append(dataclasses.replace(p, **changes) if changes else p)
+    traced = state.traced.replace(processor=Chain(processors=tuple(procs)))
+    return SlotState(dec=dec, traced=traced, max_new=state.max_new[rows], logp=state.logp[rows])
+
+
+def _spread(full: SlotState, small: SlotState, rows: Array) -> SlotState:
+    """`full` with its slots `rows` set from every row of `small` (`_take`'s inverse)."""
+    traced = full.traced.replace(
+        processor=_put_per_row(full.traced.processor, small.traced.processor, rows)
+    )
+    return full.replace(
+        dec=_put_rows(full.dec, small.dec, rows),
+        traced=traced,
+        max_new=full.max_new.at[rows].set(small.max_new),
+        logp=full.logp.at[rows].set(small.logp),
+    )
+
+
 _empty_jit = jax.jit(_empty, static_argnums=(0, 1))
+_take_jit = jax.jit(_take)
+_spread_jit = jax.jit(_spread, donate_argnums=0)
 _admit_jit = jax.jit(_admit, static_argnums=0, donate_argnums=2)
 _decode_jit = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=3)
 _prepare_jit = jax.jit(
@@ -332,6 +373,8 @@ class EngineStats:
         waiting_steps, waiting_work: the same, over the calls that started
             with prompts waiting for a slot.
         tokens: tokens of the finished prompts.
+        row_steps: rows computed (steps times the rows of the state; fewer
+            than `steps * slots` when `compact_tail` shrank the state).
         prefills: prefill program calls.
         finished: prompts finished.
     """
@@ -345,11 +388,18 @@ class EngineStats:
     tokens: int = 0
     prefills: int = 0
     finished: int = 0
+    row_steps: int = 0
 
     @property
     def occupancy(self) -> float:
         """Fraction of slot-steps that generated a token."""
         return self.work / max(self.steps * self.slots, 1)
+
+    @property
+    def compute_occupancy(self) -> float:
+        """Fraction of the rows computed that generated a token (equals
+        `occupancy` unless `compact_tail` shrank the state)."""
+        return self.work / max(self.row_steps, 1)
 
     @property
     def occupancy_while_waiting(self) -> float:
@@ -405,6 +455,13 @@ class Engine:
             prompts waiting.
         prefill_rows: prompts prefilled together (static; default
             `min(slots, 8)`).
+        compact_tail: when no prompt waits and at most a quarter of the rows
+            decoding are live, move the live rows into a state of a quarter as
+            many rows (down to one), so that the tail's steps compute only them
+            (on a CPU a step costs in proportion to its rows). The programs of
+            every size (`slots`, `slots/4`, ...) are compiled here, at
+            construction; a `submit` after compaction moves the rows back
+            (compiling that copy on its first use).
 
     Raises:
         ValueError: a bad argument, or a slot cache that cannot fit in the
@@ -421,6 +478,7 @@ class Engine:
         prompt_buckets: Any = "pow2",
         steps_per_call: int = 16,
         prefill_rows: int | None = None,
+        compact_tail: bool = False,
     ) -> None:
         decoder, params, base = _model_parts(model)
         self.slots = _check_int("slots", slots, 1)
@@ -450,8 +508,33 @@ class Engine:
             per_row_keys=True,
         )
         self._params = _prepare_jit(decoder, params, self.slots)
-        self._state = _empty_jit(self._plan, self.max_len, self._template(self.slots))
-        self._pending: collections.deque[_Pending] = collections.deque()
+        # Row counts the state may shrink to: slots, slots/4, ... (rounded up), 1.
+        self._levels = [self.slots]
+        while compact_tail and self._levels[-1] > 1:
+            self._levels.append(-(-self._levels[-1] // 4))
+        stop = None
+        if self.config.stop_strings is not None:
+            if self.tokenizer is None:
+                raise ValueError("stop_strings needs the model's tokenizer (the model has none)")
+            stop = stop_tables(self.config.stop_strings, self.tokenizer, decoder.vocab_size)
+        self._stop = stop
+        self._state = _empty_jit(self._plan, self.max_len, self._template(self.slots), stop)
+        self._size = self.slots  # rows of self._state
+        self._small: dict[int, tuple[Plan, Any]] = {}
+        for size in self._levels[1:]:  # compile every size's programs now
+            plan = dataclasses.replace(self._plan, batch=size)
+            self._small[size] = (plan, _prepare_jit(decoder, params, size))
+        if len(self._levels) > 1:
+            state = _empty_jit(self._plan, self.max_len, self._template(self.slots), stop)
+            for size in self._levels[1:]:
+                state = _take_jit(state, jnp.arange(size, dtype=jnp.int32))
+                plan, prepared = self._small[size]
+                state, _, _ = _decode_jit(
+                    plan, self.steps_per_call, prepared, state, jnp.int32(size + 1)
+                )
+            del state
+        # Waiting prompts by bucket, each in submission order.
+        self._pending: dict[int, collections.deque[_Pending]] = {}
         self._owner: dict[int, _Pending] = {}
         self._free = list(range(self.slots))
         self._submitted = 0
@@ -519,7 +602,8 @@ class Engine:
             self._resolve(self._submitted + i, p, c)
             for i, (p, c) in enumerate(zip(prompts, per, strict=True))
         ]
-        self._pending.extend(items)
+        for it in items:
+            self._pending.setdefault(it.bucket, collections.deque()).append(it)
         self._submitted += len(items)
         return [it.index for it in items]
 
@@ -570,12 +654,15 @@ class Engine:
     @property
     def pending(self) -> int:
         """Prompts submitted and not finished yet."""
-        return len(self._pending) + len(self._owner)
+        return self._waiting() + len(self._owner)
+
+    def _waiting(self) -> int:
+        return sum(len(q) for q in self._pending.values())
 
     def __iter__(self) -> Iterator[EngineResult]:
         """Runs until every submitted prompt is finished, yielding each result as
         its row finishes (not in submission order)."""
-        while self._pending or self._owner:
+        while self.pending:
             yield from self.step()
 
     def step(self) -> list[EngineResult]:
@@ -583,29 +670,58 @@ class Engine:
         self._admit_waiting()
         if not self._owner:
             return []
-        waiting = len(self._pending)
-        want = len(self._free) + min(waiting, self.prefill_rows) if waiting else self.slots + 1
+        waiting = self._waiting()
+        if not waiting:
+            self._compact()
+        want = len(self._free) + min(waiting, self.prefill_rows) if waiting else self._size + 1
+        plan, params = (
+            (self._plan, self._params) if self._size == self.slots else self._small[self._size]
+        )
         self._state, n, work = _decode_jit(
-            self._plan, self.steps_per_call, self._params, self._state, jnp.int32(want)
+            plan, self.steps_per_call, params, self._state, jnp.int32(want)
         )
         n, work = int(n), int(work)
         self.stats.calls += 1
         self.stats.steps += n
+        self.stats.row_steps += n * self._size
         self.stats.work += work
         if waiting:
             self.stats.waiting_steps += n
             self.stats.waiting_work += work
         return self._harvest()
 
+    def _compact(self) -> None:
+        """Live rows into the next smaller state while they fit (`compact_tail`)."""
+        level = self._levels.index(self._size)
+        while level + 1 < len(self._levels) and len(self._owner) <= self._levels[level + 1]:
+            size = self._levels[level + 1]
+            live = sorted(self._owner)
+            rows = live + [s for s in range(self._size) if s not in self._owner][: size - len(live)]
+            self._state = _take_jit(self._state, jnp.asarray(rows, jnp.int32))
+            self._owner = {j: self._owner[s] for j, s in enumerate(live)}
+            self._free = list(range(len(live), size))
+            self._size, level = size, level + 1
+
+    def _expand(self) -> None:
+        """Back to all slots (prompts were submitted after compaction)."""
+        full = _empty_jit(self._plan, self.max_len, self._template(self.slots), self._stop)
+        rows = jnp.arange(self._size, dtype=jnp.int32)
+        self._state = _spread_jit(full, self._state, rows)
+        self._free = sorted(self._free + list(range(self._size, self.slots)))
+        self._size = self.slots
+
     def _admit_waiting(self) -> None:
+        if self._pending and self._size < self.slots:
+            self._expand()
         while self._free and self._pending:
-            bucket = self._pending[0].bucket
-            take = min(len(self._free), self.prefill_rows)
-            group = [it for it in self._pending if it.bucket == bucket][:take]
-            chosen = {id(it) for it in group}
-            self._pending = collections.deque(it for it in self._pending if id(it) not in chosen)
-            slots = [self._free.pop(0) for _ in group]
-            self._place(group, slots)
+            # The bucket of the oldest waiting prompt; up to prefill_rows of it.
+            bucket = min(self._pending, key=lambda b: self._pending[b][0].index)
+            queue = self._pending[bucket]
+            take = min(len(self._free), self.prefill_rows, len(queue))
+            group = [queue.popleft() for _ in range(take)]
+            if not queue:
+                del self._pending[bucket]
+            self._place(group, [self._free.pop(0) for _ in group])
 
     def _place(self, group: list[_Pending], slots: list[int]) -> None:
         rows, bucket = self.prefill_rows, group[0].bucket
@@ -706,6 +822,7 @@ def generate_many(
     prompt_buckets: Any = "pow2",
     steps_per_call: int = 16,
     prefill_rows: int | None = None,
+    compact_tail: bool = False,
     **overrides: Any,
 ) -> list[EngineResult]:
     """Generates for many prompts with continuous batching; results in prompt order.
@@ -718,7 +835,8 @@ def generate_many(
         model: a `CausalLM`.
         prompts: token id sequences.
         configs: as `Engine.submit` (None, one config or dict, or one per prompt).
-        slots, prompt_buckets, steps_per_call, prefill_rows: as `Engine`.
+        slots, prompt_buckets, steps_per_call, prefill_rows, compact_tail: as
+            `Engine`.
         max_len: cache columns per slot (default: the longest prompt bucket plus
             `max_new_tokens` among the prompts).
         **overrides: `GenerationConfig` fields applied to the model's config
@@ -751,6 +869,7 @@ def generate_many(
             prompt_buckets=prompt_buckets,
             steps_per_call=steps_per_call,
             prefill_rows=prefill_rows,
+            compact_tail=compact_tail,
         )
         engine.submit([prompts[i] for i in members], [resolved[i] for i in members])
         for r in engine:

@@ -103,3 +103,32 @@ def test_rollout_benchmark_quick(tmp_path: Path) -> None:
     results = data["results"]
     assert set(results) == {"jaxdecode shared", "jaxdecode repeated", "transformers"}
     assert results["jaxdecode shared"]["same_tokens_as_repeated"] is True
+
+
+def test_engine_benchmark_quick(tmp_path: Path) -> None:
+    """benchmarks/engine.py on a tiny rigged model: the three contenders give the
+    same tokens for every prompt, and outputs end at EOS or at max_new_tokens."""
+    out = tmp_path / "engine.json"
+    args = [
+        "--quick", "--json", str(out), "--prompts", "12", "--max-new-tokens", "16",
+        "--max-prompt", "24", "--last-eos", "20", "--gap", "4", "--slots", "4",
+        "--layers", "1", "--width", "32", "--heads", "2", "--vocab", "128",
+        "--torch-threads", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "engine.py"), *args],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert set(data["runs"]) == {"engine", "static", "transformers"}
+    assert data["same_tokens_in_all"] == 12
+    lengths = data["output_lengths"]
+    assert 0 < lengths["at_max_new_tokens"] < 12, lengths
+    assert data["eos_positions"][-1] == 20
+    assert 0 < data["runs"]["engine"]["occupancy"] <= 1

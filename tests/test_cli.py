@@ -667,26 +667,44 @@ def no_persistent_cache(monkeypatch):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
 
 
-def test_eval_lines_equal_generate_json(model_dir, tmp_path, capsys, no_persistent_cache):
+def test_eval_lines_equal_generate_json(
+    model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache
+):
+    """eval's lines, on the engine (the default) and in static batches, are what
+    `generate --json` prints for each prompt with its options and seed; prompts
+    the engine does not serve (beam search, several sequences, the extra
+    log-probability outputs, a constraint) run static batches in the same run."""
+    lm = jaxdecode.from_pretrained(model_dir)  # one decoder: programs are shared
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
     base = ["--model", model_dir, "--max_new_tokens", "5"]
+    # A stop string the greedy output reaches (its third byte, when printable).
+    (greedy,) = json_lines(in_process(capsys, "generate", "In the", *base, "--json"))
+    stop = chr(next(t for t in greedy["outputs"][0]["tokens"][2:] if 33 <= t < 127))
     lines = [
         {"id": "greedy", "prompt": "In the"},
+        {"id": "stop", "prompt": "In the", "stop_strings": [stop]},
         {"id": "t06", "prompt": "And God", "do_sample": True, "temperature": 0.6, "top_p": 0.8},
-        {"id": "t13", "prompt": "said", "do_sample": True, "temperature": 1.3, "top_p": 0.7},
         {"id": "own-seed", "prompt": "Let", "do_sample": True, "seed": 5, "top_k": 7},
         {"id": "beams", "prompt": "light", "num_beams": 2},
         {"id": "two", "prompt": "and", "do_sample": True, "num_return_sequences": 2,
          "repetition_penalty": 1.3},
+        {"id": "logprobs", "prompt": "God", "logprobs": 2, "output_raw_logprobs": True},
+        {"id": "choices", "prompt": "Yes or no?", "choices": ["yes", "no"]},
         {"id": "long", "prompt": "a much longer prompt than the others", "max_length": 40},
     ]  # fmt: skip
-    prompts_file, out_file = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    prompts_file = tmp_path / "prompts.jsonl"
     write_jsonl(prompts_file, lines)
-    in_process(
-        capsys, "eval", str(prompts_file), "-o", str(out_file), *base, "--seed", "3",
-        "--batch_size", "4", "--quiet",
-    )  # fmt: skip
-    results = {r["id"]: r for r in read_results(out_file)}
-    assert results.keys() == {line["id"] for line in lines}
+    runs = {}
+    for mode in ("engine", "static"):
+        out_file = tmp_path / f"{mode}.jsonl"
+        in_process(
+            capsys, "eval", str(prompts_file), "-o", str(out_file), *base, "--seed", "3",
+            "--batch_size", "4", "--steps_per_call", "2", "--quiet",
+            *(["--static-batching"] if mode == "static" else []),
+        )  # fmt: skip
+        runs[mode] = {r["id"]: r for r in read_results(out_file)}
+        assert runs[mode].keys() == {line["id"] for line in lines}
+    results = runs["engine"]
     for line in lines:
         rec = results[line["id"]]
         options = {k: v for k, v in line.items() if k not in ("id", "prompt", "seed")}
@@ -696,12 +714,67 @@ def test_eval_lines_equal_generate_json(model_dir, tmp_path, capsys, no_persiste
         out = in_process(capsys, "generate", line["prompt"], *flags, *line_flags(options), "--json")
         (want,) = json_lines(out)
         limit = 40 - len(line["prompt"]) if "max_length" in line else 5
-        check_record(rec, limit, EVAL, n=line.get("num_return_sequences", 1))
+        if line["id"] not in ("stop", "choices", "logprobs"):  # other fields, early stops
+            check_record(rec, limit, EVAL, n=line.get("num_return_sequences", 1))
         assert_same_result(rec, want)
+        assert_same_result(runs["static"][line["id"]], want)
+        assert rec.keys() == want.keys() | {"id"}
+        assert rec["outputs"][0].keys() == want["outputs"][0].keys(), line["id"]
     assert results["own-seed"]["seed"] == 5
     assert len(results["long"]["outputs"][0]["tokens"]) == 40 - len(
         b"a much longer prompt than the others"
     )
+    stopped = results["stop"]["outputs"][0]
+    assert stopped["text"].endswith(stop) and len(stopped["tokens"]) < 5, stopped
+    assert results["choices"]["outputs"][0]["text"] in ("yes", "no")
+
+
+def test_eval_engine_compiles_nothing_after_warm_up(
+    model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache
+):
+    """The engine: one engine for prompts that differ only in per-row values,
+    seeds, lengths and max_new_tokens, and once its programs exist (one prefill
+    per prompt bucket, one decode) a new run with other such values compiles
+    nothing."""
+    from conftest import count_compiles
+
+    from jaxdecode import engine as engine_mod
+
+    lm = jaxdecode.from_pretrained(model_dir)  # one decoder: see the test below
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    engines = []
+    real_engine = engine_mod.Engine
+    monkeypatch.setattr(
+        engine_mod, "Engine", lambda *a, **k: engines.append(k["slots"]) or real_engine(*a, **k)
+    )
+    options = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2)
+
+    def run_eval(tag: str, lines: list[dict]) -> None:
+        prompts_file = tmp_path / f"{tag}.jsonl"
+        write_jsonl(prompts_file, lines)
+        engines.clear()
+        in_process(
+            capsys, "eval", str(prompts_file), "-o", str(tmp_path / f"{tag}-out.jsonl"),
+            "--model", model_dir, "--max_new_tokens", "4", "--batch_size", "3",
+            "--steps_per_call", "2", "--quiet", *line_flags(options),
+        )  # fmt: skip
+        assert engines == [3], "one engine of 3 slots"
+
+    # Prompts of two buckets (<= 8 and <= 16 bytes).
+    with count_compiles() as first:
+        run_eval("warm", [{"prompt": "ab" * (1 + 3 * (i % 2)) + str(i)} for i in range(5)])
+    assert first.count > 0
+    varied = [
+        {"prompt": "xy" * (1 + 3 * (i % 2)) + str(i), "seed": 100 + i,
+         "temperature": 0.5 + 0.1 * i, "top_k": 5 + i, "top_p": 0.5 + 0.05 * i,
+         "repetition_penalty": 1.05 + 0.1 * i, "max_new_tokens": 1 + i % 4}
+        for i in range(7)
+    ]  # fmt: skip
+    with count_compiles() as second:
+        run_eval("varied", varied)
+    assert second.count == 0, "the engine compiled while running"
+    lengths = [len(r["outputs"][0]["tokens"]) for r in read_results(tmp_path / "varied-out.jsonl")]
+    assert sum(lengths) > 0 and max(lengths) <= 4
 
 
 def test_eval_per_row_values_share_one_batch_and_one_program(
@@ -732,7 +805,7 @@ def test_eval_per_row_values_share_one_batch_and_one_program(
         in_process(
             capsys, "eval", str(prompts_file), "-o", str(tmp_path / f"{tag}-out.jsonl"),
             "--model", model_dir, "--max_new_tokens", "4", "--batch_size", "8", "--quiet",
-            *line_flags(options),
+            "--static-batching", *line_flags(options),
         )  # fmt: skip
 
     with count_compiles() as first:

@@ -253,3 +253,35 @@ def test_cache_bytes_are_reported():
     # k and v: [layers, slots, heads, max_len, head_dim] float32, plus mask and index.
     kv = 2 * 2 * 3 * 2 * 40 * 8 * 4
     assert engine.cache_bytes == kv + 3 * 40 + 3 * 4
+
+
+def test_compact_tail_same_results_no_compilation_after_warm_up():
+    """compact_tail: the live rows of the tail move into smaller states (8 -> 2
+    -> 1 rows) and back when prompts are submitted afterwards; each prompt's
+    tokens stay those of a plain engine, and a second engine of the same shape
+    compiles nothing (every size's programs were compiled by the first)."""
+    lm = tiny_lm()
+    rng = np.random.default_rng(1)
+    prompts = _prompts(rng, 14)
+    options = [{**STATIC["sample-warpers"], **_per_row(rng, "sample-warpers")} for _ in prompts]
+    config = lm.generation_config.replace(**STATIC["sample-warpers"])
+    plain = Engine(lm, slots=4, max_len=48, config=config, steps_per_call=3)
+    plain.submit(prompts, options)
+    want = {r.index: r for r in plain}
+    for round_ in range(2):
+        with count_compiles() as compiles:
+            engine = Engine(
+                lm, slots=8, max_len=48, config=config, steps_per_call=3, compact_tail=True
+            )
+            engine.submit(prompts[:10], options[:10])
+            got = {r.index: r for r in engine}
+            assert engine._size < 8, "the tail was not compacted"
+            engine.submit(prompts[10:], options[10:])  # back to 8 rows
+            got.update({r.index: r for r in engine})
+        if round_:
+            assert compiles.count == 0, "compact_tail compiled after warm-up"
+        stats = engine.stats
+        assert stats.row_steps < stats.steps * 8 and stats.compute_occupancy > stats.occupancy
+        for i in range(14):
+            np.testing.assert_array_equal(got[i].tokens, want[i].tokens)
+            np.testing.assert_allclose(got[i].token_logprobs, want[i].token_logprobs, atol=1e-5)

@@ -100,6 +100,7 @@ class GPT2LMHeadModel(nn.Module):
 
     config: GPT2Config
     dtype: Any = jnp.float32
+    last_only: bool = False  # logits of the last position only (`Decoder.apply_last`)
 
     @nn.compact
     def __call__(
@@ -118,6 +119,8 @@ class GPT2LMHeadModel(nn.Module):
         visible, after = visible_slots(cache, attention_mask)
         for i in range(cfg.n_layer):
             x, cache = _Block(cfg, i, self.dtype, name=f"h_{i}")(x, cache, visible)
+        if self.last_only:
+            x = x[:, -1:]
         x = nn.LayerNorm(
             epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.dtype, name="ln_f"
         )(x)
@@ -132,6 +135,7 @@ class GPT2LMHeadModel(nn.Module):
 def gpt2_decoder(config: GPT2Config, dtype: Any = jnp.float32) -> Decoder:
     """The `Decoder` of a GPT-2 model: pure `init_cache` and `apply`."""
     module = GPT2LMHeadModel(config, dtype=dtype)
+    last = GPT2LMHeadModel(config, dtype=dtype, last_only=True)
 
     def init(batch: int, max_len: int, cache_dtype: Any = None) -> KVCache:
         return init_cache(
@@ -145,6 +149,9 @@ def gpt2_decoder(config: GPT2Config, dtype: Any = jnp.float32) -> Decoder:
 
     def apply(params: Any, ids: Array, positions: Array, cache: KVCache, attention_mask: Array):
         return module.apply({"params": params}, ids, positions, cache, attention_mask)
+
+    def apply_last(params, ids, positions, cache, attention_mask):
+        return last.apply({"params": params}, ids, positions, cache, attention_mask)
 
     def prepare(params: Any, rows: int) -> Any:
         # With one row, XLA:CPU's matrix-vector product reads the tied LM head
@@ -165,6 +172,7 @@ def gpt2_decoder(config: GPT2Config, dtype: Any = jnp.float32) -> Decoder:
         vocab_size=config.vocab_size,
         max_positions=config.n_positions,
         name="GPT-2",
+        apply_last=apply_last,
     )
 
 

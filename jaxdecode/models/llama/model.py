@@ -121,6 +121,7 @@ class LlamaForCausalLM(nn.Module):
 
     config: LlamaConfig
     dtype: Any = jnp.float32
+    last_only: bool = False  # logits of the last position only (`Decoder.apply_last`)
 
     @nn.compact
     def __call__(
@@ -158,6 +159,8 @@ class LlamaForCausalLM(nn.Module):
             x, cache = _Block(cfg, i, self.dtype, name=f"layers_{i}")(
                 x, cache, layer_visible, cos, sin
             )
+        if self.last_only:
+            x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, cfg.norm_offset, name="norm")(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
@@ -184,12 +187,16 @@ def llama_decoder(config: LlamaConfig, dtype: Any = jnp.float32) -> Decoder:
     `max_position_embeddings` (what the rope scaling types are for).
     """
     module = LlamaForCausalLM(config, dtype=dtype)
+    last = LlamaForCausalLM(config, dtype=dtype, last_only=True)
 
     def init(batch: int, max_len: int, cache_dtype: Any = None) -> KVCache:
         return _empty_cache(config, batch, max_len, cache_dtype or dtype)
 
     def apply(params: Any, ids: Array, positions: Array, cache: KVCache, attention_mask: Array):
         return module.apply({"params": params}, ids, positions, cache, attention_mask)
+
+    def apply_last(params, ids, positions, cache, attention_mask):
+        return last.apply({"params": params}, ids, positions, cache, attention_mask)
 
     return Decoder(
         init_cache=init,
@@ -198,6 +205,7 @@ def llama_decoder(config: LlamaConfig, dtype: Any = jnp.float32) -> Decoder:
         vocab_size=config.vocab_size,
         max_positions=None,
         name=_NAMES[config.model_type],
+        apply_last=apply_last,
     )
 
 
