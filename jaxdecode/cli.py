@@ -980,6 +980,17 @@ def _enable_compilation_cache(args: argparse.Namespace) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _add_assistant(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--assistant_model",
+        "--assistant-model",
+        metavar="PATH",
+        help="draft model for speculative decoding (a checkpoint like --model, with the same "
+        "vocabulary; --num_assistant_tokens per round); --prompt_lookup_num_tokens K "
+        "speculates without one",
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="bundled", help="'bundled' (default), a local HF directory or a hub id"
@@ -1025,14 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"one JSON object per prompt (schema {GENERATE_SCHEMA!r}; see the README)",
     )
-    gen.add_argument(
-        "--assistant_model",
-        "--assistant-model",
-        metavar="PATH",
-        help="draft model for speculative decoding (a checkpoint like --model, with the same "
-        "vocabulary; --num_assistant_tokens per round); --prompt_lookup_num_tokens K "
-        "speculates without one",
-    )
+    _add_assistant(gen)
     _add_config_flags(gen)
 
     ev = sub.add_parser("eval", help="batch generation over a JSONL file of prompts (resumable)")
@@ -1075,14 +1079,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard over a device mesh, e.g. data=4,model=2 (rows over data; weights, "
         "KV-cache heads and vocabulary over model; product = device count)",
     )
-    ev.add_argument(
-        "--assistant_model",
-        "--assistant-model",
-        metavar="PATH",
-        help="draft model for speculative decoding (a checkpoint like --model, with the same "
-        "vocabulary; --num_assistant_tokens per round); --prompt_lookup_num_tokens K "
-        "speculates without one",
-    )
+    _add_assistant(ev)
     _add_config_flags(ev)
 
     ex = sub.add_parser(
