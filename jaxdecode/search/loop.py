@@ -176,6 +176,21 @@ def expand_rows(tree: Any, expand: int) -> Any:
     return jax.tree_util.tree_map(lambda x: jnp.repeat(x, expand, axis=0), tree)
 
 
+def with_prompt_logprobs(
+    out: GenerateOutput, prompt: dict[str, Array] | None, num_return_sequences: int
+) -> GenerateOutput:
+    """`out` with the prefill's prompt log-probabilities (`prompt_logprobs=n`), one
+    row per returned sequence; `out` unchanged when they were not asked for."""
+    if prompt is None:
+        return out
+    prompt = expand_rows(prompt, num_return_sequences)
+    return out.replace(
+        prompt_logprobs=prompt["logprobs"],
+        prompt_top_logprobs=prompt.get("top_logprobs"),
+        prompt_top_token_ids=prompt.get("top_ids"),
+    )
+
+
 def row_keys(key: Array, batch: int, expand: int, per_row: bool) -> Array:
     """`[batch * expand]` keys, one stream per row.
 

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdecode.processors import TracedConfig
 from jaxdecode.processors.base import expand_rows as expand_processor_rows
 from jaxdecode.search.beam import beam_program
-from jaxdecode.search.loop import GenerateOutput, Plan, expand_rows, prefill
+from jaxdecode.search.loop import GenerateOutput, Plan, prefill, with_prompt_logprobs
 from jaxdecode.search.sample import sample_program
 from jaxdecode.sharding import DATA, constrain, fit_spec
 
@@ -59,12 +59,4 @@ def generate_program(
         out = beam_program(plan, params, traced, state, key)
     else:
         out = sample_program(plan, params, traced, state)
-    if prompt is None:
-        return out
-    # One row per returned sequence (R of each prompt, for beams and sampling).
-    prompt = expand_rows(prompt, plan.config.num_return_sequences)
-    return out.replace(
-        prompt_logprobs=prompt["logprobs"],
-        prompt_top_logprobs=prompt.get("top_logprobs"),
-        prompt_top_token_ids=prompt.get("top_ids"),
-    )
+    return with_prompt_logprobs(out, prompt, plan.config.num_return_sequences)

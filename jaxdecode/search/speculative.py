@@ -48,16 +48,15 @@ from flax import struct
 from jaxdecode import sampling
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors import TracedConfig
-from jaxdecode.processors.base import expand_rows as expand_processor_rows
 from jaxdecode.search.drafters import ACCEPT, RESIDUAL, DraftModel, PromptLookup, draft_key
 from jaxdecode.search.loop import (
     GenerateOutput,
     Plan,
     eos_hit,
-    expand_rows,
-    prefill,
     top_n,
+    with_prompt_logprobs,
 )
+from jaxdecode.search.program import prefill_program
 from jaxdecode.search.sample import decode_step
 
 Array = jax.Array
@@ -460,8 +459,7 @@ def _start(
     token chosen as plain decoding chooses it, and the draft model's prefill."""
     k = drafter.k
     wide = dataclasses.replace(plan, new_tokens=plan.new_tokens + k + 1)
-    traced = traced.replace(processor=expand_processor_rows(traced.processor, plan.expand))
-    state = prefill(wide, params, ids, mask, prompt_len, key, traced)
+    traced, state = prefill_program(wide, params, ids, mask, prompt_len, traced, key)
     state = state.replace(ctx=state.ctx.replace(max_length=state.ctx.max_length - k - 1))
     prompt, state = state.prompt, state.replace(prompt=None)
     last_prompt = jnp.repeat(jnp.asarray(ids, jnp.int32)[:, -1], plan.expand)
@@ -581,11 +579,4 @@ def speculative_program(
         drafted=state.drafted,
         accepted=state.accepted,
     )
-    if prompt is None:
-        return out
-    prompt = expand_rows(prompt, plan.config.num_return_sequences)
-    return out.replace(
-        prompt_logprobs=prompt["logprobs"],
-        prompt_top_logprobs=prompt.get("top_logprobs"),
-        prompt_top_token_ids=prompt.get("top_ids"),
-    )
+    return with_prompt_logprobs(out, prompt, plan.config.num_return_sequences)
