@@ -339,6 +339,12 @@ def _result(schema: str, prompt: str, seed: int | None, outputs: list[dict], **e
     return {"schema": schema, **extra, "prompt": prompt, "seed": seed, "outputs": outputs}
 
 
+def _eval_result(rec: dict, seed: int | None, outputs: list[dict]) -> dict:
+    """An eval line's record; a chat line (`messages`) keeps them and its rendered prompt."""
+    chat = {"messages": rec["messages"]} if "messages" in rec else {}
+    return _result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"], **chat)
+
+
 def _dumps(record: dict) -> str:
     # allow_nan=False: a NaN that got past _outputs is an error, never invalid JSON.
     return json.dumps(record, ensure_ascii=False, allow_nan=False)
@@ -492,11 +498,12 @@ def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
                 continue
             if isinstance(rec, str):
                 rec = {"prompt": rec}
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                errors.append((n, f"line {n}: each line must be an object with a string 'prompt'"))
+            problem = _prompt_problem(rec)
+            if problem:
+                errors.append((n, f"line {n}: {problem}"))
                 continue
             rec.setdefault("id", n)
-            unknown = sorted(set(rec) - names - {"prompt", "id"})
+            unknown = sorted(set(rec) - names - {"prompt", "messages", "id"})
             if unknown:
                 msg = f"unknown field {unknown[0]!r} (not a GenerationConfig option)"
                 errors.append((n, f"line {n} (id {rec['id']!r}): {msg}"))
@@ -510,6 +517,31 @@ def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
             errors.append((r["_line"], f"line {r['_line']}: {msg}"))
         seen.setdefault(key, r["_line"])
     return records, errors
+
+
+def _prompt_problem(rec: Any) -> str | None:
+    """Why an eval line holds no prompt: it needs a string `prompt` or a chat as
+    `messages` (a list of {"role", "content"} objects), not both."""
+    if not isinstance(rec, dict):
+        return "each line must be an object with a string 'prompt' or a list 'messages'"
+    has_prompt, has_messages = "prompt" in rec, "messages" in rec
+    if has_prompt and has_messages:
+        return "give 'prompt' or 'messages', not both"
+    if has_messages:
+        messages = rec["messages"]
+        ok = isinstance(messages, list) and messages
+        ok = ok and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
+        if not ok:
+            return "'messages' must be a non-empty list of objects with string 'role' and 'content'"
+        return None
+    if not isinstance(rec.get("prompt"), str):
+        return "each line must be an object with a string 'prompt' or a list 'messages'"
+    return None
 
 
 def _check_paths(prompts_path: str, out_path: str) -> None:
@@ -570,7 +602,7 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
     prompt's own `max_new_tokens`, as `generate` on that prompt alone would use).
 
     Raises ValueError naming the field."""
-    line = {k: v for k, v in rec.items() if k not in ("prompt", "id", "_line")}
+    line = {k: v for k, v in rec.items() if k not in ("prompt", "messages", "id", "_line", "_text")}
     overrides = {**base, **line}
     if "max_length" in line and "max_new_tokens" not in line:
         overrides.pop("max_new_tokens", None)
@@ -776,7 +808,7 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
                     "sequence_score": None,
                 }
                 seed = cfg.seed if cfg.do_sample else None
-                lines.append(_result(EVAL_SCHEMA, rec["prompt"], seed, [output], id=rec["id"]))
+                lines.append(_eval_result(rec, seed, [output]))
             write(lines)
         del engine
 
@@ -813,8 +845,28 @@ def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assista
                     args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1], mask[i]
                 )
                 seed = cfg.seed if cfg.do_sample else None
-                lines.append(_result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"]))
+                lines.append(_eval_result(rec, seed, outputs))
             write(lines)
+
+
+def _render_chats(lm, records: list, chat: bool, system: str | None) -> tuple[list, list]:
+    """Each record with the text its tokens come from (`_text`): a `messages` line
+    rendered with the model's chat template (its `prompt` is that text), and with
+    `--chat` a `prompt` line as the user's turn (its `prompt` stays as given, as in
+    `generate --json --chat`). Returns (records, one error per line that fails)."""
+    out, errors = [], []
+    for r in records:
+        try:
+            if "messages" in r:
+                text = lm.apply_chat_template(r["messages"], add_generation_prompt=True)
+                r = {**r, "prompt": text, "_text": text}
+            elif chat:
+                r = {**r, "_text": _chat_text(lm, r["prompt"], system)}
+        except (ValueError, CLIError) as e:
+            errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {e}"))
+            continue
+        out.append(r)
+    return out, errors
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -822,6 +874,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CLIError(f"--{flag} must be >= 1, got {value}")
+    if args.system is not None and not args.chat:
+        raise CLIError("--system needs --chat (it is the chat's system message)")
     _check_paths(args.prompts_file, args.output)
     records, errors = _read_prompts(args.prompts_file)
     lm = _load_model(args.model)
@@ -831,6 +885,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _make_config(lm, base_overrides)  # command-line options fail fast, before any prompt
     base_seed = base_overrides.pop("seed", 0)
     done = _done_results(args.output)
+    # Chat lines become their rendered prompt before anything else looks at them.
+    records, chat_errors = _render_chats(lm, records, args.chat, args.system)
+    errors += chat_errors
     for r in records:
         prev = done.get(json.dumps(r["id"]))
         if prev is not None and prev.get("prompt") != r["prompt"]:
@@ -843,7 +900,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # Every prompt and option is checked before the first generation.
     planned = []
     for r in todo:
-        encoded = lm.tokenizer.encode(r["prompt"])
+        encoded = lm.tokenizer.encode(r.get("_text", r["prompt"]))
         if not encoded:
             errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): prompt is empty"))
             continue
@@ -1072,6 +1129,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="engine: prompts prefilled together (default min(batch_size, 8))",
     )
+    ev.add_argument(
+        "--chat",
+        action="store_true",
+        help="each line's prompt is a user message, rendered with the model's chat "
+        'template (lines with "messages" are always rendered)',
+    )
+    ev.add_argument("--system", metavar="TEXT", help="with --chat: a system message first")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument(
         "--mesh",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import transformers
 
@@ -131,3 +132,74 @@ def test_errors(bundled, tmp_path):
     no_tok = bundled.replace(tokenizer=None)
     with pytest.raises(ValueError, match="needs a model with a tokenizer"):
         no_tok.apply_chat_template(CONVERSATIONS[0])
+
+
+def _same_outputs(a: dict, b: dict) -> None:
+    """Same text and tokens; log-probabilities within 1e-5 (the engine's and a
+    static batch's programs may differ in the last printed digit)."""
+    for x, y in zip(a["outputs"], b["outputs"], strict=True):
+        assert (x["text"], x["tokens"]) == (y["text"], y["tokens"])
+        np.testing.assert_allclose(x["token_logprobs"], y["token_logprobs"], atol=1e-5)
+
+
+def test_eval_messages_lines_and_chat_flag(bundled, tmp_path, capsys, monkeypatch):
+    """`eval` lines with `"messages"` are rendered with the model's template; each
+    record equals `generate --json --chat` on that conversation's user turn (same
+    tokens), and `--chat` renders plain `prompt` lines the same way."""
+    from jaxdecode.cli import main
+
+    monkeypatch.setenv("JAXDECODE_COMPILATION_CACHE", "off")
+    lm, _ = _pair(bundled, CHATML, tmp_path)
+    model = str(tmp_path / "ckpt")
+    chats = [
+        [{"role": "user", "content": "And God said"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Amen"}],
+    ]
+    src = tmp_path / "p.jsonl"
+    lines = [{"id": "a", "messages": chats[0]}, {"id": "b", "messages": chats[1]}]
+    src.write_text("".join(json.dumps(x) + "\n" for x in [*lines, {"id": "c", "prompt": "Amen"}]))
+    common = ["--model", model, "--quiet", "--no-do_sample", "--max_new_tokens", "8"]
+    out = tmp_path / "o.jsonl"
+    assert main(["eval", str(src), "-o", str(out), *common]) == 0
+    got = {r["id"]: r for r in map(json.loads, out.open())}
+    for key, messages in zip("ab", chats, strict=True):
+        text = lm.apply_chat_template(messages, add_generation_prompt=True)
+        assert got[key]["messages"] == messages
+        assert got[key]["prompt"] == text and text.endswith("<|im_start|>assistant\n")
+        ids = np.array([lm.tokenizer.encode(text)])
+        want = lm.generate(ids, max_new_tokens=8, do_sample=False).sequences[0, ids.shape[1] :]
+        assert (
+            got[key]["outputs"][0]["tokens"]
+            == [int(t) for t in want][: len(got[key]["outputs"][0]["tokens"])]
+        )
+    # The same conversations through generate --json --chat (--system for the second).
+    gen = ["generate", "--json", "--chat", *common[:2], *common[3:]]
+    assert main([*gen, "And God said"]) == 0
+    _same_outputs(json.loads(capsys.readouterr().out), got["a"])
+    assert main([*gen, "--system", "Be brief.", "Amen"]) == 0
+    _same_outputs(json.loads(capsys.readouterr().out), got["b"])
+    # --chat renders plain prompt lines; without it they are plain text.
+    assert got["c"]["prompt"] == "Amen" and "messages" not in got["c"]
+    out2 = tmp_path / "o2.jsonl"
+    assert (
+        main(["eval", str(src), "-o", str(out2), *common, "--chat", "--system", "Be brief."]) == 0
+    )
+    chat_c = {r["id"]: r for r in map(json.loads, out2.open())}["c"]
+    assert chat_c["prompt"] == "Amen"
+    _same_outputs(chat_c, got["b"])
+    assert chat_c["outputs"] != got["c"]["outputs"]
+    # Bad chat lines are reported with the other bad lines, before generating.
+    bad = [
+        {"messages": []},
+        {"messages": [{"role": "user"}]},
+        {"prompt": "x", "messages": chats[0]},
+    ]
+    src.write_text("".join(json.dumps(x) + "\n" for x in bad))
+    assert main(["eval", str(src), "-o", str(tmp_path / "o3.jsonl"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "3 bad lines" in err and "line 1: 'messages' must be a non-empty list" in err
+    assert "line 3: give 'prompt' or 'messages', not both" in err
+    capsys.readouterr()
+    src.write_text(json.dumps({"messages": chats[0]}) + "\n")
+    assert main(["eval", str(src), "-o", str(tmp_path / "o4.jsonl"), "--quiet"]) == 2
+    assert "line 1 (id 1): " in capsys.readouterr().err
