@@ -52,6 +52,8 @@ from jaxdecode.processors import (
     top_p,
     typical_p,
 )
+from jaxdecode.pytree import dataclass as pytree_dataclass
+from jaxdecode.pytree import field as pytree_field
 from jaxdecode.sampling import categorical, greedy, split_keys
 from jaxdecode.score import ScoreOutput, score
 from jaxdecode.sharding import make_mesh, parse_mesh, shard_params
@@ -61,6 +63,8 @@ from jaxdecode.trace import Hypothesis, Trace, trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "pytree_dataclass",
+    "pytree_field",
     "Engine",
     "EngineResult",
     "generate_many",

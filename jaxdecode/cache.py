@@ -14,14 +14,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+
+from jaxdecode import pytree
 
 Array = jax.Array
 
 __all__ = ["KVCache", "init_cache", "gather_beams", "visible_slots"]
 
 
-@struct.dataclass
+@pytree.dataclass
 class KVCache:
     """Keys and values of every layer for `batch` rows and `max_len` slots.
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from jaxdecode import pytree
 from jaxdecode.arrays import owned
 
 Array = jax.Array
@@ -28,7 +28,7 @@ def _per_row(value: Any, batch: int) -> Array:
     return jnp.broadcast_to(jnp.asarray(value, jnp.int32), (batch,))
 
 
-@struct.dataclass
+@pytree.dataclass
 class DecodeContext:
     """Everything a processor may read at one decoding step, per row.
 
@@ -57,7 +57,7 @@ class DecodeContext:
     max_length: Array
     prompt_start: Array
     offset: Array
-    vocab_size: int = struct.field(pytree_node=False, default=0)
+    vocab_size: int = pytree.field(pytree_node=False, default=0)
 
     @property
     def batch(self) -> int:

@@ -38,8 +38,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from jaxdecode import pytree
 from jaxdecode.cache import KVCache
 from jaxdecode.config import PER_ROW_FIELDS, SEED_MAX, GenerationConfig
 from jaxdecode.context import DecodeContext
@@ -155,7 +155,7 @@ def _put_rows(live: Any, new: Any, slots: Array) -> Any:
 # --------------------------------------------------------------------------- #
 
 
-@struct.dataclass
+@pytree.dataclass
 class SlotState:
     """Everything on device (`S` slots, `L = max_len`).
 

@@ -17,9 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from jax.sharding import Mesh
 
+from jaxdecode import pytree
 from jaxdecode.arrays import is_traced, owned
 from jaxdecode.config import SEED_MAX, GenerationConfig
 from jaxdecode.models.base import Decoder
@@ -542,7 +542,8 @@ def drop_bucket(out: GenerateOutput, extra: int) -> GenerateOutput:
 # --------------------------------------------------------------------------- #
 
 
-class StreamStep(struct.PyTreeNode):
+@pytree.dataclass
+class StreamStep:
     """One step of `stream`: NumPy arrays over the `batch * R` rows.
 
     Attributes:

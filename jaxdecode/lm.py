@@ -13,9 +13,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from jaxdecode import checkpoints
+from jaxdecode import checkpoints, pytree
 from jaxdecode.config import GenerationConfig
 from jaxdecode.generation import generate
 from jaxdecode.models import registry
@@ -27,7 +26,7 @@ Array = jax.Array
 __all__ = ["CausalLM", "from_pretrained"]
 
 
-@struct.dataclass
+@pytree.dataclass
 class CausalLM:
     """A decoder with its parameters.
 
@@ -41,12 +40,12 @@ class CausalLM:
     """
 
     params: Any
-    decoder: Decoder = struct.field(pytree_node=False)
-    config: Any = struct.field(pytree_node=False, default=None)
-    generation_config: GenerationConfig = struct.field(
+    decoder: Decoder = pytree.field(pytree_node=False)
+    config: Any = pytree.field(pytree_node=False, default=None)
+    generation_config: GenerationConfig = pytree.field(
         pytree_node=False, default=GenerationConfig()
     )
-    tokenizer: Tokenizer | None = struct.field(pytree_node=False, default=None)
+    tokenizer: Tokenizer | None = pytree.field(pytree_node=False, default=None)
 
     @property
     def vocab_size(self) -> int:

@@ -29,8 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from jaxdecode import pytree
 from jaxdecode.arrays import is_traced
 from jaxdecode.config import GenerationConfig
 from jaxdecode.context import DecodeContext
@@ -45,7 +45,7 @@ Array = jax.Array
 __all__ = ["ScoreOutput", "score"]
 
 
-@struct.dataclass
+@pytree.dataclass
 class ScoreOutput:
     """What `score` returns (N = sequence length - prompt_length).
 

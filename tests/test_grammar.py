@@ -21,7 +21,6 @@ import jsonschema
 import numpy as np
 import outlines_core
 import pytest
-from flax import struct
 
 import jaxdecode as jd
 from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder, init_params
@@ -328,7 +327,7 @@ def test_greedy_equals_numpy_reference(model, kind, value, request):
 # --------------------------------------------------------------------------- #
 
 
-@struct.dataclass
+@jd.pytree_dataclass
 class FromHistory(jd.LogitsProcessor):
     """Stateless reference: the automaton state rebuilt from the buffer every step."""
 
@@ -497,3 +496,41 @@ def test_cli_flags_and_eval_lines_with_different_schemas(tmp_path, capsys, monke
     src.write_text(json.dumps({"prompt": "A", "regex": "("}) + "\n")
     assert main([*args[:3], str(tmp_path / "o2.jsonl"), "--quiet"]) == 2
     assert "line 1 (id 1): regex '(' is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("speculation", ["prompt_lookup", "draft_model"])
+def test_speculative_decoding_keeps_the_constraints(bundled, speculation):
+    """Constraints inside speculative decoding (issue 15/17): the automaton state is
+    advanced token by token across the drafted positions. Greedy: every row (a JSON
+    schema, a regex, choices and a free row in one ragged batch) equals plain greedy
+    decoding with the same constraints; sampled outputs still match their constraint."""
+    prompts = ["And God said", "Unto the", "In the beginning", "Amen"]
+    encoded = [bundled.tokenizer.encode(p) for p in prompts]
+    width = max(map(len, encoded))
+    ids = np.array([[0] * (width - len(e)) + e for e in encoded], np.int32)
+    mask = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded], np.int32)
+    per_row = dict(
+        json_schema=[PERSON, None, None, None],
+        regex=[None, REGEXES[2], None, None],
+        choices=[None, None, ["Zion", "Moab", "Zebulun"], None],
+    )
+    if speculation == "prompt_lookup":
+        spec = dict(prompt_lookup_num_tokens=4, max_matching_ngram_size=2)
+    else:  # the model itself as its draft: every draft token is accepted
+        spec = dict(assistant_model=bundled, num_assistant_tokens=3)
+    cfg = dict(max_new_tokens=60, pad_token_id=0, **per_row)
+    plain = jd.generate(bundled, ids, mask, do_sample=False, **cfg)
+    fast = jd.generate(bundled, ids, mask, do_sample=False, **cfg, **spec)
+    np.testing.assert_array_equal(np.asarray(fast.sequences), np.asarray(plain.sequences))
+    np.testing.assert_array_equal(np.asarray(fast.lengths), np.asarray(plain.lengths))
+    np.testing.assert_allclose(
+        np.asarray(fast.token_logprobs), np.asarray(plain.token_logprobs), atol=1e-5
+    )
+    assert int(np.asarray(fast.accepted).sum()) > 0
+    keys = jax.random.split(jax.random.key(3), 4)
+    sampled = jd.generate(bundled, ids, mask, key=keys, do_sample=True, top_k=20, **cfg, **spec)
+    texts = _texts(bundled, sampled, width)
+    assert all(ended for ended in (texts[0][1], texts[1][1], texts[2][1]))
+    jsonschema.validate(json.loads(texts[0][0]), PERSON)
+    assert re.fullmatch(REGEXES[2], texts[1][0])
+    assert texts[2][0] in ("Zion", "Moab", "Zebulun")

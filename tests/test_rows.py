@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import struct
 from test_generate import fake_decoder, table_params
 
 import jaxdecode as jd
@@ -286,7 +285,7 @@ def test_insert_rows_then_decode_equals_alone():
 # --------------------------------------------------------------------------- #
 
 
-@struct.dataclass
+@jd.pytree_dataclass
 class NoRepeatToken(jd.LogitsProcessor):
     """Bans every token the row generated before; keeps them as state
     (`[batch, vocab]` bool), as a grammar keeps its automaton state."""
@@ -303,7 +302,7 @@ class NoRepeatToken(jd.LogitsProcessor):
         return jnp.where(state, -jnp.inf, logits)
 
 
-@struct.dataclass
+@jd.pytree_dataclass
 class NoRepeatTokenFromHistory(jd.LogitsProcessor):
     """The same rule read from the token buffer at every step (stateless reference)."""
 

@@ -25,9 +25,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from jaxdecode import sampling
+from jaxdecode import pytree, sampling
 from jaxdecode.arrays import owned
 from jaxdecode.context import DecodeContext
 from jaxdecode.validation import check_range, is_concrete
@@ -144,7 +143,7 @@ class LogitsProcessor:
         return self.apply(logits, ctx, state)
 
 
-@struct.dataclass
+@pytree.dataclass
 class Chain(LogitsProcessor):
     """Applies processors left to right; its state is the tuple of theirs.
     Build it with `chain(...)`."""

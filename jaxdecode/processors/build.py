@@ -9,8 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from jaxdecode import pytree
 from jaxdecode.arrays import owned
 from jaxdecode.config import GenerationConfig, StaticConfig
 from jaxdecode.context import DecodeContext
@@ -171,7 +171,7 @@ def from_config(
     return chain(*procs)
 
 
-@struct.dataclass
+@pytree.dataclass
 class TracedConfig:
     """The traced part of a config: the processor chain (its numbers are leaves),
     the length penalty, and the stop strings' tables (`jaxdecode.search.stopping`,

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from jaxdecode import pytree
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors.automata import (
     DENSE_LIMIT_BYTES,
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 
-@struct.dataclass
+@pytree.dataclass
 class Grammar(LogitsProcessor):
     """Allows only the tokens that keep each row's output inside its constraint.
 
@@ -80,10 +80,10 @@ class Grammar(LogitsProcessor):
     indptr: Array | None = None
     tokens: Array | None = None
     targets: Array | None = None
-    eos: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
-    layout: str = struct.field(pytree_node=False, default="dense")
-    vocab: int = struct.field(pytree_node=False, default=0)
-    depth: int = struct.field(pytree_node=False, default=1)
+    eos: tuple[int, ...] | None = pytree.field(pytree_node=False, default=None)
+    layout: str = pytree.field(pytree_node=False, default="dense")
+    vocab: int = pytree.field(pytree_node=False, default=0)
+    depth: int = pytree.field(pytree_node=False, default=1)
 
     row_fields: ClassVar[dict[str, str]] = {"start": "the constraint (regex/json_schema/choices)"}
 

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from jaxdecode import pytree
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors.base import (
     NEG_INF,
@@ -53,14 +53,14 @@ def _scatter_tally(ctx: DecodeContext, columns: Array, vocab: int, dtype: Any) -
     return empty.at[rows, ids].add(columns.astype(dtype), mode="drop")
 
 
-@struct.dataclass
+@pytree.dataclass
 class RepetitionPenalty(LogitsProcessor):
     """Penalises every token already present (prompt included, left padding not)."""
 
     row_fields: ClassVar[dict[str, str]] = {"penalty": "repetition_penalty"}
 
     penalty: Array
-    form: str = struct.field(pytree_node=False, default="hf")
+    form: str = pytree.field(pytree_node=False, default="hf")
 
     def init(self, ctx: DecodeContext) -> Array:
         """`[batch, vocab]` bool: tokens in the history (prompt without its left
@@ -98,7 +98,7 @@ def repetition_penalty(penalty: Any, *, form: str = "hf") -> RepetitionPenalty:
     )
 
 
-@struct.dataclass
+@pytree.dataclass
 class FrequencyPresencePenalty(LogitsProcessor):
     """OpenAI/vLLM penalties over *generated* tokens: `x -= f * count + p * (count > 0)`."""
 
@@ -153,11 +153,11 @@ def frequency_presence_penalty(
     )
 
 
-@struct.dataclass
+@pytree.dataclass
 class NoRepeatNGram(LogitsProcessor):
     """Bans any token that would complete an n-gram already in the sequence."""
 
-    n: int = struct.field(pytree_node=False, default=3)
+    n: int = pytree.field(pytree_node=False, default=3)
 
     def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
         n = self.n
@@ -185,7 +185,7 @@ def no_repeat_ngram_size(n: int) -> NoRepeatNGram:
     return NoRepeatNGram(n=static_int("no_repeat_ngram_size", n, 1))
 
 
-@struct.dataclass
+@pytree.dataclass
 class SequenceBias(LogitsProcessor):
     """Adds a bias to a token, or to the last token of a multi-token sequence when
     the sequence so far ends with the rest of it.

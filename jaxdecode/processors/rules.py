@@ -9,9 +9,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from jaxdecode import sampling
+from jaxdecode import pytree, sampling
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors.base import (
     NEG_INF,
@@ -44,7 +43,7 @@ __all__ = [
 ]
 
 
-@struct.dataclass
+@pytree.dataclass
 class MinLength(LogitsProcessor):
     """Bans EOS while the sequence (padded prompt included) is shorter than `min_length`,
     or, with `new_tokens=True`, while fewer than `min_length` tokens were generated."""
@@ -53,7 +52,7 @@ class MinLength(LogitsProcessor):
 
     min_length: Array
     eos_token_id: Array
-    new_tokens: bool = struct.field(pytree_node=False, default=False)
+    new_tokens: bool = pytree.field(pytree_node=False, default=False)
 
     def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
         length = ctx.generated if self.new_tokens else ctx.cur_len  # [B]
@@ -79,7 +78,7 @@ def min_new_tokens(value: Any, eos_token_id: Any) -> MinLength:
     )
 
 
-@struct.dataclass
+@pytree.dataclass
 class ForceTokens(LogitsProcessor):
     """At one length, every logit becomes -inf except the forced ids (set to 0).
 
@@ -87,7 +86,7 @@ class ForceTokens(LogitsProcessor):
     """
 
     token_ids: Array
-    at: str = struct.field(pytree_node=False, default="bos")
+    at: str = pytree.field(pytree_node=False, default="bos")
 
     def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
         when = ctx.cur_len == 1 if self.at == "bos" else ctx.cur_len == ctx.max_length - 1
@@ -106,14 +105,14 @@ def forced_eos_token_id(token_id: Any) -> ForceTokens:
     return ForceTokens(token_ids=token_id_leaf("forced_eos_token_id", token_id), at="eos")
 
 
-@struct.dataclass
+@pytree.dataclass
 class SuppressTokens(LogitsProcessor):
     """Sets the given ids to -inf: always, or (`at_begin`) only at the first
     generated step."""
 
     token_ids: Array
-    at_begin: bool = struct.field(pytree_node=False, default=False)
-    after_forced_bos: bool = struct.field(pytree_node=False, default=False)
+    at_begin: bool = pytree.field(pytree_node=False, default=False)
+    after_forced_bos: bool = pytree.field(pytree_node=False, default=False)
 
     def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
         ban = vocab_mask(self.token_ids, logits.shape[-1])
@@ -141,7 +140,7 @@ def begin_suppress_tokens(token_ids: Any, *, after_forced_bos: bool = False) -> 
     )
 
 
-@struct.dataclass
+@pytree.dataclass
 class ExponentialDecayLengthPenalty(LogitsProcessor):
     """After `start` generated tokens, raises EOS by `|x| * (factor ** (n - start) - 1)`."""
 
@@ -211,7 +210,7 @@ def exponential_decay_length_penalty(
     )
 
 
-@struct.dataclass
+@pytree.dataclass
 class RemoveInvalidValues(LogitsProcessor):
     """NaN -> 0, +inf -> largest finite float, -inf -> lowest finite float."""
 
@@ -227,7 +226,7 @@ def remove_invalid_values() -> RemoveInvalidValues:
     return RemoveInvalidValues()
 
 
-@struct.dataclass
+@pytree.dataclass
 class Renormalize(LogitsProcessor):
     """`log_softmax` of the processed scores (transformers' `renormalize_logits`)."""
 

@@ -9,9 +9,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from jaxdecode import sampling
+from jaxdecode import pytree, sampling
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors.base import (
     NEG_INF,
@@ -43,7 +42,7 @@ __all__ = [
 ]
 
 
-@struct.dataclass
+@pytree.dataclass
 class Temperature(LogitsProcessor):
     """Divides logits by the temperature (scalar or per row)."""
 
@@ -60,16 +59,16 @@ def temperature(value: Any) -> Temperature:
     return Temperature(temperature=float_leaf("temperature", value, lo=0.0, lo_open=True))
 
 
-@struct.dataclass
+@pytree.dataclass
 class TopK(LogitsProcessor):
     """Keeps the `k` largest logits per row (ties at the boundary all kept)."""
 
     row_fields: ClassVar[dict[str, str]] = {"k": "top_k"}
 
     k: Array
-    min_tokens_to_keep: int = struct.field(pytree_node=False, default=1)
-    method: str = struct.field(pytree_node=False, default="exact")
-    max_k: int = struct.field(pytree_node=False, default=0)
+    min_tokens_to_keep: int = pytree.field(pytree_node=False, default=1)
+    method: str = pytree.field(pytree_node=False, default="exact")
+    max_k: int = pytree.field(pytree_node=False, default=0)
 
     def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
         vocab = logits.shape[-1]
@@ -118,7 +117,7 @@ def top_k(
     return TopK(k=leaf, min_tokens_to_keep=min_keep, method=method, max_k=cap)
 
 
-@struct.dataclass
+@pytree.dataclass
 class TopP(LogitsProcessor):
     """Nucleus filtering: keeps the smallest top set with probability mass >= p."""
 
@@ -126,8 +125,8 @@ class TopP(LogitsProcessor):
 
     p: Array
     cutoff: Array  # 1 - p, rounded from float64 as transformers does
-    min_tokens_to_keep: int = struct.field(pytree_node=False, default=1)
-    method: str = struct.field(pytree_node=False, default="exact")
+    min_tokens_to_keep: int = pytree.field(pytree_node=False, default=1)
+    method: str = pytree.field(pytree_node=False, default="exact")
 
     def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
         if self.method == "fast":
@@ -156,14 +155,14 @@ def top_p(p: Any, *, min_tokens_to_keep: int = 1, method: str = "exact") -> TopP
     )
 
 
-@struct.dataclass
+@pytree.dataclass
 class MinP(LogitsProcessor):
     """Removes tokens whose probability is below `min_p * max probability`."""
 
     row_fields: ClassVar[dict[str, str]] = {"min_p": "min_p"}
 
     min_p: Array
-    min_tokens_to_keep: int = struct.field(pytree_node=False, default=1)
+    min_tokens_to_keep: int = pytree.field(pytree_node=False, default=1)
 
     def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
         probs = jax.nn.softmax(logits, axis=-1)
@@ -180,14 +179,14 @@ def min_p(value: Any, *, min_tokens_to_keep: int = 1) -> MinP:
     )
 
 
-@struct.dataclass
+@pytree.dataclass
 class TypicalP(LogitsProcessor):
     """Locally typical sampling: keeps tokens whose surprisal is close to the entropy."""
 
     row_fields: ClassVar[dict[str, str]] = {"mass": "typical_p"}
 
     mass: Array
-    min_tokens_to_keep: int = struct.field(pytree_node=False, default=1)
+    min_tokens_to_keep: int = pytree.field(pytree_node=False, default=1)
 
     def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
         vocab = logits.shape[-1]
@@ -222,14 +221,14 @@ def _cutoff(logits: Array, threshold: Array, min_tokens_to_keep: int) -> Array:
     return jnp.where(remove, NEG_INF, logits)
 
 
-@struct.dataclass
+@pytree.dataclass
 class EpsilonCutoff(LogitsProcessor):
     """Removes tokens with probability below epsilon."""
 
     row_fields: ClassVar[dict[str, str]] = {"epsilon": "epsilon_cutoff"}
 
     epsilon: Array
-    min_tokens_to_keep: int = struct.field(pytree_node=False, default=1)
+    min_tokens_to_keep: int = pytree.field(pytree_node=False, default=1)
 
     def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
         return _cutoff(logits, row(self.epsilon, logits.dtype), self.min_tokens_to_keep)
@@ -243,14 +242,14 @@ def epsilon_cutoff(epsilon: Any, *, min_tokens_to_keep: int = 1) -> EpsilonCutof
     )
 
 
-@struct.dataclass
+@pytree.dataclass
 class EtaCutoff(LogitsProcessor):
     """Eta sampling: cutoff `min(eps, sqrt(eps) * exp(-entropy))`."""
 
     row_fields: ClassVar[dict[str, str]] = {"epsilon": "eta_cutoff"}
 
     epsilon: Array
-    min_tokens_to_keep: int = struct.field(pytree_node=False, default=1)
+    min_tokens_to_keep: int = pytree.field(pytree_node=False, default=1)
 
     def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
         # Entropy as torch.distributions.Categorical computes it: log-probs clamped to

@@ -15,8 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from jaxdecode import pytree
 from jaxdecode.cache import gather_beams
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors import TracedConfig, processor_stages
@@ -40,7 +40,7 @@ __all__ = ["BeamState", "beam_program"]
 NEG = -1.0e9
 
 
-@struct.dataclass
+@pytree.dataclass
 class BeamState:
     """The loop state of beam search.
 

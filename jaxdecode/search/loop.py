@@ -15,10 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxdecode import pytree
 from jaxdecode.cache import gather_beams
 from jaxdecode.config import StaticConfig
 from jaxdecode.context import DecodeContext
@@ -73,7 +73,7 @@ class Plan:
         return self.batch * self.expand
 
 
-@struct.dataclass
+@pytree.dataclass
 class GenerateOutput:
     """What `generate` returns (R = num_return_sequences, N = max_new_tokens).
 
@@ -132,10 +132,10 @@ class GenerateOutput:
     drafted: Array | None = None
     accepted: Array | None = None
     trace: dict[str, Array] | None = None
-    seed: int | None = struct.field(pytree_node=False, default=None)
+    seed: int | None = pytree.field(pytree_node=False, default=None)
 
 
-@struct.dataclass
+@pytree.dataclass
 class DecodeState:
     """The loop state of greedy search and sampling (`rows = batch * R`).
 

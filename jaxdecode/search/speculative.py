@@ -43,9 +43,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from jaxdecode import sampling
+from jaxdecode import pytree, sampling
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors import TracedConfig
 from jaxdecode.search.drafters import ACCEPT, RESIDUAL, DraftModel, PromptLookup, draft_key
@@ -66,7 +65,7 @@ __all__ = ["SpecState", "speculative_program"]
 Drafter = PromptLookup | DraftModel
 
 
-@struct.dataclass
+@pytree.dataclass
 class SpecState:
     """The loop state of speculative decoding (`rows = batch * R`).
 

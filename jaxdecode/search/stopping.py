@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from jaxdecode import pytree
 from jaxdecode.context import DecodeContext
 
 Array = jax.Array
@@ -32,7 +32,7 @@ Array = jax.Array
 __all__ = ["StopStrings", "stop_strings", "token_tables"]
 
 
-@struct.dataclass
+@pytree.dataclass
 class StopStrings:
     """Stop strings as arrays (build with `stop_strings`).
 
@@ -46,7 +46,7 @@ class StopStrings:
     token_bytes: Array
     token_len: Array
     strings: Array
-    lengths: tuple[int, ...] = struct.field(pytree_node=False)
+    lengths: tuple[int, ...] = pytree.field(pytree_node=False)
 
     @property
     def width(self) -> int:
