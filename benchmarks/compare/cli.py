@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         dest="models",
         nargs="+",
+        metavar="MODEL",
         choices=list(MODELS),
         default=None,
         help=f"checkpoints to decode, one run each (default {DEFAULT_MODEL}; --quick: "

@@ -296,6 +296,17 @@ def _library_fields(
     return fields
 
 
+def _prompts(
+    workload: Workload, libs: Libraries, settings: Settings, model: Geometry
+) -> list[list[int]]:
+    """The workload's prompt ids: the model's text when it has some, else random ids."""
+    if libs.passage_ids is not None:
+        return text_prompts(workload.batch, settings.prompt_len, libs.passage_ids).tolist()
+    return make_prompts(
+        workload.batch, settings.prompt_len, model.vocab_size, settings.seed
+    ).tolist()
+
+
 def bench_workload(
     workload: Workload,
     libs: Libraries,
@@ -317,10 +328,7 @@ def bench_workload(
     """
     s = settings
     n = s.new_tokens
-    if libs.passage_ids is not None:
-        prompts = text_prompts(workload.batch, s.prompt_len, libs.passage_ids).tolist()
-    else:
-        prompts = make_prompts(workload.batch, s.prompt_len, model.vocab_size, s.seed).tolist()
+    prompts = _prompts(workload, libs, s, model)
     names = list(libs.workers)
     setup: dict[str, dict[str, Any]] = {}
     for name in names:

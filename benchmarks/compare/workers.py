@@ -14,6 +14,10 @@ output ids), `setup_one` (the same with one new token), `run` (one timed call),
 `begin_workload` / `memory` (peak memory), plus `bandwidth` and `tokenize`
 (jaxdecode's worker: the model's tokenizer makes the text prompts of a real
 model) and `make_checkpoint` (transformers' worker).
+
+The module is a little over 500 lines: the three workers answer the same
+commands and are kept side by side, so that their timed calls can be read
+against each other.
 """
 
 from __future__ import annotations
