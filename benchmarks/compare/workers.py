@@ -8,15 +8,22 @@ environment: the hf-flax worker runs in a virtual environment with transformers
 in its own environment (`--hf-python`), apart from JAX's CUDA libraries.
 
 Commands every library answers: `info` (versions, devices), `load` (the
-checkpoint; weight bytes and parameters), `setup` (a workload's generate: the
-first, untimed call, its compile time and output ids), `setup_one` (the same
-with one new token), `run` (one timed call), `begin_workload` / `memory`
-(peak memory), plus `bandwidth` (jaxdecode's worker) and `make_checkpoint`
-(transformers' worker).
+checkpoint, a directory or a GGUF file in it; weight bytes and parameters),
+`setup` (a workload's generate: the first, untimed call, its compile time and
+output ids), `setup_one` (the same with one new token), `run` (one timed call),
+`begin_workload` / `memory` (peak memory), plus `bandwidth` and `tokenize`
+(jaxdecode's worker: the model's tokenizer makes the text prompts of a real
+model) and `make_checkpoint` (transformers' worker).
+
+The module is a little over 500 lines: the three workers answer the same
+commands and are kept side by side, so that their timed calls can be read
+against each other.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -152,16 +159,30 @@ class JaxdecodeWorker(JaxMixin, Worker):
         out["bandwidth_gbs"] = max(v for k, v in out.items() if k.endswith("_gbs"))
         return out
 
-    def cmd_load(self, model_dir: str, dtype: str) -> dict[str, Any]:
+    def cmd_load(self, model_dir: str, dtype: str, gguf_file: str | None = None) -> dict[str, Any]:
+        """Loads the checkpoint (`model_dir`, or the GGUF file `gguf_file` in it).
+
+        The reply's "config" is the model's config in transformers' names (the
+        harness reads the sizes of a GGUF model, which has no config.json, from it).
+        """
         jax = self.jax
-        self.lm = self.jd.from_pretrained(model_dir, dtype=dtype)
+        path = os.path.join(model_dir, gguf_file) if gguf_file else model_dir
+        self.lm = self.jd.from_pretrained(path, dtype=dtype)
         leaves = jax.tree_util.tree_leaves(self.lm.params)
+        config = self.lm.config
         return {
             "weight_bytes": int(sum(x.size * x.dtype.itemsize for x in leaves)),
             "parameters": int(sum(x.size for x in leaves)),
             "dtype": dtype,
             "cache_itemsize": int(np.dtype(leaves[0].dtype).itemsize),
+            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {},
         }
+
+    def cmd_tokenize(self, texts: list[str]) -> dict[str, Any]:
+        """The loaded model's tokenizer on `texts` (no special tokens added)."""
+        if self.lm is None or self.lm.tokenizer is None:
+            raise ValueError("tokenize needs a loaded model with a tokenizer")
+        return {"ids": [self.lm.tokenizer.encode(t) for t in texts]}
 
     def cmd_setup(
         self, workload: str, prompts: list[list[int]], new_tokens: int, seed: int, method: str
@@ -216,6 +237,10 @@ class TransformersWorker(Worker):
         self.torch = torch
         self.transformers = transformers
         torch.set_num_threads(os.cpu_count() or 1)
+        # Loading a GGUF file draws two progress bars per load (transformers' own and a
+        # plain tqdm one, which TQDM_DISABLE turns off); the run's log has no use for them.
+        transformers.utils.logging.disable_progress_bar()
+        os.environ.setdefault("TQDM_DISABLE", "1")
         self.model = None
         self.device = "cpu"
 
@@ -227,6 +252,8 @@ class TransformersWorker(Worker):
         """
         torch, transformers = self.torch, self.transformers
         spec = MODELS[model]
+        if spec.is_gguf:
+            raise ValueError(f"model={model!r} is a GGUF file, not a random checkpoint")
         target = Path(model_dir)
         if (target / "config.json").is_file():
             return {"created": False}
@@ -236,9 +263,18 @@ class TransformersWorker(Worker):
             config = transformers.AutoConfig.for_model(spec.model_type, **spec.config)
             torch.manual_seed(spec.seed)
             transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-            if target.exists():
-                target.rmdir()  # only an empty leftover; a full one returned above
-            os.replace(tmp, target)
+            # A 1B-class model is GBs: free it before this process loads the checkpoint.
+            gc.collect()
+            if target.exists() and not any(target.iterdir()):
+                target.rmdir()  # an empty leftover
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                # Another process (a parallel test, a second run) made it meanwhile:
+                # the same spec and seed give the same weights, keep theirs.
+                if not (target / "config.json").is_file():
+                    raise
+                return {"created": False}
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -261,14 +297,19 @@ class TransformersWorker(Worker):
             info["cuda_device"] = torch.cuda.get_device_name(0)
         return info
 
-    def cmd_load(self, model_dir: str, dtype: str, device: str) -> dict[str, Any]:
+    def cmd_load(
+        self, model_dir: str, dtype: str, device: str, gguf_file: str | None = None
+    ) -> dict[str, Any]:
+        """Loads the checkpoint (`model_dir`, or its GGUF file `gguf_file`,
+        dequantized by transformers to `dtype`) onto `device`."""
         torch = self.torch
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
         self.model = (
             self.transformers.AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=getattr(torch, dtype)
+                model_dir, dtype=getattr(torch, dtype), **extra
             )
             .to(device)
             .eval()
@@ -360,8 +401,13 @@ class FlaxWorker(JaxMixin, Worker):
             "jax_device_kind": jax.devices()[0].device_kind,
         }
 
-    def cmd_load(self, model_dir: str, dtype: str) -> dict[str, Any]:
+    def cmd_load(self, model_dir: str, dtype: str, gguf_file: str | None = None) -> dict[str, Any]:
         import jax.numpy as jnp
+
+        if gguf_file:
+            raise ValueError(
+                "the hf-flax peer cannot load GGUF files (Flax from_pretrained has no gguf_file)"
+            )
 
         jdtype = jnp.dtype(dtype)
         self.model = self.transformers.FlaxAutoModelForCausalLM.from_pretrained(
