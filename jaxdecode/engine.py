@@ -1045,8 +1045,9 @@ def generate_many(
     """Generates for many prompts with continuous batching; results in prompt order.
 
     Prompts whose options cannot share slots (`group_key`) run in separate
-    engines, one after the other. Each result equals `generate` on that prompt
-    alone with its options and seed.
+    engines, one after the other; prompts with different output constraints
+    (`regex` / `json_schema` / `choices`, or none) share one. Each result equals
+    `generate` on that prompt alone with its options and seed.
 
     Args:
         model: a `CausalLM`.

@@ -66,6 +66,10 @@ STATIC = {
         repetition_penalty=1.1,
         frequency_penalty=0.1,
         presence_penalty=0.1,
+        # The extra log-probability outputs, recorded per slot.
+        output_raw_logprobs=True,
+        logprobs=3,
+        prompt_logprobs=2,
     ),
     "sample-fast-min_length": dict(
         do_sample=True,
@@ -111,26 +115,40 @@ def _workload(seed: int = 0, per_group: int = 6):
     return [prompts[i] for i in order], [configs[i] for i in order]
 
 
-def _alone(lm, prompt, options):
+def _alone(lm, prompt, options, res=None):
+    """`generate` on `prompt` alone: its tokens and log-probabilities; with `res`
+    (the engine's result), its other log-probability fields are checked too."""
     out = jd.generate(
         lm, np.asarray([prompt]), config=lm.generation_config.replace(**options),
         prompt_buckets=BUCKETS,
     )  # fmt: skip
-    n = int(out.lengths[0])
-    tokens = np.asarray(out.sequences)[0, len(prompt) : len(prompt) + n]
+    n, p = int(out.lengths[0]), len(prompt)
+    tokens = np.asarray(out.sequences)[0, p : p + n]
+    fields = {  # generate's columns: generated tokens, or the prompt's
+        "raw_token_logprobs": n, "top_logprobs": n, "top_token_ids": n,
+        "prompt_logprobs": p, "prompt_top_logprobs": p, "prompt_top_token_ids": p,
+    }  # fmt: skip
+    for name, cols in fields.items() if res is not None else ():
+        want, got = getattr(out, name), getattr(res, name)
+        assert (want is None) == (got is None), name
+        if want is not None:  # ids exactly, log-probabilities to float32 rounding
+            atol = 0 if name.endswith("ids") else 1e-5
+            np.testing.assert_allclose(got, np.asarray(want)[0, :cols], rtol=0, atol=atol)
     return tokens, np.asarray(out.token_logprobs)[0, :n]
 
 
 def test_each_prompt_equals_generate_alone():
     """24 prompts of 1-29 tokens in 4 groups (every processor, per-row values,
-    seeds and lengths differing) over 3 slots, refilled as rows finish."""
+    seeds and lengths differing) over 3 slots, refilled as rows finish; one group
+    also records raw log-probabilities, the top-3 alternatives and the prompt's
+    log-probabilities with its top-2, equal to generate's too."""
     lm = tiny_lm()
     prompts, configs = _workload()
     results = generate_many(lm, prompts, configs, slots=3, steps_per_call=4, prompt_buckets=BUCKETS)
     assert [r.index for r in results] == list(range(len(prompts)))
     lengths = []
     for prompt, options, res in zip(prompts, configs, results, strict=True):
-        tokens, logps = _alone(lm, prompt, options)
+        tokens, logps = _alone(lm, prompt, options, res)
         np.testing.assert_array_equal(res.tokens, tokens, err_msg=f"{prompt} {options}")
         # A row of a batch rounds its matmuls in another order than one row alone
         # (as in generate with several prompts): the last float32 bit may differ.
@@ -405,33 +423,3 @@ def test_constraint_table_compiles_only_when_its_bucket_grows():
     with pytest.raises(ValueError, match=r"prompt 13: regex '\(' is invalid"):
         engine.submit([prompt, prompt], [{"choices": ["new"]}, {"regex": "("}])
     assert engine.pending == 0 and ("choices", ["new"]) not in engine._table
-
-
-def test_extra_logprob_fields_equal_generate_alone():
-    """Raw log-probabilities, the top-3 alternatives per step and the prompt's
-    log-probabilities with its top-2, per slot, equal `generate` alone."""
-    lm = tiny_lm()
-    rng = np.random.default_rng(5)
-    prompts = _prompts(rng, 5, 2, 20)
-    options = [
-        dict(do_sample=True, top_k=10, output_raw_logprobs=True, logprobs=3, prompt_logprobs=2,
-             seed=int(rng.integers(0, 1000)), max_new_tokens=8)
-        for _ in prompts
-    ]  # fmt: skip
-    results = generate_many(lm, prompts, options, slots=2, steps_per_call=2, prompt_buckets=BUCKETS)
-    for prompt, opts, res in zip(prompts, options, results, strict=True):
-        out = jd.generate(
-            lm, np.asarray([prompt]), config=lm.generation_config.replace(**opts),
-            prompt_buckets=BUCKETS,
-        )  # fmt: skip
-        n, p = int(out.lengths[0]), len(prompt)
-        np.testing.assert_array_equal(res.tokens, np.asarray(out.sequences)[0, p : p + n])
-        close = functools.partial(np.testing.assert_allclose, rtol=0, atol=1e-5)
-        close(res.raw_token_logprobs, np.asarray(out.raw_token_logprobs)[0, :n])
-        close(res.top_logprobs, np.asarray(out.top_logprobs)[0, :n])
-        np.testing.assert_array_equal(res.top_token_ids, np.asarray(out.top_token_ids)[0, :n])
-        close(res.prompt_logprobs, np.asarray(out.prompt_logprobs)[0, :p])
-        close(res.prompt_top_logprobs, np.asarray(out.prompt_top_logprobs)[0, :p])
-        want_ids = np.asarray(out.prompt_top_token_ids)[0, :p]
-        np.testing.assert_array_equal(res.prompt_top_token_ids, want_ids)
-        assert res.prompt_logprobs.shape == (p,) and res.top_logprobs.shape == (n, 3)

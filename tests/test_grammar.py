@@ -486,8 +486,8 @@ def test_config_fields_round_trip():
 
 def test_cli_flags_and_eval_lines_with_different_schemas(tmp_path, capsys, monkeypatch):
     """`--regex` / `--choices` / `--json_schema` flags, and an eval file whose lines
-    carry different schemas (lines of one prompt bucket share a batch, their
-    automata one union table)."""
+    carry different schemas (on the engine they share the slots, their automata
+    one union table)."""
     from jaxdecode.cli import main
 
     monkeypatch.setenv("JAXDECODE_COMPILATION_CACHE", "off")
