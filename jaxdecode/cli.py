@@ -747,24 +747,38 @@ def _write_lines(out_file, progress: _Progress, results: list[dict]) -> None:
 
 def _engine_serves(config) -> bool:
     """Whether the continuous-batching engine gives this prompt's record: one
-    sequence (greedy or sampling), and no output it does not record (the extra
-    log-probability fields, an output constraint). The rest runs static batches."""
+    sequence (greedy or sampling; output constraints and every log-probability
+    field included). Beam search, several sequences and speculative decoding run
+    static batches."""
     return (
         config.num_beams == 1
         and config.num_return_sequences == 1
         and config.prompt_lookup_num_tokens is None  # speculative decoding: generate()
-        and config.constraints() is None
-        and not config.output_raw_logprobs
-        and config.logprobs is None
-        and config.prompt_logprobs is None
     )
+
+
+def _engine_logprob_fields(result) -> dict[str, Any]:
+    """`_logprob_fields` of an `EngineResult` (one row, its prompt unpadded)."""
+    import types
+
+    import numpy as np
+
+    def row(x):
+        return None if x is None else np.asarray(x)[None]
+
+    fields = (
+        "raw_token_logprobs", "top_logprobs", "top_token_ids",
+        "prompt_logprobs", "prompt_top_logprobs", "prompt_top_token_ids",
+    )  # fmt: skip
+    out = types.SimpleNamespace(**{name: row(getattr(result, name)) for name in fields})
+    return _logprob_fields(out, 0, len(result.tokens), np.ones(len(result.prompt), np.int32))
 
 
 def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
     """Continuous batching (`jaxdecode.Engine`, `compact_tail` from 8 slots): one engine per
-    group of prompts that may share slots (`engine.group_key`), `--batch_size`
-    slots; the records of each decode call's finished prompts are written (and
-    fsynced) at once."""
+    group of prompts that may share slots (`engine.group_key`: prompts with
+    different output constraints do), `--batch_size` slots; the records of each
+    decode call's finished prompts are written (and fsynced) at once."""
     import numpy as np
 
     from jaxdecode.engine import Engine, group_key
@@ -806,6 +820,7 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
                     "tokens": tokens,
                     "token_logprobs": [round(float(x), 6) for x in row_logps],
                     "sequence_score": None,
+                    **_engine_logprob_fields(r),
                 }
                 seed = cfg.seed if cfg.do_sample else None
                 lines.append(_eval_result(rec, seed, [output]))

@@ -11,15 +11,34 @@ Every row decodes exactly as it would alone: its draw is `fold_in(row key, its
 own token index)` and every length is per row (`DecodeContext`), so a prompt's
 tokens and log-probabilities equal `generate` on that prompt alone (same options,
 same seed), whatever slot it lands in, whatever runs beside it and whatever
-`steps_per_call` is.
+`steps_per_call` is. The extra outputs `generate` gives for one sequence are
+recorded per slot too: raw log-probabilities (`output_raw_logprobs`), the top-n
+alternatives (`logprobs=n`) and the prompt's log-probabilities
+(`prompt_logprobs`, from the prefill).
+
+Output constraints (`regex`, `json_schema`, `choices`) are per row: the engine
+keeps one union table (`grammar.UnionTable`) of every distinct constraint it
+has been given, built on the host at `submit` (each constraint compiled once,
+appended, so the states of rows already decoding keep their numbers), and each
+slot's automaton state is its row of the processor state, set to the
+constraint's start state when a prompt is placed into the slot (`FREE`, a
+pass-through, for a prompt without one). The table's arrays keep their shapes
+(states and transitions padded to powers of two, never shrinking) until the
+set outgrows them: then, and when the first constraint arrives, the programs
+compile again; a fixed set of constraints, or a new set that fits the same
+bucket, compiles nothing. When no prompt is live or waiting, `submit` starts
+the set afresh (same shapes), so the table holds the constraints of one run of
+prompts, not of the engine's whole life. An engine that never sees a
+constraint has no constraint processor at all.
 
 Static (one program each): the slot count, `max_len`, the prefill group size,
-each prompt bucket, the decoding strategy and which processors are present.
-Traced, per row: the prompt, its seed, its `max_new_tokens`, and every per-row
-value (`GenerationConfig` fields with `per_row`: temperature, top_k, top_p,
-min_p, typical_p, epsilon/eta cutoffs, repetition/frequency/presence
-penalties). Prompts whose other options differ cannot share slots: `Engine`
-refuses them, `generate_many` runs one engine per group. Beam search and
+each prompt bucket, the decoding strategy, which processors are present and
+the constraint table's shape. Traced, per row: the prompt, its seed, its
+`max_new_tokens`, its constraint and every per-row value (`GenerationConfig`
+fields with `per_row`: temperature, top_k, top_p, min_p, typical_p,
+epsilon/eta cutoffs, repetition/frequency/presence penalties). Prompts whose
+other options differ cannot share slots: `Engine` refuses them,
+`generate_many` runs one engine per group. Beam search and
 `num_return_sequences > 1` are refused (use `generate`).
 
 A module over ~500 lines: the engine, its two programs and the grouping rules
@@ -41,12 +60,13 @@ import numpy as np
 
 from jaxdecode import pytree
 from jaxdecode.cache import KVCache
-from jaxdecode.config import PER_ROW_FIELDS, SEED_MAX, GenerationConfig
+from jaxdecode.config import CONSTRAINT_FIELDS, PER_ROW_FIELDS, SEED_MAX, GenerationConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.generation import available_bytes, bucket_length, stop_tables
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import Chain, LogitsProcessor, TracedConfig, from_config
-from jaxdecode.search.loop import DecodeState, Plan, row_keys
+from jaxdecode.processors.grammar import FREE, Grammar, UnionTable, compile_spec, spec_key
+from jaxdecode.search.loop import DecodeState, Plan, prompt_outputs, row_keys
 from jaxdecode.search.sample import decode_step
 
 Array = jax.Array
@@ -62,7 +82,15 @@ __all__ = [
 ]
 
 # Resolved per prompt, never part of what must be shared.
-_PER_PROMPT = frozenset(PER_ROW_FIELDS) | {"seed", "max_new_tokens", "max_length"}
+_PER_PROMPT = (
+    frozenset(PER_ROW_FIELDS)
+    | frozenset(CONSTRAINT_FIELDS)
+    | {"seed", "max_new_tokens", "max_length"}
+)
+
+
+def _unconstrained(config: GenerationConfig) -> GenerationConfig:
+    return config.replace(**dict.fromkeys(CONSTRAINT_FIELDS))
 
 
 # --------------------------------------------------------------------------- #
@@ -77,14 +105,15 @@ def _structure(config: GenerationConfig) -> Any:
 
 def group_key(config: GenerationConfig) -> tuple:
     """What prompts must have in common to share one engine (one decode program):
-    every option except the per-row values, the seed and the length, and which
-    processors are present (the chain's tree structure)."""
+    every option except the per-row values, the seed, the length and the output
+    constraint, and which processors are present (the chain's tree structure;
+    a constraint is per row, see the module docstring)."""
     fixed = tuple(
         (f.name, getattr(config, f.name))
         for f in dataclasses.fields(config)
         if f.name not in _PER_PROMPT
     )
-    same = config.replace(seed=None, max_new_tokens=None, max_length=None)
+    same = _unconstrained(config).replace(seed=None, max_new_tokens=None, max_length=None)
     return fixed, _structure(same)
 
 
@@ -92,6 +121,7 @@ def arrayed_fields(config: GenerationConfig, rows: int) -> tuple[str, ...]:
     """The per-row fields that can be `[rows]` arrays without changing which
     processors are present (an absent processor's neutral value stays a scalar,
     part of `group_key`)."""
+    config = _unconstrained(config)
     base = jax.tree_util.tree_structure(from_config(config))
     out = []
     for name in PER_ROW_FIELDS:
@@ -164,13 +194,28 @@ class SlotState:
             finished and empty slots).
         traced: the processor chain, its per-row values `[S]`.
         max_new: `[S]` int32, each row's `max_new_tokens`.
-        logp: `[S, L]` float32, log-probability of each generated token.
+        outs: what each generated token records, by `decode_step`'s names:
+            `"logp"` `[S, L]` float32 log-probability of each generated token;
+            `"raw_logp"` `[S, L]` (`output_raw_logprobs`); `"top_logp"` float32
+            and `"top_ids"` int32 `[S, L, n]` (`logprobs=n`).
     """
 
     dec: DecodeState
     traced: TracedConfig
     max_new: Array
-    logp: Array
+    outs: dict[str, Array]
+
+
+def _out_buffers(cfg: Any, rows: int, width: int) -> dict[str, Array]:
+    """Zeroed `SlotState.outs` for `rows` rows of `width` tokens (`cfg`: the
+    `StaticConfig`)."""
+    outs = {"logp": jnp.zeros((rows, width), jnp.float32)}
+    if cfg.output_raw_logprobs:
+        outs["raw_logp"] = jnp.zeros((rows, width), jnp.float32)
+    if cfg.logprobs:
+        outs["top_logp"] = jnp.zeros((rows, width, cfg.logprobs), jnp.float32)
+        outs["top_ids"] = jnp.zeros((rows, width, cfg.logprobs), jnp.int32)
+    return outs
 
 
 def _admit(
@@ -183,7 +228,7 @@ def _admit(
     max_new: Array,
     seeds: Array,
     processor: Chain,
-) -> SlotState:
+) -> tuple[SlotState, dict[str, Array] | None]:
     """Prefills `n` prompts of one bucket and places them into `slots`.
 
     Args:
@@ -193,13 +238,24 @@ def _admit(
         max_new: `[n]` int32 `max_new_tokens` per prompt.
         seeds: `[n]` uint32, each prompt's seed (its key is `jax.random.key(seed)`,
             as `generate(seed=...)` makes it).
-        processor: the chain with the new rows' per-row values `[n]`.
+        processor: the chain with the new rows' per-row values `[n]` (and their
+            constraints' start states).
+
+    Returns:
+        The state, and the prompts' log-probabilities (`prompt_outputs`,
+        `[n, bucket]` / `[n, bucket, k]`) when the config asks for them, else None.
     """
     n, bucket = ids.shape
-    width = state.logp.shape[1]
+    width = state.outs["logp"].shape[1]
     cache = plan.decoder.init_cache(n, width, None)
-    # The LM head on the last position only: the others' logits are not needed.
-    last, cache = plan.decoder.prefill_last(params, ids, positions_from_mask(mask), cache, mask)
+    positions = positions_from_mask(mask)
+    prompt = None
+    if plan.config.prompt_logprobs >= 0:  # every position's logits, as generate's prefill
+        logits, cache = plan.decoder.apply(params, ids, positions, cache, mask)
+        last = logits[:, -1, :].astype(jnp.float32)
+        prompt = prompt_outputs(plan, logits, ids, mask)
+    else:  # the LM head on the last position only: the others' logits are not needed
+        last, cache = plan.decoder.prefill_last(params, ids, positions, cache, mask)
     prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
     pad = jnp.full((n, width - bucket), plan.config.pad_token_id, jnp.int32)
     ctx = DecodeContext.from_ids(
@@ -225,12 +281,13 @@ def _admit(
         stop_window=None if state.traced.stop is None else state.traced.stop.init(ctx),
     )
     traced = state.traced.replace(processor=_put_per_row(state.traced.processor, processor, slots))
-    return state.replace(
+    new = state.replace(
         dec=_put_rows(state.dec, rows, slots),
         traced=traced,
         max_new=state.max_new.at[slots].set(max_new, mode="drop"),
-        logp=state.logp.at[slots].set(0.0, mode="drop"),
+        outs={k: v.at[slots].set(0, mode="drop") for k, v in state.outs.items()},
     )
+    return new, prompt
 
 
 def _decode(
@@ -247,10 +304,10 @@ def _decode(
         i, work, st = carry
         live = ~st.dec.done
         dec, out = decode_step(plan, params, st.traced, st.dec, True)
-        col = jnp.where(live, st.dec.lengths, st.logp.shape[1])
-        logp = st.logp.at[rows, col].set(out["logp"], mode="drop")
+        col = jnp.where(live, st.dec.lengths, st.outs["logp"].shape[1])
+        outs = {k: v.at[rows, col].set(out[k], mode="drop") for k, v in st.outs.items()}
         dec = dec.replace(done=dec.done | (dec.lengths >= st.max_new))
-        return i + 1, work + jnp.sum(live), st.replace(dec=dec, logp=logp)
+        return i + 1, work + jnp.sum(live), st.replace(dec=dec, outs=outs)
 
     def cond(carry):
         i, _, st = carry
@@ -285,8 +342,21 @@ def _empty(plan: Plan, width: int, processor: Chain, stop: Any) -> SlotState:
         dec=dec,
         traced=TracedConfig(processor=processor, length_penalty=jnp.float32(1.0), stop=stop),
         max_new=zeros,
-        logp=jnp.zeros((slots, width), jnp.float32),
+        outs=_out_buffers(plan.config, slots, width),
     )
+
+
+def _rows_of(chain: Chain, pick: Any) -> Chain:
+    """`chain` with `pick(value)` applied to every per-row value `[S]`."""
+    procs = []
+    for p in chain.processors:
+        changes = {
+            field: pick(getattr(p, field))
+            for field in p.row_fields
+            if jnp.ndim(getattr(p, field)) == 1
+        }
+        procs.append(dataclasses.replace(p, **changes) if changes else p)
+    return Chain(processors=tuple(procs))
 
 
 def _take(state: SlotState, rows: Array) -> SlotState:
@@ -299,16 +369,13 @@ def _take(state: SlotState, rows: Array) -> SlotState:
         return x if jnp.ndim(x) == 0 else x[rows]
 
     dec = jax.tree_util.tree_map(take, state.dec, is_leaf=lambda x: isinstance(x, KVCache))
-    procs = []
-    for p in state.traced.processor.processors:
-        changes = {
-            field: getattr(p, field)[rows]
-            for field in p.row_fields
-            if jnp.ndim(getattr(p, field)) == 1
-        }
-        procs.append(dataclasses.replace(p, **changes) if changes else p)
-    traced = state.traced.replace(processor=Chain(processors=tuple(procs)))
-    return SlotState(dec=dec, traced=traced, max_new=state.max_new[rows], logp=state.logp[rows])
+    traced = state.traced.replace(processor=_rows_of(state.traced.processor, lambda v: v[rows]))
+    return SlotState(
+        dec=dec,
+        traced=traced,
+        max_new=state.max_new[rows],
+        outs={k: v[rows] for k, v in state.outs.items()},
+    )
 
 
 def _spread(full: SlotState, small: SlotState, rows: Array) -> SlotState:
@@ -320,8 +387,27 @@ def _spread(full: SlotState, small: SlotState, rows: Array) -> SlotState:
         dec=_put_rows(full.dec, small.dec, rows),
         traced=traced,
         max_new=full.max_new.at[rows].set(small.max_new),
-        logp=full.logp.at[rows].set(small.logp),
+        outs={k: v.at[rows].set(small.outs[k]) for k, v in full.outs.items()},
     )
+
+
+def _with_table(state: SlotState, grammar: Grammar, at: int) -> SlotState:
+    """`state` with the constraint table of `grammar` (copied: the state's
+    buffers are donated to the programs): its `Grammar` gets the new arrays and
+    keeps its rows' start states; a state without one gets it at position `at`
+    of its chain, every row free."""
+    table = jax.tree_util.tree_map(jnp.copy, grammar)
+    procs = list(state.traced.processor.processors)
+    proc_state = list(state.dec.proc_state)
+    rows = state.max_new.shape[0]
+    if any(isinstance(p, Grammar) for p in procs):
+        i = next(j for j, p in enumerate(procs) if isinstance(p, Grammar))
+        procs[i] = table.replace(start=procs[i].start)
+    else:
+        procs.insert(at, table.replace(start=jnp.full((rows,), FREE, jnp.int32)))
+        proc_state.insert(at, jnp.full((rows,), FREE, jnp.int32))
+    traced = state.traced.replace(processor=Chain(processors=tuple(procs)))
+    return state.replace(traced=traced, dec=state.dec.replace(proc_state=tuple(proc_state)))
 
 
 _empty_jit = jax.jit(_empty, static_argnums=(0, 1))
@@ -351,6 +437,15 @@ class EngineResult:
         config: the prompt's resolved config (`max_new_tokens` set, its seed when
             sampling).
         seed: the seed it sampled with (drawn here when it had none), else None.
+        raw_token_logprobs: `[n]` float32 the tokens' log-probabilities under the
+            model alone (`output_raw_logprobs`), else None.
+        top_logprobs, top_token_ids: `[n, k]` the k best log-probabilities at
+            each step and their ids (`logprobs=k`), else None.
+        prompt_logprobs: `[p]` float32 each prompt token's log-probability given
+            the tokens before it, 0 for the first (`prompt_logprobs`), else None.
+        prompt_top_logprobs, prompt_top_token_ids: `[p, k]` the k best at each
+            prompt position (0 and the pad id for the first) (`prompt_logprobs=k`,
+            k >= 1), else None.
     """
 
     index: int
@@ -359,6 +454,12 @@ class EngineResult:
     token_logprobs: np.ndarray
     config: GenerationConfig
     seed: int | None
+    raw_token_logprobs: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    top_token_ids: np.ndarray | None = None
+    prompt_logprobs: np.ndarray | None = None
+    prompt_top_logprobs: np.ndarray | None = None
+    prompt_top_token_ids: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -417,6 +518,10 @@ class _Pending:
     seed: int
     bucket: int
     max_new: int
+    spec: tuple[str, Any] | None  # the output constraint
+    # The prefill's prompt log-probabilities (device arrays of its group) and row.
+    prompt_out: dict[str, Array] | None = None
+    row: int = 0
 
 
 def _model_parts(model: Any) -> tuple[Decoder, Any, GenerationConfig]:
@@ -459,9 +564,15 @@ class Engine:
             decoding are live, move the live rows into a state of a quarter as
             many rows (down to one), so that the tail's steps compute only them
             (on a CPU a step costs in proportion to its rows). The programs of
-            every size (`slots`, `slots/4`, ...) are compiled here, at
-            construction; a `submit` after compaction moves the rows back
-            (compiling that copy on its first use).
+            every size (`slots`, `slots/4`, ...) are compiled before the first
+            decoding call (and again after the constraint table grows); a
+            `submit` after compaction moves the rows back (compiling that copy
+            on its first use).
+
+    Attributes:
+        cache_bytes, state_bytes: device bytes of the slot cache and of the
+            rest of the slot state (estimate).
+        table_bytes: device bytes of the constraint table (0 without one).
 
     Raises:
         ValueError: a bad argument, or a slot cache that cannot fit in the
@@ -496,6 +607,8 @@ class Engine:
         self.tokenizer = getattr(model, "tokenizer", None)
         self._key = group_key(self.config)
         self._arrayed = arrayed_fields(self.config, self.slots)
+        # The constraints' union table (built at submit; None: no constraint yet).
+        self._table: UnionTable | None = None
         self.cache_bytes, self.state_bytes = self._check_memory()
         static = self.config.replace(max_new_tokens=self.max_len, max_length=None).static()
         self._plan = Plan(
@@ -521,18 +634,10 @@ class Engine:
         self._state = _empty_jit(self._plan, self.max_len, self._template(self.slots), stop)
         self._size = self.slots  # rows of self._state
         self._small: dict[int, tuple[Plan, Any]] = {}
-        for size in self._levels[1:]:  # compile every size's programs now
+        for size in self._levels[1:]:
             plan = dataclasses.replace(self._plan, batch=size)
             self._small[size] = (plan, _prepare_jit(decoder, params, size))
-        if len(self._levels) > 1:
-            state = _empty_jit(self._plan, self.max_len, self._template(self.slots), stop)
-            for size in self._levels[1:]:
-                state = _take_jit(state, jnp.arange(size, dtype=jnp.int32))
-                plan, prepared = self._small[size]
-                state, _, _ = _decode_jit(
-                    plan, self.steps_per_call, prepared, state, jnp.int32(size + 1)
-                )
-            del state
+        self._warmed: Any = False  # the table shape the smaller sizes were compiled for
         # Waiting prompts by bucket, each in submission order.
         self._pending: dict[int, collections.deque[_Pending]] = {}
         self._owner: dict[int, _Pending] = {}
@@ -541,13 +646,50 @@ class Engine:
         self.stats = EngineStats(slots=self.slots)
 
     # ------------------------------------------------------------------ #
-    def _template(self, rows: int, configs: Sequence[GenerationConfig] | None = None) -> Chain:
+    @property
+    def table_bytes(self) -> int:
+        """Device bytes of the constraint table (0 before the first constraint)."""
+        return 0 if self._table is None else self._table.nbytes
+
+    def _table_shape(self) -> Any:
+        return None if self._table is None else self._table.shape
+
+    def _template(
+        self,
+        rows: int,
+        configs: Sequence[GenerationConfig] | None = None,
+        specs: Sequence[tuple[str, Any] | None] | None = None,
+    ) -> Chain:
         """The chain with per-row values `[rows]` (from `configs`, else the
-        engine's config repeated); tables sized for the longest row."""
+        engine's config repeated) and, once the engine has a constraint table,
+        the constraint processor with each row's start state (from `specs`,
+        else every row free); tables sized for the longest row."""
         configs = list(configs) if configs else [self.config] * rows
         values = _row_values(configs, self._arrayed)
-        config = configs[0].replace(**values, max_new_tokens=self.max_len, max_length=None)
-        return from_config(config)
+        config = _unconstrained(configs[0]).replace(
+            **values, max_new_tokens=self.max_len, max_length=None
+        )
+        grammar = None
+        if self._table is not None and self._table.grammar is not None:
+            starts = [self._table.start(s) for s in specs] if specs else [FREE] * rows
+            grammar = self._table.grammar.replace(start=jnp.asarray(starts, jnp.int32))
+        return from_config(config, extra=grammar)
+
+    def _warm_up(self) -> None:
+        """Compiles the decode program and the row copy of every smaller size
+        (`compact_tail`) for the current chain, once per constraint table shape."""
+        shape = self._table_shape()
+        if len(self._levels) == 1 or self._warmed == (shape,):
+            return
+        state = _empty_jit(self._plan, self.max_len, self._template(self.slots), self._stop)
+        for size in self._levels[1:]:
+            state = _take_jit(state, jnp.arange(size, dtype=jnp.int32))
+            plan, prepared = self._small[size]
+            state, _, _ = _decode_jit(
+                plan, self.steps_per_call, prepared, state, jnp.int32(size + 1)
+            )
+        del state
+        self._warmed = (shape,)
 
     def _check_memory(self) -> tuple[int, int]:
         slots, width, vocab = self.slots, self.max_len, self.decoder.vocab_size
@@ -555,11 +697,13 @@ class Engine:
         cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
         chain = jax.eval_shape(lambda: self._template(slots))
         # Tallies of stateful processors are [slots, vocab]; logits, scores and a
-        # few temporaries per step; the token buffer and log-probabilities.
+        # few temporaries per step; the token buffer and the recorded outputs.
         tallies = sum(
             slots * vocab * 4 for p in chain.processors if type(p).init is not LogitsProcessor.init
         )
-        other = 8 * slots * vocab * 4 + 2 * slots * width * 4 + tallies
+        outs = jax.eval_shape(lambda: _out_buffers(self.config.static(), slots, width))
+        recorded = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(outs))
+        other = 8 * slots * vocab * 4 + slots * width * 4 + recorded + tallies
         free = available_bytes()
         if free is not None and cache_bytes + other > free:
             raise ValueError(
@@ -582,11 +726,14 @@ class Engine:
             configs: None (the engine's config), one `GenerationConfig` or dict
                 of overrides for every prompt, or one per prompt. A prompt that
                 samples without a seed gets a fresh one (reported in its result).
+                Each prompt may carry its own `regex` / `json_schema` /
+                `choices` (compiled here, into the engine's constraint table).
 
         Raises:
             ValueError (before anything is queued): a bad prompt, a prompt that
-            does not fit `max_len`, or options that cannot share this engine's
-            program (name the field; see `generate_many`).
+            does not fit `max_len`, options that cannot share this engine's
+            program (name the field; see `generate_many`), an invalid or
+            unsatisfiable constraint, or a constraint table over its size limit.
         """
         prompts = list(prompts)
         if isinstance(configs, (list, tuple)):
@@ -602,6 +749,7 @@ class Engine:
             self._resolve(self._submitted + i, p, c)
             for i, (p, c) in enumerate(zip(prompts, per, strict=True))
         ]
+        self._add_constraints(items)
         for it in items:
             self._pending.setdefault(it.bucket, collections.deque()).append(it)
         self._submitted += len(items)
@@ -648,7 +796,55 @@ class Engine:
                 f"{', '.join(PER_ROW_FIELDS)}, seed, max_new_tokens); use generate_many, which "
                 "runs one engine per group"
             )
-        return _Pending(index, ids, config, seed, bucket, max_new)
+        return _Pending(index, ids, config, seed, bucket, max_new, self._spec(index, config))
+
+    def _spec(self, index: int, config: GenerationConfig) -> tuple[str, Any] | None:
+        """The prompt's one output constraint `(field, value)`, or None."""
+        parsed = config.constraints()
+        if parsed is None:
+            return None
+        per_row, specs = parsed
+        if per_row and len(specs) != 1:
+            raise ValueError(
+                f"prompt {index}: regex / json_schema / choices hold a list of {len(specs)} "
+                "per-row constraints; an engine prompt is one row: give each prompt its own"
+            )
+        spec = specs[0]
+        if spec is not None and self.tokenizer is None:
+            raise ValueError(
+                f"prompt {index}: {spec[0]} needs the model's tokenizer (the model has none)"
+            )
+        if spec is not None and not config.eos_ids:
+            raise ValueError(
+                f"prompt {index}: {spec[0]} needs eos_token_id (a row ends with EOS once complete)"
+            )
+        return spec
+
+    def _add_constraints(self, items: list[_Pending]) -> None:
+        """Compiles the items' new constraints into the table and gives the live
+        state the new table (before anything is queued: errors leave the engine
+        as it was)."""
+        if self._table is None and not any(it.spec is not None for it in items):
+            return
+        if self._table is None:
+            self._table = UnionTable(self.tokenizer, self.config.eos_ids)
+        elif not self.pending:
+            self._table.clear()  # nothing uses the table: start the set afresh
+        compiled: dict[Any, tuple] = {}
+        for it in items:
+            if it.spec is None or it.spec in self._table or spec_key(it.spec) in compiled:
+                continue
+            try:
+                compiled[spec_key(it.spec)] = (it.spec, compile_spec(it.spec, self.tokenizer))
+            except ValueError as e:
+                raise ValueError(f"prompt {it.index}: {e}") from None
+        free = available_bytes()
+        # The table lives twice: in the slot state and in each prefill's chain.
+        if not self._table.add(list(compiled.values()), budget=None if free is None else free // 2):
+            return
+        chain = self._template(1).processors
+        at = next(i for i, p in enumerate(chain) if isinstance(p, Grammar))
+        self._state = _with_table(self._state, self._table.grammar, at)
 
     # ------------------------------------------------------------------ #
     @property
@@ -667,6 +863,7 @@ class Engine:
 
     def step(self) -> list[EngineResult]:
         """One round: fill free slots, one call of the decode program, harvest."""
+        self._warm_up()
         self._admit_waiting()
         if not self._owner:
             return []
@@ -734,12 +931,13 @@ class Engine:
         target = np.asarray(slots + [self.slots] * (rows - len(group)), np.int32)
         max_new = np.asarray([it.max_new for it in filler], np.int32)
         seeds = np.asarray([it.seed for it in filler], np.uint32)
-        processor = self._template(rows, [it.config for it in filler])
-        self._state = _admit_jit(
+        processor = self._template(rows, [it.config for it in filler], [it.spec for it in filler])
+        self._state, prompt = _admit_jit(
             self._plan, self._params, self._state, ids, mask, target, max_new, seeds, processor
         )
-        for slot, it in zip(slots, group, strict=True):
+        for r, (slot, it) in enumerate(zip(slots, group, strict=True)):
             self._owner[slot] = it
+            it.prompt_out, it.row = prompt, r
         self.stats.prefills += 1
 
     def _harvest(self) -> list[EngineResult]:
@@ -749,25 +947,44 @@ class Engine:
             return []
         seqs = np.asarray(self._state.dec.ctx.sequences)
         lengths = np.asarray(self._state.dec.lengths)
-        logp = np.asarray(self._state.logp)
+        outs = {k: np.asarray(v) for k, v in self._state.outs.items()}
         out = []
         for slot in finished:
             it = self._owner.pop(slot)
             n = int(lengths[slot])
+            got = {k: v[slot, :n].copy() for k, v in outs.items()}
             out.append(
                 EngineResult(
                     index=it.index,
                     prompt=it.ids,
                     tokens=seqs[slot, it.bucket : it.bucket + n].copy(),
-                    token_logprobs=logp[slot, :n].copy(),
+                    token_logprobs=got["logp"],
                     config=it.config,
                     seed=it.seed if it.config.do_sample else None,
+                    raw_token_logprobs=got.get("raw_logp"),
+                    top_logprobs=got.get("top_logp"),
+                    top_token_ids=got.get("top_ids"),
+                    **_prompt_fields(it),
                 )
             )
             self.stats.tokens += n
             self.stats.finished += 1
         self._free = sorted(self._free + finished)
         return out
+
+
+def _prompt_fields(it: _Pending) -> dict[str, np.ndarray]:
+    """An `EngineResult`'s prompt log-probability fields: the prompt's columns of
+    its prefill row (the bucket's left padding cut off)."""
+    if it.prompt_out is None:
+        return {}
+    names = {
+        "logprobs": "prompt_logprobs",
+        "top_logprobs": "prompt_top_logprobs",
+        "top_ids": "prompt_top_token_ids",
+    }
+    first = it.bucket - len(it.ids)
+    return {names[k]: np.asarray(v)[it.row, first:] for k, v in it.prompt_out.items()}
 
 
 def _check_strategy(config: GenerationConfig) -> None:
@@ -828,8 +1045,9 @@ def generate_many(
     """Generates for many prompts with continuous batching; results in prompt order.
 
     Prompts whose options cannot share slots (`group_key`) run in separate
-    engines, one after the other. Each result equals `generate` on that prompt
-    alone with its options and seed.
+    engines, one after the other; prompts with different output constraints
+    (`regex` / `json_schema` / `choices`, or none) share one. Each result equals
+    `generate` on that prompt alone with its options and seed.
 
     Args:
         model: a `CausalLM`.

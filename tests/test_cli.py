@@ -671,11 +671,22 @@ def test_eval_lines_equal_generate_json(
     model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache
 ):
     """eval's lines, on the engine (the default) and in static batches, are what
-    `generate --json` prints for each prompt with its options and seed; prompts
-    the engine does not serve (beam search, several sequences, the extra
-    log-probability outputs, a constraint) run static batches in the same run."""
+    `generate --json` prints for each prompt with its options and seed. The
+    engine serves a constraint (sharing slots with free prompts) and the extra
+    log-probability outputs; prompts it does not serve (beam search, several
+    sequences) run static batches in the same run."""
+    from jaxdecode import engine as engine_mod
+
     lm = jaxdecode.from_pretrained(model_dir)  # one decoder: programs are shared
     monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    on_engine = []
+    submit = engine_mod.Engine.submit
+
+    def spy(self, prompts, configs=None):
+        on_engine.extend(lm.tokenizer.decode(list(p)) for p in prompts)
+        return submit(self, prompts, configs)
+
+    monkeypatch.setattr(engine_mod.Engine, "submit", spy)
     base = ["--model", model_dir, "--max_new_tokens", "5"]
     # A stop string the greedy output reaches (its third byte, when printable).
     (greedy,) = json_lines(in_process(capsys, "generate", "In the", *base, "--json"))
@@ -688,7 +699,8 @@ def test_eval_lines_equal_generate_json(
         {"id": "beams", "prompt": "light", "num_beams": 2},
         {"id": "two", "prompt": "and", "do_sample": True, "num_return_sequences": 2,
          "repetition_penalty": 1.3},
-        {"id": "logprobs", "prompt": "God", "logprobs": 2, "output_raw_logprobs": True},
+        {"id": "logprobs", "prompt": "God", "logprobs": 2, "output_raw_logprobs": True,
+         "prompt_logprobs": 1},
         {"id": "choices", "prompt": "Yes or no?", "choices": ["yes", "no"]},
         {"id": "long", "prompt": "a much longer prompt than the others", "max_length": 40},
     ]  # fmt: skip
@@ -696,6 +708,7 @@ def test_eval_lines_equal_generate_json(
     write_jsonl(prompts_file, lines)
     runs = {}
     for mode in ("engine", "static"):
+        on_engine.clear()
         out_file = tmp_path / f"{mode}.jsonl"
         in_process(
             capsys, "eval", str(prompts_file), "-o", str(out_file), *base, "--seed", "3",
@@ -704,6 +717,9 @@ def test_eval_lines_equal_generate_json(
         )  # fmt: skip
         runs[mode] = {r["id"]: r for r in read_results(out_file)}
         assert runs[mode].keys() == {line["id"] for line in lines}
+        static_only = ("light", "and")  # beams, two sequences
+        served = [line["prompt"] for line in lines if line["prompt"] not in static_only]
+        assert sorted(on_engine) == (sorted(served) if mode == "engine" else [])
     results = runs["engine"]
     for line in lines:
         rec = results[line["id"]]

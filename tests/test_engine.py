@@ -66,6 +66,10 @@ STATIC = {
         repetition_penalty=1.1,
         frequency_penalty=0.1,
         presence_penalty=0.1,
+        # The extra log-probability outputs, recorded per slot.
+        output_raw_logprobs=True,
+        logprobs=3,
+        prompt_logprobs=2,
     ),
     "sample-fast-min_length": dict(
         do_sample=True,
@@ -111,26 +115,40 @@ def _workload(seed: int = 0, per_group: int = 6):
     return [prompts[i] for i in order], [configs[i] for i in order]
 
 
-def _alone(lm, prompt, options):
+def _alone(lm, prompt, options, res=None):
+    """`generate` on `prompt` alone: its tokens and log-probabilities; with `res`
+    (the engine's result), its other log-probability fields are checked too."""
     out = jd.generate(
         lm, np.asarray([prompt]), config=lm.generation_config.replace(**options),
         prompt_buckets=BUCKETS,
     )  # fmt: skip
-    n = int(out.lengths[0])
-    tokens = np.asarray(out.sequences)[0, len(prompt) : len(prompt) + n]
+    n, p = int(out.lengths[0]), len(prompt)
+    tokens = np.asarray(out.sequences)[0, p : p + n]
+    fields = {  # generate's columns: generated tokens, or the prompt's
+        "raw_token_logprobs": n, "top_logprobs": n, "top_token_ids": n,
+        "prompt_logprobs": p, "prompt_top_logprobs": p, "prompt_top_token_ids": p,
+    }  # fmt: skip
+    for name, cols in fields.items() if res is not None else ():
+        want, got = getattr(out, name), getattr(res, name)
+        assert (want is None) == (got is None), name
+        if want is not None:  # ids exactly, log-probabilities to float32 rounding
+            atol = 0 if name.endswith("ids") else 1e-5
+            np.testing.assert_allclose(got, np.asarray(want)[0, :cols], rtol=0, atol=atol)
     return tokens, np.asarray(out.token_logprobs)[0, :n]
 
 
 def test_each_prompt_equals_generate_alone():
     """24 prompts of 1-29 tokens in 4 groups (every processor, per-row values,
-    seeds and lengths differing) over 3 slots, refilled as rows finish."""
+    seeds and lengths differing) over 3 slots, refilled as rows finish; one group
+    also records raw log-probabilities, the top-3 alternatives and the prompt's
+    log-probabilities with its top-2, equal to generate's too."""
     lm = tiny_lm()
     prompts, configs = _workload()
     results = generate_many(lm, prompts, configs, slots=3, steps_per_call=4, prompt_buckets=BUCKETS)
     assert [r.index for r in results] == list(range(len(prompts)))
     lengths = []
     for prompt, options, res in zip(prompts, configs, results, strict=True):
-        tokens, logps = _alone(lm, prompt, options)
+        tokens, logps = _alone(lm, prompt, options, res)
         np.testing.assert_array_equal(res.tokens, tokens, err_msg=f"{prompt} {options}")
         # A row of a batch rounds its matmuls in another order than one row alone
         # (as in generate with several prompts): the last float32 bit may differ.
@@ -228,6 +246,10 @@ def test_refusals():
         engine.submit([[1], [2]], [None])
     with pytest.raises(ValueError, match=r"output_scores=True needs generate"):
         engine.submit([[1]], {"output_scores": True})
+    with pytest.raises(ValueError, match=r"prompt 0: regex needs the model's tokenizer \(the mod"):
+        engine.submit([[1]], {"regex": "a+"})
+    with pytest.raises(ValueError, match=r"prompt 0: .*list of 2 per-row constraints"):
+        engine.submit([[1]], {"regex": ["a+", None]})
     assert engine.pending == 0, "a refused submit queued nothing"
     with pytest.raises(ValueError, match=r"slots must be an integer >= 1, got 0"):
         Engine(lm, slots=0, max_len=32)
@@ -285,3 +307,119 @@ def test_compact_tail_same_results_no_compilation_after_warm_up():
         for i in range(14):
             np.testing.assert_array_equal(got[i].tokens, want[i].tokens)
             np.testing.assert_allclose(got[i].token_logprobs, want[i].token_logprobs, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# Output constraints and the extra log-probability outputs, per slot.
+# --------------------------------------------------------------------------- #
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+# Constraints of a few states each (the table stays in its smallest bucket, 16).
+CONSTRAINTS = [
+    {"regex": r"[0-9]{3}-[a-z ]+"},
+    {"choices": ["light", "darkness"]},
+    {"json_schema": SCHEMA},
+    {},
+]
+TEXTS = ["And God said", "In", "Let there be light and there was", "Unto the", "b", "He called"]
+
+
+@functools.cache
+def bundled() -> jd.CausalLM:
+    return jd.from_pretrained("bundled")
+
+
+def _check_valid(lm, tokens, options) -> None:
+    """An output that ended with EOS matches its constraint."""
+    import json
+    import re
+
+    toks = tokens.tolist()
+    if not toks or toks[-1] not in lm.generation_config.eos_ids:
+        return
+    text = lm.tokenizer.decode(toks[:-1])
+    if "regex" in options:
+        assert re.fullmatch(options["regex"], text), text
+    if "choices" in options:
+        assert text in options["choices"], text
+    if "json_schema" in options:
+        assert isinstance(json.loads(text)["n"], int), text
+
+
+def test_constrained_prompts_equal_generate_alone():
+    """Regex, choices, JSON schema and free prompts of 1-33 tokens share 3 slots;
+    each output equals `generate` on that prompt alone, greedy and sampled (per-row
+    seeds and temperatures). The sampled engine starts with free rows and one
+    regex; the other constraints arrive while those rows decode (the table grows
+    past its bucket, the live rows keep their states)."""
+    lm = bundled()
+    prompts = [lm.tokenizer.encode(t) for t in TEXTS * 2]
+    rng = np.random.default_rng(4)
+    greedy = [{**CONSTRAINTS[i % 4], "do_sample": False, "max_new_tokens": 16} for i in range(12)]
+    sampled = [
+        {**CONSTRAINTS[i % 4], "seed": int(rng.integers(0, 2**32 - 1)), "top_k": 0,
+         "top_p": 1.0, "temperature": float(rng.uniform(0.6, 1.2)), "max_new_tokens": 16}
+        for i in (3, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1)
+    ]  # fmt: skip
+    results = generate_many(lm, prompts, greedy, slots=3, steps_per_call=3, prompt_buckets=BUCKETS)
+    config = lm.generation_config.replace(top_k=0, top_p=1.0)
+    engine = Engine(
+        lm, slots=3, max_len=48, config=config, steps_per_call=2, prompt_buckets=BUCKETS
+    )
+    engine.submit(prompts[:3], sampled[:3])
+    got = {r.index: r for r in engine.step()}
+    assert len(engine._table) == 1 and engine.pending == 3
+    engine.submit(prompts[3:], sampled[3:])
+    got.update({r.index: r for r in engine})
+    assert len(engine._table) == 3
+    for prompt, options, res in [
+        *zip(prompts, greedy, results, strict=True),
+        *((p, o, got[i]) for i, (p, o) in enumerate(zip(prompts, sampled, strict=True))),
+    ]:
+        tokens, logps = _alone(lm, prompt, options)
+        np.testing.assert_array_equal(res.tokens, tokens, err_msg=f"{prompt} {options}")
+        np.testing.assert_allclose(res.token_logprobs, logps, rtol=0, atol=1e-5)
+        _check_valid(lm, res.tokens, options)
+    ended = [r for r in results if r.tokens[-1] == 256]
+    assert len(ended) >= 3, "too few outputs completed their constraint"
+
+
+def test_constraint_table_compiles_only_when_its_bucket_grows():
+    """A warm engine compiles nothing for other constraints of the same table
+    bucket, submitted after a run or while rows decode; a constraint that grows
+    the table changes its shape (new programs). Every output that ended matches
+    its constraint. (The engine has the sampled one's shape above: after that
+    test, nothing here compiles.)"""
+    lm = bundled()
+    config = lm.generation_config.replace(top_k=0, top_p=1.0, max_new_tokens=16)
+    engine = Engine(
+        lm, slots=3, max_len=48, config=config, steps_per_call=2, prompt_buckets=BUCKETS
+    )
+    prompt = lm.tokenizer.encode("And God")
+    ended = []
+
+    def run(constraints, then=()):
+        engine.submit([prompt] * len(constraints), constraints)
+        out = engine.step()
+        if then:
+            engine.submit([prompt] * len(then), list(then))  # while rows decode
+        out += list(engine)
+        assert len(out) == len(constraints) + len(then)
+        for res in out:
+            options = res.config.constraints()
+            _check_valid(lm, res.tokens, dict([options[1][0]]) if options else {})
+            ended.append(res.tokens[-1] == 256)
+
+    run([{"regex": "[0-9]{3}"}, {"choices": ["yes", "no"]}, {}])  # warm-up
+    shape = engine._table.shape
+    with count_compiles() as same:
+        run([{"regex": "[a-c]+x"}, {"choices": ["maybe", "no"]}], then=[{"regex": "[0-9]x"}, {}])
+    assert same.count == 0, "a constraint table of the same bucket compiled"
+    assert engine._table.shape == shape == ("dense", 16, 0) and len(engine._table) == 3
+    run([CONSTRAINTS[0], {}], then=CONSTRAINTS[1:])
+    assert engine._table.shape == ("dense", 64, 0)  # 7 + 13 + 14 states: grown past 32
+    assert engine.table_bytes == engine._table.tables.nbytes > 0
+    assert sum(ended) >= 4
+    with pytest.raises(ValueError, match=r"prompt 13: regex '\(' is invalid"):
+        engine.submit([prompt, prompt], [{"choices": ["new"]}, {"regex": "("}])
+    assert engine.pending == 0 and ("choices", ["new"]) not in engine._table

@@ -360,7 +360,8 @@ def test_beam_search_state_follows_parent_beams(bundled, options):
 def test_mixed_constraints_each_row_as_alone(bundled):
     """One batch, three rows: a JSON schema, a regex and a free row (the union
     table); pad_token_id is not EOS (finished rows feed pad into the automaton).
-    Each row equals its prompt generated alone (sampling, per-row keys)."""
+    Each row equals its prompt generated alone (sampling, per-row keys), the
+    free row its prompt generated without any constraint."""
     prompts = ["And God said", "Unto the", "In the beginning"]
     encoded = [bundled.tokenizer.encode(p) for p in prompts]
     width = max(map(len, encoded))
@@ -371,7 +372,7 @@ def test_mixed_constraints_each_row_as_alone(bundled):
     cfg = dict(max_new_tokens=60, pad_token_id=0, do_sample=True, top_k=20)
     out = jd.generate(bundled, ids, mask, key=keys, **per_row, **cfg)
     assert np.all(np.isfinite(np.asarray(out.token_logprobs)))
-    for r, p in enumerate(prompts[:2]):
+    for r, p in enumerate(prompts):
         alone = {k: v[r] for k, v in per_row.items() if v[r] is not None}
         one = jd.generate(bundled, _prompt(bundled, p), key=keys[r : r + 1], **alone, **cfg)
         n = int(one.lengths[0])
@@ -384,6 +385,20 @@ def test_mixed_constraints_each_row_as_alone(bundled):
     assert texts[0][1] and texts[1][1]
     jsonschema.validate(json.loads(texts[0][0]), PERSON)
     assert re.fullmatch(REGEXES[0], texts[1][0])
+
+
+def test_a_free_row_passes_its_logits_unchanged(bundled):
+    """A free row (None) of a per-row grammar is no constraint at all: its logits
+    pass bitwise, also the special token (EOS) in any state and ids past the
+    tokenizer's vocabulary (a padded model vocabulary), and its state stays free."""
+    g = jd.grammar([None, ("regex", "ab")], bundled.tokenizer, eos_token_id=256)
+    logits = jax.random.normal(jax.random.key(0), (2, 300))
+    ctx = jd.DecodeContext.from_ids(np.array([[65], [65]]), vocab_size=300)
+    state = g.init(ctx)
+    out = np.asarray(g(logits, ctx, state))
+    np.testing.assert_array_equal(out[0], np.asarray(logits[0]))
+    assert np.isfinite(out[1]).sum() == 1  # the regex row: only "a"
+    assert int(g.update(state, jnp.array([299, 97]))[0]) == int(state[0])
 
 
 def test_init_replays_generated_tokens(bundled):
@@ -470,8 +485,8 @@ def test_config_fields_round_trip():
 
 def test_cli_flags_and_eval_lines_with_different_schemas(tmp_path, capsys, monkeypatch):
     """`--regex` / `--choices` / `--json_schema` flags, and an eval file whose lines
-    carry different schemas (lines of one prompt bucket share a batch, their
-    automata one union table)."""
+    carry different schemas (on the engine they share the slots, their automata
+    one union table)."""
     from jaxdecode.cli import main
 
     monkeypatch.setenv("JAXDECODE_COMPILATION_CACHE", "off")

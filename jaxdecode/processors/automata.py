@@ -478,6 +478,9 @@ def union(
     layout: str = "auto",
     dense_limit: int = DENSE_LIMIT_BYTES,
     max_bytes: int = MAX_BYTES,
+    min_states: int = 0,
+    min_nnz: int = 0,
+    bucket_nnz: bool = False,
 ) -> Tables:
     """One table holding every automaton (states renumbered one after another),
     with its start state per automaton.
@@ -487,6 +490,12 @@ def union(
         layout: "dense", "sparse" or "auto" (dense when it takes at most
             `dense_limit` bytes).
         max_bytes: ValueError above this many device bytes.
+        min_states: at least this many (padded) states: a table that must keep
+            the shapes of a former one.
+        min_nnz, bucket_nnz: sparse layout: at least `min_nnz` transition
+            entries, and their count padded to a power of two (`bucket_nnz`),
+            so that tables of other constraints keep the arrays' shapes (the
+            entries past the last state's are never read).
     """
     if layout not in ("auto", "dense", "sparse"):
         raise ValueError(f"layout must be 'auto', 'dense' or 'sparse', got {layout!r}")
@@ -495,9 +504,10 @@ def union(
     vocab = max(a.vocab for a in automata)
     offsets = np.cumsum([0] + [a.num_states for a in automata])
     real = int(offsets[-1])
-    states = state_bucket(real)
+    states = max(state_bucket(real), int(min_states))
     nnz = sum(a.nnz for a in automata)
-    sizes = layout_bytes(states, vocab, nnz)
+    entries = max(1 << max(nnz - 1, 0).bit_length() if bucket_nnz else nnz, int(min_nnz))
+    sizes = layout_bytes(states, vocab, entries)
     chosen = (
         layout if layout != "auto" else ("dense" if sizes["dense"] <= dense_limit else "sparse")
     )
@@ -533,11 +543,12 @@ def union(
     np.bitwise_or.at(bits, (rows, tokens // 32), np.uint32(1) << (tokens % 32).astype(np.uint32))
     if indptr[-1] >= 2**31:
         raise ValueError(f"the constraint automaton has {indptr[-1]} transitions (over 2**31)")
+    pad = entries - tokens.size
     return Tables(
         layout="sparse",
         bits=bits,
         indptr=indptr.astype(np.int32),
-        tokens=tokens,
-        targets=targets.astype(np.int32),
+        tokens=np.concatenate([tokens, np.full(pad, -1, np.int32)]),
+        targets=np.concatenate([targets.astype(np.int32), np.full(pad, -1, np.int32)]),
         **common,
     )

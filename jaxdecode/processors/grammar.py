@@ -13,6 +13,12 @@ Rows of one batch may carry different constraints: the automata share one table
 per-row leaf). A state of -1 is dead (a token without a transition was forced in,
 e.g. the pad of a finished row): only EOS remains allowed there, as in any row
 where no allowed token has a finite score, so a row never has nothing to choose.
+A state of `FREE` (-2) is an unconstrained row: its logits pass unchanged, so
+it decodes exactly as without any constraint.
+
+`UnionTable` is the table of a growing set of constraints (the continuous-batching
+engine's): constraints are appended as they arrive, so a start state never moves,
+and the device arrays keep their shapes until the set outgrows them.
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ from jaxdecode.processors.automata import (
     union,
 )
 from jaxdecode.processors.base import LogitsProcessor, vocab_mask
-from jaxdecode.validation import eos_ids
+from jaxdecode.validation import eos_ids, normalize_schema
 
 Array = jax.Array
 
 __all__ = [
+    "FREE",
     "Grammar",
+    "UnionTable",
     "choice",
     "compile_spec",
     "from_specs",
@@ -51,7 +59,11 @@ __all__ = [
     "grammar",
     "json_schema",
     "regex",
+    "spec_key",
 ]
+
+# The state of an unconstrained row in a table of constrained ones.
+FREE = -2
 
 
 @pytree.dataclass
@@ -59,11 +71,12 @@ class Grammar(LogitsProcessor):
     """Allows only the tokens that keep each row's output inside its constraint.
 
     Build it with `regex`, `json_schema`, `choice` or `grammar` (one constraint
-    per row). State: `[batch]` int32 automaton states (-1: dead).
+    per row). State: `[batch]` int32 automaton states (-1: dead, `FREE` = -2:
+    no constraint, the logits pass unchanged).
 
     Attributes:
         final: `[S]` bool accepting states (EOS allowed there).
-        start: `[]` or `[batch]` int32 start state of each row.
+        start: `[]` or `[batch]` int32 start state of each row (`FREE`: none).
         next: dense layout: `[S, V]` int32 next state, -1 = no transition.
         bits: sparse layout: `[S, ceil(V/32)]` uint32 allowed-token bits.
         indptr, tokens, targets: sparse layout: CSR transitions.
@@ -112,7 +125,8 @@ class Grammar(LogitsProcessor):
         return jax.lax.fori_loop(0, jnp.max(jnp.maximum(generated, 0)), body, state)
 
     def update(self, state: Array, tokens: Array) -> Array:
-        """Each row follows its token; EOS keeps the state (the row has ended)."""
+        """Each row follows its token; EOS keeps the state (the row has ended), and
+        so does a free row."""
         tokens = tokens.astype(jnp.int32)
         s = jnp.maximum(state, 0)
         t = jnp.clip(tokens, 0, self.vocab - 1)
@@ -120,7 +134,7 @@ class Grammar(LogitsProcessor):
         nxt = jnp.where((state >= 0) & (tokens >= 0) & (tokens < self.vocab), nxt, -1)
         if self.eos:
             nxt = jnp.where(jnp.isin(tokens, jnp.asarray(self.eos, jnp.int32)), state, nxt)
-        return nxt
+        return jnp.where(state == FREE, FREE, nxt)
 
     def _bisect(self, s: Array, t: Array) -> Array:
         """Sparse lookup: the first CSR entry of state s with token >= t."""
@@ -166,7 +180,8 @@ class Grammar(LogitsProcessor):
         # allowed token): EOS ends the row rather than a token from nowhere.
         stuck = ~jnp.any(masked > -jnp.inf, axis=-1, keepdims=True)
         forced = jnp.where(eos, jnp.where(logits > -jnp.inf, logits, 0.0), -jnp.inf)
-        return jnp.where(stuck, forced, masked)
+        out = jnp.where(stuck, forced, masked)
+        return jnp.where((state == FREE)[:, None], logits, out)
 
 
 def _pad_cols(mask: Array, vocab: int) -> Array:
@@ -194,7 +209,9 @@ def from_tables(tables: Tables, start: Any, eos_token_id: Any = None) -> Grammar
         targets=dev(targets) if tables.layout == "sparse" else None,
         layout=tables.layout,
         vocab=tables.vocab,
-        depth=max(1, int(tables.max_degree).bit_length()),
+        # Static: the dense layout does not bisect, so tables of one shape (other
+        # constraints of as many padded states) share the compiled program.
+        depth=max(1, int(tables.max_degree).bit_length()) if tables.layout == "sparse" else 1,
     )
     return g if eos_token_id is None else g.with_eos(eos_token_id)
 
@@ -290,7 +307,8 @@ def grammar(
     max_bytes: int = MAX_BYTES,
 ) -> Grammar:
     """One constraint per row in one table: `specs[b]` is `("regex", pattern)`,
-    `("json_schema", schema)`, `("choices", [...])`, or None (row b is free).
+    `("json_schema", schema)`, `("choices", [...])`, or None (row b is free: its
+    logits pass unchanged, as without a constraint).
 
     >>> jd.grammar([("json_schema", person), ("choices", ["yes", "no"])], tok)
     """
@@ -300,20 +318,34 @@ def grammar(
     automata: list[TokenAutomaton] = []
     rows = []
     for spec in specs:
-        key = None if spec is None else (spec[0], _hashable(spec[1]))
+        if spec is None:
+            rows.append(None)
+            continue
+        key = spec_key(spec)
         if key not in distinct:
             distinct[key] = len(automata)
             automata.append(compile_spec(spec, tokenizer))
         rows.append(distinct[key])
-    tables = union(automata, layout=layout, dense_limit=dense_limit, max_bytes=max_bytes)
-    start = np.asarray([tables.starts[i] for i in rows], np.int32)
+    # Every row free: a table nobody reads (the processor is still a Grammar).
+    table_of = automata or [free_automaton(tokenizer)]
+    tables = union(table_of, layout=layout, dense_limit=dense_limit, max_bytes=max_bytes)
+    start = np.asarray([FREE if i is None else tables.starts[i] for i in rows], np.int32)
     return from_tables(tables, start, eos_token_id)
+
+
+def spec_key(spec: tuple[str, Any]) -> tuple[str, Any]:
+    """A hashable key of one `(field, value)` constraint: equal constraints (a
+    schema as a dict or as its text, choices as a list or a tuple) share a key."""
+    kind, value = spec
+    if kind == "json_schema":
+        return kind, normalize_schema(value)
+    return kind, _hashable(value)
 
 
 def _hashable(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple((k, _hashable(v)) for k, v in value.items())
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return tuple(_hashable(v) for v in value)
     return value
 
@@ -328,3 +360,125 @@ def from_specs(
         return grammar(specs, tokenizer, eos_token_id=eos_token_id)
     tables = union([compile_spec(specs[0], tokenizer)])
     return from_tables(tables, tables.starts[0], eos_token_id)
+
+
+class UnionTable:
+    """The union table of a growing set of constraints, for rows that arrive over
+    time (the continuous-batching engine).
+
+    Each distinct constraint is compiled once and appended to the table, so a
+    start state, and every state of a row already decoding, keeps its number
+    when the table grows. The device arrays keep their shapes while the set
+    fits: states padded to a power of two (at least 16), sparse transitions
+    padded to a power of two, the sparse bisection depth fixed by the
+    vocabulary, and a table never shrinks; a program compiled for the table is
+    reused until the set outgrows its bucket.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        eos_token_id: EOS id(s) (allowed in accepting states).
+        layout, dense_limit, max_bytes: as `union`.
+
+    Raises:
+        ValueError: no EOS id.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        eos_token_id: Any,
+        *,
+        layout: str = "auto",
+        dense_limit: int = DENSE_LIMIT_BYTES,
+        max_bytes: int = MAX_BYTES,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos = eos_ids(eos_token_id)
+        if not self.eos:
+            raise ValueError("a constraint needs eos_token_id (a row ends with EOS once complete)")
+        self._options = dict(layout=layout, dense_limit=dense_limit, max_bytes=max_bytes)
+        self._index: dict[Any, int] = {}
+        self._automata: list[TokenAutomaton] = []
+        self.tables: Tables | None = None
+        # The device arrays of the table, every row free (`start` FREE).
+        self.grammar: Grammar | None = None
+
+    def __len__(self) -> int:
+        """Distinct constraints in the table."""
+        return len(self._automata)
+
+    def __contains__(self, spec: tuple[str, Any]) -> bool:
+        return spec_key(spec) in self._index
+
+    @property
+    def shape(self) -> tuple[str, int, int] | None:
+        """What the compiled programs depend on: (layout, states, transition
+        entries), or None before the first constraint."""
+        t = self.tables
+        if t is None:
+            return None
+        return t.layout, t.num_states, 0 if t.tokens is None else int(t.tokens.size)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the table (0 before the first constraint)."""
+        return 0 if self.tables is None else self.tables.nbytes
+
+    def add(
+        self,
+        automata: Sequence[tuple[tuple[str, Any], TokenAutomaton]],
+        budget: int | None = None,
+    ) -> bool:
+        """Appends `(spec, automaton)` pairs whose constraint is not in the table
+        yet (`compile_spec` builds the automaton); rebuilds the table when there
+        are any. Returns whether the table changed.
+
+        Raises:
+            ValueError: the table would exceed `max_bytes` or `budget` bytes
+                (nothing changes).
+        """
+        new: dict[Any, TokenAutomaton] = {}
+        for spec, automaton in automata:
+            key = spec_key(spec)
+            if key not in self._index:
+                new.setdefault(key, automaton)
+        if not new:
+            return False
+        old = self.tables
+        members = self._automata + list(new.values())
+        tables = union(
+            members,
+            **self._options,
+            min_states=0 if old is None else old.num_states,
+            min_nnz=0 if old is None or old.tokens is None else int(old.tokens.size),
+            bucket_nnz=True,
+        )
+        if budget is not None and tables.nbytes > budget:
+            raise ValueError(
+                f"the constraint table ({len(members)} constraints, {tables.num_states} states) "
+                f"needs {tables.nbytes / 2**20:.1f} MiB, over the {budget / 2**20:.1f} MiB the "
+                "device has for it; give fewer distinct constraints at once"
+            )
+        for key in new:
+            self._index[key] = len(self._automata)
+            self._automata.append(new[key])
+        self.tables = tables
+        # Sparse: the bisection depth from the vocabulary (a state has at most
+        # `vocab` moves), not from this set's largest state: the same for every table.
+        grammar = from_tables(tables, FREE, self.eos)
+        if tables.layout == "sparse":
+            grammar = grammar.replace(depth=max(1, int(tables.vocab).bit_length()))
+        self.grammar = grammar
+        return True
+
+    def start(self, spec: tuple[str, Any] | None) -> int:
+        """The start state of a constraint in the table (`FREE` for None)."""
+        if spec is None:
+            return FREE
+        return self.tables.starts[self._index[spec_key(spec)]]
+
+    def clear(self) -> None:
+        """Forgets the constraints (no row may be using the table); the next
+        `add` builds a table of the same shapes or larger."""
+        self._index.clear()
+        self._automata.clear()
