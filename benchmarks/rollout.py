@@ -9,6 +9,10 @@ transformers and saved once under `benchmarks/.cache/gpt2-small-random/`, the
 * `jaxdecode repeated`: the prompts repeated R times, `num_return_sequences=1`:
   the same samples (row r draws from `fold_in(key, r)` either way), with R
   prefills per prompt, what `generate` did before shared prefixes;
+* `jaxdecode shared, fast top-p`: as `shared` with `top_p_method="fast"`
+  (bisection instead of a sort: XLA's CPU sort costs ~1.4 s per step for
+  128 rows of a 49k vocabulary, which the exact method needs whenever some
+  row's nucleus is wider than 256 tokens);
 * `transformers`: `generate(num_return_sequences=R)` in torch on CPU (it repeats
   the prompt R times before its prefill).
 
@@ -100,13 +104,15 @@ def run_jaxdecode(directory: Path, ids: np.ndarray, args: argparse.Namespace) ->
         pad_token_id=0,
     )
     key = jax.random.key(args.seed)
+    shared = config.replace(num_return_sequences=args.samples)
     variants = {
-        "shared": (ids, config.replace(num_return_sequences=args.samples)),
+        "shared": (ids, shared),
         "repeated": (np.repeat(ids, args.samples, axis=0), config),
+        "shared, fast top-p": (ids, shared.replace(top_p_method="fast")),
     }
     prefill_jit = jax.jit(prefill_program, static_argnums=0)
     results: dict[str, Any] = {}
-    sequences = {}
+    sequences, logprobs = {}, {}
     for name, (prompt_ids, cfg) in variants.items():
         req = generation.prepare(lm, prompt_ids, None, cfg, key=key)
         start = time.perf_counter()
@@ -120,6 +126,7 @@ def run_jaxdecode(directory: Path, ids: np.ndarray, args: argparse.Namespace) ->
         prefill_s, _ = timed(pre, params, *req.args()[1:])
         rows = out.sequences.shape[0]
         sequences[name] = np.asarray(out.sequences)
+        logprobs[name] = np.asarray(out.token_logprobs)
         results[f"jaxdecode {name}"] = {
             "seconds": round(seconds, 3),
             "cpu_seconds": round(cpu_seconds, 3),
@@ -131,6 +138,14 @@ def run_jaxdecode(directory: Path, ids: np.ndarray, args: argparse.Namespace) ->
         print(f"jaxdecode {name}: {results[f'jaxdecode {name}']}", flush=True)
     same = bool(np.array_equal(sequences["shared"], sequences["repeated"]))
     results["jaxdecode shared"]["same_tokens_as_repeated"] = same
+    # XLA:CPU compiles a [P, L] and a [P*R, L] prefill to different loops, so
+    # their float32 sums can differ in the last bits (seen on SmolLM2 at 8 vs
+    # 128 rows: RMSNorm 1 ulp, logits ~5e-5). Sampling turns that into other
+    # tokens eventually; the first step's log-probabilities show the size.
+    first = np.abs(logprobs["shared"][:, 0] - logprobs["repeated"][:, 0]).max()
+    results["jaxdecode shared"]["first_step_max_abs_logprob_diff"] = float(first)
+    rows = np.nonzero((sequences["shared"] != sequences["repeated"]).any(axis=1))[0]
+    results["jaxdecode shared"]["rows_that_differ"] = int(rows.size)
     return results
 
 

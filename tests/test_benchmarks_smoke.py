@@ -101,8 +101,14 @@ def test_rollout_benchmark_quick(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(out.read_text(encoding="utf-8"))
     results = data["results"]
-    assert set(results) == {"jaxdecode shared", "jaxdecode repeated", "transformers"}
+    assert set(results) == {
+        "jaxdecode shared",
+        "jaxdecode repeated",
+        "jaxdecode shared, fast top-p",
+        "transformers",
+    }
     assert results["jaxdecode shared"]["same_tokens_as_repeated"] is True
+    assert results["jaxdecode shared"]["rows_that_differ"] == 0
 
 
 def test_engine_benchmark_quick(tmp_path: Path) -> None:
