@@ -12,6 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "processors.py"
 
 
+def run_benchmark(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `benchmarks/<script>` on the CPU; fails the test with its stderr if it fails."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def test_processors_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "processors.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -88,17 +103,7 @@ def test_mesh_benchmark_quick(tmp_path: Path) -> None:
 
 def test_rollout_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "rollout.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "rollout.py"), "--quick", "--json", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_benchmark("rollout.py", "--quick", "--json", str(out))
     data = json.loads(out.read_text(encoding="utf-8"))
     results = data["results"]
     assert set(results) == {
@@ -121,16 +126,7 @@ def test_engine_benchmark_quick(tmp_path: Path) -> None:
         "--layers", "1", "--width", "32", "--heads", "2", "--vocab", "128",
         "--torch-threads", "1",
     ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "engine.py"), *args],
-        cwd=ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_benchmark("engine.py", *args)
     data = json.loads(out.read_text(encoding="utf-8"))
     assert set(data["runs"]) == {"engine", "static", "transformers"}
     assert data["same_tokens_in_all"] == 12
@@ -145,16 +141,7 @@ def test_grammar_benchmark_quick(tmp_path: Path) -> None:
     transformers + outlines-core peer, whose greedy runs must agree run to run
     (a host processor reused across runs would carry its rows' states over)."""
     out = tmp_path / "grammar.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "grammar.py"), "--quick", "--json", str(out)],
-        cwd=ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_benchmark("grammar.py", "--quick", "--json", str(out))
     data = json.loads(out.read_text(encoding="utf-8"))
     assert set(data["build"]) == {"person", "order"}
     assert [row["batch"] for row in data["per_step"]] == [1]
