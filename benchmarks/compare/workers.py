@@ -125,7 +125,8 @@ class JaxdecodeWorker(JaxMixin, Worker):
         }
 
     def cmd_bandwidth(self, mb: int, reps: int) -> dict[str, Any]:
-        """Copy bandwidth in GB/s (2N bytes per copy of N bytes), best of `reps`."""
+        """Memory bandwidth in GB/s, best of `reps`: copies (2N bytes per copy of
+        N bytes) and a read-only vector x matrix stream (N bytes per call)."""
         jax = self.jax
         import jax.numpy as jnp
 
@@ -133,45 +134,36 @@ class JaxdecodeWorker(JaxMixin, Worker):
         nbytes = 2 * n * 4
         if jax.default_backend() != "cpu":
             reps = max(reps, 20)  # a copy takes well under a millisecond on a card
+
+        def best_seconds(fn, *args) -> float:
+            jax.block_until_ready(fn(*args))  # compile, touch every page
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                times.append(time.perf_counter() - start)
+            return min(times)
+
         out: dict[str, Any] = {"array_mb": mb, "reps": reps}
         if jax.default_backend() == "cpu":
             src = np.ones(n, np.float32)
             dst = np.empty_like(src)
-            np.copyto(dst, src)  # touch every page first
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                np.copyto(dst, src)
-                times.append(time.perf_counter() - start)
-            out["numpy_copy_gbs"] = nbytes / min(times) / 1e9
+            out["numpy_copy_gbs"] = nbytes / best_seconds(np.copyto, dst, src) / 1e9
             del src, dst
         x = jnp.ones((n,), jnp.float32)
         inc = jax.jit(lambda a: a + 1.0)
-        jax.block_until_ready(inc(x))
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            y = jax.block_until_ready(inc(x))
-            times.append(time.perf_counter() - start)
-            del y
-        out["jax_add_gbs"] = nbytes / min(times) / 1e9
+        out["jax_add_gbs"] = nbytes / best_seconds(inc, x) / 1e9
         del x
-        # A read-only stream, what a batch-1 decoding step is: a vector times an
-        # [mb] matrix (N bytes read per call). On this CPU it reaches ~1.4x the
-        # copy figures (36 vs 25.5 GB/s), so without it MBU could pass 100%.
+        # A read-only stream, what a batch-1 decoding step is. On this CPU it
+        # reaches ~1.4x the copy figures (36 vs 25.5 GB/s), so without it MBU
+        # could pass 100%.
         w = jnp.ones((256, n // 256), jnp.float32)
-        v = jnp.ones((256,), jnp.float32)
-        gemv = jax.jit(lambda v, w: v @ w)
-        jax.block_until_ready(gemv(v, w))
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            jax.block_until_ready(gemv(v, w))
-            times.append(time.perf_counter() - start)
-        out["jax_gemv_read_gbs"] = n * 4 / min(times) / 1e9
+        vec = jnp.ones((256,), jnp.float32)
+        gemv = jax.jit(lambda a, b: a @ b)
+        out["jax_gemv_read_gbs"] = n * 4 / best_seconds(gemv, vec, w) / 1e9
         del w
         out["device"] = str(jax.devices()[0])
-        out["bandwidth_gbs"] = max(v for k, v in out.items() if k.endswith("_gbs"))
+        out["bandwidth_gbs"] = max(val for k, val in out.items() if k.endswith("_gbs"))
         return out
 
     def cmd_load(self, model_dir: str, dtype: str, gguf_file: str | None = None) -> dict[str, Any]:
