@@ -730,10 +730,10 @@ class Engine:
                 `choices` (compiled here, into the engine's constraint table).
 
         Raises:
-            ValueError (before anything is queued): a bad prompt, a prompt that
-            does not fit `max_len`, options that cannot share this engine's
-            program (name the field; see `generate_many`), an invalid or
-            unsatisfiable constraint, or a constraint table over its size limit.
+            ValueError: before anything is queued: a bad prompt, a prompt that
+                does not fit `max_len`, options that cannot share this engine's
+                program (name the field; see `generate_many`), an invalid or
+                unsatisfiable constraint, or a constraint table over its size limit.
         """
         prompts = list(prompts)
         if isinstance(configs, (list, tuple)):
@@ -1053,8 +1053,11 @@ def generate_many(
         model: a `CausalLM`.
         prompts: token id sequences.
         configs: as `Engine.submit` (None, one config or dict, or one per prompt).
-        slots, prompt_buckets, steps_per_call, prefill_rows, compact_tail: as
-            `Engine`.
+        slots: as `Engine`.
+        prompt_buckets: as `Engine`.
+        steps_per_call: as `Engine`.
+        prefill_rows: as `Engine`.
+        compact_tail: as `Engine`.
         max_len: cache columns per slot (default: the longest prompt bucket plus
             `max_new_tokens` among the prompts).
         **overrides: `GenerationConfig` fields applied to the model's config

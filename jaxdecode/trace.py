@@ -185,7 +185,10 @@ def trace(
         model: a `CausalLM`, or a `Decoder` together with `params=`.
         input_ids: `[batch, prompt_len]` int token ids.
         config: a `GenerationConfig` (default: the model's), updated by `overrides`.
-        attention_mask, params, key, prompt_buckets: as in `generate`.
+        attention_mask: as in `generate`.
+        params: as in `generate`.
+        key: as in `generate`.
+        prompt_buckets: as in `generate`.
         steps: keep only the first `steps` steps of the record (default: all).
 
     Returns:

@@ -36,7 +36,7 @@ SLOW_FIRST = (
     "test_processors_hf.py",
     "test_config.py",
     "test_sharding.py",
-    "test_readme.py",
+    "test_docs.py",
     "test_processor_properties.py",
 )
 SUMMARY = re.compile(r"^(?:=+ )?(\d+ (?:passed|failed|error).*?) in [0-9.]+s", re.MULTILINE)

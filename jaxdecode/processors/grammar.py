@@ -377,7 +377,9 @@ class UnionTable:
     Args:
         tokenizer: the model's tokenizer.
         eos_token_id: EOS id(s) (allowed in accepting states).
-        layout, dense_limit, max_bytes: as `union`.
+        layout: as `union`.
+        dense_limit: as `union`.
+        max_bytes: as `union`.
 
     Raises:
         ValueError: no EOS id.
