@@ -137,8 +137,10 @@ def render() -> str:
         type_text = str(f.type)
         for word in re.findall(r"[A-Z]\w+", type_text):
             value = getattr(config_module, word, None)
-            if value is not None and not isinstance(value, type) and word not in aliases:
-                aliases[word] = re.sub(r"\btyping\.|\bcollections\.abc\.", "", str(value))
+            if value is None or word in aliases or word == "Literal" or isinstance(value, type):
+                continue
+            text = re.sub(r"\btyping\.|\bcollections\.abc\.", "", str(value))
+            aliases[word] = re.sub(r"\bjax(\.\w+)*\.Array\b", "jax.Array", text)
         rows.append(
             f"| `{f.name}` | `{type_text}` | {_cell(_default(f))} | "
             f"{'✓' if f.metadata.get('hf') else '–'} | "
