@@ -1,4 +1,4 @@
-"""Every code block of README.md and docs/ runs, in the order a reader meets it.
+"""Every code block of README.md, docs/ (and the pages it includes) runs in reading order.
 
 Each page's Python blocks run one after another in one fresh namespace (a block may
 use what an earlier block of the same page defined, never what another page did), so
@@ -40,7 +40,7 @@ import pytest
 import jaxdecode as jd
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md"] + sorted(
+PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks/README.md"] + sorted(
     p for p in (ROOT / "docs").rglob("*.md") if "changes" not in p.relative_to(ROOT).parts
 )
 FENCE = re.compile(r"^( *)```([^\n`]*)\n(.*?)^\1```[ \t]*$", re.M | re.S)
