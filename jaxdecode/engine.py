@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdecode import pytree
-from jaxdecode.cache import KVCache
+from jaxdecode.cache import put_rows, take_rows
 from jaxdecode.config import CONSTRAINT_FIELDS, PER_ROW_FIELDS, SEED_MAX, GenerationConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.generation import available_bytes, bucket_length, stop_tables
@@ -159,25 +159,6 @@ def _put_per_row(live: Chain, new: Chain, slots: Array) -> Chain:
         }
         procs.append(dataclasses.replace(p, **changes) if changes else p)
     return Chain(processors=tuple(procs))
-
-
-def _put_rows(live: Any, new: Any, slots: Array) -> Any:
-    """Every leaf's rows `slots` set from `new` (rows on axis 0; a `KVCache`'s
-    `k`/`v` on axis 1); rows past the end (unused prefill rows) are dropped."""
-
-    def put(x: Any, y: Any) -> Any:
-        if isinstance(x, KVCache):
-            return x.replace(
-                k=x.k.at[:, slots].set(y.k.astype(x.k.dtype), mode="drop"),
-                v=x.v.at[:, slots].set(y.v.astype(x.v.dtype), mode="drop"),
-                mask=x.mask.at[slots].set(y.mask, mode="drop"),
-                index=x.index.at[slots].set(y.index, mode="drop"),
-            )
-        if jnp.ndim(x) == 0:
-            return x  # the loop's step counter
-        return x.at[slots].set(y, mode="drop")
-
-    return jax.tree_util.tree_map(put, live, new, is_leaf=lambda x: isinstance(x, KVCache))
 
 
 # --------------------------------------------------------------------------- #
@@ -282,7 +263,7 @@ def _admit(
     )
     traced = state.traced.replace(processor=_put_per_row(state.traced.processor, processor, slots))
     new = state.replace(
-        dec=_put_rows(state.dec, rows, slots),
+        dec=put_rows(state.dec, slots, rows),
         traced=traced,
         max_new=state.max_new.at[slots].set(max_new, mode="drop"),
         outs={k: v.at[slots].set(0, mode="drop") for k, v in state.outs.items()},
@@ -363,12 +344,7 @@ def _take(state: SlotState, rows: Array) -> SlotState:
     """The state of slots `rows` only (`[n]` int32): every per-row leaf, the
     cache's rows and the processors' per-row values; shared tables as they are."""
 
-    def take(x: Any) -> Any:
-        if isinstance(x, KVCache):
-            return x.replace(k=x.k[:, rows], v=x.v[:, rows], mask=x.mask[rows], index=x.index[rows])
-        return x if jnp.ndim(x) == 0 else x[rows]
-
-    dec = jax.tree_util.tree_map(take, state.dec, is_leaf=lambda x: isinstance(x, KVCache))
+    dec = take_rows(state.dec, rows)
     traced = state.traced.replace(processor=_rows_of(state.traced.processor, lambda v: v[rows]))
     return SlotState(
         dec=dec,
@@ -384,7 +360,7 @@ def _spread(full: SlotState, small: SlotState, rows: Array) -> SlotState:
         processor=_put_per_row(full.traced.processor, small.traced.processor, rows)
     )
     return full.replace(
-        dec=_put_rows(full.dec, small.dec, rows),
+        dec=put_rows(full.dec, rows, small.dec),
         traced=traced,
         max_new=full.max_new.at[rows].set(small.max_new),
         outs={k: v.at[rows].set(small.outs[k]) for k, v in full.outs.items()},
