@@ -6,7 +6,19 @@ does. See the README for the order in which `generate` applies processors.
 """
 
 from jaxdecode import sampling
-from jaxdecode.cache import KVCache, gather_beams, init_cache, visible_slots
+from jaxdecode.cache import (
+    Cache,
+    KVCache,
+    cache_nbytes,
+    cache_specs,
+    gather_beams,
+    gather_rows,
+    init_cache,
+    put_rows,
+    rewind_rows,
+    take_rows,
+    visible_slots,
+)
 from jaxdecode.config import GenerationConfig, StaticConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.engine import Engine, EngineResult, generate_many
@@ -139,4 +151,12 @@ __all__ = [
     "TracedConfig",
     "typical_p",
     "visible_slots",
+    # The cache protocol (cache.py).
+    "Cache",
+    "cache_nbytes",
+    "cache_specs",
+    "gather_rows",
+    "put_rows",
+    "rewind_rows",
+    "take_rows",
 ]

@@ -6,20 +6,81 @@ max_len]` (which slots hold a real token: left padding and unwritten slots are
 False) and `index [batch]` (next slot to write, per row). Nothing is mutated:
 `write` returns a new cache built with `lax.dynamic_update_slice`; when the cache
 is donated to `jax.jit` XLA performs those updates in place.
+
+**The cache protocol.** Beam search, speculative decoding, the engine and sharding
+never index a cache's arrays: they call the `Cache` methods (`take_rows`,
+`put_rows`, `gather_rows`, `rewind`, `partition_specs`, `nbytes`) through the
+tree functions below (`take_rows(tree, rows)`, ...), which apply them to every
+cache in a pytree and treat any other array leaf as rows on axis 0. So a
+decoder may keep a tuple of per-layer caches of different kinds (a full-length
+layer beside a window-sized ring, pages from a pool, int8 with scales): each
+kind implements the protocol once and every caller works with it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxdecode import pytree
+from jaxdecode.sharding import DATA, MODEL, fit_spec
 
 Array = jax.Array
 
-__all__ = ["KVCache", "init_cache", "gather_beams", "visible_slots"]
+__all__ = [
+    "Cache",
+    "KVCache",
+    "init_cache",
+    "take_rows",
+    "put_rows",
+    "gather_rows",
+    "gather_beams",
+    "rewind_rows",
+    "cache_specs",
+    "cache_nbytes",
+    "visible_slots",
+]
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """What callers may ask of a decoder's cache (rows are the batch).
+
+    Every method returns a new cache; none mutates. Implemented by `KVCache`;
+    a decoder with another layout implements these six and works with beam
+    search, speculative decoding, the engine and sharding unchanged.
+    """
+
+    def take_rows(self, rows: Array) -> Cache:
+        """The cache of rows `rows: [n]` int32 only (in that order)."""
+        ...
+
+    def put_rows(self, rows: Array, new: Cache) -> Cache:
+        """This cache with rows `rows: [n]` replaced by the `n` rows of `new`
+        (rows past the end are dropped)."""
+        ...
+
+    def gather_rows(self, parent: Array) -> Cache:
+        """Row `i` of the result is row `parent[i]` (`[batch]`, in range)."""
+        ...
+
+    def rewind(self, n: Array, *, width: int | None = None) -> Cache:
+        """Forgets each row's last `n: [batch]` written tokens."""
+        ...
+
+    def partition_specs(self, mesh: Mesh) -> Any:
+        """The same structure with a `PartitionSpec` for every array."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array the cache holds."""
+        ...
 
 
 @pytree.dataclass
@@ -49,6 +110,11 @@ class KVCache:
     def nbytes_kv(self) -> int:
         """Bytes of `k` and `v`: `2 * layers * batch * max_len * heads * head_dim * itemsize`."""
         return int(self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of `k`, `v`, `mask` and `index`."""
+        return cache_nbytes((self.k, self.v, self.mask, self.index))
 
     def write(self, layer: int, k_new: Array, v_new: Array) -> KVCache:
         """Writes `k_new, v_new: [batch, T, heads, head_dim]` of one layer at each
@@ -117,39 +183,56 @@ class KVCache:
         mask = self.mask.at[rows, slots].set(False, mode="drop")
         return self.replace(k=clear(self.k), v=clear(self.v), mask=mask, index=start)
 
-    def insert_rows(self, slots: Array, rows: KVCache) -> KVCache:
-        """Places the rows of another cache into rows `slots` of this one.
+    def take_rows(self, rows: Array) -> KVCache:
+        """The cache of rows `rows: [n]` int32 only."""
+        return self.replace(
+            k=self.k[:, rows], v=self.v[:, rows], mask=self.mask[rows], index=self.index[rows]
+        )
+
+    def put_rows(self, rows: Array, new: KVCache) -> KVCache:
+        """This cache with rows `rows: [n]` set from the `n` rows of `new`.
 
         A continuous-batching engine prefills new prompts into a small cache and
-        inserts them into free slots of the live cache; the inserted rows then
-        decode exactly as they would alone.
-
-        Args:
-            slots: `[n]` int32 row indices of this cache (distinct).
-            rows: a cache of `n` rows with the same layers, heads and head_dim
-                and `max_len <= self.max_len`; its slots land at the start of each
-                target row, the rest of the target row is cleared.
+        puts them into free rows of the live cache; the rows then decode exactly
+        as they would alone. `new` may be narrower (`max_len <= self.max_len`):
+        its slots land at the start of each target row and the rest of the row
+        is cleared. Rows past the end (an engine's unused prefill rows) are
+        dropped.
         """
-        slots = jnp.asarray(slots, jnp.int32)
-        width = rows.max_len
+        rows = jnp.asarray(rows, jnp.int32)
+        width = new.max_len
         if width > self.max_len:
             raise ValueError(
-                f"insert_rows: the inserted cache has max_len={width}, more than this "
+                f"put_rows: the new rows have max_len={width}, more than this "
                 f"cache's {self.max_len}"
             )
         pad = self.max_len - width
 
-        def put(buf: Array, new: Array) -> Array:
-            new = jnp.pad(new.astype(buf.dtype), ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
-            return buf.at[:, slots].set(new)
+        def put(buf: Array, x: Array) -> Array:
+            x = jnp.pad(x.astype(buf.dtype), ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+            return buf.at[:, rows].set(x, mode="drop")
 
-        mask = jnp.pad(rows.mask, ((0, 0), (0, pad)))
         return self.replace(
-            k=put(self.k, rows.k),
-            v=put(self.v, rows.v),
-            mask=self.mask.at[slots].set(mask),
-            index=self.index.at[slots].set(rows.index),
+            k=put(self.k, new.k),
+            v=put(self.v, new.v),
+            mask=self.mask.at[rows].set(jnp.pad(new.mask, ((0, 0), (0, pad))), mode="drop"),
+            index=self.index.at[rows].set(new.index, mode="drop"),
         )
+
+    def gather_rows(self, parent: Array) -> KVCache:
+        """Row `i` becomes row `parent[i]` (`[batch]`; in range by construction,
+        so the gather skips bounds handling). Beam search calls it once a step."""
+        kv = lambda x: x.at[:, parent].get(mode="promise_in_bounds")
+        rows = lambda x: x.at[parent].get(mode="promise_in_bounds")
+        return self.replace(
+            k=kv(self.k), v=kv(self.v), mask=rows(self.mask), index=rows(self.index)
+        )
+
+    def partition_specs(self, mesh: Mesh) -> KVCache:
+        """Rows over `data`, heads over `model` (`fit_spec` where they do not divide)."""
+        kv = fit_spec(P(None, DATA, MODEL, None, None), self.k.shape, mesh)
+        rows = fit_spec(P(DATA, None), self.mask.shape, mesh)
+        return KVCache(k=kv, v=kv, mask=rows, index=P(*rows[:1]))
 
 
 def init_cache(
@@ -171,20 +254,80 @@ def init_cache(
     )
 
 
-def gather_beams(cache: Any, parent: Array) -> Any:
-    """Reorders every array of a cache (or any pytree whose leaves have the batch
-    on axis 1 for `k`/`v` and axis 0 otherwise) by `parent: [batch]` row indices.
+def _is_cache(x: Any) -> bool:
+    return isinstance(x, Cache)
 
-    Beam search calls this once per step with the parent beam of each new beam.
-    The indices are in range by construction, so the gather skips bounds handling.
-    """
-    rows = lambda x: x.at[parent].get(mode="promise_in_bounds")
-    if isinstance(cache, KVCache):
-        kv = lambda x: x.at[:, parent].get(mode="promise_in_bounds")
-        return cache.replace(
-            k=kv(cache.k), v=kv(cache.v), mask=rows(cache.mask), index=rows(cache.index)
-        )
-    return jax.tree_util.tree_map(rows, cache)
+
+def _map_rows(tree: Any, on_cache: Any, on_array: Any, *rest: Any) -> Any:
+    """`tree` with `on_cache(cache, *rest_leaves)` applied to every `Cache` and
+    `on_array(x, *rest_leaves)` to every array with a row axis (scalars, such as a
+    loop's step counter, are kept)."""
+
+    def one(x: Any, *ys: Any) -> Any:
+        if _is_cache(x):
+            return on_cache(x, *ys)
+        return x if jnp.ndim(x) == 0 else on_array(x, *ys)
+
+    return jax.tree_util.tree_map(one, tree, *rest, is_leaf=_is_cache)
+
+
+def take_rows(tree: Any, rows: Array) -> Any:
+    """Rows `rows: [n]` of every cache in `tree` and of every other array (rows on
+    axis 0)."""
+    return _map_rows(tree, lambda c: c.take_rows(rows), lambda x: x[rows])
+
+
+def put_rows(tree: Any, rows: Array, new: Any) -> Any:
+    """`tree` with rows `rows: [n]` set from `new` (same structure, `n` rows), in
+    every cache and every other array; rows past the end are dropped."""
+    return _map_rows(
+        tree,
+        lambda c, y: c.put_rows(rows, y),
+        lambda x, y: x.at[rows].set(y, mode="drop"),
+        new,
+    )
+
+
+def gather_rows(tree: Any, parent: Array) -> Any:
+    """Every cache and array of `tree` reordered by `parent: [batch]` row indices
+    (in range: the gather skips bounds handling). Beam search calls this once per
+    step with the parent beam of each new beam."""
+    return _map_rows(
+        tree,
+        lambda c: c.gather_rows(parent),
+        lambda x: x.at[parent].get(mode="promise_in_bounds"),
+    )
+
+
+# The name beam search has always used for `gather_rows`.
+gather_beams = gather_rows
+
+
+def rewind_rows(tree: Any, n: Array, *, width: int | None = None) -> Any:
+    """Every cache in `tree` with each row's last `n: [batch]` tokens forgotten
+    (`Cache.rewind`); other leaves unchanged."""
+    return _map_rows(tree, lambda c: c.rewind(n, width=width), lambda x: x)
+
+
+def cache_specs(tree: Any, mesh: Mesh) -> Any:
+    """PartitionSpecs of a decoder cache: each `Cache`'s own
+    (`partition_specs`), the leading (row) axis of any other array over `data`,
+    and `P()` for scalars."""
+
+    def one(x: Any) -> Any:
+        if _is_cache(x):
+            return x.partition_specs(mesh)
+        return fit_spec(P(DATA), np.shape(x), mesh) if np.ndim(x) else P()
+
+    return jax.tree_util.tree_map(one, tree, is_leaf=_is_cache)
+
+
+def cache_nbytes(tree: Any) -> int:
+    """Bytes of every array of a cache pytree (works on `jax.eval_shape` output)."""
+    return sum(
+        int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+        for x in jax.tree_util.tree_leaves(tree)
+    )
 
 
 def visible_slots(cache: KVCache, attention_mask: Array) -> tuple[Array, KVCache]:

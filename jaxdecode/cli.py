@@ -641,32 +641,13 @@ def _check_constraint(lm, config) -> None:
     compile_spec(parsed[1][0], lm.tokenizer)
 
 
-def _unconstrained(config):
-    from jaxdecode.config import CONSTRAINT_FIELDS
-
-    return config.replace(**dict.fromkeys(CONSTRAINT_FIELDS))
-
-
 def _group_key(config, bucket: int) -> tuple:
-    """What must be equal for prompts to share a batch: the prompt bucket, every
-    static field and every value that is not per-row, and which processors are
-    present (the chain's tree structure). Per-row values (temperature, top_p, ...,
-    penalties), the seed and the output constraint (rows of different schemas
-    share one automaton table) differ freely within a batch."""
-    import jax
+    """What must be equal for prompts to share a static batch: the prompt bucket,
+    `jaxdecode.rows.group_key` (one length per batch) and whether any row is
+    constrained."""
+    from jaxdecode.rows import group_key
 
-    import jaxdecode
-    from jaxdecode.config import CONSTRAINT_FIELDS, PER_ROW_FIELDS
-
-    # The seed: one key per prompt row.
-    per_row = set(PER_ROW_FIELDS) | {"seed"} | set(CONSTRAINT_FIELDS)
-    fixed = tuple(
-        (f.name, getattr(config, f.name))
-        for f in dataclasses.fields(config)
-        if f.name not in per_row
-    )
-    structure = jax.tree_util.tree_structure(jaxdecode.logits_processor(_unconstrained(config)))
-    return bucket, fixed, structure, config.constraints() is not None
+    return bucket, group_key(config, lengths_per_row=False), config.constraints() is not None
 
 
 def _batch_config(configs: list, arrayed: tuple[str, ...]):
@@ -676,14 +657,11 @@ def _batch_config(configs: list, arrayed: tuple[str, ...]):
     `jax.random.key(seed)`, so that each prompt draws what it draws alone."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from jaxdecode.config import CONSTRAINT_FIELDS
+    from jaxdecode.rows import row_values
 
-    values = {}
-    for name in arrayed:
-        dtype = np.int32 if name == "top_k" else np.float32
-        values[name] = np.asarray([getattr(c, name) for c in configs], dtype)
+    values = row_values(configs, arrayed)
     # Constraints: one list per field, each row's entry in its own field (one table).
     for name in CONSTRAINT_FIELDS:
         rows = [getattr(c, name) for c in configs]
@@ -692,31 +670,6 @@ def _batch_config(configs: list, arrayed: tuple[str, ...]):
     if not config.do_sample:
         return config, None
     return config, jnp.stack([jax.random.key(c.seed) for c in configs])
-
-
-def _arrayed_fields(config, batch: int) -> tuple[str, ...]:
-    """The per-row fields that can be `[batch]` arrays in this group without
-    adding a processor (an absent processor's neutral value stays a scalar)."""
-    import jax
-    import numpy as np
-
-    import jaxdecode
-    from jaxdecode.config import PER_ROW_FIELDS
-
-    config = _unconstrained(config)
-    base = jax.tree_util.tree_structure(jaxdecode.logits_processor(config))
-    out = []
-    for name in PER_ROW_FIELDS:
-        value = getattr(config, name)
-        if value is None:
-            continue
-        try:  # an array makes the processor present: it may refuse a neutral value
-            trial = jaxdecode.logits_processor(config.replace(**{name: np.full(batch, value)}))
-        except ValueError:
-            continue
-        if jax.tree_util.tree_structure(trial) == base:
-            out.append(name)
-    return tuple(out)
 
 
 class _Progress:
@@ -781,12 +734,13 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
     decode call's finished prompts are written (and fsynced) at once."""
     import numpy as np
 
-    from jaxdecode.engine import Engine, group_key
+    from jaxdecode.engine import Engine
     from jaxdecode.generation import bucket_length
+    from jaxdecode.rows import group_key
 
     groups: dict[tuple, list] = {}
     for item in items:
-        groups.setdefault(group_key(item[2]), []).append(item)
+        groups.setdefault(group_key(item[2], lengths_per_row=True), []).append(item)
     for group in groups.values():
         max_len = max(bucket_length(len(e), "pow2") + c.max_new_tokens for _, e, c in group)
         try:
@@ -833,6 +787,7 @@ def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assista
     serve): prompts of one group (`_group_key`) share a batch of `--batch_size`
     rows, which ends when its longest row does."""
     import jaxdecode
+    from jaxdecode.rows import arrayed_fields
 
     # Groups share one compiled program: same bucket and static options.
     groups: dict[tuple, list] = {}
@@ -840,7 +795,7 @@ def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assista
         bucket = jaxdecode.bucket_length(len(item[1]), "pow2")
         groups.setdefault(_group_key(item[2], bucket), []).append(item)
     for group in groups.values():
-        arrayed = _arrayed_fields(group[0][2], args.batch_size)
+        arrayed = arrayed_fields(group[0][2], args.batch_size)
         for start in range(0, len(group), args.batch_size):
             batch = group[start : start + args.batch_size]
             # Pad the last batch to the full size: one program per group.

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import secrets
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -59,13 +58,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdecode import pytree
-from jaxdecode.cache import KVCache
-from jaxdecode.config import CONSTRAINT_FIELDS, PER_ROW_FIELDS, SEED_MAX, GenerationConfig
+from jaxdecode.cache import put_rows, take_rows
+from jaxdecode.config import PER_ROW_FIELDS, SEED_MAX, GenerationConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.generation import available_bytes, bucket_length, stop_tables
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import Chain, LogitsProcessor, TracedConfig, from_config
 from jaxdecode.processors.grammar import FREE, Grammar, UnionTable, compile_spec, spec_key
+from jaxdecode.rows import (
+    arrayed_fields,
+    group_key,
+    per_prompt_fields,
+    row_values,
+    unconstrained,
+)
 from jaxdecode.search.loop import DecodeState, Plan, prompt_outputs, row_keys
 from jaxdecode.search.sample import decode_step
 
@@ -76,76 +82,8 @@ __all__ = [
     "EngineResult",
     "EngineStats",
     "SlotState",
-    "arrayed_fields",
     "generate_many",
-    "group_key",
 ]
-
-# Resolved per prompt, never part of what must be shared.
-_PER_PROMPT = (
-    frozenset(PER_ROW_FIELDS)
-    | frozenset(CONSTRAINT_FIELDS)
-    | {"seed", "max_new_tokens", "max_length"}
-)
-
-
-def _unconstrained(config: GenerationConfig) -> GenerationConfig:
-    return config.replace(**dict.fromkeys(CONSTRAINT_FIELDS))
-
-
-# --------------------------------------------------------------------------- #
-# What may share slots.
-# --------------------------------------------------------------------------- #
-
-
-@functools.lru_cache(maxsize=4096)
-def _structure(config: GenerationConfig) -> Any:
-    return jax.tree_util.tree_structure(from_config(config))
-
-
-def group_key(config: GenerationConfig) -> tuple:
-    """What prompts must have in common to share one engine (one decode program):
-    every option except the per-row values, the seed, the length and the output
-    constraint, and which processors are present (the chain's tree structure;
-    a constraint is per row, see the module docstring)."""
-    fixed = tuple(
-        (f.name, getattr(config, f.name))
-        for f in dataclasses.fields(config)
-        if f.name not in _PER_PROMPT
-    )
-    same = _unconstrained(config).replace(seed=None, max_new_tokens=None, max_length=None)
-    return fixed, _structure(same)
-
-
-def arrayed_fields(config: GenerationConfig, rows: int) -> tuple[str, ...]:
-    """The per-row fields that can be `[rows]` arrays without changing which
-    processors are present (an absent processor's neutral value stays a scalar,
-    part of `group_key`)."""
-    config = _unconstrained(config)
-    base = jax.tree_util.tree_structure(from_config(config))
-    out = []
-    for name in PER_ROW_FIELDS:
-        value = getattr(config, name)
-        if value is None:
-            continue
-        try:  # an array makes a processor present: it may refuse a neutral value
-            trial = from_config(config.replace(**{name: np.full(rows, value)}))
-        except ValueError:
-            continue
-        if jax.tree_util.tree_structure(trial) == base:
-            out.append(name)
-    return tuple(out)
-
-
-def _row_values(configs: Sequence[GenerationConfig], arrayed: tuple[str, ...]) -> dict:
-    """`{field: [rows] array}`: float64 (so that a top-p cutoff `1 - p` is rounded
-    from the same float64 as for a scalar p), int32 for top_k."""
-    return {
-        name: np.asarray(
-            [getattr(c, name) for c in configs], np.int32 if name == "top_k" else np.float64
-        )
-        for name in arrayed
-    }
 
 
 def _put_per_row(live: Chain, new: Chain, slots: Array) -> Chain:
@@ -159,25 +97,6 @@ def _put_per_row(live: Chain, new: Chain, slots: Array) -> Chain:
         }
         procs.append(dataclasses.replace(p, **changes) if changes else p)
     return Chain(processors=tuple(procs))
-
-
-def _put_rows(live: Any, new: Any, slots: Array) -> Any:
-    """Every leaf's rows `slots` set from `new` (rows on axis 0; a `KVCache`'s
-    `k`/`v` on axis 1); rows past the end (unused prefill rows) are dropped."""
-
-    def put(x: Any, y: Any) -> Any:
-        if isinstance(x, KVCache):
-            return x.replace(
-                k=x.k.at[:, slots].set(y.k.astype(x.k.dtype), mode="drop"),
-                v=x.v.at[:, slots].set(y.v.astype(x.v.dtype), mode="drop"),
-                mask=x.mask.at[slots].set(y.mask, mode="drop"),
-                index=x.index.at[slots].set(y.index, mode="drop"),
-            )
-        if jnp.ndim(x) == 0:
-            return x  # the loop's step counter
-        return x.at[slots].set(y, mode="drop")
-
-    return jax.tree_util.tree_map(put, live, new, is_leaf=lambda x: isinstance(x, KVCache))
 
 
 # --------------------------------------------------------------------------- #
@@ -282,7 +201,7 @@ def _admit(
     )
     traced = state.traced.replace(processor=_put_per_row(state.traced.processor, processor, slots))
     new = state.replace(
-        dec=_put_rows(state.dec, rows, slots),
+        dec=put_rows(state.dec, slots, rows),
         traced=traced,
         max_new=state.max_new.at[slots].set(max_new, mode="drop"),
         outs={k: v.at[slots].set(0, mode="drop") for k, v in state.outs.items()},
@@ -363,12 +282,7 @@ def _take(state: SlotState, rows: Array) -> SlotState:
     """The state of slots `rows` only (`[n]` int32): every per-row leaf, the
     cache's rows and the processors' per-row values; shared tables as they are."""
 
-    def take(x: Any) -> Any:
-        if isinstance(x, KVCache):
-            return x.replace(k=x.k[:, rows], v=x.v[:, rows], mask=x.mask[rows], index=x.index[rows])
-        return x if jnp.ndim(x) == 0 else x[rows]
-
-    dec = jax.tree_util.tree_map(take, state.dec, is_leaf=lambda x: isinstance(x, KVCache))
+    dec = take_rows(state.dec, rows)
     traced = state.traced.replace(processor=_rows_of(state.traced.processor, lambda v: v[rows]))
     return SlotState(
         dec=dec,
@@ -384,7 +298,7 @@ def _spread(full: SlotState, small: SlotState, rows: Array) -> SlotState:
         processor=_put_per_row(full.traced.processor, small.traced.processor, rows)
     )
     return full.replace(
-        dec=_put_rows(full.dec, small.dec, rows),
+        dec=put_rows(full.dec, rows, small.dec),
         traced=traced,
         max_new=full.max_new.at[rows].set(small.max_new),
         outs={k: v.at[rows].set(small.outs[k]) for k, v in full.outs.items()},
@@ -605,7 +519,7 @@ class Engine:
         _check_strategy(self.config)
         self.decoder = decoder
         self.tokenizer = getattr(model, "tokenizer", None)
-        self._key = group_key(self.config)
+        self._key = group_key(self.config, lengths_per_row=True)
         self._arrayed = arrayed_fields(self.config, self.slots)
         # The constraints' union table (built at submit; None: no constraint yet).
         self._table: UnionTable | None = None
@@ -665,8 +579,8 @@ class Engine:
         the constraint processor with each row's start state (from `specs`,
         else every row free); tables sized for the longest row."""
         configs = list(configs) if configs else [self.config] * rows
-        values = _row_values(configs, self._arrayed)
-        config = _unconstrained(configs[0]).replace(
+        values = row_values(configs, self._arrayed)
+        config = unconstrained(configs[0]).replace(
             **values, max_new_tokens=self.max_len, max_length=None
         )
         grammar = None
@@ -789,7 +703,7 @@ class Engine:
             if not 0 <= seed <= SEED_MAX:
                 raise ValueError(f"seed must be in [0, {SEED_MAX}], got {seed}")
             config = config.replace(seed=seed)
-        if group_key(config) != self._key:
+        if group_key(config, lengths_per_row=True) != self._key:
             raise ValueError(
                 f"prompt {index}: {_difference(config, self.config)} differs from the engine's "
                 "config, so it cannot share its slots (per row may differ: "
@@ -1009,7 +923,7 @@ def _check_strategy(config: GenerationConfig) -> None:
 
 def _difference(a: GenerationConfig, b: GenerationConfig) -> str:
     for f in dataclasses.fields(a):
-        if f.name in _PER_PROMPT:
+        if f.name in per_prompt_fields(lengths_per_row=True):
             continue
         if getattr(a, f.name) != getattr(b, f.name):
             return f"{f.name}={getattr(a, f.name)!r} (engine: {getattr(b, f.name)!r})"
@@ -1073,7 +987,7 @@ def generate_many(
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(resolved):
         _check_strategy(c)
-        groups.setdefault(group_key(c), []).append(i)
+        groups.setdefault(group_key(c, lengths_per_row=True), []).append(i)
     results: list[EngineResult | None] = [None] * len(prompts)
     for members in groups.values():
         need = max(

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from jaxdecode import pytree
 from jaxdecode.arrays import is_traced, owned
+from jaxdecode.cache import cache_nbytes
 from jaxdecode.config import SEED_MAX, GenerationConfig
 from jaxdecode.models.base import Decoder
 from jaxdecode.processors import TracedConfig, split_config
@@ -244,7 +245,7 @@ def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
     anything is allocated."""
     total = plan.bucket + plan.new_tokens
     cache = jax.eval_shape(lambda: decoder.init_cache(plan.rows, total, None))
-    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
+    cache_bytes = cache_nbytes(cache)
     vocab = decoder.vocab_size
     # logits, scores and a few [rows, V] temporaries per step, float32; beam search's
     # candidate scores [B, nb * V]; output_scores / output_logits keep [rows, N, V].

@@ -28,8 +28,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdecode.cache import KVCache
-
 __all__ = [
     "DATA",
     "MODEL",
@@ -39,7 +37,6 @@ __all__ = [
     "constrain",
     "param_shardings",
     "shard_params",
-    "cache_specs",
     "fit_spec",
     "per_device_bytes",
 ]
@@ -133,20 +130,6 @@ def shard_params(params: Any, mesh: Mesh, specs: Callable[[Any], Any] | None = N
         return jax.device_put(leaf, sharding)
 
     return jax.tree_util.tree_map(put, params, shardings)
-
-
-def cache_specs(cache: Any, mesh: Mesh) -> Any:
-    """PartitionSpecs of a decoder cache: a `KVCache` `[L, B, H, S, D]` shards rows
-    over `data` and heads over `model` (`fit_spec` when they do not divide);
-    another cache type shards the leading axis of every array over `data` (the
-    batch, by the decoder protocol)."""
-    if isinstance(cache, KVCache):
-        kv = fit_spec(P(None, DATA, MODEL, None, None), cache.k.shape, mesh)
-        rows = fit_spec(P(DATA, None), cache.mask.shape, mesh)
-        return KVCache(k=kv, v=kv, mask=rows, index=P(*rows[:1]))
-    return jax.tree_util.tree_map(
-        lambda x: fit_spec(P(DATA), np.shape(x), mesh) if np.ndim(x) else P(), cache
-    )
 
 
 def constrain(tree: Any, mesh: Mesh | None, specs: Any) -> Any:

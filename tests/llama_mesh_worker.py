@@ -65,7 +65,7 @@ def main() -> None:
         placed = jd.shard_params(lm.params, mesh, lm.decoder.param_specs)
         rec["k_proj_spec"] = str(placed["layers_0"]["self_attn"]["k_proj"]["weight"].sharding.spec)
         cache = lm.decoder.init_cache(8, 16, None)
-        specs = jd.sharding.cache_specs(cache, mesh)
+        specs = jd.cache_specs(cache, mesh)
         rec["cache_spec"] = str(specs.k)
         out["meshes"][f"{d}x{m}"] = rec
     json.dump(out, sys.stdout)

@@ -259,7 +259,7 @@ def test_insert_rows_then_decode_equals_alone():
     logits1, small = prefill(new, decoder.init_cache(1, 16, None))
     alone = greedy_steps(
         logits1,
-        decoder.init_cache(1, max_len, None).insert_rows(jnp.array([0]), small),
+        decoder.init_cache(1, max_len, None).put_rows(jnp.array([0]), small),
         jnp.array([len(PROMPT_B)]),
         steps,
     )
@@ -273,7 +273,7 @@ def test_insert_rows_then_decode_equals_alone():
             params, tok[:, None], positions[:, None], live, jnp.ones((3, 1), jnp.int32)
         )
         logits3, positions = logits3[:, 0], positions + 1
-    live = live.insert_rows(jnp.array([1]), small)
+    live = live.put_rows(jnp.array([1]), small)
     logits3 = logits3.at[1].set(logits1[0])
     positions = positions.at[1].set(len(PROMPT_B))
     batch = greedy_steps(logits3, live, positions, steps)

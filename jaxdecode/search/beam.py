@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdecode import pytree
-from jaxdecode.cache import gather_beams
+from jaxdecode.cache import gather_rows
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors import TracedConfig, processor_stages
 from jaxdecode.search.loop import (
@@ -199,7 +199,7 @@ def beam_step(
     reorder = lambda tree: jax.tree_util.tree_map(lambda x: jnp.take(x, new_parent, axis=0), tree)
     ctx = st.ctx.reorder(new_parent).append(new_tokens)
     proc_state = processor.update(reorder(st.proc_state), new_tokens)
-    cache = gather_beams(st.cache, new_parent)
+    cache = gather_rows(st.cache, new_parent)
     logits = st.logits
     if run_model:
         logits, cache = model_step(plan, params, cache, new_tokens, st.positions)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdecode import sampling
-from jaxdecode.cache import gather_beams
+from jaxdecode.cache import gather_rows, rewind_rows
 from jaxdecode.context import DecodeContext
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import Chain
@@ -140,9 +140,9 @@ class DraftModel:
         """
         cache = self.decoder.init_cache(ids.shape[0], max_len, None)
         _, cache = self.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
-        cache = cache.rewind(jnp.ones((ids.shape[0],), jnp.int32), width=1)
+        cache = rewind_rows(cache, jnp.ones((ids.shape[0],), jnp.int32), width=1)
         if expand > 1:
-            cache = gather_beams(cache, jnp.repeat(jnp.arange(ids.shape[0]), expand))
+            cache = gather_rows(cache, jnp.repeat(jnp.arange(ids.shape[0]), expand))
         return cache
 
     def propose(

@@ -19,12 +19,12 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxdecode import pytree
-from jaxdecode.cache import gather_beams
+from jaxdecode.cache import cache_specs, gather_rows
 from jaxdecode.config import StaticConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import TracedConfig
-from jaxdecode.sharding import DATA, MODEL, cache_specs, constrain, fit_spec
+from jaxdecode.sharding import DATA, MODEL, constrain, fit_spec
 
 Array = jax.Array
 
@@ -286,7 +286,7 @@ def prefill(
     prompt = prompt_outputs(plan, logits, ids, mask) if cfg.prompt_logprobs >= 0 else None
     if plan.expand > 1:
         parent = jnp.repeat(jnp.arange(plan.batch), plan.expand)
-        cache = gather_beams(cache, parent)
+        cache = gather_rows(cache, parent)
         last = jnp.take(last, parent, axis=0)
         ids, mask = expand_rows((ids, mask), plan.expand)
     cache = constrain(cache, plan.mesh, cache_specs)

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdecode import pytree, sampling
+from jaxdecode.cache import rewind_rows
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors import TracedConfig
 from jaxdecode.search.drafters import ACCEPT, RESIDUAL, DraftModel, PromptLookup, draft_key
@@ -360,11 +361,11 @@ def _round(
 
     outs = _write_outputs(cfg, s.outs, scores, logits, emitted, kept, s.lengths)
 
-    target_cache = cache.rewind(w - jnp.where(active, count, 0), width=w)
+    target_cache = rewind_rows(cache, w - jnp.where(active, count, 0), width=w)
     draft_cache = s.draft_cache
     if isinstance(drafter, DraftModel):
         # It holds prev, last and d_1..d_{K-1} of this round; it keeps n + 1.
-        draft_cache = draft_cache.rewind(w - jnp.where(active, count, 0), width=w)
+        draft_cache = rewind_rows(draft_cache, w - jnp.where(active, count, 0), width=w)
     accepted = jnp.minimum(n, count)
     return s.replace(
         ctx=s.ctx.append(emitted, count),
