@@ -361,6 +361,11 @@ def _extend(inner):
                   st.sets(st.sampled_from("abc")), st.integers(0, 2)),
         st.builds(lambda xs: {"anyOf": xs}, st.lists(inner, min_size=1, max_size=3)),
         st.builds(lambda s: {"not": {"type": "string"}, **s}, inner),
+        st.builds(lambda xs: {"oneOf": xs}, st.lists(inner, min_size=1, max_size=3)),
+        st.builds(lambda a, b: {"allOf": [a, b]}, inner, inner),
+        st.builds(lambda s, c: {"type": "array", "items": s, "maxItems": 2, "contains": c},
+                  inner, inner),
+        st.builds(lambda s, c, t: {**s, "if": c, "then": t}, inner, inner, inner),
     )  # fmt: skip
 
 
@@ -378,3 +383,20 @@ def test_outputs_of_supported_schemas_validate(schema, seed, tok):
         assert "\n" not in str(e)
         return
     outputs(schema, tok, n=8, seed=seed)
+
+
+def test_top_level_numbers_reach_every_length(tok):
+    """At the very end of the regex outlines-core's index keeps a path out of an
+    accepting state only for the alternative listed first: ranges and enums are
+    written longest first, so `12` and `123` stay reachable after `1`."""
+    for schema, good, bad in [
+        (
+            {"type": "integer", "minimum": -15, "maximum": 123},
+            ["1", "12", "123", "-15"],
+            ["124", "-16"],
+        ),
+        ({"enum": [1, 12, 123]}, ["1", "12", "123"], ["2"]),
+    ]:
+        walker = Walker(compile_json_schema(schema, tok), tok)
+        assert all(walker.accepts(t) for t in good), schema
+        assert not any(walker.accepts(t) for t in bad), schema

@@ -217,9 +217,45 @@ def _exact(canon: list) -> bool:
 
 
 def _enum(values: list) -> dict:
-    """An enum node, longest values first: outlines-core's DFA is leftmost-first,
-    so `1` before `12` at the end of the regex would make `12` unreachable."""
-    return {"enum": sorted(values, key=lambda v: -len(json.dumps(v)))}
+    """An enum node, longest values first (at the very end of the regex,
+    outlines-core's index reaches `12` from `12|1` but not from `1|12`). Values
+    holding objects become closed-object nodes: outlines-core writes an object
+    constant's keys unescaped (a `.` in a key would match any character)."""
+    values = sorted(values, key=lambda v: -len(json.dumps(v)))
+    plain = [v for v in values if not _has_object(v)]
+    nodes = [_constant(v) for v in values if _has_object(v)]
+    if not nodes:
+        return {"enum": plain}
+    nodes = ([{"enum": plain}] if plain else []) + nodes
+    return nodes[0] if len(nodes) == 1 else {"anyOf": nodes}
+
+
+def _has_object(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_has_object(v) for v in value)
+    return isinstance(value, dict)
+
+
+def _constant(value: Any) -> dict:
+    """The canonical node of exactly `value`."""
+    if isinstance(value, dict):
+        for name in value:
+            _check_name(name, "")
+        props = {k: _constant(v) for k, v in value.items()}
+        return {"type": "object", "properties": props, "required": list(value)}
+    if isinstance(value, list) and _has_object(value):
+        return {"prefixItems": [_constant(v) for v in value]}
+    return {"enum": [value]}
+
+
+def _check_name(name: str, path: str) -> None:
+    """outlines-core writes a property name between quotes as is: one that JSON
+    must escape would make invalid JSON."""
+    if any(ord(c) < 0x20 or c in '"\\' for c in name):
+        raise _Refuse(
+            f"json_schema: property name {name!r} at {_pointer(path)} is not supported: it "
+            "holds a quote, a backslash or a control character"
+        )
 
 
 def _dedupe(values: list) -> list:
@@ -260,7 +296,7 @@ class _Walker:
         return {"const": key}
 
     def resolve(self, ref: Any, path: str) -> Any:
-        if not isinstance(ref, str) or not ref.startswith("#"):
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             raise self.refuse("$ref", path, f"only local '#/...' references, got {ref!r}")
         node: Any = self.root
         for part in ref[1:].split("/")[1:] if ref != "#" else []:
@@ -773,6 +809,7 @@ class _Walker:
                 props[r] = {"allOf": matched} if matched else ap
         schemas, raw = {}, {}
         for name, s in props.items():
+            _check_name(name, path)
             extra = [ps for p, ps in patterns.items() if re.search(p, name)]
             if extra:
                 s = {"allOf": [s, *extra]}
