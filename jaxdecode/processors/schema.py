@@ -26,10 +26,18 @@ still validates) in the canonical forms outlines-core reads correctly:
 
 `$ref`s are inlined (local `#/...` pointers, recursion unrolled `REF_DEPTH`
 levels: deeper optional branches are dropped, as outlines-core does).
+
+What is written is always a subset of what the schema allows (closed objects,
+`prefixItems` at their length, recursion cut), so every output validates; an
+`_Unsat` that comes from such a cut says so (`exact=False`) rather than claiming
+that no value exists. The module is long (one walker over every keyword of
+JSON Schema 2020-12, and the range / format regexes it splices in) because the
+keywords interact: splitting it would spread one decision table over files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -108,7 +116,7 @@ _TIME = (
     "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{1,6})?"
     "(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 )
-_LABEL = "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_LABEL = "[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _FORMATS = {
     "date": _DATE,
@@ -135,6 +143,7 @@ class _Refuse(ValueError):
     """A keyword the automaton cannot enforce."""
 
 
+@dataclasses.dataclass(frozen=True)
 class PreparedSchema:
     """A schema in outlines-core's safe forms, and the regexes of its placeholders.
 
@@ -144,9 +153,8 @@ class PreparedSchema:
             `"string"` into its escaped literal, which `regex` replaces.
     """
 
-    def __init__(self, schema: dict, placeholders: dict[str, str]):
-        self.schema = schema
-        self.placeholders = placeholders
+    schema: dict
+    placeholders: dict[str, str]
 
     def splice(self, regex: str) -> str:
         """outlines-core's regex for `schema` with the placeholders' regexes in."""
@@ -268,6 +276,9 @@ def _dedupe(values: list) -> list:
 
 
 class _Walker:
+    """One schema's walk: `walk(node, path, refs)` returns a node's canonical form
+    (`refs`: the `$ref`s on the way, for the recursion depth)."""
+
     def __init__(self, root: Mapping):
         import jsonschema
 
@@ -422,7 +433,8 @@ class _Walker:
             elif k == "enum":
                 out[k] = [x for x in w if self.valid(x, {"enum": v})]
             elif k == "const":
-                out["enum"] = [w] if _key(w) == _key(v) else []
+                both = [x for x in out.get("enum", [w]) if _key(x) == _key(w) == _key(v)]
+                out["enum"] = both
                 del out["const"]
             elif k == "uniqueItems":
                 out[k] = w or v
@@ -605,13 +617,13 @@ class _Walker:
             return "then" not in node and "else" not in node
         return False
 
-    def t_null(self, node, path, refs):
+    def t_null(self, node: dict, path: str, refs: tuple) -> dict:
         return {"type": "null"}
 
-    def t_boolean(self, node, path, refs):
+    def t_boolean(self, node: dict, path: str, refs: tuple) -> dict:
         return {"type": "boolean"}
 
-    def t_string(self, node, path, refs):
+    def t_string(self, node: dict, path: str, refs: tuple) -> dict:
         lo, hi = node.get("minLength", 0), node.get("maxLength")
         if hi is not None and lo > hi:
             raise _Unsat(f"minLength {lo} > maxLength {hi} at {_pointer(path)}")
@@ -640,13 +652,13 @@ class _Walker:
             return self.placeholder(f'"{_FORMATS[node["format"]]}"', None, "string")
         return out
 
-    def t_integer(self, node, path, refs):
+    def t_integer(self, node: dict, path: str, refs: tuple) -> dict:
         return self.numeric(node, path, integer=True)
 
-    def t_number(self, node, path, refs):
+    def t_number(self, node: dict, path: str, refs: tuple) -> dict:
         return self.numeric(node, path, integer=False)
 
-    def numeric(self, node, path, integer):
+    def numeric(self, node: dict, path: str, integer: bool) -> dict:
         lo, lo_x, hi, hi_x = _bounds(node, path, self)
         digits = {k: node[k] for k in _DIGITS if k in node}
         step = node.get("multipleOf")
@@ -705,7 +717,7 @@ class _Walker:
             None,
         )
 
-    def t_array(self, node, path, refs):
+    def t_array(self, node: dict, path: str, refs: tuple) -> dict:
         lo, hi = node.get("minItems", 0), node.get("maxItems")
         if hi is not None and lo > hi:
             raise _Unsat(f"minItems {lo} > maxItems {hi} at {_pointer(path)}")
@@ -748,7 +760,10 @@ class _Walker:
             out["maxItems"] = hi
         return out
 
-    def t_object(self, node, path, refs):
+    def t_object(self, node: dict, path: str, refs: tuple) -> dict:
+        """Objects: free-form (any names) or closed (the listed properties); counts
+        and dependencies expanded into one closed variant per allowed set of
+        present properties. Long: each object keyword's rules sit together."""
         lo, hi = node.get("minProperties", 0), node.get("maxProperties")
         if hi is not None and lo > hi:
             raise _Unsat(f"minProperties {lo} > maxProperties {hi} at {_pointer(path)}")
@@ -891,9 +906,9 @@ class _Walker:
         return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
     # ----------------------------------------------------------- enumeration
-    def enumerate(self, node: dict, path: str, refs: tuple) -> list | None:
+    def enumerate(self, node: dict, path: str, refs: tuple) -> tuple[list | None, bool]:
         """The values of `node` without its finite-only keywords, if at most
-        `ENUM_LIMIT` (else None)."""
+        `ENUM_LIMIT` (else None), and whether they are all of them (`exact`)."""
         base = {k: v for k, v in node.items() if k not in _LISTED}
         if "multipleOf" in node and not set(self.types(node, path)) & {"integer", "number"}:
             base["type"] = "integer"
