@@ -442,7 +442,7 @@ def test_errors(bundled):
     tok = bundled.tokenizer
     with pytest.raises(ValueError, match="regex '\\(' is invalid"):
         jd.regex("(", tok)
-    with pytest.raises(ValueError, match="json_schema: type at / must be one of"):
+    with pytest.raises(ValueError, match="json_schema: /type is not valid JSON Schema"):
         jd.json_schema({"type": "foo"}, tok)
     with pytest.raises(ValueError, match="json_schema is not valid JSON"):
         jd.json_schema("{", tok)

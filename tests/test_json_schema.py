@@ -288,7 +288,6 @@ REFUSED = {
     "pattern": ({"type": "string", "pattern": "^.+$"}, "/"),
     "format": ({"type": "string", "format": "hostname"}, "/"),
     "minItems": ({"type": "array", "prefixItems": [{"type": "null"}], "minItems": 3}, "/"),
-    "items": ({"type": "array", "items": [{"type": "null"}]}, "/"),
     "$ref": ({"$ref": "https://example.com/s.json"}, "/"),
     "minLenght": ({"type": "string", "minLenght": 3}, "/"),
     "$dynamicRef": ({"$dynamicRef": "#x"}, "/"),
@@ -400,3 +399,17 @@ def test_top_level_numbers_reach_every_length(tok):
         walker = Walker(compile_json_schema(schema, tok), tok)
         assert all(walker.accepts(t) for t in good), schema
         assert not any(walker.accepts(t) for t in bad), schema
+
+
+@pytest.mark.parametrize(
+    "schema, where",
+    [
+        ({"type": "string", "maxLength": -1}, "/maxLength"),
+        ({"type": "object", "required": "a"}, "/required"),
+        ({"properties": {"x": {"minimum": "5"}}}, "/properties/x/minimum"),
+        ({"type": "array", "items": [{"type": "null"}]}, "/items"),  # draft 7's tuple form
+    ],
+)
+def test_malformed_schemas_name_the_place(schema, where):
+    with pytest.raises(ValueError, match=f"json_schema: {where} is not valid JSON Schema"):
+        jd.GenerationConfig(json_schema=schema).validate()

@@ -186,6 +186,15 @@ def _prepare(text: str) -> PreparedSchema:
     schema = json.loads(text)
     if not isinstance(schema, Mapping):
         raise ValueError(f"json_schema must be a JSON object, got {schema!r}")
+    import jsonschema
+
+    try:  # malformed keyword values (`"maxLength": -1`, `"required": "a"`) first
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "".join(f"/{p}" for p in e.absolute_path) or "/"
+        raise ValueError(
+            f"json_schema: {where} is not valid JSON Schema: {_short(e.message)}"
+        ) from None
     walker = _Walker(schema)
     try:
         out = walker.walk(schema, "", ())
@@ -200,6 +209,11 @@ def _prepare(text: str) -> PreparedSchema:
     except RecursionError:
         raise ValueError("json_schema: nested too deeply to check") from None
     return PreparedSchema(out, walker.placeholders)
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _pointer(path: str) -> str:
@@ -722,10 +736,6 @@ class _Walker:
         if hi is not None and lo > hi:
             raise _Unsat(f"minItems {lo} > maxItems {hi} at {_pointer(path)}")
         items = node.get("items", node.get("unevaluatedItems", True))
-        if isinstance(items, list):
-            raise self.refuse(
-                "items", path, "a list of schemas is draft-7's tuple form; use prefixItems"
-            )
         if "prefixItems" in node:
             # outlines-core emits exactly the prefix (a valid length, here).
             prefix = node["prefixItems"]
