@@ -2,7 +2,9 @@
 compiled to a token-level automaton (NumPy), and its device tables.
 
 The automaton itself comes from `outlines-core` (Rust): from a regular expression
-(a JSON schema becomes one with its `build_regex_from_schema`) and the vocabulary
+(a JSON schema becomes one with its `build_regex_from_schema`, after
+`schema.prepare_schema` has checked every keyword and rewritten the schema into
+forms outlines-core enforces) and the vocabulary
 as the bytes each token stands for, it builds the index `state -> {token: next
 state}`, refusing a regex that the vocabulary cannot spell. Here we only:
 
