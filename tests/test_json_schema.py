@@ -210,6 +210,10 @@ ENFORCED = {
     "unevaluatedProperties": ({"type": "object", "properties": {"a": {"type": "null"}}, "unevaluatedProperties": False},
                               [{"a": None}, {}], [{"b": None}]),
     "type-list": ({"type": ["integer", "null"], "minimum": 1, "maximum": 2}, [1, 2, None], [0, "x"]),
+    "anyOf-branch-merge-conflict": (
+        {"allOf": [{"anyOf": [{"type": "null"}, {"enum": [0, None]}]}, {"type": "number", "maximum": 5}]},
+        [0], [None, 1],
+    ),
     "annotations": ({"title": "T", "description": "d", "examples": [1], "default": 1, "$comment": "c",
                      "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "boolean"}, [True], [1]),
 }  # fmt: skip
@@ -371,15 +375,60 @@ def _extend(inner):
 SCHEMAS = st.recursive(_leaf, _extend, max_leaves=6)
 
 
+def _small_values(n: int = 3000) -> list:
+    """Small JSON values over the strategies' alphabet (a witness search)."""
+    rng = np.random.default_rng(0)
+    scalars = [
+        None,
+        True,
+        False,
+        0,
+        1,
+        2,
+        3,
+        -1,
+        -5,
+        5,
+        0.5,
+        1.5,
+        -0.5,
+        100,
+        -300,
+        "",
+        "a",
+        "ab",
+        "abcd",
+    ]
+
+    def value(depth: int = 0):
+        r = rng.random()
+        if depth < 2 and r < 0.25:
+            return [value(depth + 1) for _ in range(rng.integers(0, 4))]
+        if depth < 2 and r < 0.5:
+            keys = rng.permutation(list("abc"))[: rng.integers(0, 4)]
+            return {str(k): value(depth + 1) for k in keys}
+        return scalars[rng.integers(len(scalars))]
+
+    return [value() for _ in range(n)]
+
+
+SMALL_VALUES = _small_values()
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(schema=SCHEMAS, seed=st.integers(0, 2**16))
 def test_outputs_of_supported_schemas_validate(schema, seed, tok):
     """Property: a schema built from supported keywords is either refused (one
-    line naming a keyword, or unsatisfiable) or every output validates."""
+    line naming a keyword, or unsatisfiable: then no small value satisfies it)
+    or every output validates."""
     try:
         jd.GenerationConfig(json_schema=schema).validate()
     except ValueError as e:
         assert "\n" not in str(e)
+        if "no value satisfies" in str(e):
+            check = validator(schema)
+            witnesses = [v for v in SMALL_VALUES if check.is_valid(v)][:1]
+            assert not witnesses, (schema, witnesses)
         return
     outputs(schema, tok, n=8, seed=seed)
 

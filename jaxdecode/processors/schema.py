@@ -496,8 +496,8 @@ class _Walker:
             raise ValueError(f"json_schema: {kw} at {_pointer(path)} must be a non-empty list")
         canon, exact = [], True
         for i, option in enumerate(options):
-            merged = self.merge(node, option, path) if node else option
-            try:
+            try:  # (merging may already show the branch unsatisfiable)
+                merged = self.merge(node, option, path) if node else option
                 canon.append(self.walk(merged, f"{path}/{kw}/{i}", refs))
             except _Unsat as e:
                 exact &= e.exact
@@ -895,10 +895,10 @@ class _Walker:
                 "required": order,
                 "additionalProperties": False,
             }
-            for k, s in dep_sch.items():
-                if k in present:
-                    variant = self.merge(variant, s, path)
             try:
+                for k, s in dep_sch.items():
+                    if k in present:
+                        variant = self.merge(variant, s, path)
                 v = self.walk(variant, path, refs)
             except _Unsat as e:
                 exact &= e.exact
