@@ -146,7 +146,13 @@ def _one_constraint(name: str, value: Any) -> tuple[str, Any]:
             raise ValueError(f"regex must be a non-empty string, got {value!r}")
         return name, value
     if name == "json_schema":
-        return name, normalize_schema(value)
+        # Checked now (every keyword enforced, or refused naming it), before any
+        # model is loaded or traced; imported here: processors import this module.
+        from jaxdecode.processors.schema import prepare_schema
+
+        text = normalize_schema(value)
+        prepare_schema(text)
+        return name, text
     if (
         isinstance(value, str)
         or not isinstance(value, Sequence)

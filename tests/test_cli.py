@@ -306,6 +306,14 @@ def test_generate_beam_search_json(model_dir, env):
         (["Hi", "--output_logits"], ["output_logits"]),
         (["Hello world", "--max_length", "5"], ["max_length=5", "11-token prompt"]),
         (["Hi", "--max_length", "9", "--max_new_tokens", "1000"], ["n_positions"]),
+        (
+            [
+                "Hi",
+                "--json_schema",
+                '{"type": "array", "items": {"type": "string"}, "uniqueItems": true}',
+            ],
+            ["json_schema", "'uniqueItems' at /"],
+        ),
     ],
     ids=[
         "unknown-flag",
@@ -324,6 +332,7 @@ def test_generate_beam_search_json(model_dir, env):
         "output_logits",
         "max_length-too-short",
         "max_new_tokens-wins",
+        "json_schema-keyword",
     ],
 )
 def test_generate_bad_inputs(model_dir, env, args, words):

@@ -2,7 +2,9 @@
 compiled to a token-level automaton (NumPy), and its device tables.
 
 The automaton itself comes from `outlines-core` (Rust): from a regular expression
-(a JSON schema becomes one with its `build_regex_from_schema`) and the vocabulary
+(a JSON schema becomes one with its `build_regex_from_schema`, after
+`schema.prepare_schema` has checked every keyword and rewritten the schema into
+forms outlines-core enforces) and the vocabulary
 as the bytes each token stands for, it builds the index `state -> {token: next
 state}`, refusing a regex that the vocabulary cannot spell. Here we only:
 
@@ -26,13 +28,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from jaxdecode.processors.schema import prepare_schema
 from jaxdecode.validation import normalize_schema
 
 __all__ = [
@@ -320,28 +322,6 @@ def _from_index(index: Any, vocab: int, *, eos: int, source: str) -> TokenAutoma
     )
 
 
-# Value bounds outlines-core's JSON-schema-to-regex reads past (the type is kept).
-_IGNORED = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
-
-
-def _ignored_keywords(node: Any) -> set[str]:
-    if isinstance(node, Mapping):
-        found = {k for k in node if k in _IGNORED and not isinstance(node[k], (dict, list))}
-        return found.union(*(_ignored_keywords(v) for v in node.values()))
-    if isinstance(node, list):
-        return set().union(*(_ignored_keywords(v) for v in node))
-    return set()
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("outlines-core")
-    except PackageNotFoundError:
-        return "(unknown version)"
-
-
 def schema_regex(schema: Any, whitespace: str | None = None) -> str:
     """outlines-core's regular expression for a JSON schema.
 
@@ -352,17 +332,12 @@ def schema_regex(schema: Any, whitespace: str | None = None) -> str:
     from outlines_core.json_schema import build_regex_from_schema
 
     text = normalize_schema(schema)
-    ignored = sorted(_ignored_keywords(json.loads(text)))
-    if ignored:
-        warnings.warn(
-            f"json_schema uses {', '.join(ignored)}, which outlines-core {_version()} does not "
-            "enforce: outputs have the right types but may break these bounds",
-            stacklevel=3,
-        )
+    prepared = prepare_schema(text)
     try:
-        return build_regex_from_schema(text, whitespace)
+        regex = build_regex_from_schema(json.dumps(prepared.schema, ensure_ascii=False), whitespace)
     except (ValueError, TypeError) as e:
         raise ValueError(f"json_schema {_short(text)} is not supported: {e}") from None
+    return prepared.splice(regex)
 
 
 def compile_json_schema(
