@@ -32,6 +32,7 @@ from jaxdecode.search.sample import decode_step
 from jaxdecode.search.speculative import speculative_program
 from jaxdecode.search.stopping import stop_strings, token_tables
 from jaxdecode.sharding import DATA, MODEL, shard_params
+from jaxdecode.validation import host_rows
 
 Array = jax.Array
 
@@ -268,7 +269,7 @@ def _prompt_arrays(
     input_ids: Any, attention_mask: Any, vocab_size: int, traced_inputs: bool
 ) -> tuple[Any, Any]:
     """Validated `(ids, mask)`, copied from host memory (or as given when traced)."""
-    ids = input_ids if traced_inputs else np.array(input_ids, copy=True)
+    ids = input_ids if traced_inputs else host_rows("input_ids", input_ids)
     if ids.ndim != 2 or ids.shape[1] < 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(
             f"input_ids must be a [batch, prompt_len] integer array, got {ids.dtype} {ids.shape}"
@@ -276,7 +277,7 @@ def _prompt_arrays(
     if attention_mask is None:
         mask = jnp.ones_like(ids) if traced_inputs else np.ones(ids.shape, np.int32)
     else:
-        mask = attention_mask if traced_inputs else np.array(attention_mask, copy=True)
+        mask = attention_mask if traced_inputs else host_rows("attention_mask", attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(
                 f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}"
@@ -591,6 +592,11 @@ def stream(
     The same prefill and the same step function as `generate`, driven by a
     Python loop (one jitted call per token, the state donated), so the tokens
     equal `generate`'s for the same key. Stops when every row has finished.
+
+    Raises:
+        ValueError: at the call, before the first step (bad inputs or options,
+            beam search, speculative decoding, prompt_logprobs), so that a caller
+            can check everything before printing anything.
     """
     req = prepare(
         model,
@@ -619,6 +625,11 @@ def stream(
             "stream() yields the generated tokens only; prompt_logprobs needs generate() "
             "(or jaxdecode.score for the prompt)"
         )
+    return _stream_steps(req)
+
+
+def _stream_steps(req: Request) -> Iterator[StreamStep]:
+    """The steps of a validated `stream` request (the generator part of `stream`)."""
     params = _prepare_params_jit(req.plan.decoder, req.params, req.plan.rows)
     traced, state = _prefill_jit(req.plan, params, *req.args()[1:])
     for _ in range(req.plan.new_tokens):

@@ -17,6 +17,7 @@ __all__ = [
     "is_concrete",
     "check_range",
     "static_int",
+    "host_rows",
     "eos_ids",
     "parse_sequences",
     "normalize_schema",
@@ -67,6 +68,24 @@ def static_int(name: str, value: Any, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     return int(value)
+
+
+def host_rows(name: str, value: Any) -> np.ndarray:
+    """A host copy of a `[batch, length]` table given as an array or as rows.
+
+    Rows of different lengths (a list of unpadded prompts) are refused with the
+    lengths named and what to do, instead of NumPy's "inhomogeneous shape".
+    """
+    if isinstance(value, (list, tuple)) and value:
+        lengths = [len(r) if isinstance(r, (list, tuple, np.ndarray)) else None for r in value]
+        if None not in lengths and len(set(lengths)) > 1:
+            shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
+            raise ValueError(
+                f"{name} rows have different lengths ({shown}); left-pad them to one length "
+                f"({max(lengths)}) with the pad token and pass attention_mask (1 on the real "
+                "tokens, 0 on the padding)"
+            )
+    return np.array(value, copy=True)
 
 
 def eos_ids(value: Any, name: str = "eos_token_id") -> tuple[int, ...]:
