@@ -345,7 +345,7 @@ def render_chat_template(
 
 
 def _template_line(error: BaseException) -> str:
-    """" at line N" of the template where `error` was raised (jinja2 rewrites its
+    """The " at line N" of the template where `error` was raised (jinja2 rewrites its
     traceback to the template's lines, in frames named "<template>"), else ""."""
     line, tb = None, error.__traceback__
     while tb is not None:
