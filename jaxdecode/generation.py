@@ -9,6 +9,7 @@ are present. Traced (never recompiles): every numeric value, the prompts, the ke
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import secrets
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,8 @@ __all__ = [
     "prepare",
     "stop_tables",
     "stream",
+    "Timings",
+    "generate_timed",
 ]
 
 
@@ -101,21 +104,18 @@ class Request:
         """The arguments of `generate_program` after the plan."""
         return (self.params, self.ids, self.mask, self.prompt_len, self.traced, self.key)
 
+    def program(self) -> tuple[Any, tuple[Any, ...], tuple[Any, ...]]:
+        """`(jitted program, its static arguments, its other arguments)`: plain
+        or speculative."""
+        if self.drafter is None:
+            return generate_program, (self.plan,), self.args()
+        dynamic = (self.params, self.draft_params, self.ids, self.mask, self.prompt_len)
+        return speculative_program, (self.plan, self.drafter), (*dynamic, self.traced, self.key)
+
     def run(self) -> GenerateOutput:
         """The compiled program for this request (plain or speculative)."""
-        if self.drafter is None:
-            return generate_program(self.plan, *self.args())
-        return speculative_program(
-            self.plan,
-            self.drafter,
-            self.params,
-            self.draft_params,
-            self.ids,
-            self.mask,
-            self.prompt_len,
-            self.traced,
-            self.key,
-        )
+        program, static, dynamic = self.program()
+        return program(*static, *dynamic)
 
 
 def _is_global(*xs: Any) -> bool:
@@ -528,6 +528,86 @@ def generate(
     )
     out = req.run()
     return drop_bucket(out, req.extra).replace(seed=req.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """Where the time of a `generate_timed` call went (wall-clock seconds).
+
+    Attributes:
+        compile_s: compiling the generate program (a read when JAX's persistent
+            compilation cache has it).
+        prefill_s: the prompt's forward pass (and the weights' preparation), run
+            on its own (its own program) after the generate program.
+        decode_s: the program's run minus `prefill_s`: the decoding loop.
+        steps: decoding steps the loop can run (`max_new_tokens`).
+        tokens: tokens generated, over every row (EOS included, padding not).
+    """
+
+    compile_s: float
+    prefill_s: float
+    decode_s: float
+    steps: int
+    tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of decoding."""
+        return self.tokens / max(self.decode_s, 1e-9)
+
+
+_prefill_alone_jit = jax.jit(
+    lambda plan, params, *args: prefill_program(
+        plan, plan.decoder.prepared(params, plan.rows), *args
+    )[1],
+    static_argnums=0,
+)
+
+
+def generate_timed(
+    model: Any, input_ids: Any, attention_mask: Any = None, config: Any = None, **kwargs: Any
+) -> tuple[GenerateOutput, Timings]:
+    """`generate`, and where its time went: compilation, prefill, decoding.
+
+    The same program as `generate` with the same arguments (so the same
+    output), compiled ahead of time to time the compilation apart; the prefill
+    is timed by running its own program once after it (a diagnostic, for
+    `jaxdecode generate --verbose`: it costs one extra prefill and its compile).
+
+    Args:
+        model, input_ids, attention_mask, config, **kwargs: as `generate`.
+
+    Returns:
+        `(the GenerateOutput generate returns, Timings)`.
+    """
+    import time
+
+    loop = kwargs.pop("loop", inspect.signature(generate).parameters["loop"].default)
+    known = ("params", "key", "prompt_buckets", "mesh", "logits_processor", "tokenizer")
+    known += ("assistant_model", "assistant_params")
+    options = {k: kwargs.pop(k) for k in known if k in kwargs}
+    req = prepare(model, input_ids, attention_mask, config, loop=loop, overrides=kwargs, **options)
+    program, static, dynamic = req.program()
+    start = time.perf_counter()
+    compiled = program.lower(*static, *dynamic).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*dynamic))
+    total_s = time.perf_counter() - start
+    prefill = _prefill_alone_jit.lower(req.plan, *req.args()).compile()
+    start = time.perf_counter()
+    jax.block_until_ready(prefill(*req.args()))
+    prefill_s = time.perf_counter() - start
+    del prefill
+    out = drop_bucket(out, req.extra).replace(seed=req.seed)
+    timings = Timings(
+        compile_s=compile_s,
+        prefill_s=prefill_s,
+        decode_s=max(total_s - prefill_s, 0.0),
+        steps=req.plan.new_tokens,
+        tokens=int(np.sum(np.asarray(out.lengths))),
+    )
+    return out, timings
 
 
 def drop_bucket(out: GenerateOutput, extra: int) -> GenerateOutput:

@@ -166,13 +166,14 @@ def _one_constraint(name: str, value: Any) -> tuple[str, Any]:
         return name, value
     if name == "json_schema":
         return name, normalize_schema(value)
-    if (
-        isinstance(value, str)
-        or not isinstance(value, Sequence)
-        or not value
-        or not all(isinstance(c, str) for c in value)
-    ):
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
         raise ValueError(f"choices must be a non-empty list of strings, got {value!r}")
+    bad = next((i for i, c in enumerate(value) if not isinstance(c, str)), None)
+    if bad is not None:
+        raise ValueError(
+            f"choices must be a non-empty list of strings; choices[{bad}] is "
+            f"{value[bad]!r} ({type(value[bad]).__name__})"
+        )
     return name, tuple(value)
 
 
@@ -183,10 +184,11 @@ def _is_per_row(name: str, value: Any) -> bool:
     if name == "json_schema":
         return not isinstance(value, (str, Mapping))
     # choices: a list of strings is one constraint; a list of lists (or None) is per row.
+    # A list with other entries (["a", 5]) is one constraint with a bad entry.
     return (
         isinstance(value, Sequence)
         and not isinstance(value, str)
-        and any(not isinstance(c, str) for c in value)
+        and any(c is None or (isinstance(c, Sequence) and not isinstance(c, str)) for c in value)
     )
 
 
@@ -231,7 +233,10 @@ def parse_constraints(
         here = {k: v[row] for k, v in given.items() if v[row] is not None}
         if len(here) > 1:
             raise ValueError(f"row {row} has {' and '.join(sorted(here))}: at most one per row")
-        specs.append(_one_constraint(*next(iter(here.items()))) if here else None)
+        try:
+            specs.append(_one_constraint(*next(iter(here.items()))) if here else None)
+        except ValueError as e:
+            raise ValueError(f"row {row}: {e}") from None
     if all(s is None for s in specs):
         return None
     return True, specs

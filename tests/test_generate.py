@@ -703,6 +703,11 @@ def test_beam_search_hand_checked_optimum(length_penalty):
     [
         ((np.arange(5),), dict(max_new_tokens=4), "input_ids must be a \\[batch, prompt_len\\]"),
         ((np.zeros((1, 2, 3), int),), dict(max_new_tokens=4), "input_ids must be"),
+        (
+            ([[1, 2, 3], [4, 5]],),  # unpadded prompts of different lengths
+            dict(max_new_tokens=4),
+            r"input_ids rows have different lengths \(3, 2\); left-pad .*attention_mask",
+        ),
         ((np.array([[1.0, 2.0]]),), dict(max_new_tokens=4), "integer"),
         ((np.array([[1, 64]]),), dict(max_new_tokens=4), "input_ids must be in \\[0, 63\\]"),
         ((np.array([[-1, 3]]),), dict(max_new_tokens=4), "input_ids must be in"),
@@ -738,6 +743,7 @@ def test_beam_search_hand_checked_optimum(length_penalty):
     ids=[
         "ids-1d",
         "ids-3d",
+        "ids-ragged",
         "ids-float",
         "id-too-large",
         "id-negative",
