@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import os
 import secrets
@@ -552,30 +553,29 @@ def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
     text = _read_text(path)
     if not text.strip():
         raise CLIError(f"{path} is empty: give one prompt per line (JSON)")
-    # Lines as a text-mode file has them (\r\n and \r too); not str.splitlines,
-    # which would also cut at U+2028 inside a JSON string.
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append((n, f"line {n}, column {e.colno}: not valid JSON ({e.msg})"))
-            continue
-        if isinstance(rec, str):
-            rec = {"prompt": rec}
-        problem = _prompt_problem(rec)
-        if problem:
-            errors.append((n, f"line {n}: {problem}"))
-            continue
-        rec.setdefault("id", n)
-        unknown = sorted(set(rec) - names - {"prompt", "messages", "id"})
-        if unknown:
-            msg = f"unknown field {unknown[0]!r} (not a GenerationConfig option)"
-            errors.append((n, f"line {n} (id {rec['id']!r}): {msg}"))
-            continue
-        records.append({**rec, "_line": n})
+    # Universal newlines (\r\n, \r), as a text-mode file reads them.
+    with io.StringIO(text, newline=None) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append((n, f"line {n}, column {e.colno}: not valid JSON ({e.msg})"))
+                continue
+            if isinstance(rec, str):
+                rec = {"prompt": rec}
+            problem = _prompt_problem(rec)
+            if problem:
+                errors.append((n, f"line {n}: {problem}"))
+                continue
+            rec.setdefault("id", n)
+            unknown = sorted(set(rec) - names - {"prompt", "messages", "id"})
+            if unknown:
+                msg = f"unknown field {unknown[0]!r} (not a GenerationConfig option)"
+                errors.append((n, f"line {n} (id {rec['id']!r}): {msg}"))
+                continue
+            records.append({**rec, "_line": n})
     seen: dict[str, int] = {}
     for r in records:
         key = json.dumps(r["id"])
@@ -613,12 +613,16 @@ def _read_text(path: str) -> str:
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        name = encoding.upper().removesuffix("-SIG")
+        if name == "UTF-8":  # one byte per column up to the bad one: say where it is
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            where = f"byte {data[e.start : e.start + 1]!r} at line {line}, column {column}"
+        else:
+            where = f"at byte offset {e.start}"
         raise CLIError(
-            f"{path} is not {encoding.upper()} text: byte {data[e.start : e.start + 1]!r} at "
-            f"line {line}, column {column} ({e.reason}); save it as UTF-8 (in PowerShell: "
-            "Out-File -Encoding utf8)"
+            f"{path} is not {name} text: {where} ({e.reason}); save it as UTF-8 (in "
+            "PowerShell: Out-File -Encoding utf8)"
         ) from None
 
 
