@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import os
 import secrets
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -580,13 +581,11 @@ def generate_timed(
     Returns:
         `(the GenerateOutput generate returns, Timings)`.
     """
-    import time
-
-    loop = kwargs.pop("loop", inspect.signature(generate).parameters["loop"].default)
-    known = ("params", "key", "prompt_buckets", "mesh", "logits_processor", "tokenizer")
-    known += ("assistant_model", "assistant_params")
-    options = {k: kwargs.pop(k) for k in known if k in kwargs}
-    req = prepare(model, input_ids, attention_mask, config, loop=loop, overrides=kwargs, **options)
+    # generate's keyword arguments with generate's defaults; the rest are config overrides.
+    signature = inspect.signature(generate).parameters.values()
+    options = {p.name: p.default for p in signature if p.kind is p.KEYWORD_ONLY}
+    options.update({name: kwargs.pop(name) for name in list(kwargs) if name in options})
+    req = prepare(model, input_ids, attention_mask, config, overrides=kwargs, **options)
     program, static, dynamic = req.program()
     start = time.perf_counter()
     compiled = program.lower(*static, *dynamic).compile()

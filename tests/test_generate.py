@@ -767,3 +767,18 @@ def test_n_positions_limit_is_inclusive(lm):
     lm.decoder.check_length(GPT_CFG.n_positions)  # prompt + new tokens == n_positions fits
     with pytest.raises(ValueError, match="n_positions=128"):
         lm.decoder.check_length(GPT_CFG.n_positions + 1)
+
+
+def test_generate_timed_is_generate_with_its_timings(lm):
+    """`generate_timed` (`jaxdecode generate --verbose`) returns what `generate`
+    returns for the same arguments, keyword options and overrides alike, and
+    where the time went."""
+    from jaxdecode.generation import generate_timed
+
+    kwargs = dict(key=jax.random.key(3), **SAMPLE_KW)
+    want = lm.generate(GPT_PROMPTS, **kwargs)
+    got, timings = generate_timed(lm, GPT_PROMPTS, **kwargs)
+    _assert_same_output(got, want)
+    assert timings.steps == N and timings.tokens == int(np.sum(np_(want.lengths)))
+    assert timings.compile_s > 0 and timings.prefill_s > 0 and timings.decode_s >= 0
+    assert timings.tokens_per_s > 0
