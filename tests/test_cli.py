@@ -943,7 +943,12 @@ def test_generate_speculative_flags_give_the_greedy_tokens(model_dir, capsys, no
     base += ["--max_new_tokens", "6", "--no-do_sample"]
     plain = json_lines(in_process(capsys, *base))
     for extra in (["--prompt_lookup_num_tokens", "3"], ["--assistant_model", model_dir]):
-        assert json_lines(in_process(capsys, *base, *extra)) == plain, extra
+        got = json_lines(in_process(capsys, *base, *extra))
+        assert len(got) == len(plain), extra
+        # Same tokens; log-probabilities to float32 rounding (verifying several
+        # drafted tokens in one pass rounds the last printed digit differently).
+        for a, b in zip(got, plain, strict=True):
+            assert_same_result(a, b)
     assert cli.main([*base, "--assistant_model", model_dir + "-missing"]) == 2
     assert "--assistant_model" in capsys.readouterr().err
 
