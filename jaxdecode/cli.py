@@ -425,8 +425,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _tell_seed(config, drawn)
     if args.verbose:
         print(
-            f"jaxdecode: compile {timings.compile_s:.2f} s, prefill {timings.prefill_s:.3f} s "
-            f"({ids.shape[0]} x {ids.shape[1]} tokens), decode {timings.tokens} tokens in "
+            f"jaxdecode: compile {timings.compile_s:.2f} s, weights {timings.prepare_s:.3f} s, "
+            f"prefill {timings.prefill_s:.3f} s ({ids.shape[0]} x {ids.shape[1]} tokens), "
+            f"decode {timings.tokens} tokens in "
             f"{timings.decode_s:.3f} s ({timings.tokens_per_s:.1f} tokens/s, "
             f"{timings.steps} steps)",
             file=sys.stderr,

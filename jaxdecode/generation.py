@@ -538,14 +538,17 @@ class Timings:
     Attributes:
         compile_s: compiling the generate program (a read when JAX's persistent
             compilation cache has it).
-        prefill_s: the prompt's forward pass (and the weights' preparation), run
-            on its own (its own program) after the generate program.
-        decode_s: the program's run minus `prefill_s`: the decoding loop.
+        prepare_s: the weights' preparation for the batch (`Decoder.prepared`,
+            e.g. fused projections), run on its own after the generate program.
+        prefill_s: the prompt's forward pass, run on its own after it.
+        decode_s: the program's run minus `prepare_s` and `prefill_s`: the
+            decoding loop.
         steps: decoding steps the loop can run (`max_new_tokens`).
         tokens: tokens generated, over every row (EOS included, padding not).
     """
 
     compile_s: float
+    prepare_s: float
     prefill_s: float
     decode_s: float
     steps: int
@@ -557,11 +560,8 @@ class Timings:
         return self.tokens / max(self.decode_s, 1e-9)
 
 
-_prefill_alone_jit = jax.jit(
-    lambda plan, params, *args: prefill_program(
-        plan, plan.decoder.prepared(params, plan.rows), *args
-    )[1],
-    static_argnums=0,
+_prefill_state_jit = jax.jit(
+    lambda plan, params, *args: prefill_program(plan, params, *args)[1], static_argnums=0
 )
 
 
@@ -571,9 +571,11 @@ def generate_timed(
     """`generate`, and where its time went: compilation, prefill, decoding.
 
     The same program as `generate` with the same arguments (so the same
-    output), compiled ahead of time to time the compilation apart; the prefill
-    is timed by running its own program once after it (a diagnostic, for
-    `jaxdecode generate --verbose`: it costs one extra prefill and its compile).
+    output), compiled ahead of time to time the compilation apart; the weights'
+    preparation and the prefill are timed by running their own programs once
+    after it (a diagnostic, for `jaxdecode generate --verbose`: it costs one
+    more preparation and prefill, their compilations, and while they run the
+    memory of the prepared weights).
 
     Args:
         model, input_ids, attention_mask, config, **kwargs: as `generate`.
@@ -593,16 +595,23 @@ def generate_timed(
     start = time.perf_counter()
     out = jax.block_until_ready(compiled(*dynamic))
     total_s = time.perf_counter() - start
-    prefill = _prefill_alone_jit.lower(req.plan, *req.args()).compile()
+    # The program's first two parts on their own: the weights' preparation, the prefill.
+    plan, args = req.plan, req.args()
+    prepare_params = _prepare_params_jit.lower(plan.decoder, args[0], plan.rows).compile()
     start = time.perf_counter()
-    jax.block_until_ready(prefill(*req.args()))
+    prepared = jax.block_until_ready(prepare_params(args[0]))
+    prepare_s = time.perf_counter() - start
+    prefill = _prefill_state_jit.lower(plan, prepared, *args[1:]).compile()
+    start = time.perf_counter()
+    jax.block_until_ready(prefill(prepared, *args[1:]))
     prefill_s = time.perf_counter() - start
-    del prefill
+    del prepared, prefill
     out = drop_bucket(out, req.extra).replace(seed=req.seed)
     timings = Timings(
         compile_s=compile_s,
+        prepare_s=prepare_s,
         prefill_s=prefill_s,
-        decode_s=max(total_s - prefill_s, 0.0),
+        decode_s=max(total_s - prepare_s - prefill_s, 0.0),
         steps=req.plan.new_tokens,
         tokens=int(np.sum(np.asarray(out.lengths))),
     )
