@@ -249,9 +249,10 @@ def resolve_checkpoint_dir(
         patterns.append(PICKLE)
     try:
         return snapshot_download(path, revision=revision, allow_patterns=patterns)
-    except Exception as e:  # offline, unknown repo, auth: one clear message
+    except Exception as e:  # offline, unknown repo, auth: one clear message, on one line
         raise ValueError(
-            f"cannot fetch model {path!r} from the Hugging Face hub: {type(e).__name__}: {e}"
+            f"cannot fetch model {path!r} from the Hugging Face hub: {type(e).__name__}: "
+            + " ".join(str(e).split())
         ) from None
 
 
@@ -284,6 +285,40 @@ def is_gguf(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
+class _TruncatedGGUF(Exception):
+    """The file ends before the data its header describes."""
+
+
+def _checked_gguf_reader(gguf: Any, path: str) -> Any:
+    """A `gguf.GGUFReader` of `path` that first checks the file holds every
+    tensor its header describes (the reader itself fails on a short file with
+    "cannot reshape array ...").
+
+    Raises:
+        _TruncatedGGUF: naming the expected and actual sizes.
+    """
+
+    class Reader(gguf.GGUFReader):
+        # The one hook between the parsed header (tensor offsets and shapes) and
+        # the views of the tensors' bytes.
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            end, last = 0, None
+            for field in fields:
+                _, name, _, dims, raw_type, offset = field.parts
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_type[0])]
+                n_bytes = int(np.prod(dims)) * type_size // block
+                if start_offs + int(offset[0]) + n_bytes > end:
+                    end, last = start_offs + int(offset[0]) + n_bytes, bytes(name).decode()
+            if end > len(self.data):
+                raise _TruncatedGGUF(
+                    f"its header describes {len(fields)} tensors ending at byte {end} "
+                    f"(tensor {last}), but the file has {len(self.data)} bytes"
+                )
+            super()._build_tensors(start_offs, fields)
+
+    return Reader(path)
+
+
 def read_gguf(path: str) -> GGUFFile:
     """Reads and dequantizes a GGUF file (`gguf.quants.dequantize`, float32).
 
@@ -296,9 +331,15 @@ def read_gguf(path: str) -> GGUFFile:
     except ImportError:
         raise ValueError("reading GGUF files needs the gguf package (pip install gguf)") from None
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _checked_gguf_reader(gguf, path)
+    except _TruncatedGGUF as e:
+        raise ValueError(f"{path} is truncated: {e}; download it again") from None
     except Exception as e:  # the reader raises assorted errors on damaged files
-        raise ValueError(f"cannot read {path} as GGUF: {type(e).__name__}: {e}") from None
+        size = os.path.getsize(path)
+        raise ValueError(
+            f"cannot read {path} as GGUF ({size} bytes; truncated or corrupt?): "
+            f"{type(e).__name__}: {e}"
+        ) from None
     metadata: dict[str, Any] = {}
     for name, field in reader.fields.items():
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import os
 import secrets
@@ -401,14 +402,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if asked and not args.json:
         raise CLIError(f"{', '.join(asked)}: printed in the --json records only; add --json")
     if args.stream:
-        _stream(lm, ids, mask, config, args.prompts)
+        if assistant is not None or mesh is not None:
+            raise CLIError(
+                "--stream decodes one token per call on one device; --assistant_model and "
+                "--mesh need generate without --stream"
+            )
+        # With --chat the answer alone is printed, as without --stream.
+        _stream(lm, ids, mask, config, args.prompts, echo=not args.chat, verbose=args.verbose)
         _tell_seed(config, drawn)
         return 0
     try:
-        out = jaxdecode.generate(lm, ids, mask, config, mesh=mesh, assistant_model=assistant)
+        if args.verbose:
+            from jaxdecode.generation import generate_timed
+
+            out, timings = generate_timed(
+                lm, ids, mask, config, mesh=mesh, assistant_model=assistant
+            )
+        else:
+            out = jaxdecode.generate(lm, ids, mask, config, mesh=mesh, assistant_model=assistant)
     except ValueError as e:
         raise CLIError(str(e)) from None
     _tell_seed(config, drawn)
+    if args.verbose:
+        print(
+            f"jaxdecode: compile {timings.compile_s:.2f} s, weights {timings.prepare_s:.3f} s, "
+            f"prefill {timings.prefill_s:.3f} s ({ids.shape[0]} x {ids.shape[1]} tokens), "
+            f"decode {timings.tokens} tokens in "
+            f"{timings.decode_s:.3f} s ({timings.tokens_per_s:.1f} tokens/s, "
+            f"{timings.steps} steps)",
+            file=sys.stderr,
+        )
     r = config.num_return_sequences
     for i, prompt in enumerate(args.prompts):
         outputs = _outputs(args.model, lm, config, out, i * r, r, ids.shape[1], mask[i])
@@ -432,7 +455,37 @@ def _chat_text(lm, prompt: str, system: str | None) -> str:
         raise CLIError(f"--chat: {e}") from None
 
 
-def _stream(lm, ids, mask, config, prompts: list[str]) -> None:
+class _StreamClock:
+    """`--stream --verbose`: the time to the first token (compilation and prefill
+    included), then the decoding rate of the tokens after it."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last = self.start
+
+    def tick(self) -> None:
+        self.last = time.perf_counter()
+        if self.first is None:
+            self.first = self.last
+
+    def report(self, tokens: int) -> None:
+        if self.first is None:
+            return
+        rest = self.last - self.first
+        rate = f"{(tokens - 1) / rest:.1f} tokens/s" if tokens > 1 and rest > 0 else "n/a"
+        print(
+            f"jaxdecode: first token after {self.first - self.start:.2f} s (compile + prefill), "
+            f"then {max(tokens - 1, 0)} tokens in {rest:.3f} s ({rate})",
+            file=sys.stderr,
+        )
+
+
+def _stream(
+    lm, ids, mask, config, prompts: list[str], echo: bool = True, verbose: bool = False
+) -> None:
+    """Prints the continuation of `prompts[0]` token by token (after the prompt
+    itself when `echo`); every option is checked before anything is printed."""
     import jaxdecode
 
     if config.num_beams > 1:
@@ -441,12 +494,20 @@ def _stream(lm, ids, mask, config, prompts: list[str]) -> None:
         raise CLIError(
             "--stream prints one continuation: give one prompt and num_return_sequences 1"
         )
-    out_tokens: list[int] = []
-    sys.stdout.write(prompts[0])
-    sys.stdout.flush()
-    emitted = ""
     try:
-        for step in jaxdecode.stream(lm, ids, mask, config):
+        steps = jaxdecode.stream(lm, ids, mask, config)  # validates: raises before any output
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    out_tokens: list[int] = []
+    if echo:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+    emitted = ""
+    clock = _StreamClock() if verbose else None
+    try:
+        for step in steps:
+            if clock is not None:
+                clock.tick()
             if not step.active[0]:
                 break
             tok = int(step.tokens[0])
@@ -461,6 +522,9 @@ def _stream(lm, ids, mask, config, prompts: list[str]) -> None:
     except ValueError as e:
         raise CLIError(str(e)) from None
     sys.stdout.write(lm.tokenizer.decode(out_tokens)[len(emitted) :] + "\n")
+    sys.stdout.flush()
+    if clock is not None:
+        clock.report(len(out_tokens))
 
 
 # --------------------------------------------------------------------------- #
@@ -487,14 +551,18 @@ def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
 
     names = {f.name for f in dataclasses.fields(GenerationConfig)}
     records, errors = [], []
-    with open(path, encoding="utf-8") as f:
+    text = _read_text(path)
+    if not text.strip():
+        raise CLIError(f"{path} is empty: give one prompt per line (JSON)")
+    # Universal newlines (\r\n, \r), as a text-mode file reads them.
+    with io.StringIO(text, newline=None) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                errors.append((n, f"line {n}: not valid JSON ({e.msg})"))
+                errors.append((n, f"line {n}, column {e.colno}: not valid JSON ({e.msg})"))
                 continue
             if isinstance(rec, str):
                 rec = {"prompt": rec}
@@ -517,6 +585,46 @@ def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
             errors.append((r["_line"], f"line {r['_line']}: {msg}"))
         seen.setdefault(key, r["_line"])
     return records, errors
+
+
+# Byte-order marks: UTF-16 is what Windows PowerShell's `>` writes.
+_BOMS = (
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def _read_text(path: str) -> str:
+    """A prompts file's text: UTF-8, or UTF-8/16/32 with a byte-order mark (read
+    as what the mark says).
+
+    Raises:
+        CLIError: for a file that cannot be read or is not UTF-8 text, naming the
+            line and column of the first bad byte.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror}") from None
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        name = encoding.upper().removesuffix("-SIG")
+        if name == "UTF-8":  # one byte per column up to the bad one: say where it is
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            where = f"byte {data[e.start : e.start + 1]!r} at line {line}, column {column}"
+        else:
+            where = f"at byte offset {e.start}"
+        raise CLIError(
+            f"{path} is not {name} text: {where} ({e.reason}); save it as UTF-8 (in "
+            "PowerShell: Out-File -Encoding utf8)"
+        ) from None
 
 
 def _prompt_problem(rec: Any) -> str | None:
@@ -931,12 +1039,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     if args.steps < 1 or args.top < 1:
         raise CLIError(f"--steps and --top must be >= 1, got {args.steps} and {args.top}")
+    if args.system is not None and not args.chat:
+        raise CLIError("--system needs --chat (it is the chat's system message)")
     lm = _load_model(args.model)
     overrides = _config_overrides(args)
     if "max_length" not in overrides:
         overrides.setdefault("max_new_tokens", args.steps)
     config = _make_config(lm, overrides)
-    ids, mask = _encode_batch(lm, [args.prompt], config.pad_id)
+    # With --chat, the prompt is the user's turn and the answer alone is printed (as generate).
+    text = _chat_text(lm, args.prompt, args.system) if args.chat else args.prompt
+    ids, mask = _encode_batch(lm, [text], config.pad_id)
     key = jax.random.key(config.seed if config.seed is not None else 0)
     try:
         tr = trace(lm, ids, config, attention_mask=mask, key=key)
@@ -951,12 +1063,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             steps=args.steps,
             m=args.top,
             title=f"jaxdecode explain: {args.prompt!r}",
-            prompt_text=args.prompt,
+            prompt_text=text,
         )
     except OSError as e:
         raise CLIError(f"cannot write to {args.output}: {e}") from None
     seq = np.asarray(tr.output.sequences)[0, ids.shape[1] :][: int(tr.output.lengths[0])]
-    print(args.prompt + lm.tokenizer.decode([int(t) for t in seq]))
+    seq = [int(t) for t in seq if not (args.chat and int(t) in config.eos_ids)]
+    answer = lm.tokenizer.decode(seq)
+    print(answer if args.chat else args.prompt + answer)
     print(f"wrote {len(written) - 1} pictures and {written[-1]}")
     return 0
 
@@ -1053,6 +1167,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--system", metavar="TEXT", help="with --chat: a system message first")
     gen.add_argument(
+        "--verbose",
+        action="store_true",
+        help="a timing summary on stderr: compile, prefill and decoding (tokens/s); with "
+        "--stream, the time to the first token and the rate after it",
+    )
+    gen.add_argument(
         "--mesh",
         metavar="data=D,model=M",
         help="shard over a device mesh, e.g. data=4,model=2 (rows over data; weights, "
@@ -1125,30 +1245,68 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ex)
     ex.add_argument("--steps", type=int, default=6, help="steps drawn (6)")
     ex.add_argument("--top", type=int, default=10, help="tokens per bar chart (10)")
+    ex.add_argument(
+        "--chat",
+        action="store_true",
+        help="PROMPT is a user message, rendered with the model's chat template",
+    )
+    ex.add_argument("--system", metavar="TEXT", help="with --chat: a system message first")
     _add_config_flags(ex)
     return parser
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for the command line: one line, no source path."""
+    text = " ".join(str(message).split())
+    print(f"jaxdecode: warning: {text}", file=sys.stderr)
+
+
+# What a shell reports for a command killed by SIGPIPE (128 + 13), as `yes | head` does.
+BROKEN_PIPE_EXIT = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command; returns the exit code (2 for user errors)."""
+    """Runs the command; returns the exit code (2 for user errors, 141 when the
+    reader of stdout went away, 130 on Ctrl-C)."""
+    import warnings
+
     parser = build_parser()
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        try:
+            args = parser.parse_args(argv)
+            _enable_compilation_cache(args)
+            if args.command == "generate":
+                return _cmd_generate(args)
+            if args.command == "eval":
+                return _cmd_eval(args)
+            if args.command == "explain":
+                return _cmd_explain(args)
+            parser.print_help()
+            return 2
+        except CLIError as e:
+            text = str(e).replace("\n", " ")  # one line, whatever a library message holds
+            print(f"jaxdecode: error: {text}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("jaxdecode: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            # `jaxdecode generate --stream ... | head`: the reader has what it wanted. Quiet,
+            # as Unix tools are; stdout goes to devnull so that the interpreter's final
+            # flush does not fail again.
+            _silence_stdout()
+            return BROKEN_PIPE_EXIT
+
+
+def _silence_stdout() -> None:
+    """Points stdout's file descriptor at /dev/null (Python's recipe for SIGPIPE)."""
     try:
-        args = parser.parse_args(argv)
-        _enable_compilation_cache(args)
-        if args.command == "generate":
-            return _cmd_generate(args)
-        if args.command == "eval":
-            return _cmd_eval(args)
-        if args.command == "explain":
-            return _cmd_explain(args)
-        parser.print_help()
-        return 2
-    except CLIError as e:
-        print(f"jaxdecode: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("jaxdecode: interrupted", file=sys.stderr)
-        return 130
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real descriptor (captured in-process)
+        pass
 
 
 if __name__ == "__main__":

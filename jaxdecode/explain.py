@@ -30,6 +30,8 @@ __all__ = [
 
 Decode = Callable[[int], str]
 KEPT, REMOVED, CHOSEN = "#3b6fb6", "#c8c8c8", "#d62728"
+MIN_WIDTH = 7.0  # inches: a step's title fits (630 px at the report's 90 dpi)
+SEEN_MARK = "* "  # label prefix of a token already in the text (repetition penalty)
 
 
 def _pyplot():
@@ -72,10 +74,11 @@ def plot_step(tr: Trace, step: int, *, row: int = 0, m: int = 10, decode: Decode
     tokens = _token_set(tr, step, row, m)
     labels = [token_label(decode, t) for t in tokens]
     stages = len(tr.stage_names)
+    # At least the title's width: beam search without processors is one panel.
     fig, axes = plt.subplots(
         1,
         stages,
-        figsize=(2.3 * stages + 1.2, 0.28 * len(tokens) + 1.4),
+        figsize=(max(2.3 * stages + 1.2, MIN_WIDTH), 0.28 * len(tokens) + 1.4),
         sharey=True,
         squeeze=False,
     )
@@ -176,17 +179,30 @@ def plot_repetition_penalty(
     tokens = list(np.argsort(-before, kind="stable")[:m])
     tokens += [t for t in np.argsort(-after, kind="stable")[:m] if t not in tokens][:5]
     seen = set(tr.history(step, row).tolist())
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(tokens) + 1.4))
+    fig, ax = plt.subplots(figsize=(MIN_WIDTH + 1, 0.3 * len(tokens) + 1.4))
     y = np.arange(len(tokens))
     hatch = ["//" if t in seen else "" for t in tokens]
-    ax.barh(y - 0.2, [before[t] for t in tokens], 0.4, label="before", color=REMOVED)
-    bars = ax.barh(y + 0.2, [after[t] for t in tokens], 0.4, label="after", color=KEPT)
-    for bar, h in zip(bars, hatch, strict=True):
-        bar.set_hatch(h)
-    title = f"step {step}: repetition penalty {used:g} (hatched: already in the text)"
+    # Both bars hatched, and the label marked: a penalty can take the "after" bar
+    # to ~0 width, where its hatching would be invisible.
+    before_bars = ax.barh(y - 0.2, [before[t] for t in tokens], 0.4, label="before", color=REMOVED)
+    after_bars = ax.barh(y + 0.2, [after[t] for t in tokens], 0.4, label="after", color=KEPT)
+    for bars in (before_bars, after_bars):
+        for bar, h in zip(bars, hatch, strict=True):
+            bar.set_hatch(h)
+    title = (
+        f"step {step}: repetition penalty {used:g} "
+        f"({SEEN_MARK.strip()} and hatched: already in the text)"
+    )
     if "RepetitionPenalty" not in tr.stage_names:
         title = f"illustration, not in this configuration: {title}"
-    return _finish_bars(fig, ax, y, tokens, decode, title)
+    fig = _finish_bars(fig, ax, y, tokens, decode, title)
+    ax.set_yticklabels(
+        [(SEEN_MARK if t in seen else "") + token_label(decode, int(t)) for t in tokens],
+        family="monospace",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    return fig
 
 
 def plot_beam_tree(tr: Trace, *, row: int = 0, decode: Decode | None = None, max_steps: int = 12):

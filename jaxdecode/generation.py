@@ -9,8 +9,10 @@ are present. Traced (never recompiles): every numeric value, the prompts, the ke
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import secrets
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -33,6 +35,7 @@ from jaxdecode.search.sample import decode_step
 from jaxdecode.search.speculative import speculative_program
 from jaxdecode.search.stopping import stop_strings, token_tables
 from jaxdecode.sharding import DATA, MODEL, shard_params
+from jaxdecode.validation import host_rows
 
 Array = jax.Array
 
@@ -49,6 +52,8 @@ __all__ = [
     "prepare",
     "stop_tables",
     "stream",
+    "Timings",
+    "generate_timed",
 ]
 
 
@@ -101,21 +106,18 @@ class Request:
         """The arguments of `generate_program` after the plan."""
         return (self.params, self.ids, self.mask, self.prompt_len, self.traced, self.key)
 
+    def program(self) -> tuple[Any, tuple[Any, ...], tuple[Any, ...]]:
+        """`(jitted program, its static arguments, its other arguments)`: plain
+        or speculative."""
+        if self.drafter is None:
+            return generate_program, (self.plan,), self.args()
+        dynamic = (self.params, self.draft_params, self.ids, self.mask, self.prompt_len)
+        return speculative_program, (self.plan, self.drafter), (*dynamic, self.traced, self.key)
+
     def run(self) -> GenerateOutput:
         """The compiled program for this request (plain or speculative)."""
-        if self.drafter is None:
-            return generate_program(self.plan, *self.args())
-        return speculative_program(
-            self.plan,
-            self.drafter,
-            self.params,
-            self.draft_params,
-            self.ids,
-            self.mask,
-            self.prompt_len,
-            self.traced,
-            self.key,
-        )
+        program, static, dynamic = self.program()
+        return program(*static, *dynamic)
 
 
 def _is_global(*xs: Any) -> bool:
@@ -269,7 +271,7 @@ def _prompt_arrays(
     input_ids: Any, attention_mask: Any, vocab_size: int, traced_inputs: bool
 ) -> tuple[Any, Any]:
     """Validated `(ids, mask)`, copied from host memory (or as given when traced)."""
-    ids = input_ids if traced_inputs else np.array(input_ids, copy=True)
+    ids = input_ids if traced_inputs else host_rows("input_ids", input_ids)
     if ids.ndim != 2 or ids.shape[1] < 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(
             f"input_ids must be a [batch, prompt_len] integer array, got {ids.dtype} {ids.shape}"
@@ -277,7 +279,7 @@ def _prompt_arrays(
     if attention_mask is None:
         mask = jnp.ones_like(ids) if traced_inputs else np.ones(ids.shape, np.int32)
     else:
-        mask = attention_mask if traced_inputs else np.array(attention_mask, copy=True)
+        mask = attention_mask if traced_inputs else host_rows("attention_mask", attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(
                 f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}"
@@ -530,6 +532,93 @@ def generate(
     return drop_bucket(out, req.extra).replace(seed=req.seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """Where the time of a `generate_timed` call went (wall-clock seconds).
+
+    Attributes:
+        compile_s: compiling the generate program (a read when JAX's persistent
+            compilation cache has it).
+        prepare_s: the weights' preparation for the batch (`Decoder.prepared`,
+            e.g. fused projections), run on its own after the generate program.
+        prefill_s: the prompt's forward pass, run on its own after it.
+        decode_s: the program's run minus `prepare_s` and `prefill_s`: the
+            decoding loop.
+        steps: decoding steps the loop can run (`max_new_tokens`).
+        tokens: tokens generated, over every row (EOS included, padding not).
+    """
+
+    compile_s: float
+    prepare_s: float
+    prefill_s: float
+    decode_s: float
+    steps: int
+    tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of decoding."""
+        return self.tokens / max(self.decode_s, 1e-9)
+
+
+_prefill_state_jit = jax.jit(
+    lambda plan, params, *args: prefill_program(plan, params, *args)[1], static_argnums=0
+)
+
+
+def generate_timed(
+    model: Any, input_ids: Any, attention_mask: Any = None, config: Any = None, **kwargs: Any
+) -> tuple[GenerateOutput, Timings]:
+    """`generate`, and where its time went: compilation, prefill, decoding.
+
+    The same program as `generate` with the same arguments (so the same
+    output), compiled ahead of time to time the compilation apart; the weights'
+    preparation and the prefill are timed by running their own programs once
+    after it (a diagnostic, for `jaxdecode generate --verbose`: it costs one
+    more preparation and prefill, their compilations, and while they run the
+    memory of the prepared weights).
+
+    Args:
+        model, input_ids, attention_mask, config, **kwargs: as `generate`.
+
+    Returns:
+        `(the GenerateOutput generate returns, Timings)`.
+    """
+    # generate's keyword arguments with generate's defaults; the rest are config overrides.
+    signature = inspect.signature(generate).parameters.values()
+    options = {p.name: p.default for p in signature if p.kind is p.KEYWORD_ONLY}
+    options.update({name: kwargs.pop(name) for name in list(kwargs) if name in options})
+    req = prepare(model, input_ids, attention_mask, config, overrides=kwargs, **options)
+    program, static, dynamic = req.program()
+    start = time.perf_counter()
+    compiled = program.lower(*static, *dynamic).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*dynamic))
+    total_s = time.perf_counter() - start
+    # The program's first two parts on their own: the weights' preparation, the prefill.
+    plan, args = req.plan, req.args()
+    prepare_params = _prepare_params_jit.lower(plan.decoder, args[0], plan.rows).compile()
+    start = time.perf_counter()
+    prepared = jax.block_until_ready(prepare_params(args[0]))
+    prepare_s = time.perf_counter() - start
+    prefill = _prefill_state_jit.lower(plan, prepared, *args[1:]).compile()
+    start = time.perf_counter()
+    jax.block_until_ready(prefill(prepared, *args[1:]))
+    prefill_s = time.perf_counter() - start
+    del prepared, prefill
+    out = drop_bucket(out, req.extra).replace(seed=req.seed)
+    timings = Timings(
+        compile_s=compile_s,
+        prepare_s=prepare_s,
+        prefill_s=prefill_s,
+        decode_s=max(total_s - prepare_s - prefill_s, 0.0),
+        steps=req.plan.new_tokens,
+        tokens=int(np.sum(np.asarray(out.lengths))),
+    )
+    return out, timings
+
+
 def drop_bucket(out: GenerateOutput, extra: int) -> GenerateOutput:
     """The output without the bucket padding's columns (sequences and prompt outputs)."""
     names = ("sequences", "prompt_logprobs", "prompt_top_logprobs", "prompt_top_token_ids")
@@ -592,6 +681,11 @@ def stream(
     The same prefill and the same step function as `generate`, driven by a
     Python loop (one jitted call per token, the state donated), so the tokens
     equal `generate`'s for the same key. Stops when every row has finished.
+
+    Raises:
+        ValueError: at the call, before the first step (bad inputs or options,
+            beam search, speculative decoding, prompt_logprobs), so that a caller
+            can check everything before printing anything.
     """
     req = prepare(
         model,
@@ -620,6 +714,11 @@ def stream(
             "stream() yields the generated tokens only; prompt_logprobs needs generate() "
             "(or jaxdecode.score for the prompt)"
         )
+    return _stream_steps(req)
+
+
+def _stream_steps(req: Request) -> Iterator[StreamStep]:
+    """The steps of a validated `stream` request (the generator part of `stream`)."""
     params = _prepare_params_jit(req.plan.decoder, req.params, req.plan.rows)
     traced, state = _prefill_jit(req.plan, params, *req.args()[1:])
     for _ in range(req.plan.new_tokens):

@@ -39,6 +39,7 @@ from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import Chain, split_config
 from jaxdecode.processors.base import LogitsProcessor, chain, check_rows
 from jaxdecode.search.loop import eos_hit
+from jaxdecode.validation import host_rows
 
 Array = jax.Array
 
@@ -162,7 +163,7 @@ def _check_inputs(
 ) -> tuple[Any, Any, int]:
     """`(sequences, full-length mask, prompt_length)`, validated where concrete."""
     traced = is_traced(sequences, attention_mask)
-    seqs = sequences if traced else np.array(sequences, copy=True)
+    seqs = sequences if traced else host_rows("sequences", sequences)
     if seqs.ndim != 2 or not jnp.issubdtype(seqs.dtype, jnp.integer):
         raise ValueError(
             f"sequences must be a [batch, length] integer array, got {seqs.dtype} {seqs.shape}"
@@ -181,7 +182,11 @@ def _check_inputs(
     if attention_mask is None:
         mask = jnp.ones((batch, length), jnp.int32)
     else:
-        mask = attention_mask if is_traced(attention_mask) else np.array(attention_mask, copy=True)
+        mask = (
+            attention_mask
+            if is_traced(attention_mask)
+            else host_rows("attention_mask", attention_mask)
+        )
         if mask.shape not in ((batch, p), (batch, length)):
             raise ValueError(
                 f"attention_mask must be [batch, prompt_length] = {(batch, p)} or "

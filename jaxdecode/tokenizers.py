@@ -337,6 +337,22 @@ def render_chat_template(
         )
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"the chat template failed: {e}") from None
+    except Exception as e:  # the template's own code failed (1/0, a type error, a huge range)
+        where = _template_line(e)
+        raise ValueError(
+            f"the chat template failed{where}: {type(e).__name__}: {e}".replace("\n", " ")
+        ) from None
+
+
+def _template_line(error: BaseException) -> str:
+    """The " at line N" of the template where `error` was raised (jinja2 rewrites its
+    traceback to the template's lines, in frames named "<template>"), else ""."""
+    line, tb = None, error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return "" if line is None else f" at line {line}"
 
 
 # llama.cpp's `tokenizer.ggml.pre` values whose regexes split every digit on its

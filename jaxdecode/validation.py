@@ -17,6 +17,7 @@ __all__ = [
     "is_concrete",
     "check_range",
     "static_int",
+    "host_rows",
     "eos_ids",
     "parse_sequences",
     "normalize_schema",
@@ -67,6 +68,24 @@ def static_int(name: str, value: Any, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     return int(value)
+
+
+def host_rows(name: str, value: Any) -> np.ndarray:
+    """A host copy of a `[batch, length]` table given as an array or as rows.
+
+    Rows of different lengths (a list of unpadded prompts) are refused with the
+    lengths named and what to do, instead of NumPy's "inhomogeneous shape".
+    """
+    if isinstance(value, (list, tuple)) and value:
+        lengths = [len(r) if isinstance(r, (list, tuple, np.ndarray)) else None for r in value]
+        if None not in lengths and len(set(lengths)) > 1:
+            shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
+            raise ValueError(
+                f"{name} rows have different lengths ({shown}); left-pad them to one length "
+                f"({max(lengths)}) with the pad token and pass attention_mask (1 on the real "
+                "tokens, 0 on the padding)"
+            )
+    return np.array(value, copy=True)
 
 
 def eos_ids(value: Any, name: str = "eos_token_id") -> tuple[int, ...]:
@@ -153,13 +172,14 @@ def _one_constraint(name: str, value: Any) -> tuple[str, Any]:
         text = normalize_schema(value)
         prepare_schema(text)
         return name, text
-    if (
-        isinstance(value, str)
-        or not isinstance(value, Sequence)
-        or not value
-        or not all(isinstance(c, str) for c in value)
-    ):
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
         raise ValueError(f"choices must be a non-empty list of strings, got {value!r}")
+    bad = next((i for i, c in enumerate(value) if not isinstance(c, str)), None)
+    if bad is not None:
+        raise ValueError(
+            f"choices must be a non-empty list of strings; choices[{bad}] is "
+            f"{value[bad]!r} ({type(value[bad]).__name__})"
+        )
     return name, tuple(value)
 
 
@@ -170,10 +190,11 @@ def _is_per_row(name: str, value: Any) -> bool:
     if name == "json_schema":
         return not isinstance(value, (str, Mapping))
     # choices: a list of strings is one constraint; a list of lists (or None) is per row.
+    # A list with other entries (["a", 5]) is one constraint with a bad entry.
     return (
         isinstance(value, Sequence)
         and not isinstance(value, str)
-        and any(not isinstance(c, str) for c in value)
+        and any(c is None or (isinstance(c, Sequence) and not isinstance(c, str)) for c in value)
     )
 
 
@@ -218,7 +239,10 @@ def parse_constraints(
         here = {k: v[row] for k, v in given.items() if v[row] is not None}
         if len(here) > 1:
             raise ValueError(f"row {row} has {' and '.join(sorted(here))}: at most one per row")
-        specs.append(_one_constraint(*next(iter(here.items()))) if here else None)
+        try:
+            specs.append(_one_constraint(*next(iter(here.items()))) if here else None)
+        except ValueError as e:
+            raise ValueError(f"row {row}: {e}") from None
     if all(s is None for s in specs):
         return None
     return True, specs

@@ -526,3 +526,49 @@ def test_save_pretrained_float16_with_tokenizer(ckpt, trained_bpe, tmp_path):
     assert 0 < np.abs(_real(ours) - _real(base)).max() < 0.05 * np.abs(_real(base)).max()
     with pytest.raises(ValueError, match="dtype"):
         lm.save_pretrained(str(tmp_path / "bad"), dtype="int8")
+
+
+def test_config_without_model_type_is_named(ckpt):
+    """No model_type: refused (as transformers' AutoConfig does), never read as GPT-2."""
+    data = json.loads((ckpt / "config.json").read_text())
+    del data["model_type"]
+    (ckpt / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"config\.json has no model_type.*'gpt2'"):
+        jd.from_pretrained(ckpt)
+
+
+def test_truncated_gguf_names_expected_and_actual_sizes(tmp_path):
+    """A GGUF cut short (an interrupted download) says so, with both sizes, instead
+    of the gguf reader's "cannot reshape array"."""
+    import gguf
+
+    path = tmp_path / "full.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((64, 32), np.float32))
+    writer.add_tensor("output_norm.weight", np.ones((32,), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = path.read_bytes()
+    assert len(jd.checkpoints.read_gguf(str(path)).tensors) == 2
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 100])
+    want = rf"cut\.gguf is truncated: .*ending at byte {len(data)} .*has {len(data) - 100} bytes"
+    with pytest.raises(ValueError, match=want):
+        jd.checkpoints.read_gguf(str(cut))
+
+
+def test_hub_failure_is_one_line(monkeypatch):
+    """huggingface_hub's errors span several lines; ours is one."""
+    import huggingface_hub
+
+    def fail(*args, **kwargs):
+        raise OSError("Got: ConnectError\nAn error happened.\nPlease check your connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(ValueError) as info:
+        jd.from_pretrained("someone/some-model")
+    message = str(info.value)
+    assert "\n" not in message and "someone/some-model" in message
+    assert "Got: ConnectError An error happened. Please check" in message

@@ -703,6 +703,11 @@ def test_beam_search_hand_checked_optimum(length_penalty):
     [
         ((np.arange(5),), dict(max_new_tokens=4), "input_ids must be a \\[batch, prompt_len\\]"),
         ((np.zeros((1, 2, 3), int),), dict(max_new_tokens=4), "input_ids must be"),
+        (
+            ([[1, 2, 3], [4, 5]],),  # unpadded prompts of different lengths
+            dict(max_new_tokens=4),
+            r"input_ids rows have different lengths \(3, 2\); left-pad .*attention_mask",
+        ),
         ((np.array([[1.0, 2.0]]),), dict(max_new_tokens=4), "integer"),
         ((np.array([[1, 64]]),), dict(max_new_tokens=4), "input_ids must be in \\[0, 63\\]"),
         ((np.array([[-1, 3]]),), dict(max_new_tokens=4), "input_ids must be in"),
@@ -738,6 +743,7 @@ def test_beam_search_hand_checked_optimum(length_penalty):
     ids=[
         "ids-1d",
         "ids-3d",
+        "ids-ragged",
         "ids-float",
         "id-too-large",
         "id-negative",
@@ -761,3 +767,19 @@ def test_n_positions_limit_is_inclusive(lm):
     lm.decoder.check_length(GPT_CFG.n_positions)  # prompt + new tokens == n_positions fits
     with pytest.raises(ValueError, match="n_positions=128"):
         lm.decoder.check_length(GPT_CFG.n_positions + 1)
+
+
+def test_generate_timed_is_generate_with_its_timings(lm):
+    """`generate_timed` (`jaxdecode generate --verbose`) returns what `generate`
+    returns for the same arguments, keyword options and overrides alike, and
+    where the time went."""
+    from jaxdecode.generation import generate_timed
+
+    kwargs = dict(key=jax.random.key(3), **SAMPLE_KW)
+    want = lm.generate(GPT_PROMPTS, **kwargs)
+    got, timings = generate_timed(lm, GPT_PROMPTS, **kwargs)
+    _assert_same_output(got, want)
+    assert timings.steps == N and timings.tokens == int(np.sum(np_(want.lengths)))
+    assert timings.compile_s > 0 and timings.prefill_s > 0 and timings.prepare_s >= 0
+    assert timings.decode_s >= 0
+    assert timings.tokens_per_s > 0

@@ -221,6 +221,41 @@ def test_repetition_penalty_effect_lowers_seen_tokens(lm):
         assert ratio_seen < min(after[u] / before[u] for u in unseen)
 
 
+def test_pictures_fit_their_titles_and_mark_seen_tokens_visibly(lm):
+    """A beam-search step (one panel: no processor) is as wide as its title; a
+    token a repetition penalty takes to ~0 stays visibly marked as seen (its
+    "before" bar hatched too, its label starred), not just its invisible
+    "after" bar."""
+    import matplotlib.text
+
+    from jaxdecode import explain
+
+    ids, _ = _ids(lm, "And God said")
+    beam = jd.GenerationConfig(num_beams=3, max_new_tokens=2, eos_token_id=[44], pad_token_id=256)
+    fig = explain.plot_step(trace(lm, ids, beam), 0)
+    fig.canvas.draw()
+    width = fig.get_size_inches()[0] * fig.dpi
+    assert fig.get_size_inches()[0] * 90 >= 630  # the report's dpi
+    (title,) = [t for t in fig.findobj(matplotlib.text.Text) if t.get_text().startswith("step 0")]
+    box = title.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= width, (box, width)
+
+    ids, _ = _ids(lm, "the the the the")
+    tr = trace(lm, ids, GREEDY.replace(repetition_penalty=50.0, frequency_penalty=0.0))
+    fig = explain.plot_repetition_penalty(tr, 2)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]  # "#id" without decode=
+    seen = set(tr.history(2).tolist())
+    before_bars, after_bars = ax.containers
+    crushed = 0
+    for label, b, a in zip(labels, before_bars, after_bars, strict=True):
+        is_seen = int(label.removeprefix(explain.SEEN_MARK).lstrip("#")) in seen
+        assert label.startswith(explain.SEEN_MARK) == is_seen, label
+        assert (b.get_hatch() == "//") == is_seen and (a.get_hatch() == "//") == is_seen, label
+        crushed += is_seen and a.get_width() < 0.01 * b.get_width()
+    assert crushed, "the penalty should take a seen token to ~0 here"
+
+
 def test_cli_explain(tmp_path):
     out = tmp_path / "ex"
     cmd = [sys.executable, "-m", "jaxdecode.cli", "explain", "In the beginning", "-o", str(out)]

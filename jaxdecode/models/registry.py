@@ -121,13 +121,22 @@ def lookup(model_type: str) -> Family:
     return _REGISTERED[model_type]
 
 
-# A config.json without `model_type` (older GPT-2 checkpoints) reads as this.
-DEFAULT_MODEL_TYPE = "gpt2"
-
-
 def family_for_hf_config(data: Mapping[str, Any]) -> Family:
-    """The family of a `config.json` dict, by its `model_type`."""
-    return lookup(data.get("model_type", DEFAULT_MODEL_TYPE))
+    """The family of a `config.json` dict, by its `model_type`.
+
+    Raises:
+        ValueError: when `model_type` is missing (as transformers' AutoConfig, no
+            family is guessed from the other keys) or no family reads it.
+    """
+    model_type = data.get("model_type")
+    if model_type is None:
+        raise ValueError(
+            "config.json has no model_type, so its model family is unknown; add one, e.g. "
+            f'"model_type": "llama" (jaxdecode reads {", ".join(map(repr, model_types()))})'
+        )
+    if not isinstance(model_type, str):
+        raise ValueError(f"config.json model_type must be a string, got {model_type!r}")
+    return lookup(model_type)
 
 
 def lookup_gguf(architecture: str) -> Family:
