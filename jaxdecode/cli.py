@@ -617,7 +617,7 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
         raise ValueError(
             f"max_length={config.max_length} leaves no room after the {n_tokens}-token prompt"
         )
-    lm.decoder.check_length(total)
+    lm.decoder.check_length(total, total - n_tokens)
     config = config.replace(max_new_tokens=total - n_tokens, max_length=None)
     _check_constraint(lm, config)
     if config.do_sample:
