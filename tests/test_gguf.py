@@ -260,6 +260,21 @@ def test_bfloat16_gguf_load(ours):
     assert a.argmax() == b.argmax()
 
 
+def test_context_length_from_gguf_metadata(ours):
+    """llama.context_length (8192) bounds prompt + max_new_tokens, refused before
+    anything is traced (a 10,000-token prompt used to end in an XLA OOM)."""
+    assert ours.decoder.max_positions == 8192
+    with pytest.raises(
+        ValueError,
+        match=r"^prompt length 10000 \+ max_new_tokens 16 = 10016 exceeds the Llama model's "
+        r"context length llama.context_length=8192; shorten the prompt or max_new_tokens; .*"
+        r"from_pretrained\(\.\.\., max_positions=N\)$",
+    ):
+        ours.generate(np.ones((1, 10000), np.int32), max_new_tokens=16)
+    with pytest.raises(ValueError, match=r"prompt length 8190 \+ max_new_tokens 3 = 8193 exceeds"):
+        next(jd.stream(ours, np.ones((1, 8190), np.int32), max_new_tokens=3))
+
+
 @pytest.mark.parity
 def test_sampling_scores_on_transformers_history(ours, hf, batch):
     """transformers samples (top-k 50, top-p 0.9, temperature 0.7) from two chat

@@ -175,11 +175,10 @@ def _attend_blocked(
     Key blocks wholly after the block's last query slot (causality), before
     every row's first real slot (left padding) or before the window are skipped
     (`lax.cond` inside a fixed-length loop, so the function stays
-    reverse-differentiable). The queries are padded to whole blocks (the
-    padding repeats the last query, and is dropped); a last key block that would
-    overrun `S` is moved back to end there, and the columns it shares with the
-    previous block are masked out.
-    Masked scores are float32's lowest finite value, as in the direct path, so
+    reverse-differentiable). A last block that would overrun `T` or `S` is
+    moved back to end there: the queries it recomputes are written twice with
+    equal values, the key columns it shares with the previous block are masked
+    out. Masked scores are float32's lowest finite value, as in the direct path, so
     a query that sees nothing (left padding) averages finite values, never NaN.
 
     Args and returns as `attend` (`q` already in the keys' dtype).
@@ -189,19 +188,16 @@ def _attend_blocked(
     group = hq // hkv
     bq, bk = min(block, t), min(block, s)
     nq, nk = -(-t // bq), -(-s // bk)
-    pad = nq * bq - t
     low = jnp.finfo(jnp.float32).min
-    # [nq, B, kv_heads, group, bq, D]: each block's product is one batched matmul.
-    # The padding queries repeat the last slot (finite, dropped at the end).
-    q = jnp.pad(q.reshape(b, t, hkv, group, d), ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    q = q.reshape(b, nq, bq, hkv, group, d).transpose(1, 0, 3, 4, 2, 5)
-    q_slot = jnp.pad(mask.q_slot, ((0, 0), (0, pad)), mode="edge")
-    q_slot = q_slot.reshape(b, nq, bq).transpose(1, 0, 2)  # [nq, B, bq]
     # No row reads a slot before its first real one.
     first_real = jnp.min(jnp.argmax(mask.kv_mask, axis=1)).astype(jnp.int32)
 
-    def query_block(xs: tuple[Array, Array]) -> Array:
-        qb, slots = xs
+    def query_block(i: Array, out: Array) -> Array:
+        start = jnp.minimum(i * bq, t - bq)  # the last block ends at T
+        # [B, kv_heads, group, bq, D]: each block's product is one batched matmul.
+        qb = jax.lax.dynamic_slice_in_dim(q, start, bq, axis=1).reshape(b, bq, hkv, group, d)
+        qb = qb.transpose(0, 2, 3, 1, 4)
+        slots = jax.lax.dynamic_slice_in_dim(mask.q_slot, start, bq, axis=1)
         sub = mask.replace(q_slot=slots)
         lo = first_real
         if mask.window is not None:
@@ -242,13 +238,15 @@ def _attend_blocked(
             jnp.zeros((b, hkv, group, bq, d), jnp.float32),
         )
         _, total, acc = jax.lax.fori_loop(0, nk, key_block, init)
-        return (acc / jnp.where(total == 0, 1.0, total)[..., None]).astype(values.dtype)
+        ob = (acc / jnp.where(total == 0, 1.0, total)[..., None]).astype(out.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, ob, start, axis=3)
 
-    # Blocks as the scan's outputs (not a carried [T] buffer updated in place:
-    # XLA:CPU then kept one such buffer per layer alive through the program).
-    out = jax.lax.map(query_block, (q, q_slot))  # [nq, B, K, G, bq, D]
-    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, hq, d)
-    return out[:, :t]
+    # The output [B, kv_heads, group, T, D] is written block by block over a
+    # buffer that starts as the queries: a zero-filled one depends on nothing,
+    # and XLA:CPU then allocated every layer's at once (one [T, hidden] per layer).
+    out = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4).astype(values.dtype)
+    out = jax.lax.fori_loop(0, nq, query_block, out)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
 
 
 def attention_bytes(batch: int, heads: int, t: int, s: int, block: int = ATTENTION_BLOCK) -> int:
