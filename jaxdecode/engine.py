@@ -709,7 +709,7 @@ class Engine:
         rows = self.prefill_rows
         prefill_cache = cache_bytes * rows // slots
         prefill = prefill_cache + self.decoder.prefill_bytes(
-            rows, width, width, all_logits=self.config.prompt_logprobs >= 0
+            rows, width, width, all_logits=self.config.prompt_logprobs is not None
         )
         other += prefill
         free = available_bytes()
