@@ -268,7 +268,7 @@ def test_context_length_from_gguf_metadata(ours):
         ValueError,
         match=r"^prompt length 10000 \+ max_new_tokens 16 = 10016 exceeds the Llama model's "
         r"context length llama.context_length=8192; shorten the prompt or max_new_tokens; .*"
-        r"from_pretrained\(\.\.\., max_positions=N\)$",
+        r"from_pretrained\(\.\.\., max_positions=N\) \(CLI: --max_positions N\)$",
     ):
         ours.generate(np.ones((1, 10000), np.int32), max_new_tokens=16)
     with pytest.raises(ValueError, match=r"prompt length 8190 \+ max_new_tokens 3 = 8193 exceeds"):
@@ -369,3 +369,20 @@ def test_cli_chat_answer_in_one_command():
         timeout=300,
     )
     assert bad.returncode == 2 and b"--system needs --chat" in bad.stderr
+
+
+def test_cli_context_length_and_max_positions():
+    """The CLI refuses a request past the context in one line naming the limit;
+    `--max_positions` sets the limit (here lower, so nothing long is run)."""
+    prompt = "The river rose slowly through the night. " * 40  # ~360 tokens
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdecode.cli", "generate", prompt, "--model", gguf_path()]
+        + ["--max_positions", "300", "--max_new_tokens", "4", "--no-do_sample"],
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "JAXDECODE_COMPILATION_CACHE": "off"},
+    )
+    err = proc.stderr.decode().strip()
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    assert "+ max_new_tokens 4 = " in err and "context length max_positions=300" in err, err

@@ -67,6 +67,20 @@ def test_blocked_attention_equals_direct(hq, hkv, t, extra, start, pads, window,
     assert np.isfinite(np.asarray(blocked)).all()  # padding queries see nothing: no NaN
 
 
+def test_blocked_attention_is_differentiable():
+    """Reverse mode through the blocked path (jax.grad of a score or a loss over
+    a long sequence) gives the direct path's gradient."""
+    b, t, hq, hkv, d = 1, 20, 4, 2, 8
+    k = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(k[0], (b, t, hq, d))
+    keys, values = (jax.random.normal(x, (b, hkv, t, d)) for x in k[1:])
+    cache = init_cache(layers=1, batch=b, max_len=t, heads=hkv, head_dim=d)
+    slots, _ = slot_mask(cache, jnp.ones((b, t), jnp.int32))
+    blocked = jax.grad(lambda q: attend(q, keys, values, slots, 0.3, block=4).sum())(q)
+    direct = jax.grad(lambda q: attend(q, keys, values, slots.dense(), 0.3).sum())(q)
+    np.testing.assert_allclose(blocked, direct, atol=2e-6)
+
+
 # --------------------------------------------------------------------------- #
 # Whole models: blocked prefill == direct == transformers
 # --------------------------------------------------------------------------- #
@@ -204,6 +218,8 @@ def test_context_length_is_checked_up_front(tmp_path):
     longer = jd.from_pretrained(tmp_path / "llama", max_positions=40)
     assert longer.decoder.max_positions == 40
     longer.generate(ids, max_new_tokens=10, do_sample=False)
+    with pytest.raises(ValueError, match=r"= 41 exceeds .* context length max_positions=40;"):
+        longer.generate(ids, max_new_tokens=11)
     with pytest.raises(ValueError, match="max_positions must be an integer >= 1 or None, got 0"):
         jd.from_pretrained(tmp_path / "llama", max_positions=0)
     # Dynamic NTK scaling stretches past max_position_embeddings: no limit.

@@ -109,7 +109,7 @@ class Decoder:
         if not self.fixed_limit:
             hint += (
                 "; a model that handles longer inputs (e.g. with rope scaling) can be loaded with "
-                "from_pretrained(..., max_positions=N)"
+                "from_pretrained(..., max_positions=N) (CLI: --max_positions N)"
             )
         raise ValueError(
             f"{lengths} exceeds the {self.name} model's context length "
@@ -136,7 +136,7 @@ class Decoder:
                 f"max_positions={max_positions} exceeds the {self.name} model's "
                 f"{self.limit_name}={self.max_positions}: it has no position past that"
             )
-        return dataclasses.replace(self, max_positions=max_positions)
+        return dataclasses.replace(self, max_positions=max_positions, limit_name="max_positions")
 
 
 def positions_from_mask(attention_mask: Array, offset: Array | int = 0) -> Array:
