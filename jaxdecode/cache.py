@@ -44,6 +44,8 @@ __all__ = [
     "cache_specs",
     "cache_nbytes",
     "visible_slots",
+    "SlotMask",
+    "slot_mask",
 ]
 
 
@@ -330,6 +332,59 @@ def cache_nbytes(tree: Any) -> int:
     )
 
 
+@pytree.dataclass
+class SlotMask:
+    """Which cache slots each of T new queries may read, without the `[B, T, S]` array.
+
+    Query `t` of row `b` (at cache slot `q_slot[b, t]`) reads key slot `s` when
+    `s <= q_slot[b, t]` (causal), `kv_mask[b, s]` (a real token) and, with a
+    window, `s > q_slot[b, t] - window` (transformers' sliding-window overlay on
+    cache positions). Blocked attention (`layers.attend`) builds the mask of one
+    key block at a time from this, so a long prefill never holds T x S of it.
+
+    Attributes:
+        q_slot: `[batch, T]` int32, the cache slot of each new token.
+        kv_mask: `[batch, S]` bool, True where a slot holds a real token (after this write).
+        window: sliding window (static), or None for full causal attention.
+    """
+
+    q_slot: Array
+    kv_mask: Array
+    window: int | None = pytree.field(pytree_node=False, default=None)
+
+    def with_window(self, window: int | None) -> SlotMask:
+        """The same mask restricted to the last `window` slots (None: unchanged)."""
+        return self if window is None else self.replace(window=window)
+
+    def columns(self, start: Array | int, size: int) -> Array:
+        """`[batch, T, size]` bool: may each query read key slots `start ..
+        start + size - 1`? (`start + size <= S`; `start` may be traced.)"""
+        q = self.q_slot[:, :, None]
+        k = (start + jnp.arange(size, dtype=jnp.int32))[None, None, :]
+        real = jax.lax.dynamic_slice_in_dim(self.kv_mask, start, size, axis=1)
+        out = (k <= q) & real[:, None, :]
+        if self.window is not None:
+            out = out & (k > q - self.window)
+        return out
+
+    def dense(self) -> Array:
+        """`[batch, T, S]` bool, the whole pattern (what `visible_slots` returns)."""
+        return self.columns(0, self.kv_mask.shape[1])
+
+
+def slot_mask(cache: KVCache, attention_mask: Array) -> tuple[SlotMask, KVCache]:
+    """`visible_slots` as a `SlotMask` (no `[B, T, S]` array), and the advanced cache.
+
+    Args:
+        cache: the cache before this call.
+        attention_mask: `[batch, T]`, 1 for real new tokens, 0 for left padding.
+    """
+    t = attention_mask.shape[1]
+    after = cache.advance(attention_mask)
+    q_slot = cache.index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return SlotMask(q_slot=q_slot.astype(jnp.int32), kv_mask=after.mask), after
+
+
 def visible_slots(cache: KVCache, attention_mask: Array) -> tuple[Array, KVCache]:
     """Which cache slots each of T new tokens may attend to, and the cache with
     their mask recorded and `index` advanced.
@@ -346,8 +401,5 @@ def visible_slots(cache: KVCache, attention_mask: Array) -> tuple[Array, KVCache
     Returns:
         `visible [batch, T, max_len]` bool, and the advanced cache.
     """
-    t = attention_mask.shape[1]
-    after = cache.advance(attention_mask)
-    slot = cache.index[:, None] + jnp.arange(t)[None, :]
-    causal = jnp.arange(cache.max_len)[None, None, :] <= slot[:, :, None]
-    return causal & after.mask[:, None, :], after
+    mask, after = slot_mask(cache, attention_mask)
+    return mask.dense(), after

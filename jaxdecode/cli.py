@@ -173,11 +173,12 @@ GENERATE_SCHEMA = "jaxdecode.generate/1"
 EVAL_SCHEMA = "jaxdecode.eval/1"
 
 
-def _load_model(name: str):
+def _load_model(name: str, max_positions: int | None = None):
     import jaxdecode
 
     try:
-        lm = jaxdecode.from_pretrained(name)
+        limit = "config" if max_positions is None else max_positions
+        lm = jaxdecode.from_pretrained(name, max_positions=limit)
     except ValueError as e:
         raise CLIError(f"cannot load model {name!r}: {e}") from None
     if lm.tokenizer is None:
@@ -381,7 +382,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     if args.system is not None and not args.chat:
         raise CLIError("--system needs --chat (it is the chat's system message)")
-    lm = _load_model(args.model)
+    lm = _load_model(args.model, args.max_positions)
     mesh, lm = _mesh_and_model(args, lm)
     config = _make_config(lm, _config_overrides(args))
     assistant = _load_assistant(args)
@@ -725,7 +726,7 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
         raise ValueError(
             f"max_length={config.max_length} leaves no room after the {n_tokens}-token prompt"
         )
-    lm.decoder.check_length(total)
+    lm.decoder.check_length(total, total - n_tokens)
     config = config.replace(max_new_tokens=total - n_tokens, max_length=None)
     _check_constraint(lm, config)
     if config.do_sample:
@@ -956,7 +957,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError("--system needs --chat (it is the chat's system message)")
     _check_paths(args.prompts_file, args.output)
     records, errors = _read_prompts(args.prompts_file)
-    lm = _load_model(args.model)
+    lm = _load_model(args.model, args.max_positions)
     mesh, lm = _mesh_and_model(args, lm)
     assistant = _load_assistant(args)
     base_overrides = _config_overrides(args)
@@ -1041,7 +1042,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps and --top must be >= 1, got {args.steps} and {args.top}")
     if args.system is not None and not args.chat:
         raise CLIError("--system needs --chat (it is the chat's system message)")
-    lm = _load_model(args.model)
+    lm = _load_model(args.model, args.max_positions)
     overrides = _config_overrides(args)
     if "max_length" not in overrides:
         overrides.setdefault("max_new_tokens", args.steps)
@@ -1135,6 +1136,14 @@ def _add_assistant(parser: argparse.ArgumentParser) -> None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="bundled", help="'bundled' (default), a local HF directory or a hub id"
+    )
+    parser.add_argument(
+        "--max_positions",
+        type=int,
+        default=None,
+        help="context length to enforce (prompt + new tokens) instead of the checkpoint's "
+        "(max_position_embeddings, GGUF context_length): for a RoPE model known to handle "
+        "longer inputs, e.g. with rope scaling; GPT-2 cannot go past n_positions",
     )
     parser.add_argument(
         "--no-compilation-cache",

@@ -618,12 +618,21 @@ class Engine:
         outs = jax.eval_shape(lambda: _out_buffers(self.config.static(), slots, width))
         recorded = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(outs))
         other = 8 * slots * vocab * 4 + slots * width * 4 + recorded + tallies
+        # The largest prefill: prefill_rows prompts of max_len tokens, with their
+        # own cache rows and (prompt_logprobs) every position's logits.
+        rows = self.prefill_rows
+        prefill_cache = cache_bytes * rows // slots
+        prefill = prefill_cache + self.decoder.prefill_bytes(
+            rows, width, width, all_logits=self.config.prompt_logprobs is not None
+        )
+        other += prefill
         free = available_bytes()
         if free is not None and cache_bytes + other > free:
             raise ValueError(
                 f"Engine(slots={slots}, max_len={width}) needs about "
-                f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB) "
-                f"but the device has {free / 2**30:.2f} GiB free; lower slots or max_len"
+                f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB, "
+                f"prefill of {rows} x {width} tokens {prefill / 2**30:.2f} GiB) but the device "
+                f"has {free / 2**30:.2f} GiB free; lower slots or max_len (or prefill_rows)"
             )
         return int(cache_bytes), int(other)
 
@@ -689,7 +698,7 @@ class Engine:
             raise ValueError(
                 f"prompt {index}: max_length={total} leaves no room after its {len(ids)} tokens"
             )
-        self.decoder.check_length(total)
+        self.decoder.check_length(total, max_new)
         bucket = bucket_length(len(ids), self.prompt_buckets)
         if bucket + max_new > self.max_len:
             raise ValueError(

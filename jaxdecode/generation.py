@@ -62,14 +62,21 @@ def bucket_length(length: int, buckets: Any = "pow2") -> int:
 
     Args:
         length: the prompt length.
-        buckets: "pow2" (next power of two, at least 8), None (no padding), an
-            int m (round up to a multiple of m), or a sorted sequence of lengths
-            (the first >= length; beyond the last, the length itself).
+        buckets: "pow2" (next power of two, at least 8; past 1024, four
+            buckets per doubling: 1280, 1536, 1792, 2048, 2560, ..., so that a
+            long prompt's prefill pads by under 25%, not up to 2x), None (no
+            padding), an int m
+            (round up to a multiple of m), or a sorted sequence of lengths (the
+            first >= length; beyond the last, the length itself).
     """
     if buckets is None:
         return length
     if buckets == "pow2":
-        return max(8, 1 << max(length - 1, 0).bit_length())
+        power = max(8, 1 << max(length - 1, 0).bit_length())
+        if power <= 1024:
+            return power
+        step = power // 8  # a quarter of the power of two below
+        return -(-length // step) * step
     if isinstance(buckets, int) and not isinstance(buckets, bool):
         if buckets < 1:
             raise ValueError(f"prompt_buckets must be >= 1, got {buckets}")
@@ -243,8 +250,8 @@ def available_bytes() -> int | None:
 
 
 def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
-    """ValueError when the KV cache and per-step buffers cannot fit, before
-    anything is allocated."""
+    """ValueError when the KV cache, the prefill and the per-step buffers cannot
+    fit, before anything is allocated."""
     total = plan.bucket + plan.new_tokens
     cache = jax.eval_shape(lambda: decoder.init_cache(plan.rows, total, None))
     cache_bytes = cache_nbytes(cache)
@@ -253,7 +260,12 @@ def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
     # candidate scores [B, nb * V]; output_scores / output_logits keep [rows, N, V].
     step_bytes = 6 * plan.rows * vocab * 4
     kept = (int(plan.config.output_scores) + int(plan.config.output_logits)) * plan.rows
-    need = cache_bytes + step_bytes + kept * plan.new_tokens * vocab * 4
+    # The prefill: the prompt's activations and attention scratch, and its logits
+    # (every position's with prompt_logprobs, else the last one's).
+    prefill = decoder.prefill_bytes(
+        plan.batch, plan.bucket, total, all_logits=plan.config.prompt_logprobs >= 0
+    )
+    need = cache_bytes + max(step_bytes + kept * plan.new_tokens * vocab * 4, prefill)
     devices = 1 if mesh is None else mesh.devices.size
     free = available_bytes()
     if free is not None and need > free * devices:
@@ -262,7 +274,8 @@ def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
             f"generate needs about {need / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB "
             f"for batch={plan.batch} x num_beams={cfg.num_beams} x "
             f"num_return_sequences={cfg.num_return_sequences} = {plan.rows} rows of {total} "
-            f"tokens) but the device has {free / 2**30:.2f} GiB free; lower the batch, "
+            f"tokens; prefill of the {plan.bucket}-token padded prompt {prefill / 2**30:.2f} GiB) "
+            f"but the device has {free / 2**30:.2f} GiB free; lower the batch, the prompt length, "
             "num_beams or max_new_tokens"
         )
 
@@ -373,10 +386,10 @@ def prepare(
             f"max_length={max_length} leaves no room after the {prompt_len}-token prompt; "
             "set max_new_tokens"
         )
-    decoder.check_length(max_length)
+    decoder.check_length(max_length, new_tokens)
     drafter, draft_params = _drafter(config, decoder, assistant_model, assistant_params, mesh)
     if isinstance(drafter, DraftModel):
-        drafter.decoder.check_length(max_length)
+        drafter.decoder.check_length(max_length, new_tokens)
 
     bucket = bucket_length(prompt_len, prompt_buckets)
     extra = bucket - prompt_len
@@ -719,7 +732,9 @@ def stream(
 
 def _stream_steps(req: Request) -> Iterator[StreamStep]:
     """The steps of a validated `stream` request (the generator part of `stream`)."""
-    params = _prepare_params_jit(req.plan.decoder, req.params, req.plan.rows)
+    params = req.params
+    if req.plan.decoder.prepare is not None:  # without a hook, a jit would only copy the weights
+        params = _prepare_params_jit(req.plan.decoder, params, req.plan.rows)
     traced, state = _prefill_jit(req.plan, params, *req.args()[1:])
     for _ in range(req.plan.new_tokens):
         active = ~np.asarray(state.done)

@@ -8,6 +8,7 @@ never baked in as constants, and `jax.grad` / optax see only the params.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -120,6 +121,7 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     allow_pickle: bool = False,
     revision: str | None = None,
+    max_positions: int | None | str = "config",
 ) -> CausalLM:
     """Loads a Hugging Face checkpoint (local directory or hub id) of any
     registered model family, chosen by `config.json`'s `model_type`, or a GGUF
@@ -133,6 +135,13 @@ def from_pretrained(
         dtype: parameter and cache dtype (float32 or bfloat16).
         allow_pickle: read `pytorch_model.bin` when no safetensors exist.
         revision: hub revision.
+        max_positions: the context length `generate`, `score` and the engine
+            enforce (prompt + new tokens): "config" (default) reads it from the
+            checkpoint (`max_position_embeddings`, GGUF `<arch>.context_length`,
+            GPT-2 `n_positions`); an int raises or lowers it, e.g. for a RoPE
+            model used past its trained length (with rope scaling in its
+            config); None removes it. GPT-2's learned positions end at
+            `n_positions`: it cannot be raised there.
 
     Returns:
         A `CausalLM` with params, decoder, generation config and tokenizer.
@@ -142,9 +151,17 @@ def from_pretrained(
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     path = os.fspath(path_or_repo_id)
     if checkpoints.is_gguf(path):
-        return _from_gguf(path, dtype)
+        lm = _from_gguf(path, dtype)
+    else:
+        lm = _from_directory(path, dtype, allow_pickle, revision)
+    if max_positions != "config":
+        lm = lm.replace(decoder=lm.decoder.with_max_positions(max_positions))
+    return lm
+
+
+def _from_directory(path: str, dtype: Any, allow_pickle: bool, revision: str | None) -> CausalLM:
     directory = checkpoints.resolve_checkpoint_dir(
-        os.fspath(path_or_repo_id), revision=revision, allow_pickle=allow_pickle
+        path, revision=revision, allow_pickle=allow_pickle
     )
     data = checkpoints.read_config(directory)
     family = registry.family_for_hf_config(data)
@@ -181,6 +198,9 @@ def _from_gguf(path: str, dtype: Any) -> CausalLM:
     config, state = family.from_gguf(gguf.metadata, gguf.tensors)
     params = family.params_from_state_dict(state, config, dtype)
     decoder = family.decoder(config, dtype)
+    if decoder.max_positions is not None and not decoder.fixed_limit:
+        # Where the context length came from (GGUF metadata), for the length check's message.
+        decoder = dataclasses.replace(decoder, limit_name=f"{gguf.architecture}.context_length")
     gen = GenerationConfig(
         bos_token_id=getattr(config, "bos_token_id", None),
         eos_token_id=getattr(config, "eos_token_id", None),

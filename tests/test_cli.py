@@ -1073,7 +1073,7 @@ def test_warnings_are_one_line(model_dir, capsys, monkeypatch):
 
     from jaxdecode import cli
 
-    def load(name):
+    def load(name, *_):
         warnings.warn(
             "json_schema uses minimum, which\noutlines-core does not enforce", stacklevel=2
         )

@@ -260,6 +260,21 @@ def test_bfloat16_gguf_load(ours):
     assert a.argmax() == b.argmax()
 
 
+def test_context_length_from_gguf_metadata(ours):
+    """llama.context_length (8192) bounds prompt + max_new_tokens, refused before
+    anything is traced (a 10,000-token prompt used to end in an XLA OOM)."""
+    assert ours.decoder.max_positions == 8192
+    with pytest.raises(
+        ValueError,
+        match=r"^prompt length 10000 \+ max_new_tokens 16 = 10016 exceeds the Llama model's "
+        r"context length llama.context_length=8192; shorten the prompt or max_new_tokens; .*"
+        r"from_pretrained\(\.\.\., max_positions=N\) \(CLI: --max_positions N\)$",
+    ):
+        ours.generate(np.ones((1, 10000), np.int32), max_new_tokens=16)
+    with pytest.raises(ValueError, match=r"prompt length 8190 \+ max_new_tokens 3 = 8193 exceeds"):
+        next(jd.stream(ours, np.ones((1, 8190), np.int32), max_new_tokens=3))
+
+
 @pytest.mark.parity
 def test_sampling_scores_on_transformers_history(ours, hf, batch):
     """transformers samples (top-k 50, top-p 0.9, temperature 0.7) from two chat
@@ -379,3 +394,20 @@ def test_cli_chat_answer_in_one_command():
         timeout=300,
     )
     assert bad.returncode == 2 and b"--system needs --chat" in bad.stderr
+
+
+def test_cli_context_length_and_max_positions():
+    """The CLI refuses a request past the context in one line naming the limit;
+    `--max_positions` sets the limit (here lower, so nothing long is run)."""
+    prompt = "The river rose slowly through the night. " * 40  # ~360 tokens
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdecode.cli", "generate", prompt, "--model", gguf_path()]
+        + ["--max_positions", "300", "--max_new_tokens", "4", "--no-do_sample"],
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "JAXDECODE_COMPILATION_CACHE": "off"},
+    )
+    err = proc.stderr.decode().strip()
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    assert "+ max_new_tokens 4 = " in err and "context length max_positions=300" in err, err

@@ -35,7 +35,9 @@ class Decoder:
         init_cache: `(batch, max_len, dtype) -> cache` pytree.
         apply: `(params, ids, positions, cache, attention_mask) -> (logits, cache)`.
         vocab_size: size of the logits' last axis.
-        max_positions: longest sequence the model supports (None: unbounded).
+        max_positions: longest sequence the model supports, prompt and new
+            tokens together (its context length; None: unbounded). `generate`,
+            `score`, the engine and the CLI refuse longer requests up front.
         name: for error messages.
         prepare: optional `(params, rows) -> params`, called once per decoding
             program outside its loop with the number of cache rows; returns the
@@ -45,7 +47,15 @@ class Decoder:
         apply_last: optional `apply` that returns the logits of the last
             position only (`[B, 1, vocab]`): a prefill that needs no other
             position's logits skips the LM head there (on a CPU a fifth of a
-            small model's prefill). The continuous-batching engine uses it.
+            small model's prefill). `generate` and the engine use it.
+        limit_name: where `max_positions` comes from, for messages (e.g.
+            "max_position_embeddings").
+        fixed_limit: True when no position past `max_positions` exists (a
+            learned position table): `with_max_positions` cannot raise it.
+        activation_bytes: optional `(batch, T, S) -> bytes`, an estimate of the
+            activations and attention scratch live during one call over T new
+            tokens and S cache slots (logits and the cache excluded), for the
+            memory pre-checks (`prefill_bytes`).
     """
 
     init_cache: Callable[[int, int, Any], Any]
@@ -56,6 +66,9 @@ class Decoder:
     prepare: Callable[[Any, int], Any] | None = None
     param_specs: Callable[[Any], Any] | None = None
     apply_last: Callable[[Any, Array, Array, Any, Array], tuple[Array, Any]] | None = None
+    limit_name: str = "max_positions"
+    fixed_limit: bool = False
+    activation_bytes: Callable[[int, int, int], int] | None = None
 
     def prefill_last(
         self, params: Any, ids: Array, positions: Array, cache: Any, mask: Array
@@ -72,13 +85,58 @@ class Decoder:
         """`prepare(params, rows)`, or params unchanged without a hook."""
         return params if self.prepare is None else self.prepare(params, rows)
 
-    def check_length(self, total: int) -> None:
-        """ValueError when `total` tokens (prompt + new) exceed `max_positions`."""
-        if self.max_positions is not None and total > self.max_positions:
-            raise ValueError(
-                f"prompt length + max_new_tokens = {total} exceeds the {self.name} model's "
-                f"n_positions={self.max_positions}; shorten the prompt or max_new_tokens"
+    def prefill_bytes(self, batch: int, t: int, s: int, all_logits: bool) -> int:
+        """Bytes a prefill of `batch` x `t` tokens into `s` cache slots needs
+        besides the cache and the weights: activations (`activation_bytes`) and
+        the logits (every position's with `all_logits`, else the last one's)."""
+        logits = batch * (t if all_logits else 1) * self.vocab_size * 4
+        extra = 0 if self.activation_bytes is None else self.activation_bytes(batch, t, s)
+        return int(logits + extra)
+
+    def check_length(self, total: int, new_tokens: int | None = None) -> None:
+        """ValueError when `total` tokens (prompt + `new_tokens`) exceed `max_positions`.
+
+        Args:
+            total: prompt length + new tokens.
+            new_tokens: the `max_new_tokens` part of `total`, for the message.
+        """
+        if self.max_positions is None or total <= self.max_positions:
+            return
+        lengths = f"prompt length + max_new_tokens = {total}"
+        if new_tokens is not None:
+            lengths = f"prompt length {total - new_tokens} + max_new_tokens {new_tokens} = {total}"
+        hint = "shorten the prompt or max_new_tokens"
+        if not self.fixed_limit:
+            hint += (
+                "; a model that handles longer inputs (e.g. with rope scaling) can be loaded with "
+                "from_pretrained(..., max_positions=N) (CLI: --max_positions N)"
             )
+        raise ValueError(
+            f"{lengths} exceeds the {self.name} model's context length "
+            f"{self.limit_name}={self.max_positions}; {hint}"
+        )
+
+    def with_max_positions(self, max_positions: int | None) -> Decoder:
+        """This decoder with another context length (None: unbounded).
+
+        Raises:
+            ValueError: for a value that is not a positive int, or one past a
+                fixed limit (learned positions).
+        """
+        if max_positions is not None and (
+            isinstance(max_positions, bool)
+            or not isinstance(max_positions, int)
+            or max_positions < 1
+        ):
+            raise ValueError(
+                f"max_positions must be an integer >= 1 or None, got {max_positions!r}"
+            )
+        if self.fixed_limit and (max_positions is None or max_positions > self.max_positions):
+            raise ValueError(
+                f"max_positions={max_positions} exceeds the {self.name} model's "
+                f"{self.limit_name}={self.max_positions}: it has no position past that"
+            )
+        return dataclasses.replace(self, max_positions=max_positions, limit_name="max_positions")
 
 
 def positions_from_mask(attention_mask: Array, offset: Array | int = 0) -> Array:

@@ -6,7 +6,8 @@
 * `attend`: attention of T new queries over a layer of the `KVCache`, for
   multi-head, grouped-query and multi-query attention alike: K/V stay stored with
   the KV head count and are never repeated in memory; the queries are grouped
-  per KV head instead.
+  per KV head instead. A long prefill is computed in blocks (an online softmax
+  over key blocks, flash-attention style): memory O(T x block), not O(T x S).
 * `RMSNorm` (Llama's, and Gemma's `(1 + w)` form), `rope_cos_sin` /
   `apply_rope` (rotary position embeddings, half-split as transformers rotates),
   `GatedMLP` (`down(act(gate(x)) * up(x))`), and `ACTIVATIONS` (transformers'
@@ -23,15 +24,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdecode.cache import SlotMask
+
 Array = jax.Array
 
 __all__ = [
     "ACTIVATIONS",
+    "ATTENTION_BLOCK",
     "Dense",
     "GatedMLP",
     "RMSNorm",
     "apply_rope",
     "attend",
+    "attention_bytes",
     "rope_cos_sin",
 ]
 
@@ -85,13 +90,19 @@ class Dense(nn.Module):
         return y
 
 
+# Queries per block (and keys per block) of the blocked attention; calls with at
+# most this many new tokens (decode steps, short prompts) take the direct path.
+ATTENTION_BLOCK = 512
+
+
 def attend(
     q: Array,
     keys: Array,
     values: Array,
-    visible: Array,
+    visible: Array | SlotMask,
     scale: float,
     softcap: float | None = None,
+    block: int = ATTENTION_BLOCK,
 ) -> Array:
     """Scaled dot-product attention of new queries over one layer of the cache.
 
@@ -102,13 +113,20 @@ def attend(
     Scores and softmax are float32 whatever the cache dtype (accumulated by the
     matmul itself rather than by upcasting the cache).
 
+    Given a `SlotMask` and more than `block` new tokens (a long prefill), the
+    scores are never materialised as `[heads, T, S]`: `_attend_blocked` walks
+    query blocks and, for each, the key blocks it can see. Otherwise (one-token
+    steps, short prompts, a dense mask) the direct product.
+
     Args:
         q: `[batch, T, q_heads, head_dim]` queries.
         keys: `[batch, kv_heads, max_len, head_dim]` (a `KVCache` layer).
         values: `[batch, kv_heads, max_len, head_dim]`.
-        visible: `[batch, T, max_len]` bool, which slots each query may read.
+        visible: `[batch, T, max_len]` bool, which slots each query may read,
+            or the same as a `SlotMask` (`cache.slot_mask`).
         scale: multiplies the scores (usually `head_dim ** -0.5`).
         softcap: if set, scores become `softcap * tanh(scores / softcap)`.
+        block: queries and keys per block of the blocked path (static).
 
     Returns:
         `[batch, T, q_heads, head_dim]` in the values' dtype.
@@ -119,6 +137,10 @@ def attend(
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     group = hq // hkv
     q = q.astype(keys.dtype)
+    if isinstance(visible, SlotMask):
+        if t > block:
+            return _attend_blocked(q, keys, values, visible, scale, softcap, block)
+        visible = visible.dense()
     if group == 1:
         # Multi-head attention: no group axis (the layout GPT-2 was tuned with).
         scores = jnp.einsum("bthd,bhsd->bhts", q, keys, preferred_element_type=jnp.float32)
@@ -136,6 +158,104 @@ def attend(
         return jnp.einsum("bhts,bhsd->bthd", weights, values)
     out = jnp.einsum("bkgts,bksd->btkgd", weights, values)
     return out.reshape(b, t, hq, d)
+
+
+def _attend_blocked(
+    q: Array,
+    keys: Array,
+    values: Array,
+    mask: SlotMask,
+    scale: float,
+    softcap: float | None,
+    block: int,
+) -> Array:
+    """`attend` in blocks: for each block of queries, an online softmax over the
+    key blocks any of its queries can see (flash attention's recurrence).
+
+    Key blocks wholly after the block's last query slot (causality), before
+    every row's first real slot (left padding) or before the window are skipped
+    (`lax.cond` inside a fixed-length loop, so the function stays
+    reverse-differentiable). A last block that would overrun `T` or `S` is
+    moved back to end there: the queries it recomputes are written twice with
+    equal values, the key columns it shares with the previous block are masked
+    out. Masked scores are float32's lowest finite value, as in the direct path, so
+    a query that sees nothing (left padding) averages finite values, never NaN.
+
+    Args and returns as `attend` (`q` already in the keys' dtype).
+    """
+    b, t, hq, d = q.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    group = hq // hkv
+    bq, bk = min(block, t), min(block, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    low = jnp.finfo(jnp.float32).min
+    # No row reads a slot before its first real one.
+    first_real = jnp.min(jnp.argmax(mask.kv_mask, axis=1)).astype(jnp.int32)
+
+    def query_block(i: Array, out: Array) -> Array:
+        start = jnp.minimum(i * bq, t - bq)  # the last block ends at T
+        # [B, kv_heads, group, bq, D]: each block's product is one batched matmul.
+        qb = jax.lax.dynamic_slice_in_dim(q, start, bq, axis=1).reshape(b, bq, hkv, group, d)
+        qb = qb.transpose(0, 2, 3, 1, 4)
+        slots = jax.lax.dynamic_slice_in_dim(mask.q_slot, start, bq, axis=1)
+        sub = mask.replace(q_slot=slots)
+        lo = first_real
+        if mask.window is not None:
+            lo = jnp.maximum(lo, jnp.min(slots) - mask.window + 1)
+        first = jnp.clip(lo, 0, s - 1) // bk
+        last = jnp.clip(jnp.max(slots), 0, s - 1) // bk
+
+        def key_block(j: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+            def update(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+                m, total, acc = carry
+                kstart = jnp.minimum(j * bk, s - bk)
+                kb = jax.lax.dynamic_slice_in_dim(keys, kstart, bk, axis=2)  # [B, K, bk, D]
+                vb = jax.lax.dynamic_slice_in_dim(values, kstart, bk, axis=2)
+                sc = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
+                sc = sc * jnp.float32(scale)
+                if softcap is not None:
+                    sc = jnp.tanh(sc / softcap) * softcap
+                fresh = kstart + jnp.arange(bk) >= j * bk  # not already seen by block j - 1
+                vis = sub.columns(kstart, bk) & fresh[None, None, :]  # [B, bq, bk]
+                sc = jnp.where(vis[:, None, None], sc, low)
+                m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+                p = jnp.exp(sc - m_new[..., None])
+                fix = jnp.exp(m - m_new)
+                total = total * fix + jnp.sum(p, axis=-1)
+                pv = jnp.einsum(
+                    "bkgqs,bksd->bkgqd",
+                    p.astype(values.dtype),
+                    vb,
+                    preferred_element_type=jnp.float32,
+                )
+                return m_new, total, acc * fix[..., None] + pv
+
+            return jax.lax.cond((j >= first) & (j <= last), update, lambda c: c, carry)
+
+        init = (
+            jnp.full((b, hkv, group, bq), low, jnp.float32),
+            jnp.zeros((b, hkv, group, bq), jnp.float32),
+            jnp.zeros((b, hkv, group, bq, d), jnp.float32),
+        )
+        _, total, acc = jax.lax.fori_loop(0, nk, key_block, init)
+        ob = (acc / jnp.where(total == 0, 1.0, total)[..., None]).astype(out.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, ob, start, axis=3)
+
+    # The output [B, kv_heads, group, T, D] is written block by block over a
+    # buffer that starts as the queries: a zero-filled one depends on nothing,
+    # and XLA:CPU then allocated every layer's at once (one [T, hidden] per layer).
+    out = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4).astype(values.dtype)
+    out = jax.lax.fori_loop(0, nq, query_block, out)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+
+
+def attention_bytes(batch: int, heads: int, t: int, s: int, block: int = ATTENTION_BLOCK) -> int:
+    """Float32 scratch of one `attend` call over `t` queries and `s` slots: the
+    scores, their exponentials and the mask, `[heads, t, s]` on the direct path,
+    one `[heads, block, block]` tile (and the running sums) when blocked."""
+    if t > block:
+        return 4 * batch * heads * (3 * block * min(block, s) + 2 * block)
+    return 3 * 4 * batch * heads * t * s
 
 
 class RMSNorm(nn.Module):

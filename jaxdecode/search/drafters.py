@@ -139,7 +139,8 @@ class DraftModel:
             max_len: cache slots.
         """
         cache = self.decoder.init_cache(ids.shape[0], max_len, None)
-        _, cache = self.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+        # Only the cache is kept: the LM head runs on the last position alone.
+        _, cache = self.decoder.prefill_last(params, ids, positions_from_mask(mask), cache, mask)
         cache = rewind_rows(cache, jnp.ones((ids.shape[0],), jnp.int32), width=1)
         if expand > 1:
             cache = gather_rows(cache, jnp.repeat(jnp.arange(ids.shape[0]), expand))

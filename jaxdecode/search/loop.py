@@ -281,9 +281,14 @@ def prefill(
     # around it, so this equals prefilling every copy, at 1/expand of the cost.
     cache = plan.decoder.init_cache(plan.batch, total, None)
     cache = constrain(cache, plan.mesh, cache_specs)
-    logits, cache = plan.decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
-    last = logits[:, -1, :].astype(jnp.float32)
-    prompt = prompt_outputs(plan, logits, ids, mask) if cfg.prompt_logprobs >= 0 else None
+    positions = positions_from_mask(mask)
+    prompt = None
+    if cfg.prompt_logprobs >= 0:  # every position's logits
+        logits, cache = plan.decoder.apply(params, ids, positions, cache, mask)
+        last = logits[:, -1, :].astype(jnp.float32)
+        prompt = prompt_outputs(plan, logits, ids, mask)
+    else:  # the LM head on the last position only ([B, T, V] would dwarf a long prompt)
+        last, cache = plan.decoder.prefill_last(params, ids, positions, cache, mask)
     if plan.expand > 1:
         parent = jnp.repeat(jnp.arange(plan.batch), plan.expand)
         cache = gather_rows(cache, parent)

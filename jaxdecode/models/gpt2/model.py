@@ -18,11 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdecode.cache import KVCache, init_cache, visible_slots
+from jaxdecode.cache import KVCache, SlotMask, init_cache, slot_mask
 from jaxdecode.models.base import Decoder
 from jaxdecode.models.gpt2.config import GPT2Config
 from jaxdecode.models.gpt2.sharding import gpt2_param_specs
-from jaxdecode.models.layers import ACTIVATIONS, Dense, attend
+from jaxdecode.models.layers import ACTIVATIONS, ATTENTION_BLOCK, Dense, attend, attention_bytes
 
 Array = jax.Array
 
@@ -36,9 +36,12 @@ class _Attention(nn.Module):
     config: GPT2Config
     layer: int
     dtype: Any
+    block: int = ATTENTION_BLOCK
 
     @nn.compact
-    def __call__(self, x: Array, cache: KVCache, visible: Array) -> tuple[Array, KVCache]:
+    def __call__(
+        self, x: Array, cache: KVCache, visible: Array | SlotMask
+    ) -> tuple[Array, KVCache]:
         cfg = self.config
         b, t, _ = x.shape
         qkv = Dense(3 * cfg.n_embd, self.dtype, name="c_attn")(x)
@@ -53,7 +56,7 @@ class _Attention(nn.Module):
             scale /= float(self.layer + 1)
         # `attend` computes scores and softmax in float32 whatever the cache dtype,
         # which is what reorder_and_upcast_attn asks for (harmless in float32).
-        out = attend(q, cache.k[self.layer], cache.v[self.layer], visible, scale)
+        out = attend(q, cache.k[self.layer], cache.v[self.layer], visible, scale, block=self.block)
         out = out.reshape(b, t, cfg.n_embd)
         out = Dense(cfg.n_embd, self.dtype, name="c_proj")(out)
         return out, cache
@@ -75,14 +78,17 @@ class _Block(nn.Module):
     config: GPT2Config
     layer: int
     dtype: Any
+    block: int = ATTENTION_BLOCK
 
     @nn.compact
-    def __call__(self, x: Array, cache: KVCache, visible: Array) -> tuple[Array, KVCache]:
+    def __call__(
+        self, x: Array, cache: KVCache, visible: Array | SlotMask
+    ) -> tuple[Array, KVCache]:
         eps = self.config.layer_norm_epsilon
         ln = lambda name: nn.LayerNorm(
             epsilon=eps, dtype=self.dtype, param_dtype=self.dtype, name=name
         )
-        a, cache = _Attention(self.config, self.layer, self.dtype, name="attn")(
+        a, cache = _Attention(self.config, self.layer, self.dtype, self.block, name="attn")(
             ln("ln_1")(x), cache, visible
         )
         x = x + a
@@ -101,6 +107,7 @@ class GPT2LMHeadModel(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32
     last_only: bool = False  # logits of the last position only (`Decoder.apply_last`)
+    attention_block: int = ATTENTION_BLOCK  # calls with more new tokens attend in blocks
 
     @nn.compact
     def __call__(
@@ -116,9 +123,13 @@ class GPT2LMHeadModel(nn.Module):
         x = wte(ids) + wpe(positions)
         # Which cache slots each new token may attend to: real tokens (mask after
         # this write) at or before its own slot.
-        visible, after = visible_slots(cache, attention_mask)
+        slots, after = slot_mask(cache, attention_mask)
+        # Short calls (decode steps): the dense [B, T, S] mask, built once.
+        visible = slots.dense() if ids.shape[1] <= self.attention_block else slots
         for i in range(cfg.n_layer):
-            x, cache = _Block(cfg, i, self.dtype, name=f"h_{i}")(x, cache, visible)
+            x, cache = _Block(cfg, i, self.dtype, self.attention_block, name=f"h_{i}")(
+                x, cache, visible
+            )
         if self.last_only:
             x = x[:, -1:]
         x = nn.LayerNorm(
@@ -132,10 +143,20 @@ class GPT2LMHeadModel(nn.Module):
         return logits, cache.replace(mask=after.mask, index=after.index)
 
 
-def gpt2_decoder(config: GPT2Config, dtype: Any = jnp.float32) -> Decoder:
-    """The `Decoder` of a GPT-2 model: pure `init_cache` and `apply`."""
-    module = GPT2LMHeadModel(config, dtype=dtype)
-    last = GPT2LMHeadModel(config, dtype=dtype, last_only=True)
+def gpt2_decoder(
+    config: GPT2Config, dtype: Any = jnp.float32, *, attention_block: int = ATTENTION_BLOCK
+) -> Decoder:
+    """The `Decoder` of a GPT-2 model: pure `init_cache` and `apply`.
+
+    Args:
+        config: the model config; its `n_positions` (the learned position
+            table) is the context length.
+        dtype: parameter and computation dtype.
+        attention_block: calls with more new tokens than this attend in blocks of
+            this size (`layers.attend`).
+    """
+    module = GPT2LMHeadModel(config, dtype=dtype, attention_block=attention_block)
+    last = GPT2LMHeadModel(config, dtype=dtype, last_only=True, attention_block=attention_block)
 
     def init(batch: int, max_len: int, cache_dtype: Any = None) -> KVCache:
         return init_cache(
@@ -152,6 +173,14 @@ def gpt2_decoder(config: GPT2Config, dtype: Any = jnp.float32) -> Decoder:
 
     def apply_last(params, ids, positions, cache, attention_mask):
         return last.apply({"params": params}, ids, positions, cache, attention_mask)
+
+    # Per token: the residual and its norm, q/k/v and the output, the MLP's two widths.
+    width = 6 * config.n_embd + 2 * config.inner_dim
+    itemsize = jnp.dtype(dtype).itemsize
+
+    def activation_bytes(batch: int, t: int, s: int) -> int:
+        heads = config.n_head
+        return batch * t * width * itemsize + attention_bytes(batch, heads, t, s, attention_block)
 
     def prepare(params: Any, rows: int) -> Any:
         # With one row, XLA:CPU's matrix-vector product reads the tied LM head
@@ -173,6 +202,9 @@ def gpt2_decoder(config: GPT2Config, dtype: Any = jnp.float32) -> Decoder:
         max_positions=config.n_positions,
         name="GPT-2",
         apply_last=apply_last,
+        limit_name="n_positions",
+        fixed_limit=True,
+        activation_bytes=activation_bytes,
     )
 
 

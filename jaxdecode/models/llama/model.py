@@ -26,9 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdecode.cache import KVCache, init_cache, visible_slots
+from jaxdecode.cache import KVCache, SlotMask, init_cache, slot_mask
 from jaxdecode.models.base import Decoder
-from jaxdecode.models.layers import Dense, GatedMLP, RMSNorm, apply_rope, attend, rope_cos_sin
+from jaxdecode.models.layers import (
+    ATTENTION_BLOCK,
+    Dense,
+    GatedMLP,
+    RMSNorm,
+    apply_rope,
+    attend,
+    attention_bytes,
+    rope_cos_sin,
+)
 from jaxdecode.models.llama.config import LlamaConfig
 from jaxdecode.models.llama.sharding import llama_param_specs
 
@@ -68,10 +77,11 @@ class _Attention(nn.Module):
     config: LlamaConfig
     layer: int
     dtype: Any
+    block: int = ATTENTION_BLOCK
 
     @nn.compact
     def __call__(
-        self, x: Array, cache: KVCache, visible: Array, cos: Array, sin: Array
+        self, x: Array, cache: KVCache, visible: Array | SlotMask, cos: Array, sin: Array
     ) -> tuple[Array, KVCache]:
         cfg = self.config
         b, t, _ = x.shape
@@ -85,7 +95,9 @@ class _Attention(nn.Module):
             k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache = cache.write(self.layer, k, v)
-        out = attend(q, cache.k[self.layer], cache.v[self.layer], visible, d**-0.5)
+        out = attend(
+            q, cache.k[self.layer], cache.v[self.layer], visible, d**-0.5, block=self.block
+        )
         out = proj(cfg.hidden_size, "o_proj", cfg.o_bias)(out.reshape(b, t, hq * d))
         return out, cache
 
@@ -94,14 +106,15 @@ class _Block(nn.Module):
     config: LlamaConfig
     layer: int
     dtype: Any
+    block: int = ATTENTION_BLOCK
 
     @nn.compact
     def __call__(
-        self, x: Array, cache: KVCache, visible: Array, cos: Array, sin: Array
+        self, x: Array, cache: KVCache, visible: Array | SlotMask, cos: Array, sin: Array
     ) -> tuple[Array, KVCache]:
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, cfg.norm_offset, name=name)
-        a, cache = _Attention(cfg, self.layer, self.dtype, name="self_attn")(
+        a, cache = _Attention(cfg, self.layer, self.dtype, self.block, name="self_attn")(
             norm("input_layernorm")(x), cache, visible, cos, sin
         )
         x = x + a
@@ -122,6 +135,7 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     last_only: bool = False  # logits of the last position only (`Decoder.apply_last`)
+    attention_block: int = ATTENTION_BLOCK  # calls with more new tokens attend in blocks
 
     @nn.compact
     def __call__(
@@ -140,24 +154,19 @@ class LlamaForCausalLM(nn.Module):
         if cfg.embed_scale is not None:
             # transformers multiplies by the scale cast to the weights' dtype.
             x = x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(x.dtype)
-        visible, after = visible_slots(cache, attention_mask)
-        windowed = {}
-        slot_q = cache.index[:, None] + jnp.arange(ids.shape[1])[None, :]  # [B, T]
-        slot_k = jnp.arange(cache.max_len)
+        slots, after = slot_mask(cache, attention_mask)
         cos, sin = rope_tables(cfg, positions)
+        dense: dict[int | None, Array] = {}  # short calls: each window's mask built once
         for i in range(cfg.num_hidden_layers):
-            window = cfg.sliding(i)
-            if window is None:
-                layer_visible = visible
-            else:
-                # transformers' sliding_window_overlay on cache positions:
-                # key slot > query slot - window.
-                if window not in windowed:
-                    recent = slot_k[None, None, :] > slot_q[:, :, None] - window
-                    windowed[window] = visible & recent
-                layer_visible = windowed[window]
-            x, cache = _Block(cfg, i, self.dtype, name=f"layers_{i}")(
-                x, cache, layer_visible, cos, sin
+            # transformers' sliding_window_overlay on cache positions:
+            # key slot > query slot - window.
+            layer_mask = slots.with_window(cfg.sliding(i))
+            if ids.shape[1] <= self.attention_block:
+                if layer_mask.window not in dense:
+                    dense[layer_mask.window] = layer_mask.dense()
+                layer_mask = dense[layer_mask.window]
+            x, cache = _Block(cfg, i, self.dtype, self.attention_block, name=f"layers_{i}")(
+                x, cache, layer_mask, cos, sin
             )
         if self.last_only:
             x = x[:, -1:]
@@ -180,14 +189,25 @@ def _empty_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any) -> K
     )
 
 
-def llama_decoder(config: LlamaConfig, dtype: Any = jnp.float32) -> Decoder:
+def llama_decoder(
+    config: LlamaConfig, dtype: Any = jnp.float32, *, attention_block: int = ATTENTION_BLOCK
+) -> Decoder:
     """The `Decoder` of a Llama-style model: pure `init_cache` and `apply`.
 
-    No `max_positions`: like transformers, RoPE models decode past
-    `max_position_embeddings` (what the rope scaling types are for).
+    Its context length (`max_positions`) is `max_position_embeddings` (the
+    extended length, for rope scaling types that extend it), except with
+    "dynamic" rope scaling, whose frequencies stretch with the input: no limit.
+    Raise it with `Decoder.with_max_positions` (`from_pretrained(...,
+    max_positions=N)`).
+
+    Args:
+        config: the model config.
+        dtype: parameter and computation dtype.
+        attention_block: calls with more new tokens than this attend in blocks of
+            this size (`layers.attend`).
     """
-    module = LlamaForCausalLM(config, dtype=dtype)
-    last = LlamaForCausalLM(config, dtype=dtype, last_only=True)
+    module = LlamaForCausalLM(config, dtype=dtype, attention_block=attention_block)
+    last = LlamaForCausalLM(config, dtype=dtype, last_only=True, attention_block=attention_block)
 
     def init(batch: int, max_len: int, cache_dtype: Any = None) -> KVCache:
         return _empty_cache(config, batch, max_len, cache_dtype or dtype)
@@ -198,14 +218,26 @@ def llama_decoder(config: LlamaConfig, dtype: Any = jnp.float32) -> Decoder:
     def apply_last(params, ids, positions, cache, attention_mask):
         return last.apply({"params": params}, ids, positions, cache, attention_mask)
 
+    dynamic = config.rope.get("rope_type") == "dynamic"
+    d, hq, hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    # Per token at a layer's widest point: the residual and its norm, q/k/v/out,
+    # the rotary tables, and the MLP's gate, up and their product.
+    width = 2 * config.hidden_size + (2 * hq + 2 * hkv + 2) * d + 3 * config.intermediate_size
+    itemsize = jnp.dtype(dtype).itemsize
+
+    def activation_bytes(batch: int, t: int, s: int) -> int:
+        return batch * t * width * itemsize + attention_bytes(batch, hq, t, s, attention_block)
+
     return Decoder(
         init_cache=init,
         apply=apply,
         param_specs=llama_param_specs,
         vocab_size=config.vocab_size,
-        max_positions=None,
+        max_positions=None if dynamic else config.max_position_embeddings,
         name=_NAMES[config.model_type],
         apply_last=apply_last,
+        limit_name="max_position_embeddings",
+        activation_bytes=activation_bytes,
     )
 
 
