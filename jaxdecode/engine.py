@@ -79,6 +79,7 @@ __all__ = [
     "arrayed_fields",
     "generate_many",
     "group_key",
+    "slot_memory",
 ]
 
 # Resolved per prompt, never part of what must be shared.
@@ -415,9 +416,6 @@ _take_jit = jax.jit(_take)
 _spread_jit = jax.jit(_spread, donate_argnums=0)
 _admit_jit = jax.jit(_admit, static_argnums=0, donate_argnums=2)
 _decode_jit = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=3)
-_prepare_jit = jax.jit(
-    lambda decoder, params, rows: decoder.prepared(params, rows), static_argnums=(0, 2)
-)
 
 
 # --------------------------------------------------------------------------- #
@@ -620,7 +618,8 @@ class Engine:
             loop="scan",
             per_row_keys=True,
         )
-        self._params = _prepare_jit(decoder, params, self.slots)
+        # The caller's weights, never a copy (one copy whatever the engines and sizes).
+        self._params = decoder.prepared_outside(params, self.slots)
         # Row counts the state may shrink to: slots, slots/4, ... (rounded up), 1.
         self._levels = [self.slots]
         while compact_tail and self._levels[-1] > 1:
@@ -636,7 +635,7 @@ class Engine:
         self._small: dict[int, tuple[Plan, Any]] = {}
         for size in self._levels[1:]:
             plan = dataclasses.replace(self._plan, batch=size)
-            self._small[size] = (plan, _prepare_jit(decoder, params, size))
+            self._small[size] = (plan, decoder.prepared_outside(params, size))
         self._warmed: Any = False  # the table shape the smaller sizes were compiled for
         # Waiting prompts by bucket, each in submission order.
         self._pending: dict[int, collections.deque[_Pending]] = {}
@@ -692,26 +691,7 @@ class Engine:
         self._warmed = (shape,)
 
     def _check_memory(self) -> tuple[int, int]:
-        slots, width, vocab = self.slots, self.max_len, self.decoder.vocab_size
-        cache = jax.eval_shape(lambda: self.decoder.init_cache(slots, width, None))
-        cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
-        chain = jax.eval_shape(lambda: self._template(slots))
-        # Tallies of stateful processors are [slots, vocab]; logits, scores and a
-        # few temporaries per step; the token buffer and the recorded outputs.
-        tallies = sum(
-            slots * vocab * 4 for p in chain.processors if type(p).init is not LogitsProcessor.init
-        )
-        outs = jax.eval_shape(lambda: _out_buffers(self.config.static(), slots, width))
-        recorded = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(outs))
-        other = 8 * slots * vocab * 4 + slots * width * 4 + recorded + tallies
-        free = available_bytes()
-        if free is not None and cache_bytes + other > free:
-            raise ValueError(
-                f"Engine(slots={slots}, max_len={width}) needs about "
-                f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB) "
-                f"but the device has {free / 2**30:.2f} GiB free; lower slots or max_len"
-            )
-        return int(cache_bytes), int(other)
+        return slot_memory(self.decoder, self.config, self.slots, self.max_len)
 
     # ------------------------------------------------------------------ #
     def submit(
@@ -987,6 +967,38 @@ def _prompt_fields(it: _Pending) -> dict[str, np.ndarray]:
     return {names[k]: np.asarray(v)[it.row, first:] for k, v in it.prompt_out.items()}
 
 
+def slot_memory(
+    decoder: Decoder, config: GenerationConfig, slots: int, max_len: int
+) -> tuple[int, int]:
+    """`(cache bytes, other state bytes)` of an `Engine(slots=, max_len=)` with
+    `config`, estimated without allocating anything.
+
+    Raises:
+        ValueError: when they cannot fit in the device's free memory.
+    """
+    vocab = decoder.vocab_size
+    cache = jax.eval_shape(lambda: decoder.init_cache(slots, max_len, None))
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
+    plain = _unconstrained(config).replace(max_new_tokens=max_len, max_length=None)
+    chain = jax.eval_shape(lambda: from_config(plain))
+    # Tallies of stateful processors are [slots, vocab]; logits, scores and a
+    # few temporaries per step; the token buffer and the recorded outputs.
+    tallies = sum(
+        slots * vocab * 4 for p in chain.processors if type(p).init is not LogitsProcessor.init
+    )
+    outs = jax.eval_shape(lambda: _out_buffers(config.static(), slots, max_len))
+    recorded = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(outs))
+    other = 8 * slots * vocab * 4 + slots * max_len * 4 + recorded + tallies
+    free = available_bytes()
+    if free is not None and cache_bytes + other > free:
+        raise ValueError(
+            f"Engine(slots={slots}, max_len={max_len}) needs about "
+            f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB) "
+            f"but the device has {free / 2**30:.2f} GiB free; lower slots or max_len"
+        )
+    return int(cache_bytes), int(other)
+
+
 def _check_strategy(config: GenerationConfig) -> None:
     if config.num_beams > 1 or config.num_return_sequences > 1:
         raise ValueError(
@@ -1071,14 +1083,21 @@ def generate_many(
     for i, c in enumerate(resolved):
         _check_strategy(c)
         groups.setdefault(group_key(c), []).append(i)
+    # Each prompt alone must fit (its bucket and max_new_tokens in every slot):
+    # checked before any engine is built, naming the prompt.
+    width = [
+        bucket_length(len(p), prompt_buckets) + c.resolve_max_length(len(p)) - len(p)
+        for p, c in zip(prompts, resolved, strict=True)
+    ]
+    if max_len is None:
+        for i, c in enumerate(resolved):
+            try:
+                slot_memory(decoder, c, slots, width[i])
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
     results: list[EngineResult | None] = [None] * len(prompts)
     for members in groups.values():
-        need = max(
-            bucket_length(len(prompts[i]), prompt_buckets)
-            + resolved[i].resolve_max_length(len(prompts[i]))
-            - len(prompts[i])
-            for i in members
-        )
+        need = max(width[i] for i in members)
         engine = Engine(
             model,
             slots=slots,
