@@ -350,8 +350,12 @@ def _eval_result(rec: dict, config, outputs: list[dict], model: str) -> dict:
 
 
 def _json_plain(value: Any) -> Any:
-    """`value` as JSON reads it back (tuples become lists), for comparisons."""
-    return json.loads(json.dumps(value, default=lambda x: x.tolist()))
+    """`value` as JSON reads it back (tuples become lists), for comparisons; its
+    `repr` where it holds a non-finite number (records are strict JSON)."""
+    try:
+        return json.loads(json.dumps(value, default=lambda x: x.tolist(), allow_nan=False))
+    except ValueError:
+        return repr(value)
 
 
 def _made_with(model: str, config) -> dict[str, Any]:
