@@ -110,7 +110,9 @@ def check_record(
     rec: dict, max_new_tokens: int, schema: str = "jaxdecode.generate/1", n: int = 1
 ) -> None:
     """A result record: its schema and fields, then each output (`check_output`)."""
-    keys = ["schema", "prompt", "seed", "outputs"] + (["id"] if schema.endswith("eval/1") else [])
+    keys = ["schema", "prompt", "seed", "outputs"]
+    if schema.endswith("eval/1"):
+        keys += ["id", "model", "options"]  # and what made it
     assert sorted(rec) == sorted(keys), rec
     assert rec["schema"] == schema, rec
     assert len(rec["outputs"]) == n, rec
@@ -134,9 +136,10 @@ def check_output(rec: dict, max_new_tokens: int) -> None:
 
 
 def assert_same_result(got: dict, want: dict) -> None:
-    """Records equal but for schema and id; log-probabilities within float32
-    rounding (a batch of several rows may round the last digit differently)."""
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("schema", "id", "outputs")}
+    """Records equal but for schema, id and eval's model and options; log-probabilities
+    within float32 rounding (a batch of several rows may round the last digit differently)."""
+    eval_only = ("schema", "id", "outputs", "model", "options")
+    strip = lambda r: {k: v for k, v in r.items() if k not in eval_only}
     assert strip(got) == strip(want)
     assert len(got["outputs"]) == len(want["outputs"])
     for a, b in zip(got["outputs"], want["outputs"], strict=True):
