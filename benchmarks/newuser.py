@@ -184,12 +184,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     model = args.model or smollm2_path()
-    result: dict = {"host": host_info(), "model": os.path.basename(model), "prompt": PROMPT}
+    result: dict = {"host": host_info(), "model": os.path.basename(model)}
     lengths = [16, args.long]
     if args.only in (None, "early_stop"):
         lib = early_stop_library(model, lengths, args.loop)
         cli = early_stop_cli(model, lengths)
         result["early_stop"] = {
+            "prompt": PROMPT,
             "library": lib,
             "cli": cli,
             "library_ratio": round(lib[args.long]["wall_s"] / lib[16]["wall_s"], 2),
@@ -204,7 +205,7 @@ def main(argv=None) -> None:
         )
     if args.only in (None, "memory"):
         mem = memory(model, args.lines, args.max_new_tokens, not args.no_groups)
-        result["memory"] = mem
+        result["memory"] = {"chat_lines": args.lines, "max_new_tokens": args.max_new_tokens, **mem}
         groups = mem.get("eval_three_groups")
         print(
             f"peak RSS: generate {mem['generate_one_line']['peak_rss_mb']:.0f} MiB, eval of "
