@@ -114,7 +114,7 @@ def run_jaxdecode(directory: Path, ids: np.ndarray, args: argparse.Namespace) ->
     results: dict[str, Any] = {}
     sequences, logprobs = {}, {}
     for name, (prompt_ids, cfg) in variants.items():
-        req = generation.prepare(lm, prompt_ids, None, cfg, key=key)
+        req = generation.prepare(lm, prompt_ids, None, cfg, key=key, loop="scan")
         start = time.perf_counter()
         compiled = generate_program.lower(req.plan, *req.args()).compile()
         compile_s = time.perf_counter() - start

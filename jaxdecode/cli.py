@@ -341,10 +341,58 @@ def _result(schema: str, prompt: str, seed: int | None, outputs: list[dict], **e
     return {"schema": schema, **extra, "prompt": prompt, "seed": seed, "outputs": outputs}
 
 
-def _eval_result(rec: dict, seed: int | None, outputs: list[dict]) -> dict:
-    """An eval line's record; a chat line (`messages`) keeps them and its rendered prompt."""
+def _eval_result(rec: dict, config, outputs: list[dict], model: str) -> dict:
+    """An eval line's record (`config`: the line's resolved config); a chat line
+    (`messages`) keeps them and its rendered prompt; `model` and `options` say what
+    made it (`_made_with`)."""
     chat = {"messages": rec["messages"]} if "messages" in rec else {}
-    return _result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"], **chat)
+    seed = config.seed if config.do_sample else None
+    record = _result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"], **chat)
+    return {**record, **_made_with(model, config)}
+
+
+def _json_plain(value: Any) -> Any:
+    """`value` as JSON reads it back (tuples become lists), for comparisons; its
+    `repr` where it holds a non-finite number (records are strict JSON)."""
+    try:
+        return json.loads(json.dumps(value, default=lambda x: x.tolist(), allow_nan=False))
+    except ValueError:
+        return repr(value)
+
+
+def _made_with(model: str, config) -> dict[str, Any]:
+    """What produced an eval record: `model` (a path made absolute) and `options`,
+    every field of the line's resolved config that differs from
+    `GenerationConfig()`'s default (its seed and own `max_new_tokens` included)."""
+    from jaxdecode.config import GenerationConfig
+
+    defaults = GenerationConfig()
+    options = {}
+    for f in dataclasses.fields(config):
+        value = _json_plain(getattr(config, f.name))
+        if value != _json_plain(getattr(defaults, f.name)):
+            options[f.name] = value
+    model = os.path.abspath(model) if os.path.exists(model) else model
+    return {"model": model, "options": options}
+
+
+def _changed_options(prev: dict, made: dict[str, Any]) -> str | None:
+    """How the run that wrote `prev` (an eval record) differs from `made`
+    (`_made_with` of this run's line), or None when it does not."""
+    from jaxdecode.config import GenerationConfig
+
+    if not isinstance(prev.get("options"), dict) or "model" not in prev:
+        return "no record of the options that made it (an older jaxdecode wrote it)"
+    if prev["model"] != made["model"]:
+        return f"--model {prev['model']!r} (now {made['model']!r})"
+    defaults, changed = GenerationConfig(), []
+    for f in dataclasses.fields(GenerationConfig):
+        default = _json_plain(getattr(defaults, f.name))
+        old = prev["options"].get(f.name, default)
+        new = made["options"].get(f.name, default)
+        if old != new:
+            changed.append(f"{f.name}={json.dumps(old)} (now {json.dumps(new)})")
+    return ", ".join(changed) or None
 
 
 def _dumps(record: dict) -> str:
@@ -885,8 +933,7 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
                     "sequence_score": None,
                     **_engine_logprob_fields(r),
                 }
-                seed = cfg.seed if cfg.do_sample else None
-                lines.append(_eval_result(rec, seed, [output]))
+                lines.append(_eval_result(rec, cfg, [output], args.model))
             write(lines)
         del engine
 
@@ -923,9 +970,23 @@ def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assista
                 outputs = _outputs(
                     args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1], mask[i]
                 )
-                seed = cfg.seed if cfg.do_sample else None
-                lines.append(_eval_result(rec, seed, outputs))
+                lines.append(_eval_result(rec, cfg, outputs, args.model))
             write(lines)
+
+
+def _check_line_memory(args: argparse.Namespace, lm, mesh, item: tuple, on_engine: bool) -> None:
+    """ValueError when one line alone cannot fit: on the engine, `--batch_size`
+    slots of its bucket plus its `max_new_tokens`; in static batches, a batch of
+    `--batch_size` such prompts (generate's own check)."""
+    from jaxdecode.engine import slot_memory
+    from jaxdecode.generation import bucket_length, check_memory
+
+    _, encoded, config = item
+    if on_engine:
+        width = bucket_length(len(encoded), "pow2") + config.max_new_tokens
+        slot_memory(lm.decoder, config, args.batch_size, width)
+    else:
+        check_memory(lm.decoder, config, args.batch_size, len(encoded), mesh=mesh)
 
 
 def _render_chats(lm, records: list, chat: bool, system: str | None) -> tuple[list, list]:
@@ -976,9 +1037,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             )
     todo = [r for r in records if json.dumps(r["id"]) not in done]
 
-    # Every prompt and option is checked before the first generation.
+    # Every prompt and option is checked before the first generation; a result
+    # already in OUT must have been made with this run's options.
     planned = []
-    for r in todo:
+    for r in records:
         encoded = lm.tokenizer.encode(r.get("_text", r["prompt"]))
         if not encoded:
             errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): prompt is empty"))
@@ -988,16 +1050,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         except ValueError as e:
             errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {e}"))
             continue
-        planned.append((r, encoded, config))
+        prev = done.get(json.dumps(r["id"]))
+        if prev is None:
+            planned.append((r, encoded, config))
+            continue
+        changed = _changed_options(prev, _made_with(args.model, config))
+        if changed:
+            raise CLIError(
+                f"{args.output} has a result for id {r['id']!r} (line {r['_line']}) made with "
+                f"other options: {changed}; rerun with the same options to resume, or give "
+                "another -o"
+            )
     if errors:
         raise _bad_lines(args.prompts_file, errors)
 
-    # The engine takes what it can serve; the rest runs in static batches.
+    # The engine takes what it can serve; the rest runs in static batches. Each
+    # line must fit in memory alone (its bucket and max_new_tokens), checked
+    # before anything compiles.
     static_items, engine_items = [], []
     for item in planned:
         # A draft model (--assistant_model) speculates: generate(), static batches.
         use_engine = not args.static_batching and mesh is None and assistant is None
-        (engine_items if use_engine and _engine_serves(item[2]) else static_items).append(item)
+        on_engine = use_engine and _engine_serves(item[2])
+        try:
+            _check_line_memory(args, lm, mesh, item, on_engine)
+        except ValueError as e:
+            r = item[0]
+            errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {e}"))
+        (engine_items if on_engine else static_items).append(item)
+    if errors:
+        raise _bad_lines(args.prompts_file, errors)
 
     from tqdm import tqdm
 

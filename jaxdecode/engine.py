@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdecode import pytree
-from jaxdecode.cache import put_rows, take_rows
+from jaxdecode.cache import cache_nbytes, put_rows, take_rows
 from jaxdecode.config import PER_ROW_FIELDS, SEED_MAX, GenerationConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.generation import available_bytes, bucket_length, stop_tables
@@ -83,6 +83,7 @@ __all__ = [
     "EngineStats",
     "SlotState",
     "generate_many",
+    "slot_memory",
 ]
 
 
@@ -329,9 +330,6 @@ _take_jit = jax.jit(_take)
 _spread_jit = jax.jit(_spread, donate_argnums=0)
 _admit_jit = jax.jit(_admit, static_argnums=0, donate_argnums=2)
 _decode_jit = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=3)
-_prepare_jit = jax.jit(
-    lambda decoder, params, rows: decoder.prepared(params, rows), static_argnums=(0, 2)
-)
 
 
 # --------------------------------------------------------------------------- #
@@ -534,7 +532,8 @@ class Engine:
             loop="scan",
             per_row_keys=True,
         )
-        self._params = _prepare_jit(decoder, params, self.slots)
+        # The caller's weights, never a copy (one copy whatever the engines and sizes).
+        self._params = decoder.prepared_outside(params, self.slots)
         # Row counts the state may shrink to: slots, slots/4, ... (rounded up), 1.
         self._levels = [self.slots]
         while compact_tail and self._levels[-1] > 1:
@@ -550,7 +549,7 @@ class Engine:
         self._small: dict[int, tuple[Plan, Any]] = {}
         for size in self._levels[1:]:
             plan = dataclasses.replace(self._plan, batch=size)
-            self._small[size] = (plan, _prepare_jit(decoder, params, size))
+            self._small[size] = (plan, decoder.prepared_outside(params, size))
         self._warmed: Any = False  # the table shape the smaller sizes were compiled for
         # Waiting prompts by bucket, each in submission order.
         self._pending: dict[int, collections.deque[_Pending]] = {}
@@ -606,35 +605,7 @@ class Engine:
         self._warmed = (shape,)
 
     def _check_memory(self) -> tuple[int, int]:
-        slots, width, vocab = self.slots, self.max_len, self.decoder.vocab_size
-        cache = jax.eval_shape(lambda: self.decoder.init_cache(slots, width, None))
-        cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
-        chain = jax.eval_shape(lambda: self._template(slots))
-        # Tallies of stateful processors are [slots, vocab]; logits, scores and a
-        # few temporaries per step; the token buffer and the recorded outputs.
-        tallies = sum(
-            slots * vocab * 4 for p in chain.processors if type(p).init is not LogitsProcessor.init
-        )
-        outs = jax.eval_shape(lambda: _out_buffers(self.config.static(), slots, width))
-        recorded = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(outs))
-        other = 8 * slots * vocab * 4 + slots * width * 4 + recorded + tallies
-        # The largest prefill: prefill_rows prompts of max_len tokens, with their
-        # own cache rows and (prompt_logprobs) every position's logits.
-        rows = self.prefill_rows
-        prefill_cache = cache_bytes * rows // slots
-        prefill = prefill_cache + self.decoder.prefill_bytes(
-            rows, width, width, all_logits=self.config.prompt_logprobs is not None
-        )
-        other += prefill
-        free = available_bytes()
-        if free is not None and cache_bytes + other > free:
-            raise ValueError(
-                f"Engine(slots={slots}, max_len={width}) needs about "
-                f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB, "
-                f"prefill of {rows} x {width} tokens {prefill / 2**30:.2f} GiB) but the device "
-                f"has {free / 2**30:.2f} GiB free; lower slots or max_len (or prefill_rows)"
-            )
-        return int(cache_bytes), int(other)
+        return slot_memory(self.decoder, self.config, self.slots, self.max_len, self.prefill_rows)
 
     # ------------------------------------------------------------------ #
     def submit(
@@ -910,6 +881,51 @@ def _prompt_fields(it: _Pending) -> dict[str, np.ndarray]:
     return {names[k]: np.asarray(v)[it.row, first:] for k, v in it.prompt_out.items()}
 
 
+def slot_memory(
+    decoder: Decoder,
+    config: GenerationConfig,
+    slots: int,
+    max_len: int,
+    prefill_rows: int | None = None,
+) -> tuple[int, int]:
+    """`(cache bytes, other state bytes)` of an `Engine(slots=, max_len=,
+    prefill_rows=)` with `config`, estimated without allocating anything: the
+    slots' cache, per-step buffers, processor tallies, recorded outputs and the
+    largest prefill (`prefill_rows` prompts of `max_len` tokens with their own
+    cache rows and, for `prompt_logprobs`, every position's logits).
+
+    Raises:
+        MemoryBudgetError: when they cannot fit in the device's free memory.
+    """
+    vocab = decoder.vocab_size
+    rows = min(slots, 8) if prefill_rows is None else prefill_rows
+    cache = jax.eval_shape(lambda: decoder.init_cache(slots, max_len, None))
+    cache_bytes = cache_nbytes(cache)
+    plain = unconstrained(config).replace(max_new_tokens=max_len, max_length=None)
+    chain = jax.eval_shape(lambda: from_config(plain))
+    # Tallies of stateful processors are [slots, vocab]; logits, scores and a
+    # few temporaries per step; the token buffer and the recorded outputs.
+    tallies = sum(
+        slots * vocab * 4 for p in chain.processors if type(p).init is not LogitsProcessor.init
+    )
+    outs = jax.eval_shape(lambda: _out_buffers(config.static(), slots, max_len))
+    recorded = cache_nbytes(outs)
+    other = 8 * slots * vocab * 4 + slots * max_len * 4 + recorded + tallies
+    prefill = cache_bytes * rows // slots + decoder.prefill_bytes(
+        rows, max_len, max_len, all_logits=config.prompt_logprobs is not None
+    )
+    other += prefill
+    free = available_bytes()
+    if free is not None and cache_bytes + other > free:
+        raise ValueError(
+            f"Engine(slots={slots}, max_len={max_len}) needs about "
+            f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB, "
+            f"prefill of {rows} x {max_len} tokens {prefill / 2**30:.2f} GiB) but the device "
+            f"has {free / 2**30:.2f} GiB free; lower slots or max_len (or prefill_rows)"
+        )
+    return int(cache_bytes), int(other)
+
+
 def _check_strategy(config: GenerationConfig) -> None:
     if config.num_beams > 1 or config.num_return_sequences > 1:
         raise ValueError(
@@ -997,14 +1013,21 @@ def generate_many(
     for i, c in enumerate(resolved):
         _check_strategy(c)
         groups.setdefault(group_key(c, lengths_per_row=True), []).append(i)
+    # Each prompt alone must fit (its bucket and max_new_tokens in every slot):
+    # checked before any engine is built, naming the prompt.
+    width = [
+        bucket_length(len(p), prompt_buckets) + c.resolve_max_length(len(p)) - len(p)
+        for p, c in zip(prompts, resolved, strict=True)
+    ]
+    if max_len is None:
+        for i, c in enumerate(resolved):
+            try:
+                slot_memory(decoder, c, slots, width[i])
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
     results: list[EngineResult | None] = [None] * len(prompts)
     for members in groups.values():
-        need = max(
-            bucket_length(len(prompts[i]), prompt_buckets)
-            + resolved[i].resolve_max_length(len(prompts[i]))
-            - len(prompts[i])
-            for i in members
-        )
+        need = max(width[i] for i in members)
         engine = Engine(
             model,
             slots=slots,

@@ -45,6 +45,7 @@ __all__ = [
     "available_bytes",
     "StreamStep",
     "bucket_length",
+    "check_memory",
     "drop_bucket",
     "drop_columns",
     "model_parts",
@@ -280,6 +281,30 @@ def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
         )
 
 
+def check_memory(
+    decoder: Decoder,
+    config: GenerationConfig,
+    batch: int,
+    prompt_len: int,
+    prompt_buckets: Any = "pow2",
+    mesh: Mesh | None = None,
+) -> None:
+    """The memory check `generate` makes, without a prompt: ValueError when
+    `batch` prompts of `prompt_len` tokens with `config` (validated,
+    `max_new_tokens` or `max_length` set) cannot fit in the device's free
+    memory."""
+    new_tokens = config.resolve_max_length(prompt_len) - prompt_len
+    plan = Plan(
+        decoder=decoder,
+        config=config.static(),
+        batch=batch,
+        bucket=bucket_length(prompt_len, prompt_buckets),
+        new_tokens=new_tokens,
+        loop="while",
+    )
+    _check_memory(plan, decoder, mesh)
+
+
 def _prompt_arrays(
     input_ids: Any, attention_mask: Any, vocab_size: int, traced_inputs: bool
 ) -> tuple[Any, Any]:
@@ -345,7 +370,7 @@ def prepare(
     params: Any = None,
     key: Any = None,
     prompt_buckets: Any = "pow2",
-    loop: str = "scan",
+    loop: str = "while",
     mesh: Mesh | None = None,
     logits_processor: LogitsProcessor | None = None,
     tokenizer: Any = None,
@@ -473,7 +498,7 @@ def generate(
     params: Any = None,
     key: Any = None,
     prompt_buckets: Any = "pow2",
-    loop: str = "scan",
+    loop: str = "while",
     mesh: Mesh | None = None,
     logits_processor: LogitsProcessor | None = None,
     tokenizer: Any = None,
@@ -498,8 +523,17 @@ def generate(
             pass `key`).
         prompt_buckets: how the prompt is padded so that many lengths share one
             compilation (see `bucket_length`); invisible in the results.
-        loop: "scan" (fixed number of steps) or "while" (stops as soon as every
-            row is finished).
+        loop: "while" (default: a `lax.while_loop` that stops as soon as every
+            row has finished, as transformers does) or "scan" (a `lax.scan` of
+            exactly `max_new_tokens` steps, run even after every row has
+            ended). Both give the same tokens and output shapes (columns after
+            the end hold pad / 0). "while" works under `jit`, `vmap` and
+            differentiation (`jax.grad` differentiates the "scan" program,
+            since reverse mode cannot go through a while loop). Pick "scan"
+            for a fixed cost per call (e.g. timing every step, or a training
+            step whose cost must not depend on when the rows end); note that
+            under `vmap` the while loop runs until every mapped row has ended.
+            Speculative decoding always stops early.
         mesh: a `jax.sharding.Mesh` with axes `("data", "model")`
             (`jaxdecode.make_mesh`): rows over `data`, weights, KV-cache heads
             and the vocabulary over `model` (see `jaxdecode.sharding`). The
@@ -611,7 +645,8 @@ def generate_timed(
     total_s = time.perf_counter() - start
     # The program's first two parts on their own: the weights' preparation, the prefill.
     plan, args = req.plan, req.args()
-    prepare_params = _prepare_params_jit.lower(plan.decoder, args[0], plan.rows).compile()
+    prepare_params = jax.jit(plan.decoder.prepared, static_argnums=1)
+    prepare_params = prepare_params.lower(args[0], plan.rows).compile()
     start = time.perf_counter()
     prepared = jax.block_until_ready(prepare_params(args[0]))
     prepare_s = time.perf_counter() - start
@@ -669,9 +704,6 @@ class StreamStep:
 
 
 _prefill_jit = jax.jit(prefill_program, static_argnums=0)
-_prepare_params_jit = jax.jit(
-    lambda decoder, params, rows: decoder.prepared(params, rows), static_argnums=(0, 2)
-)
 # The state is donated: XLA updates the cache and buffers in place, step after step.
 _step_jit = jax.jit(decode_step, static_argnums=(0, 4), donate_argnums=3)
 
@@ -732,9 +764,7 @@ def stream(
 
 def _stream_steps(req: Request) -> Iterator[StreamStep]:
     """The steps of a validated `stream` request (the generator part of `stream`)."""
-    params = req.params
-    if req.plan.decoder.prepare is not None:  # without a hook, a jit would only copy the weights
-        params = _prepare_params_jit(req.plan.decoder, params, req.plan.rows)
+    params = req.plan.decoder.prepared_outside(req.params, req.plan.rows)
     traced, state = _prefill_jit(req.plan, params, *req.args()[1:])
     for _ in range(req.plan.new_tokens):
         active = ~np.asarray(state.done)

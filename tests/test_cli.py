@@ -110,7 +110,9 @@ def check_record(
     rec: dict, max_new_tokens: int, schema: str = "jaxdecode.generate/1", n: int = 1
 ) -> None:
     """A result record: its schema and fields, then each output (`check_output`)."""
-    keys = ["schema", "prompt", "seed", "outputs"] + (["id"] if schema.endswith("eval/1") else [])
+    keys = ["schema", "prompt", "seed", "outputs"]
+    if schema.endswith("eval/1"):
+        keys += ["id", "model", "options"]  # and what made it
     assert sorted(rec) == sorted(keys), rec
     assert rec["schema"] == schema, rec
     assert len(rec["outputs"]) == n, rec
@@ -134,9 +136,10 @@ def check_output(rec: dict, max_new_tokens: int) -> None:
 
 
 def assert_same_result(got: dict, want: dict) -> None:
-    """Records equal but for schema and id; log-probabilities within float32
-    rounding (a batch of several rows may round the last digit differently)."""
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("schema", "id", "outputs")}
+    """Records equal but for schema, id and eval's model and options; log-probabilities
+    within float32 rounding (a batch of several rows may round the last digit differently)."""
+    eval_only = ("schema", "id", "outputs", "model", "options")
+    strip = lambda r: {k: v for k, v in r.items() if k not in eval_only}
     assert strip(got) == strip(want)
     assert len(got["outputs"]) == len(want["outputs"])
     for a, b in zip(got["outputs"], want["outputs"], strict=True):
@@ -743,7 +746,7 @@ def test_eval_lines_equal_generate_json(
             check_record(rec, limit, EVAL, n=line.get("num_return_sequences", 1))
         assert_same_result(rec, want)
         assert_same_result(runs["static"][line["id"]], want)
-        assert rec.keys() == want.keys() | {"id"}
+        assert rec.keys() == want.keys() | {"id", "model", "options"}
         assert rec["outputs"][0].keys() == want["outputs"][0].keys(), line["id"]
     assert results["own-seed"]["seed"] == 5
     assert len(results["long"]["outputs"][0]["tokens"]) == 40 - len(
@@ -752,6 +755,90 @@ def test_eval_lines_equal_generate_json(
     stopped = results["stop"]["outputs"][0]
     assert stopped["text"].endswith(stop) and len(stopped["tokens"]) < 5, stopped
     assert results["choices"]["outputs"][0]["text"] in ("yes", "no")
+
+
+def test_eval_records_what_made_them_and_generate_stops_early(
+    model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache
+):
+    """`generate` runs the early-stopping loop. Each eval record keeps the model
+    and options that made it: a rerun on the same OUT with other options is
+    refused in one line naming them, one with the same options resumes."""
+    from jaxdecode import generation
+    from jaxdecode.cli import main
+
+    lm = jaxdecode.from_pretrained(model_dir)
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    loops = []
+    program = generation.generate_program
+    monkeypatch.setattr(
+        generation,
+        "generate_program",
+        lambda plan, *a: loops.append(plan.loop) or program(plan, *a),
+    )
+    in_process(capsys, "generate", "Hi", "--model", model_dir, "--max_new_tokens", "3")
+    assert loops == ["while"], "the CLI runs the fixed-length loop"
+
+    def fails(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("jaxdecode: error: ") and err.count("\n") == 1, err
+        return err
+
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(prompts, [{"id": i, "prompt": f"line {i}"} for i in range(3)])
+    base = ["eval", str(prompts), "-o", str(out), "--model", model_dir, "--batch_size", "2"]
+    base.append("--quiet")
+    in_process(capsys, *base, "--max_new_tokens", "4")
+    full = out.read_bytes()
+    made = {r["id"]: r for r in read_results(out)}
+    for r in made.values():
+        assert r["model"] == os.path.abspath(model_dir)
+        assert r["options"]["max_new_tokens"] == 4 and "do_sample" not in r["options"]
+        assert r["options"]["eos_token_id"] == EOS  # the model's defaults count too
+    err = fails(*base, "--max_new_tokens", "6", "--do_sample", "--temperature", "1.5")
+    assert "id 0 (line 1) made with other options" in err
+    assert "max_new_tokens=4 (now 6)" in err and "do_sample=false (now true)" in err, err
+    assert "temperature=1.0 (now 1.5)" in err
+    assert out.read_bytes() == full, "a refused run wrote nothing"
+    out.write_bytes(full[: full.rstrip(b"\n").rfind(b"\n") + 1])  # one result missing
+    in_process(capsys, *base, "--max_new_tokens", "4")  # the same options: resumes
+    assert {r["id"]: r for r in read_results(out)} == made
+
+
+def test_eval_names_the_line_that_cannot_fit_before_compiling(
+    model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache
+):
+    """A line whose max_new_tokens cannot fit in memory is named (not its
+    group's first line), before anything compiles."""
+    from conftest import count_compiles
+
+    from jaxdecode import engine as engine_mod
+    from jaxdecode.cli import main
+
+    lm = jaxdecode.from_pretrained(model_dir)
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    # Room for 2 slots of 8 + 4 tokens, not of 8 + 100 (prompt bucket 8).
+    small = sum(engine_mod.slot_memory(lm.decoder, lm.generation_config, 2, 8 + 4))
+    big = sum(engine_mod.slot_memory(lm.decoder, lm.generation_config, 2, 8 + 100))
+    monkeypatch.setattr(engine_mod, "available_bytes", lambda: (small + big) // 2)
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(
+        prompts,
+        [{"id": "ok", "prompt": "a"}, {"id": "big", "prompt": "b", "max_new_tokens": 100},
+         {"id": "ok2", "prompt": "c"}],
+    )  # fmt: skip
+    with count_compiles() as compiles:
+        capsys.readouterr()
+        code = main(
+            ["eval", str(prompts), "-o", str(tmp_path / "out.jsonl"), "--model", model_dir,
+             "--batch_size", "2", "--max_new_tokens", "4"]
+        )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "line 2 (id 'big'): Engine(slots=2, max_len=108) needs about" in err, err
+    assert "'ok'" not in err
+    assert compiles.count == 0, "compiled before refusing"
 
 
 def test_eval_engine_compiles_nothing_after_warm_up(

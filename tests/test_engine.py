@@ -309,6 +309,37 @@ def test_compact_tail_same_results_no_compilation_after_warm_up():
             np.testing.assert_allclose(got[i].token_logprobs, want[i].token_logprobs, atol=1e-5)
 
 
+def _live_copies(array: jax.Array) -> int:
+    """Live device arrays of `array`'s shape and dtype (the array itself included)."""
+    return sum(a.shape == array.shape and a.dtype == array.dtype for a in jax.live_arrays())
+
+
+@pytest.mark.parametrize("hook", [True, False], ids=["prepare-hook", "no-hook"])
+def test_engines_hold_no_copy_of_the_weights(hook):
+    """One copy of the weights whatever the number of engines and row counts
+    (`compact_tail`: 4 and 1 rows): the engine decodes with the caller's
+    arrays (GPT-2's `prepare` hook derives only its one-row LM head), and an
+    engine that is gone leaves nothing behind."""
+    import dataclasses
+
+    lm = tiny_lm()
+    if not hook:
+        lm = lm.replace(decoder=dataclasses.replace(lm.decoder, prepare=None))
+    wpe = lm.params["wpe"]["embedding"]  # [n_positions, n_embd]: no other array's shape
+    weights = jax.tree_util.tree_leaves(lm.params)
+    before = _live_copies(wpe)
+    engines = [Engine(lm, slots=4, max_len=48, compact_tail=True) for _ in range(2)]
+    for engine in engines:
+        engine.submit(_prompts(np.random.default_rng(0), 3))
+        assert len(list(engine)) == 3
+        assert all(
+            a is b for a, b in zip(jax.tree_util.tree_leaves(engine._params), weights, strict=True)
+        )
+    assert _live_copies(wpe) == before, "an engine copied the weights"
+    del engines, engine
+    assert _live_copies(wpe) == before
+
+
 # --------------------------------------------------------------------------- #
 # Output constraints and the extra log-probability outputs, per slot.
 # --------------------------------------------------------------------------- #

@@ -278,6 +278,89 @@ def test_while_equals_scan_beam_search(early_stopping):
     assert scan.scores is None and scan.logits is None
 
 
+def counting_decoder(vocab: int, calls: list[int]) -> jd.Decoder:
+    """The fake decoder, counting its executed model calls (prefill and steps) into
+    `calls` with a host callback (tests only: it shows how many steps ran)."""
+    fake = fake_decoder(vocab)
+
+    def apply(params, ids, positions, cache, attention_mask):
+        jax.debug.callback(lambda: calls.append(1))
+        return fake.apply(params, ids, positions, cache, attention_mask)
+
+    return jd.Decoder(init_cache=fake.init_cache, apply=apply, vocab_size=vocab, name="counted")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"do_sample": True, "seed": 3}, {"num_beams": 2, "early_stopping": True}],
+    ids=["greedy", "sampling", "beams"],
+)
+def test_default_loop_stops_once_every_row_has_ended(options):
+    """The default loop (like transformers) runs no step after every row has
+    ended: with EOS two tokens away and max_new_tokens=40, 3 model calls
+    (prefill + 2 steps; beam search: it stops once every prompt has its beams),
+    not 40; the output keeps its fixed shapes and equals loop="scan"'s."""
+    table = np.full((V, V), -5.0, np.float32)
+    table[:, 1] = 5.0  # every token -> 1 -> EOS 2 -> ...
+    table[1, 1], table[1, 2] = -5.0, 5.0
+    table[2, 1], table[2, 2] = -5.0, 5.0
+    ids = FAKE_PROMPTS[:2]
+    calls: list[int] = []
+    decoder = counting_decoder(V, calls)
+    kw = dict(params=table_params(table), max_new_tokens=40, eos_token_id=2, **options)
+    out = jd.generate(decoder, ids, **kw)
+    jax.block_until_ready(out.sequences)
+    assert len(calls) <= 4, f"{len(calls)} model calls for 2 tokens per row"
+    rows = ids.shape[0] * options.get("num_beams", 1)
+    assert out.sequences.shape[1] == 3 + 40 and out.token_logprobs.shape[1] == 40
+    calls.clear()
+    scan = jd.generate(decoder, ids, loop="scan", **kw)
+    jax.block_until_ready(scan.sequences)
+    assert len(calls) == 40, "scan runs every step (its last without the model)"
+    _assert_same_output(out, scan)
+    assert np_(out.sequences).shape[0] == (2 if "num_beams" in options else rows)
+
+
+def test_default_loop_under_grad_jit_and_vmap():
+    """The early-stopping default works where users put generate: inside `jit`,
+    under `vmap`, and differentiated (`jax.grad` through the token
+    log-probabilities, directly and through a `jit`), where it gives the
+    fixed-length loop's gradient."""
+    table = jnp.asarray(CYCLE)
+    decoder = fake_decoder(V)
+
+    def loss(t, loop="while"):
+        out = jd.generate(
+            decoder, FAKE_PROMPTS, params={"table": t}, max_new_tokens=N, eos_token_id=7, loop=loop
+        )
+        return jnp.sum(out.token_logprobs)
+
+    want = np_(jax.grad(functools.partial(loss, loop="scan"))(table))
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(np_(jax.grad(loss)(table)), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np_(jax.jit(jax.grad(loss))(table)), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np_(jax.grad(jax.jit(loss))(table)), want, rtol=1e-6, atol=1e-6)
+    mapped = jax.vmap(
+        lambda t: (
+            jd.generate(
+                decoder, FAKE_PROMPTS, params={"table": t}, max_new_tokens=N, eos_token_id=7
+            ).sequences
+        )
+    )
+    both = mapped(jnp.stack([table, table]))
+    alone = fake_generate(CYCLE, max_new_tokens=N, eos_token_id=7, loop="scan").sequences
+    np.testing.assert_array_equal(np_(both[1]), np_(alone))
+
+
+def test_speculative_decoding_under_grad_is_a_clear_error(lm):
+    def loss(model):
+        out = model.generate(GPT_PROMPTS, max_new_tokens=N, prompt_lookup_num_tokens=2)
+        return jnp.sum(out.token_logprobs)
+
+    with pytest.raises(ValueError, match="speculative decoding .* cannot be differentiated"):
+        jax.grad(jax.jit(loss))(lm)
+
+
 # --------------------------------------------------------------------------- #
 # Sampling: per-row streams, seed, num_return_sequences.
 # --------------------------------------------------------------------------- #

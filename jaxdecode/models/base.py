@@ -82,8 +82,20 @@ class Decoder:
         return logits[:, -1, :].astype(jnp.float32), cache
 
     def prepared(self, params: Any, rows: int) -> Any:
-        """`prepare(params, rows)`, or params unchanged without a hook."""
+        """`prepare(params, rows)`, or params unchanged without a hook (inside a
+        compiled program)."""
         return params if self.prepare is None else self.prepare(params, rows)
+
+    def prepared_outside(self, params: Any, rows: int) -> Any:
+        """`prepared`, for a host that keeps the result beside `params` (the
+        engine, `stream`): never a copy of the weights. Without a hook, `params`
+        themselves; with one, the hook runs op by op (not as one jitted
+        program, whose outputs would all be new buffers), so every leaf it
+        passes through is the caller's own array and only what it derives is
+        new."""
+        if self.prepare is None:
+            return params
+        return self.prepare(params, rows)
 
     def prefill_bytes(self, batch: int, t: int, s: int, all_logits: bool) -> int:
         """Bytes a prefill of `batch` x `t` tokens into `s` cache slots needs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -41,6 +43,40 @@ def prefill_program(
     return traced, state
 
 
+def _search(
+    plan: Plan,
+    params: Any,
+    ids: Array,
+    mask: Array,
+    prompt_len: Array,
+    traced: TracedConfig,
+    key: Array,
+) -> GenerateOutput:
+    """Prefill and the search loop (`plan.loop`), untransformed."""
+    params = plan.decoder.prepared(params, plan.rows)
+    traced, state = prefill_program(plan, params, ids, mask, prompt_len, traced, key)
+    prompt, state = state.prompt, state.replace(prompt=None)  # not carried by the loop
+    if plan.config.num_beams > 1:
+        out = beam_program(plan, params, traced, state, key)
+    else:
+        out = sample_program(plan, params, traced, state)
+    return with_prompt_logprobs(out, prompt, plan.config.num_return_sequences)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _search_early_stop(plan: Plan, *args: Any) -> GenerateOutput:
+    """`_search` with `loop="while"`, differentiable: reverse-mode autodiff
+    cannot go through `lax.while_loop`, so its derivative is the fixed-length
+    scan's (same tokens; it runs every step)."""
+    return _search(plan, *args)
+
+
+@_search_early_stop.defjvp
+def _search_early_stop_jvp(plan: Plan, primals: tuple, tangents: tuple):
+    scan = dataclasses.replace(plan, loop="scan")
+    return jax.jvp(functools.partial(_search, scan), primals, tangents)
+
+
 @jax.jit(static_argnums=0)
 def generate_program(
     plan: Plan,
@@ -51,12 +87,14 @@ def generate_program(
     traced: TracedConfig,
     key: Array,
 ) -> GenerateOutput:
-    """Prefill and the whole search loop as one jitted function of `plan` (static)."""
-    params = plan.decoder.prepared(params, plan.rows)
-    traced, state = prefill_program(plan, params, ids, mask, prompt_len, traced, key)
-    prompt, state = state.prompt, state.replace(prompt=None)  # not carried by the loop
-    if plan.config.num_beams > 1:
-        out = beam_program(plan, params, traced, state, key)
-    else:
-        out = sample_program(plan, params, traced, state)
-    return with_prompt_logprobs(out, prompt, plan.config.num_return_sequences)
+    """Prefill and the whole search loop as one jitted function of `plan` (static).
+
+    With `plan.loop == "while"` the loop stops once every row has finished;
+    differentiated (`jax.grad`, `jax.jvp`, also through a caller's `jit`), the
+    program is the `"scan"` one, which reverse mode can go through. A recording
+    plan (`trace`) runs the `"scan"` loop."""
+    if plan.record:  # `trace` records every step: the fixed-length loop
+        plan = dataclasses.replace(plan, loop="scan")
+    if plan.loop == "while":
+        return _search_early_stop(plan, params, ids, mask, prompt_len, traced, key)
+    return _search(plan, params, ids, mask, prompt_len, traced, key)

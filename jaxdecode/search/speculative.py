@@ -39,6 +39,7 @@ together; each is its own function.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -507,7 +508,43 @@ def speculative_program(
     traced: TracedConfig,
     key: Array,
 ) -> GenerateOutput:
-    """Prefill and the speculative loop as one jitted function.
+    """Prefill and the speculative loop as one jitted function (see `_speculate`).
+
+    Raises:
+        ValueError: when differentiated (`jax.grad`, also through a caller's
+            `jit`): reverse mode cannot go through its while loop.
+    """
+    return _speculate_nondiff(
+        plan, drafter, params, draft_params, ids, mask, prompt_len, traced, key
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _speculate_nondiff(plan: Plan, drafter: Drafter, *args: Any) -> GenerateOutput:
+    return _speculate(plan, drafter, *args)
+
+
+@_speculate_nondiff.defjvp
+def _speculate_jvp(plan: Plan, drafter: Drafter, primals: tuple, tangents: tuple):
+    raise ValueError(
+        "speculative decoding (prompt_lookup_num_tokens / assistant_model) cannot be "
+        "differentiated: its number of rounds depends on the data (a while loop); "
+        "differentiate generate without speculation"
+    )
+
+
+def _speculate(
+    plan: Plan,
+    drafter: Drafter,
+    params: Any,
+    draft_params: Any,
+    ids: Array,
+    mask: Array,
+    prompt_len: Array,
+    traced: TracedConfig,
+    key: Array,
+) -> GenerateOutput:
+    """Prefill and the speculative loop (untransformed).
 
     Args:
         plan: the static plan (greedy or sampling; `plan.loop` is ignored: the
