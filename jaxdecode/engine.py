@@ -62,6 +62,7 @@ from jaxdecode import pytree
 from jaxdecode.cache import KVCache
 from jaxdecode.config import CONSTRAINT_FIELDS, PER_ROW_FIELDS, SEED_MAX, GenerationConfig
 from jaxdecode.context import DecodeContext
+from jaxdecode.errors import MemoryBudgetError
 from jaxdecode.generation import available_bytes, bucket_length, stop_tables
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import Chain, LogitsProcessor, TracedConfig, from_config
@@ -527,7 +528,7 @@ class _Pending:
 def _model_parts(model: Any) -> tuple[Decoder, Any, GenerationConfig]:
     decoder = getattr(model, "decoder", None)
     if not isinstance(decoder, Decoder):
-        raise ValueError(f"model must be a CausalLM, got {type(model).__name__}")
+        raise TypeError(f"model must be a CausalLM, got {type(model).__name__}")
     return decoder, model.params, model.generation_config
 
 
@@ -600,7 +601,7 @@ class Engine:
         bucket_length(1, prompt_buckets)  # validates the rule
         self.prompt_buckets = prompt_buckets
         if config is not None and not isinstance(config, GenerationConfig):
-            raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
         self.config = (config or base).validate(vocab_size=decoder.vocab_size)
         _check_strategy(self.config)
         self.decoder = decoder
@@ -706,7 +707,7 @@ class Engine:
         other = 8 * slots * vocab * 4 + slots * width * 4 + recorded + tallies
         free = available_bytes()
         if free is not None and cache_bytes + other > free:
-            raise ValueError(
+            raise MemoryBudgetError(
                 f"Engine(slots={slots}, max_len={width}) needs about "
                 f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB) "
                 f"but the device has {free / 2**30:.2f} GiB free; lower slots or max_len"
