@@ -164,7 +164,9 @@ def checked_tensors(
             )
         array = np.asarray(tensor)
         if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-            raise CheckpointError(f"tensor {name} has dtype {array.dtype}, expected a floating type")
+            raise CheckpointError(
+                f"tensor {name} has dtype {array.dtype}, expected a floating type"
+            )
         found[name] = array
     missing = [n for n in expected if n not in found]
     if missing:
@@ -217,7 +219,9 @@ def resolve_checkpoint_dir(
     path = os.fspath(path_or_repo_id)
     if path in BUNDLED_NAMES:
         if not os.path.isfile(os.path.join(BUNDLED_DIR, CONFIG)):
-            raise CheckpointError(f"the bundled model is missing from {BUNDLED_DIR} (broken install?)")
+            raise CheckpointError(
+                f"the bundled model is missing from {BUNDLED_DIR} (broken install?)"
+            )
         return BUNDLED_DIR
     if os.path.isdir(path):
         return path
@@ -231,7 +235,9 @@ def resolve_checkpoint_dir(
         path.count("/") <= 1 and not path.startswith((".", "/", "~")) and path.strip() == path
     )
     if not looks_like_repo or not path:
-        raise CheckpointError(f"model {path!r} is neither a local directory nor a Hugging Face hub id")
+        raise CheckpointError(
+            f"model {path!r} is neither a local directory nor a Hugging Face hub id"
+        )
     from huggingface_hub import snapshot_download
 
     patterns = [
@@ -296,7 +302,9 @@ def read_gguf(path: str) -> GGUFFile:
     try:
         import gguf
     except ImportError:
-        raise CheckpointError("reading GGUF files needs the gguf package (pip install gguf)") from None
+        raise CheckpointError(
+            "reading GGUF files needs the gguf package (pip install gguf)"
+        ) from None
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on damaged files

@@ -345,7 +345,11 @@ def test_score_ends_completions_at_stop_strings():
 # --------------------------------------------------------------------------- #
 
 BIAS = {(t,): 4.0 for t in b"aeiou "}  # a per-token bias: pushes tokens into the nucleus
-SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "maxDigits": 2}}, "required": ["n"]}
+SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "maxDigits": 2}},
+    "required": ["n"],
+}
 # Rows 0-2 carry one constraint kind each (regex, json_schema, choices), row 3 none.
 CONSTRAINED = dict(
     regex=[r"[a-z]{2,6}( [a-z]{2,6}){0,3}\.", None, None, None],
