@@ -438,14 +438,16 @@ class GenerationConfig:
         return int(self.max_length)
 
     def static(self) -> StaticConfig:
-        """The hashable part: what sets shapes or selects code. Validates first."""
+        """The hashable part: what a compiled program reads (shapes, which code
+        runs), nothing else, so that configs differing elsewhere share programs.
+        The length is not here: the plan carries the number of new tokens, so
+        `max_length=prompt+8` and `max_new_tokens=8` are one program. Validates
+        first."""
         self.validate()
         return StaticConfig(
             do_sample=bool(self.do_sample),
             num_beams=int(self.num_beams),
             num_return_sequences=int(self.num_return_sequences),
-            max_length=None if self.max_length is None else int(self.max_length),
-            max_new_tokens=None if self.max_new_tokens is None else int(self.max_new_tokens),
             early_stopping=self.early_stopping,
             output_scores=bool(self.output_scores),
             output_logits=bool(self.output_logits),
@@ -570,13 +572,12 @@ def _check_int(name: str, value: Any, lo: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class StaticConfig:
-    """The hashable part of a config: what sets shapes or selects code."""
+    """The hashable part of a config: what a compiled program reads (see
+    `GenerationConfig.static`)."""
 
     do_sample: bool
     num_beams: int
     num_return_sequences: int
-    max_length: int | None
-    max_new_tokens: int | None
     early_stopping: bool | str
     output_scores: bool
     output_logits: bool

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdecode.cache import KVCache, init_cache, visible_slots
-from jaxdecode.models.base import Decoder
+from jaxdecode.models.base import Bound, Decoder
 from jaxdecode.models.gpt2.config import GPT2Config
 from jaxdecode.models.gpt2.sharding import gpt2_param_specs
 from jaxdecode.models.layers import ACTIVATIONS, Dense, attend
@@ -132,47 +132,54 @@ class GPT2LMHeadModel(nn.Module):
         return logits, cache.replace(mask=after.mask, index=after.index)
 
 
+def _init_cache(
+    config: GPT2Config, dtype: Any, batch: int, max_len: int, cache_dtype: Any = None
+) -> KVCache:
+    return init_cache(
+        layers=config.n_layer,
+        batch=batch,
+        max_len=max_len,
+        heads=config.n_head,
+        head_dim=config.head_dim,
+        dtype=cache_dtype or dtype,
+    )
+
+
+def _apply(
+    module: GPT2LMHeadModel,
+    params: Any,
+    ids: Array,
+    positions: Array,
+    cache: KVCache,
+    attention_mask: Array,
+) -> tuple[Array, KVCache]:
+    return module.apply({"params": params}, ids, positions, cache, attention_mask)
+
+
+def _prepare(params: Any, rows: int) -> Any:
+    # With one row, XLA:CPU's matrix-vector product reads the tied LM head
+    # [vocab, n_embd] ~25% faster as its transpose [n_embd, vocab] (measured on
+    # GPT-2-small; at 2+ rows the original layout wins). One copy per program,
+    # outside the loop; the barrier stops XLA folding the transpose back into
+    # the dot.
+    if rows != 1 or LM_HEAD_T in params:
+        return params
+    head = jax.lax.optimization_barrier(params["wte"]["embedding"].T)
+    return {**params, LM_HEAD_T: head}
+
+
 def gpt2_decoder(config: GPT2Config, dtype: Any = jnp.float32) -> Decoder:
-    """The `Decoder` of a GPT-2 model: pure `init_cache` and `apply`."""
-    module = GPT2LMHeadModel(config, dtype=dtype)
-    last = GPT2LMHeadModel(config, dtype=dtype, last_only=True)
-
-    def init(batch: int, max_len: int, cache_dtype: Any = None) -> KVCache:
-        return init_cache(
-            layers=config.n_layer,
-            batch=batch,
-            max_len=max_len,
-            heads=config.n_head,
-            head_dim=config.head_dim,
-            dtype=cache_dtype or dtype,
-        )
-
-    def apply(params: Any, ids: Array, positions: Array, cache: KVCache, attention_mask: Array):
-        return module.apply({"params": params}, ids, positions, cache, attention_mask)
-
-    def apply_last(params, ids, positions, cache, attention_mask):
-        return last.apply({"params": params}, ids, positions, cache, attention_mask)
-
-    def prepare(params: Any, rows: int) -> Any:
-        # With one row, XLA:CPU's matrix-vector product reads the tied LM head
-        # [vocab, n_embd] ~25% faster as its transpose [n_embd, vocab] (measured on
-        # GPT-2-small; at 2+ rows the original layout wins). One copy per program,
-        # outside the loop; the barrier stops XLA folding the transpose back into
-        # the dot.
-        if rows != 1 or LM_HEAD_T in params:
-            return params
-        head = jax.lax.optimization_barrier(params["wte"]["embedding"].T)
-        return {**params, LM_HEAD_T: head}
-
+    """The `Decoder` of a GPT-2 model: pure `init_cache` and `apply`, equal for
+    equal `(config, dtype)` (module-level functions bound to them)."""
     return Decoder(
-        init_cache=init,
-        apply=apply,
-        prepare=prepare,
+        init_cache=Bound(_init_cache, (config, dtype)),
+        apply=Bound(_apply, (GPT2LMHeadModel(config, dtype=dtype),)),
+        prepare=_prepare,
         param_specs=gpt2_param_specs,
         vocab_size=config.vocab_size,
         max_positions=config.n_positions,
         name="GPT-2",
-        apply_last=apply_last,
+        apply_last=Bound(_apply, (GPT2LMHeadModel(config, dtype=dtype, last_only=True),)),
     )
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdecode.cache import KVCache, init_cache, visible_slots
-from jaxdecode.models.base import Decoder
+from jaxdecode.models.base import Bound, Decoder
 from jaxdecode.models.layers import Dense, GatedMLP, RMSNorm, apply_rope, attend, rope_cos_sin
 from jaxdecode.models.llama.config import LlamaConfig
 from jaxdecode.models.llama.sharding import llama_param_specs
@@ -180,32 +180,38 @@ def _empty_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any) -> K
     )
 
 
+def _init_cache(
+    config: LlamaConfig, dtype: Any, batch: int, max_len: int, cache_dtype: Any = None
+) -> KVCache:
+    return _empty_cache(config, batch, max_len, cache_dtype or dtype)
+
+
+def _apply(
+    module: LlamaForCausalLM,
+    params: Any,
+    ids: Array,
+    positions: Array,
+    cache: KVCache,
+    attention_mask: Array,
+) -> tuple[Array, KVCache]:
+    return module.apply({"params": params}, ids, positions, cache, attention_mask)
+
+
 def llama_decoder(config: LlamaConfig, dtype: Any = jnp.float32) -> Decoder:
-    """The `Decoder` of a Llama-style model: pure `init_cache` and `apply`.
+    """The `Decoder` of a Llama-style model: pure `init_cache` and `apply`, equal
+    for equal `(config, dtype)` (module-level functions bound to them).
 
     No `max_positions`: like transformers, RoPE models decode past
     `max_position_embeddings` (what the rope scaling types are for).
     """
-    module = LlamaForCausalLM(config, dtype=dtype)
-    last = LlamaForCausalLM(config, dtype=dtype, last_only=True)
-
-    def init(batch: int, max_len: int, cache_dtype: Any = None) -> KVCache:
-        return _empty_cache(config, batch, max_len, cache_dtype or dtype)
-
-    def apply(params: Any, ids: Array, positions: Array, cache: KVCache, attention_mask: Array):
-        return module.apply({"params": params}, ids, positions, cache, attention_mask)
-
-    def apply_last(params, ids, positions, cache, attention_mask):
-        return last.apply({"params": params}, ids, positions, cache, attention_mask)
-
     return Decoder(
-        init_cache=init,
-        apply=apply,
+        init_cache=Bound(_init_cache, (config, dtype)),
+        apply=Bound(_apply, (LlamaForCausalLM(config, dtype=dtype),)),
         param_specs=llama_param_specs,
         vocab_size=config.vocab_size,
         max_positions=None,
         name=_NAMES[config.model_type],
-        apply_last=apply_last,
+        apply_last=Bound(_apply, (LlamaForCausalLM(config, dtype=dtype, last_only=True),)),
     )
 
 
