@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from conftest import count_compiles
 
 import jaxdecode as jd
-from conftest import count_compiles
 from jaxdecode.models.llama import LlamaConfig, llama_decoder
 
 
@@ -29,7 +29,9 @@ def test_reload_and_max_length_compile_nothing():
     np.testing.assert_array_equal(out.sequences, first.sequences)
 
     with count_compiles() as by_length:
-        out = jd.generate(lm, ids, do_sample=False, max_new_tokens=None, max_length=ids.shape[1] + 4)
+        out = jd.generate(
+            lm, ids, do_sample=False, max_new_tokens=None, max_length=ids.shape[1] + 4
+        )
     assert by_length.count == 0, "max_length = prompt + 4 compiled another program"
     np.testing.assert_array_equal(out.sequences, first.sequences)
 
