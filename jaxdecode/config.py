@@ -237,6 +237,8 @@ class GenerationConfig:
             raise ConfigError(
                 f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
             )
+        if np.ndim(self.length_penalty) != 0:
+            raise ConfigError(f"length_penalty must be a scalar, got {self.length_penalty!r}")
         check_range("length_penalty", self.length_penalty)
         if self.do_sample:
             check_range("temperature", self.temperature, lo=0.0, lo_open=True)
@@ -246,7 +248,17 @@ class GenerationConfig:
         check_range("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         if self.min_p is not None:
             check_range("min_p", self.min_p, lo=0.0, hi=1.0)
-        check_range("typical_p", self.typical_p, lo=0.0, hi=1.0, lo_open=True)
+        # 1.0 (the default) turns typical sampling off; per row the processor is
+        # present for every row, and takes masses in (0, 1) only.
+        per_row_typical = np.ndim(self.typical_p) == 1
+        check_range(
+            "typical_p" + (" (per row)" if per_row_typical else ""),
+            self.typical_p,
+            lo=0.0,
+            hi=1.0,
+            lo_open=True,
+            hi_open=per_row_typical,
+        )
         check_range("epsilon_cutoff", self.epsilon_cutoff, lo=0.0, hi=1.0, hi_open=True)
         check_range("eta_cutoff", self.eta_cutoff, lo=0.0, hi=1.0, hi_open=True)
         check_range("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
@@ -265,8 +277,31 @@ class GenerationConfig:
         self._validate_logprobs(vocab_size)
         self._validate_combinations()
         self._validate_decay_penalty()
-        self.constraints()
+        parsed = self.constraints()
+        self._validate_rows(parsed)
+        if parsed is not None and not self.eos_ids:
+            names = ", ".join(sorted({spec[0] for spec in parsed[1] if spec is not None}))
+            raise ConfigError(
+                f"{names} needs eos_token_id (a constrained row ends with EOS once complete)"
+            )
         return self
+
+    def _validate_rows(self, parsed: Any) -> None:
+        """Per-row values (and per-row constraint lists, `parsed` as returned by
+        `constraints()`) all have one length."""
+        lengths = {
+            name: np.shape(getattr(self, name))[0]
+            for name in PER_ROW_FIELDS
+            if getattr(self, name) is not None and np.ndim(getattr(self, name)) == 1
+        }
+        if parsed is not None and parsed[0]:
+            lengths["regex / json_schema / choices"] = len(parsed[1])
+        if len(set(lengths.values())) > 1:
+            listed = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+            raise ConfigError(
+                f"per-row values need one value per prompt row, the same count for every "
+                f"field: {listed}"
+            )
 
     def constraints(self) -> tuple[bool, list[tuple[str, Any] | None]] | None:
         """The output constraint of `regex` / `json_schema` / `choices`: None, or
@@ -307,6 +342,8 @@ class GenerationConfig:
 
     def _validate_token_ids(self, vocab_size: int | None) -> None:
         def check(name: str, ids: Any) -> None:
+            if isinstance(ids, (list, tuple)) and any(isinstance(t, (list, tuple)) for t in ids):
+                raise ConfigError(f"{name} must be a token id or a flat list of them, got {ids!r}")
             for t in np.asarray(ids, dtype=object).reshape(-1):
                 if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
                     raise ConfigError(f"{name} must hold token ids (integers >= 0), got {ids!r}")
@@ -338,6 +375,11 @@ class GenerationConfig:
                 if not isinstance(word, (list, tuple)):
                     raise ConfigError(
                         f"bad_words_ids must be a list of token id lists, got {self.bad_words_ids!r}"
+                    )
+                if not word:
+                    raise ConfigError(
+                        f"bad_words_ids must be non-empty token id lists, got "
+                        f"{self.bad_words_ids!r}"
                     )
                 check("bad_words_ids", list(word))
         if self.sequence_bias is not None:

@@ -1052,7 +1052,8 @@ def generate_many(
 
     Args:
         model: a `CausalLM`.
-        prompts: token id sequences.
+        prompts: token id sequences, or texts (encoded with the model's
+            tokenizer).
         configs: as `Engine.submit` (None, one config or dict, or one per prompt).
         slots, prompt_buckets, steps_per_call, prefill_rows, compact_tail: as
             `Engine`.
@@ -1063,7 +1064,12 @@ def generate_many(
     """
     decoder, _, base = _model_parts(model)
     base = base.replace(**overrides) if overrides else base
-    prompts = list(prompts)
+    tokenizer = getattr(model, "tokenizer", None)
+    # Text prompts encoded here, once: `max_len` counts tokens, not characters.
+    prompts = [
+        tokenizer.encode(p) if isinstance(p, str) and tokenizer is not None else p
+        for p in prompts
+    ]
     per = list(configs) if isinstance(configs, (list, tuple)) else [configs] * len(prompts)
     if len(per) != len(prompts):
         raise ValueError(f"configs has {len(per)} entries for {len(prompts)} prompts")

@@ -391,8 +391,6 @@ def prepare(
         stop = stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
         traced = traced.replace(stop=stop)
     check_rows(traced.processor, batch)
-    if np.ndim(config.length_penalty) != 0:
-        raise ValueError(f"length_penalty must be a scalar, got {config.length_penalty!r}")
     plan = Plan(
         decoder=decoder,
         config=static,

@@ -74,8 +74,6 @@ def _constraint_and_extra(
                 "or pass jd.regex / jd.json_schema / jd.choice(..., tokenizer) as "
                 "logits_processor"
             )
-        if not config.eos_ids:
-            raise ValueError(f"{names} needs eos_token_id (a row ends with EOS once complete)")
         out.append(from_specs(parsed, tokenizer, config.eos_ids))
     if extra is not None and not isinstance(extra, LogitsProcessor):
         raise TypeError(
