@@ -27,6 +27,7 @@ import numpy as np
 from jaxdecode.errors import CheckpointError
 
 __all__ = [
+    "special_token_ids",
     "read_config",
     "read_state_dict",
     "checked_tensors",
@@ -63,6 +64,31 @@ def read_config(directory: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def special_token_ids(
+    model_config: Mapping[str, Any], generation_config: Mapping[str, Any] | None, tokenizer: Any
+) -> dict[str, Any]:
+    """`bos_token_id` / `eos_token_id` / `pad_token_id` for a loaded model's
+    generation config, the same rule for a Hugging Face directory and a GGUF file.
+
+    As transformers loads them: from `generation_config.json` when the checkpoint
+    has one, else from the model config (`config.json`; a GGUF file's metadata).
+    A pad id still unset comes from the tokenizer's pad token (what transformers'
+    pipelines pass to `generate`; a GGUF file's `tokenizer.ggml.padding_token_id`);
+    still unset, `generate` pads with the first EOS id, as transformers does.
+
+    Args:
+        model_config: the model config's fields (`config.json` as a dict).
+        generation_config: `generation_config.json` as a dict, or None.
+        tokenizer: the model's `Tokenizer`, or None.
+    """
+    source = model_config if generation_config is None else generation_config
+    ids = {name: source.get(name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if ids["pad_token_id"] is None and tokenizer is not None:
+        pad = tokenizer.special_tokens.get("pad_token")
+        ids["pad_token_id"] = None if pad is None else tokenizer.token_to_id(pad)
+    return ids
 
 
 def _load_safetensors_file(path: str) -> dict[str, np.ndarray]:

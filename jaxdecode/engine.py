@@ -1067,8 +1067,7 @@ def generate_many(
     tokenizer = getattr(model, "tokenizer", None)
     # Text prompts encoded here, once: `max_len` counts tokens, not characters.
     prompts = [
-        tokenizer.encode(p) if isinstance(p, str) and tokenizer is not None else p
-        for p in prompts
+        tokenizer.encode(p) if isinstance(p, str) and tokenizer is not None else p for p in prompts
     ]
     per = list(configs) if isinstance(configs, (list, tuple)) else [configs] * len(prompts)
     if len(per) != len(prompts):

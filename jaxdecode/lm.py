@@ -155,21 +155,20 @@ def from_pretrained(
     state = checkpoints.read_state_dict(directory, allow_pickle=allow_pickle)
     params = family.params_from_state_dict(state, config, dtype)
     decoder = family.decoder(config, dtype)
+    tokenizer = load_tokenizer(directory)
     gen_path = os.path.join(directory, checkpoints.GENERATION_CONFIG)
     if os.path.isfile(gen_path):
         gen = GenerationConfig.from_hf(gen_path)
+        gen = gen.replace(**checkpoints.special_token_ids(data, gen.to_hf(), tokenizer))
     else:
-        gen = GenerationConfig(
-            bos_token_id=getattr(config, "bos_token_id", None),
-            eos_token_id=getattr(config, "eos_token_id", None),
-        )
+        gen = GenerationConfig(**checkpoints.special_token_ids(data, None, tokenizer))
     gen.validate(vocab_size=decoder.vocab_size)
     return CausalLM(
         params=params,
         decoder=decoder,
         config=config,
         generation_config=gen,
-        tokenizer=load_tokenizer(directory),
+        tokenizer=tokenizer,
     )
 
 
@@ -181,16 +180,14 @@ def _from_gguf(path: str, dtype: Any) -> CausalLM:
     config, state = family.from_gguf(gguf.metadata, gguf.tensors)
     params = family.params_from_state_dict(state, config, dtype)
     decoder = family.decoder(config, dtype)
-    gen = GenerationConfig(
-        bos_token_id=getattr(config, "bos_token_id", None),
-        eos_token_id=getattr(config, "eos_token_id", None),
-        pad_token_id=getattr(config, "pad_token_id", None),
-    )
+    tokenizer = tokenizer_from_gguf(gguf.metadata)
+    fields = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    gen = GenerationConfig(**checkpoints.special_token_ids(fields, None, tokenizer))
     gen.validate(vocab_size=decoder.vocab_size)
     return CausalLM(
         params=params,
         decoder=decoder,
         config=config,
         generation_config=gen,
-        tokenizer=tokenizer_from_gguf(gguf.metadata),
+        tokenizer=tokenizer,
     )

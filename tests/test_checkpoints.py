@@ -526,3 +526,29 @@ def test_save_pretrained_float16_with_tokenizer(ckpt, trained_bpe, tmp_path):
     assert 0 < np.abs(_real(ours) - _real(base)).max() < 0.05 * np.abs(_real(base)).max()
     with pytest.raises(ValueError, match="dtype"):
         lm.save_pretrained(str(tmp_path / "bad"), dtype="int8")
+
+
+def test_pad_token_id_is_read_as_transformers_reads_it(tmp_path):
+    """A directory without generation_config.json: bos / eos / pad come from
+    config.json, as transformers' `generation_config` takes them (GGUF loading
+    already set pad; HF-directory loading dropped it). A pad id set nowhere else
+    comes from the tokenizer's pad token, as transformers' tokenizer reads it."""
+    bundled = jd.checkpoints.BUNDLED_DIR
+    directory = tmp_path / "no-generation-config"
+    directory.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        shutil.copy(os.path.join(bundled, name), directory / name)
+    config = json.loads(Path(bundled, "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "pad_token_id": 5}))
+
+    ours = jd.from_pretrained(directory).generation_config
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory).generation_config
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.pad_token_id == 5
+
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    ours = jd.from_pretrained(directory).generation_config
+    assert ours.pad_token_id == transformers.AutoTokenizer.from_pretrained(directory).pad_token_id
+    assert ours.pad_token_id == 256
