@@ -815,10 +815,6 @@ class Engine:
             raise ValueError(
                 f"prompt {index}: {spec[0]} needs the model's tokenizer (the model has none)"
             )
-        if spec is not None and not config.eos_ids:
-            raise ValueError(
-                f"prompt {index}: {spec[0]} needs eos_token_id (a row ends with EOS once complete)"
-            )
         return spec
 
     def _add_constraints(self, items: list[_Pending]) -> None:
