@@ -83,6 +83,15 @@ class Decoder:
     param_specs: Callable[[Any], Any] | None = None
     apply_last: Callable[[Any, Array, Array, Any, Array], tuple[Array, Any]] | None = None
 
+    def __hash__(self) -> int:
+        # A static jit argument is hashed at every dispatch (each streamed token),
+        # and hashing a model config costs tens of microseconds: computed once.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def prefill_last(
         self, params: Any, ids: Array, positions: Array, cache: Any, mask: Array
     ) -> tuple[Array, Any]:
