@@ -526,6 +526,15 @@ def test_static_part_carries_no_length(change):
     assert GC(**_BASE, **_A).static() == GC(**{**_BASE, **_A, **change}).static()
 
 
+def test_static_part_ignores_what_the_strategy_does_not_read():
+    greedy = GC(eos_token_id=2)
+    assert greedy.static() == greedy.replace(early_stopping=True, logprobs_mode="raw").static()
+    assert (
+        greedy.replace(logprobs=2).static()
+        != greedy.replace(logprobs=2, logprobs_mode="raw").static()
+    )
+
+
 def test_split_validates_first():
     with pytest.raises(ValueError, match="top_p"):
         jd.split_config(GC(top_p=3.0))
