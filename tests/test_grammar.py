@@ -470,9 +470,10 @@ def test_errors(bundled):
 
 
 def test_config_fields_round_trip():
-    cfg = jd.GenerationConfig(json_schema={"type": "object", "b": 1, "a": 2})
+    # A constraint needs eos_token_id (validate(), which from_hf runs).
+    cfg = jd.GenerationConfig(json_schema={"type": "object", "b": 1, "a": 2}, eos_token_id=2)
     assert cfg.json_schema == '{"type":"object","b":1,"a":2}'  # key order kept
-    assert hash(cfg) == hash(jd.GenerationConfig(json_schema=cfg.json_schema))
+    assert hash(cfg) == hash(jd.GenerationConfig(json_schema=cfg.json_schema, eos_token_id=2))
     back = jd.GenerationConfig.from_hf(cfg.to_hf())
     assert back == cfg
     assert jd.GenerationConfig(choices=["a", "b"]).constraints() == (
