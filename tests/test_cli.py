@@ -690,7 +690,7 @@ def test_eval_lines_equal_generate_json(
     from jaxdecode import engine as engine_mod
 
     lm = jaxdecode.from_pretrained(model_dir)  # one decoder: programs are shared
-    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name, **_: lm)
     on_engine = []
     submit = engine_mod.Engine.submit
 
@@ -767,7 +767,7 @@ def test_eval_records_what_made_them_and_generate_stops_early(
     from jaxdecode.cli import main
 
     lm = jaxdecode.from_pretrained(model_dir)
-    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name, **_: lm)
     loops = []
     program = generation.generate_program
     monkeypatch.setattr(
@@ -817,7 +817,7 @@ def test_eval_names_the_line_that_cannot_fit_before_compiling(
     from jaxdecode.cli import main
 
     lm = jaxdecode.from_pretrained(model_dir)
-    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name, **_: lm)
     # Room for 2 slots of 8 + 4 tokens, not of 8 + 100 (prompt bucket 8).
     small = sum(engine_mod.slot_memory(lm.decoder, lm.generation_config, 2, 8 + 4))
     big = sum(engine_mod.slot_memory(lm.decoder, lm.generation_config, 2, 8 + 100))
@@ -853,7 +853,7 @@ def test_eval_engine_compiles_nothing_after_warm_up(
     from jaxdecode import engine as engine_mod
 
     lm = jaxdecode.from_pretrained(model_dir)  # one decoder: see the test below
-    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name, **_: lm)
     engines = []
     real_engine = engine_mod.Engine
     monkeypatch.setattr(
@@ -897,7 +897,7 @@ def test_eval_per_row_values_share_one_batch_and_one_program(
     # One model object for every in-process run: a fresh load has a new decoder,
     # hence new programs (each CLI process loads once, so this is the CLI's case).
     lm = jaxdecode.from_pretrained(model_dir)
-    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name: lm)
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name, **_: lm)
     calls = []
     real_generate = jaxdecode.generate
     monkeypatch.setattr(
