@@ -22,6 +22,7 @@ from jaxdecode.cache import (
 from jaxdecode.config import GenerationConfig, StaticConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.engine import Engine, EngineResult, generate_many
+from jaxdecode.errors import CheckpointError, ConfigError, MemoryBudgetError, UnsupportedModelError
 from jaxdecode.generation import GenerateOutput, StreamStep, bucket_length, generate, stream
 from jaxdecode.lm import CausalLM, from_pretrained
 from jaxdecode.models.adapters import from_linen, from_nnx
@@ -75,6 +76,10 @@ from jaxdecode.trace import Hypothesis, Trace, trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "MemoryBudgetError",
+    "UnsupportedModelError",
     "pytree_dataclass",
     "pytree_field",
     "Engine",

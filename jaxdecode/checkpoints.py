@@ -24,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxdecode.errors import CheckpointError
+
 __all__ = [
+    "special_token_ids",
     "read_config",
     "read_state_dict",
     "checked_tensors",
@@ -52,15 +55,40 @@ def read_config(directory: str) -> dict[str, Any]:
     config class reads it)."""
     path = os.path.join(directory, CONFIG)
     if not os.path.isfile(path):
-        raise ValueError(f"{directory} has no {CONFIG}; is it a Hugging Face model directory?")
+        raise CheckpointError(f"{directory} has no {CONFIG}; is it a Hugging Face model directory?")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def special_token_ids(
+    model_config: Mapping[str, Any], generation_config: Mapping[str, Any] | None, tokenizer: Any
+) -> dict[str, Any]:
+    """`bos_token_id` / `eos_token_id` / `pad_token_id` for a loaded model's
+    generation config, the same rule for a Hugging Face directory and a GGUF file.
+
+    As transformers loads them: from `generation_config.json` when the checkpoint
+    has one, else from the model config (`config.json`; a GGUF file's metadata).
+    A pad id still unset comes from the tokenizer's pad token (what transformers'
+    pipelines pass to `generate`; a GGUF file's `tokenizer.ggml.padding_token_id`);
+    still unset, `generate` pads with the first EOS id, as transformers does.
+
+    Args:
+        model_config: the model config's fields (`config.json` as a dict).
+        generation_config: `generation_config.json` as a dict, or None.
+        tokenizer: the model's `Tokenizer`, or None.
+    """
+    source = model_config if generation_config is None else generation_config
+    ids = {name: source.get(name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if ids["pad_token_id"] is None and tokenizer is not None:
+        pad = tokenizer.special_tokens.get("pad_token")
+        ids["pad_token_id"] = None if pad is None else tokenizer.token_to_id(pad)
+    return ids
 
 
 def _load_safetensors_file(path: str) -> dict[str, np.ndarray]:
@@ -69,7 +97,7 @@ def _load_safetensors_file(path: str) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise ValueError(
+        raise CheckpointError(
             f"cannot read {path}: {type(e).__name__}: {e} (truncated or corrupt?)"
         ) from None
 
@@ -89,25 +117,25 @@ def read_state_dict(directory: str, *, allow_pickle: bool = False) -> dict[str, 
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
         state: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             path = os.path.join(directory, shard)
             if not os.path.isfile(path):
-                raise ValueError(
+                raise CheckpointError(
                     f"shard {shard} listed in {SAFETENSORS_INDEX} is missing from {directory}"
                 )
             state.update(_load_safetensors_file(path))
         missing = sorted(set(weight_map) - set(state))
         if missing:
-            raise ValueError(
+            raise CheckpointError(
                 f"tensor {missing[0]} is listed in {SAFETENSORS_INDEX} but absent from its shard"
             )
         return state
     pickle_path = os.path.join(directory, PICKLE)
     if os.path.isfile(pickle_path):
         if not allow_pickle:
-            raise ValueError(
+            raise CheckpointError(
                 f"{directory} has only {PICKLE} (a pickle, which can run code when loaded); "
                 "jaxdecode reads safetensors. Convert it once with transformers: "
                 "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)`, "
@@ -118,12 +146,12 @@ def read_state_dict(directory: str, *, allow_pickle: bool = False) -> dict[str, 
         try:
             state = torch.load(pickle_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"cannot read {pickle_path}: {type(e).__name__}: {e}") from None
+            raise CheckpointError(f"cannot read {pickle_path}: {type(e).__name__}: {e}") from None
         return {
             k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
             for k, v in state.items()
         }
-    raise ValueError(
+    raise CheckpointError(
         f"{directory} holds no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE})"
     )
 
@@ -145,7 +173,7 @@ def checked_tensors(
             message (e.g. "a GPT-2 with n_layer=2").
 
     Raises:
-        ValueError: naming the first unexpected, misshapen, non-floating or
+        CheckpointError: naming the first unexpected, misshapen, non-floating or
             missing tensor.
     """
     found: dict[str, np.ndarray] = {}
@@ -154,19 +182,21 @@ def checked_tensors(
         if name is None:
             continue
         if name not in expected:
-            raise ValueError(f"unexpected tensor {raw_name} for {context}")
+            raise CheckpointError(f"unexpected tensor {raw_name} for {context}")
         if tuple(tensor.shape) != tuple(expected[name]):
-            raise ValueError(
+            raise CheckpointError(
                 f"tensor {raw_name} has shape {tuple(tensor.shape)}, expected "
                 f"{tuple(expected[name])} from config.json"
             )
         array = np.asarray(tensor)
         if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-            raise ValueError(f"tensor {name} has dtype {array.dtype}, expected a floating type")
+            raise CheckpointError(
+                f"tensor {name} has dtype {array.dtype}, expected a floating type"
+            )
         found[name] = array
     missing = [n for n in expected if n not in found]
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint is missing tensor {missing[0]} ({len(missing)} missing in all)"
         )
     return found
@@ -215,21 +245,25 @@ def resolve_checkpoint_dir(
     path = os.fspath(path_or_repo_id)
     if path in BUNDLED_NAMES:
         if not os.path.isfile(os.path.join(BUNDLED_DIR, CONFIG)):
-            raise ValueError(f"the bundled model is missing from {BUNDLED_DIR} (broken install?)")
+            raise CheckpointError(
+                f"the bundled model is missing from {BUNDLED_DIR} (broken install?)"
+            )
         return BUNDLED_DIR
     if os.path.isdir(path):
         return path
     if path.endswith(".gguf") and not os.path.exists(path):
-        raise ValueError(f"GGUF file {path} does not exist")
+        raise CheckpointError(f"GGUF file {path} does not exist")
     if os.path.exists(path):
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is a file; from_pretrained needs a model directory, a GGUF file or a hub id"
         )
     looks_like_repo = (
         path.count("/") <= 1 and not path.startswith((".", "/", "~")) and path.strip() == path
     )
     if not looks_like_repo or not path:
-        raise ValueError(f"model {path!r} is neither a local directory nor a Hugging Face hub id")
+        raise CheckpointError(
+            f"model {path!r} is neither a local directory nor a Hugging Face hub id"
+        )
     from huggingface_hub import snapshot_download
 
     patterns = [
@@ -250,7 +284,7 @@ def resolve_checkpoint_dir(
     try:
         return snapshot_download(path, revision=revision, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo, auth: one clear message, on one line
-        raise ValueError(
+        raise CheckpointError(
             f"cannot fetch model {path!r} from the Hugging Face hub: {type(e).__name__}: "
             + " ".join(str(e).split())
         ) from None
@@ -323,20 +357,22 @@ def read_gguf(path: str) -> GGUFFile:
     """Reads and dequantizes a GGUF file (`gguf.quants.dequantize`, float32).
 
     Raises:
-        ValueError: for an unreadable file or a tensor type the gguf package
+        CheckpointError: for an unreadable file or a tensor type the gguf package
             cannot dequantize, naming the file and the tensor.
     """
     try:
         import gguf
     except ImportError:
-        raise ValueError("reading GGUF files needs the gguf package (pip install gguf)") from None
+        raise CheckpointError(
+            "reading GGUF files needs the gguf package (pip install gguf)"
+        ) from None
     try:
         reader = _checked_gguf_reader(gguf, path)
     except _TruncatedGGUF as e:
         raise ValueError(f"{path} is truncated: {e}; download it again") from None
     except Exception as e:  # the reader raises assorted errors on damaged files
         size = os.path.getsize(path)
-        raise ValueError(
+        raise CheckpointError(
             f"cannot read {path} as GGUF ({size} bytes; truncated or corrupt?): "
             f"{type(e).__name__}: {e}"
         ) from None
@@ -345,13 +381,13 @@ def read_gguf(path: str) -> GGUFFile:
         try:
             metadata[name] = field.contents()
         except Exception as e:
-            raise ValueError(f"{path}: cannot decode GGUF field {name}: {e}") from None
+            raise CheckpointError(f"{path}: cannot decode GGUF field {name}: {e}") from None
     tensors: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except Exception as e:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: cannot dequantize tensor {tensor.name} of type "
                 f"{tensor.tensor_type.name}: {type(e).__name__}: {e}"
             ) from None

@@ -793,8 +793,6 @@ def _check_constraint(lm, config) -> None:
         return
     if parsed[0]:
         raise ValueError("a line's regex / json_schema / choices is one constraint, not a list")
-    if not config.eos_ids:
-        raise ValueError(f"{parsed[1][0][0]} needs eos_token_id (the model has none)")
     compile_spec(parsed[1][0], lm.tokenizer)
 
 

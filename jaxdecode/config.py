@@ -29,6 +29,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import jax
 import numpy as np
 
+from jaxdecode.errors import ConfigError
 from jaxdecode.validation import (
     CONSTRAINT_FIELDS,
     check_range,
@@ -84,7 +85,7 @@ class GenerationConfig:
 
     Numeric sampling/penalty values may be a scalar or one value per row (a
     list or array of length batch). Call `validate()` (done by every entry point)
-    to get a `ValueError` naming any bad field.
+    to get a `ConfigError` (a `ValueError`) naming any bad field.
     """
 
     # Length.
@@ -173,10 +174,10 @@ class GenerationConfig:
 
     # ------------------------------------------------------------------ #
     def replace(self, **changes: Any) -> GenerationConfig:
-        """A copy with `changes`; unknown names raise ValueError."""
+        """A copy with `changes`; unknown names raise ConfigError."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise ValueError(f"unknown GenerationConfig field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown GenerationConfig field(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
 
     @property
@@ -193,7 +194,7 @@ class GenerationConfig:
         return eos_ids(self.eos_token_id)
 
     def validate(self, vocab_size: int | None = None) -> GenerationConfig:
-        """Raises ValueError naming the field, its value and the allowed range.
+        """Raises ConfigError naming the field, its value and the allowed range.
 
         Args:
             vocab_size: when given, every token id must be `< vocab_size`.
@@ -231,11 +232,13 @@ class GenerationConfig:
             "return_dict_in_generate",
         ):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(
+            raise ConfigError(
                 f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
             )
+        if np.ndim(self.length_penalty) != 0:
+            raise ConfigError(f"length_penalty must be a scalar, got {self.length_penalty!r}")
         check_range("length_penalty", self.length_penalty)
         if self.do_sample:
             check_range("temperature", self.temperature, lo=0.0, lo_open=True)
@@ -245,7 +248,17 @@ class GenerationConfig:
         check_range("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         if self.min_p is not None:
             check_range("min_p", self.min_p, lo=0.0, hi=1.0)
-        check_range("typical_p", self.typical_p, lo=0.0, hi=1.0, lo_open=True)
+        # 1.0 (the default) turns typical sampling off; per row the processor is
+        # present for every row, and takes masses in (0, 1) only.
+        per_row_typical = np.ndim(self.typical_p) == 1
+        check_range(
+            "typical_p" + (" (per row)" if per_row_typical else ""),
+            self.typical_p,
+            lo=0.0,
+            hi=1.0,
+            lo_open=True,
+            hi_open=per_row_typical,
+        )
         check_range("epsilon_cutoff", self.epsilon_cutoff, lo=0.0, hi=1.0, hi_open=True)
         check_range("eta_cutoff", self.eta_cutoff, lo=0.0, hi=1.0, hi_open=True)
         check_range("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
@@ -256,35 +269,58 @@ class GenerationConfig:
             or not isinstance(self.seed, (int, np.integer))
             or not 0 <= self.seed <= SEED_MAX
         ):
-            raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
+            raise ConfigError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
         for name, allowed in FIELD_CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self._validate_token_ids(vocab_size)
         self._validate_logprobs(vocab_size)
         self._validate_combinations()
         self._validate_decay_penalty()
-        self.constraints()
+        parsed = self.constraints()
+        self._validate_rows(parsed)
+        if parsed is not None and not self.eos_ids:
+            names = ", ".join(sorted({spec[0] for spec in parsed[1] if spec is not None}))
+            raise ConfigError(
+                f"{names} needs eos_token_id (a constrained row ends with EOS once complete)"
+            )
         return self
+
+    def _validate_rows(self, parsed: Any) -> None:
+        """Per-row values (and per-row constraint lists, `parsed` as returned by
+        `constraints()`) all have one length."""
+        lengths = {
+            name: np.shape(getattr(self, name))[0]
+            for name in PER_ROW_FIELDS
+            if getattr(self, name) is not None and np.ndim(getattr(self, name)) == 1
+        }
+        if parsed is not None and parsed[0]:
+            lengths["regex / json_schema / choices"] = len(parsed[1])
+        if len(set(lengths.values())) > 1:
+            listed = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+            raise ConfigError(
+                f"per-row values need one value per prompt row, the same count for every "
+                f"field: {listed}"
+            )
 
     def constraints(self) -> tuple[bool, list[tuple[str, Any] | None]] | None:
         """The output constraint of `regex` / `json_schema` / `choices`: None, or
         `(per_row, specs)` with `specs` `(field, value)` pairs (one for every row,
-        or one per row, None for a free row). Raises ValueError when malformed."""
+        or one per row, None for a free row). Raises ConfigError when malformed."""
         return parse_constraints({name: getattr(self, name) for name in CONSTRAINT_FIELDS})
 
     def _validate_logprobs(self, vocab_size: int | None) -> None:
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             if vocab_size is not None and n is not None and n > vocab_size:
-                raise ValueError(f"{name} must be <= the vocabulary size {vocab_size}, got {n}")
+                raise ConfigError(f"{name} must be <= the vocabulary size {vocab_size}, got {n}")
         if self.num_beams > 1:
             for name, used in (
                 ("output_raw_logprobs", self.output_raw_logprobs),
                 ("logprobs", bool(self.logprobs)),
             ):
                 if used:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{name} applies to greedy search and sampling (num_beams=1), got "
                         f"num_beams={self.num_beams}; beam search returns token_logprobs and "
                         "sequences_scores"
@@ -295,7 +331,7 @@ class GenerationConfig:
         if value is None:
             return
         if not isinstance(value, (tuple, list)) or len(value) != 2:
-            raise ValueError(
+            raise ConfigError(
                 "exponential_decay_length_penalty must be a (start_index, decay_factor) pair, "
                 f"got {value!r}"
             )
@@ -306,11 +342,13 @@ class GenerationConfig:
 
     def _validate_token_ids(self, vocab_size: int | None) -> None:
         def check(name: str, ids: Any) -> None:
+            if isinstance(ids, (list, tuple)) and any(isinstance(t, (list, tuple)) for t in ids):
+                raise ConfigError(f"{name} must be a token id or a flat list of them, got {ids!r}")
             for t in np.asarray(ids, dtype=object).reshape(-1):
                 if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
-                    raise ValueError(f"{name} must hold token ids (integers >= 0), got {ids!r}")
+                    raise ConfigError(f"{name} must hold token ids (integers >= 0), got {ids!r}")
                 if vocab_size is not None and t >= vocab_size:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{name} contains {int(t)}, outside the vocabulary [0, {vocab_size - 1}]"
                     )
 
@@ -318,7 +356,7 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None:
                 if isinstance(value, (list, tuple)):
-                    raise ValueError(f"{name} must be a single token id, got {value!r}")
+                    raise ConfigError(f"{name} must be a single token id, got {value!r}")
                 check(name, value)
         for name in (
             "eos_token_id",
@@ -329,14 +367,19 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None:
                 if isinstance(value, (list, tuple)) and not value:
-                    raise ValueError(f"{name} must not be an empty list")
+                    raise ConfigError(f"{name} must not be an empty list")
                 check(name, value)
         if self.bad_words_ids is not None:
             words = self.bad_words_ids
             for word in words if isinstance(words, (list, tuple)) and words else [None]:
                 if not isinstance(word, (list, tuple)):
-                    raise ValueError(
+                    raise ConfigError(
                         f"bad_words_ids must be a list of token id lists, got {self.bad_words_ids!r}"
+                    )
+                if not word:
+                    raise ConfigError(
+                        f"bad_words_ids must be non-empty token id lists, got "
+                        f"{self.bad_words_ids!r}"
                     )
                 check("bad_words_ids", list(word))
         if self.sequence_bias is not None:
@@ -346,7 +389,7 @@ class GenerationConfig:
     def _validate_combinations(self) -> None:
         beams = self.num_beams
         if beams == 1 and not self.do_sample and self.num_return_sequences != 1:
-            raise ValueError(
+            raise ConfigError(
                 "num_return_sequences must be 1 for greedy search (num_beams=1, do_sample=False), "
                 f"got {self.num_return_sequences}; use do_sample=True or num_beams >= it"
             )
@@ -355,22 +398,22 @@ class GenerationConfig:
                 [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
             )
             if not strings or any(not isinstance(x, str) or not x for x in strings):
-                raise ValueError(
+                raise ConfigError(
                     "stop_strings must be a string or a non-empty list of non-empty strings, "
                     f"got {self.stop_strings!r}"
                 )
             if beams > 1:
-                raise ValueError(
+                raise ConfigError(
                     "stop_strings works with greedy search and sampling (num_beams=1), got "
                     f"num_beams={beams}"
                 )
         if beams > 1 and self.prompt_lookup_num_tokens is not None:
-            raise ValueError(
+            raise ConfigError(
                 "prompt_lookup_num_tokens (speculative decoding) works with greedy search and "
                 f"sampling (num_beams=1), got num_beams={beams}"
             )
         if beams > 1 and self.num_return_sequences > beams:
-            raise ValueError(
+            raise ConfigError(
                 f"num_return_sequences must be <= num_beams={beams}, got {self.num_return_sequences}"
             )
         if (
@@ -378,7 +421,7 @@ class GenerationConfig:
             and self.min_new_tokens is not None
             and self.min_new_tokens > self.max_new_tokens
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"min_new_tokens={self.min_new_tokens} must be <= max_new_tokens={self.max_new_tokens}"
             )
         if (
@@ -386,7 +429,7 @@ class GenerationConfig:
             and self.max_length is not None
             and self.min_length > self.max_length
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"min_length={self.min_length} must be <= max_length={self.max_length}"
             )
         needs_eos = {
@@ -396,13 +439,13 @@ class GenerationConfig:
         }
         for name, used in needs_eos.items():
             if used and self.eos_token_id is None:
-                raise ValueError(f"{name} needs eos_token_id to be set (it acts on the EOS logit)")
+                raise ConfigError(f"{name} needs eos_token_id to be set (it acts on the EOS logit)")
         if isinstance(self.top_k, jax.core.Tracer):
             return
         if self.top_k_method == "fast" and self.do_sample:
             k = np.asarray(self.top_k)
             if np.any(k > 4096):
-                raise ValueError(
+                raise ConfigError(
                     f"top_k must be <= 4096 with top_k_method='fast', got {self.top_k!r}; "
                     "use top_k_method='exact'"
                 )
@@ -411,7 +454,7 @@ class GenerationConfig:
             and np.any(np.asarray(self.top_k) == 0)
             and not np.all(np.asarray(self.top_k) == 0)
         ):
-            raise ValueError("top_k per row must be all > 0 or all 0 (0 disables top-k)")
+            raise ConfigError("top_k per row must be all > 0 or all 0 (0 disables top-k)")
 
     # ------------------------------------------------------------------ #
     def min_tokens_to_keep(self) -> int:
@@ -437,20 +480,23 @@ class GenerationConfig:
         return int(self.max_length)
 
     def static(self) -> StaticConfig:
-        """The hashable part: what sets shapes or selects code. Validates first."""
+        """The hashable part: what a compiled program reads (shapes, which code
+        runs), nothing else, so that configs differing elsewhere share programs.
+        The length is not here: the plan carries the number of new tokens, so
+        `max_length=prompt+8` and `max_new_tokens=8` are one program. Validates
+        first."""
         self.validate()
         return StaticConfig(
             do_sample=bool(self.do_sample),
             num_beams=int(self.num_beams),
             num_return_sequences=int(self.num_return_sequences),
-            max_length=None if self.max_length is None else int(self.max_length),
-            max_new_tokens=None if self.max_new_tokens is None else int(self.max_new_tokens),
-            early_stopping=self.early_stopping,
+            # Read by beam search only, and the mode by the top-N output only.
+            early_stopping=self.early_stopping if self.num_beams > 1 else False,
             output_scores=bool(self.output_scores),
             output_logits=bool(self.output_logits),
             output_raw_logprobs=bool(self.output_raw_logprobs),
             logprobs=int(self.logprobs or 0),
-            logprobs_mode=self.logprobs_mode,
+            logprobs_mode=self.logprobs_mode if self.logprobs else "processed",
             prompt_logprobs=-1 if self.prompt_logprobs is None else int(self.prompt_logprobs),
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
@@ -472,9 +518,9 @@ class GenerationConfig:
                 with open(path, encoding="utf-8") as f:
                     data = json.load(f)
             except FileNotFoundError:
-                raise ValueError(f"generation config not found: {path}") from None
+                raise ConfigError(f"generation config not found: {path}") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"generation config {path} is not valid JSON: {e}") from None
+                raise ConfigError(f"generation config {path} is not valid JSON: {e}") from None
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names and v is not None}
         bias = kwargs.get("sequence_bias")
@@ -536,11 +582,11 @@ def _parse_key(name: str, key: Any) -> tuple[int, ...]:
         try:
             key = ast.literal_eval(key)
         except (ValueError, SyntaxError):
-            raise ValueError(f"{name} key {key!r} is not a token id tuple") from None
+            raise ConfigError(f"{name} key {key!r} is not a token id tuple") from None
     if isinstance(key, int):
         key = (key,)
     if not isinstance(key, (tuple, list)):
-        raise ValueError(f"{name} key {key!r} is not a token id tuple")
+        raise ConfigError(f"{name} key {key!r} is not a token id tuple")
     return tuple(key)
 
 
@@ -564,18 +610,17 @@ def _thaw(value: Any) -> Any:
 
 def _check_int(name: str, value: Any, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class StaticConfig:
-    """The hashable part of a config: what sets shapes or selects code."""
+    """The hashable part of a config: what a compiled program reads (see
+    `GenerationConfig.static`)."""
 
     do_sample: bool
     num_beams: int
     num_return_sequences: int
-    max_length: int | None
-    max_new_tokens: int | None
     early_stopping: bool | str
     output_scores: bool
     output_logits: bool

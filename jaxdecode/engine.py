@@ -61,6 +61,7 @@ from jaxdecode import pytree
 from jaxdecode.cache import cache_nbytes, put_rows, take_rows
 from jaxdecode.config import PER_ROW_FIELDS, SEED_MAX, GenerationConfig
 from jaxdecode.context import DecodeContext
+from jaxdecode.errors import MemoryBudgetError
 from jaxdecode.generation import available_bytes, bucket_length, stop_tables
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import Chain, LogitsProcessor, TracedConfig, from_config
@@ -439,7 +440,7 @@ class _Pending:
 def _model_parts(model: Any) -> tuple[Decoder, Any, GenerationConfig]:
     decoder = getattr(model, "decoder", None)
     if not isinstance(decoder, Decoder):
-        raise ValueError(f"model must be a CausalLM, got {type(model).__name__}")
+        raise TypeError(f"model must be a CausalLM, got {type(model).__name__}")
     return decoder, model.params, model.generation_config
 
 
@@ -512,7 +513,7 @@ class Engine:
         bucket_length(1, prompt_buckets)  # validates the rule
         self.prompt_buckets = prompt_buckets
         if config is not None and not isinstance(config, GenerationConfig):
-            raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
         self.config = (config or base).validate(vocab_size=decoder.vocab_size)
         _check_strategy(self.config)
         self.decoder = decoder
@@ -707,10 +708,6 @@ class Engine:
         if spec is not None and self.tokenizer is None:
             raise ValueError(
                 f"prompt {index}: {spec[0]} needs the model's tokenizer (the model has none)"
-            )
-        if spec is not None and not config.eos_ids:
-            raise ValueError(
-                f"prompt {index}: {spec[0]} needs eos_token_id (a row ends with EOS once complete)"
             )
         return spec
 
@@ -917,7 +914,7 @@ def slot_memory(
     other += prefill
     free = available_bytes()
     if free is not None and cache_bytes + other > free:
-        raise ValueError(
+        raise MemoryBudgetError(
             f"Engine(slots={slots}, max_len={max_len}) needs about "
             f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB, "
             f"prefill of {rows} x {max_len} tokens {prefill / 2**30:.2f} GiB) but the device "
@@ -990,7 +987,8 @@ def generate_many(
 
     Args:
         model: a `CausalLM`.
-        prompts: token id sequences.
+        prompts: token id sequences, or texts (encoded with the model's
+            tokenizer).
         configs: as `Engine.submit` (None, one config or dict, or one per prompt).
         slots: as `Engine`.
         prompt_buckets: as `Engine`.
@@ -1004,7 +1002,11 @@ def generate_many(
     """
     decoder, _, base = _model_parts(model)
     base = base.replace(**overrides) if overrides else base
-    prompts = list(prompts)
+    tokenizer = getattr(model, "tokenizer", None)
+    # Text prompts encoded here, once: `max_len` counts tokens, not characters.
+    prompts = [
+        tokenizer.encode(p) if isinstance(p, str) and tokenizer is not None else p for p in prompts
+    ]
     per = list(configs) if isinstance(configs, (list, tuple)) else [configs] * len(prompts)
     if len(per) != len(prompts):
         raise ValueError(f"configs has {len(per)} entries for {len(prompts)} prompts")

@@ -25,6 +25,7 @@ from jaxdecode import pytree
 from jaxdecode.arrays import is_traced, owned
 from jaxdecode.cache import cache_nbytes
 from jaxdecode.config import SEED_MAX, GenerationConfig
+from jaxdecode.errors import MemoryBudgetError
 from jaxdecode.models.base import Decoder
 from jaxdecode.processors import TracedConfig, split_config
 from jaxdecode.processors.base import LogitsProcessor, check_rows
@@ -144,7 +145,7 @@ def model_parts(model: Any, params: Any) -> tuple[Decoder, Any, GenerationConfig
     if isinstance(decoder, Decoder):
         params = model.params if params is None else params
         return decoder, params, model.generation_config, getattr(model, "tokenizer", None)
-    raise ValueError(f"model must be a CausalLM or a Decoder, got {type(model).__name__}")
+    raise TypeError(f"model must be a CausalLM or a Decoder, got {type(model).__name__}")
 
 
 def _drafter(
@@ -181,8 +182,8 @@ def _drafter(
         )
     try:
         draft, draft_params, _, _ = model_parts(assistant_model, assistant_params)
-    except ValueError as e:
-        raise ValueError(
+    except (TypeError, ValueError) as e:
+        raise type(e)(
             f"assistant_model: {e}".replace("generate(decoder", "assistant_model")
         ) from None
     if draft.vocab_size != decoder.vocab_size:
@@ -251,8 +252,8 @@ def available_bytes() -> int | None:
 
 
 def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
-    """ValueError when the KV cache, the prefill and the per-step buffers cannot
-    fit, before anything is allocated."""
+    """MemoryBudgetError when the KV cache, the prefill and the per-step buffers
+    cannot fit, before anything is allocated."""
     total = plan.bucket + plan.new_tokens
     cache = jax.eval_shape(lambda: decoder.init_cache(plan.rows, total, None))
     cache_bytes = cache_nbytes(cache)
@@ -271,7 +272,7 @@ def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
     free = available_bytes()
     if free is not None and need > free * devices:
         cfg = plan.config
-        raise ValueError(
+        raise MemoryBudgetError(
             f"generate needs about {need / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB "
             f"for batch={plan.batch} x num_beams={cfg.num_beams} x "
             f"num_return_sequences={cfg.num_return_sequences} = {plan.rows} rows of {total} "
@@ -389,7 +390,7 @@ def prepare(
     decoder, params, base, model_tokenizer = model_parts(model, params)
     tokenizer = model_tokenizer if tokenizer is None else tokenizer
     if config is not None and not isinstance(config, GenerationConfig):
-        raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
     config = (config or base).replace(**overrides) if overrides else (config or base)
     config.validate(vocab_size=decoder.vocab_size)
     if loop not in ("scan", "while"):
@@ -426,18 +427,11 @@ def prepare(
     host_side = not (traced_inputs or is_traced(params))
     key, per_row, drawn = _sampling_key(key, config, batch, host_side)
 
-    if logits_processor is not None and not isinstance(logits_processor, LogitsProcessor):
-        raise ValueError(
-            "logits_processor must be a jaxdecode LogitsProcessor or chain, got "
-            f"{type(logits_processor).__name__}"
-        )
     static, traced = split_config(config, tokenizer=tokenizer, extra=logits_processor)
     if config.stop_strings is not None:
         stop = stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
         traced = traced.replace(stop=stop)
     check_rows(traced.processor, batch)
-    if np.ndim(config.length_penalty) != 0:
-        raise ValueError(f"length_penalty must be a scalar, got {config.length_penalty!r}")
     plan = Plan(
         decoder=decoder,
         config=static,

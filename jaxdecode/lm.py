@@ -172,21 +172,20 @@ def _from_directory(path: str, dtype: Any, allow_pickle: bool, revision: str | N
     state = checkpoints.read_state_dict(directory, allow_pickle=allow_pickle)
     params = family.params_from_state_dict(state, config, dtype)
     decoder = family.decoder(config, dtype)
+    tokenizer = load_tokenizer(directory)
     gen_path = os.path.join(directory, checkpoints.GENERATION_CONFIG)
     if os.path.isfile(gen_path):
         gen = GenerationConfig.from_hf(gen_path)
+        gen = gen.replace(**checkpoints.special_token_ids(data, gen.to_hf(), tokenizer))
     else:
-        gen = GenerationConfig(
-            bos_token_id=getattr(config, "bos_token_id", None),
-            eos_token_id=getattr(config, "eos_token_id", None),
-        )
+        gen = GenerationConfig(**checkpoints.special_token_ids(data, None, tokenizer))
     gen.validate(vocab_size=decoder.vocab_size)
     return CausalLM(
         params=params,
         decoder=decoder,
         config=config,
         generation_config=gen,
-        tokenizer=load_tokenizer(directory),
+        tokenizer=tokenizer,
     )
 
 
@@ -201,16 +200,14 @@ def _from_gguf(path: str, dtype: Any) -> CausalLM:
     if decoder.max_positions is not None and not decoder.fixed_limit:
         # Where the context length came from (GGUF metadata), for the length check's message.
         decoder = dataclasses.replace(decoder, limit_name=f"{gguf.architecture}.context_length")
-    gen = GenerationConfig(
-        bos_token_id=getattr(config, "bos_token_id", None),
-        eos_token_id=getattr(config, "eos_token_id", None),
-        pad_token_id=getattr(config, "pad_token_id", None),
-    )
+    tokenizer = tokenizer_from_gguf(gguf.metadata)
+    fields = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    gen = GenerationConfig(**checkpoints.special_token_ids(fields, None, tokenizer))
     gen.validate(vocab_size=decoder.vocab_size)
     return CausalLM(
         params=params,
         decoder=decoder,
         config=config,
         generation_config=gen,
-        tokenizer=tokenizer_from_gguf(gguf.metadata),
+        tokenizer=tokenizer,
     )

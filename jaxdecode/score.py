@@ -37,7 +37,7 @@ from jaxdecode.context import DecodeContext
 from jaxdecode.generation import model_parts, stop_tables
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.processors import Chain, split_config
-from jaxdecode.processors.base import LogitsProcessor, chain, check_rows
+from jaxdecode.processors.base import LogitsProcessor, check_rows
 from jaxdecode.search.loop import eos_hit
 from jaxdecode.validation import host_rows
 
@@ -243,18 +243,20 @@ def score(
             or `[batch, length]` (also 0 on completion tokens not to count);
             default all 1.
         params: the parameters when `model` is a `Decoder`.
-        logits_processor: extra processors after the config's chain, as in
-            `generate`.
+        logits_processor: the caller's processors (stateful ones included),
+            placed where `generate` places them: after the config's processors,
+            before the sampling warpers.
         return_support: also return `support_size` and `support_logmass`.
-        tokenizer: for the config's `stop_strings` (default: the `CausalLM`'s),
-            which end a completion as in `generate`.
+        tokenizer: for the config's `stop_strings` (which end a completion as
+            in `generate`) and `regex` / `json_schema` / `choices` (default: the
+            `CausalLM`'s).
 
     Returns:
         A `ScoreOutput` (`[batch, length - prompt_length]` arrays).
     """
     decoder, params, base, model_tokenizer = model_parts(model, params)
     if config is not None and not isinstance(config, GenerationConfig):
-        raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
     config = (config or base).replace(**overrides) if overrides else (config or base)
     config.validate(vocab_size=decoder.vocab_size)
     seqs, mask, p = _check_inputs(decoder, sequences, attention_mask, prompt_length)
@@ -270,19 +272,14 @@ def score(
                 f"{max_length} (prompt_length {p} + max_new_tokens); set max_new_tokens to the "
                 "generated length"
             )
-    _, traced = split_config(config)
+    tokenizer = model_tokenizer if tokenizer is None else tokenizer
+    # The one chain builder: the caller's processors and the constraint go where
+    # `generate` puts them (before the sampling warpers).
+    _, traced = split_config(config, tokenizer=tokenizer, extra=logits_processor)
     processor = traced.processor
-    if logits_processor is not None:
-        if not isinstance(logits_processor, LogitsProcessor):
-            raise ValueError(
-                "logits_processor must be a jaxdecode LogitsProcessor or chain, got "
-                f"{type(logits_processor).__name__}"
-            )
-        processor = chain(processor, logits_processor)
     check_rows(processor, batch)
     stop = None
     if config.stop_strings is not None:
-        tokenizer = model_tokenizer if tokenizer is None else tokenizer
         stop = stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
     plan = ScorePlan(
         decoder=decoder,

@@ -10,6 +10,7 @@ a `Tokenizer` with `encode` / `decode` / `apply_chat_template`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,8 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class Tokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer` (hashable by identity).
+    """A thin wrapper over `tokenizers.Tokenizer`, equal and hashing by content
+    (its serialisation, chat template and special tokens).
 
     Attributes:
         backend: the `tokenizers.Tokenizer`.
@@ -148,6 +150,24 @@ class Tokenizer:
     @functools.cached_property
     def _byte_level(self) -> bool:
         return "ByteLevel" in repr(getattr(self.backend, "decoder", None))
+
+    @functools.cached_property
+    def _content(self) -> tuple[Any, ...]:
+        # The backend's full serialisation (vocabulary, merges, normalizers, ...),
+        # hashed once: a tokenizer is treated as immutable once built.
+        text = self.backend.to_str() if hasattr(self.backend, "to_str") else repr(self.backend)
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return (digest, self.chat_template, tuple(sorted(self.special_tokens.items())))
+
+    def __eq__(self, other: object) -> bool:
+        # By content, so that a model loaded twice is one static value for jit
+        # (its `CausalLM` pytrees compare equal and nothing recompiles).
+        if self is other:
+            return True
+        return isinstance(other, Tokenizer) and self._content == other._content
+
+    def __hash__(self) -> int:
+        return hash(self._content)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name or 'bpe'}, vocab_size={self.vocab_size})"

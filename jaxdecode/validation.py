@@ -1,6 +1,6 @@
 """Validation shared by the config and the processors: runs on concrete values
 before anything is traced, and names the offending parameter, its value and the
-allowed range in a `ValueError`."""
+allowed range in a `ConfigError` (a `ValueError`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from jaxdecode.errors import ConfigError
 
 __all__ = [
     "CONSTRAINT_FIELDS",
@@ -39,18 +41,18 @@ def check_range(
     hi_open: bool = False,
     integer: bool = False,
 ) -> None:
-    """Raises ValueError naming `name` when a concrete `value` leaves the range."""
+    """Raises ConfigError naming `name` when a concrete `value` leaves the range."""
     if not is_concrete(value):
         return  # traced inside a user's jit: validated by whoever made it concrete
     arr = np.asarray(value)
     if arr.ndim > 1:
-        raise ValueError(
+        raise ConfigError(
             f"{name} must be a scalar or one value per row [batch], got shape {arr.shape}"
         )
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ConfigError(f"{name} must be a number, got {value!r}")
     if integer and not np.all(np.equal(np.mod(arr, 1), 0)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
     bad = ~np.isfinite(arr.astype(np.float64))
     if lo is not None:
         bad |= (arr <= lo) if lo_open else (arr < lo)
@@ -61,12 +63,12 @@ def check_range(
         right = "inf" if hi is None else f"{hi}"
         opening = "(" if lo_open or lo is None else "["
         closing = ")" if hi_open or hi is None else "]"
-        raise ValueError(f"{name} must be in {opening}{left}, {right}{closing}, got {value!r}")
+        raise ConfigError(f"{name} must be in {opening}{left}, {right}{closing}, got {value!r}")
 
 
 def static_int(name: str, value: Any, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
     return int(value)
 
 
@@ -94,7 +96,7 @@ def eos_ids(value: Any, name: str = "eos_token_id") -> tuple[int, ...]:
         return ()
     arr = np.asarray(value).reshape(-1)
     if arr.size == 0 or not np.issubdtype(arr.dtype, np.integer) or np.any(arr < 0):
-        raise ValueError(
+        raise ConfigError(
             f"{name} must be a token id or a non-empty list of them (ints >= 0), got {value!r}"
         )
     return tuple(int(t) for t in arr)
@@ -108,25 +110,25 @@ def parse_sequences(name: str, entries: Any) -> list[tuple[tuple[int, ...], floa
         items = []
         for e in entries:
             if not (isinstance(e, (list, tuple)) and len(e) == 2):
-                raise ValueError(f"{name} entries must be [token_ids, bias] pairs, got {e!r}")
+                raise ConfigError(f"{name} entries must be [token_ids, bias] pairs, got {e!r}")
             items.append((e[0], e[1]))
     else:
-        raise ValueError(f"{name} must be a dict or a list of [token_ids, bias], got {entries!r}")
+        raise ConfigError(f"{name} must be a dict or a list of [token_ids, bias], got {entries!r}")
     if not items:
-        raise ValueError(f"{name} must not be empty, got {entries!r}")
+        raise ConfigError(f"{name} must not be empty, got {entries!r}")
     out = []
     for ids, bias in items:
         ids = tuple(ids) if isinstance(ids, (list, tuple)) else (ids,)
         if not ids or not all(
             isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in ids
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"{name} keys must be non-empty token id sequences (ints >= 0), got {ids!r}"
             )
         if isinstance(bias, bool) or not isinstance(bias, (int, float, np.floating, np.integer)):
-            raise ValueError(f"{name} biases must be numbers, got {bias!r} for {ids!r}")
+            raise ConfigError(f"{name} biases must be numbers, got {bias!r} for {ids!r}")
         if math.isnan(float(bias)):
-            raise ValueError(f"{name} biases must not be NaN (entry {ids!r})")
+            raise ConfigError(f"{name} biases must not be NaN (entry {ids!r})")
         out.append((tuple(int(t) for t in ids), float(bias)))
     return out
 
@@ -140,21 +142,21 @@ def normalize_schema(schema: Any) -> str:
     kept: it sets the order of the properties in the output.
 
     Raises:
-        ValueError: not JSON, or not a JSON object.
+        ConfigError: not JSON, or not a JSON object.
     """
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
-            raise ValueError(f"json_schema is not valid JSON ({e}): {schema[:80]!r}") from None
+            raise ConfigError(f"json_schema is not valid JSON ({e}): {schema[:80]!r}") from None
     if not isinstance(schema, Mapping):
-        raise ValueError(
+        raise ConfigError(
             f"json_schema must be a JSON object (a dict or its JSON text), got {schema!r}"
         )
     try:
         return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"json_schema must hold JSON values only: {e}") from None
+        raise ConfigError(f"json_schema must hold JSON values only: {e}") from None
 
 
 def _one_constraint(name: str, value: Any) -> tuple[str, Any]:
@@ -162,7 +164,7 @@ def _one_constraint(name: str, value: Any) -> tuple[str, Any]:
     when it is compiled)."""
     if name == "regex":
         if not isinstance(value, str) or not value:
-            raise ValueError(f"regex must be a non-empty string, got {value!r}")
+            raise ConfigError(f"regex must be a non-empty string, got {value!r}")
         return name, value
     if name == "json_schema":
         # Checked now (every keyword enforced, or refused naming it), before any
@@ -173,10 +175,10 @@ def _one_constraint(name: str, value: Any) -> tuple[str, Any]:
         prepare_schema(text)
         return name, text
     if isinstance(value, str) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"choices must be a non-empty list of strings, got {value!r}")
+        raise ConfigError(f"choices must be a non-empty list of strings, got {value!r}")
     bad = next((i for i, c in enumerate(value) if not isinstance(c, str)), None)
     if bad is not None:
-        raise ValueError(
+        raise ConfigError(
             f"choices must be a non-empty list of strings; choices[{bad}] is "
             f"{value[bad]!r} ({type(value[bad]).__name__})"
         )
@@ -212,7 +214,7 @@ def parse_constraints(
         value)` pairs (or None), one for all rows, or one per row.
 
     Raises:
-        ValueError: naming the field and what is wrong.
+        ConfigError: naming the field and what is wrong.
     """
     given = {k: v for k, v in fields.items() if v is not None}
     if not given:
@@ -220,29 +222,29 @@ def parse_constraints(
     per_row = {k: _is_per_row(k, v) for k, v in given.items()}
     if not any(per_row.values()):
         if len(given) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"set one of regex, json_schema, choices, got {' and '.join(sorted(given))} "
                 "(per-row lists may mix them, one per row)"
             )
         ((name, value),) = given.items()
         return False, [_one_constraint(name, value)]
     if not all(per_row.values()):
-        raise ValueError(
+        raise ConfigError(
             f"{', '.join(sorted(given))}: a per-row list cannot be combined with one constraint "
             "for every row"
         )
     lengths = {k: len(v) for k, v in given.items()}
     if len(set(lengths.values())) != 1:
-        raise ValueError(f"per-row constraint lists must have equal lengths, got {lengths}")
+        raise ConfigError(f"per-row constraint lists must have equal lengths, got {lengths}")
     specs: list[tuple[str, Any] | None] = []
     for row in range(next(iter(lengths.values()))):
         here = {k: v[row] for k, v in given.items() if v[row] is not None}
         if len(here) > 1:
-            raise ValueError(f"row {row} has {' and '.join(sorted(here))}: at most one per row")
+            raise ConfigError(f"row {row} has {' and '.join(sorted(here))}: at most one per row")
         try:
             specs.append(_one_constraint(*next(iter(here.items()))) if here else None)
         except ValueError as e:
-            raise ValueError(f"row {row}: {e}") from None
+            raise ConfigError(f"row {row}: {e}") from None
     if all(s is None for s in specs):
         return None
     return True, specs

@@ -572,3 +572,29 @@ def test_hub_failure_is_one_line(monkeypatch):
     message = str(info.value)
     assert "\n" not in message and "someone/some-model" in message
     assert "Got: ConnectError An error happened. Please check" in message
+
+
+def test_pad_token_id_is_read_as_transformers_reads_it(tmp_path):
+    """A directory without generation_config.json: bos / eos / pad come from
+    config.json, as transformers' `generation_config` takes them (GGUF loading
+    already set pad; HF-directory loading dropped it). A pad id set nowhere else
+    comes from the tokenizer's pad token, as transformers' tokenizer reads it."""
+    bundled = jd.checkpoints.BUNDLED_DIR
+    directory = tmp_path / "no-generation-config"
+    directory.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        shutil.copy(os.path.join(bundled, name), directory / name)
+    config = json.loads(Path(bundled, "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "pad_token_id": 5}))
+
+    ours = jd.from_pretrained(directory).generation_config
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory).generation_config
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.pad_token_id == 5
+
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    ours = jd.from_pretrained(directory).generation_config
+    assert ours.pad_token_id == transformers.AutoTokenizer.from_pretrained(directory).pad_token_id
+    assert ours.pad_token_id == 256

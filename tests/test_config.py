@@ -236,6 +236,18 @@ INVALID = [
     (dict(num_assistant_tokens=0), None, "num_assistant_tokens"),
     (dict(num_assistant_tokens=True), None, "num_assistant_tokens"),
     (dict(num_beams=2, prompt_lookup_num_tokens=3), None, "prompt_lookup_num_tokens"),
+    # Refused only inside generate before issue 24; validate() catches them now.
+    (dict(bad_words_ids=[[]]), None, "bad_words_ids"),
+    (dict(bad_words_ids=[[3], []]), None, "bad_words_ids"),
+    (dict(suppress_tokens=[[]]), None, "suppress_tokens"),
+    (dict(forced_eos_token_id=[[2, 3]]), None, "forced_eos_token_id"),
+    (dict(eos_token_id=[[]]), None, "eos_token_id"),
+    (dict(regex="[a-z]+"), None, "regex needs eos_token_id"),
+    (dict(choices=[["a"], None]), None, "choices needs eos_token_id"),
+    (dict(length_penalty=[1.0, 2.0]), None, "length_penalty"),
+    (dict(do_sample=True, typical_p=[1.0, 0.5]), None, "typical_p"),
+    (dict(do_sample=True, temperature=[0.5, 0.7], top_p=[0.9, 0.8, 0.7]), None, "top_p has 3"),
+    (dict(temperature=[0.5, 0.7], regex=["a", None, "b"], eos_token_id=2), None, "choices has 3"),
 ]
 
 
@@ -243,7 +255,7 @@ INVALID = [
     "fields,vocab_size,name", INVALID, ids=[f"{n}-{i}" for i, (_, _, n) in enumerate(INVALID)]
 )
 def test_validate_names_the_field(fields, vocab_size, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(jd.ConfigError, match=name):
         GC(**fields).validate(vocab_size=vocab_size)
 
 
@@ -499,12 +511,28 @@ def test_split_static_part_is_shared_by_numeric_changes(rng):
 
 @pytest.mark.parametrize(
     "change",
-    [dict(num_beams=4), dict(max_new_tokens=9), dict(eos_token_id=[2]), dict(do_sample=False)],
+    [dict(num_beams=4), dict(output_scores=True), dict(eos_token_id=[2]), dict(do_sample=False)],
 )
 def test_split_static_part_changes_with_shapes_and_code(change):
     sa, _ = jd.split_config(GC(**_BASE, **_A))
     sb, _ = jd.split_config(GC(**{**_BASE, **_A, **change}))
     assert sa != sb
+
+
+@pytest.mark.parametrize("change", [dict(max_new_tokens=9), dict(max_length=30)])
+def test_static_part_carries_no_length(change):
+    """No program reads the config's length (the plan carries the number of new
+    tokens): `max_length=prompt+8` and `max_new_tokens=8` share programs."""
+    assert GC(**_BASE, **_A).static() == GC(**{**_BASE, **_A, **change}).static()
+
+
+def test_static_part_ignores_what_the_strategy_does_not_read():
+    greedy = GC(eos_token_id=2)
+    assert greedy.static() == greedy.replace(early_stopping=True, logprobs_mode="raw").static()
+    assert (
+        greedy.replace(logprobs=2).static()
+        != greedy.replace(logprobs=2, logprobs_mode="raw").static()
+    )
 
 
 def test_split_validates_first():

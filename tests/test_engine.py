@@ -264,7 +264,7 @@ def test_a_cache_that_cannot_fit_is_refused_before_allocating(monkeypatch):
 
     monkeypatch.setattr(engine_mod, "_empty_jit", allocated)
     with pytest.raises(
-        ValueError, match=r"slots=64, max_len=100.*KV cache.*lower slots or max_len"
+        jd.MemoryBudgetError, match=r"slots=64, max_len=100.*KV cache.*lower slots or max_len"
     ):
         Engine(lm, slots=64, max_len=100)
 
@@ -454,3 +454,20 @@ def test_constraint_table_compiles_only_when_its_bucket_grows():
     with pytest.raises(ValueError, match=r"prompt 13: regex '\(' is invalid"):
         engine.submit([prompt, prompt], [{"choices": ["new"]}, {"regex": "("}])
     assert engine.pending == 0 and ("choices", ["new"]) not in engine._table
+
+
+def test_generate_many_sizes_text_prompts_in_tokens():
+    """A text prompt's length is its tokens, not its characters: 12 "é" are 24
+    byte tokens for the bundled model (sized by characters, max_len was 8 columns
+    short and the prompt was refused)."""
+    lm = jd.from_pretrained("bundled")
+    text = "\u00e9" * 12
+    ids = lm.tokenizer.encode(text)
+    assert len(ids) == 24
+    options = dict(do_sample=False, max_new_tokens=3)
+    (res,) = generate_many(lm, [text], slots=2, **options)
+    alone = jd.generate(lm, np.array([ids]), **options)
+    n = int(alone.lengths[0])
+    np.testing.assert_array_equal(
+        res.tokens, np.asarray(alone.sequences)[0, len(ids) : len(ids) + n]
+    )

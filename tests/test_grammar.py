@@ -470,11 +470,13 @@ def test_errors(bundled):
 
 
 def test_config_fields_round_trip():
+    # A constraint needs eos_token_id (validate(), which from_hf runs).
     props = {"b": {"type": "null"}, "a": {"type": "null"}}
-    cfg = jd.GenerationConfig(json_schema={"type": "object", "properties": props})
+    schema = {"type": "object", "properties": props}
+    cfg = jd.GenerationConfig(json_schema=schema, eos_token_id=2)
     text = '{"type":"object","properties":{"b":{"type":"null"},"a":{"type":"null"}}}'
     assert cfg.json_schema == text  # key order kept
-    assert hash(cfg) == hash(jd.GenerationConfig(json_schema=cfg.json_schema))
+    assert hash(cfg) == hash(jd.GenerationConfig(json_schema=cfg.json_schema, eos_token_id=2))
     back = jd.GenerationConfig.from_hf(cfg.to_hf())
     assert back == cfg
     assert jd.GenerationConfig(choices=["a", "b"]).constraints() == (

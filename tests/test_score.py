@@ -337,3 +337,62 @@ def test_score_ends_completions_at_stop_strings():
     assert np.any((lengths < N) & np.isin(last, np.arange(48, 53)))  # stopped by a stop string
     np.testing.assert_array_equal(np.asarray(s.mask).sum(1), lengths)
     np.testing.assert_allclose(s.logprobs, out.token_logprobs, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# One chain builder: score places the caller's processors and the output
+# constraint where generate does (issue 24).
+# --------------------------------------------------------------------------- #
+
+BIAS = {(t,): 4.0 for t in b"aeiou "}  # a per-token bias: pushes tokens into the nucleus
+SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "maxDigits": 2}},
+    "required": ["n"],
+}
+# Rows 0-2 carry one constraint kind each (regex, json_schema, choices), row 3 none.
+CONSTRAINED = dict(
+    regex=[r"[a-z]{2,6}( [a-z]{2,6}){0,3}\.", None, None, None],
+    json_schema=[None, SCHEMA, None, None],
+    choices=[None, None, ["light", "darkness", "waters"], None],
+)
+CHAIN_CASES = {
+    # The issue's case (a per-token bias at temperature 0.7, top-k 30, top-p 0.9),
+    # with a stateful processor and every constraint kind.
+    "sampled": dict(do_sample=True, temperature=0.7, top_k=30, top_p=0.9, **CONSTRAINED),
+    "greedy": dict(do_sample=False),
+}
+
+
+@functools.cache
+def bundled():
+    return jd.from_pretrained("bundled")
+
+
+@pytest.mark.parametrize("name", list(CHAIN_CASES))
+def test_score_places_callers_processors_and_constraints_as_generate(name):
+    """`score(...).logprobs` equals `generate(...).token_logprobs` (under jit) with a
+    caller's stateless and stateful processors (a bias, a repetition penalty, a
+    grammar) and each constraint kind built with the model's tokenizer, greedy
+    and sampling."""
+    lm = bundled()
+    tok = lm.tokenizer
+    if name == "sampled":
+        processor = jd.chain(jd.sequence_bias(BIAS), jd.repetition_penalty(1.5))
+    else:  # a caller's grammar: stateful, its EOS ids from the config
+        processor = jd.chain(jd.sequence_bias(BIAS), jd.regex(r"(and|the|of) [a-z]{1,5}", tok))
+    texts = ["And God said, ", "And the earth ", "Let there be  ", "In the waters "]
+    ids = np.array([tok.encode(t) for t in texts])
+    config = lm.generation_config.replace(max_new_tokens=10, **CHAIN_CASES[name])
+    out = jd.generate(lm, ids, config=config, key=jax.random.key(4), logits_processor=processor)
+
+    @jax.jit
+    def scored(params):
+        return jd.score(
+            lm.replace(params=params), out.sequences, config, prompt_length=ids.shape[1],
+            logits_processor=processor,
+        )  # fmt: skip
+
+    s = scored(lm.params)
+    np.testing.assert_array_equal(np.asarray(s.mask).sum(1), np.asarray(out.lengths))
+    np.testing.assert_allclose(s.logprobs, out.token_logprobs, rtol=0, atol=1e-5)

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from jaxdecode.models.base import Decoder
+from jaxdecode.models.base import Bound, Decoder
 
 Array = jax.Array
 
@@ -33,6 +33,22 @@ def _check_common(init_cache: Any, vocab_size: Any) -> None:
         )
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+
+
+# Module-level, bound with `Bound`: adapting the same module twice gives equal
+# decoders (one compiled program), as a closure per call would not.
+def _linen_apply(
+    module: Any, method: Any, params: Any, ids: Array, positions: Array, cache: Any, mask: Array
+) -> tuple[Array, Any]:
+    return module.apply({"params": params}, ids, positions, cache, mask, method=method)
+
+
+def _nnx_apply(
+    graphdef: Any, params: Any, ids: Array, positions: Array, cache: Any, mask: Array
+) -> tuple[Array, Any]:
+    from flax import nnx
+
+    return nnx.merge(graphdef, params)(ids, positions, cache, mask)
 
 
 def from_linen(
@@ -61,14 +77,9 @@ def from_linen(
         raise ValueError(f"from_linen needs a flax.linen.Module, got {type(module).__name__}")
     _check_common(init_cache, vocab_size)
 
-    def apply(params: Any, ids: Array, positions: Array, cache: Any, attention_mask: Array):
-        return module.apply(
-            {"params": params}, ids, positions, cache, attention_mask, method=method
-        )
-
     return Decoder(
         init_cache=init_cache,
-        apply=apply,
+        apply=Bound(_linen_apply, (module, method)),
         vocab_size=vocab_size,
         max_positions=max_positions,
         name=type(module).__name__,
@@ -98,12 +109,9 @@ def from_nnx(
     _check_common(init_cache, vocab_size)
     graphdef, state = nnx.split(model)
 
-    def apply(params: Any, ids: Array, positions: Array, cache: Any, attention_mask: Array):
-        return nnx.merge(graphdef, params)(ids, positions, cache, attention_mask)
-
     decoder = Decoder(
         init_cache=init_cache,
-        apply=apply,
+        apply=Bound(_nnx_apply, (graphdef,)),
         vocab_size=vocab_size,
         max_positions=max_positions,
         name=type(model).__name__,

@@ -23,13 +23,39 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["Decoder", "positions_from_mask"]
+__all__ = ["Bound", "Decoder", "positions_from_mask"]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """`fn(*args, *call_args)`: a module-level function with its leading arguments
+    fixed, equal (and hashing) by `(fn, args)`.
+
+    A closure made per call is a new object each time, so two `Decoder`s built
+    from one config would differ as static jit arguments and a reloaded model
+    would compile every program again; two `Bound`s over equal (hashable)
+    arguments are equal.
+
+    Attributes:
+        fn: a function with a stable identity (module-level, not a closure).
+        args: its leading arguments, hashable (configs, dtypes, Flax modules).
+    """
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+    def __call__(self, *call_args: Any, **kwargs: Any) -> Any:
+        return self.fn(*self.args, *call_args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
 class Decoder:
-    """A model as pure functions (hashable by identity, so it can be a static jit
-    argument).
+    """A model as pure functions, equal and hashing by value (so it is a static jit
+    argument, and a model loaded twice is the same one: nothing recompiles).
+
+    The functions compare by identity: build them as module-level functions,
+    or `Bound(fn, (config, dtype, ...))` over hashable arguments, not as
+    closures made per call (those make every `Decoder` a new program).
 
     Attributes:
         init_cache: `(batch, max_len, dtype) -> cache` pytree.
@@ -69,6 +95,15 @@ class Decoder:
     limit_name: str = "max_positions"
     fixed_limit: bool = False
     activation_bytes: Callable[[int, int, int], int] | None = None
+
+    def __hash__(self) -> int:
+        # A static jit argument is hashed at every dispatch (each streamed token),
+        # and hashing a model config costs tens of microseconds: computed once.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     def prefill_last(
         self, params: Any, ids: Array, positions: Array, cache: Any, mask: Array

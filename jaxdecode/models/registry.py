@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdecode.errors import UnsupportedModelError
 from jaxdecode.models.base import Decoder
 
 Array = jax.Array
@@ -92,7 +93,7 @@ _REGISTERED_GGUF: dict[str, Family] = {}
 def register(family: Family) -> None:
     """Makes `family` the one `from_pretrained` uses for its model types."""
     if not isinstance(family, Family):
-        raise ValueError(f"register needs a Family, got {type(family).__name__}")
+        raise TypeError(f"register needs a Family, got {type(family).__name__}")
     for model_type in family.model_types:
         _REGISTERED[model_type] = family
     for arch in family.gguf_architectures:
@@ -108,13 +109,13 @@ def lookup(model_type: str) -> Family:
     """The family reading `model_type`.
 
     Raises:
-        ValueError: for a model_type no family reads, listing those supported.
+        UnsupportedModelError: for a model_type no family reads, listing those supported.
     """
     if model_type not in _REGISTERED and model_type in _BUILTIN:
         module = importlib.import_module(_BUILTIN[model_type])
         register(module.FAMILY)
     if model_type not in _REGISTERED:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"config.json model_type {model_type!r} is not supported; jaxdecode reads "
             f"model_type {', '.join(repr(t) for t in model_types())}"
         )
@@ -143,13 +144,13 @@ def lookup_gguf(architecture: str) -> Family:
     """The family reading GGUF files of `general.architecture` `architecture`.
 
     Raises:
-        ValueError: for an architecture no family reads.
+        UnsupportedModelError: for an architecture no family reads.
     """
     if architecture not in _REGISTERED_GGUF and architecture in _BUILTIN_GGUF:
         register(importlib.import_module(_BUILTIN_GGUF[architecture]).FAMILY)
     if architecture not in _REGISTERED_GGUF:
         known = sorted(set(_BUILTIN_GGUF) | set(_REGISTERED_GGUF))
-        raise ValueError(
+        raise UnsupportedModelError(
             f"GGUF general.architecture {architecture!r} is not supported; jaxdecode reads "
             f"{', '.join(repr(a) for a in known)}"
         )
@@ -161,13 +162,13 @@ def family_for_config(config: Any) -> Family:
     that family's config class."""
     model_type = getattr(config, "model_type", None)
     if not isinstance(model_type, str):
-        raise ValueError(
+        raise UnsupportedModelError(
             f"config {type(config).__name__} names no model_type; save_pretrained needs the "
             "config of a registered model family"
         )
     family = lookup(model_type)
     if not isinstance(config, family.config_class):
-        raise ValueError(
+        raise UnsupportedModelError(
             f"config {type(config).__name__} has model_type {model_type!r}, whose family "
             f"{family.name} uses {family.config_class.__name__}"
         )

@@ -74,9 +74,12 @@ def _constraint_and_extra(
                 "or pass jd.regex / jd.json_schema / jd.choice(..., tokenizer) as "
                 "logits_processor"
             )
-        if not config.eos_ids:
-            raise ValueError(f"{names} needs eos_token_id (a row ends with EOS once complete)")
         out.append(from_specs(parsed, tokenizer, config.eos_ids))
+    if extra is not None and not isinstance(extra, LogitsProcessor):
+        raise TypeError(
+            "logits_processor must be a jaxdecode LogitsProcessor or chain, got "
+            f"{type(extra).__name__}"
+        )
     for p in () if extra is None else chain(extra).processors:
         if isinstance(p, Grammar) and p.eos is None:
             if not config.eos_ids:
@@ -260,7 +263,7 @@ def process_logits(
         processor = config if isinstance(config, Chain) else chain(config)
         max_length = length + 1
     else:
-        raise ValueError(f"config must be a GenerationConfig or a LogitsProcessor, got {config!r}")
+        raise TypeError(f"config must be a GenerationConfig or a LogitsProcessor, got {config!r}")
     ctx = DecodeContext.from_ids(
         ids,
         vocab_size=scores.shape[-1],

@@ -122,10 +122,11 @@ class DraftModel:
     k: int
 
     def __hash__(self) -> int:
-        return hash((id(self.decoder), self.k))
+        return hash((self.decoder, self.k))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, DraftModel) and other.decoder is self.decoder and other.k == self.k
+        # By value, as the Decoder: a reloaded draft model compiles nothing.
+        return isinstance(other, DraftModel) and other.decoder == self.decoder and other.k == self.k
 
     def prefill(self, params: Any, ids: Array, mask: Array, expand: int, max_len: int) -> Any:
         """The draft cache after the prompt *minus its last token* (rewound by one

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdecode.checkpoints import checked_tensors
+from jaxdecode.errors import CheckpointError
 from jaxdecode.models.gpt2.config import GPT2Config
 
 __all__ = ["expected_shapes", "params_from_state_dict", "state_dict_from_params"]
@@ -79,12 +80,12 @@ def params_from_state_dict(
     """Checks names and shapes, then builds the Flax parameter tree.
 
     Raises:
-        ValueError: naming the first missing, unexpected or misshapen tensor.
+        CheckpointError: naming the first missing, unexpected or misshapen tensor.
     """
     expected = expected_shapes(config)
     head = state.get("lm_head.weight")
     if head is not None and tuple(head.shape) != expected["wte.weight"]:
-        raise ValueError(
+        raise CheckpointError(
             f"tensor lm_head.weight has shape {tuple(head.shape)}, expected "
             f"{expected['wte.weight']} (tied to wte.weight)"
         )

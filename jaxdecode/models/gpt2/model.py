@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdecode.cache import KVCache, SlotMask, init_cache, slot_mask
-from jaxdecode.models.base import Decoder
+from jaxdecode.models.base import Bound, Decoder
 from jaxdecode.models.gpt2.config import GPT2Config
 from jaxdecode.models.gpt2.sharding import gpt2_param_specs
 from jaxdecode.models.layers import ACTIVATIONS, ATTENTION_BLOCK, Dense, attend, attention_bytes
@@ -143,10 +143,58 @@ class GPT2LMHeadModel(nn.Module):
         return logits, cache.replace(mask=after.mask, index=after.index)
 
 
+def _init_cache(
+    config: GPT2Config, dtype: Any, batch: int, max_len: int, cache_dtype: Any = None
+) -> KVCache:
+    return init_cache(
+        layers=config.n_layer,
+        batch=batch,
+        max_len=max_len,
+        heads=config.n_head,
+        head_dim=config.head_dim,
+        dtype=cache_dtype or dtype,
+    )
+
+
+def _apply(
+    module: GPT2LMHeadModel,
+    params: Any,
+    ids: Array,
+    positions: Array,
+    cache: KVCache,
+    attention_mask: Array,
+) -> tuple[Array, KVCache]:
+    return module.apply({"params": params}, ids, positions, cache, attention_mask)
+
+
+def _prepare(params: Any, rows: int) -> Any:
+    # With one row, XLA:CPU's matrix-vector product reads the tied LM head
+    # [vocab, n_embd] ~25% faster as its transpose [n_embd, vocab] (measured on
+    # GPT-2-small; at 2+ rows the original layout wins). One copy per program,
+    # outside the loop; the barrier stops XLA folding the transpose back into
+    # the dot.
+    if rows != 1 or LM_HEAD_T in params:
+        return params
+    head = jax.lax.optimization_barrier(params["wte"]["embedding"].T)
+    return {**params, LM_HEAD_T: head}
+
+
+def _activation_bytes(
+    config: GPT2Config, dtype: Any, block: int, batch: int, t: int, s: int
+) -> int:
+    """Prefill activations of `batch` x `t` tokens over `s` slots (`Decoder.prefill_bytes`):
+    per token the residual and its norm, q/k/v and the output, the MLP's two widths;
+    and the attention scratch."""
+    width = 6 * config.n_embd + 2 * config.inner_dim
+    itemsize = jnp.dtype(dtype).itemsize
+    return batch * t * width * itemsize + attention_bytes(batch, config.n_head, t, s, block)
+
+
 def gpt2_decoder(
     config: GPT2Config, dtype: Any = jnp.float32, *, attention_block: int = ATTENTION_BLOCK
 ) -> Decoder:
-    """The `Decoder` of a GPT-2 model: pure `init_cache` and `apply`.
+    """The `Decoder` of a GPT-2 model: pure `init_cache` and `apply`, equal for
+    equal `(config, dtype, attention_block)` (module-level functions bound to them).
 
     Args:
         config: the model config; its `n_positions` (the learned position
@@ -157,54 +205,18 @@ def gpt2_decoder(
     """
     module = GPT2LMHeadModel(config, dtype=dtype, attention_block=attention_block)
     last = GPT2LMHeadModel(config, dtype=dtype, last_only=True, attention_block=attention_block)
-
-    def init(batch: int, max_len: int, cache_dtype: Any = None) -> KVCache:
-        return init_cache(
-            layers=config.n_layer,
-            batch=batch,
-            max_len=max_len,
-            heads=config.n_head,
-            head_dim=config.head_dim,
-            dtype=cache_dtype or dtype,
-        )
-
-    def apply(params: Any, ids: Array, positions: Array, cache: KVCache, attention_mask: Array):
-        return module.apply({"params": params}, ids, positions, cache, attention_mask)
-
-    def apply_last(params, ids, positions, cache, attention_mask):
-        return last.apply({"params": params}, ids, positions, cache, attention_mask)
-
-    # Per token: the residual and its norm, q/k/v and the output, the MLP's two widths.
-    width = 6 * config.n_embd + 2 * config.inner_dim
-    itemsize = jnp.dtype(dtype).itemsize
-
-    def activation_bytes(batch: int, t: int, s: int) -> int:
-        heads = config.n_head
-        return batch * t * width * itemsize + attention_bytes(batch, heads, t, s, attention_block)
-
-    def prepare(params: Any, rows: int) -> Any:
-        # With one row, XLA:CPU's matrix-vector product reads the tied LM head
-        # [vocab, n_embd] ~25% faster as its transpose [n_embd, vocab] (measured on
-        # GPT-2-small; at 2+ rows the original layout wins). One copy per program,
-        # outside the loop; the barrier stops XLA folding the transpose back into
-        # the dot.
-        if rows != 1 or LM_HEAD_T in params:
-            return params
-        head = jax.lax.optimization_barrier(params["wte"]["embedding"].T)
-        return {**params, LM_HEAD_T: head}
-
     return Decoder(
-        init_cache=init,
-        apply=apply,
-        prepare=prepare,
+        init_cache=Bound(_init_cache, (config, dtype)),
+        apply=Bound(_apply, (module,)),
+        prepare=_prepare,
         param_specs=gpt2_param_specs,
         vocab_size=config.vocab_size,
         max_positions=config.n_positions,
         name="GPT-2",
-        apply_last=apply_last,
+        apply_last=Bound(_apply, (last,)),
         limit_name="n_positions",
         fixed_limit=True,
-        activation_bytes=activation_bytes,
+        activation_bytes=Bound(_activation_bytes, (config, dtype, attention_block)),
     )
 
 

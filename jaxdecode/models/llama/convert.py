@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdecode.checkpoints import checked_tensors
+from jaxdecode.errors import CheckpointError
 from jaxdecode.models.llama.config import LlamaConfig
 
 __all__ = ["expected_shapes", "params_from_state_dict", "state_dict_from_params"]
@@ -86,13 +87,13 @@ def params_from_state_dict(
     """Checks names and shapes, then builds the Flax parameter tree.
 
     Raises:
-        ValueError: naming the first missing, unexpected or misshapen tensor.
+        CheckpointError: naming the first missing, unexpected or misshapen tensor.
     """
     expected = expected_shapes(config)
     head = state.get("lm_head.weight")
     tied_shape = (config.vocab_size, config.hidden_size)
     if config.tie_word_embeddings and head is not None and tuple(head.shape) != tied_shape:
-        raise ValueError(
+        raise CheckpointError(
             f"tensor lm_head.weight has shape {tuple(head.shape)}, expected "
             f"{expected['model.embed_tokens.weight']} (tied to model.embed_tokens.weight)"
         )

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdecode.cache import KVCache, SlotMask, init_cache, slot_mask
-from jaxdecode.models.base import Decoder
+from jaxdecode.models.base import Bound, Decoder
 from jaxdecode.models.layers import (
     ATTENTION_BLOCK,
     Dense,
@@ -189,10 +189,41 @@ def _empty_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any) -> K
     )
 
 
+def _init_cache(
+    config: LlamaConfig, dtype: Any, batch: int, max_len: int, cache_dtype: Any = None
+) -> KVCache:
+    return _empty_cache(config, batch, max_len, cache_dtype or dtype)
+
+
+def _apply(
+    module: LlamaForCausalLM,
+    params: Any,
+    ids: Array,
+    positions: Array,
+    cache: KVCache,
+    attention_mask: Array,
+) -> tuple[Array, KVCache]:
+    return module.apply({"params": params}, ids, positions, cache, attention_mask)
+
+
+def _activation_bytes(
+    config: LlamaConfig, dtype: Any, block: int, batch: int, t: int, s: int
+) -> int:
+    """Prefill activations of `batch` x `t` tokens over `s` slots (`Decoder.prefill_bytes`):
+    per token at a layer's widest point the residual and its norm, q/k/v/out, the
+    rotary tables, and the MLP's gate, up and their product; and the attention
+    scratch."""
+    d, hq, hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    width = 2 * config.hidden_size + (2 * hq + 2 * hkv + 2) * d + 3 * config.intermediate_size
+    itemsize = jnp.dtype(dtype).itemsize
+    return batch * t * width * itemsize + attention_bytes(batch, hq, t, s, block)
+
+
 def llama_decoder(
     config: LlamaConfig, dtype: Any = jnp.float32, *, attention_block: int = ATTENTION_BLOCK
 ) -> Decoder:
-    """The `Decoder` of a Llama-style model: pure `init_cache` and `apply`.
+    """The `Decoder` of a Llama-style model: pure `init_cache` and `apply`, equal
+    for equal `(config, dtype, attention_block)` (module-level functions bound to them).
 
     Its context length (`max_positions`) is `max_position_embeddings` (the
     extended length, for rope scaling types that extend it), except with
@@ -208,36 +239,17 @@ def llama_decoder(
     """
     module = LlamaForCausalLM(config, dtype=dtype, attention_block=attention_block)
     last = LlamaForCausalLM(config, dtype=dtype, last_only=True, attention_block=attention_block)
-
-    def init(batch: int, max_len: int, cache_dtype: Any = None) -> KVCache:
-        return _empty_cache(config, batch, max_len, cache_dtype or dtype)
-
-    def apply(params: Any, ids: Array, positions: Array, cache: KVCache, attention_mask: Array):
-        return module.apply({"params": params}, ids, positions, cache, attention_mask)
-
-    def apply_last(params, ids, positions, cache, attention_mask):
-        return last.apply({"params": params}, ids, positions, cache, attention_mask)
-
     dynamic = config.rope.get("rope_type") == "dynamic"
-    d, hq, hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
-    # Per token at a layer's widest point: the residual and its norm, q/k/v/out,
-    # the rotary tables, and the MLP's gate, up and their product.
-    width = 2 * config.hidden_size + (2 * hq + 2 * hkv + 2) * d + 3 * config.intermediate_size
-    itemsize = jnp.dtype(dtype).itemsize
-
-    def activation_bytes(batch: int, t: int, s: int) -> int:
-        return batch * t * width * itemsize + attention_bytes(batch, hq, t, s, attention_block)
-
     return Decoder(
-        init_cache=init,
-        apply=apply,
+        init_cache=Bound(_init_cache, (config, dtype)),
+        apply=Bound(_apply, (module,)),
         param_specs=llama_param_specs,
         vocab_size=config.vocab_size,
         max_positions=None if dynamic else config.max_position_embeddings,
         name=_NAMES[config.model_type],
-        apply_last=apply_last,
+        apply_last=Bound(_apply, (last,)),
         limit_name="max_position_embeddings",
-        activation_bytes=activation_bytes,
+        activation_bytes=Bound(_activation_bytes, (config, dtype, attention_block)),
     )
 
 
