@@ -620,7 +620,11 @@ def generate_timed(
     memory of the prepared weights).
 
     Args:
-        model, input_ids, attention_mask, config, **kwargs: as `generate`.
+        model: as `generate`.
+        input_ids: as `generate`.
+        attention_mask: as `generate`.
+        config: as `generate`.
+        **kwargs: `generate`'s keyword arguments and config overrides.
 
     Returns:
         `(the GenerateOutput generate returns, Timings)`.

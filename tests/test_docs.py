@@ -41,7 +41,7 @@ import jaxdecode as jd
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks/README.md"] + sorted(
-    p for p in (ROOT / "docs").rglob("*.md") if "changes" not in p.relative_to(ROOT).parts
+    (ROOT / "docs").rglob("*.md")
 )
 FENCE = re.compile(r"^( *)```([^\n`]*)\n(.*?)^\1```[ \t]*$", re.M | re.S)
 MARKER = re.compile(r"<!--\s*(notest|output)\s*:?\s*(.*?)\s*-->\s*$")
