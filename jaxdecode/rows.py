@@ -88,7 +88,9 @@ def arrayed_fields(config: GenerationConfig, rows: int) -> tuple[str, ...]:
         if value is None:
             continue
         try:  # an array makes a processor present: it may refuse a neutral value
-            trial = from_config(config.replace(**{name: np.full(rows, value)}))
+            arrayed = config.replace(**{name: np.full(rows, value)})
+            arrayed.validate()
+            trial = from_config(arrayed)
         except ValueError:
             continue
         if jax.tree_util.tree_structure(trial) == base:

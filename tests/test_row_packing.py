@@ -45,3 +45,14 @@ def test_engine_and_static_batches_group_alike():
         assert (rows.group_key(longer, lengths_per_row=per_row) == key) is per_row
         assert rows.group_key(no_top_p, lengths_per_row=per_row) != key
     assert rows.arrayed_fields(base, 4) == ("temperature", "top_k", "top_p")  # top_k=50
+
+
+def test_greedy_batches_array_no_value_validate_refuses():
+    """Greedy search has no warpers, so their neutral values would not change the
+    chain; but a per-row typical_p of 1.0 is refused by `validate()`: such a field
+    stays a scalar (a static batch of greedy eval lines must still run)."""
+    greedy = jd.GenerationConfig(do_sample=False, max_new_tokens=4)
+    arrayed = rows.arrayed_fields(greedy, 4)
+    assert "typical_p" not in arrayed
+    packed = greedy.replace(**rows.row_values([greedy] * 4, arrayed))
+    packed.validate()
