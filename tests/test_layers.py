@@ -90,7 +90,7 @@ def test_registry_lookup_and_config_family():
         registry.lookup("bert")
     with pytest.raises(ValueError, match="names no model_type"):
         registry.family_for_config(object())
-    with pytest.raises(ValueError, match="needs a Family"):
+    with pytest.raises(TypeError, match="needs a Family"):  # a wrong type
         registry.register("gpt2")
 
 
