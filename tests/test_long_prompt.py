@@ -255,3 +255,14 @@ def test_memory_check_counts_the_prefill(tmp_path, monkeypatch):
     # The estimate: activations [T, width] and one attention tile, not [T, T].
     prefill = lm.decoder.prefill_bytes(1, 2048, 2052, all_logits=False)
     assert 4 * cache < prefill < 4 * 2048 * 2052 * 4  # below one [heads, T, S] score array
+
+
+@pytest.mark.parametrize("block", [0, -3, 2.5, True, "512"])
+def test_attention_block_is_validated(block):
+    """A decoder's `attention_block` is a positive int, refused by name otherwise."""
+    with pytest.raises(ValueError, match=r"attention_block must be a positive int"):
+        gpt2_decoder(jd.GPT2Config(n_layer=1, n_embd=8, n_head=2), attention_block=block)
+    from jaxdecode.models.llama.config import LlamaConfig
+
+    with pytest.raises(ValueError, match=r"attention_block must be a positive int"):
+        llama_decoder(LlamaConfig(), attention_block=block)

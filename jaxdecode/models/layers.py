@@ -37,6 +37,7 @@ __all__ = [
     "apply_rope",
     "attend",
     "attention_bytes",
+    "check_attention_block",
     "rope_cos_sin",
 ]
 
@@ -93,6 +94,14 @@ class Dense(nn.Module):
 # Queries per block (and keys per block) of the blocked attention; calls with at
 # most this many new tokens (decode steps, short prompts) take the direct path.
 ATTENTION_BLOCK = 512
+
+
+def check_attention_block(block: object) -> int:
+    """`block` if it is a positive int (a decoder's `attention_block`), else a
+    ValueError naming it."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"attention_block must be a positive int, got {block!r}")
+    return block
 
 
 def attend(

@@ -22,7 +22,14 @@ from jaxdecode.cache import KVCache, SlotMask, init_cache, slot_mask
 from jaxdecode.models.base import Bound, Decoder
 from jaxdecode.models.gpt2.config import GPT2Config
 from jaxdecode.models.gpt2.sharding import gpt2_param_specs
-from jaxdecode.models.layers import ACTIVATIONS, ATTENTION_BLOCK, Dense, attend, attention_bytes
+from jaxdecode.models.layers import (
+    ACTIVATIONS,
+    ATTENTION_BLOCK,
+    Dense,
+    attend,
+    attention_bytes,
+    check_attention_block,
+)
 
 Array = jax.Array
 
@@ -203,6 +210,7 @@ def gpt2_decoder(
         attention_block: calls with more new tokens than this attend in blocks of
             this size (`layers.attend`).
     """
+    attention_block = check_attention_block(attention_block)
     module = GPT2LMHeadModel(config, dtype=dtype, attention_block=attention_block)
     last = GPT2LMHeadModel(config, dtype=dtype, last_only=True, attention_block=attention_block)
     return Decoder(

@@ -36,6 +36,7 @@ from jaxdecode.models.layers import (
     apply_rope,
     attend,
     attention_bytes,
+    check_attention_block,
     rope_cos_sin,
 )
 from jaxdecode.models.llama.config import LlamaConfig
@@ -237,6 +238,7 @@ def llama_decoder(
         attention_block: calls with more new tokens than this attend in blocks of
             this size (`layers.attend`).
     """
+    attention_block = check_attention_block(attention_block)
     module = LlamaForCausalLM(config, dtype=dtype, attention_block=attention_block)
     last = LlamaForCausalLM(config, dtype=dtype, last_only=True, attention_block=attention_block)
     dynamic = config.rope.get("rope_type") == "dynamic"
