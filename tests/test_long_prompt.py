@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import (
+from support.hf_models import (
     hf_logits,
     left_padded_batch,
     make_hf_model,

@@ -218,6 +218,9 @@ def _attend_blocked(
 
     Args and returns as `attend` (`q` already in the keys' dtype; `keys` and
     `values` stacked `[layers, batch, kv_heads, S, D]`, read at `layer`).
+
+    A function over ~80 lines: the two nested block loops and the online softmax
+    share their carried sums; split, each piece would need them all as arguments.
     """
     b, t, hq, d = q.shape
     hkv, s = keys.shape[2], keys.shape[3]
