@@ -173,7 +173,9 @@ GENERATE_SCHEMA = "jaxdecode.generate/1"
 EVAL_SCHEMA = "jaxdecode.eval/1"
 
 
-def _load_model(name: str, max_positions: int | None = None):
+def _load_model(name: str, max_positions: int | None = None, why: str | None = ""):
+    """The model; refused without a tokenizer unless `why` is None (every eval
+    line gives `prompt_ids`); `why` says what needs one."""
     import jaxdecode
 
     try:
@@ -181,11 +183,17 @@ def _load_model(name: str, max_positions: int | None = None):
         lm = jaxdecode.from_pretrained(name, max_positions=limit)
     except ValueError as e:
         raise CLIError(f"cannot load model {name!r}: {e}") from None
-    if lm.tokenizer is None:
+    if lm.tokenizer is None and why is not None:
         raise CLIError(
-            f"model {name!r} has no tokenizer (tokenizer.json or vocab.json + merges.txt)"
+            f"model {name!r} has no tokenizer (tokenizer.json or vocab.json + merges.txt){why}"
         )
     return lm
+
+
+def _decode(lm, tokens: list[int]) -> str | None:
+    """The text of `tokens`, or None for a model without a tokenizer (eval lines
+    with `prompt_ids`: records keep `tokens`)."""
+    return None if lm.tokenizer is None else lm.tokenizer.decode(tokens)
 
 
 def _load_assistant(args: argparse.Namespace):
@@ -294,7 +302,7 @@ def _outputs(
         text_tokens = tokens[:-1] if tokens and tokens[-1] in config.eos_ids else tokens
         records.append(
             {
-                "text": lm.tokenizer.decode(text_tokens),
+                "text": _decode(lm, text_tokens),
                 "tokens": tokens,
                 "token_logprobs": [round(float(x), 6) for x in row_logps],
                 "sequence_score": score,
@@ -345,9 +353,9 @@ def _eval_result(rec: dict, config, outputs: list[dict], model: str) -> dict:
     """An eval line's record (`config`: the line's resolved config); a chat line
     (`messages`) keeps them and its rendered prompt; `model` and `options` say what
     made it (`_made_with`)."""
-    chat = {"messages": rec["messages"]} if "messages" in rec else {}
+    given = {k: rec[k] for k in ("messages", "prompt_ids") if k in rec}
     seed = config.seed if config.do_sample else None
-    record = _result(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"], **chat)
+    record = _result(EVAL_SCHEMA, rec.get("prompt"), seed, outputs, id=rec["id"], **given)
     return {**record, **_made_with(model, config)}
 
 
@@ -620,7 +628,7 @@ def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
                 errors.append((n, f"line {n}: {problem}"))
                 continue
             rec.setdefault("id", n)
-            unknown = sorted(set(rec) - names - {"prompt", "messages", "id"})
+            unknown = sorted(set(rec) - names - set(_PROMPT_FIELDS) - {"id"})
             if unknown:
                 msg = f"unknown field {unknown[0]!r} (not a GenerationConfig option)"
                 errors.append((n, f"line {n} (id {rec['id']!r}): {msg}"))
@@ -676,15 +684,32 @@ def _read_text(path: str) -> str:
         ) from None
 
 
+# The ways an eval line gives its prompt: text, a chat, or token ids.
+_PROMPT_FIELDS = ("prompt", "messages", "prompt_ids")
+_NO_PROMPT = (
+    "each line must be an object with a string 'prompt', a list 'messages' or a list 'prompt_ids'"
+)
+
+
 def _prompt_problem(rec: Any) -> str | None:
-    """Why an eval line holds no prompt: it needs a string `prompt` or a chat as
-    `messages` (a list of {"role", "content"} objects), not both."""
+    """Why an eval line holds no prompt: it needs one of a string `prompt`, a chat
+    as `messages` (a list of {"role", "content"} objects) or token ids as
+    `prompt_ids` (vLLM's `prompt_token_ids`: a non-empty list of integers >= 0)."""
     if not isinstance(rec, dict):
-        return "each line must be an object with a string 'prompt' or a list 'messages'"
-    has_prompt, has_messages = "prompt" in rec, "messages" in rec
-    if has_prompt and has_messages:
-        return "give 'prompt' or 'messages', not both"
-    if has_messages:
+        return _NO_PROMPT
+    given = [k for k in _PROMPT_FIELDS if k in rec]
+    if len(given) > 1:
+        return f"give one of 'prompt', 'messages' or 'prompt_ids', not {' and '.join(given)}"
+    if "prompt_ids" in rec:
+        ids = rec["prompt_ids"]
+        ok = isinstance(ids, list) and ids
+        ok = ok and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        if not ok:
+            return (
+                f"'prompt_ids' must be a non-empty list of token ids (integers >= 0), got {ids!r}"
+            )
+        return None
+    if "messages" in rec:
         messages = rec["messages"]
         ok = isinstance(messages, list) and messages
         ok = ok and all(
@@ -697,7 +722,7 @@ def _prompt_problem(rec: Any) -> str | None:
             return "'messages' must be a non-empty list of objects with string 'role' and 'content'"
         return None
     if not isinstance(rec.get("prompt"), str):
-        return "each line must be an object with a string 'prompt' or a list 'messages'"
+        return _NO_PROMPT
     return None
 
 
@@ -759,7 +784,8 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
     prompt's own `max_new_tokens`, as `generate` on that prompt alone would use).
 
     Raises ValueError naming the field."""
-    line = {k: v for k, v in rec.items() if k not in ("prompt", "messages", "id", "_line", "_text")}
+    skip = (*_PROMPT_FIELDS, "id", "_line", "_text")
+    line = {k: v for k, v in rec.items() if k not in skip}
     overrides = {**base, **line}
     if "max_length" in line and "max_new_tokens" not in line:
         overrides.pop("max_new_tokens", None)
@@ -785,12 +811,19 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
 
 def _check_constraint(lm, config) -> None:
     """A line's regex / json_schema / choices: one constraint, compiled now (cached)
-    so that a bad one is reported with the other bad lines, before generating."""
+    so that a bad one is reported with the other bad lines, before generating;
+    it and stop_strings need the model's tokenizer."""
     from jaxdecode.processors.grammar import compile_spec
 
+    if config.stop_strings and lm.tokenizer is None:
+        raise ValueError("stop_strings needs the model's tokenizer (the model has none)")
     parsed = config.constraints()
     if parsed is None:
         return
+    if lm.tokenizer is None:
+        raise ValueError(
+            "regex / json_schema / choices need the model's tokenizer (the model has none)"
+        )
     if parsed[0]:
         raise ValueError("a line's regex / json_schema / choices is one constraint, not a list")
     compile_spec(parsed[1][0], lm.tokenizer)
@@ -925,7 +958,7 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
                     )
                 text = tokens[:-1] if tokens and tokens[-1] in cfg.eos_ids else tokens
                 output = {
-                    "text": lm.tokenizer.decode(text),
+                    "text": _decode(lm, text),
                     "tokens": tokens,
                     "token_logprobs": [round(float(x), 6) for x in row_logps],
                     "sequence_score": None,
@@ -995,7 +1028,9 @@ def _render_chats(lm, records: list, chat: bool, system: str | None) -> tuple[li
     out, errors = [], []
     for r in records:
         try:
-            if "messages" in r:
+            if "prompt_ids" in r:
+                pass  # already tokens: no template
+            elif "messages" in r:
                 text = lm.apply_chat_template(r["messages"], add_generation_prompt=True)
                 r = {**r, "prompt": text, "_text": text}
             elif chat:
@@ -1016,7 +1051,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError("--system needs --chat (it is the chat's system message)")
     _check_paths(args.prompts_file, args.output)
     records, errors = _read_prompts(args.prompts_file)
-    lm = _load_model(args.model, args.max_positions)
+    # Token-id lines need no tokenizer; a file of them only runs a model without one.
+    text_lines = [r["_line"] for r in records if "prompt_ids" not in r]
+    why = f" for line {text_lines[0]}'s text prompt" if text_lines else None
+    lm = _load_model(args.model, args.max_positions, why)
     mesh, lm = _mesh_and_model(args, lm)
     assistant = _load_assistant(args)
     base_overrides = _config_overrides(args)
@@ -1028,7 +1066,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     errors += chat_errors
     for r in records:
         prev = done.get(json.dumps(r["id"]))
-        if prev is not None and prev.get("prompt") != r["prompt"]:
+        if prev is not None and any(prev.get(k) != r.get(k) for k in ("prompt", "prompt_ids")):
             raise CLIError(
                 f"{args.output} has a result for id {r['id']!r} with another prompt than "
                 f"line {r['_line']} of {args.prompts_file}; give another -o"
@@ -1039,7 +1077,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # already in OUT must have been made with this run's options.
     planned = []
     for r in records:
-        encoded = lm.tokenizer.encode(r.get("_text", r["prompt"]))
+        if "prompt_ids" in r:
+            encoded = r["prompt_ids"]
+            if max(encoded) >= lm.vocab_size:
+                msg = f"prompt_ids holds {max(encoded)}, outside the vocabulary [0, {lm.vocab_size - 1}]"
+                errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {msg}"))
+                continue
+        else:
+            encoded = lm.tokenizer.encode(r.get("_text", r["prompt"]))
         if not encoded:
             errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): prompt is empty"))
             continue
