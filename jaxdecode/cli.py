@@ -173,16 +173,23 @@ GENERATE_SCHEMA = "jaxdecode.generate/1"
 EVAL_SCHEMA = "jaxdecode.eval/1"
 
 
-def _load_model(name: str, max_positions: int | None = None, why: str | None = ""):
-    """The model; refused without a tokenizer unless `why` is None (every eval
-    line gives `prompt_ids`); `why` says what needs one."""
+def _load_model(args: argparse.Namespace, why: str | None = ""):
+    """`--model` (with `--adapter`, `--max_positions`); refused without a
+    tokenizer unless `why` is None (every eval line gives `prompt_ids`); `why`
+    says what needs one."""
     import jaxdecode
 
+    name, adapter = args.model, getattr(args, "adapter", None)
     try:
-        limit = "config" if max_positions is None else max_positions
+        limit = "config" if args.max_positions is None else args.max_positions
         lm = jaxdecode.from_pretrained(name, max_positions=limit)
     except ValueError as e:
         raise CLIError(f"cannot load model {name!r}: {e}") from None
+    if adapter is not None:
+        try:
+            lm = lm.load_adapter(adapter)
+        except ValueError as e:
+            raise CLIError(f"cannot load --adapter {adapter!r}: {e}") from None
     if lm.tokenizer is None and why is not None:
         raise CLIError(
             f"model {name!r} has no tokenizer (tokenizer.json or vocab.json + merges.txt){why}"
@@ -349,14 +356,14 @@ def _result(schema: str, prompt: str, seed: int | None, outputs: list[dict], **e
     return {"schema": schema, **extra, "prompt": prompt, "seed": seed, "outputs": outputs}
 
 
-def _eval_result(rec: dict, config, outputs: list[dict], model: str) -> dict:
+def _eval_result(rec: dict, config, outputs: list[dict], args: argparse.Namespace) -> dict:
     """An eval line's record (`config`: the line's resolved config); a chat line
-    (`messages`) keeps them and its rendered prompt; `model` and `options` say what
-    made it (`_made_with`)."""
+    (`messages`) keeps them and its rendered prompt; `model` (and `adapter`) and
+    `options` say what made it (`_made_with`)."""
     given = {k: rec[k] for k in ("messages", "prompt_ids") if k in rec}
     seed = config.seed if config.do_sample else None
     record = _result(EVAL_SCHEMA, rec.get("prompt"), seed, outputs, id=rec["id"], **given)
-    return {**record, **_made_with(model, config)}
+    return {**record, **_made_with(args, config)}
 
 
 def _json_plain(value: Any) -> Any:
@@ -368,10 +375,11 @@ def _json_plain(value: Any) -> Any:
         return repr(value)
 
 
-def _made_with(model: str, config) -> dict[str, Any]:
-    """What produced an eval record: `model` (a path made absolute) and `options`,
-    every field of the line's resolved config that differs from
-    `GenerationConfig()`'s default (its seed and own `max_new_tokens` included)."""
+def _made_with(args: argparse.Namespace, config) -> dict[str, Any]:
+    """What produced an eval record: `model` (a path made absolute), `adapter`
+    (likewise, when `--adapter` was given) and `options`, every field of the line's
+    resolved config that differs from `GenerationConfig()`'s default (its seed and
+    own `max_new_tokens` included)."""
     from jaxdecode.config import GenerationConfig
 
     defaults = GenerationConfig()
@@ -380,8 +388,10 @@ def _made_with(model: str, config) -> dict[str, Any]:
         value = _json_plain(getattr(config, f.name))
         if value != _json_plain(getattr(defaults, f.name)):
             options[f.name] = value
-    model = os.path.abspath(model) if os.path.exists(model) else model
-    return {"model": model, "options": options}
+    absolute = lambda path: os.path.abspath(path) if os.path.exists(path) else path
+    adapter = getattr(args, "adapter", None)
+    made = {"model": absolute(args.model), "options": options}
+    return made if adapter is None else {**made, "adapter": absolute(adapter)}
 
 
 def _changed_options(prev: dict, made: dict[str, Any]) -> str | None:
@@ -393,6 +403,8 @@ def _changed_options(prev: dict, made: dict[str, Any]) -> str | None:
         return "no record of the options that made it (an older jaxdecode wrote it)"
     if prev["model"] != made["model"]:
         return f"--model {prev['model']!r} (now {made['model']!r})"
+    if prev.get("adapter") != made.get("adapter"):
+        return f"--adapter {prev.get('adapter')!r} (now {made.get('adapter')!r})"
     defaults, changed = GenerationConfig(), []
     for f in dataclasses.fields(GenerationConfig):
         default = _json_plain(getattr(defaults, f.name))
@@ -438,7 +450,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     if args.system is not None and not args.chat:
         raise CLIError("--system needs --chat (it is the chat's system message)")
-    lm = _load_model(args.model, args.max_positions)
+    lm = _load_model(args)
     mesh, lm = _mesh_and_model(args, lm)
     config = _make_config(lm, _config_overrides(args))
     assistant = _load_assistant(args)
@@ -964,7 +976,7 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
                     "sequence_score": None,
                     **_engine_logprob_fields(r),
                 }
-                lines.append(_eval_result(rec, cfg, [output], args.model))
+                lines.append(_eval_result(rec, cfg, [output], args))
             write(lines)
         del engine
 
@@ -1001,7 +1013,7 @@ def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assista
                 outputs = _outputs(
                     args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1], mask[i]
                 )
-                lines.append(_eval_result(rec, cfg, outputs, args.model))
+                lines.append(_eval_result(rec, cfg, outputs, args))
             write(lines)
 
 
@@ -1054,7 +1066,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # Token-id lines need no tokenizer; a file of them only runs a model without one.
     text_lines = [r["_line"] for r in records if "prompt_ids" not in r]
     why = f" for line {text_lines[0]}'s text prompt" if text_lines else None
-    lm = _load_model(args.model, args.max_positions, why)
+    lm = _load_model(args, why)
     mesh, lm = _mesh_and_model(args, lm)
     assistant = _load_assistant(args)
     base_overrides = _config_overrides(args)
@@ -1097,7 +1109,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if prev is None:
             planned.append((r, encoded, config))
             continue
-        changed = _changed_options(prev, _made_with(args.model, config))
+        changed = _changed_options(prev, _made_with(args, config))
         if changed:
             raise CLIError(
                 f"{args.output} has a result for id {r['id']!r} (line {r['_line']}) made with "
@@ -1167,7 +1179,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps and --top must be >= 1, got {args.steps} and {args.top}")
     if args.system is not None and not args.chat:
         raise CLIError("--system needs --chat (it is the chat's system message)")
-    lm = _load_model(args.model, args.max_positions)
+    lm = _load_model(args)
     overrides = _config_overrides(args)
     if "max_length" not in overrides:
         overrides.setdefault("max_new_tokens", args.steps)
@@ -1261,6 +1273,13 @@ def _add_assistant(parser: argparse.ArgumentParser) -> None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="bundled", help="'bundled' (default), a local HF directory or a hub id"
+    )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="a PEFT LoRA adapter for --model (adapter_config.json + "
+        "adapter_model.safetensors, or a hub id), applied unmerged",
     )
     parser.add_argument(
         "--max_positions",

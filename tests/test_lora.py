@@ -300,3 +300,40 @@ def test_adapter_on_a_mesh_equals_one_device():
         "q_proj": ["P(None, None)", "P('model', None)"],
         "down_proj": ["P(None, 'model')", "P(None, None)"],
     }
+
+
+def test_cli_eval_with_adapter(llama, tmp_path, capsys, monkeypatch):
+    """`jaxdecode eval --model BASE --adapter DIR`: the adapted model's greedy tokens
+    (token-id lines: the tiny checkpoint has no tokenizer); records name the adapter,
+    and resuming without it is refused."""
+    from jaxdecode.cli import main
+
+    monkeypatch.setenv("JAXDECODE_COMPILATION_CACHE", "off")
+    _, base, adapter = llama
+    ids, mask = _batch(seed=7)
+    rows = [
+        [int(t) for t, m in zip(r, k, strict=True) if m] for r, k in zip(ids, mask, strict=True)
+    ]
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": i, "prompt_ids": r}) + "\n" for i, r in enumerate(rows))
+    )
+    common = ["eval", str(prompts), "-o", str(out), "--model", base, "--quiet"]
+    flags = ["--max_new_tokens", "5", "--no-do_sample", "--eos_token_id", str(V - 1)]
+    assert main([*common, "--adapter", adapter, *flags]) == 0, capsys.readouterr().err
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    lm = jd.from_pretrained(base, adapter=adapter)
+    for i, row in enumerate(rows):
+        want = jd.generate(
+            lm, np.array([row]), max_new_tokens=5, do_sample=False, eos_token_id=V - 1
+        )
+        assert (
+            records[i]["outputs"][0]["tokens"] == np.asarray(want.sequences)[0, len(row) :].tolist()
+        )
+        assert records[i]["adapter"] == os.path.abspath(adapter)
+    capsys.readouterr()
+    assert main([*common, *flags]) == 2
+    err = capsys.readouterr().err
+    assert "made with other options: --adapter" in err, err
+    assert main([*common, "--adapter", base, *flags]) == 2
+    assert "cannot load --adapter" in capsys.readouterr().err
