@@ -38,6 +38,7 @@ __all__ = [
     "is_gguf",
     "read_gguf",
     "read_adapter",
+    "write_adapter",
 ]
 
 CONFIG = "config.json"
@@ -335,6 +336,18 @@ def read_adapter(
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object")
     return path, config, _load_safetensors_file(weights)
+
+
+def write_adapter(directory: str, config: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
+    """Writes a PEFT adapter directory: `adapter_config.json` and
+    `adapter_model.safetensors` (contiguous float32 tensors)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(dict(config), f, indent=2)
+    arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
+    save_file(arrays, os.path.join(directory, ADAPTER_WEIGHTS), {"format": "pt"})
 
 
 @dataclasses.dataclass(frozen=True)

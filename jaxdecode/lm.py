@@ -110,6 +110,19 @@ class CausalLM:
         tree = lora.from_peft(config, state, base, family.param_path, dtype, directory)
         return self.replace(params={**base, lora.LORA: tree})
 
+    def save_adapter(self, directory: str | os.PathLike[str]) -> None:
+        """Writes the model's LoRA adapter (`params["lora"]`, e.g. after training
+        it) as a PEFT adapter directory, `adapter_config.json` and
+        `adapter_model.safetensors`, that PEFT (`PeftModel.from_pretrained`), vLLM
+        and `load_adapter` read back with the same logits. Each entry needs the
+        transformers module name it adapts (`LoraWeights.module`, set when the
+        adapter was read from PEFT)."""
+        _, adapter = lora.split(self.params)
+        if adapter is None:
+            raise ValueError("save_adapter: the model has no LoRA adapter (params['lora'])")
+        config, tensors = lora.to_peft(adapter)
+        checkpoints.write_adapter(os.fspath(directory), config, tensors)
+
     def merge_and_unload(self) -> CausalLM:
         """This model with its LoRA adapter folded into the weights
         (`W + scale * B A`) and removed, as PEFT's `merge_and_unload`: the same

@@ -337,3 +337,51 @@ def test_cli_eval_with_adapter(llama, tmp_path, capsys, monkeypatch):
     assert "made with other options: --adapter" in err, err
     assert main([*common, "--adapter", base, *flags]) == 2
     assert "cannot load --adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+        dict(target_modules="all-linear", use_rslora=True, r=8, lora_alpha=4),
+        dict(
+            target_modules=["k_proj", "o_proj", "up_proj"],
+            rank_pattern={"o_proj": 2},
+            alpha_pattern={"up_proj": 32},
+        ),
+    ],
+    ids=["plain", "rslora", "patterns"],
+)
+def test_save_adapter_round_trips_through_peft(options, tmp_path):
+    # A trained adapter (here: changed values) written back in PEFT's format:
+    # peft loads it and gives our logits; load_adapter reads back the same tree.
+    hf = make_llama_model(seed=6)
+    hf.save_pretrained(tmp_path / "base")
+    _adapter(hf, tmp_path / "lora", **options)
+    lm = jd.from_pretrained(tmp_path / "base", adapter=tmp_path / "lora")
+    trained = jax.tree_util.tree_map(
+        lambda w: w.replace(a=w.a + 0.05, b=-2.0 * w.b),
+        lm.params["lora"],
+        is_leaf=lambda x: isinstance(x, jd.LoraWeights),
+    )
+    lm = lm.replace(params={**lm.params, "lora": trained})
+    lm.save_adapter(tmp_path / "saved")
+    base = type(hf).from_pretrained(tmp_path / "base", attn_implementation="eager").eval()
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "saved").eval()
+    ids, mask = _batch(seed=8)
+    assert _max_real_diff(lm.logits(ids, mask), hf_logits(reloaded, ids, mask), mask) < ATOL
+    again = jd.from_pretrained(tmp_path / "base", adapter=tmp_path / "saved")
+    chex.assert_trees_all_close(again.params["lora"], trained, rtol=0, atol=1e-6)
+    assert jax.tree_util.tree_structure(again.params) == jax.tree_util.tree_structure(lm.params)
+
+
+def test_save_adapter_needs_module_names(llama, tmp_path):
+    _, base, adapter = llama
+    lm = jd.from_pretrained(base, adapter=adapter)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        lm.merge_and_unload().save_adapter(tmp_path / "none")
+    q = lm.params["lora"]["layers_0"]["self_attn"]["q_proj"].replace(module=None)
+    nameless = {"layers_0": {"self_attn": {"q_proj": q}}}
+    with pytest.raises(ValueError, match=r"layers_0.*q_proj.* has no module name"):
+        lm.replace(params={**lm.params, "lora": nameless}).save_adapter(tmp_path / "x")

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdecode import pytree
 
@@ -47,6 +48,7 @@ __all__ = [
     "merge",
     "partition_specs",
     "split",
+    "to_peft",
 ]
 
 # The key of the adapter subtree in a params dict, and the Flax collection it becomes.
@@ -63,11 +65,15 @@ class LoraWeights:
         a: `[rank, in]`, PEFT's `lora_A.weight`.
         b: `[out, rank]`, PEFT's `lora_B.weight`.
         scale: `lora_alpha / rank` (rsLoRA: `lora_alpha / sqrt(rank)`), static.
+        module: the transformers module name it adapts (e.g.
+            `"model.layers.0.self_attn.q_proj"`), static; set when read from a
+            PEFT adapter, needed to write one (`to_peft`).
     """
 
     a: Array
     b: Array
     scale: float = pytree.field(pytree_node=False, default=1.0)
+    module: str | None = pytree.field(pytree_node=False, default=None)
 
     def __call__(self, x: Array) -> Array:
         """The update for inputs `x: [..., in]`: `[..., out]` in `x`'s dtype,
@@ -155,7 +161,7 @@ def partition_specs(adapter: Any, base_specs: Any) -> Any:
         for k in path:
             node = node[getattr(k, "key", getattr(k, "name", k))]
         out, inp = (tuple(node["weight"]) + (None, None))[:2]
-        return LoraWeights(a=P(None, inp), b=P(out, None), scale=w.scale)
+        return LoraWeights(a=P(None, inp), b=P(out, None), scale=w.scale, module=w.module)
 
     return jax.tree_util.tree_map_with_path(spec, adapter, is_leaf=_is_weights)
 
@@ -301,6 +307,56 @@ def from_peft(
         for p in path[:-2]:
             node = node.setdefault(p, {})
         node[path[-2]] = LoraWeights(
-            a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), scale=float(scale)
+            a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), scale=float(scale), module=module
         )
     return tree
+
+
+def _most_common(values: list[Any]) -> Any:
+    return max(sorted(set(values), key=str), key=values.count)
+
+
+def to_peft(adapter: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """`(adapter_config.json as a dict, adapter_model.safetensors's tensors)` of
+    an adapter subtree, which PEFT loads (`PeftModel.from_pretrained`): `r` and
+    `lora_alpha` are the most common rank and `scale * rank`, a module that
+    differs gets `rank_pattern` / `alpha_pattern` entries under its full name;
+    tensors are float32.
+
+    Raises:
+        ValueError: for an entry without its transformers module name (`module`).
+    """
+    entries = jax.tree_util.tree_leaves(adapter, is_leaf=_is_weights)
+    if not entries:
+        raise ValueError("the adapter has no LoraWeights to write")
+    for path, w in jax.tree_util.tree_flatten_with_path(adapter, is_leaf=_is_weights)[0]:
+        if w.module is None:
+            raise ValueError(
+                f"adapter entry {jax.tree_util.keystr(path)} has no module name (LoraWeights."
+                "module, the transformers module it adapts), so PEFT could not place it"
+            )
+    ranks = {w.module: int(w.a.shape[0]) for w in entries}
+    alphas = {w.module: float(w.scale) * ranks[w.module] for w in entries}
+    alphas = {m: int(v) if float(v).is_integer() else v for m, v in alphas.items()}
+    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": False,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+        "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    tensors = {}
+    for w in entries:
+        prefix = f"base_model.model.{w.module}"
+        tensors[prefix + ".lora_A.weight"] = np.asarray(w.a, np.float32)
+        tensors[prefix + ".lora_B.weight"] = np.asarray(w.b, np.float32)
+    return config, tensors
