@@ -138,6 +138,18 @@ def test_gpt2_conv1d_adapter_matches_peft(tmp_path):
     assert _max_real_diff(lm.logits(ids, mask), ref, mask) < ATOL
     merged = lm.merge_and_unload()
     assert _max_real_diff(merged.logits(ids, mask), ref, mask) < ATOL
+    # One row: GPT-2's decoder adds a transposed LM head beside the adapter (prepare).
+    row = ids[:1, PADS[0] :]
+    with torch.no_grad():
+        want = peft_model.generate(
+            input_ids=torch.as_tensor(row, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=6,
+            eos_token_id=V + 1,
+            pad_token_id=0,
+        ).numpy()
+    got = jd.generate(lm, row, do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(got.sequences), want)
 
 
 @pytest.mark.parity
