@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdecode import checkpoints, pytree
 from jaxdecode.config import GenerationConfig
@@ -108,6 +109,46 @@ class CausalLM:
         base, _ = lora.split(self.params)
         dtype = jax.tree_util.tree_leaves(base)[0].dtype
         tree = lora.from_peft(config, state, base, family.param_path, dtype, directory)
+        return self.replace(params={**base, lora.LORA: tree})
+
+    def add_adapter(
+        self,
+        target_modules: Any,
+        *,
+        r: int = 8,
+        lora_alpha: float = 8,
+        use_rslora: bool = False,
+        key: Any = None,
+    ) -> CausalLM:
+        """This model with a fresh LoRA adapter to train, as PEFT's
+        `get_peft_model(model, LoraConfig(...))` initialises one: `a` uniform in
+        `±1/sqrt(in)`, `b` zero (so the model starts as the base model), as
+        `params["lora"]`; `save_adapter` writes it in PEFT's format.
+
+        Args:
+            target_modules: transformers module names as PEFT takes them: a list
+                matched by their last components (`["q_proj", "v_proj"]`,
+                GPT-2's `["c_attn"]`), a regular expression over the full name,
+                or "all-linear" (every projection but the LM head).
+            r: the rank.
+            lora_alpha: the update's scale is `lora_alpha / r`.
+            use_rslora: scale `lora_alpha / sqrt(r)` instead.
+            key: a PRNG key for `a` (default `jax.random.key(0)`).
+        """
+        family = registry.family_for_config(self.config)
+        if family.param_path is None:
+            raise ValueError(f"the {family.name} family cannot take LoRA adapters")
+        base, _ = lora.split(self.params)
+        # The family's checkpoint names, from a tree of scalars (no weight copied).
+        names = family.state_dict_from_params(
+            jax.tree_util.tree_map(lambda _: np.zeros((), np.float32), base), self.config
+        )
+        modules = lora.projections(base, names, family.param_path)
+        dtype = jax.tree_util.tree_leaves(base)[0].dtype
+        key = jax.random.key(0) if key is None else key
+        tree = lora.init_adapter(
+            base, modules, target_modules, r, lora_alpha, use_rslora, key, dtype
+        )
         return self.replace(params={**base, lora.LORA: tree})
 
     def save_adapter(self, directory: str | os.PathLike[str]) -> None:

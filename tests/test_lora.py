@@ -397,3 +397,67 @@ def test_save_adapter_needs_module_names(llama, tmp_path):
     nameless = {"layers_0": {"self_attn": {"q_proj": q}}}
     with pytest.raises(ValueError, match=r"layers_0.*q_proj.* has no module name"):
         lm.replace(params={**lm.params, "lora": nameless}).save_adapter(tmp_path / "x")
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize(
+    "family, targets",
+    [
+        ("llama", ["q_proj", "v_proj"]),
+        ("llama", r".*\.layers\.1\..*_proj"),
+        ("llama", "all-linear"),
+        ("gpt2", ["c_attn", "c_fc"]),
+    ],
+    ids=["llama-list", "llama-regex", "llama-all-linear", "gpt2"],
+)
+def test_add_adapter_targets_what_peft_targets(family, targets, tmp_path):
+    # A fresh adapter: the modules PEFT's get_peft_model adapts for the same
+    # target_modules, B zero (the base model's logits); trained (here: B set),
+    # saved, and loaded by peft with our logits.
+    hf = make_llama_model(seed=9) if family == "llama" else make_hf_model(seed=9)
+    hf.save_pretrained(tmp_path / "base")
+    lm = jd.from_pretrained(tmp_path / "base")
+    fresh = lm.add_adapter(targets, r=4, lora_alpha=8, key=jax.random.key(2))
+    ids, mask = _batch(seed=9)
+    np.testing.assert_array_equal(
+        np.asarray(fresh.logits(ids, mask)), np.asarray(lm.logits(ids, mask))
+    )
+    ours = {
+        w.module
+        for w in jax.tree_util.tree_leaves(
+            fresh.params["lora"], is_leaf=lambda x: isinstance(x, jd.LoraWeights)
+        )
+    }
+    peft_model = _adapter(
+        hf, tmp_path / "peft", target_modules=targets, fan_in_fan_out=family == "gpt2"
+    )
+    theirs = {
+        k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        for k in peft.get_peft_model_state_dict(peft_model)
+        if k.endswith("lora_A.weight")
+    }
+    assert ours == theirs
+    keys = iter(jax.random.split(jax.random.key(3), 64))
+    trained = jax.tree_util.tree_map(
+        lambda w: w.replace(b=jax.random.normal(next(keys), w.b.shape)),
+        fresh.params["lora"],
+        is_leaf=lambda x: isinstance(x, jd.LoraWeights),
+    )
+    trained_lm = fresh.replace(params={**fresh.params, "lora": trained})
+    trained_lm.save_adapter(tmp_path / "saved")
+    base = type(hf).from_pretrained(tmp_path / "base").eval()
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "saved").eval()
+    ref = hf_logits(reloaded, ids, mask)
+    assert _max_real_diff(trained_lm.logits(ids, mask), ref, mask) < ATOL
+    assert _max_real_diff(lm.logits(ids, mask), ref, mask) > 0.1
+
+
+def test_add_adapter_refuses_bad_targets(llama):
+    _, base, _ = llama
+    lm = jd.from_pretrained(base)
+    with pytest.raises(ValueError, match=r"matches no linear projection.*'q_proj'"):
+        lm.add_adapter(["c_attn"])
+    with pytest.raises(ValueError, match="target_modules must be"):
+        lm.add_adapter([])
+    with pytest.raises(ValueError, match="r must be a positive integer, got 0"):
+        lm.add_adapter(["q_proj"], r=0)

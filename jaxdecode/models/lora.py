@@ -45,8 +45,10 @@ __all__ = [
     "flax_variables",
     "from_peft",
     "has_lora",
+    "init_adapter",
     "merge",
     "partition_specs",
+    "projections",
     "split",
     "to_peft",
 ]
@@ -360,3 +362,102 @@ def to_peft(adapter: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         tensors[prefix + ".lora_A.weight"] = np.asarray(w.a, np.float32)
         tensors[prefix + ".lora_B.weight"] = np.asarray(w.b, np.float32)
     return config, tensors
+
+
+def projections(params: Mapping[str, Any], names: Any, param_path: Any) -> dict[str, tuple]:
+    """The linear projections of a model by transformers module name: `{module
+    name: params path}` for every tensor name in `names` (a family's checkpoint
+    names) whose params path ends in a `[out, in]` `weight`."""
+    out = {}
+    for name in names:
+        if not name.endswith(".weight"):
+            continue
+        path = tuple(param_path(name))
+        node: Any = params
+        for p in path[:-1]:
+            node = node.get(p) if isinstance(node, Mapping) else None
+        if path[-1] == "weight" and isinstance(node, Mapping) and np.ndim(node["weight"]) == 2:
+            out[name.removesuffix(".weight")] = path
+    return out
+
+
+def _targeted(module: str, target_modules: Any) -> bool:
+    """PEFT's rule: a string is a regular expression the whole name must match;
+    a list names modules by their last components."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def init_adapter(
+    params: Mapping[str, Any],
+    modules: Mapping[str, tuple],
+    target_modules: Any,
+    r: int,
+    lora_alpha: float,
+    use_rslora: bool,
+    key: Array,
+    dtype: Any,
+) -> dict[str, Any]:
+    """A fresh adapter subtree, as PEFT initialises one (`init_lora_weights=True`):
+    `a` uniform in `±1/sqrt(in)` (Kaiming-uniform with `a=sqrt(5)`), `b` zero, so
+    the model starts as the base model.
+
+    Args:
+        params: the base params.
+        modules: `projections(...)` of the model.
+        target_modules: module names (a list: matched by their last components),
+            a regular expression (a string), or "all-linear" (every projection
+            but the LM head).
+        r: the rank.
+        lora_alpha: the scale's numerator.
+        use_rslora: scale `lora_alpha / sqrt(r)` instead of `lora_alpha / r`.
+        key: a PRNG key for `a`.
+        dtype: the adapter weights' dtype.
+
+    Raises:
+        ValueError: naming a bad `r` / `lora_alpha` / `target_modules`, or targets
+            that match no projection (listing those there are).
+    """
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+        raise ValueError(f"lora_alpha must be a number, got {lora_alpha!r}")
+    if target_modules == "all-linear":
+        chosen = [m for m in modules if m.rsplit(".", 1)[-1] != "lm_head"]
+    else:
+        ok = isinstance(target_modules, str) or (
+            isinstance(target_modules, (list, tuple))
+            and target_modules
+            and all(isinstance(t, str) for t in target_modules)
+        )
+        if not ok:
+            raise ValueError(
+                "target_modules must be a list of module names, a regular expression or "
+                f"'all-linear', got {target_modules!r}"
+            )
+        chosen = [m for m in modules if _targeted(m, target_modules)]
+    if not chosen:
+        last = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        raise ValueError(
+            f"target_modules {target_modules!r} matches no linear projection of this model; "
+            f"its projections are named {last}"
+        )
+    scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+    tree: dict[str, Any] = {}
+    for module, k in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
+        path = modules[module]
+        node: Any = params
+        for p in path[:-1]:
+            node = node[p]
+        out_dim, in_dim = node["weight"].shape
+        bound = 1.0 / math.sqrt(in_dim)
+        a = jax.random.uniform(k, (r, in_dim), jnp.float32, -bound, bound).astype(dtype)
+        entry = LoraWeights(
+            a=a, b=jnp.zeros((out_dim, r), dtype), scale=float(scale), module=module
+        )
+        node = tree
+        for p in path[:-2]:
+            node = node.setdefault(p, {})
+        node[path[-2]] = entry
+    return tree
