@@ -20,6 +20,13 @@ own, and a projection without an entry pays nothing.
 
 `merge(params)` folds every update into its weight (`W + scale * B A`) and drops
 the subtree: the same logits at the speed of the base model.
+
+PEFT's format both ways: `from_peft` (with `check_peft_config`, which refuses
+options beyond plain LoRA by name) reads an adapter, `to_peft` writes one, and
+`init_adapter` makes a fresh one as PEFT's `get_peft_model` does. The reading
+and writing of files is `checkpoints.read_adapter` / `write_adapter`; `CausalLM`
+(`load_adapter`, `add_adapter`, `save_adapter`, `merge_and_unload`) ties them
+to a model. (~460 lines: the mechanism and PEFT's format, one concept.)
 """
 
 from __future__ import annotations
