@@ -335,13 +335,10 @@ def test_cli_eval_with_adapter(llama, tmp_path, capsys, monkeypatch):
     assert main([*common, "--adapter", adapter, *flags]) == 0, capsys.readouterr().err
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     lm = jd.from_pretrained(base, adapter=adapter)
-    for i, row in enumerate(rows):
-        want = jd.generate(
-            lm, np.array([row]), max_new_tokens=5, do_sample=False, eos_token_id=V - 1
-        )
-        assert (
-            records[i]["outputs"][0]["tokens"] == np.asarray(want.sequences)[0, len(row) :].tolist()
-        )
+    want = jd.generate(lm, ids, mask, max_new_tokens=5, do_sample=False, eos_token_id=V - 1)
+    for i in range(len(rows)):
+        tokens = np.asarray(want.sequences)[i, LENGTH : LENGTH + int(want.lengths[i])]
+        assert records[i]["outputs"][0]["tokens"] == tokens.tolist()
         assert records[i]["adapter"] == os.path.abspath(adapter)
     capsys.readouterr()
     assert main([*common, *flags]) == 2
