@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import count_compiles
-from hf_models import hf_logits, left_padded_batch, make_hf_model, make_llama_model
+from support import count_compiles
+from support.hf_models import hf_logits, left_padded_batch, make_hf_model, make_llama_model
 
 import jaxdecode as jd
 from jaxdecode.models import lora

@@ -37,6 +37,7 @@ from jaxdecode.models.layers import (
     apply_rope,
     attend,
     attention_bytes,
+    blocked,
     check_attention_block,
     rope_cos_sin,
 )
@@ -97,9 +98,7 @@ class _Attention(nn.Module):
             k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache = cache.write(self.layer, k, v)
-        out = attend(
-            q, cache.k[self.layer], cache.v[self.layer], visible, d**-0.5, block=self.block
-        )
+        out = attend(q, cache.k, cache.v, visible, d**-0.5, block=self.block, layer=self.layer)
         out = proj(cfg.hidden_size, "o_proj", cfg.o_bias)(out.reshape(b, t, hq * d))
         return out, cache
 
@@ -163,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
             # transformers' sliding_window_overlay on cache positions:
             # key slot > query slot - window.
             layer_mask = slots.with_window(cfg.sliding(i))
-            if ids.shape[1] <= self.attention_block:
+            if not blocked(ids.shape[1], cache.max_len, self.attention_block):
                 if layer_mask.window not in dense:
                     dense[layer_mask.window] = layer_mask.dense()
                 layer_mask = dense[layer_mask.window]
