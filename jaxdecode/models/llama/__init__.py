@@ -25,6 +25,7 @@ FAMILY = Family(
     state_dict_from_params=convert.state_dict_from_params,
     param_specs=llama_param_specs,
     init_params=init_params,
+    param_path=convert.param_path,
     gguf_architectures=("llama",),
     from_gguf=from_gguf,
 )

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdecode.cache import KVCache, SlotMask, init_cache, slot_mask
+from jaxdecode.models import lora
 from jaxdecode.models.base import Bound, Decoder
 from jaxdecode.models.layers import (
     ATTENTION_BLOCK,
@@ -203,7 +204,7 @@ def _apply(
     cache: KVCache,
     attention_mask: Array,
 ) -> tuple[Array, KVCache]:
-    return module.apply({"params": params}, ids, positions, cache, attention_mask)
+    return module.apply(lora.flax_variables(params), ids, positions, cache, attention_mask)
 
 
 def _activation_bytes(
