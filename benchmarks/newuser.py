@@ -110,16 +110,20 @@ def early_stop_library(model: str, lengths: list[int], loop: str | None) -> dict
     text = lm.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     ids = [lm.tokenizer.encode(text)]
     kw = {} if loop is None else {"loop": loop}
-    out = {}
-    for n in lengths:
-        jax.block_until_ready(lm.generate(ids, max_new_tokens=n, **kw).sequences)  # compiles
-        times = []
-        for _ in range(3):  # best of 3: other work on the machine only adds time
+    for n in lengths:  # compile every length first
+        jax.block_until_ready(lm.generate(ids, max_new_tokens=n, **kw).sequences)
+    times: dict[int, list[float]] = {n: [] for n in lengths}
+    tokens = {}
+    for _ in range(5):  # interleaved, best of 5: other work on the machine only adds time
+        for n in lengths:
             t0 = time.perf_counter()
             res = lm.generate(ids, max_new_tokens=n, **kw)
             jax.block_until_ready(res.sequences)
-            times.append(time.perf_counter() - t0)
-        out[n] = {"wall_s": round(min(times), 3), "tokens": int(res.lengths[0])}
+            times[n].append(time.perf_counter() - t0)
+            tokens[n] = int(res.lengths[0])
+    out = {}
+    for n in lengths:
+        out[n] = {"wall_s": round(min(times[n]), 3), "tokens": tokens[n]}
         print(f"library max_new_tokens={n}: {out[n]}", flush=True)
     return out
 

@@ -44,6 +44,11 @@ V = 96
         (2, 2, 9, 0, 0, (4,), None, 16, None),  # one block wider than T and S
         (6, 2, 1, 33, 6, (0, 0), None, 8, None),  # a decode step over a wide cache
         (4, 4, 3, 30, 9, (1, 0), 4, 8, 2.0),  # a few tokens, wide cache, window, soft-cap
+        # Key blocks narrower than the block (128 of 256): a step, and a few tokens
+        # whose window starts inside the second key block.
+        (6, 2, 1, 290, 9, (0, 0), None, 256, None),
+        (4, 2, 3, 150, 140, (0, 1), 20, 256, None),
+        (4, 2, 3, 1, 290, (0, 1), None, 256, None),  # the last key block overlaps
     ],
 )
 def test_blocked_attention_equals_direct(hq, hkv, t, extra, start, pads, window, block, softcap):
