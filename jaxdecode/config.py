@@ -4,7 +4,8 @@ Field names and defaults follow `transformers.GenerationConfig` (v5, with its
 global defaults filled in: `top_k=50`, ...; `max_length=None` means 20 new
 tokens, as transformers' default does), so a
 `generation_config.json` from the hub reads and writes unchanged. Our additions:
-`frequency_penalty`, `presence_penalty`, `seed`, `repetition_penalty_form`,
+`frequency_penalty`, `presence_penalty`, `prompt_ignore_length` (an argument
+of transformers' repetition-penalty processor, not of its config), `seed`, `repetition_penalty_form`,
 `top_k_method`, `top_p_method`, the output constraints `regex`,
 `json_schema`, `choices`, and the log-probability outputs named as
 vLLM's `SamplingParams`: `logprobs` (top-N alternatives per step),
@@ -101,6 +102,7 @@ class GenerationConfig:
     num_return_sequences: int = _field(1)
     # Warpers (sampling only).
     temperature: PerRowFloat = _field(1.0, per_row=True)
+    top_h: PerRowFloat | None = _field(None, per_row=True)
     top_k: PerRowInt = _field(50, per_row=True)
     top_p: PerRowFloat = _field(1.0, per_row=True)
     min_p: PerRowFloat | None = _field(None, per_row=True)
@@ -109,6 +111,7 @@ class GenerationConfig:
     eta_cutoff: PerRowFloat = _field(0.0, per_row=True)
     # Processors.
     repetition_penalty: PerRowFloat = _field(1.0, per_row=True)
+    prompt_ignore_length: PerRowInt = _field(0, hf=False, per_row=True)
     no_repeat_ngram_size: int = _field(0)
     bad_words_ids: TokenSequences | None = _field(None)
     sequence_bias: SequenceBias | None = _field(None)
@@ -246,6 +249,8 @@ class GenerationConfig:
             check_range("temperature", self.temperature, lo=0.0)
         check_range("top_k", self.top_k, lo=0, integer=True)
         check_range("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        if self.top_h is not None:
+            check_range("top_h", self.top_h, lo=0.0, hi=1.0, lo_open=True)
         if self.min_p is not None:
             check_range("min_p", self.min_p, lo=0.0, hi=1.0)
         # 1.0 (the default) turns typical sampling off; per row the processor is
@@ -262,6 +267,7 @@ class GenerationConfig:
         check_range("epsilon_cutoff", self.epsilon_cutoff, lo=0.0, hi=1.0, hi_open=True)
         check_range("eta_cutoff", self.eta_cutoff, lo=0.0, hi=1.0, hi_open=True)
         check_range("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        check_range("prompt_ignore_length", self.prompt_ignore_length, lo=0, integer=True)
         check_range("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
         check_range("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         if self.seed is not None and (

@@ -71,8 +71,9 @@ def test_fields_are_typed_precisely_and_carry_their_metadata():
         assert f.metadata["hf"] == (f.name in hf_fields), f.name
     assert tuple(f.name for f in dataclasses.fields(GC) if f.metadata["hf"]) == HF_FIELDS
     assert set(PER_ROW_FIELDS) == {
-        "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
-        "eta_cutoff", "repetition_penalty", "frequency_penalty", "presence_penalty",
+        "temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
+        "eta_cutoff", "repetition_penalty", "prompt_ignore_length", "frequency_penalty",
+        "presence_penalty",
     }  # fmt: skip
     assert FIELD_CHOICES == {
         "repetition_penalty_form": ("hf", "ctrl"),
@@ -87,7 +88,8 @@ def test_fields_are_typed_precisely_and_carry_their_metadata():
 
 
 def test_per_row_fields_take_one_value_per_row():
-    values = {"top_k": [3, 5]} | {n: [0.5, 0.6] for n in PER_ROW_FIELDS if n != "top_k"}
+    ints = {"top_k": [3, 5], "prompt_ignore_length": [0, 4]}
+    values = ints | {n: [0.5, 0.6] for n in PER_ROW_FIELDS if n not in ints}
     GC(do_sample=True, **values).validate()
 
 
@@ -103,6 +105,7 @@ CLI_VALUES = {
     "length_penalty": (["0.5"], 0.5),
     "num_return_sequences": (["1"], 1),
     "temperature": (["0.7"], 0.7),
+    "top_h": (["0.4"], 0.4),
     "top_k": (["5"], 5),
     "top_p": (["0.9"], 0.9),
     "min_p": (["0.1"], 0.1),
@@ -110,6 +113,7 @@ CLI_VALUES = {
     "epsilon_cutoff": (["0.001"], 0.001),
     "eta_cutoff": (["0.002"], 0.002),
     "repetition_penalty": (["1.2"], 1.2),
+    "prompt_ignore_length": (["3"], 3),
     "no_repeat_ngram_size": (["3"], 3),
     "bad_words_ids": (["[[5], [6, 7]]"], ((5,), (6, 7))),
     "sequence_bias": (["[[[5], 1.5]]"], (((5,), 1.5),)),
@@ -302,6 +306,7 @@ def _rich_config():
         min_length=3,
         do_sample=True,
         temperature=0.7,
+        top_h=0.6,
         top_k=40,
         top_p=0.9,
         min_p=0.05,
@@ -309,6 +314,7 @@ def _rich_config():
         epsilon_cutoff=3e-4,
         eta_cutoff=1e-3,
         repetition_penalty=1.2,
+        prompt_ignore_length=2,
         no_repeat_ngram_size=3,
         bad_words_ids=[[5], [7, 8]],
         sequence_bias=[[[3], -1.5], [[4, 5], 2.0]],

@@ -39,6 +39,7 @@ from jaxdecode.processors.warpers import (
     eta_cutoff,
     min_p,
     temperature,
+    top_h,
     top_k,
     top_p,
     typical_p,
@@ -116,7 +117,11 @@ def from_config(
         procs.append(sequence_bias(config.sequence_bias))
     if _is_active(config.repetition_penalty, 1.0):
         procs.append(
-            repetition_penalty(config.repetition_penalty, form=config.repetition_penalty_form)
+            repetition_penalty(
+                config.repetition_penalty,
+                form=config.repetition_penalty_form,
+                prompt_ignore_length=config.prompt_ignore_length,
+            )
         )
     if _is_active(config.frequency_penalty, 0.0) or _is_active(config.presence_penalty, 0.0):
         procs.append(frequency_presence_penalty(config.frequency_penalty, config.presence_penalty))
@@ -157,6 +162,8 @@ def from_config(
         # Always present when sampling (x / 1.0 is exact), so that sweeping the
         # temperature from 1.0 does not change the program.
         procs.append(temperature(config.temperature))
+        if config.top_h is not None:
+            procs.append(top_h(config.top_h))
         if isinstance(config.top_k, jax.core.Tracer) or np.any(np.asarray(config.top_k) != 0):
             procs.append(top_k(config.top_k, min_tokens_to_keep=keep, method=config.top_k_method))
         if _is_active(config.top_p, 1.0, below=True):
