@@ -19,7 +19,7 @@ from jaxdecode.cache import (
     take_rows,
     visible_slots,
 )
-from jaxdecode.config import GenerationConfig, StaticConfig
+from jaxdecode.config import GenerationConfig, StaticConfig, WatermarkingConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.engine import Engine, EngineResult, generate_many
 from jaxdecode.errors import CheckpointError, ConfigError, MemoryBudgetError, UnsupportedModelError
@@ -33,6 +33,8 @@ from jaxdecode.processors import (
     Grammar,
     LogitsProcessor,
     TracedConfig,
+    Watermark,
+    WatermarkDetection,
     bad_words_ids,
     begin_suppress_tokens,
     chain,
@@ -65,6 +67,8 @@ from jaxdecode.processors import (
     top_k,
     top_p,
     typical_p,
+    watermark,
+    watermark_detect,
 )
 from jaxdecode.pytree import dataclass as pytree_dataclass
 from jaxdecode.pytree import field as pytree_field
@@ -157,6 +161,11 @@ __all__ = [
     "top_p",
     "TracedConfig",
     "typical_p",
+    "Watermark",
+    "WatermarkDetection",
+    "WatermarkingConfig",
+    "watermark",
+    "watermark_detect",
     "visible_slots",
     # The cache protocol (cache.py).
     "Cache",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -51,6 +52,7 @@ __all__ = [
     "SEED_MAX",
     "GenerationConfig",
     "StaticConfig",
+    "WatermarkingConfig",
 ]
 
 # Seeds are 32-bit: `jax.random.key` keeps only the low 32 bits of larger seeds
@@ -71,6 +73,83 @@ SequenceBias = Mapping[tuple[int, ...], float] | Sequence[tuple[Sequence[int], f
 Regex = str | Sequence[str | None]
 JsonSchema = Mapping[str, object] | str | Sequence[Mapping[str, object] | str | None]
 Choices = Sequence[str] | Sequence[Sequence[str] | None]
+
+
+SEEDING_SCHEMES = ("lefthash", "selfhash")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WatermarkingConfig:
+    """transformers' `WatermarkingConfig`, with its field names and defaults.
+
+    Attributes:
+        greenlist_ratio: fraction of the vocabulary in each green list, in (0, 1).
+        bias: added to the green tokens' logits; a number or one per row.
+        hashing_key: the secret key (an integer in [0, 2**63)).
+        seeding_scheme: "lefthash" (green list from the previous token) or
+            "selfhash" (from the candidate token and the `context_width - 1`
+            before it).
+        context_width: tokens of context in the seed (>= 1).
+    """
+
+    greenlist_ratio: float = 0.25
+    bias: float | tuple[float, ...] = 2.0
+    hashing_key: int = 15485863
+    seeding_scheme: str = "lefthash"
+    context_width: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bias, (list, np.ndarray)):
+            object.__setattr__(self, "bias", tuple(float(b) for b in np.asarray(self.bias)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WatermarkingConfig:
+        """From transformers' `to_dict()` form; unknown keys raise ConfigError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"watermarking_config has unknown key(s) {', '.join(unknown)}; a "
+                f"WatermarkingConfig takes {', '.join(sorted(names))}"
+            )
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' `to_dict()` form."""
+        out = dataclasses.asdict(self)
+        if isinstance(out["bias"], tuple):
+            out["bias"] = list(out["bias"])
+        return out
+
+    def validate(self) -> WatermarkingConfig:
+        """ConfigError naming the field, its value and what is allowed."""
+        name = "watermarking_config"
+        if self.seeding_scheme not in SEEDING_SCHEMES:
+            raise ConfigError(
+                f"{name}.seeding_scheme must be one of {SEEDING_SCHEMES}, got {self.seeding_scheme!r}"
+            )
+        ratio = self.greenlist_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise ConfigError(f"{name}.greenlist_ratio must be in (0, 1), got {ratio!r}")
+        key = self.hashing_key
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= key < 2**63:
+            raise ConfigError(f"{name}.hashing_key must be an integer in [0, 2**63), got {key!r}")
+        width = self.context_width
+        if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
+            raise ConfigError(f"{name}.context_width must be an integer >= 1, got {width!r}")
+        bias = np.asarray(self.bias, dtype=object)
+        if bias.ndim > 1 or not all(
+            isinstance(b, (int, float, np.number)) and not isinstance(b, bool) and math.isfinite(b)
+            for b in bias.reshape(-1)
+        ):
+            raise ConfigError(
+                f"{name}.bias must be a finite number or one per row, got {self.bias!r}"
+            )
+        return self
+
+    def greenlist_size(self, vocab_size: int) -> int:
+        """transformers' `int(vocab_size * greenlist_ratio)`."""
+        return int(vocab_size * self.greenlist_ratio)
 
 
 def _field(default: Any, *, hf: bool = True, per_row: bool = False) -> Any:
@@ -122,6 +201,9 @@ class GenerationConfig:
     suppress_tokens: TokenIds | None = _field(None)
     begin_suppress_tokens: TokenIds | None = _field(None)
     renormalize_logits: bool = _field(False)
+    # Watermarking (jaxdecode.processors.watermark): applied after every other
+    # processor but renormalisation, greedy or sampling.
+    watermarking_config: WatermarkingConfig | Mapping[str, object] | None = _field(None)
     # Outputs.
     output_scores: bool = _field(False)
     output_logits: bool = _field(False)
@@ -155,6 +237,13 @@ class GenerationConfig:
     prompt_logprobs: int | None = _field(None, hf=False)
 
     def __post_init__(self) -> None:
+        marking = self.watermarking_config
+        if not isinstance(marking, (Mapping, WatermarkingConfig)) and callable(
+            getattr(marking, "to_dict", None)
+        ):
+            marking = marking.to_dict()  # transformers' own WatermarkingConfig
+        if isinstance(marking, Mapping):
+            object.__setattr__(self, "watermarking_config", WatermarkingConfig.from_dict(marking))
         # A JSON schema is kept as its compact JSON text (hashable, key order kept).
         schema = self.json_schema
         if isinstance(schema, Mapping):
@@ -279,6 +368,13 @@ class GenerationConfig:
         for name, allowed in FIELD_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.watermarking_config is not None:
+            if not isinstance(self.watermarking_config, WatermarkingConfig):
+                raise ConfigError(
+                    "watermarking_config must be a dict or a jd.WatermarkingConfig, got "
+                    f"{type(self.watermarking_config).__name__}"
+                )
+            self.watermarking_config.validate()
         self._validate_token_ids(vocab_size)
         self._validate_logprobs(vocab_size)
         self._validate_combinations()
@@ -553,6 +649,9 @@ class GenerationConfig:
             value = getattr(self, f.name)
             if isinstance(value, jax.Array):
                 value = np.asarray(value).tolist()
+            if isinstance(value, WatermarkingConfig):
+                out[f.name] = value.to_dict()
+                continue
             if value != getattr(default, f.name):
                 out[f.name] = _thaw(value)
         return out

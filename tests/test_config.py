@@ -139,6 +139,10 @@ CLI_VALUES = {
     "regex": (["[a-z]+"], "[a-z]+"),
     "json_schema": (['{"type": "object"}'], '{"type": "object"}'),  # JSON text
     "choices": (["yes", "no way"], ("yes", "no way")),
+    "watermarking_config": (
+        ['{"bias": 2.5, "seeding_scheme": "selfhash"}'],
+        jd.WatermarkingConfig(bias=2.5, seeding_scheme="selfhash"),
+    ),
     "output_raw_logprobs": ([], True),
     "logprobs": (["3"], 3),
     "logprobs_mode": (["raw"], "raw"),
@@ -318,6 +322,7 @@ def _rich_config():
         no_repeat_ngram_size=3,
         bad_words_ids=[[5], [7, 8]],
         sequence_bias=[[[3], -1.5], [[4, 5], 2.0]],
+        watermarking_config={"bias": 1.5, "context_width": 2},
         eos_token_id=[2, 9],
         pad_token_id=0,
         bos_token_id=1,

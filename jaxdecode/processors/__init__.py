@@ -10,7 +10,8 @@ per row), so changing a value never recompiles.
 Rooms: `base` (protocol, `chain`, shared pieces), `warpers` (temperature and
 truncation), `penalties` (history-reading penalties, with state), `rules`
 (lengths, forcing, suppression), `grammar` (regex / JSON schema / choices as a
-token automaton on the device; `automata` compiles them on the host), `build`
+token automaton on the device; `automata` compiles them on the host),
+`watermark` (green-list watermarking and its detector), `build`
 (a `GenerationConfig` to its chain).
 Semantics follow Hugging Face transformers 5 (see the README for the order that
 `logits_processor` uses and for the few deliberate differences).
@@ -79,6 +80,12 @@ from jaxdecode.processors.warpers import (
     top_p,
     typical_p,
 )
+from jaxdecode.processors.watermark import (
+    Watermark,
+    WatermarkDetection,
+    watermark,
+    watermark_detect,
+)
 
 __all__ = [
     # Protocol and composition.
@@ -138,6 +145,11 @@ __all__ = [
     "exponential_decay_length_penalty",
     "remove_invalid_values",
     "renormalize_logits",
+    # Watermarking.
+    "Watermark",
+    "WatermarkDetection",
+    "watermark",
+    "watermark_detect",
     # Output constraints.
     "Grammar",
     "regex",

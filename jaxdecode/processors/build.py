@@ -44,6 +44,7 @@ from jaxdecode.processors.warpers import (
     top_p,
     typical_p,
 )
+from jaxdecode.processors.watermark import watermark
 
 Array = jax.Array
 
@@ -176,6 +177,9 @@ def from_config(
             procs.append(epsilon_cutoff(config.epsilon_cutoff, min_tokens_to_keep=keep))
         if _is_active(config.eta_cutoff, 0.0):
             procs.append(eta_cutoff(config.eta_cutoff, min_tokens_to_keep=keep))
+    # transformers: watermarking after all other processing (see its #34630).
+    if config.watermarking_config is not None:
+        procs.append(watermark(config.watermarking_config))
     if config.renormalize_logits:
         procs.append(renormalize_logits())
     return chain(*procs)
