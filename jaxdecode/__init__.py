@@ -19,7 +19,12 @@ from jaxdecode.cache import (
     take_rows,
     visible_slots,
 )
-from jaxdecode.config import GenerationConfig, StaticConfig, WatermarkingConfig
+from jaxdecode.config import (
+    GenerationConfig,
+    StaticConfig,
+    SynthIDTextWatermarkingConfig,
+    WatermarkingConfig,
+)
 from jaxdecode.context import DecodeContext
 from jaxdecode.engine import Engine, EngineResult, generate_many
 from jaxdecode.errors import CheckpointError, ConfigError, MemoryBudgetError, UnsupportedModelError
@@ -32,6 +37,8 @@ from jaxdecode.processors import (
     Chain,
     Grammar,
     LogitsProcessor,
+    SynthIDDetection,
+    SynthIDText,
     TracedConfig,
     Watermark,
     WatermarkDetection,
@@ -62,6 +69,8 @@ from jaxdecode.processors import (
     sequence_bias,
     split_config,
     suppress_tokens,
+    synthid_detect,
+    synthid_text,
     temperature,
     top_h,
     top_k,
@@ -161,6 +170,11 @@ __all__ = [
     "top_p",
     "TracedConfig",
     "typical_p",
+    "SynthIDDetection",
+    "SynthIDText",
+    "SynthIDTextWatermarkingConfig",
+    "synthid_detect",
+    "synthid_text",
     "Watermark",
     "WatermarkDetection",
     "WatermarkingConfig",

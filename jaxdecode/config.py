@@ -52,7 +52,9 @@ __all__ = [
     "SEED_MAX",
     "GenerationConfig",
     "StaticConfig",
+    "SynthIDTextWatermarkingConfig",
     "WatermarkingConfig",
+    "as_watermarking_config",
 ]
 
 # Seeds are 32-bit: `jax.random.key` keeps only the low 32 bits of larger seeds
@@ -152,6 +154,109 @@ class WatermarkingConfig:
         return int(vocab_size * self.greenlist_ratio)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SynthIDTextWatermarkingConfig:
+    """transformers' `SynthIDTextWatermarkingConfig` (SynthID-Text, Dathathri et
+    al., Nature 2024), with its field names and defaults.
+
+    Attributes:
+        ngram_len: tokens hashed per g-value (the previous `ngram_len - 1` and
+            the candidate), >= 1.
+        keys: one integer key per watermarking layer (the depth).
+        context_history_size: how many previous contexts a row remembers; a
+            context seen before is not watermarked again.
+        sampling_table_seed: seed of the random 0/1 table of g-values.
+        sampling_table_size: its size, in [1, 2**24].
+        skip_first_ngram_calls: leave the first `ngram_len - 1` steps alone.
+        debug_mode: replace the scores by ones before watermarking (to test).
+    """
+
+    ngram_len: int
+    keys: tuple[int, ...]
+    context_history_size: int = 1024
+    sampling_table_seed: int = 0
+    sampling_table_size: int = 2**16
+    skip_first_ngram_calls: bool = False
+    debug_mode: bool = False
+
+    def __post_init__(self) -> None:
+        keys = self.keys
+        if isinstance(keys, (list, tuple, np.ndarray)):
+            keys = tuple(int(k) if isinstance(k, (int, np.integer)) else k for k in keys)
+        object.__setattr__(self, "keys", keys)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SynthIDTextWatermarkingConfig:
+        """From transformers' `to_dict()` form; unknown keys raise ConfigError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted({"ngram_len", "keys"} - set(data))
+        if unknown or missing:
+            raise ConfigError(
+                f"watermarking_config (SynthID) has unknown key(s) {unknown} or lacks {missing}; "
+                f"it takes {', '.join(sorted(names))}"
+            )
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' `to_dict()` form."""
+        out = dataclasses.asdict(self)
+        out["keys"] = list(self.keys)
+        return out
+
+    def validate(self) -> SynthIDTextWatermarkingConfig:
+        """ConfigError naming the field, its value and what is allowed."""
+        name = "watermarking_config"
+        _check_int(f"{name}.ngram_len", self.ngram_len, 1)
+        _check_int(f"{name}.context_history_size", self.context_history_size, 1)
+        _check_int(f"{name}.sampling_table_seed", self.sampling_table_seed, 0)
+        size = self.sampling_table_size
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, (int, np.integer))
+            or not 1 <= size <= 2**24
+        ):
+            raise ConfigError(
+                f"{name}.sampling_table_size must be an integer in [1, 2**24], got {size!r}"
+            )
+        keys = self.keys
+        if (
+            not isinstance(keys, tuple)
+            or not keys
+            or any(
+                isinstance(k, bool) or not isinstance(k, int) or not -(2**63) <= k < 2**63
+                for k in keys
+            )
+        ):
+            raise ConfigError(
+                f"{name}.keys must be a non-empty list of int64 integers, got {keys!r}"
+            )
+        for flag in ("skip_first_ngram_calls", "debug_mode"):
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                raise ConfigError(
+                    f"{name}.{flag} must be True or False, got {getattr(self, flag)!r}"
+                )
+        return self
+
+
+def as_watermarking_config(value: Any) -> WatermarkingConfig | SynthIDTextWatermarkingConfig:
+    """A `WatermarkingConfig` / `SynthIDTextWatermarkingConfig` from itself, from
+    transformers' object, or from its dict (SynthID's has `ngram_len`), validated."""
+    if not isinstance(
+        value, (Mapping, WatermarkingConfig, SynthIDTextWatermarkingConfig)
+    ) and callable(getattr(value, "to_dict", None)):
+        value = value.to_dict()  # transformers' own config objects
+    if isinstance(value, Mapping):
+        cls = SynthIDTextWatermarkingConfig if "ngram_len" in value else WatermarkingConfig
+        value = cls.from_dict(value)
+    if not isinstance(value, (WatermarkingConfig, SynthIDTextWatermarkingConfig)):
+        raise ConfigError(
+            "watermarking_config must be a dict, a jd.WatermarkingConfig or a "
+            f"jd.SynthIDTextWatermarkingConfig, got {type(value).__name__}"
+        )
+    return value.validate()
+
+
 def _field(default: Any, *, hf: bool = True, per_row: bool = False) -> Any:
     """A `GenerationConfig` field. Metadata, read by `to_hf`/`from_hf` and the CLI:
     `hf` (transformers has a field of that name), `per_row` (a traced value that may
@@ -203,7 +308,9 @@ class GenerationConfig:
     renormalize_logits: bool = _field(False)
     # Watermarking (jaxdecode.processors.watermark): applied after every other
     # processor but renormalisation, greedy or sampling.
-    watermarking_config: WatermarkingConfig | Mapping[str, object] | None = _field(None)
+    watermarking_config: (
+        WatermarkingConfig | SynthIDTextWatermarkingConfig | Mapping[str, object] | None
+    ) = _field(None)
     # Outputs.
     output_scores: bool = _field(False)
     output_logits: bool = _field(False)
@@ -238,12 +345,13 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         marking = self.watermarking_config
-        if not isinstance(marking, (Mapping, WatermarkingConfig)) and callable(
-            getattr(marking, "to_dict", None)
-        ):
-            marking = marking.to_dict()  # transformers' own WatermarkingConfig
+        if not isinstance(
+            marking, (Mapping, WatermarkingConfig, SynthIDTextWatermarkingConfig)
+        ) and callable(getattr(marking, "to_dict", None)):
+            marking = marking.to_dict()  # transformers' own config objects
         if isinstance(marking, Mapping):
-            object.__setattr__(self, "watermarking_config", WatermarkingConfig.from_dict(marking))
+            cls = SynthIDTextWatermarkingConfig if "ngram_len" in marking else WatermarkingConfig
+            object.__setattr__(self, "watermarking_config", cls.from_dict(marking))
         # A JSON schema is kept as its compact JSON text (hashable, key order kept).
         schema = self.json_schema
         if isinstance(schema, Mapping):
@@ -369,12 +477,7 @@ class GenerationConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.watermarking_config is not None:
-            if not isinstance(self.watermarking_config, WatermarkingConfig):
-                raise ConfigError(
-                    "watermarking_config must be a dict or a jd.WatermarkingConfig, got "
-                    f"{type(self.watermarking_config).__name__}"
-                )
-            self.watermarking_config.validate()
+            as_watermarking_config(self.watermarking_config)
         self._validate_token_ids(vocab_size)
         self._validate_logprobs(vocab_size)
         self._validate_combinations()
@@ -649,7 +752,7 @@ class GenerationConfig:
             value = getattr(self, f.name)
             if isinstance(value, jax.Array):
                 value = np.asarray(value).tolist()
-            if isinstance(value, WatermarkingConfig):
+            if isinstance(value, (WatermarkingConfig, SynthIDTextWatermarkingConfig)):
                 out[f.name] = value.to_dict()
                 continue
             if value != getattr(default, f.name):

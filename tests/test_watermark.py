@@ -16,7 +16,11 @@ from transformers.generation import logits_process as hf
 from transformers.generation.watermarking import WatermarkDetector
 
 import jaxdecode as jd
-from jaxdecode.processors.watermark import green_lists, lefthash_seeds, selfhash_seeds
+from jaxdecode.processors.watermark import (
+    green_lists,
+    lefthash_seeds,
+    selfhash_seeds,
+)
 
 pytestmark = pytest.mark.parity
 
@@ -194,8 +198,9 @@ def test_detector_errors():
 
 
 def test_lowers_for_tpu_and_cuda():
-    for scheme in ("lefthash", "selfhash"):
-        proc = jd.watermark(seeding_scheme=scheme, context_width=2)
+    procs = [jd.watermark(seeding_scheme=s, context_width=2) for s in ("lefthash", "selfhash")]
+    procs.append(jd.watermark({"ngram_len": 3, "keys": [654, 400, -5]}))
+    for proc in procs:
 
         def f(p, s, ids):
             return p(s, jd.DecodeContext.from_ids(ids, vocab_size=s.shape[-1]))

@@ -81,8 +81,12 @@ from jaxdecode.processors.warpers import (
     typical_p,
 )
 from jaxdecode.processors.watermark import (
+    SynthIDDetection,
+    SynthIDText,
     Watermark,
     WatermarkDetection,
+    synthid_detect,
+    synthid_text,
     watermark,
     watermark_detect,
 )
@@ -146,6 +150,10 @@ __all__ = [
     "remove_invalid_values",
     "renormalize_logits",
     # Watermarking.
+    "SynthIDDetection",
+    "SynthIDText",
+    "synthid_detect",
+    "synthid_text",
     "Watermark",
     "WatermarkDetection",
     "watermark",

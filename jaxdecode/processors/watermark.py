@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -46,7 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdecode import pytree
-from jaxdecode.config import WatermarkingConfig
+from jaxdecode.config import (
+    SynthIDTextWatermarkingConfig,
+    WatermarkingConfig,
+    as_watermarking_config,
+)
 from jaxdecode.context import DecodeContext
 from jaxdecode.errors import ConfigError
 from jaxdecode.processors.base import LogitsProcessor, float_leaf, row
@@ -57,6 +60,11 @@ __all__ = [
     "WatermarkingConfig",
     "Watermark",
     "WatermarkDetection",
+    "SynthIDText",
+    "SynthIDDetection",
+    "synthid_text",
+    "synthid_detect",
+    "synthid_g_values",
     "watermark",
     "watermark_detect",
     "mt19937",
@@ -333,28 +341,18 @@ class Watermark(LogitsProcessor):
         return jnp.where(mask, logits + row(self.bias, logits.dtype), logits)
 
 
-def as_watermarking_config(value: Any) -> WatermarkingConfig:
-    """A validated `WatermarkingConfig` from itself or from transformers' dict form."""
-    if isinstance(value, Mapping):
-        value = WatermarkingConfig.from_dict(value)
-    if not isinstance(value, WatermarkingConfig):
-        raise ConfigError(
-            "watermarking_config must be a dict or a jd.WatermarkingConfig, got "
-            f"{type(value).__name__}"
-        )
-    return value.validate()
-
-
-def watermark(
-    config: WatermarkingConfig | Mapping[str, Any] | None = None, **fields: Any
-) -> Watermark:
-    """The green-list watermark processor for `config` (default
-    `WatermarkingConfig()`), fields overridable by keyword.
+def watermark(config: Any = None, **fields: Any) -> Watermark | SynthIDText:
+    """The watermark processor for `config`: a `WatermarkingConfig` (the default),
+    a `SynthIDTextWatermarkingConfig`, or transformers' dict of either; fields
+    overridable by keyword.
 
     >>> watermark(bias=2.5, seeding_scheme="selfhash")
+    >>> watermark({"ngram_len": 5, "keys": [654, 400, 836]})
     """
     base = WatermarkingConfig() if config is None else as_watermarking_config(config)
     cfg = dataclasses.replace(base, **fields).validate()
+    if isinstance(cfg, SynthIDTextWatermarkingConfig):
+        return synthid_text(cfg)
     return Watermark(
         bias=float_leaf("watermarking_config.bias", cfg.bias),
         greenlist_ratio=float(cfg.greenlist_ratio),
@@ -424,24 +422,31 @@ def watermark_detect(
     bos_token_id: int | None = None,
     z_threshold: float = 3.0,
     ignore_repeated_ngrams: bool = False,
-) -> WatermarkDetection:
+    eos_token_id: int | None = None,
+    weights: Any = None,
+) -> WatermarkDetection | SynthIDDetection:
     """Scores texts for the watermark of `config`, as transformers'
     `WatermarkDetector(...)(sequences, z_threshold, return_dict=True)`.
 
     Args:
         sequences: `[batch, length]` token ids (best without the prompt), or a
             list of rows of different lengths (each scored on its own).
-        config: the `WatermarkingConfig` (or its dict) used to generate.
+        config: the `WatermarkingConfig` (or its dict) used to generate; or a
+            `SynthIDTextWatermarkingConfig`, for which this returns
+            `synthid_detect(sequences, config, eos_token_id=, weights=)`.
         vocab_size: the model's vocabulary size (the green lists' range).
         bos_token_id: when every row starts with it, it is dropped (as
             transformers does with the model's BOS; rows must agree).
         z_threshold: `prediction` is `z_score > z_threshold`.
         ignore_repeated_ngrams: count each distinct n-gram once.
+        eos_token_id, weights: SynthID only (see `synthid_detect`).
 
     Returns:
-        A `WatermarkDetection`.
+        A `WatermarkDetection` (a `SynthIDDetection` for SynthID).
     """
     cfg = as_watermarking_config(config)
+    if isinstance(cfg, SynthIDTextWatermarkingConfig):
+        return synthid_detect(sequences, cfg, eos_token_id=eos_token_id, weights=weights)
     if (
         isinstance(vocab_size, bool)
         or not isinstance(vocab_size, (int, np.integer))
@@ -489,4 +494,264 @@ def watermark_detect(
         p_value=p,
         prediction=z > z_threshold,
         confidence=1 - p,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# SynthID-Text: transformers' integer hashing, in uint32 halves of its int64.
+# --------------------------------------------------------------------------- #
+
+_LCG_MULT = 6364136223846793005  # transformers' accumulate_hash multiplier
+
+
+def _const64(xp: Any, value: int) -> tuple[Any, Any]:
+    value %= 2**64
+    return _u32(xp, value >> 32), _u32(xp, value & 0xFFFFFFFF)
+
+
+def _add64(xp: Any, a: tuple[Any, Any], b: tuple[Any, Any]) -> tuple[Any, Any]:
+    lo = a[1] + b[1]
+    carry = (lo < a[1]).astype(xp.uint32)
+    return a[0] + b[0] + carry, lo
+
+
+def _mul64(xp: Any, a: tuple[Any, Any], b: tuple[Any, Any]) -> tuple[Any, Any]:
+    hi, lo = _mul_u64_u32(xp, a[0], a[1], b[1])
+    return hi + a[1] * b[0], lo
+
+
+def _accumulate(xp: Any, h: tuple[Any, Any], data: Any) -> tuple[Any, Any]:
+    """transformers' `accumulate_hash` step: `(h + data) * M + 1` modulo 2**64,
+    `data` a non-negative int32 array or an (hi, lo) pair."""
+    if not isinstance(data, tuple):
+        low = _u32(xp, data)
+        data = (xp.zeros_like(low), low)
+    h = _add64(xp, h, data)
+    h = _mul64(xp, h, _const64(xp, _LCG_MULT))
+    return _add64(xp, h, _const64(xp, 1))
+
+
+def _mod_signed(xp: Any, h: tuple[Any, Any], m: int) -> Any:
+    """Python's `h % m` of the signed int64 `h` (m <= 2**24), as int32."""
+    mm = _u32(xp, m)
+    r = xp.zeros_like(h[1])
+    for word in h:
+        for shift in (24, 16, 8, 0):
+            r = (r * _u32(xp, 256) + ((word >> _u32(xp, shift)) & _u32(xp, 255))) % mm
+    negative = (h[0] >> _u32(xp, 31)) == _u32(xp, 1)
+    wrap = _u32(xp, (2**64) % m)
+    return xp.where(negative, (r + mm - wrap) % mm, r).astype(xp.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _sampling_table(seed: int, size: int) -> np.ndarray:
+    """`torch.randint(0, 2, (size,), generator=manual_seed(seed))` on the CPU."""
+    return (mt19937(np.asarray([seed & 0xFFFFFFFF], np.uint32), size, np)[0] % 2).astype(np.int32)
+
+
+def _context_hash(xp: Any, tokens: Any) -> tuple[Any, Any]:
+    """`accumulate_hash(1, tokens)` over the last axis of `tokens: [..., n]`."""
+    shape = tokens.shape[:-1]
+    h = (xp.zeros(shape, xp.uint32), xp.ones(shape, xp.uint32))
+    for i in range(tokens.shape[-1]):
+        h = _accumulate(xp, h, tokens[..., i])
+    return h
+
+
+def _g_values(xp: Any, h: tuple[Any, Any], cfg: SynthIDTextWatermarkingConfig) -> Any:
+    """`[..., depth]` int32 g-values of n-gram hashes `h: [...]`."""
+    size = int(cfg.sampling_table_size)
+    table = xp.asarray(_sampling_table(int(cfg.sampling_table_seed), size))
+    out = []
+    for key in cfg.keys:
+        hk = _accumulate(xp, h, _const64(xp, key))
+        out.append(table[_mod_signed(xp, hk, size)])
+    return xp.stack(out, axis=-1)
+
+
+def synthid_g_values(ngrams: Any, config: Any, xp: Any = np) -> Any:
+    """transformers' `compute_g_values` for n-grams `[..., ngram_len]` ->
+    `[..., depth]` int32 (0 or 1)."""
+    cfg = as_watermarking_config(config)
+    return _g_values(xp, _context_hash(xp, xp.asarray(ngrams)), cfg)
+
+
+@pytree.dataclass
+class SynthIDText(LogitsProcessor):
+    """SynthID-Text tournament watermarking as transformers'
+    `SynthIDTextWatermarkLogitsProcessor`, its state carried by the loop.
+
+    As transformers: the n-gram context is the last `ngram_len - 1` *generated*
+    tokens, zeros before the first (the prompt is not read); each candidate's
+    g-values hash the context, the candidate and each key; the probabilities go
+    through one tournament layer per key; a context seen in the last
+    `context_history_size` steps (or hashing to 0, the history's initial value)
+    leaves the scores as they are. Every field is static (no number to tune).
+
+    State: `(context [B, ngram_len - 1] int32, history high and low uint32
+    halves [B, context_history_size] of the int64 context hashes, calls [B])`.
+    """
+
+    ngram_len: int = pytree.field(pytree_node=False, default=5)
+    keys: tuple[int, ...] = pytree.field(pytree_node=False, default=())
+    context_history_size: int = pytree.field(pytree_node=False, default=1024)
+    sampling_table_seed: int = pytree.field(pytree_node=False, default=0)
+    sampling_table_size: int = pytree.field(pytree_node=False, default=2**16)
+    skip_first_ngram_calls: bool = pytree.field(pytree_node=False, default=False)
+    debug_mode: bool = pytree.field(pytree_node=False, default=False)
+
+    @property
+    def config(self) -> SynthIDTextWatermarkingConfig:
+        names = [f.name for f in dataclasses.fields(SynthIDTextWatermarkingConfig)]
+        return SynthIDTextWatermarkingConfig(**{n: getattr(self, n) for n in names})
+
+    def init(self, ctx: DecodeContext) -> tuple[Array, Array, Array, Array]:
+        batch = ctx.batch
+        history = jnp.zeros((batch, self.context_history_size), jnp.uint32)
+        context = jnp.zeros((batch, self.ngram_len - 1), jnp.int32)
+        return context, history, history, jnp.zeros((batch,), jnp.int32)
+
+    def _skipped(self, calls: Array) -> Array:
+        return jnp.asarray(self.skip_first_ngram_calls) & (calls + 1 < self.ngram_len)
+
+    def update(self, state: Any, tokens: Array) -> Any:
+        context, hist_hi, hist_lo, calls = state
+        h = _context_hash(jnp, context)
+        keep = self._skipped(calls)[:, None]
+        hist_hi = jnp.where(keep, hist_hi, jnp.concatenate([h[0][:, None], hist_hi[:, :-1]], 1))
+        hist_lo = jnp.where(keep, hist_lo, jnp.concatenate([h[1][:, None], hist_lo[:, :-1]], 1))
+        context = jnp.concatenate([context, tokens[:, None].astype(jnp.int32)], 1)[:, 1:]
+        return context, hist_hi, hist_lo, calls + 1
+
+    def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
+        context, hist_hi, hist_lo, calls = state
+        batch, vocab = logits.shape
+        scores = jnp.ones_like(logits) if self.debug_mode else logits
+        h_ctx = _context_hash(jnp, context)
+        candidates = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), (batch, vocab))
+        h = _accumulate(jnp, (h_ctx[0][:, None], h_ctx[1][:, None]), candidates)
+        g = _g_values(jnp, h, self.config).astype(scores.dtype)  # [B, V, depth]
+        probs = jax.nn.softmax(scores, axis=-1)
+        for i in range(g.shape[-1]):
+            mass = jnp.sum(g[..., i] * probs, axis=1, keepdims=True)
+            probs = probs * (1 + g[..., i] - mass)
+        log_probs = jnp.log(probs)
+        updated = jnp.where(jnp.isfinite(log_probs), log_probs, jnp.finfo(log_probs.dtype).min)
+        seen = (hist_hi == h_ctx[0][:, None]) & (hist_lo == h_ctx[1][:, None])
+        plain = (jnp.any(seen, axis=1) | self._skipped(calls))[:, None]
+        return jnp.where(plain, scores, updated)
+
+
+def synthid_text(config: Any) -> SynthIDText:
+    """The SynthID-Text processor for a `SynthIDTextWatermarkingConfig` (or its dict).
+
+    >>> synthid_text({"ngram_len": 5, "keys": [654, 400, 836, 123]})
+    """
+    cfg = as_watermarking_config(config)
+    if not isinstance(cfg, SynthIDTextWatermarkingConfig):
+        raise ConfigError(
+            "synthid_text needs a SynthIDTextWatermarkingConfig (with ngram_len and keys)"
+        )
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for flag in ("skip_first_ngram_calls", "debug_mode"):
+        fields[flag] = bool(fields[flag])
+    return SynthIDText(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthIDDetection:
+    """SynthID-Text scores per row: the SynthID paper's Mean and Weighted Mean
+    detectors over transformers' g-values and mask.
+
+    Attributes:
+        g_values: per row, `[T, depth]` int32 g-values of its T = length -
+            ngram_len + 1 n-grams (transformers' `compute_g_values`).
+        mask: per row, `[T]` bool: the n-grams scored (context not repeated, as
+            `compute_context_repetition_mask`, and before the first EOS, as
+            `compute_eos_token_mask`).
+        num_tokens_scored: `[batch]` True entries of each mask.
+        mean: `[batch]` mean of the scored g-values (0.5 for unwatermarked text).
+        weighted_mean: `[batch]` the same with per-layer weights (by default
+            linearly 10 down to 1, normalised to sum to the depth).
+    """
+
+    g_values: tuple[np.ndarray, ...]
+    mask: tuple[np.ndarray, ...]
+    num_tokens_scored: np.ndarray
+    mean: np.ndarray
+    weighted_mean: np.ndarray
+
+
+def _repetition_mask(ids: np.ndarray, cfg: SynthIDTextWatermarkingConfig) -> np.ndarray:
+    n = cfg.ngram_len
+    starts = np.arange(len(ids) - n + 1)
+    contexts = ids[:-1][starts[:, None] + np.arange(n - 1)[None, :]]
+    hi, lo = _context_hash(np, contexts.reshape(len(starts), n - 1))
+    hashes = (hi.astype(np.uint64) << np.uint64(32)) | lo.astype(np.uint64)
+    history = [np.uint64(0)] * cfg.context_history_size
+    out = np.zeros(len(starts), bool)
+    for i, h in enumerate(hashes):
+        out[i] = h not in history
+        history = [h, *history[:-1]]
+    return out
+
+
+def synthid_detect(
+    sequences: Any,
+    config: Any,
+    *,
+    eos_token_id: int | None = None,
+    weights: Any = None,
+) -> SynthIDDetection:
+    """SynthID-Text Mean and Weighted Mean scores of texts (higher: more likely
+    watermarked; unwatermarked text scores about 0.5).
+
+    Args:
+        sequences: `[batch, length]` token ids, or rows of different lengths
+            (each at least `ngram_len` long).
+        config: the `SynthIDTextWatermarkingConfig` (or its dict) used to generate.
+        eos_token_id: n-grams from the first EOS on are not scored.
+        weights: `[depth]` non-negative layer weights for the weighted mean.
+
+    Returns:
+        A `SynthIDDetection`.
+    """
+    cfg = as_watermarking_config(config)
+    if not isinstance(cfg, SynthIDTextWatermarkingConfig):
+        raise ConfigError("synthid_detect needs a SynthIDTextWatermarkingConfig")
+    depth = len(cfg.keys)
+    w = np.linspace(10, 1, depth) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (depth,) or np.any(w < 0) or not np.all(np.isfinite(w)) or w.sum() <= 0:
+        raise ValueError(
+            f"weights must be {depth} non-negative numbers (one per key), got {weights!r}"
+        )
+    w = w * (depth / w.sum())
+    n = cfg.ngram_len
+    all_g, all_mask, scored, mean, weighted = [], [], [], [], []
+    for r in sequences:
+        ids = np.asarray(r, np.int64).reshape(-1)
+        if ids.size < n or ids.min() < 0:
+            raise ValueError(
+                f"each row needs at least ngram_len={n} token ids >= 0, got {ids.tolist()}"
+            )
+        starts = np.arange(ids.size - n + 1)
+        g = synthid_g_values(ids[starts[:, None] + np.arange(n)[None, :]], cfg, np)
+        mask = _repetition_mask(ids, cfg)
+        if eos_token_id is not None:
+            hits = np.flatnonzero(ids == eos_token_id)
+            if hits.size:
+                mask &= np.arange(ids.size)[n - 1 :] < hits[0]
+        count = int(mask.sum())
+        total = np.float64(depth * count)
+        all_g.append(g)
+        all_mask.append(mask)
+        scored.append(count)
+        mean.append((g * mask[:, None]).sum() / total if count else np.nan)
+        weighted.append((g * w * mask[:, None]).sum() / total if count else np.nan)
+    return SynthIDDetection(
+        g_values=tuple(all_g),
+        mask=tuple(all_mask),
+        num_tokens_scored=np.asarray(scored),
+        mean=np.asarray(mean, np.float64),
+        weighted_mean=np.asarray(weighted, np.float64),
     )
