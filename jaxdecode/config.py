@@ -306,6 +306,9 @@ class GenerationConfig:
     suppress_tokens: TokenIds | None = _field(None)
     begin_suppress_tokens: TokenIds | None = _field(None)
     renormalize_logits: bool = _field(False)
+    # Classifier-free guidance (the negative prompt is `generate`'s
+    # `negative_prompt_ids` / `negative_prompt_attention_mask`); None or 1: off.
+    guidance_scale: PerRowFloat | None = _field(None, per_row=True)
     # Watermarking (jaxdecode.processors.watermark): applied after every other
     # processor but renormalisation, greedy or sampling.
     watermarking_config: (
@@ -465,6 +468,8 @@ class GenerationConfig:
         check_range("eta_cutoff", self.eta_cutoff, lo=0.0, hi=1.0, hi_open=True)
         check_range("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
         check_range("prompt_ignore_length", self.prompt_ignore_length, lo=0, integer=True)
+        if self.guidance_scale is not None:
+            check_range("guidance_scale", self.guidance_scale)
         check_range("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
         check_range("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         if self.seed is not None and (
@@ -612,6 +617,16 @@ class GenerationConfig:
                     "stop_strings works with greedy search and sampling (num_beams=1), got "
                     f"num_beams={beams}"
                 )
+        if beams > 1 and self.guided():
+            raise ConfigError(
+                "guidance_scale (classifier-free guidance) works with greedy search and "
+                f"sampling (num_beams=1), got num_beams={beams}"
+            )
+        if self.guided() and self.prompt_lookup_num_tokens is not None:
+            raise ConfigError(
+                "guidance_scale (classifier-free guidance) and prompt_lookup_num_tokens "
+                "(speculative decoding) cannot be combined"
+            )
         if beams > 1 and self.prompt_lookup_num_tokens is not None:
             raise ConfigError(
                 "prompt_lookup_num_tokens (speculative decoding) works with greedy search and "
@@ -662,6 +677,16 @@ class GenerationConfig:
             raise ConfigError("top_k per row must be all > 0 or all 0 (0 disables top-k)")
 
     # ------------------------------------------------------------------ #
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs: `guidance_scale` set and not the
+        scalar 1 (per-row values always run it, as traced values do)."""
+        scale = self.guidance_scale
+        if scale is None:
+            return False
+        if isinstance(scale, jax.core.Tracer) or np.ndim(scale):
+            return True
+        return float(scale) != 1.0
+
     def min_tokens_to_keep(self) -> int:
         """What transformers protects in the warpers: 1, or 1 + #EOS in beam sampling."""
         if self.num_beams > 1:

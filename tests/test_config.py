@@ -73,7 +73,7 @@ def test_fields_are_typed_precisely_and_carry_their_metadata():
     assert set(PER_ROW_FIELDS) == {
         "temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
         "eta_cutoff", "repetition_penalty", "prompt_ignore_length", "frequency_penalty",
-        "presence_penalty",
+        "presence_penalty", "guidance_scale",
     }  # fmt: skip
     assert FIELD_CHOICES == {
         "repetition_penalty_form": ("hf", "ctrl"),
@@ -114,6 +114,7 @@ CLI_VALUES = {
     "eta_cutoff": (["0.002"], 0.002),
     "repetition_penalty": (["1.2"], 1.2),
     "prompt_ignore_length": (["3"], 3),
+    "guidance_scale": (["1.5"], 1.5),
     "no_repeat_ngram_size": (["3"], 3),
     "bad_words_ids": (["[[5], [6, 7]]"], ((5,), (6, 7))),
     "sequence_bias": (["[[[5], 1.5]]"], (((5,), 1.5),)),
@@ -323,6 +324,7 @@ def _rich_config():
         bad_words_ids=[[5], [7, 8]],
         sequence_bias=[[[3], -1.5], [[4, 5], 2.0]],
         watermarking_config={"bias": 1.5, "context_width": 2},
+        guidance_scale=1.0,  # 1: off (prompt lookup below excludes guidance)
         eos_token_id=[2, 9],
         pad_token_id=0,
         bos_token_id=1,

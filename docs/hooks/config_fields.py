@@ -54,6 +54,7 @@ DESCRIPTIONS: dict[str, str] = {
     "suppress_tokens": "Tokens banned at every step.",
     "begin_suppress_tokens": "Tokens banned at the first generated step.",
     "renormalize_logits": "`log_softmax` the scores after every processor.",
+    "guidance_scale": "Classifier-free guidance: `s·(log p(x|prompt) − log p(x|negative)) + log p(x|negative)`; negative prompt via `generate(negative_prompt_ids=)`.",
     "watermarking_config": "A watermark: Kirchenbauer green lists (`jd.WatermarkingConfig`) or SynthID-Text (`jd.SynthIDTextWatermarkingConfig`), or either's dict; detect with `jd.watermark_detect`.",
     "output_scores": "Return the processed scores of every step (`GenerateOutput.scores`).",
     "output_logits": "Return the raw logits of every step (`GenerateOutput.logits`).",

@@ -188,12 +188,15 @@ def from_config(
 @pytree.dataclass
 class TracedConfig:
     """The traced part of a config: the processor chain (its numbers are leaves),
-    the length penalty, and the stop strings' tables (`jaxdecode.search.stopping`,
-    set by `generate`, which has the tokenizer)."""
+    the length penalty, the stop strings' tables (`jaxdecode.search.stopping`,
+    set by `generate`, which has the tokenizer) and classifier-free guidance's
+    negative prompt and scale (`jaxdecode.search.loop.Guidance`, set by
+    `generate`, which has the negative prompt)."""
 
     processor: Chain
     length_penalty: Array
     stop: Any = None
+    guidance: Any = None
 
 
 def split_config(
