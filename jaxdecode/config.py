@@ -328,6 +328,14 @@ class GenerationConfig:
     prompt_lookup_num_tokens: int | None = _field(None)
     max_matching_ngram_size: int | None = _field(None)
     num_assistant_tokens: int = _field(20)
+    # How K changes between rounds, per row (transformers' rule): "constant", or
+    # +2 after a round whose drafts were all accepted, else -1 (at least 1).
+    num_assistant_tokens_schedule: Literal["constant", "heuristic", "heuristic_transient"] = _field(
+        "constant"
+    )
+    # The draft model stops drafting a row after a token it gives less than this
+    # probability (0 or None: never); transformers' default 0.4.
+    assistant_confidence_threshold: PerRowFloat | None = _field(0.4, per_row=True)
     # jaxdecode additions.
     frequency_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
     presence_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
@@ -421,6 +429,13 @@ class GenerationConfig:
         if self.max_matching_ngram_size is not None:
             _int("max_matching_ngram_size", self.max_matching_ngram_size, 1)
         _int("num_assistant_tokens", self.num_assistant_tokens, 1)
+        if self.assistant_confidence_threshold is not None:
+            check_range(
+                "assistant_confidence_threshold",
+                self.assistant_confidence_threshold,
+                lo=0.0,
+                hi=1.0,
+            )
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0)
         if self.prompt_logprobs is not None:

@@ -154,6 +154,7 @@ def _drafter(
     assistant_model: Any,
     assistant_params: Any,
     mesh: Mesh | None,
+    new_tokens: int,
 ) -> tuple[PromptLookup | DraftModel | None, Any]:
     """`(drafter, draft params)` for speculative decoding, or `(None, None)`.
 
@@ -191,7 +192,12 @@ def _drafter(
             f"assistant_model must share the model's vocabulary: its vocab_size is "
             f"{draft.vocab_size}, the model's {decoder.vocab_size}"
         )
-    return DraftModel(decoder=draft, k=int(config.num_assistant_tokens)), draft_params
+    start = int(config.num_assistant_tokens)
+    schedule = config.num_assistant_tokens_schedule
+    # A round never uses more than max_new_tokens - 1 drafts (transformers'
+    # candidates stop at max_length - 1): the heuristic schedule's static bound.
+    cap = start if schedule == "constant" else max(start, new_tokens - 1, 1)
+    return DraftModel(decoder=draft, k=cap, start=start, schedule=schedule), draft_params
 
 
 def _check_seed(name: str, seed: Any) -> int:
@@ -473,7 +479,9 @@ def prepare(
             "set max_new_tokens"
         )
     decoder.check_length(max_length, new_tokens)
-    drafter, draft_params = _drafter(config, decoder, assistant_model, assistant_params, mesh)
+    drafter, draft_params = _drafter(
+        config, decoder, assistant_model, assistant_params, mesh, new_tokens
+    )
     if isinstance(drafter, DraftModel):
         drafter.decoder.check_length(max_length, new_tokens)
 
@@ -509,6 +517,14 @@ def prepare(
                 f"guidance_scale needs one value per prompt row, {batch} here"
             )
         traced = traced.replace(guidance=guidance)
+    if isinstance(drafter, DraftModel) and config.assistant_confidence_threshold is not None:
+        threshold = owned(config.assistant_confidence_threshold, jnp.float32)
+        if np.ndim(threshold) == 1 and threshold.shape[0] != batch:
+            raise ValueError(
+                f"assistant_confidence_threshold has {threshold.shape[0]} values; per row it "
+                f"needs one value per prompt row, {batch} here"
+            )
+        traced = traced.replace(assistant_confidence=threshold)
     if config.stop_strings is not None:
         stop = stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
         traced = traced.replace(stop=stop)

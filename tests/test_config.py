@@ -73,9 +73,10 @@ def test_fields_are_typed_precisely_and_carry_their_metadata():
     assert set(PER_ROW_FIELDS) == {
         "temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
         "eta_cutoff", "repetition_penalty", "prompt_ignore_length", "frequency_penalty",
-        "presence_penalty", "guidance_scale",
+        "presence_penalty", "guidance_scale", "assistant_confidence_threshold",
     }  # fmt: skip
     assert FIELD_CHOICES == {
+        "num_assistant_tokens_schedule": ("constant", "heuristic", "heuristic_transient"),
         "repetition_penalty_form": ("hf", "ctrl"),
         "top_k_method": ("exact", "fast"),
         "top_p_method": ("exact", "fast"),
@@ -151,6 +152,8 @@ CLI_VALUES = {
     "prompt_lookup_num_tokens": (["10"], 10),
     "max_matching_ngram_size": (["3"], 3),
     "num_assistant_tokens": (["5"], 5),
+    "num_assistant_tokens_schedule": (["heuristic"], "heuristic"),
+    "assistant_confidence_threshold": (["0.4"], 0.4),
 }
 
 
@@ -359,6 +362,8 @@ def _rich_config():
         prompt_lookup_num_tokens=6,
         max_matching_ngram_size=3,
         num_assistant_tokens=5,
+        num_assistant_tokens_schedule="heuristic_transient",
+        assistant_confidence_threshold=0.3,  # default 0.4
     ).validate()
 
 

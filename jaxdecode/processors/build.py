@@ -197,6 +197,8 @@ class TracedConfig:
     length_penalty: Array
     stop: Any = None
     guidance: Any = None
+    # Speculative decoding's assistant_confidence_threshold, `[]` or `[batch]`.
+    assistant_confidence: Any = None
 
 
 def split_config(

@@ -113,6 +113,11 @@ class GenerateOutput:
             decoding: `prompt_lookup_num_tokens` or `assistant_model`), else None.
         accepted: `[B * R]` int32 of those, the ones accepted (`accepted /
             drafted` is the row's acceptance rate), else None.
+        num_assistant_tokens: `[B * R]` int32 with a draft model: each row's K
+            for a next round (its `num_assistant_tokens_schedule` applied to
+            every round's acceptance; transformers' "heuristic" schedule carries
+            it into the next call: pass it back as `num_assistant_tokens`), else
+            None.
         trace: only from `jaxdecode.trace`.
         seed: the seed `generate` drew itself when sampling without a key or a
             seed (pass it back as `seed=` to reproduce the call); else None.
@@ -133,6 +138,7 @@ class GenerateOutput:
     prompt_top_token_ids: Array | None = None
     drafted: Array | None = None
     accepted: Array | None = None
+    num_assistant_tokens: Array | None = None
     trace: dict[str, Array] | None = None
     seed: int | None = pytree.field(pytree_node=False, default=None)
 
