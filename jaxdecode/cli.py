@@ -2,6 +2,7 @@
 
     jaxdecode generate "In the beginning" --max_new_tokens 60 --do_sample --top_p 0.9
     jaxdecode eval prompts.jsonl -o out.jsonl --batch_size 32
+    jaxdecode detect texts.jsonl --watermarking_config '{"bias": 2.0}'
 
 Every `GenerationConfig` field is a flag under its transformers name (dashes work
 too: `--max-new-tokens`). Errors are one line on stderr with exit code 2.
@@ -1107,6 +1108,70 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- #
 
 
+def _detect_texts(path: str) -> list[tuple[Any, str]]:
+    """`(id, text)` per line of a JSONL file: a JSON string, or an object with
+    "text" (and optionally "id"; default: the line number)."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f.read().splitlines()]
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{path}:{number}: not JSON ({e})") from None
+        if isinstance(rec, str):
+            rec = {"text": rec}
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise CLIError(f'{path}:{number}: a line is a JSON string or an object with "text"')
+        out.append((rec.get("id", number), rec["text"]))
+    return out
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    """Scores each text for a watermark: one JSON object per line on stdout."""
+    import numpy as np
+
+    import jaxdecode
+
+    if args.watermarking_config is None:
+        raise CLIError("detect needs --watermarking_config (the one used to generate)")
+    try:
+        config = jaxdecode.GenerationConfig(watermarking_config=args.watermarking_config)
+        config.validate()
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    texts = _detect_texts(args.texts_file)
+    lm = _load_model(args.model, args.max_positions)
+    for rid, text in texts:
+        ids = [lm.tokenizer.encode(text)]
+        try:
+            result = jaxdecode.watermark_detect(
+                ids,
+                config.watermarking_config,
+                vocab_size=lm.vocab_size,
+                z_threshold=args.z_threshold,
+                ignore_repeated_ngrams=args.ignore_repeated_ngrams,
+                eos_token_id=lm.generation_config.eos_ids[0]
+                if lm.generation_config.eos_ids
+                else None,
+            )
+        except ValueError as e:
+            print(json.dumps({"id": rid, "error": str(e)}))
+            continue
+        fields = {
+            k: np.asarray(v)[0].item()
+            for k, v in dataclasses.asdict(result).items()
+            if k not in ("g_values", "mask")
+        }
+        print(json.dumps({"id": rid, **fields}))
+    return 0
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
@@ -1325,6 +1390,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_assistant(ev)
     _add_config_flags(ev)
 
+    det = sub.add_parser(
+        "detect",
+        help="score texts (a JSONL file) for a watermark: z-score and p-value, or SynthID's",
+    )
+    det.add_argument("texts_file", metavar="TEXTS.jsonl")
+    _add_common(det)
+    det.add_argument(
+        "--watermarking_config",
+        "--watermarking-config",
+        type=_json_value,
+        metavar="JSON",
+        help="the watermarking_config used to generate (Kirchenbauer or SynthID fields)",
+    )
+    det.add_argument(
+        "--z_threshold", "--z-threshold", type=float, default=3.0, help="prediction: z > this (3)"
+    )
+    det.add_argument(
+        "--ignore_repeated_ngrams",
+        "--ignore-repeated-ngrams",
+        action="store_true",
+        help="count each distinct n-gram once",
+    )
+
     ex = sub.add_parser(
         "explain",
         help="draw what each decoding parameter does to the next-token distribution",
@@ -1371,6 +1459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _cmd_eval(args)
             if args.command == "explain":
                 return _cmd_explain(args)
+            if args.command == "detect":
+                return _cmd_detect(args)
             parser.print_help()
             return 2
         except CLIError as e:
