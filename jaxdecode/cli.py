@@ -1114,7 +1114,7 @@ def _detect_texts(path: str) -> list[tuple[Any, str]]:
     out = []
     try:
         with open(path, encoding="utf-8") as f:
-            lines = [line for line in f.read().splitlines()]
+            lines = f.read().splitlines()
     except OSError as e:
         raise CLIError(f"cannot read {path}: {e.strerror}") from None
     for number, line in enumerate(lines, 1):
