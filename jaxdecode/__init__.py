@@ -19,7 +19,12 @@ from jaxdecode.cache import (
     take_rows,
     visible_slots,
 )
-from jaxdecode.config import GenerationConfig, StaticConfig
+from jaxdecode.config import (
+    GenerationConfig,
+    StaticConfig,
+    SynthIDTextWatermarkingConfig,
+    WatermarkingConfig,
+)
 from jaxdecode.context import DecodeContext
 from jaxdecode.errors import CheckpointError, ConfigError, MemoryBudgetError, UnsupportedModelError
 from jaxdecode.generation import GenerateOutput, StreamStep, bucket_length, generate, stream
@@ -32,7 +37,11 @@ from jaxdecode.processors import (
     Chain,
     Grammar,
     LogitsProcessor,
+    SynthIDDetection,
+    SynthIDText,
     TracedConfig,
+    Watermark,
+    WatermarkDetection,
     bad_words_ids,
     begin_suppress_tokens,
     chain,
@@ -60,10 +69,15 @@ from jaxdecode.processors import (
     sequence_bias,
     split_config,
     suppress_tokens,
+    synthid_detect,
+    synthid_text,
     temperature,
+    top_h,
     top_k,
     top_p,
     typical_p,
+    watermark,
+    watermark_detect,
 )
 from jaxdecode.pytree import dataclass as pytree_dataclass
 from jaxdecode.pytree import field as pytree_field
@@ -154,10 +168,21 @@ __all__ = [
     "suppress_tokens",
     "temperature",
     "Tokenizer",
+    "top_h",
     "top_k",
     "top_p",
     "TracedConfig",
     "typical_p",
+    "SynthIDDetection",
+    "SynthIDText",
+    "SynthIDTextWatermarkingConfig",
+    "synthid_detect",
+    "synthid_text",
+    "Watermark",
+    "WatermarkDetection",
+    "WatermarkingConfig",
+    "watermark",
+    "watermark_detect",
     "visible_slots",
     # The cache protocol (cache.py).
     "Cache",

@@ -4,7 +4,8 @@ Field names and defaults follow `transformers.GenerationConfig` (v5, with its
 global defaults filled in: `top_k=50`, ...; `max_length=None` means 20 new
 tokens, as transformers' default does), so a
 `generation_config.json` from the hub reads and writes unchanged. Our additions:
-`frequency_penalty`, `presence_penalty`, `seed`, `repetition_penalty_form`,
+`frequency_penalty`, `presence_penalty`, `prompt_ignore_length` (an argument
+of transformers' repetition-penalty processor, not of its config), `seed`, `repetition_penalty_form`,
 `top_k_method`, `top_p_method`, the output constraints `regex`,
 `json_schema`, `choices`, and the log-probability outputs named as
 vLLM's `SamplingParams`: `logprobs` (top-N alternatives per step),
@@ -26,6 +27,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -54,6 +56,9 @@ __all__ = [
     "SEED_MAX",
     "GenerationConfig",
     "StaticConfig",
+    "SynthIDTextWatermarkingConfig",
+    "WatermarkingConfig",
+    "as_watermarking_config",
 ]
 
 # Seeds are 32-bit: `jax.random.key` keeps only the low 32 bits of larger seeds
@@ -74,6 +79,186 @@ SequenceBias = Mapping[tuple[int, ...], float] | Sequence[tuple[Sequence[int], f
 Regex = str | Sequence[str | None]
 JsonSchema = Mapping[str, object] | str | Sequence[Mapping[str, object] | str | None]
 Choices = Sequence[str] | Sequence[Sequence[str] | None]
+
+
+SEEDING_SCHEMES = ("lefthash", "selfhash")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WatermarkingConfig:
+    """transformers' `WatermarkingConfig`, with its field names and defaults.
+
+    Attributes:
+        greenlist_ratio: fraction of the vocabulary in each green list, in (0, 1).
+        bias: added to the green tokens' logits; a number or one per row.
+        hashing_key: the secret key (an integer in [0, 2**63)).
+        seeding_scheme: "lefthash" (green list from the previous token) or
+            "selfhash" (from the candidate token and the `context_width - 1`
+            before it).
+        context_width: tokens of context in the seed (>= 1).
+    """
+
+    greenlist_ratio: float = 0.25
+    bias: float | tuple[float, ...] = 2.0
+    hashing_key: int = 15485863
+    seeding_scheme: str = "lefthash"
+    context_width: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bias, (list, np.ndarray)):
+            object.__setattr__(self, "bias", tuple(float(b) for b in np.asarray(self.bias)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WatermarkingConfig:
+        """From transformers' `to_dict()` form; unknown keys raise ConfigError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"watermarking_config has unknown key(s) {', '.join(unknown)}; a "
+                f"WatermarkingConfig takes {', '.join(sorted(names))}"
+            )
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' `to_dict()` form."""
+        out = dataclasses.asdict(self)
+        if isinstance(out["bias"], tuple):
+            out["bias"] = list(out["bias"])
+        return out
+
+    def validate(self) -> WatermarkingConfig:
+        """ConfigError naming the field, its value and what is allowed."""
+        name = "watermarking_config"
+        if self.seeding_scheme not in SEEDING_SCHEMES:
+            raise ConfigError(
+                f"{name}.seeding_scheme must be one of {SEEDING_SCHEMES}, got {self.seeding_scheme!r}"
+            )
+        ratio = self.greenlist_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise ConfigError(f"{name}.greenlist_ratio must be in (0, 1), got {ratio!r}")
+        key = self.hashing_key
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= key < 2**63:
+            raise ConfigError(f"{name}.hashing_key must be an integer in [0, 2**63), got {key!r}")
+        width = self.context_width
+        if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
+            raise ConfigError(f"{name}.context_width must be an integer >= 1, got {width!r}")
+        bias = np.asarray(self.bias, dtype=object)
+        if bias.ndim > 1 or not all(
+            isinstance(b, (int, float, np.number)) and not isinstance(b, bool) and math.isfinite(b)
+            for b in bias.reshape(-1)
+        ):
+            raise ConfigError(
+                f"{name}.bias must be a finite number or one per row, got {self.bias!r}"
+            )
+        return self
+
+    def greenlist_size(self, vocab_size: int) -> int:
+        """transformers' `int(vocab_size * greenlist_ratio)`."""
+        return int(vocab_size * self.greenlist_ratio)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SynthIDTextWatermarkingConfig:
+    """transformers' `SynthIDTextWatermarkingConfig` (SynthID-Text, Dathathri et
+    al., Nature 2024), with its field names and defaults.
+
+    Attributes:
+        ngram_len: tokens hashed per g-value (the previous `ngram_len - 1` and
+            the candidate), >= 1.
+        keys: one integer key per watermarking layer (the depth).
+        context_history_size: how many previous contexts a row remembers; a
+            context seen before is not watermarked again.
+        sampling_table_seed: seed of the random 0/1 table of g-values.
+        sampling_table_size: its size, in [1, 2**24].
+        skip_first_ngram_calls: leave the first `ngram_len - 1` steps alone.
+        debug_mode: replace the scores by ones before watermarking (to test).
+    """
+
+    ngram_len: int
+    keys: tuple[int, ...]
+    context_history_size: int = 1024
+    sampling_table_seed: int = 0
+    sampling_table_size: int = 2**16
+    skip_first_ngram_calls: bool = False
+    debug_mode: bool = False
+
+    def __post_init__(self) -> None:
+        keys = self.keys
+        if isinstance(keys, (list, tuple, np.ndarray)):
+            keys = tuple(int(k) if isinstance(k, (int, np.integer)) else k for k in keys)
+        object.__setattr__(self, "keys", keys)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SynthIDTextWatermarkingConfig:
+        """From transformers' `to_dict()` form; unknown keys raise ConfigError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted({"ngram_len", "keys"} - set(data))
+        if unknown or missing:
+            raise ConfigError(
+                f"watermarking_config (SynthID) has unknown key(s) {unknown} or lacks {missing}; "
+                f"it takes {', '.join(sorted(names))}"
+            )
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' `to_dict()` form."""
+        out = dataclasses.asdict(self)
+        out["keys"] = list(self.keys)
+        return out
+
+    def validate(self) -> SynthIDTextWatermarkingConfig:
+        """ConfigError naming the field, its value and what is allowed."""
+        name = "watermarking_config"
+        _check_int(f"{name}.ngram_len", self.ngram_len, 1)
+        _check_int(f"{name}.context_history_size", self.context_history_size, 1)
+        _check_int(f"{name}.sampling_table_seed", self.sampling_table_seed, 0)
+        size = self.sampling_table_size
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, (int, np.integer))
+            or not 1 <= size <= 2**24
+        ):
+            raise ConfigError(
+                f"{name}.sampling_table_size must be an integer in [1, 2**24], got {size!r}"
+            )
+        keys = self.keys
+        if (
+            not isinstance(keys, tuple)
+            or not keys
+            or any(
+                isinstance(k, bool) or not isinstance(k, int) or not -(2**63) <= k < 2**63
+                for k in keys
+            )
+        ):
+            raise ConfigError(
+                f"{name}.keys must be a non-empty list of int64 integers, got {keys!r}"
+            )
+        for flag in ("skip_first_ngram_calls", "debug_mode"):
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                raise ConfigError(
+                    f"{name}.{flag} must be True or False, got {getattr(self, flag)!r}"
+                )
+        return self
+
+
+def as_watermarking_config(value: Any) -> WatermarkingConfig | SynthIDTextWatermarkingConfig:
+    """A `WatermarkingConfig` / `SynthIDTextWatermarkingConfig` from itself, from
+    transformers' object, or from its dict (SynthID's has `ngram_len`), validated."""
+    if not isinstance(
+        value, (Mapping, WatermarkingConfig, SynthIDTextWatermarkingConfig)
+    ) and callable(getattr(value, "to_dict", None)):
+        value = value.to_dict()  # transformers' own config objects
+    if isinstance(value, Mapping):
+        cls = SynthIDTextWatermarkingConfig if "ngram_len" in value else WatermarkingConfig
+        value = cls.from_dict(value)
+    if not isinstance(value, (WatermarkingConfig, SynthIDTextWatermarkingConfig)):
+        raise ConfigError(
+            "watermarking_config must be a dict, a jd.WatermarkingConfig or a "
+            f"jd.SynthIDTextWatermarkingConfig, got {type(value).__name__}"
+        )
+    return value.validate()
 
 
 def _field(default: Any, *, hf: bool = True, per_row: bool = False) -> Any:
@@ -105,6 +290,7 @@ class GenerationConfig:
     num_return_sequences: int = _field(1)
     # Warpers (sampling only).
     temperature: PerRowFloat = _field(1.0, per_row=True)
+    top_h: PerRowFloat | None = _field(None, per_row=True)
     top_k: PerRowInt = _field(50, per_row=True)
     top_p: PerRowFloat = _field(1.0, per_row=True)
     min_p: PerRowFloat | None = _field(None, per_row=True)
@@ -113,6 +299,7 @@ class GenerationConfig:
     eta_cutoff: PerRowFloat = _field(0.0, per_row=True)
     # Processors.
     repetition_penalty: PerRowFloat = _field(1.0, per_row=True)
+    prompt_ignore_length: PerRowInt = _field(0, hf=False, per_row=True)
     no_repeat_ngram_size: int = _field(0)
     bad_words_ids: TokenSequences | None = _field(None)
     sequence_bias: SequenceBias | None = _field(None)
@@ -123,6 +310,14 @@ class GenerationConfig:
     suppress_tokens: TokenIds | None = _field(None)
     begin_suppress_tokens: TokenIds | None = _field(None)
     renormalize_logits: bool = _field(False)
+    # Classifier-free guidance (the negative prompt is `generate`'s
+    # `negative_prompt_ids` / `negative_prompt_attention_mask`); None or 1: off.
+    guidance_scale: PerRowFloat | None = _field(None, per_row=True)
+    # Watermarking (jaxdecode.processors.watermark): applied after every other
+    # processor but renormalisation, greedy or sampling.
+    watermarking_config: (
+        WatermarkingConfig | SynthIDTextWatermarkingConfig | Mapping[str, object] | None
+    ) = _field(None)
     # Outputs.
     output_scores: bool = _field(False)
     output_logits: bool = _field(False)
@@ -137,6 +332,14 @@ class GenerationConfig:
     prompt_lookup_num_tokens: int | None = _field(None)
     max_matching_ngram_size: int | None = _field(None)
     num_assistant_tokens: int = _field(20)
+    # How K changes between rounds, per row (transformers' rule): "constant", or
+    # +2 after a round whose drafts were all accepted, else -1 (at least 1).
+    num_assistant_tokens_schedule: Literal["constant", "heuristic", "heuristic_transient"] = _field(
+        "constant"
+    )
+    # The draft model stops drafting a row after a token it gives less than this
+    # probability (0 or None: never); transformers' default 0.4.
+    assistant_confidence_threshold: PerRowFloat | None = _field(0.4, per_row=True)
     # jaxdecode additions.
     frequency_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
     presence_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
@@ -156,6 +359,14 @@ class GenerationConfig:
     prompt_logprobs: int | None = _field(None, hf=False)
 
     def __post_init__(self) -> None:
+        marking = self.watermarking_config
+        if not isinstance(
+            marking, (Mapping, WatermarkingConfig, SynthIDTextWatermarkingConfig)
+        ) and callable(getattr(marking, "to_dict", None)):
+            marking = marking.to_dict()  # transformers' own config objects
+        if isinstance(marking, Mapping):
+            cls = SynthIDTextWatermarkingConfig if "ngram_len" in marking else WatermarkingConfig
+            object.__setattr__(self, "watermarking_config", cls.from_dict(marking))
         # A JSON schema is kept as its compact JSON text (hashable, key order kept).
         schema = self.json_schema
         if isinstance(schema, Mapping):
@@ -226,6 +437,13 @@ class GenerationConfig:
         if self.max_matching_ngram_size is not None:
             _int("max_matching_ngram_size", self.max_matching_ngram_size, 1)
         _int("num_assistant_tokens", self.num_assistant_tokens, 1)
+        if self.assistant_confidence_threshold is not None:
+            check_range(
+                "assistant_confidence_threshold",
+                self.assistant_confidence_threshold,
+                lo=0.0,
+                hi=1.0,
+            )
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0)
         if self.prompt_logprobs is not None:
@@ -254,6 +472,8 @@ class GenerationConfig:
             check_range("temperature", self.temperature, lo=0.0)
         check_range("top_k", self.top_k, lo=0, integer=True)
         check_range("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        if self.top_h is not None:
+            check_range("top_h", self.top_h, lo=0.0, hi=1.0, lo_open=True)
         if self.min_p is not None:
             check_range("min_p", self.min_p, lo=0.0, hi=1.0)
         # 1.0 (the default) turns typical sampling off; per row the processor is
@@ -270,6 +490,9 @@ class GenerationConfig:
         check_range("epsilon_cutoff", self.epsilon_cutoff, lo=0.0, hi=1.0, hi_open=True)
         check_range("eta_cutoff", self.eta_cutoff, lo=0.0, hi=1.0, hi_open=True)
         check_range("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        check_range("prompt_ignore_length", self.prompt_ignore_length, lo=0, integer=True)
+        if self.guidance_scale is not None:
+            check_range("guidance_scale", self.guidance_scale)
         check_range("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
         check_range("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         if self.seed is not None and (
@@ -281,6 +504,8 @@ class GenerationConfig:
         for name, allowed in FIELD_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.watermarking_config is not None:
+            as_watermarking_config(self.watermarking_config)
         self._validate_token_ids(vocab_size)
         self._validate_logprobs(vocab_size)
         self._validate_combinations()
@@ -415,6 +640,16 @@ class GenerationConfig:
                     "stop_strings works with greedy search and sampling (num_beams=1), got "
                     f"num_beams={beams}"
                 )
+        if beams > 1 and self.guided():
+            raise ConfigError(
+                "guidance_scale (classifier-free guidance) works with greedy search and "
+                f"sampling (num_beams=1), got num_beams={beams}"
+            )
+        if self.guided() and self.prompt_lookup_num_tokens is not None:
+            raise ConfigError(
+                "guidance_scale (classifier-free guidance) and prompt_lookup_num_tokens "
+                "(speculative decoding) cannot be combined"
+            )
         if beams > 1 and self.prompt_lookup_num_tokens is not None:
             raise ConfigError(
                 "prompt_lookup_num_tokens (speculative decoding) works with greedy search and "
@@ -465,6 +700,16 @@ class GenerationConfig:
             raise ConfigError("top_k per row must be all > 0 or all 0 (0 disables top-k)")
 
     # ------------------------------------------------------------------ #
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs: `guidance_scale` set and not the
+        scalar 1 (per-row values always run it, as traced values do)."""
+        scale = self.guidance_scale
+        if scale is None:
+            return False
+        if isinstance(scale, jax.core.Tracer) or np.ndim(scale):
+            return True
+        return float(scale) != 1.0
+
     def min_tokens_to_keep(self) -> int:
         """What transformers protects in the warpers: 1, or 1 + #EOS in beam sampling."""
         if self.num_beams > 1:
@@ -555,6 +800,9 @@ class GenerationConfig:
             value = getattr(self, f.name)
             if isinstance(value, jax.Array):
                 value = np.asarray(value).tolist()
+            if isinstance(value, (WatermarkingConfig, SynthIDTextWatermarkingConfig)):
+                out[f.name] = value.to_dict()
+                continue
             if value != getattr(default, f.name):
                 out[f.name] = _thaw(value)
         return out

@@ -33,7 +33,7 @@ from jaxdecode.models.base import Decoder, Model
 from jaxdecode.processors import TracedConfig, split_config
 from jaxdecode.processors.base import LogitsProcessor, check_rows
 from jaxdecode.search.drafters import DEFAULT_NGRAM, DraftModel, PromptLookup
-from jaxdecode.search.loop import GenerateOutput, Plan
+from jaxdecode.search.loop import GenerateOutput, Guidance, Plan
 from jaxdecode.search.program import generate_program, prefill_program
 from jaxdecode.search.sample import decode_step
 from jaxdecode.search.speculative import speculative_program
@@ -160,6 +160,7 @@ def _drafter(
     assistant_model: Model | Decoder | None,
     assistant_params: Any,
     mesh: Mesh | None,
+    new_tokens: int,
 ) -> tuple[PromptLookup | DraftModel | None, Any]:
     """`(drafter, draft params)` for speculative decoding, or `(None, None)`.
 
@@ -197,7 +198,12 @@ def _drafter(
             f"assistant_model must share the model's vocabulary: its vocab_size is "
             f"{draft.vocab_size}, the model's {decoder.vocab_size}"
         )
-    return DraftModel(decoder=draft, k=int(config.num_assistant_tokens)), draft_params
+    start = int(config.num_assistant_tokens)
+    schedule = config.num_assistant_tokens_schedule
+    # A round never uses more than max_new_tokens - 1 drafts (transformers'
+    # candidates stop at max_length - 1): the heuristic schedule's static bound.
+    cap = start if schedule == "constant" else max(start, new_tokens - 1, 1)
+    return DraftModel(decoder=draft, k=cap, start=start, schedule=schedule), draft_params
 
 
 def _check_seed(name: str, seed: Any) -> int:
@@ -313,37 +319,95 @@ def check_memory(
 
 
 def _prompt_arrays(
-    input_ids: Any, attention_mask: Any, vocab_size: int, traced_inputs: bool
+    input_ids: Any,
+    attention_mask: Any,
+    vocab_size: int,
+    traced_inputs: bool,
+    names: tuple[str, str] = ("input_ids", "attention_mask"),
 ) -> tuple[Any, Any]:
-    """Validated `(ids, mask)`, copied from host memory (or as given when traced)."""
-    ids = input_ids if traced_inputs else host_rows("input_ids", input_ids)
+    """Validated `(ids, mask)`, copied from host memory (or as given when traced);
+    `names` are the arguments' names in the errors."""
+    id_name, mask_name = names
+    ids = input_ids if traced_inputs else host_rows(id_name, input_ids)
     if ids.ndim != 2 or ids.shape[1] < 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(
-            f"input_ids must be a [batch, prompt_len] integer array, got {ids.dtype} {ids.shape}"
+            f"{id_name} must be a [batch, prompt_len] integer array, got {ids.dtype} {ids.shape}"
         )
     if attention_mask is None:
         mask = jnp.ones_like(ids) if traced_inputs else np.ones(ids.shape, np.int32)
     else:
-        mask = attention_mask if traced_inputs else host_rows("attention_mask", attention_mask)
+        mask = attention_mask if traced_inputs else host_rows(mask_name, attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(
-                f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}"
+                f"{mask_name} shape {mask.shape} must equal {id_name} shape {ids.shape}"
             )
     if traced_inputs:
         return ids, mask
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise ValueError(
-            f"input_ids must be in [0, {vocab_size - 1}], got [{ids.min()}, {ids.max()}]"
+            f"{id_name} must be in [0, {vocab_size - 1}], got [{ids.min()}, {ids.max()}]"
         )
     if not np.all((mask == 0) | (mask == 1)):
-        raise ValueError("attention_mask must hold only 0 and 1")
+        raise ValueError(f"{mask_name} must hold only 0 and 1")
     empty = np.flatnonzero(~np.any(mask == 1, axis=1))
     if empty.size:
         raise ValueError(
-            f"attention_mask rows {empty.tolist()} are all 0: every prompt needs at least "
+            f"{mask_name} rows {empty.tolist()} are all 0: every prompt needs at least "
             "one real token"
         )
     return ids, mask
+
+
+def _guidance(
+    config: GenerationConfig,
+    ids: Any,
+    negative_ids: Any,
+    negative_mask: Any,
+    vocab_size: int,
+    traced_inputs: bool,
+    prompt_buckets: Any,
+) -> Guidance | None:
+    """Classifier-free guidance's inputs: the negative prompt (default: each
+    prompt's last token, as transformers), bucketed, and the scale; None when
+    `guidance_scale` is unset or 1."""
+    names = ("negative_prompt_ids", "negative_prompt_attention_mask")
+    if not config.guided():
+        given = [
+            n for n, v in zip(names, (negative_ids, negative_mask), strict=True) if v is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{given[0]} is the negative prompt of classifier-free guidance: set "
+                f"guidance_scale (!= 1), got guidance_scale={config.guidance_scale!r}"
+            )
+        return None
+    batch = ids.shape[0]
+    if negative_ids is None:
+        if negative_mask is not None:
+            raise ValueError("negative_prompt_attention_mask needs negative_prompt_ids")
+        neg, mask = ids[:, -1:], (jnp if traced_inputs else np).ones((batch, 1), np.int32)
+    else:
+        neg, mask = _prompt_arrays(negative_ids, negative_mask, vocab_size, traced_inputs, names)
+        if neg.shape[0] not in (1, batch):
+            raise ValueError(
+                f"negative_prompt_ids has {neg.shape[0]} rows; it needs one per prompt row "
+                f"({batch}) or one for all"
+            )
+        if neg.shape[0] != batch:
+            xp = jnp if traced_inputs else np
+            neg, mask = xp.repeat(neg, batch, axis=0), xp.repeat(mask, batch, axis=0)
+    length = neg.shape[1]
+    extra = bucket_length(length, prompt_buckets) - length
+    if extra:
+        xp = jnp if traced_inputs else np
+        neg = xp.pad(neg, ((0, 0), (extra, 0)), constant_values=config.pad_id)
+        mask = xp.pad(mask, ((0, 0), (extra, 0)))
+    return Guidance(
+        ids=owned(neg, jnp.int32),
+        mask=owned(mask, jnp.int32),
+        length=jnp.int32(length),
+        scale=owned(config.guidance_scale, jnp.float32),
+    )
 
 
 def _sampling_key(
@@ -384,6 +448,8 @@ def prepare(
     overrides: dict[str, Any] | None = None,
     assistant_model: Model | Decoder | None = None,
     assistant_params: Any = None,
+    negative_prompt_ids: Any = None,
+    negative_prompt_attention_mask: Any = None,
 ) -> Request:
     """Validates a `generate` call before tracing and pads the prompt to its bucket.
 
@@ -419,7 +485,9 @@ def prepare(
             "set max_new_tokens"
         )
     decoder.check_length(max_length, new_tokens)
-    drafter, draft_params = _drafter(config, decoder, assistant_model, assistant_params, mesh)
+    drafter, draft_params = _drafter(
+        config, decoder, assistant_model, assistant_params, mesh, new_tokens
+    )
     if isinstance(drafter, DraftModel):
         drafter.decoder.check_length(max_length, new_tokens)
 
@@ -434,6 +502,35 @@ def prepare(
     key, per_row, drawn = _sampling_key(key, config, batch, host_side)
 
     static, traced = split_config(config, tokenizer=tokenizer, extra=logits_processor)
+    guidance = _guidance(
+        config,
+        ids,
+        negative_prompt_ids,
+        negative_prompt_attention_mask,
+        decoder.vocab_size,
+        traced_inputs,
+        prompt_buckets,
+    )
+    if guidance is not None:
+        if drafter is not None:
+            raise ValueError(
+                "guidance_scale (classifier-free guidance) and speculative decoding "
+                "(assistant_model) cannot be combined"
+            )
+        if np.ndim(guidance.scale) == 1 and guidance.scale.shape[0] != batch:
+            raise ValueError(
+                f"guidance_scale has {guidance.scale.shape[0]} values; a per-row "
+                f"guidance_scale needs one value per prompt row, {batch} here"
+            )
+        traced = traced.replace(guidance=guidance)
+    if isinstance(drafter, DraftModel) and config.assistant_confidence_threshold is not None:
+        threshold = owned(config.assistant_confidence_threshold, jnp.float32)
+        if np.ndim(threshold) == 1 and threshold.shape[0] != batch:
+            raise ValueError(
+                f"assistant_confidence_threshold has {threshold.shape[0]} values; per row it "
+                f"needs one value per prompt row, {batch} here"
+            )
+        traced = traced.replace(assistant_confidence=threshold)
     if config.stop_strings is not None:
         stop = stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
         traced = traced.replace(stop=stop)
@@ -504,6 +601,8 @@ def generate(
     tokenizer: Any = None,
     assistant_model: Model | Decoder | None = None,
     assistant_params: Any = None,
+    negative_prompt_ids: Any = None,
+    negative_prompt_attention_mask: Any = None,
     **overrides: Any,
 ) -> GenerateOutput:
     """Generates continuations of `input_ids` in one compiled program.
@@ -554,6 +653,11 @@ def generate(
             Greedy output is plain greedy's; sampled output has the same
             distribution. Not with beam search or a mesh.
         assistant_params: the draft model's parameters when it is a `Decoder`.
+        negative_prompt_ids: classifier-free guidance's negative prompt, `[batch
+            or 1, length]` left-padded ids, with `guidance_scale` set (default:
+            each prompt's last token, as transformers). The unconditional rows
+            run in the same program with a KV cache of their own.
+        negative_prompt_attention_mask: its mask, 0 on padding (default all 1).
 
     Returns:
         A `GenerateOutput` (with per-row `drafted` / `accepted` counts when
@@ -577,6 +681,8 @@ def generate(
         overrides=overrides,
         assistant_model=assistant_model,
         assistant_params=assistant_params,
+        negative_prompt_ids=negative_prompt_ids,
+        negative_prompt_attention_mask=negative_prompt_attention_mask,
     )
     out = req.run()
     return drop_bucket(out, req.extra).replace(seed=req.seed)

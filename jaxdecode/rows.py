@@ -99,12 +99,13 @@ def arrayed_fields(config: GenerationConfig, rows: int) -> tuple[str, ...]:
 
 
 def row_values(configs: Sequence[GenerationConfig], arrayed: Sequence[str]) -> dict[str, Any]:
-    """`{field: [rows] array}` of the configs' per-row values: int32 for `top_k`,
-    float64 for the rest (so that a top-p cutoff `1 - p` is rounded from the same
+    """`{field: [rows] array}` of the configs' per-row values: int32 for `top_k` and
+    `prompt_ignore_length`, float64 for the rest (so that a top-p cutoff `1 - p` is rounded from the same
     float64 as for a scalar p; the processors store float32)."""
     return {
         name: np.asarray(
-            [getattr(c, name) for c in configs], np.int32 if name == "top_k" else np.float64
+            [getattr(c, name) for c in configs],
+            np.int32 if name in ("top_k", "prompt_ignore_length") else np.float64,
         )
         for name in arrayed
     }

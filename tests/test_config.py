@@ -71,10 +71,12 @@ def test_fields_are_typed_precisely_and_carry_their_metadata():
         assert f.metadata["hf"] == (f.name in hf_fields), f.name
     assert tuple(f.name for f in dataclasses.fields(GC) if f.metadata["hf"]) == HF_FIELDS
     assert set(PER_ROW_FIELDS) == {
-        "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
-        "eta_cutoff", "repetition_penalty", "frequency_penalty", "presence_penalty",
+        "temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
+        "eta_cutoff", "repetition_penalty", "prompt_ignore_length", "frequency_penalty",
+        "presence_penalty", "guidance_scale", "assistant_confidence_threshold",
     }  # fmt: skip
     assert FIELD_CHOICES == {
+        "num_assistant_tokens_schedule": ("constant", "heuristic", "heuristic_transient"),
         "repetition_penalty_form": ("hf", "ctrl"),
         "top_k_method": ("exact", "fast"),
         "top_p_method": ("exact", "fast"),
@@ -87,7 +89,8 @@ def test_fields_are_typed_precisely_and_carry_their_metadata():
 
 
 def test_per_row_fields_take_one_value_per_row():
-    values = {"top_k": [3, 5]} | {n: [0.5, 0.6] for n in PER_ROW_FIELDS if n != "top_k"}
+    ints = {"top_k": [3, 5], "prompt_ignore_length": [0, 4]}
+    values = ints | {n: [0.5, 0.6] for n in PER_ROW_FIELDS if n not in ints}
     GC(do_sample=True, **values).validate()
 
 
@@ -103,6 +106,7 @@ CLI_VALUES = {
     "length_penalty": (["0.5"], 0.5),
     "num_return_sequences": (["1"], 1),
     "temperature": (["0.7"], 0.7),
+    "top_h": (["0.4"], 0.4),
     "top_k": (["5"], 5),
     "top_p": (["0.9"], 0.9),
     "min_p": (["0.1"], 0.1),
@@ -110,6 +114,8 @@ CLI_VALUES = {
     "epsilon_cutoff": (["0.001"], 0.001),
     "eta_cutoff": (["0.002"], 0.002),
     "repetition_penalty": (["1.2"], 1.2),
+    "prompt_ignore_length": (["3"], 3),
+    "guidance_scale": (["1.5"], 1.5),
     "no_repeat_ngram_size": (["3"], 3),
     "bad_words_ids": (["[[5], [6, 7]]"], ((5,), (6, 7))),
     "sequence_bias": (["[[[5], 1.5]]"], (((5,), 1.5),)),
@@ -135,6 +141,10 @@ CLI_VALUES = {
     "regex": (["[a-z]+"], "[a-z]+"),
     "json_schema": (['{"type": "object"}'], '{"type": "object"}'),  # JSON text
     "choices": (["yes", "no way"], ("yes", "no way")),
+    "watermarking_config": (
+        ['{"bias": 2.5, "seeding_scheme": "selfhash"}'],
+        jd.WatermarkingConfig(bias=2.5, seeding_scheme="selfhash"),
+    ),
     "output_raw_logprobs": ([], True),
     "logprobs": (["3"], 3),
     "logprobs_mode": (["raw"], "raw"),
@@ -142,6 +152,8 @@ CLI_VALUES = {
     "prompt_lookup_num_tokens": (["10"], 10),
     "max_matching_ngram_size": (["3"], 3),
     "num_assistant_tokens": (["5"], 5),
+    "num_assistant_tokens_schedule": (["heuristic"], "heuristic"),
+    "assistant_confidence_threshold": (["0.4"], 0.4),
 }
 
 
@@ -302,6 +314,7 @@ def _rich_config():
         min_length=3,
         do_sample=True,
         temperature=0.7,
+        top_h=0.6,
         top_k=40,
         top_p=0.9,
         min_p=0.05,
@@ -309,9 +322,12 @@ def _rich_config():
         epsilon_cutoff=3e-4,
         eta_cutoff=1e-3,
         repetition_penalty=1.2,
+        prompt_ignore_length=2,
         no_repeat_ngram_size=3,
         bad_words_ids=[[5], [7, 8]],
         sequence_bias=[[[3], -1.5], [[4, 5], 2.0]],
+        watermarking_config={"bias": 1.5, "context_width": 2},
+        guidance_scale=1.0,  # 1: off (prompt lookup below excludes guidance)
         eos_token_id=[2, 9],
         pad_token_id=0,
         bos_token_id=1,
@@ -346,6 +362,8 @@ def _rich_config():
         prompt_lookup_num_tokens=6,
         max_matching_ngram_size=3,
         num_assistant_tokens=5,
+        num_assistant_tokens_schedule="heuristic_transient",
+        assistant_confidence_threshold=0.3,  # default 0.4
     ).validate()
 
 

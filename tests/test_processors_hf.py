@@ -220,6 +220,7 @@ EOS2 = [2, 5]
 
 SPECS = [
     ("temperature", jd.temperature, hf.TemperatureLogitsWarper, [0.3, 0.7, 1.0, 1.3, 2.0], "any"),
+    ("top_h", jd.top_h, lambda h: hf.TopHLogitsWarper(top_h=h), [0.05, 0.3, 0.7, 0.95], "none"),
     ("top_k-exact", jd.top_k, hf.TopKLogitsWarper, [1, 2, 7, 40, 60], "any"),
     (
         "top_k-exact-keep3",
@@ -404,6 +405,29 @@ def _dyadic_rows() -> np.ndarray:
     return np.asarray(rows, np.float32)
 
 
+def test_top_h_transformers_unit_values():
+    """transformers' test_top_h_dist_warper: probabilities in, the kept ones out."""
+    cases = [
+        ([0.97, 0.01, 0.01, 0.01], 0.3, [0.97, 0, 0, 0]),
+        ([0.4, 0.3, 0.2, 0.1], 0.7, [0.4, 0.3, 0, 0]),
+        ([0.25, 0.25, 0.25, 0.25], 1.0, [0.25, 0.25, 0.25, 0.25]),
+        ([0.75, 0.25, 0.0, 0.0], 0.4, [0.75, 0, 0, 0]),
+    ]
+    for probs, h, expected in cases:
+        with np.errstate(divide="ignore"):
+            logits = np.log(np.asarray([probs], np.float32))
+        got = np.exp(np.asarray(jd.process_logits(logits, np.zeros((1, 1), int), jd.top_h(h))))
+        np.testing.assert_allclose(got, [expected], rtol=1e-3, atol=1e-3)
+    # Per row, one compilation: row 0 keeps 1 token, row 1 all four.
+    logits = np.log(np.asarray([[0.4, 0.3, 0.2, 0.1]] * 2, np.float32))
+    got = np.asarray(jd.process_logits(logits, np.zeros((2, 1), int), jd.top_h([0.1, 1.0])))
+    assert np.isinf(got).sum(axis=1).tolist() == [3, 0]
+    with pytest.raises(ValueError, match="top_h"):
+        jd.top_h(1.5)
+    with pytest.raises(ValueError, match="top_h"):
+        jd.GenerationConfig(do_sample=True, top_h=0.0).validate()
+
+
 def test_top_p_exact_cumulative_probability_at_threshold():
     scores = _dyadic_rows()
     ids = np.zeros((scores.shape[0], 2), np.int64)
@@ -560,6 +584,59 @@ def test_repetition_penalty_left_padding():
     assert ref[1, 51] == scores[1, 51]
     unmasked = np.asarray(jd.process_logits(scores, ids, jd.repetition_penalty(2.5)))
     assert unmasked[1, 51] != scores[1, 51]
+
+
+def test_repetition_penalty_prompt_ignore_length_unit_values():
+    """transformers' test_repetition_penalty_dist_process_exclusion_*: ignoring the
+    original prompt penalises nothing on it, and the repeats after it as before."""
+    vocab = 10
+    scores = np.full((2, vocab), 1 / vocab, np.float32)
+    scores[0, 0], scores[1, 5] = -(1 / vocab), 4 / vocab
+    orig = np.array([[0, 1], [5, 0]])
+    proc = jd.repetition_penalty(2.0, prompt_ignore_length=orig.shape[-1])
+    np.testing.assert_array_equal(np.asarray(jd.process_logits(scores, orig, proc)), scores)
+    cur = np.array([[0, 1, 0, 1], [5, 0, 5, 0]])
+    got = np.asarray(jd.process_logits(scores, cur, proc))
+    np.testing.assert_allclose(
+        [got[0, 0], got[0, 1], got[1, 0], got[1, 5]],
+        [-(1 / vocab) * 2, (1 / vocab) / 2, (1 / vocab) / 2, (4 / vocab) / 2],
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="prompt_ignore_length"):
+        jd.repetition_penalty(1.2, prompt_ignore_length=-1)
+    with pytest.raises(ValueError, match="prompt_ignore_length"):
+        jd.GenerationConfig(repetition_penalty=1.2, prompt_ignore_length=1.5).validate()
+
+
+def test_repetition_penalty_prompt_ignore_length_live():
+    """One length for all rows (transformers slices the columns) and one per row
+    (transformers masks them), on random histories, as a processor and from the
+    config; the per-row values are leaves (one compilation for every value)."""
+    for label, scores, ids in random_cases():
+        batch = ids.shape[0]
+        for n in (0, 3, HIST - 1, HIST):
+            for penalty in (0.7, 1.5):
+                hf_proc = hf.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=n)
+                compare(
+                    jd.repetition_penalty(penalty, prompt_ignore_length=n),
+                    hf_proc,
+                    scores,
+                    ids,
+                    what=f"{label} n={n}",
+                )
+                cfg = jd.GenerationConfig(repetition_penalty=penalty, prompt_ignore_length=n)
+                check(hf_apply(hf_proc, ids, scores), ours(cfg, scores, ids), what=f"{label} cfg")
+        lengths = [(3 * r + 2) % HIST for r in range(batch)]
+        hf_proc = hf.RepetitionPenaltyLogitsProcessor(
+            1.3, prompt_ignore_length=torch.tensor(lengths)
+        )
+        compare(
+            jd.repetition_penalty(1.3, prompt_ignore_length=lengths),
+            hf_proc,
+            scores,
+            ids,
+            what=f"{label} per row {lengths}",
+        )
 
 
 def _seen(ids: np.ndarray, vocab: int, start=None) -> np.ndarray:

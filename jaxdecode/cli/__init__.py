@@ -2,12 +2,13 @@
 
     jaxdecode generate "In the beginning" --max_new_tokens 60 --do_sample --top_p 0.9
     jaxdecode eval prompts.jsonl -o out.jsonl --batch_size 32
+    jaxdecode detect texts.jsonl --watermarking_config '{"bias": 2.0}'
 
 Every `GenerationConfig` field is a flag under its transformers name (dashes work
 too: `--max-new-tokens`). Errors are one line on stderr with exit code 2.
 
 The package, by command: `app` (parser, entry point), `generate`, `evaluate`,
-`explain`; what they share: `flags` (config fields as flags), `common` (model,
+`explain`, `detect`; what they share: `flags` (config fields as flags), `common` (model,
 config, prompts, seeds), `records` (the JSON records).
 """
 

@@ -9,7 +9,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from jaxdecode.cli import common, evaluate, explain, flags, generate, records
+from jaxdecode.cli import common, detect, evaluate, explain, flags, generate, records
 
 CACHE_ENV = "JAXDECODE_COMPILATION_CACHE"
 
@@ -190,6 +190,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_assistant(ev)
     flags.add_config_flags(ev)
 
+    det = sub.add_parser(
+        "detect",
+        help="score texts (a JSONL file) for a watermark: z-score and p-value, or SynthID's",
+    )
+    det.add_argument("texts_file", metavar="TEXTS.jsonl")
+    _add_common(det)
+    det.add_argument(
+        "--watermarking_config",
+        "--watermarking-config",
+        type=flags.json_value,
+        metavar="JSON",
+        help="the watermarking_config used to generate (Kirchenbauer or SynthID fields)",
+    )
+    det.add_argument(
+        "--z_threshold", "--z-threshold", type=float, default=3.0, help="prediction: z > this (3)"
+    )
+    det.add_argument(
+        "--ignore_repeated_ngrams",
+        "--ignore-repeated-ngrams",
+        action="store_true",
+        help="count each distinct n-gram once",
+    )
+
     ex = sub.add_parser(
         "explain",
         help="draw what each decoding parameter does to the next-token distribution",
@@ -236,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return evaluate.cmd_eval(args)
             if args.command == "explain":
                 return explain.cmd_explain(args)
+            if args.command == "detect":
+                return detect.cmd_detect(args)
             parser.print_help()
             return 2
         except common.CLIError as e:

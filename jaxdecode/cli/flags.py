@@ -32,7 +32,7 @@ def _bool_or(choices: tuple[str, ...]):
     return parse
 
 
-def _json_value(text: str) -> Any:
+def json_value(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -106,7 +106,7 @@ def _flag_kwargs(field: dataclasses.Field, tp: Any) -> dict[str, Any]:
         return {"type": str}
     if kind == "texts":
         return {"type": str, "nargs": "+"}
-    return {"type": _json_value, "metavar": "JSON"}
+    return {"type": json_value, "metavar": "JSON"}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,8 @@ per row), so changing a value never recompiles.
 Rooms: `base` (protocol, `chain`, shared pieces), `warpers` (temperature and
 truncation), `penalties` (history-reading penalties, with state), `rules`
 (lengths, forcing, suppression), `grammar` (regex / JSON schema / choices as a
-token automaton on the device; `automata` compiles them on the host), `build`
+token automaton on the device; `automata` compiles them on the host),
+`watermark` (green-list watermarking and its detector), `build`
 (a `GenerationConfig` to its chain).
 Semantics follow Hugging Face transformers 5 (see the README for the order that
 `logits_processor` uses and for the few deliberate differences).
@@ -66,6 +67,7 @@ from jaxdecode.processors.warpers import (
     EtaCutoff,
     MinP,
     Temperature,
+    TopH,
     TopK,
     TopP,
     TypicalP,
@@ -73,9 +75,20 @@ from jaxdecode.processors.warpers import (
     eta_cutoff,
     min_p,
     temperature,
+    top_h,
     top_k,
     top_p,
     typical_p,
+)
+from jaxdecode.processors.watermark import (
+    SynthIDDetection,
+    SynthIDText,
+    Watermark,
+    WatermarkDetection,
+    synthid_detect,
+    synthid_text,
+    watermark,
+    watermark_detect,
 )
 
 __all__ = [
@@ -93,6 +106,7 @@ __all__ = [
     "process_logits",
     # Warpers.
     "Temperature",
+    "TopH",
     "TopK",
     "TopP",
     "MinP",
@@ -100,6 +114,7 @@ __all__ = [
     "EpsilonCutoff",
     "EtaCutoff",
     "temperature",
+    "top_h",
     "top_k",
     "top_p",
     "min_p",
@@ -134,6 +149,15 @@ __all__ = [
     "exponential_decay_length_penalty",
     "remove_invalid_values",
     "renormalize_logits",
+    # Watermarking.
+    "SynthIDDetection",
+    "SynthIDText",
+    "synthid_detect",
+    "synthid_text",
+    "Watermark",
+    "WatermarkDetection",
+    "watermark",
+    "watermark_detect",
     # Output constraints.
     "Grammar",
     "regex",

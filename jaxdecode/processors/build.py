@@ -39,10 +39,12 @@ from jaxdecode.processors.warpers import (
     eta_cutoff,
     min_p,
     temperature,
+    top_h,
     top_k,
     top_p,
     typical_p,
 )
+from jaxdecode.processors.watermark import watermark
 
 Array = jax.Array
 
@@ -116,7 +118,11 @@ def from_config(
         procs.append(sequence_bias(config.sequence_bias))
     if _is_active(config.repetition_penalty, 1.0):
         procs.append(
-            repetition_penalty(config.repetition_penalty, form=config.repetition_penalty_form)
+            repetition_penalty(
+                config.repetition_penalty,
+                form=config.repetition_penalty_form,
+                prompt_ignore_length=config.prompt_ignore_length,
+            )
         )
     if _is_active(config.frequency_penalty, 0.0) or _is_active(config.presence_penalty, 0.0):
         procs.append(frequency_presence_penalty(config.frequency_penalty, config.presence_penalty))
@@ -157,6 +163,8 @@ def from_config(
         # Always present when sampling (x / 1.0 is exact), so that sweeping the
         # temperature from 1.0 does not change the program.
         procs.append(temperature(config.temperature))
+        if config.top_h is not None:
+            procs.append(top_h(config.top_h))
         if isinstance(config.top_k, jax.core.Tracer) or np.any(np.asarray(config.top_k) != 0):
             procs.append(top_k(config.top_k, min_tokens_to_keep=keep, method=config.top_k_method))
         if _is_active(config.top_p, 1.0, below=True):
@@ -169,6 +177,9 @@ def from_config(
             procs.append(epsilon_cutoff(config.epsilon_cutoff, min_tokens_to_keep=keep))
         if _is_active(config.eta_cutoff, 0.0):
             procs.append(eta_cutoff(config.eta_cutoff, min_tokens_to_keep=keep))
+    # transformers: watermarking after all other processing (see its #34630).
+    if config.watermarking_config is not None:
+        procs.append(watermark(config.watermarking_config))
     if config.renormalize_logits:
         procs.append(renormalize_logits())
     return chain(*procs)
@@ -177,12 +188,17 @@ def from_config(
 @pytree.dataclass
 class TracedConfig:
     """The traced part of a config: the processor chain (its numbers are leaves),
-    the length penalty, and the stop strings' tables (`jaxdecode.search.stopping`,
-    set by `generate`, which has the tokenizer)."""
+    the length penalty, the stop strings' tables (`jaxdecode.search.stopping`,
+    set by `generate`, which has the tokenizer) and classifier-free guidance's
+    negative prompt and scale (`jaxdecode.search.loop.Guidance`, set by
+    `generate`, which has the negative prompt)."""
 
     processor: Chain
     length_penalty: Array
     stop: Any = None
+    guidance: Any = None
+    # Speculative decoding's assistant_confidence_threshold, `[]` or `[batch]`.
+    assistant_confidence: Any = None
 
 
 def split_config(

@@ -21,6 +21,7 @@ from jaxdecode.processors.base import (
     LogitsProcessor,
     divide,
     float_leaf,
+    int_leaf,
     row,
 )
 from jaxdecode.validation import parse_sequences, static_int
@@ -55,17 +56,32 @@ def _scatter_tally(ctx: DecodeContext, columns: Array, vocab: int, dtype: Any) -
 
 @pytree.dataclass
 class RepetitionPenalty(LogitsProcessor):
-    """Penalises every token already present (prompt included, left padding not)."""
+    """Penalises every token already present (prompt included, left padding not),
+    except in the first `prompt_ignore_length` logical columns of each row.
 
-    row_fields: ClassVar[dict[str, str]] = {"penalty": "repetition_penalty"}
+    Attributes:
+        penalty: `[]` or `[batch]` float32.
+        prompt_ignore_length: `[]` or `[batch]` int32, leading logical columns
+            (left padding included, as transformers counts them) whose tokens
+            are not penalised; 0 ignores nothing.
+    """
+
+    row_fields: ClassVar[dict[str, str]] = {
+        "penalty": "repetition_penalty",
+        "prompt_ignore_length": "prompt_ignore_length",
+    }
 
     penalty: Array
+    prompt_ignore_length: Array = pytree.field(default_factory=lambda: jnp.zeros((), jnp.int32))
     form: str = pytree.field(pytree_node=False, default="hf")
 
     def init(self, ctx: DecodeContext) -> Array:
         """`[batch, vocab]` bool: tokens in the history (prompt without its left
-        padding, then generated tokens)."""
-        return _scatter_tally(ctx, ctx.history_mask(), ctx.vocab_size, bool)
+        padding and its first `prompt_ignore_length` columns, then generated
+        tokens)."""
+        cols = jnp.arange(ctx.sequences.shape[1])[None, :]
+        first = (ctx.offset + jnp.asarray(self.prompt_ignore_length, jnp.int32))[:, None]
+        return _scatter_tally(ctx, ctx.history_mask() & (cols >= first), ctx.vocab_size, bool)
 
     def update(self, state: Array, tokens: Array) -> Array:
         rows = jnp.arange(tokens.shape[0])
@@ -81,11 +97,18 @@ class RepetitionPenalty(LogitsProcessor):
         return jnp.where(seen, penalised, logits)
 
 
-def repetition_penalty(penalty: Any, *, form: str = "hf") -> RepetitionPenalty:
+def repetition_penalty(
+    penalty: Any, *, form: str = "hf", prompt_ignore_length: Any = 0
+) -> RepetitionPenalty:
     """Repetition penalty, penalty > 0 (1.0 = none), applied once per distinct token.
 
     Args:
         penalty: scalar or `[batch]`.
+        prompt_ignore_length: integer >= 0 (scalar or `[batch]`): tokens in the
+            first this-many columns of each row (left padding included) are not
+            penalised, as transformers' `RepetitionPenaltyLogitsProcessor(...,
+            prompt_ignore_length=)`; the prompt's own length penalises generated
+            tokens only.
         form: "hf" (default): `x * penalty` if `x < 0` else `x / penalty`, which
             always lowers a seen token's probability for penalty > 1.
             "ctrl": the CTRL paper's `x / penalty` for every seen token, which
@@ -94,7 +117,9 @@ def repetition_penalty(penalty: Any, *, form: str = "hf") -> RepetitionPenalty:
     if form not in ("hf", "ctrl"):
         raise ValueError(f"repetition_penalty_form must be 'hf' or 'ctrl', got {form!r}")
     return RepetitionPenalty(
-        penalty=float_leaf("repetition_penalty", penalty, lo=0.0, lo_open=True), form=form
+        penalty=float_leaf("repetition_penalty", penalty, lo=0.0, lo_open=True),
+        prompt_ignore_length=int_leaf("prompt_ignore_length", prompt_ignore_length, lo=0),
+        form=form,
     )
 
 

@@ -1,6 +1,6 @@
 """Warpers: reshape the distribution before a draw (transformers applies them only
-when sampling): temperature, top-k, top-p, min-p, typical-p, epsilon and eta
-cutoffs. All stateless."""
+when sampling): temperature, top-h, top-k, top-p, min-p, typical-p, epsilon and
+eta cutoffs. All stateless."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ Array = jax.Array
 
 __all__ = [
     "Temperature",
+    "TopH",
     "TopK",
     "TopP",
     "MinP",
@@ -33,6 +34,7 @@ __all__ = [
     "EpsilonCutoff",
     "EtaCutoff",
     "temperature",
+    "top_h",
     "top_k",
     "top_p",
     "min_p",
@@ -57,6 +59,46 @@ class Temperature(LogitsProcessor):
 def temperature(value: Any) -> Temperature:
     """`logits / value`, value > 0 (scalar or `[batch]`)."""
     return Temperature(temperature=float_leaf("temperature", value, lo=0.0, lo_open=True))
+
+
+# transformers' TopHLogitsWarper considers the 100 most likely tokens only.
+TOP_H_CANDIDATES = 100
+
+
+@pytree.dataclass
+class TopH(LogitsProcessor):
+    """Top-H (entropy-bounded) filtering, arXiv:2509.02510, as transformers 5's
+    `TopHLogitsWarper`: among the 100 most likely tokens (renormalised), keeps the
+    longest most-likely prefix whose summed `-p log p` is at most `top_h` times
+    their entropy; the most likely token is always kept."""
+
+    row_fields: ClassVar[dict[str, str]] = {"top_h": "top_h"}
+
+    top_h: Array
+
+    def apply(self, logits: Array, ctx: DecodeContext, state: Any) -> Array:
+        batch, vocab = logits.shape
+        top_logits, top_idx = jax.lax.top_k(logits, min(TOP_H_CANDIDATES, vocab))
+        # As torch.distributions.Categorical(logits=top_logits): normalised
+        # log-probabilities, probabilities from them, the entropy with the
+        # log-probabilities clamped to the lowest finite float (a removed token
+        # adds 0); the per-token terms use log(p), NaN (never kept) where p is 0.
+        norm = top_logits - jax.nn.logsumexp(top_logits, axis=-1, keepdims=True)
+        probs = jax.nn.softmax(norm, axis=-1)
+        clamped = jnp.maximum(norm, jnp.finfo(norm.dtype).min)
+        entropy = -jnp.sum(clamped * probs, axis=-1, keepdims=True)
+        tau = entropy * row(self.top_h, logits.dtype)
+        cumulative = jnp.cumsum(-probs * jnp.log(probs), axis=-1)
+        selected = (cumulative <= tau).at[:, 0].set(True)
+        rows = jnp.arange(batch)[:, None]
+        keep = jnp.zeros((batch, vocab), bool).at[rows, top_idx].set(selected)
+        return jnp.where(keep, logits, NEG_INF)
+
+
+def top_h(value: Any) -> TopH:
+    """Top-H filtering, top_h in (0, 1] (scalar or `[batch]`): the entropy budget
+    as a fraction of the 100 most likely tokens' entropy."""
+    return TopH(top_h=float_leaf("top_h", value, lo=0.0, hi=1.0, lo_open=True))
 
 
 @pytree.dataclass

@@ -29,7 +29,7 @@ from jaxdecode.processors import Chain
 
 Array = jax.Array
 
-__all__ = ["PromptLookup", "DraftModel", "DEFAULT_NGRAM", "draft_key"]
+__all__ = ["next_assistant_tokens", "PromptLookup", "DraftModel", "DEFAULT_NGRAM", "draft_key"]
 
 # transformers' prompt lookup matches n-grams up to this size when
 # `max_matching_ngram_size` is unset.
@@ -115,18 +115,34 @@ class DraftModel:
 
     Attributes:
         decoder: the draft model's `Decoder`.
-        k: draft tokens per round (`num_assistant_tokens`).
+        k: draft tokens per round at most (the static shape of a round):
+            `num_assistant_tokens`, or with a heuristic schedule the most a
+            round can use (`max_new_tokens - 1`).
+        start: each row's first K (`num_assistant_tokens`).
+        schedule: `num_assistant_tokens_schedule` ("constant", "heuristic",
+            "heuristic_transient").
     """
 
     decoder: Decoder
     k: int
+    start: int = 0
+    schedule: str = "constant"
 
     def __hash__(self) -> int:
-        return hash((self.decoder, self.k))
+        return hash((self.decoder, self.k, self.start, self.schedule))
 
     def __eq__(self, other: object) -> bool:
         # By value, as the Decoder: a reloaded draft model compiles nothing.
-        return isinstance(other, DraftModel) and other.decoder == self.decoder and other.k == self.k
+        return (
+            isinstance(other, DraftModel)
+            and other.decoder == self.decoder
+            and (other.k, other.start, other.schedule) == (self.k, self.start, self.schedule)
+        )
+
+    @property
+    def first_k(self) -> int:
+        """Each row's K in its first round."""
+        return min(self.start or self.k, self.k)
 
     def prefill(self, params: Any, ids: Array, mask: Array, expand: int, max_len: int) -> Any:
         """The draft cache after the prompt *minus its last token* (rewound by one
@@ -220,3 +236,21 @@ class DraftModel:
         drafts = jnp.concatenate([tokens.T.reshape(rows, -1), token[:, None]], axis=1)
         q = jnp.concatenate([all_scores.swapaxes(0, 1), scores[:, None]], axis=1)
         return drafts.astype(jnp.int32), q, cache
+
+
+def next_assistant_tokens(k: Array, accepted: Array, drafted: Array, schedule: str) -> Array:
+    """Each row's K for the next round, transformers' rule
+    (`AssistedCandidateGenerator.update_candidate_strategy`): with a heuristic
+    schedule, K + 2 when every one of the round's `drafted` candidates was
+    accepted, else max(1, K - 1); "constant" keeps K.
+
+    Args:
+        k: `[rows]` int32 this round's K.
+        accepted: `[rows]` int32 drafts accepted this round.
+        drafted: `[rows]` int32 candidates this round (K, or fewer when the
+            confidence threshold stopped the draft).
+        schedule: "constant", "heuristic" or "heuristic_transient".
+    """
+    if schedule == "constant":
+        return k
+    return jnp.where(accepted == drafted, k + 2, jnp.maximum(1, k - 1)).astype(jnp.int32)

@@ -34,6 +34,8 @@ __all__ = [
     "Plan",
     "GenerateOutput",
     "DecodeState",
+    "Guidance",
+    "guided_logits",
     "expand_rows",
     "prefill",
     "model_step",
@@ -112,6 +114,11 @@ class GenerateOutput:
             decoding: `prompt_lookup_num_tokens` or `assistant_model`), else None.
         accepted: `[B * R]` int32 of those, the ones accepted (`accepted /
             drafted` is the row's acceptance rate), else None.
+        num_assistant_tokens: `[B * R]` int32 with a draft model: each row's K
+            for a next round (its `num_assistant_tokens_schedule` applied to
+            every round's acceptance; transformers' "heuristic" schedule carries
+            it into the next call: pass it back as `num_assistant_tokens`), else
+            None.
         trace: only from `jaxdecode.trace`.
         seed: the seed `generate` drew itself when sampling without a key or a
             seed (pass it back as `seed=` to reproduce the call); else None.
@@ -132,6 +139,7 @@ class GenerateOutput:
     prompt_top_token_ids: Array | None = None
     drafted: Array | None = None
     accepted: Array | None = None
+    num_assistant_tokens: Array | None = None
     trace: dict[str, Array] | None = None
     seed: int | None = pytree.field(pytree_node=False, default=None)
 
@@ -155,6 +163,9 @@ class DecodeState:
         prompt: the prompt log-probability outputs of `prompt_outputs` (`[batch,
             bucket, ...]`, one per prompt, not per row) when the config asks for
             them, else None; `generate_program` takes them out before the loop.
+        guide: classifier-free guidance's unconditional rows, when guided: a
+            dict with their own KV `cache` (the negative prompt, then the same
+            tokens as the row), `logits [rows, vocab]` and `positions [rows]`.
     """
 
     ctx: DecodeContext
@@ -168,6 +179,39 @@ class DecodeState:
     proc_state: Any
     stop_window: Array | None = None
     prompt: dict[str, Array] | None = None
+    guide: dict[str, Any] | None = None
+
+
+@pytree.dataclass
+class Guidance:
+    """Classifier-free guidance's traced inputs (transformers'
+    `UnbatchedClassifierFreeGuidanceLogitsProcessor`).
+
+    Attributes:
+        ids: `[batch, width]` int32 the negative prompt, left-padded (bucket
+            padding first, masked out).
+        mask: `[batch, width]` int32, 0 on padding.
+        length: `[]` int32 the negative prompt's logical length (columns, the
+            user's padding included, without the bucket padding): transformers
+            gives its tokens positions `0 .. length - 1` and the next token
+            `length`.
+        scale: `[]` or `[batch]` float32 guidance scale.
+    """
+
+    ids: Array
+    mask: Array
+    length: Array
+    scale: Array
+
+
+def guided_logits(cond: Array, uncond: Array, scale: Array) -> Array:
+    """`scale * (log_softmax(cond) - log_softmax(uncond)) + log_softmax(uncond)`,
+    `[rows, V]` each, `scale` `[]` or `[rows]`."""
+    cond = jax.nn.log_softmax(cond, axis=-1)
+    uncond = jax.nn.log_softmax(uncond, axis=-1)
+    scale = jnp.asarray(scale, cond.dtype)
+    scale = scale[:, None] if scale.ndim else scale
+    return scale * (cond - uncond) + uncond
 
 
 def expand_rows(tree: Any, expand: int) -> Any:
@@ -374,7 +418,28 @@ def prefill(
         traced.stop,
         jnp.zeros((), jnp.int32),
     )
-    return state.replace(prompt=prompt)
+    guide = None if traced.guidance is None else _prefill_guide(plan, params, traced.guidance)
+    return state.replace(prompt=prompt, guide=guide)
+
+
+def _prefill_guide(plan: Plan, params: Any, guidance: Guidance) -> dict[str, Any]:
+    """The unconditional rows: the negative prompt through the model into a cache
+    of its own, copied to each prompt's `expand` rows."""
+    width = guidance.ids.shape[1]
+    cache = plan.decoder.init_cache(plan.batch, width + plan.new_tokens, None)
+    cache = constrain(cache, plan.mesh, cache_specs)
+    # transformers calls the model without position ids: positions count columns,
+    # padding included (bucket padding, before logical column 0, is masked).
+    positions = jnp.arange(width, dtype=jnp.int32)[None, :] - (width - guidance.length)
+    positions = jnp.broadcast_to(jnp.maximum(positions, 0), guidance.ids.shape)
+    last, cache = plan.decoder.prefill_last(params, guidance.ids, positions, cache, guidance.mask)
+    if plan.expand > 1:
+        parent = jnp.repeat(jnp.arange(plan.batch), plan.expand)
+        cache = gather_rows(cache, parent)
+        last = jnp.take(last, parent, axis=0)
+    cache = constrain(cache, plan.mesh, cache_specs)
+    positions = jnp.broadcast_to(jnp.asarray(guidance.length, jnp.int32), (plan.rows,))
+    return {"cache": cache, "logits": constrain_logits(plan, last), "positions": positions}
 
 
 def model_step(plan: Plan, params: Any, cache: Any, tokens: Array, positions: Array):

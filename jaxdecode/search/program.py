@@ -39,6 +39,9 @@ def prefill_program(
         rows = fit_spec(P(DATA, None), ids.shape, plan.mesh)
         ids, mask = constrain((ids, mask), plan.mesh, (rows, rows))
     traced = traced.replace(processor=expand_processor_rows(traced.processor, plan.expand))
+    if traced.guidance is not None and plan.expand > 1 and jax.numpy.ndim(traced.guidance.scale):
+        scale = jax.numpy.repeat(traced.guidance.scale, plan.expand, axis=0)
+        traced = traced.replace(guidance=traced.guidance.replace(scale=scale))
     state = prefill(plan, params, ids, mask, prompt_len, key, traced)
     return traced, state
 

@@ -20,6 +20,7 @@ from jaxdecode.search.loop import (
     GenerateOutput,
     Plan,
     eos_hit,
+    guided_logits,
     model_step,
     run,
     trace_outputs,
@@ -42,11 +43,14 @@ def decode_step(
     """
     cfg = plan.config
     processor = traced.processor
+    logits_in = state.logits
+    if state.guide is not None:  # classifier-free guidance, first as in transformers
+        logits_in = guided_logits(state.logits, state.guide["logits"], traced.guidance.scale)
     if plan.record:
-        stages = processor_stages(processor, state.logits, state.ctx, state.proc_state)
-        scores = stages[-1] if stages else state.logits
+        stages = processor_stages(processor, logits_in, state.ctx, state.proc_state)
+        scores = stages[-1] if stages else logits_in
     else:
-        scores = processor(state.logits, state.ctx, state.proc_state)
+        scores = processor(logits_in, state.ctx, state.proc_state)
     if cfg.do_sample:
         keys = jax.vmap(jax.random.fold_in)(state.row_keys, state.lengths)
         tokens = sampling.categorical(keys, scores)
@@ -57,9 +61,14 @@ def decode_step(
     tokens = out["tokens"]
     if plan.record:
         out["trace/stages"] = jnp.stack([state.logits, *stages])  # [S + 1, rows, V]
-    logits, cache = state.logits, state.cache
+    logits, cache, guide = state.logits, state.cache, state.guide
     if run_model:
         logits, cache = model_step(plan, params, cache, tokens, state.positions)
+    if guide is not None:
+        g_logits, g_cache = guide["logits"], guide["cache"]
+        if run_model:  # the unconditional rows take the same token
+            g_logits, g_cache = model_step(plan, params, g_cache, tokens, guide["positions"])
+        guide = {"cache": g_cache, "logits": g_logits, "positions": guide["positions"] + 1}
     done = state.done | eos_hit(tokens, cfg.eos_token_id)
     window = state.stop_window
     if traced.stop is not None:
@@ -75,6 +84,7 @@ def decode_step(
         step=state.step + 1,
         proc_state=processor.update(state.proc_state, tokens),
         stop_window=window,
+        guide=guide,
     )
     return new, out
 

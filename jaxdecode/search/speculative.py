@@ -49,7 +49,14 @@ from jaxdecode import pytree, sampling
 from jaxdecode.cache import rewind_rows
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors import TracedConfig
-from jaxdecode.search.drafters import ACCEPT, RESIDUAL, DraftModel, PromptLookup, draft_key
+from jaxdecode.search.drafters import (
+    ACCEPT,
+    RESIDUAL,
+    DraftModel,
+    PromptLookup,
+    draft_key,
+    next_assistant_tokens,
+)
 from jaxdecode.search.loop import (
     GenerateOutput,
     Plan,
@@ -88,6 +95,8 @@ class SpecState:
             drafts (see `_lookup_round`).
         accepted: `[rows]` int32 draft tokens accepted so far.
         outs: output buffers `[rows, N + K + 1, ...]` by generated-token index.
+        k_row: `[rows]` int32 each row's K for its next round (a draft model's
+            `num_assistant_tokens_schedule`; at most the drafter's static K).
     """
 
     ctx: DecodeContext
@@ -105,6 +114,7 @@ class SpecState:
     accepted: Array
     rate: Array
     outs: dict[str, Array]
+    k_row: Array
 
 
 def _select(stacked: Any, index: Array) -> Any:
@@ -482,6 +492,7 @@ def _start(
         accepted=jnp.zeros((rows,), jnp.int32),
         rate=jnp.full((rows,), RATE_START, jnp.float32),
         outs=outs,
+        k_row=jnp.full((rows,), getattr(drafter, "first_k", k), jnp.int32),
     )
     return traced, spec, prompt
 
@@ -558,6 +569,9 @@ def _speculate(
     )
     n = plan.new_tokens
     k = drafter.k
+    threshold = traced.assistant_confidence
+    if threshold is not None and jnp.ndim(threshold) == 1:
+        threshold = jnp.repeat(threshold, plan.expand, axis=0)
 
     def body(s: SpecState) -> SpecState:
         active = ~s.done & (s.lengths < n)
@@ -577,9 +591,15 @@ def _speculate(
             s.lengths,
             plan.decoder.max_positions,
         )
-        has = jnp.where(active, k, 0).astype(jnp.int32)
+        has = jnp.where(active, jnp.minimum(s.k_row, k), 0).astype(jnp.int32)
+        if threshold is not None:
+            # transformers' ConfidenceCriteria: the draft stops after a token whose
+            # probability under the draft's processed distribution is below it.
+            p_d = jnp.take_along_axis(jax.nn.softmax(q, axis=-1), drafts[..., None], axis=-1)
+            low = p_d[..., 0] < (threshold[:, None] if threshold.ndim else threshold)
+            has = jnp.minimum(has, _first(low, k) + 1)
         s = s.replace(draft_cache=draft_cache)
-        return _round(
+        new = _round(
             plan,
             drafter,
             params,
@@ -590,6 +610,13 @@ def _speculate(
             has,
             q if plan.config.do_sample else None,
         )
+        # transformers' candidates: at most max_length - 1 - cur_len, and the
+        # assistant's generate stops at its first EOS.
+        cand = jnp.minimum(has, jnp.maximum(n - s.lengths - 1, 0))
+        cand = jnp.minimum(cand, _first(eos_hit(drafts, plan.config.eos_token_id), k) + 1)
+        won = new.accepted - s.accepted
+        k_next = next_assistant_tokens(s.k_row, jnp.minimum(won, cand), cand, drafter.schedule)
+        return new.replace(k_row=jnp.where(active, jnp.minimum(k_next, k), s.k_row))
 
     state = jax.lax.while_loop(lambda s: jnp.any(~s.done & (s.lengths < n)), body, state)
     pad = plan.config.pad_token_id
@@ -603,5 +630,6 @@ def _speculate(
         **{name: outs.get(name) for name in FIELDS if name != "tokens"},
         drafted=state.drafted,
         accepted=state.accepted,
+        num_assistant_tokens=state.k_row if isinstance(drafter, DraftModel) else None,
     )
     return with_prompt_logprobs(out, prompt, plan.config.num_return_sequences)

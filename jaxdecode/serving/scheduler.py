@@ -680,6 +680,11 @@ def slot_memory(
 
 
 def _check_strategy(config: GenerationConfig) -> None:
+    if config.guided():
+        raise ValueError(
+            "the engine decodes without classifier-free guidance; guidance_scale needs "
+            "generate() (with negative_prompt_ids)"
+        )
     if config.num_beams > 1 or config.num_return_sequences > 1:
         raise ValueError(
             f"the engine decodes one sequence per prompt (greedy search or sampling); "

@@ -1,0 +1,152 @@
+"""Speculative decoding's assistant options against transformers 5:
+`num_assistant_tokens_schedule` (each row's K after every round, transformers'
+`update_candidate_strategy` rule) and `assistant_confidence_threshold`
+(transformers' ConfidenceCriteria on the draft), per row."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf_models import make_llama_model
+from transformers.generation.candidate_generator import AssistedCandidateGenerator
+
+import jaxdecode as jd
+from jaxdecode.search.drafters import next_assistant_tokens
+
+pytestmark = pytest.mark.parity
+
+VOCAB = 96
+EOS = 2
+NEW = 24
+PROMPTS = [[5, 17, 33, 5, 17, 40, 9], [61, 8, 8, 23], [44, 3, 71, 44, 3, 71, 12, 30, 7]]
+
+
+def test_rule_matches_transformers_update_candidate_strategy():
+    """Random rounds (candidates, matches): the K sequence of transformers'
+    AssistedCandidateGenerator.update_candidate_strategy, for every schedule."""
+    rng = np.random.default_rng(0)
+    for schedule in ("constant", "heuristic", "heuristic_transient"):
+        gen = object.__new__(AssistedCandidateGenerator)
+        gen.assistant_generation_config = transformers.GenerationConfig(
+            num_assistant_tokens_schedule=schedule, assistant_confidence_threshold=None
+        )
+        gen.num_assistant_tokens = 5
+        k = np.int32([5])
+        for _ in range(60):
+            cand = int(rng.integers(0, int(k[0]) + 1))
+            matches = cand if rng.random() < 0.5 else int(rng.integers(0, cand + 1))
+            gen.update_candidate_strategy(None, torch.zeros((1, cand + 1, 3)), matches)
+            k = np.asarray(
+                next_assistant_tokens(k, np.int32([matches]), np.int32([cand]), schedule)
+            )
+            assert int(k[0]) == gen.num_assistant_tokens
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = make_llama_model("llama", seed=3, spread=1.0, vocab_size=VOCAB, tie_word_embeddings=True)
+    hf_draft = copy.deepcopy(hf)
+    hf_draft.model.layers = hf_draft.model.layers[:1]
+    hf_draft.config.num_hidden_layers = 1
+    out = []
+    for name, model in (("target", hf), ("draft", hf_draft)):
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out.append(jd.from_pretrained(str(path)))
+    return out[0], out[1], hf, hf_draft
+
+
+def _hf_final_k(hf, hf_draft, prompt, schedule, start):
+    """transformers at batch 1: the assistant's K after the last round."""
+    draft = copy.deepcopy(hf_draft)
+    draft.generation_config.num_assistant_tokens = start
+    draft.generation_config.num_assistant_tokens_schedule = schedule
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    record = {}
+    original = AssistedCandidateGenerator.update_candidate_strategy
+
+    def spy(self, input_ids, scores, num_matches):
+        original(self, input_ids, scores, num_matches)
+        record["k"] = self.num_assistant_tokens
+
+    AssistedCandidateGenerator.update_candidate_strategy = spy
+    try:
+        with torch.no_grad():
+            hf.generate(
+                torch.tensor([prompt]),
+                assistant_model=draft,
+                max_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=0,
+            )
+    finally:
+        AssistedCandidateGenerator.update_candidate_strategy = original
+    return record["k"]
+
+
+def _final_k_all_accepted(start: int, tokens: int, schedule: str) -> int:
+    """K after decoding `tokens` tokens in rounds that accept every candidate:
+    each round drafts min(K, tokens left - 1) candidates, emits them and one
+    more, then applies the rule."""
+    k = np.int32([start])
+    left = tokens
+    while left > 0:
+        cand = min(int(k[0]), left - 1)
+        k = np.asarray(next_assistant_tokens(k, np.int32([cand]), np.int32([cand]), schedule))
+        left -= cand + 1
+    return int(k[0])
+
+
+@pytest.mark.parametrize("schedule,start", [("heuristic", 2), ("heuristic_transient", 3)])
+def test_k_after_generate_with_a_perfect_draft(models, schedule, start):
+    """The target as its own draft accepts every candidate, so K follows the rule
+    through every round. transformers' rounds start at the first new token;
+    jaxdecode takes the first token from the prefill's logits and starts its
+    rounds at the second (one forward pass fewer), so its K is the rule's over
+    NEW - 1 tokens where transformers' is over NEW (both checked)."""
+    lm, _, hf, _ = models
+    prompt = PROMPTS[1]
+    out = jd.generate(
+        lm,
+        np.asarray([prompt]),
+        max_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+        assistant_model=lm,
+        num_assistant_tokens=start,
+        num_assistant_tokens_schedule=schedule,
+        assistant_confidence_threshold=0.0,  # transformers' run below: 0 too
+    )
+    assert int(out.lengths[0]) == NEW  # no EOS: every round is a full one
+    assert int(out.num_assistant_tokens[0]) == _final_k_all_accepted(start, NEW - 1, schedule)
+    assert _hf_final_k(hf, hf, prompt, schedule, start) == _final_k_all_accepted(
+        start, NEW, schedule
+    )
+
+
+def test_threshold_cuts_drafts_per_row(models):
+    """A per-row threshold: 1.0 stops every draft after one token (K drafts only
+    with threshold 0); counts differ, tokens do not."""
+    lm, draft, _, _ = models
+    ids = np.asarray([PROMPTS[0], PROMPTS[0]])
+    options = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    out = jd.generate(
+        lm,
+        ids,
+        assistant_model=draft,
+        num_assistant_tokens=4,
+        assistant_confidence_threshold=[0.0, 1.0],
+        **options,
+    )
+    seq = np.asarray(out.sequences)
+    np.testing.assert_array_equal(seq[0], seq[1])
+    drafted = np.asarray(out.drafted)
+    assert drafted[1] < drafted[0]
+    with pytest.raises(ValueError, match="assistant_confidence_threshold"):
+        jd.GenerationConfig(assistant_confidence_threshold=1.5).validate()
+    with pytest.raises(ValueError, match="num_assistant_tokens_schedule"):
+        jd.GenerationConfig(num_assistant_tokens_schedule="adaptive").validate()
