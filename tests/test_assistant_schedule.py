@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import make_llama_model
+from support.hf_models import make_llama_model
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
 
 import jaxdecode as jd

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import count_compiles
-from hf_models import make_hf_model
+from support import count_compiles
+from support.hf_models import make_hf_model
 
 import jaxdecode as jd
 from jaxdecode.search.loop import guided_logits

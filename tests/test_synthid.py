@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import make_hf_model
+from support.hf_models import make_hf_model
 from transformers.generation import logits_process as hf
 
 import jaxdecode as jd

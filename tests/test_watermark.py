@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import assert_same_scores, count_compiles
-from hf_models import make_hf_model
+from support import assert_same_scores, count_compiles
+from support.hf_models import make_hf_model
 from transformers.generation import logits_process as hf
 from transformers.generation.watermarking import WatermarkDetector
 
