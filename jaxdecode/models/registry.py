@@ -81,6 +81,9 @@ class Family:
 _BUILTIN: dict[str, str] = {
     "gpt2": "jaxdecode.models.gpt2",
     **{t: "jaxdecode.models.llama" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
+    "gemma2": "jaxdecode.models.gemma2",
+    "gemma3_text": "jaxdecode.models.gemma3",
+    "phi3": "jaxdecode.models.phi3",
 }
 
 # GGUF general.architecture -> module defining `FAMILY`.
