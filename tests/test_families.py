@@ -397,3 +397,19 @@ def test_defaults_and_legacy_keys_read_as_transformers():
         "short_factor": (1.0, 1.0),
         "long_factor": (2.0, 2.0),
     }
+
+
+def test_reloaded_decoders_are_equal_and_lower_for_accelerators(checkpoints):
+    """A reload is the same static decoder (nothing recompiles); the skeleton's
+    program (soft-caps, per-layer ropes, LongRoPE's in-program choice) lowers for
+    TPU and GPU."""
+    ids, mask = _batch()
+    pos = jd.positions_from_mask(mask)
+    for name in ("gemma2", "gemma3", "phi3-longrope-window"):
+        _, directory, lm = checkpoints(name)
+        assert jd.from_pretrained(directory).decoder == lm.decoder
+        cache = lm.decoder.init_cache(len(PADS), LENGTH + 2, None)
+        exported = jax.export.export(jax.jit(lm.decoder.apply), platforms=("tpu", "cuda"))(
+            lm.params, ids, pos, cache, mask
+        )
+        assert exported.platforms == ("tpu", "cuda")

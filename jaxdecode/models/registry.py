@@ -87,7 +87,12 @@ _BUILTIN: dict[str, str] = {
 }
 
 # GGUF general.architecture -> module defining `FAMILY`.
-_BUILTIN_GGUF: dict[str, str] = {"llama": "jaxdecode.models.llama"}
+_BUILTIN_GGUF: dict[str, str] = {
+    **{a: "jaxdecode.models.llama" for a in ("llama", "qwen2", "qwen3")},
+    "gemma2": "jaxdecode.models.gemma2",
+    "gemma3": "jaxdecode.models.gemma3",
+    "phi3": "jaxdecode.models.phi3",
+}
 
 _REGISTERED: dict[str, Family] = {}
 _REGISTERED_GGUF: dict[str, Family] = {}

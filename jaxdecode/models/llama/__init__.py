@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxdecode.models.base import Decoder
 from jaxdecode.models.layers import ATTENTION_BLOCK
 from jaxdecode.models.llama.config import MODEL_TYPES, LlamaConfig
-from jaxdecode.models.llama.from_gguf import from_gguf
+from jaxdecode.models.llama.from_gguf import ARCHITECTURES, from_gguf
 from jaxdecode.models.transformer.family import (
     adapter_decoder,
     adapter_family,
@@ -30,5 +30,5 @@ init_params = adapter_init_params
 llama_param_specs = transformer_param_specs
 
 FAMILY = adapter_family(
-    "Llama", MODEL_TYPES, LlamaConfig, gguf_architectures=("llama",), from_gguf=from_gguf
+    "Llama", MODEL_TYPES, LlamaConfig, gguf_architectures=ARCHITECTURES, from_gguf=from_gguf
 )

@@ -82,8 +82,11 @@ class Phi3Config:
         heads = self.num_attention_heads
         if self.head_dim is None and isinstance(heads, int) and heads > 0:
             set_("head_dim", self.hidden_size // heads)
-        if isinstance(self.rope_parameters, Mapping):
-            set_("rope_parameters", freeze_rope(self.rope_parameters))
+        rope = dict(self.rope_parameters)
+        if rope.get("rope_type") == "longrope":
+            # transformers gives the top-level field priority over the dict's.
+            rope["original_max_position_embeddings"] = self.original_max_position_embeddings
+        set_("rope_parameters", freeze_rope(rope))
         if isinstance(self.eos_token_id, list):
             set_("eos_token_id", tuple(self.eos_token_id))
         check_positive_ints(self, _INT_FIELDS)
@@ -178,10 +181,5 @@ class Phi3Config:
         rope.setdefault("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
         if rope["rope_type"] in ("su", "yarn"):
             rope["rope_type"] = "longrope"
-        if rope["rope_type"] == "longrope":
-            # transformers gives the top-level field priority over the dict's.
-            rope["original_max_position_embeddings"] = data.get(
-                "original_max_position_embeddings", 4096
-            )
         kwargs["rope_parameters"] = rope
         return cls(**kwargs)
