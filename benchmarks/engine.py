@@ -35,6 +35,8 @@ Usage:
     python benchmarks/engine.py --smollm2 --prompts 96 --max-new-tokens 96 \
         --slots 16 --json benchmarks/results/engine_smollm2_cpu.json
     python benchmarks/engine.py --prompts 64 --max-new-tokens 32 --quick   # smoke
+    python benchmarks/engine.py --prompts 48 --max-prompt 24 --max-new-tokens 64 \
+        --slots 16 --width-check 256,4096      # per-token cost vs max_len (issue 27)
 """
 
 from __future__ import annotations
@@ -159,12 +161,12 @@ def _buckets(text: str):
     return "pow2" if text == "pow2" else int(text)
 
 
-def run_engine(lm, prompts, args, max_new_tokens=None) -> dict:
+def run_engine(lm, prompts, args, max_new_tokens=None, max_len=None) -> dict:
     import jaxdecode as jd
 
     max_new = max_new_tokens or args.max_new_tokens
     rule = _buckets(args.engine_buckets)
-    width = max(jd.bucket_length(len(p), rule) for p in prompts) + max_new
+    width = max_len or max(jd.bucket_length(len(p), rule) for p in prompts) + max_new
     engine = jd.Engine(
         lm,
         slots=args.slots,
@@ -353,7 +355,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--json", default=os.path.join(HERE, "results", "engine_cpu.json"))
     p.add_argument("--quick", action="store_true", help="smoke test: no JSON unless --json")
+    p.add_argument(
+        "--width-check",
+        default=None,
+        metavar="A,B",
+        help="instead of the three contenders: the engine on the same prompts at "
+        "max_len A and at max_len B (interleaved, best of --repeats each), and the "
+        "per-token cost ratio B/A (issue 27: short prompts at 4096 vs 256)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="--width-check runs per width")
     return p.parse_args(argv)
+
+
+def width_check(lm, prompts, args) -> dict:
+    """The engine at two `max_len`s on the same prompts, interleaved: seconds per
+    generated token at each, and their ratio."""
+    narrow, wide = (int(x) for x in args.width_check.split(","))
+    best: dict[int, float] = {}
+    tokens: dict[int, int] = {}
+    for _ in range(args.repeats):
+        for width in (narrow, wide):
+            run = run_engine(lm, prompts, args, max_len=width)
+            per_token = run["seconds"] / run["tokens"]
+            best[width] = min(best.get(width, per_token), per_token)
+            tokens[width] = run["tokens"]
+            print(f"max_len {width:>5}: {1e3 * per_token:.3f} ms/token", flush=True)
+    ratio = best[wide] / best[narrow]
+    print(f"per-token cost at max_len {wide} / at {narrow}: {ratio:.2f}x")
+    return {
+        "ms_per_token": {str(w): 1e3 * t for w, t in best.items()},
+        "tokens": {str(w): n for w, n in tokens.items()},
+        "ratio": ratio,
+    }
 
 
 def main(argv=None) -> dict:
@@ -385,6 +418,12 @@ def main(argv=None) -> dict:
             report["model"] = "GPT-2, random weights, EOS rigged by position (see docstring)"
             report.update(rig)
         report["prompt_tokens"] = sum(map(len, prompts))
+        if args.width_check:
+            report["width_check"] = width_check(lm, prompts, args)
+            if "--json" in (argv or sys.argv):
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump(report, f, indent=1)
+            return report
         contenders = {
             "engine": lambda: run_engine(lm, prompts, args),
             "static": lambda: run_static(lm, prompts, args),

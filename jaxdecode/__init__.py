@@ -21,12 +21,11 @@ from jaxdecode.cache import (
 )
 from jaxdecode.config import GenerationConfig, StaticConfig
 from jaxdecode.context import DecodeContext
-from jaxdecode.engine import Engine, EngineResult, generate_many
 from jaxdecode.errors import CheckpointError, ConfigError, MemoryBudgetError, UnsupportedModelError
 from jaxdecode.generation import GenerateOutput, StreamStep, bucket_length, generate, stream
 from jaxdecode.lm import CausalLM, from_pretrained
 from jaxdecode.models.adapters import from_linen, from_nnx
-from jaxdecode.models.base import Decoder, positions_from_mask
+from jaxdecode.models.base import Decoder, Model, positions_from_mask
 from jaxdecode.models.gpt2 import GPT2Config, GPT2LMHeadModel, gpt2_decoder
 from jaxdecode.processors import (
     Chain,
@@ -69,6 +68,7 @@ from jaxdecode.pytree import dataclass as pytree_dataclass
 from jaxdecode.pytree import field as pytree_field
 from jaxdecode.sampling import categorical, greedy, split_keys
 from jaxdecode.score import ScoreOutput, score
+from jaxdecode.serving import Engine, EngineResult, generate_many
 from jaxdecode.sharding import make_mesh, parse_mesh, shard_params
 from jaxdecode.tokenizers import Tokenizer, byte_tokenizer, load_tokenizer
 from jaxdecode.trace import Hypothesis, Trace, trace
@@ -106,6 +106,7 @@ __all__ = [
     "choice",
     "DecodeContext",
     "Decoder",
+    "Model",
     "epsilon_cutoff",
     "eta_cutoff",
     "exponential_decay_length_penalty",

@@ -15,6 +15,10 @@ code runs) and a pytree of traced values (`jaxdecode.processors.split_config`:
 the processor chain, built next to the processors, whose numbers are leaves,
 and the length penalty). Jitted functions take the first as a static argument
 and the second as an ordinary argument, so changing a number never recompiles.
+
+A module over ~500 lines: the field table, the checks of every field and their
+interactions, and the static part read by the programs describe one object; split, a
+field's rules would live in several files.
 """
 
 from __future__ import annotations
@@ -201,6 +205,10 @@ class GenerationConfig:
 
         Returns:
             self, so that calls chain.
+
+        A function over ~80 lines: one check per field family, in the order a
+        reader looks for them; each names the field, its value and what is
+        allowed.
         """
         _int = _check_int
         if self.max_length is not None:

@@ -335,6 +335,8 @@ def write_report(
     prompt's tokens decoded one by one).
 
     Returns the paths written, `index.html` last.
+
+    A function over ~80 lines: the report's sections in page order.
     """
     for name, value in (("m", m), ("steps", 1 if steps is None else steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

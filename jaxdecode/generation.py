@@ -4,6 +4,9 @@ bucket, pick the static plan and run the compiled program (`jaxdecode.search`).
 Static (recompiles when changed): batch, prompt bucket, max_new_tokens, num_beams,
 num_return_sequences, do_sample, early_stopping, output flags, which processors
 are present. Traced (never recompiles): every numeric value, the prompts, the keys.
+
+A module over ~500 lines: the request checks, bucketing, memory pre-check and program
+choice that `generate` and `stream` share; each is its own function.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from jaxdecode.arrays import is_traced, owned
 from jaxdecode.cache import cache_nbytes
 from jaxdecode.config import SEED_MAX, GenerationConfig
 from jaxdecode.errors import MemoryBudgetError
-from jaxdecode.models.base import Decoder
+from jaxdecode.models.base import Decoder, Model
 from jaxdecode.processors import TracedConfig, split_config
 from jaxdecode.processors.base import LogitsProcessor, check_rows
 from jaxdecode.search.drafters import DEFAULT_NGRAM, DraftModel, PromptLookup
@@ -36,6 +39,7 @@ from jaxdecode.search.sample import decode_step
 from jaxdecode.search.speculative import speculative_program
 from jaxdecode.search.stopping import stop_strings, token_tables
 from jaxdecode.sharding import DATA, MODEL, shard_params
+from jaxdecode.tokenizers import Tokenizer
 from jaxdecode.validation import host_rows
 
 Array = jax.Array
@@ -134,9 +138,11 @@ def _is_global(*xs: Any) -> bool:
     return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in xs)
 
 
-def model_parts(model: Any, params: Any) -> tuple[Decoder, Any, GenerationConfig, Any]:
-    """`(decoder, params, default config, tokenizer)` of a `CausalLM`-like object or
-    a `Decoder`."""
+def model_parts(
+    model: Model | Decoder, params: Any
+) -> tuple[Decoder, Any, GenerationConfig, Tokenizer | None]:
+    """`(decoder, params, default config, tokenizer)` of a `Model` (a `CausalLM`)
+    or a `Decoder`; `params` replaces the model's own when given."""
     if isinstance(model, Decoder):
         if params is None:
             raise ValueError("generate(decoder, ...) needs params=")
@@ -151,7 +157,7 @@ def model_parts(model: Any, params: Any) -> tuple[Decoder, Any, GenerationConfig
 def _drafter(
     config: GenerationConfig,
     decoder: Decoder,
-    assistant_model: Any,
+    assistant_model: Model | Decoder | None,
     assistant_params: Any,
     mesh: Mesh | None,
 ) -> tuple[PromptLookup | DraftModel | None, Any]:
@@ -363,7 +369,7 @@ def _sampling_key(
 
 
 def prepare(
-    model: Any,
+    model: Model | Decoder,
     input_ids: Any,
     attention_mask: Any = None,
     config: GenerationConfig | None = None,
@@ -376,7 +382,7 @@ def prepare(
     logits_processor: LogitsProcessor | None = None,
     tokenizer: Any = None,
     overrides: dict[str, Any] | None = None,
-    assistant_model: Any = None,
+    assistant_model: Model | Decoder | None = None,
     assistant_params: Any = None,
 ) -> Request:
     """Validates a `generate` call before tracing and pads the prompt to its bucket.
@@ -484,7 +490,7 @@ def drop_columns(x: Array, extra: int) -> Array:
 
 
 def generate(
-    model: Any,
+    model: Model | Decoder,
     input_ids: Any,
     attention_mask: Any = None,
     config: GenerationConfig | None = None,
@@ -496,7 +502,7 @@ def generate(
     mesh: Mesh | None = None,
     logits_processor: LogitsProcessor | None = None,
     tokenizer: Any = None,
-    assistant_model: Any = None,
+    assistant_model: Model | Decoder | None = None,
     assistant_params: Any = None,
     **overrides: Any,
 ) -> GenerateOutput:
@@ -552,6 +558,9 @@ def generate(
     Returns:
         A `GenerateOutput` (with per-row `drafted` / `accepted` counts when
         speculating).
+
+    A function over ~80 lines: mostly its docstring's arguments; the body is
+    prepare, run, unpack.
     """
     req = prepare(
         model,
@@ -608,7 +617,11 @@ _prefill_state_jit = jax.jit(
 
 
 def generate_timed(
-    model: Any, input_ids: Any, attention_mask: Any = None, config: Any = None, **kwargs: Any
+    model: Model | Decoder,
+    input_ids: Any,
+    attention_mask: Any = None,
+    config: Any = None,
+    **kwargs: Any,
 ) -> tuple[GenerateOutput, Timings]:
     """`generate`, and where its time went: compilation, prefill, decoding.
 
@@ -707,7 +720,7 @@ _step_jit = jax.jit(decode_step, static_argnums=(0, 4), donate_argnums=3)
 
 
 def stream(
-    model: Any,
+    model: Model | Decoder,
     input_ids: Any,
     attention_mask: Any = None,
     config: GenerationConfig | None = None,
@@ -772,9 +785,9 @@ def _stream_steps(req: Request) -> Iterator[StreamStep]:
         host = {k: np.asarray(v) for k, v in out.items()}
         yield StreamStep(
             tokens=host["tokens"],
-            logprobs=host["logp"],
+            logprobs=host["token_logprobs"],
             active=active,
-            raw_logprobs=host.get("raw_logp"),
-            top_logprobs=host.get("top_logp"),
-            top_token_ids=host.get("top_ids"),
+            raw_logprobs=host.get("raw_token_logprobs"),
+            top_logprobs=host.get("top_logprobs"),
+            top_token_ids=host.get("top_token_ids"),
         )

@@ -35,7 +35,7 @@ from jaxdecode.arrays import is_traced
 from jaxdecode.config import GenerationConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.generation import model_parts, stop_tables
-from jaxdecode.models.base import Decoder, positions_from_mask
+from jaxdecode.models.base import Decoder, Model, positions_from_mask
 from jaxdecode.processors import Chain, split_config
 from jaxdecode.processors.base import LogitsProcessor, check_rows
 from jaxdecode.search.loop import eos_hit
@@ -208,7 +208,7 @@ def _check_inputs(
 
 
 def score(
-    model: Any,
+    model: Model | Decoder,
     sequences: Any,
     config: GenerationConfig | None = None,
     *,
@@ -253,6 +253,8 @@ def score(
 
     Returns:
         A `ScoreOutput` (`[batch, length - prompt_length]` arrays).
+
+    A function over ~80 lines: mostly its docstring; the body is check, plan, run.
     """
     decoder, params, base, model_tokenizer = model_parts(model, params)
     if config is not None and not isinstance(config, GenerationConfig):

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxdecode.config import GenerationConfig
 from jaxdecode.generation import GenerateOutput, drop_bucket, prepare
+from jaxdecode.models.base import Decoder, Model
 from jaxdecode.processors import stage_names
 from jaxdecode.search import generate_program
 
@@ -163,7 +164,7 @@ class Trace:
 
 
 def trace(
-    model: Any,
+    model: Model | Decoder,
     input_ids: Any,
     config: GenerationConfig | None = None,
     *,

@@ -1,10 +1,9 @@
-"""Shared test helpers: CPU only, a compilation counter, small random inputs."""
+"""Test set-up: CPU only, the persistent compilation cache off, derandomized
+hypothesis in CI, small random inputs. Helpers are in `tests/support`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CLI turns on JAX's persistent compilation cache (in the user's cache directory)
@@ -16,51 +15,12 @@ os.environ.setdefault("JAXDECODE_COMPILATION_CACHE", "off")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from jax import monitoring  # noqa: E402
-
-_COMPILES = [0]
-
-
-def _on_event(name: str, _duration: float, **_: object) -> None:
-    if name == "/jax/core/compile/backend_compile_duration":
-        _COMPILES[0] += 1
-
-
-monitoring.register_event_duration_secs_listener(_on_event)
-
-
-class CompileCount:
-    """Number of XLA backend compilations seen inside a `count_compiles()` block."""
-
-    def __init__(self) -> None:
-        self.start = _COMPILES[0]
-
-    @property
-    def count(self) -> int:
-        return _COMPILES[0] - self.start
-
-
-@contextlib.contextmanager
-def count_compiles() -> Iterator[CompileCount]:
-    """`with count_compiles() as c: ...; assert c.count == 0`."""
-    yield CompileCount()
+import support  # noqa: E402, F401  (registers the compile counter before any test compiles)
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
-
-
-def assert_same_scores(ours: np.ndarray, ref: np.ndarray, atol: float = 1e-6) -> None:
-    """Identical -inf masks (and NaN positions) and finite values within atol."""
-    ours = np.asarray(ours)
-    ref = np.asarray(ref)
-    assert ours.shape == ref.shape
-    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref), err_msg="-inf masks differ")
-    np.testing.assert_array_equal(np.isposinf(ours), np.isposinf(ref), err_msg="+inf differ")
-    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref), err_msg="NaN positions differ")
-    finite = np.isfinite(ref)
-    np.testing.assert_allclose(ours[finite], ref[finite], rtol=0, atol=atol)
 
 
 jax.config.update("jax_numpy_rank_promotion", "allow")

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import count_compiles
 from flax import nnx
+from support import count_compiles
 
 import jaxdecode as jd
 

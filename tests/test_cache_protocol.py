@@ -19,8 +19,8 @@ import pytest
 
 import jaxdecode as jd
 from jaxdecode import pytree
-from jaxdecode.engine import Engine
 from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder, init_params
+from jaxdecode.serving import Engine
 
 V = 64
 EOS = 11

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import TINY, hf_logits, left_padded_batch, make_hf_model, save_hf_model
 from safetensors.numpy import load_file, save_file
+from support.hf_models import TINY, hf_logits, left_padded_batch, make_hf_model, save_hf_model
 
 import jaxdecode as jd
 

@@ -687,7 +687,7 @@ def test_eval_lines_equal_generate_json(
     engine serves a constraint (sharing slots with free prompts) and the extra
     log-probability outputs; prompts it does not serve (beam search, several
     sequences) run static batches in the same run."""
-    from jaxdecode import engine as engine_mod
+    from jaxdecode import serving as engine_mod
 
     lm = jaxdecode.from_pretrained(model_dir)  # one decoder: programs are shared
     monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name, **_: lm)
@@ -811,17 +811,17 @@ def test_eval_names_the_line_that_cannot_fit_before_compiling(
 ):
     """A line whose max_new_tokens cannot fit in memory is named (not its
     group's first line), before anything compiles."""
-    from conftest import count_compiles
+    from support import count_compiles
 
-    from jaxdecode import engine as engine_mod
     from jaxdecode.cli import main
+    from jaxdecode.serving import scheduler
 
     lm = jaxdecode.from_pretrained(model_dir)
     monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name, **_: lm)
     # Room for 2 slots of 8 + 4 tokens, not of 8 + 100 (prompt bucket 8).
-    small = sum(engine_mod.slot_memory(lm.decoder, lm.generation_config, 2, 8 + 4))
-    big = sum(engine_mod.slot_memory(lm.decoder, lm.generation_config, 2, 8 + 100))
-    monkeypatch.setattr(engine_mod, "available_bytes", lambda: (small + big) // 2)
+    small = sum(scheduler.slot_memory(lm.decoder, lm.generation_config, 2, 8 + 4))
+    big = sum(scheduler.slot_memory(lm.decoder, lm.generation_config, 2, 8 + 100))
+    monkeypatch.setattr(scheduler, "available_bytes", lambda: (small + big) // 2)
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(
         prompts,
@@ -848,9 +848,9 @@ def test_eval_engine_compiles_nothing_after_warm_up(
     seeds, lengths and max_new_tokens, and once its programs exist (one prefill
     per prompt bucket, one decode) a new run with other such values compiles
     nothing."""
-    from conftest import count_compiles
+    from support import count_compiles
 
-    from jaxdecode import engine as engine_mod
+    from jaxdecode import serving as engine_mod
 
     lm = jaxdecode.from_pretrained(model_dir)  # one decoder: see the test below
     monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name, **_: lm)
@@ -892,7 +892,7 @@ def test_eval_engine_compiles_nothing_after_warm_up(
 def test_eval_per_row_values_share_one_batch_and_one_program(
     model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache
 ):
-    from conftest import count_compiles
+    from support import count_compiles
 
     # One model object for every in-process run: a fresh load has a new decoder,
     # hence new programs (each CLI process loads once, so this is the CLI's case).
@@ -1166,7 +1166,7 @@ def test_warnings_are_one_line(model_dir, capsys, monkeypatch):
         )
         raise cli.CLIError("stop here")
 
-    monkeypatch.setattr(cli, "_load_model", load)
+    monkeypatch.setattr(cli.common, "load_model", load)
     code, out, err = main_result(capsys, "generate", "Hi", "--model", model_dir)
     assert code == 2
     assert err == (

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import count_compiles
+from support import count_compiles
 
 import jaxdecode as jd
 from jaxdecode import processors as P
@@ -153,14 +153,14 @@ def test_cli_flags_are_derived_from_the_fields():
     for name, (argv, want) in CLI_VALUES.items():
         for flag in {f"--{name}", f"--{name.replace('_', '-')}"}:
             args = cli.build_parser().parse_args(["generate", "x", flag, *argv])
-            got = cli._config_overrides(args)
+            got = cli.flags.config_overrides(args)
             assert set(got) == {name}, (flag, got)
             config = GC(eos_token_id=2).replace(**got)
             assert getattr(config, name) == want, (flag, got)
         if name not in ("max_length", "min_length"):
             config.validate(vocab_size=20)
     args = cli.build_parser().parse_args(["generate", "x", "--no-do_sample"])
-    assert cli._config_overrides(args) == {"do_sample": False}
+    assert cli.flags.config_overrides(args) == {"do_sample": False}
 
 
 # --------------------------------------------------------------------------- #

@@ -9,12 +9,11 @@ import functools
 import jax
 import numpy as np
 import pytest
-from conftest import count_compiles
+from support import count_compiles
 
 import jaxdecode as jd
-from jaxdecode import engine as engine_mod
-from jaxdecode.engine import Engine, generate_many
 from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder, init_params
+from jaxdecode.serving import Engine, generate_many, programs, scheduler
 
 V = 64
 EOS = 11
@@ -257,12 +256,12 @@ def test_refusals():
 
 def test_a_cache_that_cannot_fit_is_refused_before_allocating(monkeypatch):
     lm = tiny_lm()
-    monkeypatch.setattr(engine_mod, "available_bytes", lambda: 10_000)
+    monkeypatch.setattr(scheduler, "available_bytes", lambda: 10_000)
 
     def allocated(*args):
         raise AssertionError("allocated before checking memory")
 
-    monkeypatch.setattr(engine_mod, "_empty_jit", allocated)
+    monkeypatch.setattr(programs, "empty_program", allocated)
     with pytest.raises(
         jd.MemoryBudgetError, match=r"slots=64, max_len=100.*KV cache.*lower slots or max_len"
     ):

@@ -1,6 +1,6 @@
 """Gemma 2, Gemma 3 (text) and Phi-3 on the skeleton, against transformers.
 
-Tiny random checkpoints (`tests/hf_models.make_llama_model`: eager attention,
+Tiny random checkpoints (`tests/support/hf_models.make_llama_model`: eager attention,
 wide weights) saved with `save_pretrained` and loaded with `jd.from_pretrained`:
 logits of a full pass and of prefill + one-token cache steps within 1e-4 of
 transformers on left-padded batches whose prompts are longer than the sliding
@@ -20,8 +20,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import LLAMA_CLASSES, hf_logits, hf_step_logits, left_padded_batch, make_llama_model
 from jax.sharding import PartitionSpec as P
+from support.hf_models import (
+    LLAMA_CLASSES,
+    hf_logits,
+    hf_step_logits,
+    left_padded_batch,
+    make_llama_model,
+)
 
 import jaxdecode as jd
 from jaxdecode.models.gemma2 import Gemma2Config

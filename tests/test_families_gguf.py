@@ -17,7 +17,7 @@ import gguf
 import jax
 import numpy as np
 import pytest
-from hf_models import hf_logits, hf_step_logits, left_padded_batch, make_llama_model
+from support.hf_models import hf_logits, hf_step_logits, left_padded_batch, make_llama_model
 
 import jaxdecode as jd
 

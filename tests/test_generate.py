@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import count_compiles
+from support import count_compiles
 
 import jaxdecode as jd
 from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder, init_params

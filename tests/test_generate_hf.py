@@ -35,8 +35,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import assert_same_scores
-from hf_models import generate_processors, spread_weights
+from support import assert_same_scores
+from support.hf_models import generate_processors, spread_weights
 
 import jaxdecode as jd
 
@@ -73,7 +73,7 @@ PROMPT_SEEDS = tuple(range(8))
 
 def make_model(seed: int = MODEL_SEED) -> transformers.GPT2LMHeadModel:
     """A tiny float32 GPT-2 (eager attention) with wide random weights (as in
-    tests/hf_models.py) and EOS rows biased so that EOS occurs mid-sequence."""
+    tests/support/hf_models.py) and EOS rows biased so that EOS occurs mid-sequence."""
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
         vocab_size=VOCAB,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import assert_same_scores
+from support import assert_same_scores
 
 import jaxdecode as jd
 from jaxdecode.models.llama.from_gguf import unpermute_rotary_rows

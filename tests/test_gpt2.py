@@ -1,6 +1,6 @@
 """GPT-2 in Flax against transformers' `GPT2LMHeadModel`.
 
-Checkpoints are created here with random weights (`tests/hf_models.py`), saved
+Checkpoints are created here with random weights (`tests/support/hf_models.py`), saved
 with `save_pretrained` and loaded with `jaxdecode.from_pretrained`. Two paths are
 compared with transformers' one-pass logits (position ids from the mask, as
 transformers computes them for left padding), on real (mask == 1) positions only:
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from hf_models import TINY, hf_logits, left_padded_batch, make_hf_model, save_hf_model
+from support.hf_models import TINY, hf_logits, left_padded_batch, make_hf_model, save_hf_model
 
 import jaxdecode as jd
 

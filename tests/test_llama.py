@@ -1,6 +1,6 @@
 """Llama-style families (llama, mistral, qwen2, qwen3, gemma) against transformers.
 
-Tiny random checkpoints (`tests/hf_models.make_llama_model`: eager attention,
+Tiny random checkpoints (`tests/support/hf_models.make_llama_model`: eager attention,
 wide weights) saved with `save_pretrained` and loaded with `jd.from_pretrained`:
 logits of a full pass and of prefill + one-token cache steps within 1e-4 of
 transformers on left-padded batches, sharded safetensors, greedy and beam search
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import (
+from support.hf_models import (
     LLAMA_CLASSES,
     hf_logits,
     hf_step_logits,

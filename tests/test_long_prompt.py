@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import (
+from support.hf_models import (
     hf_logits,
     left_padded_batch,
     make_hf_model,
@@ -42,6 +42,8 @@ V = 96
         (4, 2, 41, 7, 0, (0, 12), 11, 7, 2.0),  # window across blocks, soft-cap
         (4, 2, 30, 9, 6, (0, 0), None, 8, None),  # a cache already holding 6 tokens
         (2, 2, 9, 0, 0, (4,), None, 16, None),  # one block wider than T and S
+        (6, 2, 1, 33, 6, (0, 0), None, 8, None),  # a decode step over a wide cache
+        (4, 4, 3, 30, 9, (1, 0), 4, 8, 2.0),  # a few tokens, wide cache, window, soft-cap
     ],
 )
 def test_blocked_attention_equals_direct(hq, hkv, t, extra, start, pads, window, block, softcap):
@@ -49,8 +51,10 @@ def test_blocked_attention_equals_direct(hq, hkv, t, extra, start, pads, window,
     s = start + t + extra
     k = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(k[0], (b, t, hq, d))
-    keys = jax.random.normal(k[1], (b, hkv, s, d))
-    values = jax.random.normal(k[2], (b, hkv, s, d))
+    # A stack of 3 layers, read at layer 1 as the models read `KVCache.k`.
+    stack_k = jax.random.normal(k[1], (3, b, hkv, s, d))
+    stack_v = jax.random.normal(k[2], (3, b, hkv, s, d))
+    keys, values = stack_k[1], stack_v[1]
     mask = np.ones((b, t), np.int32)
     for row, p in enumerate(pads):
         mask[row, :p] = 0
@@ -60,7 +64,9 @@ def test_blocked_attention_equals_direct(hq, hkv, t, extra, start, pads, window,
     slots, _ = slot_mask(cache, jnp.asarray(mask))
     slots = slots.with_window(window)
     direct = attend(q, keys, values, slots.dense(), 0.3, softcap)
-    blocked = jax.jit(lambda q: attend(q, keys, values, slots, 0.3, softcap, block=block))(q)
+    blocked = jax.jit(
+        lambda q: attend(q, stack_k, stack_v, slots, 0.3, softcap, block=block, layer=1)
+    )(q)
     assert blocked.shape == direct.shape and blocked.dtype == direct.dtype
     real = mask == 1
     np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(direct)[real], atol=2e-6)

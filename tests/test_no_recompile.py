@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from conftest import count_compiles
+from support import count_compiles
 
 import jaxdecode as jd
 from jaxdecode.models.llama import LlamaConfig, llama_decoder

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_same_scores, count_compiles
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from support import assert_same_scores, count_compiles
 
 import jaxdecode as jd
 

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import assert_same_scores, count_compiles
-from hf_models import generate_processors
+from support import assert_same_scores, count_compiles
+from support.hf_models import generate_processors
 from transformers.generation import logits_process as hf
 
 import jaxdecode as jd

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_models import make_llama_model
+from support.hf_models import make_llama_model
 
 import jaxdecode as jd
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import make_hf_model, save_hf_model
+from support.hf_models import make_hf_model, save_hf_model
 
 import jaxdecode as jd
 from jaxdecode.search.stopping import stop_strings

@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import assert_same_scores, count_compiles
+from support import assert_same_scores, count_compiles
 
 import jaxdecode as jd
 from jaxdecode import generation

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:  # the config never imports models; only the annotation needs it
+    from jaxdecode.config import GenerationConfig
 
 Array = jax.Array
 
@@ -184,6 +187,27 @@ class Decoder:
                 f"{self.limit_name}={self.max_positions}: it has no position past that"
             )
         return dataclasses.replace(self, max_positions=max_positions, limit_name="max_positions")
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the entry points take as `model` (`generate`, `stream`, `score`,
+    `trace`, `Engine`, `generate_many`, an `assistant_model`): a `CausalLM`, or
+    any object with these attributes (a bare `Decoder` with `params=` is
+    accepted too where the signature says `Model | Decoder`).
+
+    Attributes:
+        decoder: the model as pure functions.
+        params: its parameters, a pytree of arrays (traced when the model is
+            passed through `jax.jit`).
+        generation_config: the default decoding options.
+        tokenizer: optional (`getattr(model, "tokenizer", None)`): needed for
+            text prompts, stop strings and constraints.
+    """
+
+    decoder: Decoder
+    params: Any
+    generation_config: GenerationConfig
 
 
 def positions_from_mask(attention_mask: Array, offset: Array | int = 0) -> Array:

@@ -104,6 +104,20 @@ def check_attention_block(block: object) -> int:
     return block
 
 
+def blocked(t: int, s: int, block: int = ATTENTION_BLOCK) -> bool:
+    """Does `attend` walk blocks for `t` new tokens over `s` cache slots?
+
+    A long prefill (`t > block`) never materialises `[heads, T, S]`. A wide
+    cache (`s > block`, e.g. `max_new_tokens=2048` or an engine slot of 4,096)
+    is read only up to its last live slot: key blocks past every query's slot
+    are skipped, so a step costs what the tokens written so far cost, not what
+    the allocation costs (XLA:CPU also copies each layer's keys to its product's
+    layout, which the direct path did for every slot). Otherwise the direct
+    product, and callers may pass the dense mask built once for all layers.
+    """
+    return t > block or s > block
+
+
 def attend(
     q: Array,
     keys: Array,
@@ -112,6 +126,7 @@ def attend(
     scale: float,
     softcap: float | None = None,
     block: int = ATTENTION_BLOCK,
+    layer: int | None = None,
 ) -> Array:
     """Scaled dot-product attention of new queries over one layer of the cache.
 
@@ -122,34 +137,44 @@ def attend(
     Scores and softmax are float32 whatever the cache dtype (accumulated by the
     matmul itself rather than by upcasting the cache).
 
-    Given a `SlotMask` and more than `block` new tokens (a long prefill), the
-    scores are never materialised as `[heads, T, S]`: `_attend_blocked` walks
-    query blocks and, for each, the key blocks it can see. Otherwise (one-token
-    steps, short prompts, a dense mask) the direct product.
+    Given a `SlotMask` and more than `block` new tokens (a long prefill) or
+    cache slots (a wide cache; see `blocked`), the scores are never
+    materialised as `[heads, T, S]`: `_attend_blocked` walks query blocks and,
+    for each, the key blocks it can see. Otherwise (short calls over a short
+    cache, or a dense mask) the direct product.
 
     Args:
         q: `[batch, T, q_heads, head_dim]` queries.
-        keys: `[batch, kv_heads, max_len, head_dim]` (a `KVCache` layer).
-        values: `[batch, kv_heads, max_len, head_dim]`.
+        keys: `[batch, kv_heads, max_len, head_dim]` (a `KVCache` layer), or
+            with `layer` the stacked `[layers, batch, kv_heads, max_len,
+            head_dim]` (`KVCache.k`).
+        values: as `keys`.
         visible: `[batch, T, max_len]` bool, which slots each query may read,
             or the same as a `SlotMask` (`cache.slot_mask`).
         scale: multiplies the scores (usually `head_dim ** -0.5`).
         softcap: if set, scores become `softcap * tanh(scores / softcap)`.
         block: queries and keys per block of the blocked path (static).
+        layer: which layer of stacked `keys` / `values` to read (static). The
+            blocked path then slices each key block straight out of the stack:
+            slicing the layer first made XLA copy the whole layer every call.
 
     Returns:
         `[batch, T, q_heads, head_dim]` in the values' dtype.
     """
     b, t, hq, d = q.shape
-    hkv = keys.shape[1]
+    stacked = layer is not None
+    hkv, s = keys.shape[1 + stacked], keys.shape[2 + stacked]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     group = hq // hkv
     q = q.astype(keys.dtype)
     if isinstance(visible, SlotMask):
-        if t > block:
-            return _attend_blocked(q, keys, values, visible, scale, softcap, block)
+        if blocked(t, s, block):
+            stack = (keys, values) if stacked else (keys[None], values[None])
+            return _attend_blocked(q, *stack, layer or 0, visible, scale, softcap, block)
         visible = visible.dense()
+    if stacked:
+        keys, values = keys[layer], values[layer]
     if group == 1:
         # Multi-head attention: no group axis (the layout GPT-2 was tuned with).
         scores = jnp.einsum("bthd,bhsd->bhts", q, keys, preferred_element_type=jnp.float32)
@@ -173,6 +198,7 @@ def _attend_blocked(
     q: Array,
     keys: Array,
     values: Array,
+    layer: int,
     mask: SlotMask,
     scale: float,
     softcap: float | None,
@@ -190,10 +216,14 @@ def _attend_blocked(
     out. Masked scores are float32's lowest finite value, as in the direct path, so
     a query that sees nothing (left padding) averages finite values, never NaN.
 
-    Args and returns as `attend` (`q` already in the keys' dtype).
+    Args and returns as `attend` (`q` already in the keys' dtype; `keys` and
+    `values` stacked `[layers, batch, kv_heads, S, D]`, read at `layer`).
+
+    A function over ~80 lines: the two nested block loops and the online softmax
+    share their carried sums; split, each piece would need them all as arguments.
     """
     b, t, hq, d = q.shape
-    hkv, s = keys.shape[1], keys.shape[2]
+    hkv, s = keys.shape[2], keys.shape[3]
     group = hq // hkv
     bq, bk = min(block, t), min(block, s)
     nq, nk = -(-t // bq), -(-s // bk)
@@ -218,8 +248,10 @@ def _attend_blocked(
             def update(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 m, total, acc = carry
                 kstart = jnp.minimum(j * bk, s - bk)
-                kb = jax.lax.dynamic_slice_in_dim(keys, kstart, bk, axis=2)  # [B, K, bk, D]
-                vb = jax.lax.dynamic_slice_in_dim(values, kstart, bk, axis=2)
+                at = (layer, 0, 0, kstart, 0)
+                size = (1, b, hkv, bk, d)
+                kb = jax.lax.dynamic_slice(keys, at, size)[0]  # [B, K, bk, D]
+                vb = jax.lax.dynamic_slice(values, at, size)[0]
                 sc = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
                 sc = sc * jnp.float32(scale)
                 if softcap is not None:
@@ -262,8 +294,9 @@ def attention_bytes(batch: int, heads: int, t: int, s: int, block: int = ATTENTI
     """Float32 scratch of one `attend` call over `t` queries and `s` slots: the
     scores, their exponentials and the mask, `[heads, t, s]` on the direct path,
     one `[heads, block, block]` tile (and the running sums) when blocked."""
-    if t > block:
-        return 4 * batch * heads * (3 * block * min(block, s) + 2 * block)
+    if blocked(t, s, block):
+        bq = min(block, t)
+        return 4 * batch * heads * (3 * bq * min(block, s) + 2 * bq)
     return 3 * 4 * batch * heads * t * s
 
 

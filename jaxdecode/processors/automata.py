@@ -21,6 +21,9 @@ state}`, refusing a regex that the vocabulary cannot spell. Here we only:
 
 Compiled automata are cached per (constraint, tokenizer), so a schema used by
 many requests is compiled once.
+
+A module over ~500 lines: compiling an automaton and laying it out as dense or sparse
+device tables are one concern (the layout is chosen from the compiled sizes).
 """
 
 from __future__ import annotations

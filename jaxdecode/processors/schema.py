@@ -391,7 +391,10 @@ class _Walker:
             return _enum(kept)
 
     def merge(self, a: Any, b: Any, path: str) -> dict:
-        """`allOf: [a, b]` as one raw schema (walked afterwards)."""
+        """`allOf: [a, b]` as one raw schema (walked afterwards).
+
+        A function over ~80 lines: one case per keyword that allOf must combine.
+        """
         if a is False or b is False:
             return {"not": {}}
         a = {} if a is True else dict(a)
@@ -773,7 +776,12 @@ class _Walker:
     def t_object(self, node: dict, path: str, refs: tuple) -> dict:
         """Objects: free-form (any names) or closed (the listed properties); counts
         and dependencies expanded into one closed variant per allowed set of
-        present properties. Long: each object keyword's rules sit together."""
+        present properties. Long: each object keyword's rules sit together.
+
+        A function over ~80 lines: one case per object keyword, and they
+        interact (required, properties, additionalProperties, min/max
+        properties).
+        """
         lo, hi = node.get("minProperties", 0), node.get("maxProperties")
         if hi is not None and lo > hi:
             raise _Unsat(f"minProperties {lo} > maxProperties {hi} at {_pointer(path)}")

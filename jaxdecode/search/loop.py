@@ -23,7 +23,9 @@ from jaxdecode.cache import cache_specs, gather_rows
 from jaxdecode.config import StaticConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.models.base import Decoder, positions_from_mask
-from jaxdecode.processors import TracedConfig
+from jaxdecode.processors import Chain, TracedConfig
+from jaxdecode.search.record import top_n
+from jaxdecode.search.stopping import StopStrings
 from jaxdecode.sharding import DATA, MODEL, constrain, fit_spec
 
 Array = jax.Array
@@ -39,7 +41,6 @@ __all__ = [
     "eos_hit",
     "row_keys",
     "prompt_outputs",
-    "top_n",
     "run",
     "trace_outputs",
 ]
@@ -212,13 +213,6 @@ def constrain_logits(plan: Plan, logits: Array) -> Array:
     return constrain(logits, plan.mesh, fit_spec(P(DATA, MODEL), logits.shape, plan.mesh))
 
 
-def top_n(logp: Array, n: int) -> tuple[Array, Array]:
-    """The n largest log-probs of each row, best first, and their ids:
-    `logp: [..., V]` -> `([..., n] float32, [..., n] int32)`."""
-    values, ids = jax.lax.top_k(logp, n)
-    return values, ids.astype(jnp.int32)
-
-
 def prompt_outputs(plan: Plan, logits: Array, ids: Array, mask: Array) -> dict[str, Array]:
     """Log-probabilities of the prompt tokens under the model (no processors).
 
@@ -249,6 +243,84 @@ def prompt_outputs(plan: Plan, logits: Array, ids: Array, mask: Array) -> dict[s
     return out
 
 
+def prompt_pass(
+    plan: Plan, params: Any, ids: Array, mask: Array, cache: Any
+) -> tuple[Array, Any, dict[str, Array] | None]:
+    """The prompts through the model, written into `cache`: the one prefill of
+    `generate`, `stream`, speculative decoding and the engine.
+
+    Args:
+        ids: `[n, bucket]` left-padded prompt ids.
+        mask: `[n, bucket]` 0 on padding.
+        cache: an empty cache of `n` rows.
+
+    Returns:
+        The last position's logits `[n, V]` float32, the cache, and the prompts'
+        log-probability outputs (`prompt_outputs`) when the config asks for them,
+        else None. Without them the LM head runs on the last position only: the
+        others' `[n, bucket, V]` logits would dwarf a long prompt's work.
+    """
+    positions = positions_from_mask(mask)
+    if plan.config.prompt_logprobs >= 0:  # every position's logits
+        logits, cache = plan.decoder.apply(params, ids, positions, cache, mask)
+        last = logits[:, -1, :].astype(jnp.float32)
+        return last, cache, prompt_outputs(plan, logits, ids, mask)
+    last, cache = plan.decoder.prefill_last(params, ids, positions, cache, mask)
+    return last, cache, None
+
+
+def start_state(
+    plan: Plan,
+    ids: Array,
+    mask: Array,
+    prompt_len: Array,
+    max_length: Array,
+    new_tokens: int,
+    cache: Any,
+    last: Array,
+    keys: Array,
+    processor: Chain,
+    stop: StopStrings | None,
+    step: Array,
+) -> DecodeState:
+    """The decode state of rows whose prompts have been through `prompt_pass`.
+
+    Args:
+        ids: `[rows, bucket]` left-padded prompt ids; `mask` as ids.
+        prompt_len: `[]` or `[rows]` int32 logical prompt lengths (`bucket` less
+            the bucket padding, as `generate` counts them).
+        max_length: `[]` or `[rows]` int32 `prompt_len + max_new_tokens`.
+        new_tokens: columns for new tokens in the token buffer (static).
+        cache, last: `prompt_pass`'s cache and logits, one row per row.
+        keys: `[rows]` per-row PRNG keys (`row_keys`).
+        processor: the chain whose state starts here; `stop` the stop strings.
+        step: `[]` int32 the step counter to start from.
+    """
+    rows, bucket = ids.shape
+    pad = jnp.full((rows, new_tokens), plan.config.pad_token_id, jnp.int32)
+    ctx = DecodeContext.from_ids(
+        jnp.concatenate([ids, pad], axis=1),
+        vocab_size=last.shape[-1],
+        prompt_length=prompt_len,
+        max_length=max_length,
+        attention_mask=mask,
+        offset=jnp.int32(bucket) - prompt_len,
+        cur_len=prompt_len,
+    )
+    return DecodeState(
+        ctx=ctx,
+        cache=cache,
+        logits=last,
+        done=jnp.zeros((rows,), bool),
+        positions=jnp.sum(mask, axis=-1).astype(jnp.int32),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        step=step,
+        row_keys=keys,
+        proc_state=processor.init(ctx),
+        stop_window=None if stop is None else stop.init(ctx),
+    )
+
+
 def prefill(
     plan: Plan,
     params: Any,
@@ -270,10 +342,8 @@ def prefill(
         traced: the traced config: the processor chain whose state the loop
             carries and the stop strings (both initialised here from the prompt).
     """
-    cfg = plan.config
     ids = jnp.asarray(ids, jnp.int32)
     mask = jnp.asarray(mask, jnp.int32)
-    rows = plan.rows
     total = plan.bucket + plan.new_tokens
     # Shared prefix: each prompt goes through the model once; its cache rows and
     # last logits are then copied to the `expand` rows (returned sequences or
@@ -281,14 +351,7 @@ def prefill(
     # around it, so this equals prefilling every copy, at 1/expand of the cost.
     cache = plan.decoder.init_cache(plan.batch, total, None)
     cache = constrain(cache, plan.mesh, cache_specs)
-    positions = positions_from_mask(mask)
-    prompt = None
-    if cfg.prompt_logprobs >= 0:  # every position's logits
-        logits, cache = plan.decoder.apply(params, ids, positions, cache, mask)
-        last = logits[:, -1, :].astype(jnp.float32)
-        prompt = prompt_outputs(plan, logits, ids, mask)
-    else:  # the LM head on the last position only ([B, T, V] would dwarf a long prompt)
-        last, cache = plan.decoder.prefill_last(params, ids, positions, cache, mask)
+    last, cache, prompt = prompt_pass(plan, params, ids, mask, cache)
     if plan.expand > 1:
         parent = jnp.repeat(jnp.arange(plan.batch), plan.expand)
         cache = gather_rows(cache, parent)
@@ -296,31 +359,22 @@ def prefill(
         ids, mask = expand_rows((ids, mask), plan.expand)
     cache = constrain(cache, plan.mesh, cache_specs)
     last = constrain_logits(plan, last)
-    buffer = jnp.concatenate(
-        [ids, jnp.full((rows, plan.new_tokens), cfg.pad_token_id, jnp.int32)], axis=1
+    keys = row_keys(key, plan.batch, plan.expand, plan.per_row_keys)
+    state = start_state(
+        plan,
+        ids,
+        mask,
+        prompt_len,
+        prompt_len + plan.new_tokens,
+        plan.new_tokens,
+        cache,
+        last,
+        keys,
+        traced.processor,
+        traced.stop,
+        jnp.zeros((), jnp.int32),
     )
-    ctx = DecodeContext.from_ids(
-        buffer,
-        vocab_size=last.shape[-1],
-        prompt_length=prompt_len,
-        max_length=prompt_len + plan.new_tokens,
-        attention_mask=mask,
-        offset=jnp.int32(plan.bucket) - prompt_len,
-        cur_len=prompt_len,
-    )
-    return DecodeState(
-        ctx=ctx,
-        cache=cache,
-        logits=last,
-        done=jnp.zeros((rows,), bool),
-        positions=jnp.sum(mask, axis=-1).astype(jnp.int32),
-        lengths=jnp.zeros((rows,), jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-        row_keys=row_keys(key, plan.batch, plan.expand, plan.per_row_keys),
-        proc_state=traced.processor.init(ctx),
-        stop_window=None if traced.stop is None else traced.stop.init(ctx),
-        prompt=prompt,
-    )
+    return state.replace(prompt=prompt)
 
 
 def model_step(plan: Plan, params: Any, cache: Any, tokens: Array, positions: Array):

@@ -22,9 +22,9 @@ from jaxdecode.search.loop import (
     eos_hit,
     model_step,
     run,
-    top_n,
     trace_outputs,
 )
+from jaxdecode.search.record import FIELDS, PAD_FIELDS, finished, token_record
 
 Array = jax.Array
 
@@ -52,24 +52,9 @@ def decode_step(
         tokens = sampling.categorical(keys, scores)
     else:
         tokens = sampling.greedy(scores)
-    logp_all = jax.nn.log_softmax(scores, axis=-1)
-    logp = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
-    tokens = jnp.where(state.done, cfg.pad_token_id, tokens)
-    logp = jnp.where(state.done, 0.0, logp)
-    out = {"tokens": tokens, "logp": logp}
-    if cfg.output_raw_logprobs or (cfg.logprobs and cfg.logprobs_mode == "raw"):
-        raw_all = jax.nn.log_softmax(state.logits, axis=-1)
-    if cfg.output_raw_logprobs:
-        raw = jnp.take_along_axis(raw_all, tokens[:, None], axis=-1)[:, 0]
-        out["raw_logp"] = jnp.where(state.done, 0.0, raw)
-    if cfg.logprobs:
-        values, ids = top_n(raw_all if cfg.logprobs_mode == "raw" else logp_all, cfg.logprobs)
-        out["top_logp"] = jnp.where(state.done[:, None], 0.0, values)
-        out["top_ids"] = jnp.where(state.done[:, None], cfg.pad_token_id, ids)
-    if cfg.output_scores:
-        out["scores"] = scores
-    if cfg.output_logits:
-        out["logits"] = state.logits
+    record = token_record(cfg, scores, state.logits, tokens)
+    out = finished(record, state.done, cfg.pad_token_id)  # finished rows emit pad
+    tokens = out["tokens"]
     if plan.record:
         out["trace/stages"] = jnp.stack([state.logits, *stages])  # [S + 1, rows, V]
     logits, cache = state.logits, state.cache
@@ -105,17 +90,12 @@ def sample_program(
         plan.new_tokens,
         loop=plan.loop,
         finished=lambda st: jnp.all(st.done),
-        fill={"tokens": cfg.pad_token_id, "top_ids": cfg.pad_token_id},
+        fill={name: cfg.pad_token_id for name in PAD_FIELDS},
     )
     rows_first = lambda k: outs[k].swapaxes(0, 1) if k in outs else None
     return GenerateOutput(
         sequences=state.ctx.sequences,
-        token_logprobs=outs["logp"].T,
         lengths=state.lengths,
-        scores=outs["scores"].swapaxes(0, 1) if "scores" in outs else None,
-        logits=outs["logits"].swapaxes(0, 1) if "logits" in outs else None,
-        raw_token_logprobs=rows_first("raw_logp"),
-        top_logprobs=rows_first("top_logp"),
-        top_token_ids=rows_first("top_ids"),
+        **{name: rows_first(name) for name in FIELDS if name != "tokens"},
         trace=trace_outputs(plan, outs),
     )

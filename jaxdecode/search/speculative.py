@@ -54,10 +54,10 @@ from jaxdecode.search.loop import (
     GenerateOutput,
     Plan,
     eos_hit,
-    top_n,
     with_prompt_logprobs,
 )
 from jaxdecode.search.program import prefill_program
+from jaxdecode.search.record import FIELDS, PAD_FIELDS, token_record
 from jaxdecode.search.sample import decode_step
 
 Array = jax.Array
@@ -277,20 +277,7 @@ def _write_outputs(
     """
     outs = dict(outs)
     rows, w = emitted.shape
-    logp_all = jax.nn.log_softmax(scores, axis=-1)
-    chosen = {"tokens": emitted}
-    chosen["logp"] = jnp.take_along_axis(logp_all, emitted[..., None], axis=-1)[..., 0]
-    if cfg.output_raw_logprobs or (cfg.logprobs and cfg.logprobs_mode == "raw"):
-        raw_all = jax.nn.log_softmax(logits, axis=-1)
-    if cfg.output_raw_logprobs:
-        chosen["raw_logp"] = jnp.take_along_axis(raw_all, emitted[..., None], axis=-1)[..., 0]
-    if cfg.logprobs:
-        values, ids = top_n(raw_all if cfg.logprobs_mode == "raw" else logp_all, cfg.logprobs)
-        chosen["top_logp"], chosen["top_ids"] = values, ids
-    if cfg.output_scores:
-        chosen["scores"] = scores
-    if cfg.output_logits:
-        chosen["logits"] = logits
+    chosen = token_record(cfg, scores, logits, emitted)
     row_idx = jnp.arange(rows)[:, None]
     cols = lengths[:, None] + jnp.arange(w)[None, :]
     where = jnp.where(kept, cols, outs["tokens"].shape[1])  # the rest is dropped
@@ -317,6 +304,9 @@ def _round(
         has: `[rows]` int32 how many leading drafts are real proposals.
         q: `[rows, W - 1, V]` processed draft scores (draft model), else None
             (a deterministic draft: q is one-hot).
+
+    A function over ~80 lines: draft, verify, accept and rewind of one round share
+    the round's arrays.
     """
     cfg = plan.config
     processor = traced.processor
@@ -469,7 +459,7 @@ def _start(
     width = plan.new_tokens + k + 1
     outs = {}
     for name, value in first.items():
-        fill = plan.config.pad_token_id if name in ("tokens", "top_ids") else 0
+        fill = plan.config.pad_token_id if name in PAD_FIELDS else 0
         buf = jnp.full((rows, width, *value.shape[1:]), fill, value.dtype)
         outs[name] = buf.at[:, 0].set(value)
     draft_cache = None
@@ -556,6 +546,9 @@ def _speculate(
 
     Returns:
         A `GenerateOutput` with `drafted` and `accepted` per row.
+
+    A function over ~80 lines: the checks and the custom JVP plumbing around one
+    program.
     """
     params = plan.decoder.prepared(params, plan.rows)
     if isinstance(drafter, DraftModel):
@@ -606,13 +599,8 @@ def _speculate(
     outs = {name: v[:, :n] for name, v in state.outs.items()}
     out = GenerateOutput(
         sequences=sequences,
-        token_logprobs=outs["logp"],
         lengths=state.lengths,
-        scores=outs.get("scores"),
-        logits=outs.get("logits"),
-        raw_token_logprobs=outs.get("raw_logp"),
-        top_logprobs=outs.get("top_logp"),
-        top_token_ids=outs.get("top_ids"),
+        **{name: outs.get(name) for name in FIELDS if name != "tokens"},
         drafted=state.drafted,
         accepted=state.accepted,
     )

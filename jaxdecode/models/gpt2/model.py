@@ -28,6 +28,7 @@ from jaxdecode.models.layers import (
     Dense,
     attend,
     attention_bytes,
+    blocked,
     check_attention_block,
 )
 
@@ -63,7 +64,7 @@ class _Attention(nn.Module):
             scale /= float(self.layer + 1)
         # `attend` computes scores and softmax in float32 whatever the cache dtype,
         # which is what reorder_and_upcast_attn asks for (harmless in float32).
-        out = attend(q, cache.k[self.layer], cache.v[self.layer], visible, scale, block=self.block)
+        out = attend(q, cache.k, cache.v, visible, scale, block=self.block, layer=self.layer)
         out = out.reshape(b, t, cfg.n_embd)
         out = Dense(cfg.n_embd, self.dtype, name="c_proj")(out)
         return out, cache
@@ -131,8 +132,9 @@ class GPT2LMHeadModel(nn.Module):
         # Which cache slots each new token may attend to: real tokens (mask after
         # this write) at or before its own slot.
         slots, after = slot_mask(cache, attention_mask)
-        # Short calls (decode steps): the dense [B, T, S] mask, built once.
-        visible = slots.dense() if ids.shape[1] <= self.attention_block else slots
+        # Short calls over a short cache: the dense [B, T, S] mask, built once.
+        direct = not blocked(ids.shape[1], cache.max_len, self.attention_block)
+        visible = slots.dense() if direct else slots
         for i in range(cfg.n_layer):
             x, cache = _Block(cfg, i, self.dtype, self.attention_block, name=f"h_{i}")(
                 x, cache, visible

@@ -36,6 +36,7 @@ from jaxdecode.models.layers import (
     apply_rope,
     attend,
     attention_bytes,
+    blocked,
     check_attention_block,
 )
 from jaxdecode.models.rope import rope_tables
@@ -76,12 +77,13 @@ class _Attention(nn.Module):
         cache = cache.write(self.layer, k, v)
         out = attend(
             q,
-            cache.k[self.layer],
-            cache.v[self.layer],
+            cache.k,
+            cache.v,
             visible,
             cfg.attn_scale,
             cfg.attn_softcap,
             block=self.block,
+            layer=self.layer,
         )
         out = proj(cfg.hidden_size, "o_proj", cfg.o_bias)(out.reshape(b, t, hq * d))
         return out, cache
@@ -165,12 +167,13 @@ class Transformer(nn.Module):
             )
             for layer_type in sorted(set(cfg.layer_types))
         }
-        dense: dict[int | None, Array] = {}  # short calls: each window's mask built once
+        # Short calls over a short cache: each window's dense mask built once.
+        dense: dict[int | None, Array] = {}
         for i in range(cfg.num_layers):
             # transformers' sliding_window_overlay on cache positions:
             # key slot > query slot - window.
             layer_mask = slots.with_window(cfg.window(i))
-            if ids.shape[1] <= self.attention_block:
+            if not blocked(ids.shape[1], cache.max_len, self.attention_block):
                 if layer_mask.window not in dense:
                     dense[layer_mask.window] = layer_mask.dense()
                 layer_mask = dense[layer_mask.window]

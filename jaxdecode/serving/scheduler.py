@@ -1,4 +1,4 @@
-"""Continuous batching: a fixed set of decode slots, refilled as rows finish.
+"""The continuous-batching engine's host side: a fixed set of decode slots, refilled as rows finish.
 
 `Engine` keeps one `[slots, max_len]` KV cache (allocated once) and the per-row
 decode state of every slot. New prompts are prefilled in groups of one prompt
@@ -41,8 +41,12 @@ other options differ cannot share slots: `Engine` refuses them,
 `generate_many` runs one engine per group. Beam search and
 `num_return_sequences > 1` are refused (use `generate`).
 
-A module over ~500 lines: the engine, its two programs and the grouping rules
-that decide what may share slots belong together.
+The device side (the pure programs: prefill-and-insert, decode, take, spread)
+lives in `jaxdecode.serving.programs`; this module is the host side, JetStream's
+split: queue, slot bookkeeping, grouping and harvest.
+
+A module over ~500 lines: the queue, admission, compaction and harvest of one `Engine`
+share its bookkeeping; `generate_many` and `slot_memory` are its two thin users.
 """
 
 from __future__ import annotations
@@ -57,14 +61,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdecode import pytree
-from jaxdecode.cache import cache_nbytes, put_rows, take_rows
+from jaxdecode.cache import cache_nbytes
 from jaxdecode.config import PER_ROW_FIELDS, SEED_MAX, GenerationConfig
-from jaxdecode.context import DecodeContext
 from jaxdecode.errors import MemoryBudgetError
-from jaxdecode.generation import available_bytes, bucket_length, stop_tables
-from jaxdecode.models.base import Decoder, positions_from_mask
-from jaxdecode.processors import Chain, LogitsProcessor, TracedConfig, from_config
+from jaxdecode.generation import available_bytes, bucket_length, model_parts, stop_tables
+from jaxdecode.models.base import Decoder, Model
+from jaxdecode.processors import Chain, LogitsProcessor, from_config
 from jaxdecode.processors.grammar import FREE, Grammar, UnionTable, compile_spec, spec_key
 from jaxdecode.rows import (
     arrayed_fields,
@@ -73,8 +75,8 @@ from jaxdecode.rows import (
     row_values,
     unconstrained,
 )
-from jaxdecode.search.loop import DecodeState, Plan, prompt_outputs, row_keys
-from jaxdecode.search.sample import decode_step
+from jaxdecode.search.loop import Plan
+from jaxdecode.serving import programs
 
 Array = jax.Array
 
@@ -82,260 +84,9 @@ __all__ = [
     "Engine",
     "EngineResult",
     "EngineStats",
-    "SlotState",
     "generate_many",
     "slot_memory",
 ]
-
-
-def _put_per_row(live: Chain, new: Chain, slots: Array) -> Chain:
-    """`live` with the per-row values of `new` (`[n]`) written into rows `slots`."""
-    procs = []
-    for p, q in zip(live.processors, new.processors, strict=True):
-        changes = {
-            field: getattr(p, field).at[slots].set(getattr(q, field), mode="drop")
-            for field in p.row_fields
-            if jnp.ndim(getattr(p, field)) == 1
-        }
-        procs.append(dataclasses.replace(p, **changes) if changes else p)
-    return Chain(processors=tuple(procs))
-
-
-# --------------------------------------------------------------------------- #
-# The two programs.
-# --------------------------------------------------------------------------- #
-
-
-@pytree.dataclass
-class SlotState:
-    """Everything on device (`S` slots, `L = max_len`).
-
-    Attributes:
-        dec: the greedy/sampling `DecodeState` of the slots (`done` is True for
-            finished and empty slots).
-        traced: the processor chain, its per-row values `[S]`.
-        max_new: `[S]` int32, each row's `max_new_tokens`.
-        outs: what each generated token records, by `decode_step`'s names:
-            `"logp"` `[S, L]` float32 log-probability of each generated token;
-            `"raw_logp"` `[S, L]` (`output_raw_logprobs`); `"top_logp"` float32
-            and `"top_ids"` int32 `[S, L, n]` (`logprobs=n`).
-    """
-
-    dec: DecodeState
-    traced: TracedConfig
-    max_new: Array
-    outs: dict[str, Array]
-
-
-def _out_buffers(cfg: Any, rows: int, width: int) -> dict[str, Array]:
-    """Zeroed `SlotState.outs` for `rows` rows of `width` tokens (`cfg`: the
-    `StaticConfig`)."""
-    outs = {"logp": jnp.zeros((rows, width), jnp.float32)}
-    if cfg.output_raw_logprobs:
-        outs["raw_logp"] = jnp.zeros((rows, width), jnp.float32)
-    if cfg.logprobs:
-        outs["top_logp"] = jnp.zeros((rows, width, cfg.logprobs), jnp.float32)
-        outs["top_ids"] = jnp.zeros((rows, width, cfg.logprobs), jnp.int32)
-    return outs
-
-
-def _admit(
-    plan: Plan,
-    params: Any,
-    state: SlotState,
-    ids: Array,
-    mask: Array,
-    slots: Array,
-    max_new: Array,
-    seeds: Array,
-    processor: Chain,
-) -> tuple[SlotState, dict[str, Array] | None]:
-    """Prefills `n` prompts of one bucket and places them into `slots`.
-
-    Args:
-        ids: `[n, bucket]` left-padded (bucket padding only) prompt ids.
-        mask: `[n, bucket]` 0 on the padding.
-        slots: `[n]` int32 target slots; `S` (past the end) for unused rows.
-        max_new: `[n]` int32 `max_new_tokens` per prompt.
-        seeds: `[n]` uint32, each prompt's seed (its key is `jax.random.key(seed)`,
-            as `generate(seed=...)` makes it).
-        processor: the chain with the new rows' per-row values `[n]` (and their
-            constraints' start states).
-
-    Returns:
-        The state, and the prompts' log-probabilities (`prompt_outputs`,
-        `[n, bucket]` / `[n, bucket, k]`) when the config asks for them, else None.
-    """
-    n, bucket = ids.shape
-    width = state.outs["logp"].shape[1]
-    cache = plan.decoder.init_cache(n, width, None)
-    positions = positions_from_mask(mask)
-    prompt = None
-    if plan.config.prompt_logprobs >= 0:  # every position's logits, as generate's prefill
-        logits, cache = plan.decoder.apply(params, ids, positions, cache, mask)
-        last = logits[:, -1, :].astype(jnp.float32)
-        prompt = prompt_outputs(plan, logits, ids, mask)
-    else:  # the LM head on the last position only: the others' logits are not needed
-        last, cache = plan.decoder.prefill_last(params, ids, positions, cache, mask)
-    prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
-    pad = jnp.full((n, width - bucket), plan.config.pad_token_id, jnp.int32)
-    ctx = DecodeContext.from_ids(
-        jnp.concatenate([ids, pad], axis=1),
-        vocab_size=last.shape[-1],
-        prompt_length=prompt_len,
-        max_length=prompt_len + max_new,
-        attention_mask=mask,
-        offset=bucket - prompt_len,
-        cur_len=prompt_len,
-    )
-    keys = jax.vmap(jax.random.key)(seeds)
-    rows = DecodeState(
-        ctx=ctx,
-        cache=cache,
-        logits=last,
-        done=jnp.zeros((n,), bool),
-        positions=prompt_len,
-        lengths=jnp.zeros((n,), jnp.int32),
-        step=state.dec.step,
-        row_keys=row_keys(keys, n, 1, True),
-        proc_state=processor.init(ctx),
-        stop_window=None if state.traced.stop is None else state.traced.stop.init(ctx),
-    )
-    traced = state.traced.replace(processor=_put_per_row(state.traced.processor, processor, slots))
-    new = state.replace(
-        dec=put_rows(state.dec, slots, rows),
-        traced=traced,
-        max_new=state.max_new.at[slots].set(max_new, mode="drop"),
-        outs={k: v.at[slots].set(0, mode="drop") for k, v in state.outs.items()},
-    )
-    return new, prompt
-
-
-def _decode(
-    plan: Plan, steps: int, params: Any, state: SlotState, want: Array
-) -> tuple[SlotState, Array, Array]:
-    """Up to `steps` decoding steps for every slot; stops early (after at least
-    one step) once `want` slots are finished or empty, so that waiting prompts
-    get their slots. Returns the state, the steps run and the tokens generated
-    (live slot-steps)."""
-    slots = state.max_new.shape[0]
-    rows = jnp.arange(slots)
-
-    def body(carry):
-        i, work, st = carry
-        live = ~st.dec.done
-        dec, out = decode_step(plan, params, st.traced, st.dec, True)
-        col = jnp.where(live, st.dec.lengths, st.outs["logp"].shape[1])
-        outs = {k: v.at[rows, col].set(out[k], mode="drop") for k, v in st.outs.items()}
-        dec = dec.replace(done=dec.done | (dec.lengths >= st.max_new))
-        return i + 1, work + jnp.sum(live), st.replace(dec=dec, outs=outs)
-
-    def cond(carry):
-        i, _, st = carry
-        return (i < steps) & ((i == 0) | (jnp.sum(st.dec.done) < want))
-
-    n, work, state = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.int32(0), state))
-    return state, n, work
-
-
-def _empty(plan: Plan, width: int, processor: Chain, stop: Any) -> SlotState:
-    """Every slot empty (finished), with the per-row values of `processor` and
-    the stop strings' tables `stop` (or None)."""
-    slots, decoder = plan.batch, plan.decoder
-    ids = jnp.full((slots, width), plan.config.pad_token_id, jnp.int32)
-    zeros = jnp.zeros((slots,), jnp.int32)
-    ctx = DecodeContext.from_ids(
-        ids, vocab_size=decoder.vocab_size, prompt_length=zeros, max_length=zeros + 1, cur_len=zeros
-    )
-    dec = DecodeState(
-        ctx=ctx,
-        cache=decoder.init_cache(slots, width, None),
-        logits=jnp.zeros((slots, decoder.vocab_size), jnp.float32),
-        done=jnp.ones((slots,), bool),
-        positions=zeros,
-        lengths=zeros,
-        step=jnp.zeros((), jnp.int32),
-        row_keys=jax.vmap(jax.random.key)(zeros.astype(jnp.uint32)),
-        proc_state=processor.init(ctx),
-        stop_window=None if stop is None else stop.init(ctx),
-    )
-    return SlotState(
-        dec=dec,
-        traced=TracedConfig(processor=processor, length_penalty=jnp.float32(1.0), stop=stop),
-        max_new=zeros,
-        outs=_out_buffers(plan.config, slots, width),
-    )
-
-
-def _rows_of(chain: Chain, pick: Any) -> Chain:
-    """`chain` with `pick(value)` applied to every per-row value `[S]`."""
-    procs = []
-    for p in chain.processors:
-        changes = {
-            field: pick(getattr(p, field))
-            for field in p.row_fields
-            if jnp.ndim(getattr(p, field)) == 1
-        }
-        procs.append(dataclasses.replace(p, **changes) if changes else p)
-    return Chain(processors=tuple(procs))
-
-
-def _take(state: SlotState, rows: Array) -> SlotState:
-    """The state of slots `rows` only (`[n]` int32): every per-row leaf, the
-    cache's rows and the processors' per-row values; shared tables as they are."""
-
-    dec = take_rows(state.dec, rows)
-    traced = state.traced.replace(processor=_rows_of(state.traced.processor, lambda v: v[rows]))
-    return SlotState(
-        dec=dec,
-        traced=traced,
-        max_new=state.max_new[rows],
-        outs={k: v[rows] for k, v in state.outs.items()},
-    )
-
-
-def _spread(full: SlotState, small: SlotState, rows: Array) -> SlotState:
-    """`full` with its slots `rows` set from every row of `small` (`_take`'s inverse)."""
-    traced = full.traced.replace(
-        processor=_put_per_row(full.traced.processor, small.traced.processor, rows)
-    )
-    return full.replace(
-        dec=put_rows(full.dec, rows, small.dec),
-        traced=traced,
-        max_new=full.max_new.at[rows].set(small.max_new),
-        outs={k: v.at[rows].set(small.outs[k]) for k, v in full.outs.items()},
-    )
-
-
-def _with_table(state: SlotState, grammar: Grammar, at: int) -> SlotState:
-    """`state` with the constraint table of `grammar` (copied: the state's
-    buffers are donated to the programs): its `Grammar` gets the new arrays and
-    keeps its rows' start states; a state without one gets it at position `at`
-    of its chain, every row free."""
-    table = jax.tree_util.tree_map(jnp.copy, grammar)
-    procs = list(state.traced.processor.processors)
-    proc_state = list(state.dec.proc_state)
-    rows = state.max_new.shape[0]
-    if any(isinstance(p, Grammar) for p in procs):
-        i = next(j for j, p in enumerate(procs) if isinstance(p, Grammar))
-        procs[i] = table.replace(start=procs[i].start)
-    else:
-        procs.insert(at, table.replace(start=jnp.full((rows,), FREE, jnp.int32)))
-        proc_state.insert(at, jnp.full((rows,), FREE, jnp.int32))
-    traced = state.traced.replace(processor=Chain(processors=tuple(procs)))
-    return state.replace(traced=traced, dec=state.dec.replace(proc_state=tuple(proc_state)))
-
-
-_empty_jit = jax.jit(_empty, static_argnums=(0, 1))
-_take_jit = jax.jit(_take)
-_spread_jit = jax.jit(_spread, donate_argnums=0)
-_admit_jit = jax.jit(_admit, static_argnums=0, donate_argnums=2)
-_decode_jit = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=3)
-
-
-# --------------------------------------------------------------------------- #
-# The host side.
-# --------------------------------------------------------------------------- #
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,11 +188,13 @@ class _Pending:
     row: int = 0
 
 
-def _model_parts(model: Any) -> tuple[Decoder, Any, GenerationConfig]:
-    decoder = getattr(model, "decoder", None)
-    if not isinstance(decoder, Decoder):
-        raise TypeError(f"model must be a CausalLM, got {type(model).__name__}")
-    return decoder, model.params, model.generation_config
+def _model_parts(model: Model) -> tuple[Decoder, Any, GenerationConfig]:
+    """A `Model`'s decoder, params and default config (the engine keeps the
+    params it was given: a bare `Decoder` has none)."""
+    if isinstance(model, Decoder):
+        raise TypeError("model must be a CausalLM, got Decoder (the engine needs its params)")
+    decoder, params, config, _ = model_parts(model, None)
+    return decoder, params, config
 
 
 def _check_int(name: str, value: Any, lo: int) -> int:
@@ -494,7 +247,7 @@ class Engine:
 
     def __init__(
         self,
-        model: Any,
+        model: Model,
         *,
         slots: int = 64,
         max_len: int,
@@ -545,7 +298,9 @@ class Engine:
                 raise ValueError("stop_strings needs the model's tokenizer (the model has none)")
             stop = stop_tables(self.config.stop_strings, self.tokenizer, decoder.vocab_size)
         self._stop = stop
-        self._state = _empty_jit(self._plan, self.max_len, self._template(self.slots), stop)
+        self._state = programs.empty_program(
+            self._plan, self.max_len, self._template(self.slots), stop
+        )
         self._size = self.slots  # rows of self._state
         self._small: dict[int, tuple[Plan, Any]] = {}
         for size in self._levels[1:]:
@@ -595,11 +350,13 @@ class Engine:
         shape = self._table_shape()
         if len(self._levels) == 1 or self._warmed == (shape,):
             return
-        state = _empty_jit(self._plan, self.max_len, self._template(self.slots), self._stop)
+        state = programs.empty_program(
+            self._plan, self.max_len, self._template(self.slots), self._stop
+        )
         for size in self._levels[1:]:
-            state = _take_jit(state, jnp.arange(size, dtype=jnp.int32))
+            state = programs.take_program(state, jnp.arange(size, dtype=jnp.int32))
             plan, prepared = self._small[size]
-            state, _, _ = _decode_jit(
+            state, _, _ = programs.decode_program(
                 plan, self.steps_per_call, prepared, state, jnp.int32(size + 1)
             )
         del state
@@ -735,7 +492,7 @@ class Engine:
             return
         chain = self._template(1).processors
         at = next(i for i, p in enumerate(chain) if isinstance(p, Grammar))
-        self._state = _with_table(self._state, self._table.grammar, at)
+        self._state = programs.with_table(self._state, self._table.grammar, at)
 
     # ------------------------------------------------------------------ #
     @property
@@ -765,7 +522,7 @@ class Engine:
         plan, params = (
             (self._plan, self._params) if self._size == self.slots else self._small[self._size]
         )
-        self._state, n, work = _decode_jit(
+        self._state, n, work = programs.decode_program(
             plan, self.steps_per_call, params, self._state, jnp.int32(want)
         )
         n, work = int(n), int(work)
@@ -785,16 +542,18 @@ class Engine:
             size = self._levels[level + 1]
             live = sorted(self._owner)
             rows = live + [s for s in range(self._size) if s not in self._owner][: size - len(live)]
-            self._state = _take_jit(self._state, jnp.asarray(rows, jnp.int32))
+            self._state = programs.take_program(self._state, jnp.asarray(rows, jnp.int32))
             self._owner = {j: self._owner[s] for j, s in enumerate(live)}
             self._free = list(range(len(live), size))
             self._size, level = size, level + 1
 
     def _expand(self) -> None:
         """Back to all slots (prompts were submitted after compaction)."""
-        full = _empty_jit(self._plan, self.max_len, self._template(self.slots), self._stop)
+        full = programs.empty_program(
+            self._plan, self.max_len, self._template(self.slots), self._stop
+        )
         rows = jnp.arange(self._size, dtype=jnp.int32)
-        self._state = _spread_jit(full, self._state, rows)
+        self._state = programs.spread_program(full, self._state, rows)
         self._free = sorted(self._free + list(range(self._size, self.slots)))
         self._size = self.slots
 
@@ -823,7 +582,7 @@ class Engine:
         max_new = np.asarray([it.max_new for it in filler], np.int32)
         seeds = np.asarray([it.seed for it in filler], np.uint32)
         processor = self._template(rows, [it.config for it in filler], [it.spec for it in filler])
-        self._state, prompt = _admit_jit(
+        self._state, prompt = programs.admit_program(
             self._plan, self._params, self._state, ids, mask, target, max_new, seeds, processor
         )
         for r, (slot, it) in enumerate(zip(slots, group, strict=True)):
@@ -849,12 +608,9 @@ class Engine:
                     index=it.index,
                     prompt=it.ids,
                     tokens=seqs[slot, it.bucket : it.bucket + n].copy(),
-                    token_logprobs=got["logp"],
                     config=it.config,
                     seed=it.seed if it.config.do_sample else None,
-                    raw_token_logprobs=got.get("raw_logp"),
-                    top_logprobs=got.get("top_logp"),
-                    top_token_ids=got.get("top_ids"),
+                    **got,  # the record's fields, by GenerateOutput's names
                     **_prompt_fields(it),
                 )
             )
@@ -905,7 +661,7 @@ def slot_memory(
     tallies = sum(
         slots * vocab * 4 for p in chain.processors if type(p).init is not LogitsProcessor.init
     )
-    outs = jax.eval_shape(lambda: _out_buffers(config.static(), slots, max_len))
+    outs = jax.eval_shape(lambda: programs.out_buffers(config.static(), slots, max_len))
     recorded = cache_nbytes(outs)
     other = 8 * slots * vocab * 4 + slots * max_len * 4 + recorded + tallies
     prefill = cache_bytes * rows // slots + decoder.prefill_bytes(
@@ -966,7 +722,7 @@ def _overridden(base: GenerationConfig, override: Any) -> GenerationConfig:
 
 
 def generate_many(
-    model: Any,
+    model: Model,
     prompts: Sequence[Sequence[int]],
     configs: Any = None,
     *,

@@ -1,0 +1,150 @@
+"""What every command shares: the one-line user error, loading the model and its
+assistant, the mesh, the config from the flags, prompt encoding and seeds."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def load_model(name: str, max_positions: int | None = None):
+    import jaxdecode
+
+    try:
+        limit = "config" if max_positions is None else max_positions
+        lm = jaxdecode.from_pretrained(name, max_positions=limit)
+    except ValueError as e:
+        raise CLIError(f"cannot load model {name!r}: {e}") from None
+    if lm.tokenizer is None:
+        raise CLIError(
+            f"model {name!r} has no tokenizer (tokenizer.json or vocab.json + merges.txt)"
+        )
+    return lm
+
+
+def load_assistant(args: argparse.Namespace):
+    """`--assistant_model PATH`: the draft model for speculative decoding, or None."""
+    path = getattr(args, "assistant_model", None)
+    if path is None:
+        return None
+    import jaxdecode
+
+    try:
+        return jaxdecode.from_pretrained(path)
+    except ValueError as e:
+        raise CLIError(f"cannot load --assistant_model {path!r}: {e}") from None
+
+
+def mesh_and_model(args: argparse.Namespace, lm):
+    """`--mesh data=4,model=2`: the mesh, and the model with its weights placed on it
+    once (instead of at every batch)."""
+    if not getattr(args, "mesh", None):
+        return None, lm
+    from jaxdecode.sharding import parse_mesh, shard_params
+
+    try:
+        mesh = parse_mesh(args.mesh)
+    except ValueError as e:
+        raise CLIError(f"--mesh: {e}") from None
+    return mesh, lm.replace(params=shard_params(lm.params, mesh, lm.decoder.param_specs))
+
+
+_NOT_PRINTED = ("output_scores", "output_logits")
+
+
+def check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Options the CLI cannot honour are refused; `max_length` given without
+    `max_new_tokens` replaces the model's default `max_new_tokens` (which would
+    otherwise take precedence, as in transformers)."""
+    for name in _NOT_PRINTED:
+        if overrides.get(name):
+            raise CLIError(
+                f"{name} is not printed by the command line (a [steps, vocab] table per "
+                "output); --json gives each token's log-probability (token_logprobs), "
+                f"Python's jaxdecode.generate({name}=True) the full table"
+            )
+    if "max_length" in overrides and "max_new_tokens" not in overrides:
+        overrides = {**overrides, "max_new_tokens": None}
+    return overrides
+
+
+def make_config(lm, overrides: dict[str, Any]):
+    try:
+        config = lm.generation_config.replace(
+            **check_overrides(overrides), output_scores=False, output_logits=False
+        )
+        return config.validate(vocab_size=lm.vocab_size)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def encode_batch(lm, prompts: Sequence[str], pad_id: int):
+    """Left-padded ids and mask for a list of prompts."""
+    encoded = [lm.tokenizer.encode(p) for p in prompts]
+    empty = [i for i, e in enumerate(encoded) if not e]
+    if empty:
+        raise CLIError(f"prompt {empty[0] + 1} is empty; give at least one character")
+    return left_pad(encoded, pad_id)
+
+
+def left_pad(encoded: Sequence[Sequence[int]], pad_id: int):
+    import numpy as np
+
+    width = max(len(e) for e in encoded)
+    ids = np.full((len(encoded), width), pad_id, np.int32)
+    mask = np.zeros((len(encoded), width), np.int32)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e) :] = e
+        mask[i, width - len(e) :] = 1
+    return ids, mask
+
+
+def sampling_seed(config) -> tuple[Any, bool]:
+    """(config with a seed when sampling, whether the CLI drew the seed itself)."""
+    if config.do_sample and config.seed is None:
+        return config.replace(seed=secrets.randbits(31)), True
+    return config, False
+
+
+def tell_seed(config, drawn: bool) -> None:
+    """A seed the CLI drew itself goes to stderr, so that the run can be repeated."""
+    if drawn:
+        seed = config.seed
+        print(f"jaxdecode: sampled with seed {seed} (repeat with --seed {seed})", file=sys.stderr)
+
+
+def chat_text(lm, prompt: str, system: str | None) -> str:
+    """`prompt` as the user's turn of a chat, rendered with the model's chat template."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": prompt})
+    try:
+        return lm.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as e:
+        raise CLIError(f"--chat: {e}") from None
+
+
+def release_memory() -> None:
+    """Between two engines of one `eval` (option groups that cannot share
+    slots): drops the compiled programs of the finished group (another group
+    has another static config, so none of them runs again) and returns freed
+    heap to the system. Without it each finished group kept ~170 MiB of programs
+    and glibc kept ~580 MiB of freed buffers (issue 23: three groups peaked at
+    1.42x `generate`'s RSS)."""
+    import contextlib
+    import ctypes
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    # glibc only: elsewhere the allocator keeps what it keeps.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -1,0 +1,535 @@
+"""`jaxdecode eval`: a JSONL file of prompts, on the continuous-batching engine
+or in static batches; resumable (records are fsynced as they finish, and a rerun
+skips the prompts already in the output file).
+
+A module over ~500 lines: reading and checking the prompts file, resuming, and
+the two ways of serving it (engine, static batches) are one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import io
+import json
+import os
+import sys
+import time
+import zlib
+from typing import Any
+
+from jaxdecode.cli import common, flags
+from jaxdecode.cli import records as record_io  # `records` is the prompt lines here
+
+_MAX_REPORTED = 20  # bad lines named in one error
+
+
+def _bad_lines(path: str, errors: list[tuple[int, str]]) -> common.CLIError:
+    """One error naming every bad line (up to _MAX_REPORTED), in line order."""
+    errors = [msg for _, msg in sorted(errors)]
+    more = f"; ... and {len(errors) - _MAX_REPORTED} more" if len(errors) > _MAX_REPORTED else ""
+    what = "a bad line" if len(errors) == 1 else f"{len(errors)} bad lines"
+    return common.CLIError(
+        f"{path} has {what}, nothing was generated: " + "; ".join(errors[:_MAX_REPORTED]) + more
+    )
+
+
+def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """The well-formed prompt records, each with its line number `_line`, and one
+    error per malformed line."""
+    from jaxdecode.config import GenerationConfig
+
+    names = {f.name for f in dataclasses.fields(GenerationConfig)}
+    records, errors = [], []
+    text = _read_text(path)
+    if not text.strip():
+        raise common.CLIError(f"{path} is empty: give one prompt per line (JSON)")
+    # Universal newlines (\r\n, \r), as a text-mode file reads them.
+    with io.StringIO(text, newline=None) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append((n, f"line {n}, column {e.colno}: not valid JSON ({e.msg})"))
+                continue
+            if isinstance(rec, str):
+                rec = {"prompt": rec}
+            problem = _prompt_problem(rec)
+            if problem:
+                errors.append((n, f"line {n}: {problem}"))
+                continue
+            rec.setdefault("id", n)
+            unknown = sorted(set(rec) - names - {"prompt", "messages", "id"})
+            if unknown:
+                msg = f"unknown field {unknown[0]!r} (not a GenerationConfig option)"
+                errors.append((n, f"line {n} (id {rec['id']!r}): {msg}"))
+                continue
+            records.append({**rec, "_line": n})
+    seen: dict[str, int] = {}
+    for r in records:
+        key = json.dumps(r["id"])
+        if key in seen:
+            msg = f"duplicate id {r['id']!r} (also line {seen[key]}); ids must be unique"
+            errors.append((r["_line"], f"line {r['_line']}: {msg}"))
+        seen.setdefault(key, r["_line"])
+    return records, errors
+
+
+# Byte-order marks: UTF-16 is what Windows PowerShell's `>` writes.
+_BOMS = (
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def _read_text(path: str) -> str:
+    """A prompts file's text: UTF-8, or UTF-8/16/32 with a byte-order mark (read
+    as what the mark says).
+
+    Raises:
+        common.CLIError: for a file that cannot be read or is not UTF-8 text, naming the
+            line and column of the first bad byte.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise common.CLIError(f"cannot read {path}: {e.strerror}") from None
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        name = encoding.upper().removesuffix("-SIG")
+        if name == "UTF-8":  # one byte per column up to the bad one: say where it is
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            where = f"byte {data[e.start : e.start + 1]!r} at line {line}, column {column}"
+        else:
+            where = f"at byte offset {e.start}"
+        raise common.CLIError(
+            f"{path} is not {name} text: {where} ({e.reason}); save it as UTF-8 (in "
+            "PowerShell: Out-File -Encoding utf8)"
+        ) from None
+
+
+def _prompt_problem(rec: Any) -> str | None:
+    """Why an eval line holds no prompt: it needs a string `prompt` or a chat as
+    `messages` (a list of {"role", "content"} objects), not both."""
+    if not isinstance(rec, dict):
+        return "each line must be an object with a string 'prompt' or a list 'messages'"
+    has_prompt, has_messages = "prompt" in rec, "messages" in rec
+    if has_prompt and has_messages:
+        return "give 'prompt' or 'messages', not both"
+    if has_messages:
+        messages = rec["messages"]
+        ok = isinstance(messages, list) and messages
+        ok = ok and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
+        if not ok:
+            return "'messages' must be a non-empty list of objects with string 'role' and 'content'"
+        return None
+    if not isinstance(rec.get("prompt"), str):
+        return "each line must be an object with a string 'prompt' or a list 'messages'"
+    return None
+
+
+def _check_paths(prompts_path: str, out_path: str) -> None:
+    """Refuses an OUT that is the prompts file (by path or inode) or cannot be
+    written, before anything is loaded."""
+    if not os.path.isfile(prompts_path):
+        raise common.CLIError(f"prompts file not found: {prompts_path}")
+    if os.path.isdir(out_path):
+        raise common.CLIError(f"-o {out_path} is a directory; give a file")
+    if os.path.exists(out_path) and os.path.samefile(prompts_path, out_path):
+        raise common.CLIError(
+            f"-o {out_path} is the prompts file; give another file for the results"
+        )
+    parent = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(parent):
+        raise common.CLIError(f"-o {out_path}: directory {parent} does not exist")
+
+
+def _done_results(out_path: str) -> dict[str, dict]:
+    """Results already in OUT, by id. Only jaxdecode eval records count (their
+    `schema`); any other line means OUT is not ours, and nothing is touched. A
+    partial last line (a killed write) is cut off, so appending continues on a
+    clean line."""
+    done: dict[str, dict] = {}
+    if not os.path.exists(out_path):
+        return done
+    with open(out_path, "rb") as f:
+        data = f.read()
+    good = data.rfind(b"\n") + 1
+    for n, line in enumerate(data[:good].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ok = (
+                isinstance(rec, dict) and rec.get("schema") == record_io.EVAL_SCHEMA and "id" in rec
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise common.CLIError(
+                f'{out_path}:{n} is not a jaxdecode eval result (no "schema": '
+                f'"{record_io.EVAL_SCHEMA}"): {line[:60]!r}; give another -o'
+            )
+        done[json.dumps(rec["id"])] = rec
+    if good < len(data):
+        with open(out_path, "rb+") as f:
+            f.truncate(good)
+    return done
+
+
+def _prompt_seed(rec: dict[str, Any], base_seed: int) -> int:
+    """A prompt's seed: its own `seed`, else one derived from --seed and its id
+    (stable across runs, so a resumed run samples what the whole run would)."""
+    if "seed" in rec:
+        return rec["seed"]
+    return zlib.crc32(json.dumps([base_seed, rec["id"]]).encode()) % 2**31
+
+
+def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, base_seed: int):
+    """The prompt's validated config (seed resolved; `max_length` turned into the
+    prompt's own `max_new_tokens`, as `generate` on that prompt alone would use).
+
+    Raises ValueError naming the field."""
+    line = {k: v for k, v in rec.items() if k not in ("prompt", "messages", "id", "_line", "_text")}
+    overrides = {**base, **line}
+    if "max_length" in line and "max_new_tokens" not in line:
+        overrides.pop("max_new_tokens", None)
+    try:
+        overrides = common.check_overrides(overrides)
+    except common.CLIError as e:
+        raise ValueError(str(e)) from None
+    config = lm.generation_config.replace(**overrides, output_scores=False, output_logits=False)
+    config.validate(vocab_size=lm.vocab_size)
+    total = config.resolve_max_length(n_tokens)
+    if total - n_tokens < 1:
+        raise ValueError(
+            f"max_length={config.max_length} leaves no room after the {n_tokens}-token prompt"
+        )
+    lm.decoder.check_length(total, total - n_tokens)
+    config = config.replace(max_new_tokens=total - n_tokens, max_length=None)
+    _check_constraint(lm, config)
+    if config.do_sample:
+        config = config.replace(seed=_prompt_seed(rec, base_seed))
+        config.validate()
+    return config
+
+
+def _check_constraint(lm, config) -> None:
+    """A line's regex / json_schema / choices: one constraint, compiled now (cached)
+    so that a bad one is reported with the other bad lines, before generating."""
+    from jaxdecode.processors.grammar import compile_spec
+
+    parsed = config.constraints()
+    if parsed is None:
+        return
+    if parsed[0]:
+        raise ValueError("a line's regex / json_schema / choices is one constraint, not a list")
+    compile_spec(parsed[1][0], lm.tokenizer)
+
+
+def _group_key(config, bucket: int) -> tuple:
+    """What must be equal for prompts to share a static batch: the prompt bucket,
+    `jaxdecode.rows.group_key` (one length per batch) and whether any row is
+    constrained."""
+    from jaxdecode.rows import group_key
+
+    return bucket, group_key(config, lengths_per_row=False), config.constraints() is not None
+
+
+def _batch_config(configs: list, arrayed: tuple[str, ...]):
+    """One config and key for a batch of prompts that share a group: per-row fields
+    as `[batch]` arrays (always arrays, so every batch of the group has the same
+    shapes: one compiled program) and, when sampling, one key per prompt,
+    `jax.random.key(seed)`, so that each prompt draws what it draws alone."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdecode.config import CONSTRAINT_FIELDS
+    from jaxdecode.rows import row_values
+
+    values = row_values(configs, arrayed)
+    # Constraints: one list per field, each row's entry in its own field (one table).
+    for name in CONSTRAINT_FIELDS:
+        rows = [getattr(c, name) for c in configs]
+        values[name] = tuple(rows) if any(r is not None for r in rows) else None
+    config = configs[0].replace(**values, seed=None)
+    if not config.do_sample:
+        return config, None
+    return config, jnp.stack([jax.random.key(c.seed) for c in configs])
+
+
+class _Progress:
+    """The progress bar's counts: prompts and tokens per second since the start."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.tokens, self.t0 = bar, 0, time.time()
+
+    def add(self, prompts: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(prompts)
+        elapsed = max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix(
+            tok_s=f"{self.tokens / elapsed:.0f}", prompt_s=f"{self.bar.n / elapsed:.1f}"
+        )
+
+
+def _write_lines(out_file, progress: _Progress, results: list[dict]) -> None:
+    """Appends result records and fsyncs them before anything else runs: a run
+    killed afterwards has them all, and a rerun skips their ids."""
+    if not results:
+        return
+    out_file.write("".join(record_io.dumps(r) + "\n" for r in results))
+    out_file.flush()
+    os.fsync(out_file.fileno())
+    progress.add(len(results), sum(len(o["tokens"]) for r in results for o in r["outputs"]))
+
+
+def _engine_serves(config) -> bool:
+    """Whether the continuous-batching engine gives this prompt's record: one
+    sequence (greedy or sampling; output constraints and every log-probability
+    field included). Beam search, several sequences and speculative decoding run
+    static batches."""
+    return (
+        config.num_beams == 1
+        and config.num_return_sequences == 1
+        and config.prompt_lookup_num_tokens is None  # speculative decoding: generate()
+    )
+
+
+def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
+    """Continuous batching (`jaxdecode.Engine`, `compact_tail` from 8 slots): one engine per
+    group of prompts that may share slots (`engine.group_key`: prompts with
+    different output constraints do), `--batch_size` slots; the records of each
+    decode call's finished prompts are written (and fsynced) at once."""
+    import numpy as np
+
+    from jaxdecode.generation import bucket_length
+    from jaxdecode.rows import group_key
+    from jaxdecode.serving import Engine
+
+    groups: dict[tuple, list] = {}
+    for item in items:
+        groups.setdefault(group_key(item[2], lengths_per_row=True), []).append(item)
+    for number, group in enumerate(groups.values()):
+        if number:
+            common.release_memory()
+        max_len = max(bucket_length(len(e), "pow2") + c.max_new_tokens for _, e, c in group)
+        try:
+            engine = Engine(
+                lm,
+                slots=args.batch_size,
+                max_len=max_len,
+                config=group[0][2],
+                steps_per_call=args.steps_per_call,
+                prefill_rows=args.prefill_rows,
+                # Below 8 slots the smaller programs cost more to compile than they save.
+                compact_tail=args.batch_size >= 8,
+            )
+            engine.submit([e for _, e, _ in group], [c for _, _, c in group])
+        except ValueError as e:
+            raise common.CLIError(f"prompt id {group[0][0]['id']!r}: {e}") from None
+        while engine.pending:
+            lines = []
+            for r in engine.step():
+                rec, _, cfg = group[r.index]
+                tokens = [int(t) for t in r.tokens]
+                row_logps = np.asarray(r.token_logprobs, np.float64)
+                if not np.all(np.isfinite(row_logps)):
+                    raise common.CLIError(
+                        f"model {args.model!r} produced non-finite log-probabilities (NaN or "
+                        "inf): its weights or logits are broken; check the checkpoint"
+                    )
+                text = tokens[:-1] if tokens and tokens[-1] in cfg.eos_ids else tokens
+                output = {
+                    "text": lm.tokenizer.decode(text),
+                    "tokens": tokens,
+                    "token_logprobs": [round(float(x), 6) for x in row_logps],
+                    "sequence_score": None,
+                    **record_io.engine_logprob_fields(r),
+                }
+                lines.append(record_io.eval_result(rec, cfg, [output], args.model))
+            write(lines)
+        del engine
+
+
+def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assistant=None) -> None:
+    """Static batches (`--static-batching`, and the prompts the engine does not
+    serve): prompts of one group (`_group_key`) share a batch of `--batch_size`
+    rows, which ends when its longest row does."""
+    import jaxdecode
+    from jaxdecode.rows import arrayed_fields
+
+    # Groups share one compiled program: same bucket and static options.
+    groups: dict[tuple, list] = {}
+    for item in items:
+        bucket = jaxdecode.bucket_length(len(item[1]), "pow2")
+        groups.setdefault(_group_key(item[2], bucket), []).append(item)
+    for group in groups.values():
+        arrayed = arrayed_fields(group[0][2], args.batch_size)
+        for start in range(0, len(group), args.batch_size):
+            batch = group[start : start + args.batch_size]
+            # Pad the last batch to the full size: one program per group.
+            padded = batch + [batch[-1]] * (args.batch_size - len(batch))
+            config, keys = _batch_config([c for _, _, c in padded], arrayed)
+            ids, mask = common.left_pad([e for _, e, _ in padded], config.pad_id)
+            try:
+                out = jaxdecode.generate(
+                    lm, ids, mask, config, key=keys, mesh=mesh, assistant_model=assistant
+                )
+            except ValueError as e:
+                raise common.CLIError(f"prompt id {batch[0][0]['id']!r}: {e}") from None
+            r_per = config.num_return_sequences
+            lines = []
+            for i, (rec, _, cfg) in enumerate(batch):
+                outputs = record_io.output_records(
+                    args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1], mask[i]
+                )
+                lines.append(record_io.eval_result(rec, cfg, outputs, args.model))
+            write(lines)
+
+
+def _check_line_memory(args: argparse.Namespace, lm, mesh, item: tuple, on_engine: bool) -> None:
+    """ValueError when one line alone cannot fit: on the engine, `--batch_size`
+    slots of its bucket plus its `max_new_tokens`; in static batches, a batch of
+    `--batch_size` such prompts (generate's own check)."""
+    from jaxdecode.generation import bucket_length, check_memory
+    from jaxdecode.serving import slot_memory
+
+    _, encoded, config = item
+    if on_engine:
+        width = bucket_length(len(encoded), "pow2") + config.max_new_tokens
+        slot_memory(lm.decoder, config, args.batch_size, width)
+    else:
+        check_memory(lm.decoder, config, args.batch_size, len(encoded), mesh=mesh)
+
+
+def _render_chats(lm, records: list, chat: bool, system: str | None) -> tuple[list, list]:
+    """Each record with the text its tokens come from (`_text`): a `messages` line
+    rendered with the model's chat template (its `prompt` is that text), and with
+    `--chat` a `prompt` line as the user's turn (its `prompt` stays as given, as in
+    `generate --json --chat`). Returns (records, one error per line that fails)."""
+    out, errors = [], []
+    for r in records:
+        try:
+            if "messages" in r:
+                text = lm.apply_chat_template(r["messages"], add_generation_prompt=True)
+                r = {**r, "prompt": text, "_text": text}
+            elif chat:
+                r = {**r, "_text": common.chat_text(lm, r["prompt"], system)}
+        except (ValueError, common.CLIError) as e:
+            errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {e}"))
+            continue
+        out.append(r)
+    return out, errors
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """A function over ~80 lines: the command's steps in order (read, check,
+    resume, render, serve, report); each step is a call."""
+    for flag in ("batch_size", "steps_per_call", "prefill_rows"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise common.CLIError(f"--{flag} must be >= 1, got {value}")
+    if args.system is not None and not args.chat:
+        raise common.CLIError("--system needs --chat (it is the chat's system message)")
+    _check_paths(args.prompts_file, args.output)
+    records, errors = _read_prompts(args.prompts_file)
+    lm = common.load_model(args.model, args.max_positions)
+    mesh, lm = common.mesh_and_model(args, lm)
+    assistant = common.load_assistant(args)
+    base_overrides = flags.config_overrides(args)
+    common.make_config(lm, base_overrides)  # command-line options fail fast, before any prompt
+    base_seed = base_overrides.pop("seed", 0)
+    done = _done_results(args.output)
+    # Chat lines become their rendered prompt before anything else looks at them.
+    records, chat_errors = _render_chats(lm, records, args.chat, args.system)
+    errors += chat_errors
+    for r in records:
+        prev = done.get(json.dumps(r["id"]))
+        if prev is not None and prev.get("prompt") != r["prompt"]:
+            raise common.CLIError(
+                f"{args.output} has a result for id {r['id']!r} with another prompt than "
+                f"line {r['_line']} of {args.prompts_file}; give another -o"
+            )
+    todo = [r for r in records if json.dumps(r["id"]) not in done]
+
+    # Every prompt and option is checked before the first generation; a result
+    # already in OUT must have been made with this run's options.
+    planned = []
+    for r in records:
+        encoded = lm.tokenizer.encode(r.get("_text", r["prompt"]))
+        if not encoded:
+            errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): prompt is empty"))
+            continue
+        try:
+            config = _eval_config(lm, base_overrides, r, len(encoded), base_seed)
+        except ValueError as e:
+            errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {e}"))
+            continue
+        prev = done.get(json.dumps(r["id"]))
+        if prev is None:
+            planned.append((r, encoded, config))
+            continue
+        changed = record_io.changed_options(prev, record_io.made_with(args.model, config))
+        if changed:
+            raise common.CLIError(
+                f"{args.output} has a result for id {r['id']!r} (line {r['_line']}) made with "
+                f"other options: {changed}; rerun with the same options to resume, or give "
+                "another -o"
+            )
+    if errors:
+        raise _bad_lines(args.prompts_file, errors)
+
+    # The engine takes what it can serve; the rest runs in static batches. Each
+    # line must fit in memory alone (its bucket and max_new_tokens), checked
+    # before anything compiles.
+    static_items, engine_items = [], []
+    for item in planned:
+        # A draft model (--assistant_model) speculates: generate(), static batches.
+        use_engine = not args.static_batching and mesh is None and assistant is None
+        on_engine = use_engine and _engine_serves(item[2])
+        try:
+            _check_line_memory(args, lm, mesh, item, on_engine)
+        except ValueError as e:
+            r = item[0]
+            errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {e}"))
+        (engine_items if on_engine else static_items).append(item)
+    if errors:
+        raise _bad_lines(args.prompts_file, errors)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="prompt", disable=args.quiet, file=sys.stderr)
+    progress = _Progress(bar)
+    try:
+        out_file = open(args.output, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise common.CLIError(f"cannot write to {args.output}: {e.strerror}") from None
+    try:
+        with out_file:
+            write = functools.partial(_write_lines, out_file, progress)
+            _eval_engine(args, lm, engine_items, write)
+            _eval_static(args, lm, mesh, static_items, write, assistant)
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(
+            f"wrote {len(todo)} results to {args.output} ({len(done)} were already there)",
+            file=sys.stderr,
+        )
+    return 0

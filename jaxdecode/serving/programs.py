@@ -1,0 +1,267 @@
+"""The continuous-batching engine's device programs (JetStream's split).
+
+Pure functions over one `SlotState` (every slot's decode state, per-row values
+and output buffers), each jitted once per static shape: `empty_program` (every
+slot free), `admit_program` (prefill a group of prompts of one bucket and
+insert them into slots), `decode_program` (up to `steps` decoding steps for
+every slot), `take_program` / `spread_program` (compact the live slots into a
+smaller state and back). The host side, which decides what runs where, is
+`jaxdecode.serving.scheduler`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxdecode import pytree
+from jaxdecode.cache import put_rows, take_rows
+from jaxdecode.context import DecodeContext
+from jaxdecode.processors import Chain, TracedConfig
+from jaxdecode.processors.grammar import FREE, Grammar
+from jaxdecode.search.loop import DecodeState, Plan, prompt_pass, row_keys, start_state
+from jaxdecode.search.sample import decode_step
+
+Array = jax.Array
+
+__all__ = [
+    "SlotState",
+    "admit_program",
+    "decode_program",
+    "empty_program",
+    "out_buffers",
+    "spread_program",
+    "take_program",
+    "with_table",
+]
+
+
+def put_per_row(live: Chain, new: Chain, slots: Array) -> Chain:
+    """`live` with the per-row values of `new` (`[n]`) written into rows `slots`."""
+    procs = []
+    for p, q in zip(live.processors, new.processors, strict=True):
+        changes = {
+            field: getattr(p, field).at[slots].set(getattr(q, field), mode="drop")
+            for field in p.row_fields
+            if jnp.ndim(getattr(p, field)) == 1
+        }
+        procs.append(dataclasses.replace(p, **changes) if changes else p)
+    return Chain(processors=tuple(procs))
+
+
+@pytree.dataclass
+class SlotState:
+    """Everything on device (`S` slots, `L = max_len`).
+
+    Attributes:
+        dec: the greedy/sampling `DecodeState` of the slots (`done` is True for
+            finished and empty slots).
+        traced: the processor chain, its per-row values `[S]`.
+        max_new: `[S]` int32, each row's `max_new_tokens`.
+        outs: what each generated token records, by `decode_step`'s names:
+            `"token_logprobs"` `[S, L]` float32 log-probability of each
+            generated token; `"raw_token_logprobs"` `[S, L]`
+            (`output_raw_logprobs`); `"top_logprobs"` float32 and
+            `"top_token_ids"` int32 `[S, L, n]` (`logprobs=n`): the per-token
+            record's fields (`jaxdecode.search.record`) less the tokens, which
+            are in the token buffer.
+    """
+
+    dec: DecodeState
+    traced: TracedConfig
+    max_new: Array
+    outs: dict[str, Array]
+
+
+def out_buffers(cfg: Any, rows: int, width: int) -> dict[str, Array]:
+    """Zeroed `SlotState.outs` for `rows` rows of `width` tokens (`cfg`: the
+    `StaticConfig`)."""
+    outs = {"token_logprobs": jnp.zeros((rows, width), jnp.float32)}
+    if cfg.output_raw_logprobs:
+        outs["raw_token_logprobs"] = jnp.zeros((rows, width), jnp.float32)
+    if cfg.logprobs:
+        outs["top_logprobs"] = jnp.zeros((rows, width, cfg.logprobs), jnp.float32)
+        outs["top_token_ids"] = jnp.zeros((rows, width, cfg.logprobs), jnp.int32)
+    return outs
+
+
+def admit(
+    plan: Plan,
+    params: Any,
+    state: SlotState,
+    ids: Array,
+    mask: Array,
+    slots: Array,
+    max_new: Array,
+    seeds: Array,
+    processor: Chain,
+) -> tuple[SlotState, dict[str, Array] | None]:
+    """Prefills `n` prompts of one bucket and places them into `slots`.
+
+    Args:
+        ids: `[n, bucket]` left-padded (bucket padding only) prompt ids.
+        mask: `[n, bucket]` 0 on the padding.
+        slots: `[n]` int32 target slots; `S` (past the end) for unused rows.
+        max_new: `[n]` int32 `max_new_tokens` per prompt.
+        seeds: `[n]` uint32, each prompt's seed (its key is `jax.random.key(seed)`,
+            as `generate(seed=...)` makes it).
+        processor: the chain with the new rows' per-row values `[n]` (and their
+            constraints' start states).
+
+    Returns:
+        The state, and the prompts' log-probabilities (`prompt_outputs`,
+        `[n, bucket]` / `[n, bucket, k]`) when the config asks for them, else None.
+    """
+    n, bucket = ids.shape
+    width = state.outs["token_logprobs"].shape[1]
+    cache = plan.decoder.init_cache(n, width, None)
+    last, cache, prompt = prompt_pass(plan, params, ids, mask, cache)
+    prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
+    keys = row_keys(jax.vmap(jax.random.key)(seeds), n, 1, True)
+    rows = start_state(
+        plan,
+        ids,
+        mask,
+        prompt_len,
+        prompt_len + max_new,
+        width - bucket,
+        cache,
+        last,
+        keys,
+        processor,
+        state.traced.stop,
+        state.dec.step,
+    )
+    traced = state.traced.replace(processor=put_per_row(state.traced.processor, processor, slots))
+    new = state.replace(
+        dec=put_rows(state.dec, slots, rows),
+        traced=traced,
+        max_new=state.max_new.at[slots].set(max_new, mode="drop"),
+        outs={k: v.at[slots].set(0, mode="drop") for k, v in state.outs.items()},
+    )
+    return new, prompt
+
+
+def decode(
+    plan: Plan, steps: int, params: Any, state: SlotState, want: Array
+) -> tuple[SlotState, Array, Array]:
+    """Up to `steps` decoding steps for every slot; stops early (after at least
+    one step) once `want` slots are finished or empty, so that waiting prompts
+    get their slots. Returns the state, the steps run and the tokens generated
+    (live slot-steps)."""
+    slots = state.max_new.shape[0]
+    rows = jnp.arange(slots)
+
+    def body(carry):
+        i, work, st = carry
+        live = ~st.dec.done
+        dec, out = decode_step(plan, params, st.traced, st.dec, True)
+        col = jnp.where(live, st.dec.lengths, st.outs["token_logprobs"].shape[1])
+        outs = {k: v.at[rows, col].set(out[k], mode="drop") for k, v in st.outs.items()}
+        dec = dec.replace(done=dec.done | (dec.lengths >= st.max_new))
+        return i + 1, work + jnp.sum(live), st.replace(dec=dec, outs=outs)
+
+    def cond(carry):
+        i, _, st = carry
+        return (i < steps) & ((i == 0) | (jnp.sum(st.dec.done) < want))
+
+    n, work, state = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.int32(0), state))
+    return state, n, work
+
+
+def empty_state(plan: Plan, width: int, processor: Chain, stop: Any) -> SlotState:
+    """Every slot empty (finished), with the per-row values of `processor` and
+    the stop strings' tables `stop` (or None)."""
+    slots, decoder = plan.batch, plan.decoder
+    ids = jnp.full((slots, width), plan.config.pad_token_id, jnp.int32)
+    zeros = jnp.zeros((slots,), jnp.int32)
+    ctx = DecodeContext.from_ids(
+        ids, vocab_size=decoder.vocab_size, prompt_length=zeros, max_length=zeros + 1, cur_len=zeros
+    )
+    dec = DecodeState(
+        ctx=ctx,
+        cache=decoder.init_cache(slots, width, None),
+        logits=jnp.zeros((slots, decoder.vocab_size), jnp.float32),
+        done=jnp.ones((slots,), bool),
+        positions=zeros,
+        lengths=zeros,
+        step=jnp.zeros((), jnp.int32),
+        row_keys=jax.vmap(jax.random.key)(zeros.astype(jnp.uint32)),
+        proc_state=processor.init(ctx),
+        stop_window=None if stop is None else stop.init(ctx),
+    )
+    return SlotState(
+        dec=dec,
+        traced=TracedConfig(processor=processor, length_penalty=jnp.float32(1.0), stop=stop),
+        max_new=zeros,
+        outs=out_buffers(plan.config, slots, width),
+    )
+
+
+def rows_of(chain: Chain, pick: Any) -> Chain:
+    """`chain` with `pick(value)` applied to every per-row value `[S]`."""
+    procs = []
+    for p in chain.processors:
+        changes = {
+            field: pick(getattr(p, field))
+            for field in p.row_fields
+            if jnp.ndim(getattr(p, field)) == 1
+        }
+        procs.append(dataclasses.replace(p, **changes) if changes else p)
+    return Chain(processors=tuple(procs))
+
+
+def take_slots(state: SlotState, rows: Array) -> SlotState:
+    """The state of slots `rows` only (`[n]` int32): every per-row leaf, the
+    cache's rows and the processors' per-row values; shared tables as they are."""
+
+    dec = take_rows(state.dec, rows)
+    traced = state.traced.replace(processor=rows_of(state.traced.processor, lambda v: v[rows]))
+    return SlotState(
+        dec=dec,
+        traced=traced,
+        max_new=state.max_new[rows],
+        outs={k: v[rows] for k, v in state.outs.items()},
+    )
+
+
+def spread_slots(full: SlotState, small: SlotState, rows: Array) -> SlotState:
+    """`full` with its slots `rows` set from every row of `small` (`take_slots`'s inverse)."""
+    traced = full.traced.replace(
+        processor=put_per_row(full.traced.processor, small.traced.processor, rows)
+    )
+    return full.replace(
+        dec=put_rows(full.dec, rows, small.dec),
+        traced=traced,
+        max_new=full.max_new.at[rows].set(small.max_new),
+        outs={k: v.at[rows].set(small.outs[k]) for k, v in full.outs.items()},
+    )
+
+
+def with_table(state: SlotState, grammar: Grammar, at: int) -> SlotState:
+    """`state` with the constraint table of `grammar` (copied: the state's
+    buffers are donated to the programs): its `Grammar` gets the new arrays and
+    keeps its rows' start states; a state without one gets it at position `at`
+    of its chain, every row free."""
+    table = jax.tree_util.tree_map(jnp.copy, grammar)
+    procs = list(state.traced.processor.processors)
+    proc_state = list(state.dec.proc_state)
+    rows = state.max_new.shape[0]
+    if any(isinstance(p, Grammar) for p in procs):
+        i = next(j for j, p in enumerate(procs) if isinstance(p, Grammar))
+        procs[i] = table.replace(start=procs[i].start)
+    else:
+        procs.insert(at, table.replace(start=jnp.full((rows,), FREE, jnp.int32)))
+        proc_state.insert(at, jnp.full((rows,), FREE, jnp.int32))
+    traced = state.traced.replace(processor=Chain(processors=tuple(procs)))
+    return state.replace(traced=traced, dec=state.dec.replace(proc_state=tuple(proc_state)))
+
+
+empty_program = jax.jit(empty_state, static_argnums=(0, 1))
+take_program = jax.jit(take_slots)
+spread_program = jax.jit(spread_slots, donate_argnums=0)
+admit_program = jax.jit(admit, static_argnums=0, donate_argnums=2)
+decode_program = jax.jit(decode, static_argnums=(0, 1), donate_argnums=3)

@@ -1,0 +1,53 @@
+"""Test helpers shared by the test files (imported as `support`, never from
+`conftest`): the XLA compilation counter and the score comparison; the live
+transformers references are in `support.hf_models`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+from jax import monitoring
+
+_COMPILES = [0]
+
+
+def _on_event(name: str, _duration: float, **_: object) -> None:
+    if name == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+monitoring.register_event_duration_secs_listener(_on_event)
+
+
+class CompileCount:
+    """Number of XLA backend compilations seen inside a `count_compiles()` block."""
+
+    def __init__(self) -> None:
+        self.start = _COMPILES[0]
+
+    @property
+    def count(self) -> int:
+        return _COMPILES[0] - self.start
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[CompileCount]:
+    """`with count_compiles() as c: ...; assert c.count == 0`."""
+    yield CompileCount()
+
+
+def assert_same_scores(ours: np.ndarray, ref: np.ndarray, atol: float = 1e-6) -> None:
+    """Identical -inf masks (and NaN positions) and finite values within atol."""
+    ours = np.asarray(ours)
+    ref = np.asarray(ref)
+    assert ours.shape == ref.shape
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref), err_msg="-inf masks differ")
+    np.testing.assert_array_equal(np.isposinf(ours), np.isposinf(ref), err_msg="+inf differ")
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref), err_msg="NaN positions differ")
+    finite = np.isfinite(ref)
+    np.testing.assert_allclose(ours[finite], ref[finite], rtol=0, atol=atol)
+
+
+__all__ = ["CompileCount", "assert_same_scores", "count_compiles"]
