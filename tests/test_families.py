@@ -16,6 +16,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -33,6 +34,7 @@ import jaxdecode as jd
 from jaxdecode.models.gemma2 import Gemma2Config
 from jaxdecode.models.gemma3 import Gemma3TextConfig
 from jaxdecode.models.phi3 import Phi3Config
+from jaxdecode.models.transformer import transformer_decoder
 from jaxdecode.sharding import MODEL
 
 ATOL = 1e-4
@@ -419,3 +421,130 @@ def test_reloaded_decoders_are_equal_and_lower_for_accelerators(checkpoints):
             lm.params, ids, pos, cache, mask
         )
         assert exported.platforms == ("tpu", "cuda")
+
+
+# --------------------------------------------------------------------------- #
+# Sliding layers in a window-sized ring (`RingCache`). With ring_slack=1 a ring
+# holds window + 1 = 5 slots: the prompts and the steps wrap it many times.
+def _ring(lm: jd.CausalLM, **options) -> jd.CausalLM:
+    return lm.replace(decoder=transformer_decoder(lm.config.transformer(), ring_slack=1, **options))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "phi3-longrope-window"])
+def test_window_sized_ring_matches_transformers(name, checkpoints):
+    hf, directory, lm = checkpoints(name)
+    ring_lm = _ring(lm)
+    full, ring = ring_lm.decoder.init_cache(len(PADS), 1000, None)
+    sliding = lm.config.transformer().layer_types.count("sliding_attention")
+    assert ring.k.shape == (sliding, len(PADS), 2, WINDOW + 1, 8)  # not 1000 slots
+    assert full.k.shape[0] == lm.config.num_hidden_layers - sliding
+    ids, mask = _batch(seed=1)
+    # a prefill shorter and one longer than the ring, the latter also blocked
+    for model, prefill in ((ring_lm, PREFILL), (ring_lm, 8), (_ring(lm, attention_block=3), 8)):
+        ref = hf_step_logits(_fresh(hf, directory), ids, mask, prefill)
+        got = _prefill_then_steps(model, ids, mask, prefill)
+        assert _max_real_diff(got, ref, mask) <= ATOL, (prefill, model.decoder.name)
+    ids = ids.astype(np.int64)
+    free = _generate_hf(_fresh(hf, directory), ids, mask, eos=V + 1).sequences.numpy()
+    eos = int(np.bincount(free[:, LENGTH + 2 : -2].ravel(), minlength=V).argmax())
+    for options in (dict(num_beams=1), dict(num_beams=3, num_return_sequences=2)):
+        h = _generate_hf(_fresh(hf, directory), ids, mask, eos=eos, **options)
+        o = jd.generate(
+            ring_lm,
+            ids,
+            mask,
+            do_sample=False,
+            max_new_tokens=NEW,
+            pad_token_id=PAD,
+            eos_token_id=eos,
+            **options,
+        )
+        hs = h.sequences.numpy()
+        np.testing.assert_array_equal(np.asarray(o.sequences)[:, : hs.shape[1]], hs)
+
+
+def test_ring_under_speculation_and_the_rewind_bound(checkpoints):
+    """Prompt-lookup speculation rewinds the ring past rejected drafts and still
+    equals plain greedy decoding; a draft longer than the ring's slack is refused
+    by name."""
+    _, _, lm = checkpoints("gemma2")
+    ids, mask = _batch(seed=3)
+    ids = np.concatenate([ids, ids[:, -5:], ids[:, -5:]], axis=1)  # something to look up
+    mask = np.concatenate([mask, np.ones_like(mask[:, :10])], axis=1)
+    options = dict(do_sample=False, max_new_tokens=NEW, pad_token_id=PAD)
+    ring_lm = lm.replace(decoder=transformer_decoder(lm.config.transformer(), ring_slack=4))
+    plain = jd.generate(ring_lm, ids, mask, **options)
+    spec = jd.generate(ring_lm, ids, mask, prompt_lookup_num_tokens=3, **options)
+    np.testing.assert_array_equal(np.asarray(spec.sequences), np.asarray(plain.sequences))
+    with pytest.raises(ValueError, match="slack=4"):
+        jd.generate(ring_lm, ids, mask, prompt_lookup_num_tokens=6, **options)
+
+
+def test_engine_moves_ring_rows():
+    """The engine prefills into a narrower cache (a smaller ring) and puts rows
+    into its slots, compacts and refills them: every row equals the same prompt
+    decoded alone by `generate` on a full-length ring."""
+    config = Gemma2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=8,
+    )
+    family = jd.models.registry.lookup("gemma2")
+    params = family.init_params(config, jax.random.key(0))
+    params = jax.tree_util.tree_map(lambda x: x * 20 if x.ndim == 2 else x, params)
+    ring = jd.CausalLM(
+        params=params,
+        decoder=transformer_decoder(config.transformer(), ring_slack=8),
+        config=config,
+    )
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, V, int(rng.integers(2, 20))).tolist() for _ in range(7)]
+    engine = jd.Engine(
+        ring, slots=3, max_len=40, steps_per_call=2, prompt_buckets=[8, 24],
+        prefill_rows=2, compact_tail=True,
+    )  # fmt: skip
+    options = [{"do_sample": False, "max_new_tokens": 4 + i % 5} for i in range(7)]
+    engine.submit(prompts, options)
+    got = {r.index: r.tokens.tolist() for r in engine}
+    for i, prompt in enumerate(prompts):
+        alone = jd.generate(ring, np.asarray([prompt]), eos_token_id=None, **options[i]).sequences[
+            0, len(prompt) :
+        ]
+        assert got[i] == np.asarray(alone).tolist()[: len(got[i])], i
+
+
+def test_put_rows_of_a_smaller_ring(checkpoints):
+    """Rows prefilled into a narrower cache (a ring of 10 positions) and put into
+    a wider one (12) decode exactly as rows prefilled there, through 8 steps that
+    wrap the wider ring."""
+    _, _, lm = checkpoints("gemma2")
+    decoder = transformer_decoder(lm.config.transformer(), ring_slack=8)
+    apply = jax.jit(decoder.apply)
+    ids, mask = _batch(seed=4)
+    pos = jd.positions_from_mask(mask)
+    _, small = apply(lm.params, ids, pos, decoder.init_cache(3, LENGTH, None), mask)
+    assert small[1].size == LENGTH
+    wide = jd.put_rows(decoder.init_cache(4, 30, None), jnp.asarray([2, 0, 3]), small)
+    assert wide[1].size == WINDOW + 8
+    _, alone = apply(lm.params, ids, pos, decoder.init_cache(3, 30, None), mask)
+    steps = np.random.default_rng(5).integers(0, V, (8, 3))
+    last = np.asarray(pos)[:, -1]
+    for k, step in enumerate(steps):
+        one = jnp.ones((3, 1), jnp.int32)
+        ref, alone = apply(lm.params, step[:, None], last[:, None] + 1 + k, alone, one)
+        rows = np.asarray([1, 0, 0, 2])  # wide row r holds alone row rows[r]; row 1 is empty
+        got, wide = apply(
+            lm.params,
+            step[rows][:, None],
+            (last[rows] + 1 + k)[:, None],
+            wide,
+            jnp.ones((4, 1), jnp.int32),
+        )
+        np.testing.assert_allclose(np.asarray(got)[[2, 0, 3]], np.asarray(ref), rtol=0, atol=1e-5)

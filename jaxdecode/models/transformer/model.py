@@ -42,22 +42,27 @@ from jaxdecode.models.layers import (
 from jaxdecode.models.rope import rope_tables
 from jaxdecode.models.transformer.config import TransformerConfig
 from jaxdecode.models.transformer.sharding import transformer_param_specs
+from jaxdecode.ring_cache import RING_SLACK, RingCache, init_ring
 
 Array = jax.Array
+# A layer's cache, and the whole model's (a ring beside the full layers when
+# some layers slide).
+_LayerCache = KVCache | RingCache
+_Cache = KVCache | tuple[KVCache, RingCache]
 
 __all__ = ["Transformer", "init_params", "transformer_decoder"]
 
 
 class _Attention(nn.Module):
     config: TransformerConfig
-    layer: int
+    layer: int  # this layer's index in its cache's stack
     dtype: Any
     block: int = ATTENTION_BLOCK
 
     @nn.compact
     def __call__(
-        self, x: Array, cache: KVCache, visible: Array | SlotMask, cos: Array, sin: Array
-    ) -> tuple[Array, KVCache]:
+        self, x: Array, cache: _LayerCache, visible: Array | SlotMask, cos: Array, sin: Array
+    ) -> tuple[Array, _LayerCache]:
         cfg = self.config
         b, t, _ = x.shape
         d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -74,17 +79,28 @@ class _Attention(nn.Module):
             q = RMSNorm(cfg.norm_eps, self.dtype, cfg.norm_offset, name="q_norm")(q)
             k = RMSNorm(cfg.norm_eps, self.dtype, cfg.norm_offset, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache = cache.write(self.layer, k, v)
-        out = attend(
-            q,
-            cache.k,
-            cache.v,
-            visible,
-            cfg.attn_scale,
-            cfg.attn_softcap,
-            block=self.block,
-            layer=self.layer,
-        )
+        if isinstance(cache, RingCache):
+            # The ring's last `size` slots in slot order, then the new ones:
+            # `visible` is over these `size + T` columns (`_ring_mask`).
+            old_k, old_v = cache.linear(self.layer)
+            keys = jnp.concatenate([old_k, k.astype(old_k.dtype).transpose(0, 2, 1, 3)], axis=2)
+            values = jnp.concatenate([old_v, v.astype(old_v.dtype).transpose(0, 2, 1, 3)], axis=2)
+            out = attend(
+                q, keys, values, visible, cfg.attn_scale, cfg.attn_softcap, block=self.block
+            )
+            cache = cache.write(self.layer, k, v)
+        else:
+            cache = cache.write(self.layer, k, v)
+            out = attend(
+                q,
+                cache.k,
+                cache.v,
+                visible,
+                cfg.attn_scale,
+                cfg.attn_softcap,
+                block=self.block,
+                layer=self.layer,
+            )
         out = proj(cfg.hidden_size, "o_proj", cfg.o_bias)(out.reshape(b, t, hq * d))
         return out, cache
 
@@ -110,14 +126,15 @@ class _Block(nn.Module):
     layer: int
     dtype: Any
     block: int = ATTENTION_BLOCK
+    stacked: int = 0  # the layer's index in its cache's stack
 
     @nn.compact
     def __call__(
-        self, x: Array, cache: KVCache, visible: Array | SlotMask, cos: Array, sin: Array
-    ) -> tuple[Array, KVCache]:
+        self, x: Array, cache: _LayerCache, visible: Array | SlotMask, cos: Array, sin: Array
+    ) -> tuple[Array, _LayerCache]:
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.norm_eps, self.dtype, cfg.norm_offset, name=name)
-        a, cache = _Attention(cfg, self.layer, self.dtype, self.block, name="self_attn")(
+        a, cache = _Attention(cfg, self.stacked, self.dtype, self.block, name="self_attn")(
             norm("input_layernorm")(x), cache, visible, cos, sin
         )
         if cfg.post_attn_norm:
@@ -130,12 +147,26 @@ class _Block(nn.Module):
         return x + m, cache
 
 
+def _ring_mask(ring: RingCache, attention_mask: Array, block: int) -> Array | SlotMask:
+    """Which of a ring layer's `size + T` columns (`RingCache.linear`, then the T
+    new tokens) each new query may read: relative to that block of slots the
+    queries sit at `size + t`, and the window, causality and padding apply as on
+    a full cache."""
+    b, t = attention_mask.shape
+    q_slot = jnp.broadcast_to(ring.size + jnp.arange(t, dtype=jnp.int32), (b, t))
+    real = jnp.concatenate([ring.valid(), attention_mask.astype(bool)], axis=1)
+    mask = SlotMask(q_slot=q_slot, kv_mask=real, window=ring.window)
+    return mask if blocked(t, ring.size + t, block) else mask.dense()
+
+
 class Transformer(nn.Module):
-    """A decoder over an explicit `KVCache`, shaped by `TransformerConfig`.
+    """A decoder over an explicit cache, shaped by `TransformerConfig`.
 
     `__call__(ids [B, T], positions [B, T], cache, attention_mask [B, T])`
-    writes the T new tokens at each row's `cache.index` and returns
-    `(logits [B, T, vocab] float32, cache)`.
+    writes the T new tokens at each row's next slot and returns
+    `(logits [B, T, vocab] float32, cache)`. The cache is a `KVCache` of every
+    layer, or, with sliding-window layers, `(KVCache of the full layers,
+    RingCache of the sliding ones)` (`transformer_decoder`'s `init_cache`).
     """
 
     config: TransformerConfig
@@ -145,9 +176,10 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, ids: Array, positions: Array, cache: KVCache, attention_mask: Array
-    ) -> tuple[Array, KVCache]:
+        self, ids: Array, positions: Array, cache: _Cache, attention_mask: Array
+    ) -> tuple[Array, _Cache]:
         cfg = self.config
+        full, ring = cache if isinstance(cache, tuple) else (cache, None)
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -160,27 +192,33 @@ class Transformer(nn.Module):
         if cfg.embed_scale:
             # transformers multiplies by the scale cast to the weights' dtype.
             x = x * jnp.asarray(cfg.hidden_size**0.5, jnp.float32).astype(x.dtype)
-        slots, after = slot_mask(cache, attention_mask)
+        slots, after = slot_mask(full, attention_mask)
+        ring_visible = (
+            None if ring is None else _ring_mask(ring, attention_mask, self.attention_block)
+        )
         tables = {
             layer_type: rope_tables(
                 cfg.rope_of(layer_type), cfg.rotary_dim, cfg.max_position_embeddings, positions
             )
             for layer_type in sorted(set(cfg.layer_types))
         }
-        # Short calls over a short cache: each window's dense mask built once.
-        dense: dict[int | None, Array] = {}
+        # Short calls over a short cache: the dense mask built once.
+        full_visible = slots
+        if not blocked(ids.shape[1], full.max_len, self.attention_block):
+            full_visible = slots.dense()
+        stacked = {"full_attention": 0, "sliding_attention": 0}
         for i in range(cfg.num_layers):
-            # transformers' sliding_window_overlay on cache positions:
-            # key slot > query slot - window.
-            layer_mask = slots.with_window(cfg.window(i))
-            if not blocked(ids.shape[1], cache.max_len, self.attention_block):
-                if layer_mask.window not in dense:
-                    dense[layer_mask.window] = layer_mask.dense()
-                layer_mask = dense[layer_mask.window]
-            cos, sin = tables[cfg.layer_types[i]]
-            x, cache = _Block(cfg, i, self.dtype, self.attention_block, name=f"layers_{i}")(
-                x, cache, layer_mask, cos, sin
+            kind = cfg.layer_types[i] if ring is not None else "full_attention"
+            block = _Block(
+                cfg, i, self.dtype, self.attention_block, stacked[kind], name=f"layers_{i}"
             )
+            stacked[kind] += 1
+            cos, sin = tables[cfg.layer_types[i]]
+            if kind == "sliding_attention":
+                x, ring = block(x, ring, ring_visible, cos, sin)
+            else:
+                # Without a ring (no sliding layer), every layer reads the full cache.
+                x, full = block(x, full, full_visible, cos, sin)
         if self.last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg.norm_eps, self.dtype, cfg.norm_offset, name="norm")(x)
@@ -191,24 +229,50 @@ class Transformer(nn.Module):
         if cfg.final_softcap is not None:
             cap = jnp.asarray(cfg.final_softcap, jnp.float32).astype(logits.dtype)
             logits = jnp.tanh(logits / cap) * cap
-        return logits.astype(jnp.float32), cache.replace(mask=after.mask, index=after.index)
+        full = full.replace(mask=after.mask, index=after.index)
+        if ring is None:
+            return logits.astype(jnp.float32), full
+        return logits.astype(jnp.float32), (full, ring.advance(attention_mask))
 
 
-def _empty_cache(config: TransformerConfig, batch: int, max_len: int, dtype: Any) -> KVCache:
-    return init_cache(
-        layers=config.num_layers,
+def _empty_cache(
+    config: TransformerConfig, batch: int, max_len: int, dtype: Any, slack: int = RING_SLACK
+) -> _Cache:
+    """A `KVCache` of every layer; with sliding layers, `(KVCache of the full
+    layers, RingCache of the sliding ones)`."""
+    sliding = config.layer_types.count("sliding_attention")
+    full = init_cache(
+        layers=config.num_layers - sliding,
         batch=batch,
         max_len=max_len,
         heads=config.num_kv_heads,
         head_dim=config.head_dim,
         dtype=dtype,
     )
+    if not sliding:
+        return full
+    ring = init_ring(
+        layers=sliding,
+        batch=batch,
+        max_len=max_len,
+        heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        window=config.sliding_window,
+        slack=slack,
+        dtype=dtype,
+    )
+    return full, ring
 
 
 def _init_cache(
-    config: TransformerConfig, dtype: Any, batch: int, max_len: int, cache_dtype: Any = None
-) -> KVCache:
-    return _empty_cache(config, batch, max_len, cache_dtype or dtype)
+    config: TransformerConfig,
+    dtype: Any,
+    slack: int,
+    batch: int,
+    max_len: int,
+    cache_dtype: Any = None,
+) -> _Cache:
+    return _empty_cache(config, batch, max_len, cache_dtype or dtype, slack)
 
 
 def _apply(
@@ -216,9 +280,9 @@ def _apply(
     params: Any,
     ids: Array,
     positions: Array,
-    cache: KVCache,
+    cache: _Cache,
     attention_mask: Array,
-) -> tuple[Array, KVCache]:
+) -> tuple[Array, _Cache]:
     return module.apply({"params": params}, ids, positions, cache, attention_mask)
 
 
@@ -240,6 +304,7 @@ def transformer_decoder(
     dtype: Any = jnp.float32,
     *,
     attention_block: int = ATTENTION_BLOCK,
+    ring_slack: int = RING_SLACK,
 ) -> Decoder:
     """The `Decoder` of the skeleton: pure `init_cache` and `apply`, equal for
     equal `(config, dtype, attention_block)` (module-level functions bound to them).
@@ -254,12 +319,20 @@ def transformer_decoder(
         dtype: parameter and computation dtype.
         attention_block: calls with more new tokens than this attend in blocks of
             this size (`layers.attend`).
+        ring_slack: ring positions beyond the window of sliding layers: the
+            longest rewind (speculative decoding's draft length + 1) the cache
+            can undo (`RingCache`).
+
+    Sliding-window layers keep `min(max_len, sliding_window + ring_slack)`
+    slots per row (`RingCache`), full layers `max_len` (`KVCache`).
     """
     attention_block = check_attention_block(attention_block)
+    if isinstance(ring_slack, bool) or not isinstance(ring_slack, int) or ring_slack < 1:
+        raise ValueError(f"ring_slack must be a positive int, got {ring_slack!r}")
     module = Transformer(config, dtype=dtype, attention_block=attention_block)
     last = Transformer(config, dtype=dtype, last_only=True, attention_block=attention_block)
     return Decoder(
-        init_cache=Bound(_init_cache, (config, dtype)),
+        init_cache=Bound(_init_cache, (config, dtype, ring_slack)),
         apply=Bound(_apply, (module,)),
         param_specs=transformer_param_specs,
         vocab_size=config.vocab_size,
