@@ -161,10 +161,6 @@ class TransformerConfig:
         """The `rope_parameters` dict of `layer_type`'s layers."""
         return dict(dict(self.rope)[layer_type])
 
-    def window(self, layer: int) -> int | None:
-        """The sliding window of `layer` (None: full causal attention)."""
-        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
-
     @property
     def unbounded(self) -> bool:
         """True when a "dynamic" rope stretches with the input (no context limit)."""

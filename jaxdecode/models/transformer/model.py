@@ -1,5 +1,6 @@
 """The one decoder skeleton (Flax linen) over the functional KV cache, driven by
-`TransformerConfig`'s fields.
+`TransformerConfig`'s fields. Full-attention layers read a `KVCache` of
+`max_len` slots; sliding-window layers a window-sized `RingCache`.
 
 Token embedding (times sqrt(hidden) in the model dtype with `embed_scale`),
 `num_layers` pre-norm blocks, a final RMSNorm, a tied or separate LM head and an
