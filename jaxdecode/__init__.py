@@ -27,6 +27,7 @@ from jaxdecode.lm import CausalLM, from_pretrained
 from jaxdecode.models.adapters import from_linen, from_nnx
 from jaxdecode.models.base import Decoder, Model, positions_from_mask
 from jaxdecode.models.gpt2 import GPT2Config, GPT2LMHeadModel, gpt2_decoder
+from jaxdecode.models.lora import LoraWeights
 from jaxdecode.processors import (
     Chain,
     Grammar,
@@ -102,6 +103,7 @@ __all__ = [
     "begin_suppress_tokens",
     "categorical",
     "CausalLM",
+    "LoraWeights",
     "Chain",
     "chain",
     "choice",

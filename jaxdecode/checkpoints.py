@@ -37,6 +37,8 @@ __all__ = [
     "GGUFFile",
     "is_gguf",
     "read_gguf",
+    "read_adapter",
+    "write_adapter",
 ]
 
 CONFIG = "config.json"
@@ -44,6 +46,8 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 GENERATION_CONFIG = "generation_config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # The model shipped inside the package (see examples/train_bundled_model.py).
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", "kjv-gpt2")
@@ -288,6 +292,62 @@ def resolve_checkpoint_dir(
             f"cannot fetch model {path!r} from the Hugging Face hub: {type(e).__name__}: "
             + " ".join(str(e).split())
         ) from None
+
+
+def read_adapter(
+    path: str, *, revision: str | None = None
+) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+    """A PEFT adapter directory (local, or a hub id fetched by huggingface_hub):
+    `(directory, adapter_config.json as a dict, adapter_model.safetensors's
+    tensors)`. Like model weights, a pickled `adapter_model.bin` is refused."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+            raise CheckpointError(
+                f"adapter {path!r} is not a directory (a PEFT adapter directory holds "
+                f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}) nor a hub id"
+            )
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(
+                path, revision=revision, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+            )
+        except Exception as e:  # offline, unknown repo, auth
+            raise CheckpointError(
+                f"cannot fetch adapter {path!r} from the Hugging Face hub: {type(e).__name__}: "
+                + " ".join(str(e).split())
+            ) from None
+    config_path = os.path.join(path, ADAPTER_CONFIG)
+    weights = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"adapter directory {path} has no {ADAPTER_CONFIG}")
+    if not os.path.isfile(weights):
+        other = " (it has adapter_model.bin, a pickle: re-save it with peft)"
+        found = os.path.isfile(os.path.join(path, "adapter_model.bin"))
+        raise CheckpointError(
+            f"adapter directory {path} has no {ADAPTER_WEIGHTS}{other if found else ''}"
+        )
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object")
+    return path, config, _load_safetensors_file(weights)
+
+
+def write_adapter(directory: str, config: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
+    """Writes a PEFT adapter directory: `adapter_config.json` and
+    `adapter_model.safetensors` (contiguous float32 tensors)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(dict(config), f, indent=2)
+    arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
+    save_file(arrays, os.path.join(directory, ADAPTER_WEIGHTS), {"format": "pt"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,11 +14,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdecode import checkpoints, pytree
 from jaxdecode.config import GenerationConfig
 from jaxdecode.generation import generate
-from jaxdecode.models import registry
+from jaxdecode.models import lora, registry
 from jaxdecode.models.base import Decoder, positions_from_mask
 from jaxdecode.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
@@ -75,7 +76,13 @@ class CausalLM:
         model.safetensors (stored as `dtype`, "float32" or "float16"),
         generation_config.json, and tokenizer.json when the model has a tokenizer.
 
-        Works for any registered model family (`jaxdecode.models.registry`)."""
+        Works for any registered model family (`jaxdecode.models.registry`).
+        A model with an unmerged LoRA adapter is refused: `merge_and_unload()` first."""
+        if lora.has_lora(self.params):
+            raise ValueError(
+                "save_pretrained writes the base model's weights; this model carries an "
+                "unmerged LoRA adapter (params['lora']): call lm.merge_and_unload() first"
+            )
         if dtype not in checkpoints.STORAGE_DTYPES:
             raise ValueError(
                 f"dtype must be one of {sorted(checkpoints.STORAGE_DTYPES)}, got {dtype!r}"
@@ -87,6 +94,82 @@ class CausalLM:
         )
         if self.tokenizer is not None:
             self.tokenizer.save(directory)
+
+    def load_adapter(
+        self, adapter: str | os.PathLike[str], *, revision: str | None = None
+    ) -> CausalLM:
+        """This model with a PEFT LoRA adapter (a directory with
+        `adapter_config.json` and `adapter_model.safetensors`, or a hub id)
+        attached unmerged, as `params["lora"]` (see `from_pretrained`'s
+        `adapter`). A model that already has one gets the new one instead."""
+        directory, config, state = checkpoints.read_adapter(adapter, revision=revision)
+        family = registry.family_for_config(self.config)
+        if family.param_path is None:
+            raise ValueError(f"the {family.name} family cannot load LoRA adapters")
+        base, _ = lora.split(self.params)
+        dtype = jax.tree_util.tree_leaves(base)[0].dtype
+        tree = lora.from_peft(config, state, base, family.param_path, dtype, directory)
+        return self.replace(params={**base, lora.LORA: tree})
+
+    def add_adapter(
+        self,
+        target_modules: Any,
+        *,
+        r: int = 8,
+        lora_alpha: float = 8,
+        use_rslora: bool = False,
+        key: Any = None,
+    ) -> CausalLM:
+        """This model with a fresh LoRA adapter to train, as PEFT's
+        `get_peft_model(model, LoraConfig(...))` initialises one: `a` uniform in
+        `±1/sqrt(in)`, `b` zero (so the model starts as the base model), as
+        `params["lora"]`; `save_adapter` writes it in PEFT's format.
+
+        Args:
+            target_modules: transformers module names as PEFT takes them: a list
+                matched by their last components (`["q_proj", "v_proj"]`,
+                GPT-2's `["c_attn"]`), a regular expression over the full name,
+                or "all-linear" (every projection but the LM head).
+            r: the rank.
+            lora_alpha: the update's scale is `lora_alpha / r`.
+            use_rslora: scale `lora_alpha / sqrt(r)` instead.
+            key: a PRNG key for `a` (default `jax.random.key(0)`).
+        """
+        family = registry.family_for_config(self.config)
+        if family.param_path is None:
+            raise ValueError(f"the {family.name} family cannot take LoRA adapters")
+        base, _ = lora.split(self.params)
+        # The family's checkpoint names, from a tree of scalars (no weight copied).
+        names = family.state_dict_from_params(
+            jax.tree_util.tree_map(lambda _: np.zeros((), np.float32), base), self.config
+        )
+        modules = lora.projections(base, names, family.param_path)
+        dtype = jax.tree_util.tree_leaves(base)[0].dtype
+        key = jax.random.key(0) if key is None else key
+        tree = lora.init_adapter(
+            base, modules, target_modules, r, lora_alpha, use_rslora, key, dtype
+        )
+        return self.replace(params={**base, lora.LORA: tree})
+
+    def save_adapter(self, directory: str | os.PathLike[str]) -> None:
+        """Writes the model's LoRA adapter (`params["lora"]`, e.g. after training
+        it) as a PEFT adapter directory, `adapter_config.json` and
+        `adapter_model.safetensors`, that PEFT (`PeftModel.from_pretrained`), vLLM
+        and `load_adapter` read back with the same logits. Each entry needs the
+        transformers module name it adapts (`LoraWeights.module`, set when the
+        adapter was read from PEFT)."""
+        _, adapter = lora.split(self.params)
+        if adapter is None:
+            raise ValueError("save_adapter: the model has no LoRA adapter (params['lora'])")
+        config, tensors = lora.to_peft(adapter)
+        checkpoints.write_adapter(os.fspath(directory), config, tensors)
+
+    def merge_and_unload(self) -> CausalLM:
+        """This model with its LoRA adapter folded into the weights
+        (`W + scale * B A`) and removed, as PEFT's `merge_and_unload`: the same
+        logits (to rounding) at the base model's speed. Pure (usable inside
+        `jit`); a model without an adapter is returned as is."""
+        return self.replace(params=lora.merge(self.params))
 
     def apply_chat_template(
         self, messages: Any, add_generation_prompt: bool = False, **kwargs: Any
@@ -122,6 +205,7 @@ def from_pretrained(
     allow_pickle: bool = False,
     revision: str | None = None,
     max_positions: int | None | str = "config",
+    adapter: str | os.PathLike[str] | None = None,
 ) -> CausalLM:
     """Loads a Hugging Face checkpoint (local directory or hub id) of any
     registered model family, chosen by `config.json`'s `model_type`, or a GGUF
@@ -142,6 +226,15 @@ def from_pretrained(
             model used past its trained length (with rope scaling in its
             config); None removes it. GPT-2's learned positions end at
             `n_positions`: it cannot be raised there.
+        adapter: a PEFT LoRA adapter for this base model (a directory with
+            `adapter_config.json` and `adapter_model.safetensors`, or a hub id),
+            applied unmerged: each targeted projection computes
+            `x W^T + scale * (x A^T) B^T` (`scale = lora_alpha / r`, rsLoRA
+            `lora_alpha / sqrt(r)`), with `A`, `B` in `params["lora"]`, their own
+            subtree, so a training step can differentiate through them and decode
+            with their current values. `lm.merge_and_unload()` folds them in.
+            Options beyond plain LoRA (DoRA, LoRA biases, modules_to_save, ...)
+            are refused, naming the option.
 
     Returns:
         A `CausalLM` with params, decoder, generation config and tokenizer.
@@ -156,6 +249,8 @@ def from_pretrained(
         lm = _from_directory(path, dtype, allow_pickle, revision)
     if max_positions != "config":
         lm = lm.replace(decoder=lm.decoder.with_max_positions(max_positions))
+    if adapter is not None:
+        lm = lm.load_adapter(adapter)
     return lm
 
 

@@ -110,9 +110,19 @@ def param_shardings(params: Any, mesh: Mesh, specs: Callable[[Any], Any] | None 
     whose sharded dimension does not divide by the mesh axis is split along
     another dimension that does (an embedding `[50257, 768]` over 2 devices: by
     its 768 columns instead of its vocabulary), else replicated: a placement,
-    never a change of the result.
+    never a change of the result. A LoRA adapter (`params["lora"]`) follows
+    the projection it adapts (`models.lora.partition_specs`).
     """
-    tree = specs(params) if specs is not None else jax.tree_util.tree_map(lambda _: P(), params)
+    from jaxdecode.models import lora  # models import this module
+
+    base, adapter = lora.split(params)
+    if specs is None:
+        tree = jax.tree_util.tree_map(lambda _: P(), params)
+    elif adapter is None:
+        tree = specs(params)
+    else:
+        base_specs = specs(base)
+        tree = {**base_specs, lora.LORA: lora.partition_specs(adapter, base_specs)}
 
     def place(leaf: Any, spec: P) -> NamedSharding:
         return NamedSharding(mesh, fit_spec(spec, np.shape(leaf), mesh))

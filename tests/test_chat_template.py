@@ -198,7 +198,9 @@ def test_eval_messages_lines_and_chat_flag(bundled, tmp_path, capsys, monkeypatc
     assert main(["eval", str(src), "-o", str(tmp_path / "o3.jsonl"), *common]) == 2
     err = capsys.readouterr().err
     assert "3 bad lines" in err and "line 1: 'messages' must be a non-empty list" in err
-    assert "line 3: give 'prompt' or 'messages', not both" in err
+    assert (
+        "line 3: give one of 'prompt', 'messages' or 'prompt_ids', not prompt and messages" in err
+    )
     capsys.readouterr()
     src.write_text(json.dumps({"messages": chats[0]}) + "\n")
     assert main(["eval", str(src), "-o", str(tmp_path / "o4.jsonl"), "--quiet"]) == 2

@@ -44,7 +44,9 @@ EVAL = "jaxdecode.eval/1"
 # --------------------------------------------------------------------------- #
 
 
-def save_model(directory: Path, cfg: GPT2Config = CFG, nan: bool = False) -> str:
+def save_model(
+    directory: Path, cfg: GPT2Config = CFG, nan: bool = False, tokenizer: bool = True
+) -> str:
     # Jitted: eager Flax init runs (and compiles) op by op.
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     if nan:  # a broken checkpoint: every weight NaN
@@ -56,7 +58,7 @@ def save_model(directory: Path, cfg: GPT2Config = CFG, nan: bool = False) -> str
         generation_config=jaxdecode.GenerationConfig(
             max_new_tokens=20, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS
         ),
-        tokenizer=jaxdecode.byte_tokenizer(),
+        tokenizer=jaxdecode.byte_tokenizer() if tokenizer else None,
     )
     lm.save_pretrained(str(directory))
     return str(directory)
@@ -804,6 +806,67 @@ def test_eval_records_what_made_them_and_generate_stops_early(
     out.write_bytes(full[: full.rstrip(b"\n").rfind(b"\n") + 1])  # one result missing
     in_process(capsys, *base, "--max_new_tokens", "4")  # the same options: resumes
     assert {r["id"]: r for r in read_results(out)} == made
+
+
+def test_eval_prompt_ids_lines_serve_a_model_without_tokenizer(
+    model_dir, tmp_path, capsys, no_persistent_cache
+):
+    """`prompt_ids` lines (vLLM's prompt_token_ids) give what their text twins
+    give, on the engine and in static batches (beam search); the record keeps
+    `prompt_ids` (its `prompt` is null) and its `tokens`; a model without a
+    tokenizer serves them (`text` null) and names the first text line it cannot."""
+    texts = ["ab", "hello there", "xyz"]
+    records = []
+    for i, text in enumerate(texts):
+        options = {"num_beams": 2} if i == 2 else {"do_sample": True, "seed": 3} if i else {}
+        ids = TOKENIZER.encode(text)
+        records.append({"id": f"text{i}", "prompt": text, **options})
+        records.append({"id": f"ids{i}", "prompt_ids": ids, **options})
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(prompts, records)
+    flags = ["--max_new_tokens", "5", "--batch_size", "2", "--quiet"]
+    code, stdout, err = main_result(
+        capsys, "eval", str(prompts), "-o", str(out), "--model", model_dir, *flags
+    )
+    assert code == 0, err
+    by_id = {r["id"]: r for r in read_results(out)}
+    for i, text in enumerate(texts):
+        got, twin = by_id[f"ids{i}"], by_id[f"text{i}"]
+        assert got["prompt"] is None and got["prompt_ids"] == TOKENIZER.encode(text)
+        assert "prompt_ids" not in twin
+        assert got["outputs"] == twin["outputs"], i
+
+    # A model without a tokenizer: the prompt_ids lines alone.
+    bare = save_model(tmp_path / "bare", tokenizer=False)
+    ids_only, bare_out = tmp_path / "ids.jsonl", tmp_path / "bare.jsonl"
+    write_jsonl(ids_only, [r for r in records if "prompt_ids" in r])
+    code, stdout, err = main_result(
+        capsys, "eval", str(ids_only), "-o", str(bare_out), "--model", bare, *flags
+    )
+    assert code == 0, err
+    for r in read_results(bare_out):
+        want = by_id[r["id"]]["outputs"]
+        assert [o["tokens"] for o in r["outputs"]] == [o["tokens"] for o in want]
+        assert all(o["text"] is None for o in r["outputs"])
+
+    # Refused, naming the line: text without a tokenizer, ids outside the
+    # vocabulary, ids that are no list of ids, two prompts on one line.
+    cases = [
+        (bare, {"prompt": "hi"}, ["has no tokenizer", "line 2"]),
+        (bare, {"prompt_ids": [1, VOCAB]}, ["line 2", f"holds {VOCAB}", "vocabulary"]),
+        (bare, {"prompt_ids": [1, "2"]}, ["line 2", "'prompt_ids' must be"]),
+        (bare, {"prompt_ids": []}, ["line 2", "'prompt_ids' must be"]),
+        (model_dir, {"prompt": "a", "prompt_ids": [1]}, ["line 2", "prompt and prompt_ids"]),
+        (bare, {"prompt_ids": [1], "stop_strings": ["x"]}, ["line 2", "stop_strings"]),
+    ]
+    for model, line, words in cases:
+        bad = tmp_path / "bad.jsonl"
+        write_jsonl(bad, [{"prompt_ids": [1, 2]}, line])
+        result = main_result(
+            capsys, "eval", str(bad), "-o", str(tmp_path / "never.jsonl"), "--model", model
+        )
+        assert_one_line(*result, *words)
+    assert not (tmp_path / "never.jsonl").exists()
 
 
 def test_eval_names_the_line_that_cannot_fit_before_compiling(

@@ -70,6 +70,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--model", default="bundled", help="'bundled' (default), a local HF directory or a hub id"
     )
     parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="a PEFT LoRA adapter for --model (adapter_config.json + "
+        "adapter_model.safetensors, or a hub id), applied unmerged",
+    )
+    parser.add_argument(
         "--max_positions",
         type=int,
         default=None,

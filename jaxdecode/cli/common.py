@@ -14,19 +14,34 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
-def load_model(name: str, max_positions: int | None = None):
+def load_model(args: argparse.Namespace, why: str | None = ""):
+    """`--model` (with `--adapter`, `--max_positions`); refused without a
+    tokenizer unless `why` is None (every eval line gives `prompt_ids`); `why`
+    says what needs one."""
     import jaxdecode
 
+    name, adapter = args.model, getattr(args, "adapter", None)
     try:
-        limit = "config" if max_positions is None else max_positions
+        limit = "config" if args.max_positions is None else args.max_positions
         lm = jaxdecode.from_pretrained(name, max_positions=limit)
     except ValueError as e:
         raise CLIError(f"cannot load model {name!r}: {e}") from None
-    if lm.tokenizer is None:
+    if adapter is not None:
+        try:
+            lm = lm.load_adapter(adapter)
+        except ValueError as e:
+            raise CLIError(f"cannot load --adapter {adapter!r}: {e}") from None
+    if lm.tokenizer is None and why is not None:
         raise CLIError(
-            f"model {name!r} has no tokenizer (tokenizer.json or vocab.json + merges.txt)"
+            f"model {name!r} has no tokenizer (tokenizer.json or vocab.json + merges.txt){why}"
         )
     return lm
+
+
+def decode(lm, tokens: list[int]) -> str | None:
+    """The text of `tokens`, or None for a model without a tokenizer (eval lines
+    with `prompt_ids`: records keep `tokens`)."""
+    return None if lm.tokenizer is None else lm.tokenizer.decode(tokens)
 
 
 def load_assistant(args: argparse.Namespace):

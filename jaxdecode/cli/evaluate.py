@@ -62,7 +62,7 @@ def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
                 errors.append((n, f"line {n}: {problem}"))
                 continue
             rec.setdefault("id", n)
-            unknown = sorted(set(rec) - names - {"prompt", "messages", "id"})
+            unknown = sorted(set(rec) - names - set(_PROMPT_FIELDS) - {"id"})
             if unknown:
                 msg = f"unknown field {unknown[0]!r} (not a GenerationConfig option)"
                 errors.append((n, f"line {n} (id {rec['id']!r}): {msg}"))
@@ -118,15 +118,32 @@ def _read_text(path: str) -> str:
         ) from None
 
 
+# The ways an eval line gives its prompt: text, a chat, or token ids.
+_PROMPT_FIELDS = ("prompt", "messages", "prompt_ids")
+_NO_PROMPT = (
+    "each line must be an object with a string 'prompt', a list 'messages' or a list 'prompt_ids'"
+)
+
+
 def _prompt_problem(rec: Any) -> str | None:
-    """Why an eval line holds no prompt: it needs a string `prompt` or a chat as
-    `messages` (a list of {"role", "content"} objects), not both."""
+    """Why an eval line holds no prompt: it needs one of a string `prompt`, a chat
+    as `messages` (a list of {"role", "content"} objects) or token ids as
+    `prompt_ids` (vLLM's `prompt_token_ids`: a non-empty list of integers >= 0)."""
     if not isinstance(rec, dict):
-        return "each line must be an object with a string 'prompt' or a list 'messages'"
-    has_prompt, has_messages = "prompt" in rec, "messages" in rec
-    if has_prompt and has_messages:
-        return "give 'prompt' or 'messages', not both"
-    if has_messages:
+        return _NO_PROMPT
+    given = [k for k in _PROMPT_FIELDS if k in rec]
+    if len(given) > 1:
+        return f"give one of 'prompt', 'messages' or 'prompt_ids', not {' and '.join(given)}"
+    if "prompt_ids" in rec:
+        ids = rec["prompt_ids"]
+        ok = isinstance(ids, list) and ids
+        ok = ok and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        if not ok:
+            return (
+                f"'prompt_ids' must be a non-empty list of token ids (integers >= 0), got {ids!r}"
+            )
+        return None
+    if "messages" in rec:
         messages = rec["messages"]
         ok = isinstance(messages, list) and messages
         ok = ok and all(
@@ -139,7 +156,7 @@ def _prompt_problem(rec: Any) -> str | None:
             return "'messages' must be a non-empty list of objects with string 'role' and 'content'"
         return None
     if not isinstance(rec.get("prompt"), str):
-        return "each line must be an object with a string 'prompt' or a list 'messages'"
+        return _NO_PROMPT
     return None
 
 
@@ -205,7 +222,8 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
     prompt's own `max_new_tokens`, as `generate` on that prompt alone would use).
 
     Raises ValueError naming the field."""
-    line = {k: v for k, v in rec.items() if k not in ("prompt", "messages", "id", "_line", "_text")}
+    skip = (*_PROMPT_FIELDS, "id", "_line", "_text")
+    line = {k: v for k, v in rec.items() if k not in skip}
     overrides = {**base, **line}
     if "max_length" in line and "max_new_tokens" not in line:
         overrides.pop("max_new_tokens", None)
@@ -231,12 +249,19 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
 
 def _check_constraint(lm, config) -> None:
     """A line's regex / json_schema / choices: one constraint, compiled now (cached)
-    so that a bad one is reported with the other bad lines, before generating."""
+    so that a bad one is reported with the other bad lines, before generating;
+    it and stop_strings need the model's tokenizer."""
     from jaxdecode.processors.grammar import compile_spec
 
+    if config.stop_strings and lm.tokenizer is None:
+        raise ValueError("stop_strings needs the model's tokenizer (the model has none)")
     parsed = config.constraints()
     if parsed is None:
         return
+    if lm.tokenizer is None:
+        raise ValueError(
+            "regex / json_schema / choices need the model's tokenizer (the model has none)"
+        )
     if parsed[0]:
         raise ValueError("a line's regex / json_schema / choices is one constraint, not a list")
     compile_spec(parsed[1][0], lm.tokenizer)
@@ -356,13 +381,13 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
                     )
                 text = tokens[:-1] if tokens and tokens[-1] in cfg.eos_ids else tokens
                 output = {
-                    "text": lm.tokenizer.decode(text),
+                    "text": common.decode(lm, text),
                     "tokens": tokens,
                     "token_logprobs": [round(float(x), 6) for x in row_logps],
                     "sequence_score": None,
                     **record_io.engine_logprob_fields(r),
                 }
-                lines.append(record_io.eval_result(rec, cfg, [output], args.model))
+                lines.append(record_io.eval_result(rec, cfg, [output], args))
             write(lines)
         del engine
 
@@ -399,7 +424,7 @@ def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assista
                 outputs = record_io.output_records(
                     args.model, lm, cfg, out, i * r_per, r_per, ids.shape[1], mask[i]
                 )
-                lines.append(record_io.eval_result(rec, cfg, outputs, args.model))
+                lines.append(record_io.eval_result(rec, cfg, outputs, args))
             write(lines)
 
 
@@ -426,7 +451,9 @@ def _render_chats(lm, records: list, chat: bool, system: str | None) -> tuple[li
     out, errors = [], []
     for r in records:
         try:
-            if "messages" in r:
+            if "prompt_ids" in r:
+                pass  # already tokens: no template
+            elif "messages" in r:
                 text = lm.apply_chat_template(r["messages"], add_generation_prompt=True)
                 r = {**r, "prompt": text, "_text": text}
             elif chat:
@@ -449,7 +476,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise common.CLIError("--system needs --chat (it is the chat's system message)")
     _check_paths(args.prompts_file, args.output)
     records, errors = _read_prompts(args.prompts_file)
-    lm = common.load_model(args.model, args.max_positions)
+    # Token-id lines need no tokenizer; a file of them only runs a model without one.
+    text_lines = [r["_line"] for r in records if "prompt_ids" not in r]
+    why = f" for line {text_lines[0]}'s text prompt" if text_lines else None
+    lm = common.load_model(args, why)
     mesh, lm = common.mesh_and_model(args, lm)
     assistant = common.load_assistant(args)
     base_overrides = flags.config_overrides(args)
@@ -461,7 +491,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     errors += chat_errors
     for r in records:
         prev = done.get(json.dumps(r["id"]))
-        if prev is not None and prev.get("prompt") != r["prompt"]:
+        if prev is not None and any(prev.get(k) != r.get(k) for k in ("prompt", "prompt_ids")):
             raise common.CLIError(
                 f"{args.output} has a result for id {r['id']!r} with another prompt than "
                 f"line {r['_line']} of {args.prompts_file}; give another -o"
@@ -472,7 +502,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # already in OUT must have been made with this run's options.
     planned = []
     for r in records:
-        encoded = lm.tokenizer.encode(r.get("_text", r["prompt"]))
+        if "prompt_ids" in r:
+            encoded = r["prompt_ids"]
+            if max(encoded) >= lm.vocab_size:
+                msg = f"prompt_ids holds {max(encoded)}, outside the vocabulary [0, {lm.vocab_size - 1}]"
+                errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {msg}"))
+                continue
+        else:
+            encoded = lm.tokenizer.encode(r.get("_text", r["prompt"]))
         if not encoded:
             errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): prompt is empty"))
             continue
@@ -485,7 +522,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if prev is None:
             planned.append((r, encoded, config))
             continue
-        changed = record_io.changed_options(prev, record_io.made_with(args.model, config))
+        changed = record_io.changed_options(prev, record_io.made_with(args, config))
         if changed:
             raise common.CLIError(
                 f"{args.output} has a result for id {r['id']!r} (line {r['_line']}) made with "

@@ -23,7 +23,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise common.CLIError(f"--steps and --top must be >= 1, got {args.steps} and {args.top}")
     if args.system is not None and not args.chat:
         raise common.CLIError("--system needs --chat (it is the chat's system message)")
-    lm = common.load_model(args.model, args.max_positions)
+    lm = common.load_model(args)
     overrides = flags.config_overrides(args)
     if "max_length" not in overrides:
         overrides.setdefault("max_new_tokens", args.steps)

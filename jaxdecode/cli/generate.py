@@ -20,7 +20,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     if args.system is not None and not args.chat:
         raise common.CLIError("--system needs --chat (it is the chat's system message)")
-    lm = common.load_model(args.model, args.max_positions)
+    lm = common.load_model(args)
     mesh, lm = common.mesh_and_model(args, lm)
     config = common.make_config(lm, flags.config_overrides(args))
     assistant = common.load_assistant(args)

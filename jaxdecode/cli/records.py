@@ -3,6 +3,7 @@ one schema per command, built from what `generate` and the engine return."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -46,7 +47,7 @@ def output_records(
         text_tokens = tokens[:-1] if tokens and tokens[-1] in config.eos_ids else tokens
         records.append(
             {
-                "text": lm.tokenizer.decode(text_tokens),
+                "text": common.decode(lm, text_tokens),
                 "tokens": tokens,
                 "token_logprobs": [round(float(x), 6) for x in row_logps],
                 "sequence_score": score,
@@ -95,14 +96,15 @@ def result_record(
     return {"schema": schema, **extra, "prompt": prompt, "seed": seed, "outputs": outputs}
 
 
-def eval_result(rec: dict, config, outputs: list[dict], model: str) -> dict:
+def eval_result(rec: dict, config, outputs: list[dict], args: argparse.Namespace) -> dict:
     """An eval line's record (`config`: the line's resolved config); a chat line
-    (`messages`) keeps them and its rendered prompt; `model` and `options` say what
-    made it (`_made_with`)."""
-    chat = {"messages": rec["messages"]} if "messages" in rec else {}
+    (`messages`) keeps them and its rendered prompt, a token-id line its
+    `prompt_ids` (its `prompt` is null); `model` (and `adapter`) and `options` say
+    what made it (`made_with`)."""
+    given = {k: rec[k] for k in ("messages", "prompt_ids") if k in rec}
     seed = config.seed if config.do_sample else None
-    record = result_record(EVAL_SCHEMA, rec["prompt"], seed, outputs, id=rec["id"], **chat)
-    return {**record, **made_with(model, config)}
+    record = result_record(EVAL_SCHEMA, rec.get("prompt"), seed, outputs, id=rec["id"], **given)
+    return {**record, **made_with(args, config)}
 
 
 def _json_plain(value: Any) -> Any:
@@ -114,10 +116,11 @@ def _json_plain(value: Any) -> Any:
         return repr(value)
 
 
-def made_with(model: str, config) -> dict[str, Any]:
-    """What produced an eval record: `model` (a path made absolute) and `options`,
-    every field of the line's resolved config that differs from
-    `GenerationConfig()`'s default (its seed and own `max_new_tokens` included)."""
+def made_with(args: argparse.Namespace, config) -> dict[str, Any]:
+    """What produced an eval record: `model` (a path made absolute), `adapter`
+    (likewise, when `--adapter` was given) and `options`, every field of the line's
+    resolved config that differs from `GenerationConfig()`'s default (its seed and
+    own `max_new_tokens` included)."""
     from jaxdecode.config import GenerationConfig
 
     defaults = GenerationConfig()
@@ -126,8 +129,10 @@ def made_with(model: str, config) -> dict[str, Any]:
         value = _json_plain(getattr(config, f.name))
         if value != _json_plain(getattr(defaults, f.name)):
             options[f.name] = value
-    model = os.path.abspath(model) if os.path.exists(model) else model
-    return {"model": model, "options": options}
+    absolute = lambda path: os.path.abspath(path) if os.path.exists(path) else path
+    adapter = getattr(args, "adapter", None)
+    made = {"model": absolute(args.model), "options": options}
+    return made if adapter is None else {**made, "adapter": absolute(adapter)}
 
 
 def changed_options(prev: dict, made: dict[str, Any]) -> str | None:
@@ -139,6 +144,8 @@ def changed_options(prev: dict, made: dict[str, Any]) -> str | None:
         return "no record of the options that made it (an older jaxdecode wrote it)"
     if prev["model"] != made["model"]:
         return f"--model {prev['model']!r} (now {made['model']!r})"
+    if prev.get("adapter") != made.get("adapter"):
+        return f"--adapter {prev.get('adapter')!r} (now {made.get('adapter')!r})"
     defaults, changed = GenerationConfig(), []
     for f in dataclasses.fields(GenerationConfig):
         default = _json_plain(getattr(defaults, f.name))

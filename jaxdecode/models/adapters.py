@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from jaxdecode.models import lora
 from jaxdecode.models.base import Bound, Decoder
 
 Array = jax.Array
@@ -40,7 +41,7 @@ def _check_common(init_cache: Any, vocab_size: Any) -> None:
 def _linen_apply(
     module: Any, method: Any, params: Any, ids: Array, positions: Array, cache: Any, mask: Array
 ) -> tuple[Array, Any]:
-    return module.apply({"params": params}, ids, positions, cache, mask, method=method)
+    return module.apply(lora.flax_variables(params), ids, positions, cache, mask, method=method)
 
 
 def _nnx_apply(

@@ -2,7 +2,9 @@
 
 * `Dense`: `x @ weight.T (+ bias)` with `weight: [out, in]` (PyTorch `Linear`'s
   layout: XLA's CPU matrix-vector product streams it ~15% faster at small batch,
-  and decoding one token per step is all matrix-vector products).
+  and decoding one token per step is all matrix-vector products), plus a LoRA
+  adapter's update when the `"lora"` collection holds one at its path
+  (`models.lora`).
 * `attend`: attention of T new queries over a layer of the `KVCache`, for
   multi-head, grouped-query and multi-query attention alike: K/V stay stored with
   the KV head count and are never repeated in memory; the queries are grouped
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdecode.cache import SlotMask
+from jaxdecode.models import lora
 
 Array = jax.Array
 
@@ -69,6 +72,10 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 class Dense(nn.Module):
     """`x @ weight.T + bias` with `weight: [out, in]` (params `weight`, `bias`).
 
+    With a LoRA adapter entry at this module's path (the `"lora"` collection,
+    `models.lora.flax_variables`), adds its unmerged update
+    `scale * (x @ a.T) @ b.T`.
+
     Attributes:
         features: output width.
         dtype: parameter and computation dtype.
@@ -88,6 +95,9 @@ class Dense(nn.Module):
         y = jax.lax.dot_general(x.astype(self.dtype), weight, (((x.ndim - 1,), (1,)), ((), ())))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        adapter = lora.entry(self)
+        if adapter is not None:
+            y = y + adapter(x.astype(self.dtype))
         return y
 
 

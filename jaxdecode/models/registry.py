@@ -61,6 +61,10 @@ class Family:
         gguf_architectures: GGUF `general.architecture` values this family reads.
         from_gguf: `(metadata, tensors) -> (config, state dict with transformers'
             names)` for a GGUF file (see `checkpoints.read_gguf`), or None.
+        param_path: `transformers tensor name -> path in the params tree` (e.g.
+            `"model.layers.0.self_attn.q_proj.weight"` -> `("layers_0",
+            "self_attn", "q_proj", "weight")`), which places a PEFT LoRA
+            adapter's tensors (`models.lora.from_peft`); None: no adapters.
     """
 
     name: str
@@ -75,6 +79,7 @@ class Family:
     from_gguf: Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], tuple[Any, dict]] | None = (
         None
     )
+    param_path: Callable[[str], tuple[str, ...]] | None = None
 
 
 # model_type -> module defining `FAMILY` (imported on first lookup).

@@ -27,4 +27,5 @@ FAMILY = Family(
     state_dict_from_params=convert.state_dict_from_params,
     param_specs=gpt2_param_specs,
     init_params=init_params,
+    param_path=convert.param_path,
 )

@@ -17,7 +17,7 @@ from jaxdecode.checkpoints import checked_tensors
 from jaxdecode.errors import CheckpointError
 from jaxdecode.models.gpt2.config import GPT2Config
 
-__all__ = ["expected_shapes", "params_from_state_dict", "state_dict_from_params"]
+__all__ = ["expected_shapes", "param_path", "params_from_state_dict", "state_dict_from_params"]
 
 # Buffers that older GPT-2 checkpoints carry (causal-mask constants): not parameters.
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -72,6 +72,13 @@ def _flax_path(name: str) -> tuple[str, ...]:
     else:
         parts[-1] = leaf  # projections: `weight` (stored transposed) / `bias`
     return tuple(parts)
+
+
+def param_path(name: str) -> tuple[str, ...]:
+    """A checkpoint tensor name (with or without the `transformer.` prefix) ->
+    its path in the params tree (`transformer.h.3.attn.c_attn.weight` ->
+    `("h_3", "attn", "c_attn", "weight")`, a weight stored `[out, in]`)."""
+    return _flax_path(name.removeprefix("transformer."))
 
 
 def params_from_state_dict(

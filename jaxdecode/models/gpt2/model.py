@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdecode.cache import KVCache, SlotMask, init_cache, slot_mask
+from jaxdecode.models import lora
 from jaxdecode.models.base import Bound, Decoder
 from jaxdecode.models.gpt2.config import GPT2Config
 from jaxdecode.models.gpt2.sharding import gpt2_param_specs
@@ -173,7 +174,7 @@ def _apply(
     cache: KVCache,
     attention_mask: Array,
 ) -> tuple[Array, KVCache]:
-    return module.apply({"params": params}, ids, positions, cache, attention_mask)
+    return module.apply(lora.flax_variables(params), ids, positions, cache, attention_mask)
 
 
 def _prepare(params: Any, rows: int) -> Any:

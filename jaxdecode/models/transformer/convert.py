@@ -20,7 +20,7 @@ from jaxdecode.checkpoints import checked_tensors
 from jaxdecode.errors import CheckpointError
 from jaxdecode.models.transformer.config import TransformerConfig
 
-__all__ = ["expected_shapes", "params_from_state_dict", "state_dict_from_params"]
+__all__ = ["expected_shapes", "param_path", "params_from_state_dict", "state_dict_from_params"]
 
 
 def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
@@ -65,7 +65,7 @@ def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _flax_path(name: str) -> tuple[str, ...]:
+def param_path(name: str) -> tuple[str, ...]:
     """`model.layers.3.mlp.up_proj.weight` -> `("layers_3", "mlp", "up_proj", "weight")`."""
     parts = name.removeprefix("model.").split(".")
     if parts[0] == "layers":
@@ -112,7 +112,7 @@ def params_from_state_dict(
     params: dict[str, Any] = {}
     for name, array in found.items():
         node = params
-        *parents, leaf = _flax_path(name)
+        *parents, leaf = param_path(name)
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = jnp.asarray(array, dtype=dtype)
@@ -126,7 +126,7 @@ def state_dict_from_params(
     out = {}
     for name in expected_shapes(config):
         node: Any = params
-        for p in _flax_path(name):
+        for p in param_path(name):
             node = node[p]
         out[name] = np.ascontiguousarray(np.asarray(node, dtype=np.float32))
     return out

@@ -75,4 +75,5 @@ def adapter_family(
         init_params=adapter_init_params,
         gguf_architectures=gguf_architectures,
         from_gguf=from_gguf,
+        param_path=convert.param_path,
     )

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdecode.cache import KVCache, SlotMask, init_cache, slot_mask
+from jaxdecode.models import lora
 from jaxdecode.models.base import Bound, Decoder
 from jaxdecode.models.layers import (
     ATTENTION_BLOCK,
@@ -284,7 +285,7 @@ def _apply(
     cache: _Cache,
     attention_mask: Array,
 ) -> tuple[Array, _Cache]:
-    return module.apply({"params": params}, ids, positions, cache, attention_mask)
+    return module.apply(lora.flax_variables(params), ids, positions, cache, attention_mask)
 
 
 def _activation_bytes(
