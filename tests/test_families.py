@@ -548,3 +548,24 @@ def test_put_rows_of_a_smaller_ring(checkpoints):
             jnp.ones((4, 1), jnp.int32),
         )
         np.testing.assert_allclose(np.asarray(got)[[2, 0, 3]], np.asarray(ref), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize(
+    ("name", "targets"),
+    [("gemma2", ["q_proj", "v_proj", "down_proj"]), ("phi3-partial", ["qkv_proj", "gate_up_proj"])],
+)
+def test_lora_adapter_matches_peft(checkpoints, tmp_path, name, targets):
+    """A PEFT LoRA adapter loads onto a skeleton family (fused projections
+    included) with peft's logits."""
+    peft = pytest.importorskip("peft")
+    hf, directory, _ = checkpoints(name)
+    torch.manual_seed(1)
+    options = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
+    peft_model = peft.get_peft_model(_fresh(hf, directory), peft.LoraConfig(**options)).eval()
+    peft_model.save_pretrained(str(tmp_path))
+    lm = jd.from_pretrained(directory, adapter=str(tmp_path))
+    ids, mask = _batch()
+    ref = hf_logits(peft_model, ids, mask)
+    assert _max_real_diff(lm.logits(ids, mask), ref, mask) <= ATOL
+    assert _max_real_diff(jd.from_pretrained(directory).logits(ids, mask), ref, mask) > 0.1
