@@ -569,3 +569,17 @@ def test_lora_adapter_matches_peft(checkpoints, tmp_path, name, targets):
     ref = hf_logits(peft_model, ids, mask)
     assert _max_real_diff(lm.logits(ids, mask), ref, mask) <= ATOL
     assert _max_real_diff(jd.from_pretrained(directory).logits(ids, mask), ref, mask) > 0.1
+
+
+def test_ring_model_on_a_mesh(checkpoints):
+    """`generate(mesh=...)` places the (KVCache, RingCache) pair by its specs and
+    decodes the same tokens."""
+    _, _, lm = checkpoints("gemma3")
+    ring_lm = _ring(lm)
+    ids, mask = _batch(seed=6)
+    options = dict(do_sample=False, max_new_tokens=6, pad_token_id=PAD)
+    specs = jd.cache_specs(ring_lm.decoder.init_cache(3, 20, None), jd.make_mesh(1, 1))
+    assert isinstance(specs[1], jd.RingCache) and specs[1].slot == P("data", None)
+    plain = jd.generate(ring_lm, ids, mask, **options)
+    meshed = jd.generate(ring_lm, ids, mask, mesh=jd.make_mesh(1, 1), **options)
+    np.testing.assert_array_equal(np.asarray(meshed.sequences), np.asarray(plain.sequences))
