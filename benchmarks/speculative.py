@@ -100,7 +100,7 @@ def timed(fn, repeats: int, *args) -> tuple[float, object]:
 def jd_truncated(lm, layers: int):
     """The same model with only its first `layers` layers (shares the arrays)."""
     import jaxdecode as jd
-    from jaxdecode.models.llama.model import llama_decoder
+    from jaxdecode.models.llama import llama_decoder
 
     config = dataclasses.replace(lm.config, num_hidden_layers=layers)
     keep = {f"layers_{i}" for i in range(layers)}

@@ -81,6 +81,7 @@ from jaxdecode.processors import (
 )
 from jaxdecode.pytree import dataclass as pytree_dataclass
 from jaxdecode.pytree import field as pytree_field
+from jaxdecode.ring_cache import RingCache, init_ring
 from jaxdecode.sampling import categorical, greedy, split_keys
 from jaxdecode.score import ScoreOutput, score
 from jaxdecode.serving import Engine, EngineResult, generate_many
@@ -144,6 +145,8 @@ __all__ = [
     "init_cache",
     "json_schema",
     "KVCache",
+    "RingCache",
+    "init_ring",
     "load_tokenizer",
     "logits_processor",
     "LogitsProcessor",

@@ -348,18 +348,26 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """`down_proj(act(gate_proj(x)) * up_proj(x))` (SwiGLU, GeGLU, ...)."""
+    """`down_proj(act(gate_proj(x)) * up_proj(x))` (SwiGLU, GeGLU, ...).
+
+    With `fused`, gate and up are one `gate_up_proj: [2 * hidden, in]` (Phi-3's
+    layout: the gate's rows first), one product instead of two.
+    """
 
     hidden: int
     activation: str
     dtype: Any = jnp.float32
     use_bias: bool = False
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dense = lambda n, name: Dense(n, self.dtype, self.use_bias, name=name)
-        h = ACTIVATIONS[self.activation](dense(self.hidden, "gate_proj")(x))
-        h = h * dense(self.hidden, "up_proj")(x)
+        if self.fused:
+            gate, up = jnp.split(dense(2 * self.hidden, "gate_up_proj")(x), 2, axis=-1)
+        else:
+            gate, up = dense(self.hidden, "gate_proj")(x), dense(self.hidden, "up_proj")(x)
+        h = ACTIVATIONS[self.activation](gate) * up
         return dense(x.shape[-1], "down_proj")(h)
 
 
@@ -381,8 +389,15 @@ def rope_cos_sin(
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotates `x: [batch, T, heads, head_dim]` by `cos, sin: [batch, T, head_dim]`
-    (the half-split rotation `x * cos + rotate_half(x) * sin`), in x's dtype."""
+    """Rotates `x: [batch, T, heads, head_dim]` by `cos, sin: [batch, T, rotary_dim]`
+    (the half-split rotation `x * cos + rotate_half(x) * sin`), in x's dtype.
+
+    With `rotary_dim < head_dim` (partial rotary, e.g. Phi-3's
+    `partial_rotary_factor`) only the first `rotary_dim` dimensions rotate; the
+    rest pass through, as transformers' `apply_rotary_pos_emb` splits them."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], axis=-1)
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
     half = x.shape[-1] // 2

@@ -86,10 +86,18 @@ class Family:
 _BUILTIN: dict[str, str] = {
     "gpt2": "jaxdecode.models.gpt2",
     **{t: "jaxdecode.models.llama" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
+    "gemma2": "jaxdecode.models.gemma2",
+    "gemma3_text": "jaxdecode.models.gemma3",
+    "phi3": "jaxdecode.models.phi3",
 }
 
 # GGUF general.architecture -> module defining `FAMILY`.
-_BUILTIN_GGUF: dict[str, str] = {"llama": "jaxdecode.models.llama"}
+_BUILTIN_GGUF: dict[str, str] = {
+    **{a: "jaxdecode.models.llama" for a in ("llama", "qwen2", "qwen3")},
+    "gemma2": "jaxdecode.models.gemma2",
+    "gemma3": "jaxdecode.models.gemma3",
+    "phi3": "jaxdecode.models.phi3",
+}
 
 _REGISTERED: dict[str, Family] = {}
 _REGISTERED_GGUF: dict[str, Family] = {}

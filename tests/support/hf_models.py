@@ -132,7 +132,8 @@ def left_padded_batch(
 
 
 # --------------------------------------------------------------------------- #
-# Llama-style families (llama, mistral, qwen2, qwen3, gemma).
+# Llama-style families (llama, mistral, qwen2, qwen3, gemma) and the other
+# families on the same skeleton (gemma2, gemma3_text, phi3).
 # --------------------------------------------------------------------------- #
 
 LLAMA_CLASSES = {
@@ -141,6 +142,9 @@ LLAMA_CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
 }
 
 # Small defaults (GQA: 4 query heads over 2 KV heads; head_dim 8 != hidden / heads).
@@ -168,7 +172,7 @@ def make_llama_model(model_type: str = "llama", seed: int = 0, spread: float = 1
     torch.manual_seed(seed)
     hf_config = config_cls(**{**LLAMA_TINY, **config}, attn_implementation="eager")
     model = model_cls(hf_config).eval()
-    identity = 0.0 if model_type == "gemma" else 1.0
+    identity = 0.0 if model_type.startswith("gemma") else 1.0  # Gemma's `(1 + w)` norms
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "embed_tokens" in name or "lm_head" in name:

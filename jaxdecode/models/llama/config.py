@@ -1,9 +1,11 @@
-"""`LlamaConfig`: one config for the Llama-style families (llama, mistral, qwen2,
-qwen3, gemma), read from and written to transformers' `config.json`.
+"""`LlamaConfig`: the adapter of the Llama-style families (llama, mistral, qwen2,
+qwen3, gemma) onto the skeleton, read from and written to transformers'
+`config.json`.
 
-The five model types share the architecture (RoPE, RMSNorm, grouped-query
+The five model types share the two-norm block (RoPE, RMSNorm, grouped-query
 attention, gated MLP) and differ in a few switches, derived here from
-`model_type` as transformers' classes hard-wire them:
+`model_type` as transformers' classes hard-wire them and handed to the skeleton
+as explicit fields by `LlamaConfig.transformer()`:
 
 | model_type | q/k/v bias | o bias | q/k RMSNorm | norm | embedding | sliding window |
 |---|---|---|---|---|---|---|
@@ -22,36 +24,30 @@ it (it only split the matmuls of the original Megatron checkpoints).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from jaxdecode.models.layers import ACTIVATIONS
+from jaxdecode.models.rope import ROPE_TYPES as _ALL_ROPE_TYPES
+from jaxdecode.models.rope import check_rope, freeze_rope
+from jaxdecode.models.transformer.config import TransformerConfig
 
 __all__ = ["LlamaConfig", "MODEL_TYPES", "ROPE_TYPES"]
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
-
-# The rope_parameters keys each rope_type reads (besides rope_type / rope_theta).
-ROPE_TYPES: dict[str, tuple[str, ...]] = {
-    "default": (),
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "yarn": (
-        "factor",
-        "original_max_position_embeddings",
-        "attention_factor",
-        "beta_fast",
-        "beta_slow",
-        "mscale",
-        "mscale_all_dim",
-        "truncate",
-    ),
+_NAMES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma": "Gemma",
 }
-_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "llama3": ROPE_TYPES["llama3"]}
+
+# The rope types these model types read (transformers' ROPE_INIT_FUNCTIONS
+# without Phi-3's "longrope"), and the keys each reads.
+ROPE_TYPES: dict[str, tuple[str, ...]] = {
+    k: v for k, v in _ALL_ROPE_TYPES.items() if k != "longrope"
+}
 
 # transformers' defaults per model type, for keys a config.json may omit.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -225,34 +221,7 @@ class LlamaConfig:
         self._check_rope()
 
     def _check_rope(self) -> None:
-        rope = self.rope
-        rope_type = rope.get("rope_type", "default")
-        if rope_type not in ROPE_TYPES:
-            raise ValueError(
-                f"LlamaConfig rope_parameters rope_type must be one of {sorted(ROPE_TYPES)}, got {rope_type!r}"
-            )
-        theta = rope.get("rope_theta")
-        if not isinstance(theta, (int, float)) or theta <= 0:
-            raise ValueError(
-                f"LlamaConfig rope_parameters rope_theta must be a number > 0, got {theta!r}"
-            )
-        known = {"rope_type", "rope_theta", *ROPE_TYPES[rope_type]}
-        unknown = sorted(k for k in rope if k not in known)
-        if unknown:
-            raise ValueError(
-                f"LlamaConfig rope_parameters key {unknown[0]!r} is not read by rope_type {rope_type!r} "
-                f"(reads {sorted(known)}); refusing rather than ignoring it"
-            )
-        for key in _ROPE_REQUIRED.get(rope_type, ()):
-            if not isinstance(rope.get(key), (int, float)) or isinstance(rope.get(key), bool):
-                raise ValueError(
-                    f"LlamaConfig rope_parameters of rope_type {rope_type!r} need a number {key!r}, "
-                    f"got {rope.get(key)!r}"
-                )
-        if rope_type == "yarn" and rope.get("factor") is None:
-            raise ValueError(
-                "LlamaConfig rope_parameters of rope_type 'yarn' need a number 'factor'"
-            )
+        check_rope(self.rope, "LlamaConfig rope_parameters", tuple(ROPE_TYPES), self.head_dim)
 
     # ------------------------------------------------------------------ switches
     @property
@@ -294,24 +263,37 @@ class LlamaConfig:
             return self.sliding_window if self.model_type == "mistral" else None
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
-    # ---------------------------------------------------------------------- RoPE
-    def inv_freq(self) -> tuple[np.ndarray, float]:
-        """Inverse frequencies `[head_dim // 2]` float32 and the cos/sin scaling of
-        the static rope types (for "dynamic": those below the original length),
-        computed as transformers' `ROPE_INIT_FUNCTIONS` do."""
-        rope = self.rope
-        rope_type = rope.get("rope_type", "default")
-        base, dim = float(rope["rope_theta"]), self.head_dim
-        exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-        inv = (1.0 / np.power(np.float32(base), exponents)).astype(np.float32)
-        if rope_type in ("default", "dynamic"):
-            return inv, 1.0
-        factor = float(rope["factor"])
-        if rope_type == "linear":
-            return (inv / np.float32(factor)).astype(np.float32), 1.0
-        if rope_type == "llama3":
-            return _llama3(inv, rope, factor), 1.0
-        return _yarn(rope, base, dim, factor)
+    # ----------------------------------------------------------------- skeleton
+    def transformer(self) -> TransformerConfig:
+        """These switches as the skeleton's explicit fields."""
+        return TransformerConfig(
+            name=_NAMES[self.model_type],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads,
+            num_kv_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            activation=self.hidden_act,
+            norm_eps=float(self.rms_norm_eps),
+            norm_offset=self.norm_offset,
+            embed_scale=self.embed_scale is not None,
+            tie_embeddings=self.tie_word_embeddings,
+            qkv_bias=self.qkv_bias,
+            o_bias=self.o_bias,
+            mlp_bias=self.uses_mlp_bias,
+            qk_norm=self.qk_norm,
+            layer_types=tuple(
+                "full_attention" if self.sliding(i) is None else "sliding_attention"
+                for i in range(self.num_hidden_layers)
+            ),
+            sliding_window=self.sliding_window,
+            rope=tuple(
+                (t, freeze_rope(self.rope)) for t in ("full_attention", "sliding_attention")
+            ),
+            max_position_embeddings=self.max_position_embeddings,
+        )
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' config class of `model_type` loads."""
@@ -412,54 +394,3 @@ class LlamaConfig:
             )
         kwargs["rope_parameters"] = rope
         return cls(**kwargs)
-
-
-def _llama3(inv: np.ndarray, rope: Mapping[str, Any], factor: float) -> np.ndarray:
-    """Llama 3.1's frequency-dependent scaling (transformers' `_compute_llama3_parameters`)."""
-    low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
-    old = float(rope["original_max_position_embeddings"])
-    low_wavelen, high_wavelen = old / low, old / high
-    wavelen = (2 * math.pi / inv).astype(np.float32)
-    scaled = np.where(wavelen > low_wavelen, inv / np.float32(factor), inv).astype(np.float32)
-    smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
-    smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def _yarn(
-    rope: Mapping[str, Any], base: float, dim: int, factor: float
-) -> tuple[np.ndarray, float]:
-    """YaRN (transformers' `_compute_yarn_parameters`): a ramp between
-    interpolated and extrapolated frequencies, and an attention scaling."""
-    original = float(rope["original_max_position_embeddings"])
-    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
-
-    def get_mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attention_factor = rope.get("attention_factor")
-    if attention_factor is None:
-        if mscale and mscale_all_dim:
-            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
-        else:
-            attention_factor = get_mscale(factor)
-    beta_fast = rope.get("beta_fast") or 32
-    beta_slow = rope.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:
-        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if rope.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001  # as transformers: no singular ramp
-    pos_freqs = np.power(np.float32(base), np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
-    extrapolation = (1.0 / pos_freqs).astype(np.float32)
-    interpolation = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
-    extra_factor = (1 - ramp).astype(np.float32)
-    inv = interpolation * (1 - extra_factor) + extrapolation * extra_factor
-    return inv.astype(np.float32), float(attention_factor)

@@ -1,10 +1,14 @@
-"""llama-architecture GGUF files -> `LlamaConfig` and a transformers-named state dict.
+"""llama-, qwen2- and qwen3-architecture GGUF files -> `LlamaConfig` and a
+transformers-named state dict.
 
 llama.cpp's converter renames tensors (`blk.3.attn_q.weight`), stores the config
-as `llama.*` metadata, and permutes the rows of the Q and K projections (it
-rotates interleaved pairs, transformers rotates halves): within each head the
-rows `[0, d/2, 1, d/2 + 1, ...]`. Undoing that permutation gives back the
-checkpoint's own tensors (bitwise for unquantized files).
+as `<arch>.*` metadata, and for the llama architecture permutes the rows of the
+Q and K projections (it rotates interleaved pairs, transformers rotates halves):
+within each head the rows `[0, d/2, 1, d/2 + 1, ...]`. Undoing that permutation
+gives back the checkpoint's own tensors (bitwise for unquantized files). Qwen2
+and Qwen3 rotate halves in llama.cpp too (NEOX), so their rows are stored as
+transformers has them; Qwen2 always has q/k/v biases, Qwen3 has per-head q/k
+norms (`attn_q_norm`, `attn_k_norm`).
 """
 
 from __future__ import annotations
@@ -14,63 +18,42 @@ from typing import Any
 
 import numpy as np
 
+from jaxdecode.models.gguf_names import gguf_value, rename_gguf_tensors
 from jaxdecode.models.llama.config import LlamaConfig
 
-__all__ = ["config_from_gguf", "state_dict_from_gguf", "unpermute_rotary_rows"]
+__all__ = ["ARCHITECTURES", "config_from_gguf", "state_dict_from_gguf", "unpermute_rotary_rows"]
 
-# llama.cpp's per-block names -> transformers' (under `model.layers.N.`).
-_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-
-
-def _get(metadata: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    value = metadata.get(key, default)
-    if isinstance(value, np.generic):
-        value = value.item()
-    return value
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 def config_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> LlamaConfig:
-    """A `LlamaConfig` from `llama.*` metadata (and whether `output.weight` exists:
-    without it the LM head is tied to the embedding).
+    """A `LlamaConfig` from `<arch>.*` metadata (and whether `output.weight` exists:
+    without it the LM head is tied to the embedding; whether the attention has
+    biases).
 
     Raises:
         ValueError: for metadata that changes inference and is not supported
             (partial rotary dimensions, rope scaling types other than none /
             linear, llama 3 `rope_freqs` factors, MoE experts).
     """
-    arch = _get(metadata, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF general.architecture must be 'llama', got {arch!r}")
-    key = lambda name, default=None: _get(metadata, f"llama.{name}", default)
+    arch = gguf_value(metadata, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"GGUF general.architecture must be one of {ARCHITECTURES}, got {arch!r}")
+    key = lambda name, default=None: gguf_value(metadata, f"{arch}.{name}", default)
     hidden, heads = key("embedding_length"), key("attention.head_count")
     if not isinstance(heads, int):
-        raise ValueError(f"GGUF llama.attention.head_count must be one integer, got {heads!r}")
+        raise ValueError(f"GGUF {arch}.attention.head_count must be one integer, got {heads!r}")
     head_dim = key("attention.key_length", hidden // heads)
     if key("attention.value_length", head_dim) != head_dim:
-        raise ValueError("GGUF llama.attention.value_length != key_length is not supported")
+        raise ValueError(f"GGUF {arch}.attention.value_length != key_length is not supported")
     rot = key("rope.dimension_count", head_dim)
     if rot != head_dim:
         raise ValueError(
-            f"GGUF llama.rope.dimension_count={rot} differs from head_dim={head_dim} "
+            f"GGUF {arch}.rope.dimension_count={rot} differs from head_dim={head_dim} "
             "(partial rotary embeddings are not supported)"
         )
     if key("expert_count", 0):
-        raise ValueError("GGUF llama.expert_count > 0 (mixture of experts) is not supported")
+        raise ValueError(f"GGUF {arch}.expert_count > 0 (mixture of experts) is not supported")
     if "rope_freqs.weight" in tensors:
         raise ValueError("GGUF rope_freqs (llama 3 rope factors) is not supported")
     rope: dict[str, Any] = {
@@ -82,13 +65,13 @@ def config_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, np.ndarr
         rope.update(rope_type="linear", factor=float(key("rope.scaling.factor")))
     elif scaling not in ("none", None):
         raise ValueError(
-            f"GGUF llama.rope.scaling.type={scaling!r} is not supported (none, linear)"
+            f"GGUF {arch}.rope.scaling.type={scaling!r} is not supported (none, linear)"
         )
     tokens = metadata.get("tokenizer.ggml.tokens")
     vocab = key("vocab_size", len(tokens) if tokens is not None else None)
-    eos = _get(metadata, "tokenizer.ggml.eos_token_id")
+    eos = gguf_value(metadata, "tokenizer.ggml.eos_token_id")
     return LlamaConfig(
-        model_type="llama",
+        model_type=arch,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=key("feed_forward_length"),
@@ -100,10 +83,11 @@ def config_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, np.ndarr
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in tensors,
         rope_parameters=rope,
-        attention_bias="blk.0.attn_q.bias" in tensors,
-        bos_token_id=_get(metadata, "tokenizer.ggml.bos_token_id"),
+        # qwen2's q/k/v biases are hard-wired (not a config field).
+        **({} if arch == "qwen2" else {"attention_bias": "blk.0.attn_q.bias" in tensors}),
+        bos_token_id=gguf_value(metadata, "tokenizer.ggml.bos_token_id"),
         eos_token_id=eos,
-        pad_token_id=_get(metadata, "tokenizer.ggml.padding_token_id"),
+        pad_token_id=gguf_value(metadata, "tokenizer.ggml.padding_token_id"),
     )
 
 
@@ -122,28 +106,24 @@ def state_dict_from_gguf(
     """transformers' names and layout for the file's tensors.
 
     Raises:
-        ValueError: for a tensor name llama.cpp's llama architecture does not use.
+        ValueError: for a tensor name llama.cpp's architecture does not use.
     """
-    out: dict[str, np.ndarray] = {}
-    for name, array in tensors.items():
-        parts = name.split(".")
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK:
-            module = _BLOCK[parts[2]]
-            if module == "self_attn.q_proj":
-                array = unpermute_rotary_rows(array, config.num_attention_heads)
-            elif module == "self_attn.k_proj":
-                array = unpermute_rotary_rows(array, config.num_key_value_heads)
-            out[f"model.layers.{parts[1]}.{module}.{parts[3]}"] = array
-        elif len(parts) == 2 and parts[0] in _TOP:
-            out[f"{_TOP[parts[0]]}.{parts[1]}"] = array
-        else:
-            raise ValueError(f"GGUF tensor {name} is not part of a llama-architecture model")
+    out = rename_gguf_tensors(tensors, config.model_type)
+    if config.model_type == "llama":
+        for i in range(config.num_hidden_layers):
+            for proj, heads in (
+                ("q_proj", config.num_attention_heads),
+                ("k_proj", config.num_key_value_heads),
+            ):
+                name = f"model.layers.{i}.self_attn.{proj}.weight"
+                if name in out:
+                    out[name] = unpermute_rotary_rows(out[name], heads)
     return out
 
 
 def from_gguf(
     metadata: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
 ) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """`(config, transformers-named state dict)` of a llama-architecture GGUF file."""
+    """`(config, transformers-named state dict)` of a llama, qwen2 or qwen3 GGUF file."""
     config = config_from_gguf(metadata, tensors)
     return config, state_dict_from_gguf(tensors, config)

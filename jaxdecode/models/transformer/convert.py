@@ -1,7 +1,8 @@
-"""Llama-style checkpoints <-> jaxdecode parameters.
+"""Checkpoints of the skeleton <-> jaxdecode parameters.
 
-transformers' names (`model.layers.3.self_attn.q_proj.weight`, `model.norm.weight`,
-`lm_head.weight`) map one to one onto the Flax tree (`layers_3/self_attn/q_proj/
+The tensor-name table follows `TransformerConfig`'s fields with transformers'
+names (`model.layers.3.self_attn.q_proj.weight`, `model.norm.weight`,
+`lm_head.weight`), one to one onto the Flax tree (`layers_3/self_attn/q_proj/
 weight`, ...); both store projections `[out, in]`, so nothing is transposed. A
 tied head is absent from the file (transformers 5 drops it) or, when present,
 must match the embedding's shape.
@@ -17,57 +18,50 @@ import numpy as np
 
 from jaxdecode.checkpoints import checked_tensors
 from jaxdecode.errors import CheckpointError
-from jaxdecode.models.llama.config import LlamaConfig
+from jaxdecode.models.transformer.config import TransformerConfig
 
 __all__ = ["expected_shapes", "param_path", "params_from_state_dict", "state_dict_from_params"]
 
 
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     """transformers' tensor names -> shapes for `config`."""
-    e, d = config.hidden_size, config.head_dim
-    q, kv, inner = (
-        config.num_attention_heads * d,
-        config.num_key_value_heads * d,
-        config.intermediate_size,
-    )
+    e, d, inner = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_heads * d, config.num_kv_heads * d
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (config.vocab_size, e),
         "model.norm.weight": (e,),
     }
-    if not config.tie_word_embeddings:
+    if not config.tie_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, e)
-    for i in range(config.num_hidden_layers):
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if config.post_attn_norm:
+        norms.append("pre_feedforward_layernorm")
+    if config.post_ffn_norm:
+        norms.append("post_feedforward_layernorm")
+    for i in range(config.num_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (e,),
-                p + "post_attention_layernorm.weight": (e,),
-                a + "q_proj.weight": (q, e),
-                a + "k_proj.weight": (kv, e),
-                a + "v_proj.weight": (kv, e),
-                a + "o_proj.weight": (e, q),
-                p + "mlp.gate_proj.weight": (inner, e),
-                p + "mlp.up_proj.weight": (inner, e),
-                p + "mlp.down_proj.weight": (e, inner),
-            }
-        )
-        if config.qkv_bias:
-            shapes.update(
-                {a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)}
-            )
+        shapes.update({f"{p}{n}.weight": (e,) for n in norms})
+        projections = {"qkv_proj": q + 2 * kv} if config.fused_qkv else {
+            "q_proj": q, "k_proj": kv, "v_proj": kv
+        }  # fmt: skip
+        for name, rows in projections.items():
+            shapes[f"{a}{name}.weight"] = (rows, e)
+            if config.qkv_bias:
+                shapes[f"{a}{name}.bias"] = (rows,)
+        shapes[a + "o_proj.weight"] = (e, q)
         if config.o_bias:
             shapes[a + "o_proj.bias"] = (e,)
         if config.qk_norm:
             shapes.update({a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)})
-        if config.uses_mlp_bias:
-            shapes.update(
-                {
-                    p + "mlp.gate_proj.bias": (inner,),
-                    p + "mlp.up_proj.bias": (inner,),
-                    p + "mlp.down_proj.bias": (e,),
-                }
-            )
+        mlp = {"gate_up_proj": 2 * inner} if config.fused_gate_up else {
+            "gate_proj": inner, "up_proj": inner
+        }  # fmt: skip
+        mlp["down_proj"] = e
+        for name, rows in mlp.items():
+            shapes[f"{p}mlp.{name}.weight"] = (rows, inner if name == "down_proj" else e)
+            if config.mlp_bias:
+                shapes[f"{p}mlp.{name}.bias"] = (rows,)
     return shapes
 
 
@@ -82,9 +76,18 @@ def param_path(name: str) -> tuple[str, ...]:
 
 
 def params_from_state_dict(
-    state: Mapping[str, np.ndarray], config: LlamaConfig, dtype: Any = jnp.float32
+    state: Mapping[str, np.ndarray],
+    config: TransformerConfig,
+    dtype: Any = jnp.float32,
+    what: str = "a model",
 ) -> dict[str, Any]:
     """Checks names and shapes, then builds the Flax parameter tree.
+
+    Args:
+        state: transformers-named tensors.
+        config: the skeleton's fields.
+        dtype: parameter dtype.
+        what: the checkpoint, for messages (e.g. "a gemma2 with num_hidden_layers=2").
 
     Raises:
         CheckpointError: naming the first missing, unexpected or misshapen tensor.
@@ -92,7 +95,7 @@ def params_from_state_dict(
     expected = expected_shapes(config)
     head = state.get("lm_head.weight")
     tied_shape = (config.vocab_size, config.hidden_size)
-    if config.tie_word_embeddings and head is not None and tuple(head.shape) != tied_shape:
+    if config.tie_embeddings and head is not None and tuple(head.shape) != tied_shape:
         raise CheckpointError(
             f"tensor lm_head.weight has shape {tuple(head.shape)}, expected "
             f"{expected['model.embed_tokens.weight']} (tied to model.embed_tokens.weight)"
@@ -101,16 +104,11 @@ def params_from_state_dict(
     def normalize(raw_name: str) -> str | None:
         if raw_name.endswith(".rotary_emb.inv_freq"):
             return None  # a buffer older checkpoints saved
-        if config.tie_word_embeddings and raw_name == "lm_head.weight":
+        if config.tie_embeddings and raw_name == "lm_head.weight":
             return None  # tied: checked above, then unused
         return raw_name
 
-    found = checked_tensors(
-        state,
-        expected,
-        normalize,
-        f"a {config.model_type} with num_hidden_layers={config.num_hidden_layers}",
-    )
+    found = checked_tensors(state, expected, normalize, what)
     params: dict[str, Any] = {}
     for name, array in found.items():
         node = params
@@ -121,7 +119,9 @@ def params_from_state_dict(
     return params
 
 
-def state_dict_from_params(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
+def state_dict_from_params(
+    params: Mapping[str, Any], config: TransformerConfig
+) -> dict[str, np.ndarray]:
     """The inverse of `params_from_state_dict` (float32, transformers' names)."""
     out = {}
     for name in expected_shapes(config):
