@@ -38,6 +38,7 @@ from jaxdecode.models.layers import (
     attention_bytes,
     check_attention_block,
 )
+from jaxdecode.models.moe import MoE
 from jaxdecode.models.rope import rope_tables
 from jaxdecode.models.transformer.config import TransformerConfig
 from jaxdecode.models.transformer.sharding import transformer_param_specs
@@ -98,9 +99,25 @@ def _dense_mlp(cfg: TransformerConfig, dtype: Any) -> nn.Module:
     )
 
 
+def _moe_mlp(cfg: TransformerConfig, dtype: Any) -> nn.Module:
+    return MoE(
+        cfg.num_experts,
+        cfg.experts_per_token,
+        cfg.expert_intermediate_size,
+        cfg.activation,
+        dtype,
+        cfg.norm_topk_prob,
+        cfg.shared_expert_intermediate_size,
+        name="mlp",
+    )
+
+
 # `TransformerConfig.mlp_kinds` value -> `(config, dtype) -> module named "mlp"`
 # mapping `[B, T, hidden]` to `[B, T, hidden]`.
-_MLPS: dict[str, Callable[[TransformerConfig, Any], nn.Module]] = {"dense": _dense_mlp}
+_MLPS: dict[str, Callable[[TransformerConfig, Any], nn.Module]] = {
+    "dense": _dense_mlp,
+    "moe": _moe_mlp,
+}
 
 
 class _Block(nn.Module):
