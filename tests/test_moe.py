@@ -359,3 +359,39 @@ def test_refused_config_values(checkpoints, tmp_path, name, change, match):
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=match):
         jd.from_pretrained(tmp_path)
+
+
+def test_routed_experts_are_sown(checkpoints):
+    """The layer sows each token's chosen experts, best first, as the router picks them."""
+    from jaxdecode.cache import init_cache
+    from jaxdecode.models.transformer import Transformer
+
+    hf, _, lm = checkpoints("qwen3_moe-sparse-step")
+    cfg = lm.config.transformer()
+    ids, mask = _batch()
+    pos = jd.positions_from_mask(mask)
+    cache = init_cache(
+        layers=cfg.num_layers,
+        batch=ids.shape[0],
+        max_len=ids.shape[1],
+        heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        dtype=jnp.float32,
+    )
+    _, state = Transformer(cfg).apply(
+        {"params": lm.params}, ids, pos, cache, mask, mutable=["intermediates"]
+    )
+    sown = state["intermediates"]
+    assert "layers_0" not in sown  # decoder_sparse_step=2: layer 0 is dense
+    (chosen,) = sown["layers_1"]["mlp"]["routed_experts"]
+    assert chosen.shape == (3, LENGTH, 2) and chosen.dtype == jnp.int32
+    with torch.no_grad():
+        out = hf(
+            torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask),
+            position_ids=torch.as_tensor(np.array(pos), dtype=torch.long),
+            output_router_logits=True,
+        )
+    ref = torch.topk(out.router_logits[-1], 2, dim=-1).indices.numpy().reshape(3, LENGTH, 2)
+    real = np.asarray(mask) == 1
+    np.testing.assert_array_equal(np.asarray(chosen)[real], ref[real])
