@@ -89,7 +89,10 @@ _BUILTIN: dict[str, str] = {
 }
 
 # GGUF general.architecture -> module defining `FAMILY`.
-_BUILTIN_GGUF: dict[str, str] = {"llama": "jaxdecode.models.llama"}
+_BUILTIN_GGUF: dict[str, str] = {
+    "llama": "jaxdecode.models.llama",
+    **{a: "jaxdecode.models.qwen_moe" for a in ("qwen2moe", "qwen3moe")},
+}
 
 _REGISTERED: dict[str, Family] = {}
 _REGISTERED_GGUF: dict[str, Family] = {}
