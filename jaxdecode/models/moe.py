@@ -12,7 +12,10 @@ Only the routed experts are computed, never every expert on every token:
   by expert, each expert's rows form one contiguous group, and three
   `jax.lax.ragged_dot_general` products (gate, up, down) run each group against
   its own expert's weights; the results are weighted and scatter-added back to
-  their tokens. XLA lowers it to the ragged-dot instruction on TPU and GPU.
+  their tokens. XLA lowers it to the ragged-dot instruction on TPU and GPU; on
+  CPU, which has none, a scan over the routed experts computes each one's
+  product (every row, masked to its group: `experts / k` times the routed work,
+  but memory `rows x out` where JAX's own decomposition holds `experts x rows x in`).
 * **Gathered product** (`gathered`), for calls with fewer pairs than experts (a
   decode step at small batch): each pair's expert weights are gathered and
   multiplied by its row, so a step reads the k routed experts' weights per token
@@ -92,10 +95,39 @@ def grouped(
     token = order // k
     sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
     rows = x[token]
-    ragged = lambda a, w: jax.lax.ragged_dot_general(a, w.astype(a.dtype), sizes, _RAGGED)
+
+    def ragged(a: Array, w: Array) -> Array:
+        w = w.astype(a.dtype)
+        return jax.lax.platform_dependent(a, w, sizes, cpu=_ragged_dot_cpu, default=_ragged_dot)
+
     h = ACTIVATIONS[activation](ragged(rows, gate)) * ragged(rows, up)
     out = ragged(h, down) * weights.reshape(-1)[order][:, None].astype(x.dtype)
     return jnp.zeros_like(x).at[token].add(out)
+
+
+def _ragged_dot(rows: Array, w: Array, sizes: Array) -> Array:
+    return jax.lax.ragged_dot_general(rows, w, sizes, _RAGGED)
+
+
+def _ragged_dot_cpu(rows: Array, w: Array, sizes: Array) -> Array:
+    """`_ragged_dot` on XLA:CPU, which has no ragged-dot kernel: JAX's own
+    decomposition materialises the rows once per expert (`[experts, rows, in]`);
+    this walks the experts instead (memory `rows x out`), skipping the unrouted."""
+    starts = jnp.cumsum(sizes) - sizes
+    index = jnp.arange(rows.shape[0])
+
+    def expert(out: Array, e: tuple[Array, Array, Array]) -> tuple[Array, None]:
+        w_e, start, size = e
+
+        def add(out: Array) -> Array:
+            mine = (index >= start) & (index < start + size)
+            y = jax.lax.dot_general(rows, w_e, (((1,), (1,)), ((), ())))
+            return out + jnp.where(mine[:, None], y, 0).astype(out.dtype)
+
+        return jax.lax.cond(size > 0, add, lambda o: o, out), None
+
+    out = jnp.zeros((rows.shape[0], w.shape[1]), rows.dtype)
+    return jax.lax.scan(expert, out, (w, starts, sizes))[0]
 
 
 def gathered(

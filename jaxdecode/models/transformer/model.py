@@ -241,10 +241,17 @@ def _activation_bytes(
 ) -> int:
     """Prefill activations of `batch` x `t` tokens over `s` slots (`Decoder.prefill_bytes`):
     per token at a layer's widest point the residual and its norm, q/k/v/out, the
-    rotary tables, and the MLP's gate, up and their product; and the attention
-    scratch."""
+    rotary tables, and the MLP's gate, up and their product (with experts: their
+    routed copies too); and the attention scratch. Not counted: XLA:CPU's
+    ragged-dot decomposition, which expands the routed rows once per expert."""
     d, hq, hkv = config.head_dim, config.num_heads, config.num_kv_heads
     width = 2 * config.hidden_size + (2 * hq + 2 * hkv + 2) * d + 3 * config.intermediate_size
+    if "moe" in config.mlp_kinds:
+        # The routed rows: k copies of the token, each expert's gate, up and product,
+        # the output before the scatter; the shared expert; the router's logits.
+        k, inner = config.experts_per_token, config.expert_intermediate_size
+        width += k * (2 * config.hidden_size + 3 * inner) + config.num_experts
+        width += 3 * config.shared_expert_intermediate_size
     itemsize = jnp.dtype(dtype).itemsize
     return batch * t * width * itemsize + attention_bytes(batch, hq, t, s, block)
 
