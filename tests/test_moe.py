@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -348,6 +350,23 @@ def test_sharding_specs_split_experts(checkpoints):
     assert mlp["shared_expert"]["gate_proj"]["weight"] == P(MODEL, None)
     assert mlp["shared_expert"]["down_proj"]["weight"] == P(None, MODEL)
     assert mlp["shared_expert_gate"]["weight"] == P()
+
+
+def test_experts_split_over_a_two_device_mesh():
+    """On a (data=1, model=2) host mesh each device holds half the experts, and
+    greedy tokens equal the single-device run (tests/moe_mesh_worker.py)."""
+    res = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "moe_mesh_worker.py")],
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads([line for line in res.stdout.splitlines() if line.startswith("{")][-1])
+    assert out["experts_spec"] == str(P(MODEL, None, None))
+    assert out["experts_shard_shape"] == [4, 16, 32]
+    np.testing.assert_array_equal(np.asarray(out["sharded"]), np.asarray(out["single"]))
 
 
 # --------------------------------------------------------------------------- #
