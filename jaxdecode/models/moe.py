@@ -139,13 +139,23 @@ def gathered(
     down: Array,
     activation: str,
 ) -> Array:
-    """As `grouped`, by gathering each token-expert pair's weights (reads only
-    the chosen experts: the cheaper form when pairs are fewer than experts)."""
-    g = jnp.einsum("nh,nkih->nki", x, gate[experts].astype(x.dtype))
-    u = jnp.einsum("nh,nkih->nki", x, up[experts].astype(x.dtype))
-    h = ACTIVATIONS[activation](g) * u
-    out = jnp.einsum("nki,nkhi->nkh", h, down[experts].astype(x.dtype))
-    return jnp.einsum("nkh,nk->nh", out, weights.astype(x.dtype))
+    """As `grouped`, one token-expert pair at a time: each pair indexes its
+    expert's weights and multiplies its token's row (reads only the chosen
+    experts: the cheaper form when pairs are fewer than experts). A loop rather
+    than one gather of `[pairs, moe_hidden, hidden]` weights, which XLA:CPU
+    materialises (measured 3.6x slower at 32 experts of 512 x 1024, top 4)."""
+    n, k = experts.shape
+    rows = jnp.repeat(x, k, axis=0)  # [pairs, hidden], pair p = token p // k
+
+    def pair(args: tuple[Array, Array]) -> Array:
+        e, row = args
+        take = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False).astype(x.dtype)
+        h = ACTIVATIONS[activation](take(gate) @ row) * (take(up) @ row)
+        return take(down) @ h
+
+    out = jax.lax.map(pair, (experts.reshape(-1), rows))  # [pairs, hidden]
+    out = out * weights.reshape(-1, 1).astype(x.dtype)
+    return out.reshape(n, k, -1).sum(axis=1)
 
 
 class MoE(nn.Module):
