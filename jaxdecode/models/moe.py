@@ -143,7 +143,8 @@ def gathered(
     expert's weights and multiplies its token's row (reads only the chosen
     experts: the cheaper form when pairs are fewer than experts). A loop rather
     than one gather of `[pairs, moe_hidden, hidden]` weights, which XLA:CPU
-    materialises (measured 3.6x slower at 32 experts of 512 x 1024, top 4)."""
+    materialises (a step at 32 experts of 512 x 1024, top 4, on a loaded 2-core
+    CPU: 3.2 ms this way, 11 ms gathered and batched, 80 ms as one einsum)."""
     n, k = experts.shape
     rows = jnp.repeat(x, k, axis=0)  # [pairs, hidden], pair p = token p // k
 
