@@ -29,7 +29,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
+    "AXIS_RULES",
     "DATA",
+    "EXPERT",
     "MODEL",
     "make_mesh",
     "parse_mesh",
@@ -38,10 +40,18 @@ __all__ = [
     "param_shardings",
     "shard_params",
     "fit_spec",
+    "logical_spec",
     "per_device_bytes",
 ]
 
 DATA, MODEL = "data", "model"
+
+# Logical axes of parameters -> the mesh axis each is split over (None:
+# replicated), as MaxText maps logical axis names to mesh axes by rules. A
+# family's spec function names a leaf's dimensions logically with
+# `logical_spec`; the rules decide the placement.
+EXPERT = "expert"  # the stacked experts of a mixture-of-experts layer
+AXIS_RULES: dict[str, str | None] = {EXPERT: MODEL}
 
 Array = jax.Array
 
@@ -95,6 +105,14 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
                 entries[j] = axis
                 break
     return P(*entries)
+
+
+def logical_spec(*axes: str | None, rules: dict[str, str | None] | None = None) -> P:
+    """A `PartitionSpec` over mesh axes from logical axis names (`AXIS_RULES`
+    by default): `logical_spec("expert", None, None)` is `P("model", None, None)`.
+    A mesh axis name passes through unchanged."""
+    rules = AXIS_RULES if rules is None else rules
+    return P(*(rules.get(a, a) if a is not None else None for a in axes))
 
 
 def path_names(path: tuple[Any, ...]) -> list[str]:

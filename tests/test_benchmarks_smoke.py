@@ -147,3 +147,15 @@ def test_grammar_benchmark_quick(tmp_path: Path) -> None:
     assert [row["batch"] for row in data["per_step"]] == [1]
     (peer,) = data["peer"]
     assert peer["tokens"] > 1
+
+
+def test_moe_benchmark_tiny(tmp_path: Path) -> None:
+    """benchmarks/moe.py --tiny: MoE, its dense twin of the active size and
+    transformers each decode; the JSON holds the three ms/step and the ratios."""
+    out = tmp_path / "moe.json"
+    run_benchmark("moe.py", "--tiny", "--json", str(out))
+    result = json.loads(out.read_text())
+    for key in ("jaxdecode_moe_ms_per_step", "jaxdecode_dense_ms_per_step"):
+        assert result[key] > 0, key
+    assert result["transformers_moe_ms_per_step"] > 0
+    assert result["moe_params_total"] > result["moe_params_active"] > 0

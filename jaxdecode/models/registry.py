@@ -89,6 +89,8 @@ _BUILTIN: dict[str, str] = {
     "gemma2": "jaxdecode.models.gemma2",
     "gemma3_text": "jaxdecode.models.gemma3",
     "phi3": "jaxdecode.models.phi3",
+    "mixtral": "jaxdecode.models.mixtral",
+    **{t: "jaxdecode.models.qwen_moe" for t in ("qwen2_moe", "qwen3_moe")},
 }
 
 # GGUF general.architecture -> module defining `FAMILY`.
@@ -97,6 +99,7 @@ _BUILTIN_GGUF: dict[str, str] = {
     "gemma2": "jaxdecode.models.gemma2",
     "gemma3": "jaxdecode.models.gemma3",
     "phi3": "jaxdecode.models.phi3",
+    **{a: "jaxdecode.models.qwen_moe" for a in ("qwen2moe", "qwen3moe")},
 }
 
 _REGISTERED: dict[str, Family] = {}

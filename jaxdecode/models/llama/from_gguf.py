@@ -123,7 +123,12 @@ def state_dict_from_gguf(
 
 def from_gguf(
     metadata: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
-) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """`(config, transformers-named state dict)` of a llama, qwen2 or qwen3 GGUF file."""
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """`(config, transformers-named state dict)` of a llama, qwen2 or qwen3 GGUF
+    file (a Mixtral one, with `llama.expert_count` > 0, read by `models.mixtral.gguf`)."""
+    if gguf_value(metadata, "llama.expert_count", 0):
+        from jaxdecode.models.mixtral.gguf import from_gguf as mixtral_from_gguf
+
+        return mixtral_from_gguf(metadata, tensors)
     config = config_from_gguf(metadata, tensors)
     return config, state_dict_from_gguf(tensors, config)

@@ -29,9 +29,10 @@ __all__ = ["LAYER_TYPES", "MLP_KINDS", "TransformerConfig"]
 # Attention types per layer (transformers' `layer_types` names).
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
-# Feed-forward kinds per layer: "dense" is the gated MLP. The seam for a
-# mixture of experts: a new kind here and its module in `model._MLPS`.
-MLP_KINDS = ("dense",)
+# Feed-forward kinds per layer: "dense" is the gated MLP, "moe" a mixture of
+# experts (`models.moe.MoE`, the `num_experts` ... fields); each kind's module
+# is in `model._MLPS`.
+MLP_KINDS = ("dense", "moe")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,6 +78,20 @@ class TransformerConfig:
         mlp_kinds: per layer, an `MLP_KINDS` value.
         max_position_embeddings: the context length (and "dynamic" / "longrope"'s
             reference length).
+        num_experts: routed experts of the "moe" layers.
+        experts_per_token: experts each token is routed to (top k).
+        expert_intermediate_size: each expert's MLP width (default
+            `intermediate_size`, which the "dense" layers keep).
+        norm_topk_prob: renormalise the k routing weights to sum to 1 (Mixtral
+            always; Qwen-MoE's `norm_topk_prob`).
+        shared_expert_intermediate_size: width of Qwen2-MoE's shared expert, a
+            gated MLP on every token scaled by `sigmoid(shared_expert_gate(x))`
+            (0: none).
+        moe_module: the checkpoint's name of a "moe" layer's module
+            (`mlp`; Mixtral's `block_sparse_moe`).
+        expert_projections: the checkpoint's names of each expert's gate, up and
+            down projections (`gate_proj`, `up_proj`, `down_proj`; Mixtral's
+            `w1`, `w3`, `w2`).
     """
 
     name: str = "Transformer"
@@ -111,6 +126,13 @@ class TransformerConfig:
     final_softcap: float | None = None
     mlp_kinds: tuple[str, ...] = ()
     max_position_embeddings: int = 2048
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int | None = None
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    moe_module: str = "mlp"
+    expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -135,6 +157,13 @@ class TransformerConfig:
         bad = sorted(set(self.mlp_kinds) - set(MLP_KINDS))
         if bad:
             raise ValueError(f"{where}: mlp kind must be one of {MLP_KINDS}, got {bad[0]!r}")
+        if self.expert_intermediate_size is None:
+            set_("expert_intermediate_size", self.intermediate_size)
+        if "moe" in self.mlp_kinds and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError(
+                f"{where}: moe layers need 0 < experts_per_token <= num_experts, got "
+                f"experts_per_token={self.experts_per_token}, num_experts={self.num_experts}"
+            )
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise ValueError(f"{where}: sliding_attention layers need a sliding_window")
         if self.activation not in ACTIVATIONS:

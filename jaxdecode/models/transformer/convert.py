@@ -54,6 +54,9 @@ def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
             shapes[a + "o_proj.bias"] = (e,)
         if config.qk_norm:
             shapes.update({a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)})
+        if config.mlp_kinds[i] == "moe":
+            shapes.update(_moe_shapes(config, p))
+            continue
         mlp = {"gate_up_proj": 2 * inner} if config.fused_gate_up else {
             "gate_proj": inner, "up_proj": inner
         }  # fmt: skip
@@ -63,6 +66,42 @@ def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
             if config.mlp_bias:
                 shapes[f"{p}mlp.{name}.bias"] = (rows,)
     return shapes
+
+
+def _moe_shapes(config: TransformerConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """A "moe" layer's tensors: the router, each expert's projections (stacked
+    `[experts, ...]` at load), and Qwen2-MoE's shared expert and its gate."""
+    e, inner = config.hidden_size, config.expert_intermediate_size
+    m = f"{prefix}{config.moe_module}."
+    gate, up, down = config.expert_projections
+    shapes = {m + "gate.weight": (config.num_experts, e)}
+    for j in range(config.num_experts):
+        x = f"{m}experts.{j}."
+        shapes.update({f"{x}{gate}.weight": (inner, e), f"{x}{up}.weight": (inner, e)})
+        shapes[f"{x}{down}.weight"] = (e, inner)
+    shared = config.shared_expert_intermediate_size
+    if shared:
+        s = m + "shared_expert."
+        shapes.update({s + "gate_proj.weight": (shared, e), s + "up_proj.weight": (shared, e)})
+        shapes[s + "down_proj.weight"] = (e, shared)
+        shapes[m + "shared_expert_gate.weight"] = (1, e)
+    return shapes
+
+
+def _flax_slot(name: str, config: TransformerConfig) -> tuple[tuple[str, ...], int | None]:
+    """A checkpoint name's Flax path and, for an expert's projection, its index in
+    the stacked `[experts, ...]` leaf: `model.layers.3.block_sparse_moe.experts.
+    5.w1.weight` (Mixtral's names) -> `(("layers_3", "mlp", "experts",
+    "gate_proj"), 5)`."""
+    parts = name.removeprefix("model.").split(".")
+    moe = parts[0] == "layers" and config.mlp_kinds[int(parts[1])] == "moe"
+    if moe and parts[2] == config.moe_module:
+        if parts[3] == "experts":
+            projection = ("gate_proj", "up_proj", "down_proj")
+            kind = projection[config.expert_projections.index(parts[5])]
+            return (f"layers_{parts[1]}", "mlp", "experts", kind), int(parts[4])
+        return (f"layers_{parts[1]}", "mlp", *parts[3:]), None
+    return param_path(name), None
 
 
 def param_path(name: str) -> tuple[str, ...]:
@@ -110,23 +149,38 @@ def params_from_state_dict(
 
     found = checked_tensors(state, expected, normalize, what)
     params: dict[str, Any] = {}
+    stacks: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
     for name, array in found.items():
-        node = params
-        *parents, leaf = param_path(name)
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(array, dtype=dtype)
+        path, expert = _flax_slot(name, config)
+        if expert is not None:  # stacked below, in expert order
+            stacks.setdefault(path, {})[expert] = array
+            continue
+        _put(params, path, jnp.asarray(array, dtype=dtype))
+    for path, arrays in stacks.items():
+        stacked = np.stack([np.asarray(arrays[j]) for j in range(len(arrays))])
+        _put(params, path, jnp.asarray(stacked, dtype=dtype))
     return params
+
+
+def _put(tree: dict[str, Any], path: tuple[str, ...], leaf: Any) -> None:
+    *parents, last = path
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[last] = leaf
 
 
 def state_dict_from_params(
     params: Mapping[str, Any], config: TransformerConfig
 ) -> dict[str, np.ndarray]:
-    """The inverse of `params_from_state_dict` (float32, transformers' names)."""
+    """The inverse of `params_from_state_dict` (float32, transformers' names;
+    stacked experts written back one tensor per expert)."""
     out = {}
     for name in expected_shapes(config):
+        path, expert = _flax_slot(name, config)
         node: Any = params
-        for p in param_path(name):
+        for p in path:
             node = node[p]
+        if expert is not None:
+            node = node[expert]
         out[name] = np.ascontiguousarray(np.asarray(node, dtype=np.float32))
     return out

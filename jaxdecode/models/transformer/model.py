@@ -41,6 +41,7 @@ from jaxdecode.models.layers import (
     blocked,
     check_attention_block,
 )
+from jaxdecode.models.moe import MoE
 from jaxdecode.models.rope import rope_tables
 from jaxdecode.models.transformer.config import TransformerConfig
 from jaxdecode.models.transformer.sharding import transformer_param_specs
@@ -118,9 +119,25 @@ def _dense_mlp(cfg: TransformerConfig, dtype: Any) -> nn.Module:
     )
 
 
+def _moe_mlp(cfg: TransformerConfig, dtype: Any) -> nn.Module:
+    return MoE(
+        cfg.num_experts,
+        cfg.experts_per_token,
+        cfg.expert_intermediate_size,
+        cfg.activation,
+        dtype,
+        cfg.norm_topk_prob,
+        cfg.shared_expert_intermediate_size,
+        name="mlp",
+    )
+
+
 # `TransformerConfig.mlp_kinds` value -> `(config, dtype) -> module named "mlp"`
 # mapping `[B, T, hidden]` to `[B, T, hidden]`.
-_MLPS: dict[str, Callable[[TransformerConfig, Any], nn.Module]] = {"dense": _dense_mlp}
+_MLPS: dict[str, Callable[[TransformerConfig, Any], nn.Module]] = {
+    "dense": _dense_mlp,
+    "moe": _moe_mlp,
+}
 
 
 class _Block(nn.Module):
@@ -293,10 +310,17 @@ def _activation_bytes(
 ) -> int:
     """Prefill activations of `batch` x `t` tokens over `s` slots (`Decoder.prefill_bytes`):
     per token at a layer's widest point the residual and its norm, q/k/v/out, the
-    rotary tables, and the MLP's gate, up and their product; and the attention
-    scratch."""
+    rotary tables, and the MLP's gate, up and their product (with experts: their
+    routed copies too); and the attention scratch. Not counted: XLA:CPU's
+    ragged-dot decomposition, which expands the routed rows once per expert."""
     d, hq, hkv = config.head_dim, config.num_heads, config.num_kv_heads
     width = 2 * config.hidden_size + (2 * hq + 2 * hkv + 2) * d + 3 * config.intermediate_size
+    if "moe" in config.mlp_kinds:
+        # The routed rows: k copies of the token, each expert's gate, up and product,
+        # the output before the scatter; the shared expert; the router's logits.
+        k, inner = config.experts_per_token, config.expert_intermediate_size
+        width += k * (2 * config.hidden_size + 3 * inner) + config.num_experts
+        width += 3 * config.shared_expert_intermediate_size
     itemsize = jnp.dtype(dtype).itemsize
     return batch * t * width * itemsize + attention_bytes(batch, hq, t, s, block)
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxdecode.sharding import MODEL, path_names
+from jaxdecode.sharding import EXPERT, MODEL, logical_spec, path_names
 
 __all__ = ["transformer_param_specs"]
 
@@ -29,13 +29,19 @@ def transformer_param_specs(params: Mapping[str, Any]) -> Any:
     evenly when `kv_heads * head_dim` divides (`sharding.fit_spec` moves or
     drops the axis otherwise), and the cache's KV-head axis moves to the head
     dimension: a placement that never changes the result. Norms and
-    row-parallel biases are replicated.
+    row-parallel biases are replicated. A mixture of experts' stacked weights
+    `[experts, out, in]` are split by expert (the logical `expert` axis, over
+    the `model` mesh axis by `sharding.AXIS_RULES`: each device holds whole
+    experts); its router and a shared expert's gate are replicated, the shared
+    expert split as a dense MLP.
     """
 
     def spec(path: tuple[Any, ...], leaf: Any) -> P:
         names = path_names(path)
         name = names[-1]
         module = names[-2] if len(names) > 1 else ""
+        if module == "experts":
+            return logical_spec(EXPERT, None, None)
         if module in ("embed_tokens", "lm_head"):
             return P(MODEL, None)
         if module in _COLUMN:

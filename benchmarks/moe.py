@@ -1,0 +1,187 @@
+"""Mixture-of-experts decoding: a scaled-down Qwen3-MoE vs a dense model of its
+active size vs transformers, one run.
+
+Shape (defaults): Qwen3-MoE's block (q/k norms, GQA) with `--layers` layers,
+hidden `--hidden`, `--experts` experts of width `--expert_width`, top
+`--top_k`, random weights (float32). Its total parameters are several times its
+active ones (`--experts / --top_k` times for the experts). The dense twin is a
+Qwen3 (`qwen3`) with the same attention and one MLP of width `top_k *
+expert_width`: the parameters one MoE decode step reads. transformers runs the
+same MoE checkpoint (`Qwen3MoeForCausalLM`, eager attention, its default
+experts implementation).
+
+Each contender generates `--new` tokens greedily from a batch of `--batch`
+random prompts of `--prompt` tokens (no EOS: every step runs); the first call
+compiles/warms up, then `--repeats` timed calls (median). ms/step is
+(time of a `--new`-token call - time of a 1-token call) / (`--new` - 1): decode
+steps only, prefill excluded. Reported: ms/step per contender, the MoE / dense
+ratio (target <= 1.5: the grouped product reads only the routed experts'
+weights) and the MoE / transformers ratio.
+
+    python benchmarks/moe.py --json benchmarks/results/moe_cpu.json
+    python benchmarks/moe.py --tiny   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import host_info  # noqa: E402
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv_heads", type=int, default=4)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--expert_width", type=int, default=512)
+    p.add_argument("--top_k", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no_hf", action="store_true", help="skip transformers")
+    p.add_argument("--tiny", action="store_true", help="a tiny smoke run")
+    p.add_argument("--json", help="write the results here")
+    a = p.parse_args()
+    if a.tiny:
+        a.layers, a.hidden, a.heads, a.kv_heads = 2, 64, 4, 2
+        a.experts, a.expert_width, a.top_k, a.vocab = 8, 32, 2, 256
+        a.prompt, a.new, a.repeats = 8, 4, 1
+    return a
+
+
+def _configs(a: argparse.Namespace) -> tuple[dict, dict]:
+    common = dict(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        head_dim=a.hidden // a.heads,
+        max_position_embeddings=a.prompt + a.new + 8,
+        tie_word_embeddings=False,
+    )
+    moe = dict(
+        common,
+        model_type="qwen3_moe",
+        intermediate_size=a.top_k * a.expert_width,
+        num_experts=a.experts,
+        num_experts_per_tok=a.top_k,
+        moe_intermediate_size=a.expert_width,
+        norm_topk_prob=True,
+    )
+    dense = dict(common, model_type="qwen3", intermediate_size=a.top_k * a.expert_width)
+    return moe, dense
+
+
+def _count(params) -> int:
+    import jax
+
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _jaxdecode(config: dict, ids: np.ndarray, a: argparse.Namespace, directory: str):
+    """ms/step of jaxdecode on a random checkpoint of `config` (saved to
+    `directory` for transformers), and its (total, active) parameter counts."""
+    import jax
+
+    import jaxdecode as jd
+    from jaxdecode.models import registry
+
+    family = registry.lookup(config["model_type"])
+    cfg = family.config_class.from_hf(config)
+    params = family.init_params(cfg, jax.random.key(0))
+    lm = jd.CausalLM(params=params, decoder=family.decoder(cfg), config=cfg)
+    lm.save_pretrained(directory)
+    total = _count(params)
+    inactive = 0
+    if cfg.model_type == "qwen3_moe":
+        inactive = 3 * a.layers * (a.experts - a.top_k) * a.expert_width * a.hidden
+
+    def run(new: int):
+        out = jd.generate(lm, ids, max_new_tokens=new, do_sample=False, eos_token_id=None)
+        jax.block_until_ready(out.sequences)
+
+    long_, short = _time(lambda: run(a.new), a.repeats), _time(lambda: run(1), a.repeats)
+    return 1000 * (long_ - short) / (a.new - 1), total, total - inactive
+
+
+def _transformers(directory: str, ids: np.ndarray, a: argparse.Namespace) -> float:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    prompt = torch.as_tensor(ids, dtype=torch.long)
+
+    def run(new: int):
+        with torch.no_grad():
+            model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+
+    long_, short = _time(lambda: run(a.new), a.repeats), _time(lambda: run(1), a.repeats)
+    return 1000 * (long_ - short) / (a.new - 1)
+
+
+def main() -> None:
+    a = _args()
+    moe, dense = _configs(a)
+    ids = np.random.default_rng(0).integers(3, a.vocab, size=(a.batch, a.prompt)).astype(np.int32)
+    result: dict = {"host": host_info(), "args": vars(a)}
+    with tempfile.TemporaryDirectory() as tmp:
+        moe_dir, dense_dir = os.path.join(tmp, "moe"), os.path.join(tmp, "dense")
+        moe_ms, moe_total, moe_active = _jaxdecode(moe, ids, a, moe_dir)
+        dense_ms, dense_total, _ = _jaxdecode(dense, ids, a, dense_dir)
+        result.update(
+            moe_params_total=moe_total,
+            moe_params_active=moe_active,
+            dense_params=dense_total,
+            total_over_active=round(moe_total / moe_active, 2),
+            jaxdecode_moe_ms_per_step=round(moe_ms, 3),
+            jaxdecode_dense_ms_per_step=round(dense_ms, 3),
+            moe_over_dense=round(moe_ms / dense_ms, 3),
+        )
+        if not a.no_hf:
+            hf_ms = _transformers(moe_dir, ids, a)
+            result.update(
+                transformers_moe_ms_per_step=round(hf_ms, 3),
+                moe_over_transformers=round(moe_ms / hf_ms, 3),
+            )
+    print(json.dumps(result, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
