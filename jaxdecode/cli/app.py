@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--mesh",
         metavar="data=D,model=M",
-        help="shard over a device mesh, e.g. data=4,model=2 (rows over data; weights, "
-        "KV-cache heads and vocabulary over model; product = device count)",
+        help="shard over a device mesh, e.g. data=4,model=2 (the engine's slots over data, "
+        "a multiple of it; weights, KV-cache heads and vocabulary over model; product = "
+        "device count)",
     )
     _add_assistant(ev)
     flags.add_config_flags(ev)

@@ -336,11 +336,12 @@ def _engine_serves(config) -> bool:
     )
 
 
-def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
+def _eval_engine(args: argparse.Namespace, lm, mesh, items: list, write) -> None:
     """Continuous batching (`jaxdecode.Engine`, `compact_tail` from 8 slots): one engine per
     group of prompts that may share slots (`engine.group_key`: prompts with
-    different output constraints do), `--batch_size` slots; the records of each
-    decode call's finished prompts are written (and fsynced) at once."""
+    different output constraints do), `--batch_size` slots (split over the
+    mesh's data axis with `--mesh`); the records of each decode call's finished
+    prompts are written (and fsynced) at once."""
     import numpy as np
 
     from jaxdecode.generation import bucket_length
@@ -364,6 +365,7 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
                 prefill_rows=args.prefill_rows,
                 # Below 8 slots the smaller programs cost more to compile than they save.
                 compact_tail=args.batch_size >= 8,
+                mesh=mesh,
             )
             engine.submit([e for _, e, _ in group], [c for _, _, c in group])
         except ValueError as e:
@@ -438,9 +440,22 @@ def _check_line_memory(args: argparse.Namespace, lm, mesh, item: tuple, on_engin
     _, encoded, config = item
     if on_engine:
         width = bucket_length(len(encoded), "pow2") + config.max_new_tokens
-        slot_memory(lm.decoder, config, args.batch_size, width)
+        devices = 1 if mesh is None else mesh.devices.size
+        slot_memory(lm.decoder, config, args.batch_size, width, devices=devices)
     else:
         check_memory(lm.decoder, config, args.batch_size, len(encoded), mesh=mesh)
+
+
+def _check_mesh_slots(args: argparse.Namespace, mesh, on_engine: bool) -> None:
+    """On a mesh the engine's `--batch_size` slots split evenly over the data axis."""
+    if mesh is None or not on_engine:
+        return
+    data = mesh.shape["data"]
+    if args.batch_size % data:
+        raise common.CLIError(
+            f"--batch_size {args.batch_size} must be a multiple of --mesh's data axis ({data}): "
+            "the engine's slots split evenly over it (or give --static-batching)"
+        )
 
 
 def _render_chats(lm, records: list, chat: bool, system: str | None) -> tuple[list, list]:
@@ -536,9 +551,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # line must fit in memory alone (its bucket and max_new_tokens), checked
     # before anything compiles.
     static_items, engine_items = [], []
+    # A draft model (--assistant_model) speculates: generate(), static batches.
+    use_engine = not args.static_batching and assistant is None
     for item in planned:
-        # A draft model (--assistant_model) speculates: generate(), static batches.
-        use_engine = not args.static_batching and mesh is None and assistant is None
         on_engine = use_engine and _engine_serves(item[2])
         try:
             _check_line_memory(args, lm, mesh, item, on_engine)
@@ -548,6 +563,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         (engine_items if on_engine else static_items).append(item)
     if errors:
         raise _bad_lines(args.prompts_file, errors)
+    _check_mesh_slots(args, mesh, bool(engine_items))
 
     from tqdm import tqdm
 
@@ -560,7 +576,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         with out_file:
             write = functools.partial(_write_lines, out_file, progress)
-            _eval_engine(args, lm, engine_items, write)
+            _eval_engine(args, lm, mesh, engine_items, write)
             _eval_static(args, lm, mesh, static_items, write, assistant)
     finally:
         bar.close()
