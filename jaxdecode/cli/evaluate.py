@@ -9,6 +9,7 @@ the two ways of serving it (engine, static batches) are one command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import io
@@ -490,6 +491,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise common.CLIError("--system needs --chat (it is the chat's system message)")
     _check_paths(args.prompts_file, args.output)
+    share = _distributed(args)  # (this process, processes) or None
+    part = args.output if share is None else f"{args.output}.part-{share[0]}"
     records, errors = _read_prompts(args.prompts_file)
     # Token-id lines need no tokenizer; a file of them only runs a model without one.
     text_lines = [r["_line"] for r in records if "prompt_ids" not in r]
@@ -501,6 +504,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     common.make_config(lm, base_overrides)  # command-line options fail fast, before any prompt
     base_seed = base_overrides.pop("seed", 0)
     done = _done_results(args.output)
+    if share is not None:  # the merged OUT of an earlier run, and this process's part
+        done.update(_done_results(part))
     # Chat lines become their rendered prompt before anything else looks at them.
     records, chat_errors = _render_chats(lm, records, args.chat, args.system)
     errors += chat_errors
@@ -511,7 +516,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"{args.output} has a result for id {r['id']!r} with another prompt than "
                 f"line {r['_line']} of {args.prompts_file}; give another -o"
             )
-    todo = [r for r in records if json.dumps(r["id"]) not in done]
+    mine = {json.dumps(r["id"]) for i, r in enumerate(records) if _owner(i, share) == 0}
+    todo = [r for r in records if json.dumps(r["id"]) not in done and json.dumps(r["id"]) in mine]
 
     # Every prompt and option is checked before the first generation; a result
     # already in OUT must have been made with this run's options.
@@ -535,7 +541,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             continue
         prev = done.get(json.dumps(r["id"]))
         if prev is None:
-            planned.append((r, encoded, config))
+            if json.dumps(r["id"]) in mine:  # another process's line: checked, not served
+                planned.append((r, encoded, config))
             continue
         changed = record_io.changed_options(prev, record_io.made_with(args, config))
         if changed:
@@ -570,9 +577,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(todo), unit="prompt", disable=args.quiet, file=sys.stderr)
     progress = _Progress(bar)
     try:
-        out_file = open(args.output, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+        out_file = open(part, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
     except OSError as e:
-        raise common.CLIError(f"cannot write to {args.output}: {e.strerror}") from None
+        raise common.CLIError(f"cannot write to {part}: {e.strerror}") from None
     try:
         with out_file:
             write = functools.partial(_write_lines, out_file, progress)
@@ -582,7 +589,88 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bar.close()
     if not args.quiet:
         print(
-            f"wrote {len(todo)} results to {args.output} ({len(done)} were already there)",
+            f"wrote {len(todo)} results to {part} ({len(done)} were already there)",
             file=sys.stderr,
         )
+    if share is not None:
+        _merge_parts(args, records, share)
     return 0
+
+
+def _owner(index: int, share: tuple[int, int] | None) -> int:
+    """0 when line `index` (in file order) is this process's to serve, else the
+    process offset: with `share = (I, N)` process I serves lines I, I + N, ..."""
+    if share is None:
+        return 0
+    return (index - share[0]) % share[1]
+
+
+def _distributed(args: argparse.Namespace) -> tuple[int, int] | None:
+    """`--coordinator_address/--num_processes/--process_id` or `--distributed`:
+    `jax.distributed.initialize` (before anything else touches JAX) and `(this
+    process, processes)`; None for a one-process run."""
+    addr, n, pid = args.coordinator_address, args.num_processes, args.process_id
+    if not args.distributed and addr is None:
+        if n is not None or pid is not None:
+            raise common.CLIError("--num_processes and --process_id need --coordinator_address")
+        return None
+    if args.distributed and addr is not None:
+        raise common.CLIError("give --distributed or --coordinator_address, not both")
+    if addr is not None:
+        if n is None or pid is None:
+            raise common.CLIError("--coordinator_address needs --num_processes and --process_id")
+        if n < 1 or not 0 <= pid < n:
+            raise common.CLIError(
+                f"--process_id must be in [0, --num_processes - 1] = [0, {n - 1}], got {pid}"
+            )
+    import jax
+
+    try:
+        if addr is None:
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(addr, num_processes=n, process_id=pid)
+    except (RuntimeError, ValueError) as e:
+        raise common.CLIError(f"jax.distributed.initialize failed: {e}") from None
+    return jax.process_index(), jax.process_count()
+
+
+def _merge_parts(args: argparse.Namespace, records: list, share: tuple[int, int]) -> None:
+    """Process 0 waits until every process's part holds its share (naming, once, the
+    processes it waits for: a process that died is the one named when JAX's
+    coordination service ends the run), then writes OUT from them, every line once
+    in file order (atomically), and removes the parts; every process then leaves
+    `jax.distributed` (a barrier)."""
+    import jax
+
+    pid, n = share
+    if pid == 0:
+        got = _done_results(args.output)
+        told = False
+        while True:
+            lacking = {}
+            for j in range(n):
+                part = f"{args.output}.part-{j}"
+                got.update(_done_results(part))
+                want = [r for i, r in enumerate(records) if _owner(i, (j, n)) == 0]
+                short = sum(json.dumps(r["id"]) not in got for r in want)
+                if short:
+                    lacking[j] = (
+                        f"process {j} ({part}: {len(want) - short} of its {len(want)} lines)"
+                    )
+            if not lacking:
+                break
+            if not told:
+                print(f"jaxdecode: waiting for {', '.join(lacking.values())}", file=sys.stderr)
+                told = True
+            time.sleep(0.5)
+        tmp = f"{args.output}.merging"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(record_io.dumps(got[json.dumps(r["id"])]) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.output)
+        for j in range(n):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{args.output}.part-{j}")
+    jax.distributed.shutdown()
