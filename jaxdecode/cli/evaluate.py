@@ -2,8 +2,13 @@
 or in static batches; resumable (records are fsynced as they finish, and a rerun
 skips the prompts already in the output file).
 
-A module over ~500 lines: reading and checking the prompts file, resuming, and
-the two ways of serving it (engine, static batches) are one command.
+Several processes (`--coordinator_address/--num_processes/--process_id`,
+`--distributed`): each serves its share of the lines into its own part file and
+process 0 merges them (`_merge_parts`).
+
+A module over ~500 lines: reading and checking the prompts file, resuming, the
+two ways of serving it (engine, static batches) and the processes' shares are
+one command.
 """
 
 from __future__ import annotations
