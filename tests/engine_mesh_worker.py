@@ -9,6 +9,7 @@ Usage: python tests/engine_mesh_worker.py  (XLA_FLAGS set by the caller)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxdecode as jd  # noqa: E402
+from jaxdecode.serving import programs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from llama_mesh_worker import tiny_model as tiny_llama  # noqa: E402
@@ -97,6 +99,15 @@ def main() -> None:
             "logits_spec": str(engine._state.dec.logits.sharding.spec),
             "max_new_spec": str(engine._state.max_new.sharding.spec),
         }
+    # The decode program on the mesh lowers for TPU and GPU (4 devices).
+    engine = jd.Engine(
+        tiny_gpt2(), slots=4, max_len=32, config=jd.GenerationConfig(**BASE), mesh=mesh
+    )
+    decode = jax.jit(functools.partial(programs.decode, engine._plan, 4))
+    exported = jax.export.export(decode, platforms=("tpu", "cuda"))(
+        engine._params, engine._state, jax.numpy.int32(5)
+    )
+    out["export_devices"] = exported.nr_devices
     try:
         jd.Engine(tiny_gpt2(), slots=3, max_len=16, mesh=mesh)
         out["odd_slots"] = None

@@ -61,6 +61,10 @@ def test_slot_state_is_split_over_the_mesh(runs, model):
     assert r["max_new_spec"] == "P('data',)"
 
 
+def test_decode_program_on_a_mesh_lowers_for_tpu_and_gpu(runs):
+    assert runs["export_devices"] == 4
+
+
 def test_slots_must_divide_over_the_data_axis(runs):
     assert runs["odd_slots"] == (
         "slots=3 must be a multiple of the mesh's data axis (2): each data shard holds "
