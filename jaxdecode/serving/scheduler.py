@@ -84,7 +84,7 @@ from jaxdecode.rows import (
 )
 from jaxdecode.search.loop import Plan
 from jaxdecode.serving import programs
-from jaxdecode.sharding import DATA, check_mesh, shard_params
+from jaxdecode.sharding import DATA, check_mesh, per_device_bytes, shard_params
 
 Array = jax.Array
 
@@ -340,6 +340,12 @@ class Engine:
         self.stats = EngineStats(slots=self.slots)
 
     # ------------------------------------------------------------------ #
+    @property
+    def cache_bytes_per_device(self) -> int:
+        """Bytes of the slot cache one device holds (`cache_bytes` on one device;
+        on a mesh, its shard)."""
+        return per_device_bytes(self._state.dec.cache)
+
     @property
     def table_bytes(self) -> int:
         """Device bytes of the constraint table (0 before the first constraint)."""
