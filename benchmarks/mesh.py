@@ -12,6 +12,11 @@ CPU. On a multi-GPU or TPU host the script runs unchanged on the real devices.
 
     python benchmarks/mesh.py --devices 8                 # GPT-2 small, random weights
     python benchmarks/mesh.py --quick --devices 8         # tiny model, smoke run
+
+Then the continuous-batching engine (`Engine(mesh=...)`) on meshes of 1, 2, 4 and
+8 of the devices: tokens/s and the slot cache each device holds. On a lent GPU or
+TPU host: `python benchmarks/mesh.py --batch 64 --prompt-len 128 --new-tokens 128
+--json mesh.json` (no `--devices`: the real devices).
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ def main(argv=None) -> int:
             f"same tokens: {rec['same_tokens']}",
             flush=True,
         )
+    engine_records = engine_meshes(args, jd, sharding, lm, ids, config, np, jax)
     if args.json:
         data = {
             "machine": {
@@ -122,11 +128,65 @@ def main(argv=None) -> int:
             },
             "settings": vars(args),
             "records": records,
+            "engine_records": engine_records,
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
         print(f"wrote {args.json}")
-    return 0 if all(r["same_tokens"] for r in records) else 1
+    same = all(r["same_tokens"] for r in records + engine_records)
+    return 0 if same else 1
+
+
+def engine_meshes(args, jd, sharding, lm, ids, config, np, jax) -> list[dict]:
+    """The continuous-batching engine (`--batch` slots, twice as many prompts, so
+    that slots are refilled) on meshes of 1, 2, 4 and 8 of the devices (those that
+    exist): data only, and data x model=2; tokens/s, the slot cache each device
+    holds, and whether every prompt's tokens equal the single-device engine's."""
+    prompts = [row.tolist() for row in np.concatenate([ids, ids[:, ::-1]])]
+    devices = jax.devices()
+    shapes = [(None, None)]
+    for k in (1, 2, 4, 8):
+        if k <= len(devices) and args.batch % k == 0:
+            shapes.append((k, 1))
+        if 2 <= k <= len(devices) and args.batch % (k // 2) == 0:
+            shapes.append((k // 2, 2))
+    reference, records = None, []
+    max_len = args.prompt_len + args.new_tokens
+    for d, m in shapes:
+        mesh = None if d is None else jd.make_mesh(d, m, devices[: d * m])
+        placed = (
+            lm
+            if mesh is None
+            else lm.replace(params=jd.shard_params(lm.params, mesh, lm.decoder.param_specs))
+        )
+        engine = jd.Engine(placed, slots=args.batch, max_len=max_len, config=config, mesh=mesh)
+        t0 = time.perf_counter()
+        engine.submit(prompts)
+        first = {r.index: r.tokens.tolist() for r in engine}  # compiles
+        compiled = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.submit(prompts)
+        got = {r.index - len(prompts): r.tokens.tolist() for r in engine}
+        seconds = time.perf_counter() - t0
+        tokens = [got[i] for i in range(len(prompts))]
+        if reference is None:
+            reference = tokens
+        rec = {
+            "mesh": "single device" if mesh is None else f"data={d},model={m}",
+            "devices": 1 if mesh is None else d * m,
+            "cache_mb_per_device": engine.cache_bytes_per_device / 2**20,
+            "tokens_per_s": sum(len(t) for t in tokens) / seconds,
+            "compile_s": max(compiled - seconds, 0.0),
+            "same_tokens": tokens == reference and first == got,
+        }
+        records.append(rec)
+        print(
+            f"engine {rec['mesh']:>22}  cache {rec['cache_mb_per_device']:7.2f} MB/device  "
+            f"{rec['tokens_per_s']:8.1f} tok/s  compile {rec['compile_s']:5.1f} s  "
+            f"same tokens: {rec['same_tokens']}",
+            flush=True,
+        )
+    return records
 
 
 if __name__ == "__main__":

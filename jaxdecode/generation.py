@@ -38,7 +38,7 @@ from jaxdecode.search.program import generate_program, prefill_program
 from jaxdecode.search.sample import decode_step
 from jaxdecode.search.speculative import speculative_program
 from jaxdecode.search.stopping import stop_strings, token_tables
-from jaxdecode.sharding import DATA, MODEL, shard_params
+from jaxdecode.sharding import check_mesh, shard_params
 from jaxdecode.tokenizers import Tokenizer
 from jaxdecode.validation import host_rows
 
@@ -467,11 +467,7 @@ def prepare(
     config.validate(vocab_size=decoder.vocab_size)
     if loop not in ("scan", "while"):
         raise ValueError(f"loop must be 'scan' or 'while', got {loop!r}")
-    if mesh is not None and (not isinstance(mesh, Mesh) or set(mesh.axis_names) != {DATA, MODEL}):
-        raise ValueError(
-            f"mesh must be a jax.sharding.Mesh with axes ('data', 'model') "
-            f"(see jaxdecode.make_mesh), got {mesh!r}"
-        )
+    check_mesh(mesh)
     # Traced inside a user's jit, or global arrays spanning several hosts: no
     # host-side look at the values.
     traced_inputs = is_traced(input_ids, attention_mask) or _is_global(input_ids, attention_mask)

@@ -34,6 +34,7 @@ __all__ = [
     "EXPERT",
     "MODEL",
     "make_mesh",
+    "check_mesh",
     "parse_mesh",
     "path_names",
     "constrain",
@@ -72,6 +73,20 @@ def make_mesh(data: int = 1, model: int = 1, devices: Any = None) -> Mesh:
             f"{len(devices)} are available; the product must equal the device count"
         )
     return Mesh(np.asarray(devices, dtype=object).reshape(data, model), (DATA, MODEL))
+
+
+def check_mesh(mesh: Any) -> Mesh | None:
+    """`mesh` itself when it is None or a `Mesh` with axes `("data", "model")`.
+
+    Raises:
+        ValueError: anything else (naming what was given).
+    """
+    if mesh is not None and (not isinstance(mesh, Mesh) or set(mesh.axis_names) != {DATA, MODEL}):
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh with axes ('data', 'model') "
+            f"(see jaxdecode.make_mesh), got {mesh!r}"
+        )
+    return mesh
 
 
 def parse_mesh(text: str, devices: Any = None) -> Mesh:

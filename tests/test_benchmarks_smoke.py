@@ -71,7 +71,8 @@ def test_processors_benchmark_quick(tmp_path: Path) -> None:
 
 def test_mesh_benchmark_quick(tmp_path: Path) -> None:
     """benchmarks/mesh.py on 8 CPU devices with a tiny model: every mesh decodes
-    the single-device tokens, and the per-device cache shrinks 8-fold."""
+    the single-device tokens, and the per-device cache shrinks 8-fold; the engine
+    too, on meshes of 1, 2, 4 and 8 devices."""
     out = tmp_path / "mesh.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
@@ -99,6 +100,15 @@ def test_mesh_benchmark_quick(tmp_path: Path) -> None:
     single = records["single device"]["cache_mb_per_device"]
     for name in ("data=8,model=1", "data=1,model=8"):
         assert abs(records[name]["cache_mb_per_device"] * 8 - single) < 1e-9
+    # The engine on meshes of 1, 2, 4 and 8 devices: every prompt's tokens are one
+    # device's, and each device holds a shard of the slot cache (K/V split; the
+    # per-slot mask and write index follow the slots only).
+    engine = {r["mesh"]: r for r in data["engine_records"]}
+    assert {r["devices"] for r in engine.values()} == {1, 2, 4, 8}
+    assert all(r["same_tokens"] for r in engine.values())
+    one = engine["single device"]["cache_mb_per_device"]
+    assert engine["data=2,model=2"]["cache_mb_per_device"] < one / 3
+    assert engine["data=8,model=1"]["cache_mb_per_device"] < one / 6
 
 
 def test_rollout_benchmark_quick(tmp_path: Path) -> None:

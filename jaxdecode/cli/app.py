@@ -184,8 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--mesh",
         metavar="data=D,model=M",
-        help="shard over a device mesh, e.g. data=4,model=2 (rows over data; weights, "
-        "KV-cache heads and vocabulary over model; product = device count)",
+        help="shard over a device mesh, e.g. data=4,model=2 (the engine's slots over data, "
+        "a multiple of it; weights, KV-cache heads and vocabulary over model; product = "
+        "device count)",
+    )
+    dist = ev.add_argument_group(
+        "several processes (jax.distributed): each serves every N-th line with its own "
+        "devices into OUT.part-I; process 0 merges the parts into OUT once all are written"
+    )
+    dist.add_argument("--coordinator_address", metavar="HOST:PORT", help="process 0's address")
+    dist.add_argument("--num_processes", type=int, metavar="N", help="processes in the run")
+    dist.add_argument("--process_id", type=int, metavar="I", help="this process, 0 to N-1")
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="jax.distributed.initialize() with no arguments (TPU pods, SLURM, ...: the "
+        "coordinator and process ids come from the environment)",
     )
     _add_assistant(ev)
     flags.add_config_flags(ev)

@@ -62,10 +62,14 @@ def mesh_and_model(args: argparse.Namespace, lm):
     once (instead of at every batch)."""
     if not getattr(args, "mesh", None):
         return None, lm
+    import jax
+
     from jaxdecode.sharding import parse_mesh, shard_params
 
+    # Several processes (eval's --num_processes): each one's mesh is its own devices.
+    devices = jax.local_devices() if jax.process_count() > 1 else None
     try:
-        mesh = parse_mesh(args.mesh)
+        mesh = parse_mesh(args.mesh, devices)
     except ValueError as e:
         raise CLIError(f"--mesh: {e}") from None
     return mesh, lm.replace(params=shard_params(lm.params, mesh, lm.decoder.param_specs))

@@ -2,13 +2,19 @@
 or in static batches; resumable (records are fsynced as they finish, and a rerun
 skips the prompts already in the output file).
 
-A module over ~500 lines: reading and checking the prompts file, resuming, and
-the two ways of serving it (engine, static batches) are one command.
+Several processes (`--coordinator_address/--num_processes/--process_id`,
+`--distributed`): each serves its share of the lines into its own part file and
+process 0 merges them (`_merge_parts`).
+
+A module over ~500 lines: reading and checking the prompts file, resuming, the
+two ways of serving it (engine, static batches) and the processes' shares are
+one command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import io
@@ -336,11 +342,12 @@ def _engine_serves(config) -> bool:
     )
 
 
-def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
+def _eval_engine(args: argparse.Namespace, lm, mesh, items: list, write) -> None:
     """Continuous batching (`jaxdecode.Engine`, `compact_tail` from 8 slots): one engine per
     group of prompts that may share slots (`engine.group_key`: prompts with
-    different output constraints do), `--batch_size` slots; the records of each
-    decode call's finished prompts are written (and fsynced) at once."""
+    different output constraints do), `--batch_size` slots (split over the
+    mesh's data axis with `--mesh`); the records of each decode call's finished
+    prompts are written (and fsynced) at once."""
     import numpy as np
 
     from jaxdecode.generation import bucket_length
@@ -364,6 +371,7 @@ def _eval_engine(args: argparse.Namespace, lm, items: list, write) -> None:
                 prefill_rows=args.prefill_rows,
                 # Below 8 slots the smaller programs cost more to compile than they save.
                 compact_tail=args.batch_size >= 8,
+                mesh=mesh,
             )
             engine.submit([e for _, e, _ in group], [c for _, _, c in group])
         except ValueError as e:
@@ -438,9 +446,22 @@ def _check_line_memory(args: argparse.Namespace, lm, mesh, item: tuple, on_engin
     _, encoded, config = item
     if on_engine:
         width = bucket_length(len(encoded), "pow2") + config.max_new_tokens
-        slot_memory(lm.decoder, config, args.batch_size, width)
+        devices = 1 if mesh is None else mesh.devices.size
+        slot_memory(lm.decoder, config, args.batch_size, width, devices=devices)
     else:
         check_memory(lm.decoder, config, args.batch_size, len(encoded), mesh=mesh)
+
+
+def _check_mesh_slots(args: argparse.Namespace, mesh, on_engine: bool) -> None:
+    """On a mesh the engine's `--batch_size` slots split evenly over the data axis."""
+    if mesh is None or not on_engine:
+        return
+    data = mesh.shape["data"]
+    if args.batch_size % data:
+        raise common.CLIError(
+            f"--batch_size {args.batch_size} must be a multiple of --mesh's data axis ({data}): "
+            "the engine's slots split evenly over it (or give --static-batching)"
+        )
 
 
 def _render_chats(lm, records: list, chat: bool, system: str | None) -> tuple[list, list]:
@@ -475,6 +496,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise common.CLIError("--system needs --chat (it is the chat's system message)")
     _check_paths(args.prompts_file, args.output)
+    share = _distributed(args)  # (this process, processes) or None
+    part = args.output if share is None else f"{args.output}.part-{share[0]}"
     records, errors = _read_prompts(args.prompts_file)
     # Token-id lines need no tokenizer; a file of them only runs a model without one.
     text_lines = [r["_line"] for r in records if "prompt_ids" not in r]
@@ -486,6 +509,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     common.make_config(lm, base_overrides)  # command-line options fail fast, before any prompt
     base_seed = base_overrides.pop("seed", 0)
     done = _done_results(args.output)
+    if share is not None:  # the merged OUT of an earlier run, and this process's part
+        done.update(_done_results(part))
     # Chat lines become their rendered prompt before anything else looks at them.
     records, chat_errors = _render_chats(lm, records, args.chat, args.system)
     errors += chat_errors
@@ -496,7 +521,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"{args.output} has a result for id {r['id']!r} with another prompt than "
                 f"line {r['_line']} of {args.prompts_file}; give another -o"
             )
-    todo = [r for r in records if json.dumps(r["id"]) not in done]
+    mine = {json.dumps(r["id"]) for i, r in enumerate(records) if _owner(i, share) == 0}
+    todo = [r for r in records if json.dumps(r["id"]) not in done and json.dumps(r["id"]) in mine]
 
     # Every prompt and option is checked before the first generation; a result
     # already in OUT must have been made with this run's options.
@@ -520,7 +546,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             continue
         prev = done.get(json.dumps(r["id"]))
         if prev is None:
-            planned.append((r, encoded, config))
+            if json.dumps(r["id"]) in mine:  # another process's line: checked, not served
+                planned.append((r, encoded, config))
             continue
         changed = record_io.changed_options(prev, record_io.made_with(args, config))
         if changed:
@@ -536,9 +563,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # line must fit in memory alone (its bucket and max_new_tokens), checked
     # before anything compiles.
     static_items, engine_items = [], []
+    # A draft model (--assistant_model) speculates: generate(), static batches.
+    use_engine = not args.static_batching and assistant is None
     for item in planned:
-        # A draft model (--assistant_model) speculates: generate(), static batches.
-        use_engine = not args.static_batching and mesh is None and assistant is None
         on_engine = use_engine and _engine_serves(item[2])
         try:
             _check_line_memory(args, lm, mesh, item, on_engine)
@@ -548,25 +575,107 @@ def cmd_eval(args: argparse.Namespace) -> int:
         (engine_items if on_engine else static_items).append(item)
     if errors:
         raise _bad_lines(args.prompts_file, errors)
+    _check_mesh_slots(args, mesh, bool(engine_items))
 
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="prompt", disable=args.quiet, file=sys.stderr)
     progress = _Progress(bar)
     try:
-        out_file = open(args.output, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+        out_file = open(part, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
     except OSError as e:
-        raise common.CLIError(f"cannot write to {args.output}: {e.strerror}") from None
+        raise common.CLIError(f"cannot write to {part}: {e.strerror}") from None
     try:
         with out_file:
             write = functools.partial(_write_lines, out_file, progress)
-            _eval_engine(args, lm, engine_items, write)
+            _eval_engine(args, lm, mesh, engine_items, write)
             _eval_static(args, lm, mesh, static_items, write, assistant)
     finally:
         bar.close()
     if not args.quiet:
         print(
-            f"wrote {len(todo)} results to {args.output} ({len(done)} were already there)",
+            f"wrote {len(todo)} results to {part} ({len(done)} were already there)",
             file=sys.stderr,
         )
+    if share is not None:
+        _merge_parts(args, records, share)
     return 0
+
+
+def _owner(index: int, share: tuple[int, int] | None) -> int:
+    """0 when line `index` (in file order) is this process's to serve, else the
+    process offset: with `share = (I, N)` process I serves lines I, I + N, ..."""
+    if share is None:
+        return 0
+    return (index - share[0]) % share[1]
+
+
+def _distributed(args: argparse.Namespace) -> tuple[int, int] | None:
+    """`--coordinator_address/--num_processes/--process_id` or `--distributed`:
+    `jax.distributed.initialize` (before anything else touches JAX) and `(this
+    process, processes)`; None for a one-process run."""
+    addr, n, pid = args.coordinator_address, args.num_processes, args.process_id
+    if not args.distributed and addr is None:
+        if n is not None or pid is not None:
+            raise common.CLIError("--num_processes and --process_id need --coordinator_address")
+        return None
+    if args.distributed and addr is not None:
+        raise common.CLIError("give --distributed or --coordinator_address, not both")
+    if addr is not None:
+        if n is None or pid is None:
+            raise common.CLIError("--coordinator_address needs --num_processes and --process_id")
+        if n < 1 or not 0 <= pid < n:
+            raise common.CLIError(
+                f"--process_id must be in [0, --num_processes - 1] = [0, {n - 1}], got {pid}"
+            )
+    import jax
+
+    try:
+        if addr is None:
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(addr, num_processes=n, process_id=pid)
+    except (RuntimeError, ValueError) as e:
+        raise common.CLIError(f"jax.distributed.initialize failed: {e}") from None
+    return jax.process_index(), jax.process_count()
+
+
+def _merge_parts(args: argparse.Namespace, records: list, share: tuple[int, int]) -> None:
+    """Process 0 waits until every process's part holds its share (naming, once, the
+    processes it waits for: a process that died is the one named when JAX's
+    coordination service ends the run), then writes OUT from them, every line once
+    in file order (atomically), and removes the parts; every process then leaves
+    `jax.distributed` (a barrier)."""
+    import jax
+
+    pid, n = share
+    if pid == 0:
+        got = _done_results(args.output)
+        told = False
+        while True:
+            lacking = {}
+            for j in range(n):
+                part = f"{args.output}.part-{j}"
+                got.update(_done_results(part))
+                want = [r for i, r in enumerate(records) if _owner(i, (j, n)) == 0]
+                short = sum(json.dumps(r["id"]) not in got for r in want)
+                if short:
+                    lacking[j] = (
+                        f"process {j} ({part}: {len(want) - short} of its {len(want)} lines)"
+                    )
+            if not lacking:
+                break
+            if not told:
+                print(f"jaxdecode: waiting for {', '.join(lacking.values())}", file=sys.stderr)
+                told = True
+            time.sleep(0.5)
+        tmp = f"{args.output}.merging"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(record_io.dumps(got[json.dumps(r["id"])]) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.output)
+        for j in range(n):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{args.output}.part-{j}")
+    jax.distributed.shutdown()

@@ -7,6 +7,11 @@ insert them into slots), `decode_program` (up to `steps` decoding steps for
 every slot), `take_program` / `spread_program` (compact the live slots into a
 smaller state and back). The host side, which decides what runs where, is
 `jaxdecode.serving.scheduler`.
+
+On a mesh (`Plan.mesh`) every program ends with the slot state laid out by
+`shard_state`: slots over `data`, the cache's heads and the logits'
+vocabulary over `model` (the cache's own `partition_specs`); the weights come
+placed by the family's specs. A row's tokens do not depend on the layout.
 """
 
 from __future__ import annotations
@@ -16,14 +21,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxdecode import pytree
-from jaxdecode.cache import put_rows, take_rows
+from jaxdecode.cache import cache_specs, put_rows, take_rows
 from jaxdecode.context import DecodeContext
 from jaxdecode.processors import Chain, TracedConfig
 from jaxdecode.processors.grammar import FREE, Grammar
-from jaxdecode.search.loop import DecodeState, Plan, prompt_pass, row_keys, start_state
+from jaxdecode.search.loop import (
+    DecodeState,
+    Plan,
+    constrain_logits,
+    prompt_pass,
+    row_keys,
+    start_state,
+)
 from jaxdecode.search.sample import decode_step
+from jaxdecode.sharding import DATA, constrain, fit_spec
 
 Array = jax.Array
 
@@ -33,6 +47,7 @@ __all__ = [
     "decode_program",
     "empty_program",
     "out_buffers",
+    "shard_state",
     "spread_program",
     "take_program",
     "with_table",
@@ -88,6 +103,23 @@ def out_buffers(cfg: Any, rows: int, width: int) -> dict[str, Array]:
     return outs
 
 
+def shard_state(plan: Plan, state: SlotState) -> SlotState:
+    """`state` constrained to the slot layout on `plan.mesh` (unchanged without
+    one): every per-slot leaf of the decode state and the output buffers by
+    rows over `data`, each cache by its `partition_specs`, the logits `[S, V]`
+    also by vocabulary over `model`. The processors' per-row values and tables
+    are left to XLA (a few numbers per row)."""
+    mesh = plan.mesh
+    if mesh is None:
+        return state
+    dec = constrain(state.dec, mesh, cache_specs)
+    dec = dec.replace(logits=constrain_logits(plan, dec.logits))
+    rows = lambda x: fit_spec(P(DATA), x.shape, mesh)
+    outs = constrain(state.outs, mesh, jax.tree_util.tree_map(rows, state.outs))
+    max_new = constrain(state.max_new, mesh, rows(state.max_new))
+    return state.replace(dec=dec, outs=outs, max_new=max_new)
+
+
 def admit(
     plan: Plan,
     params: Any,
@@ -117,7 +149,10 @@ def admit(
     """
     n, bucket = ids.shape
     width = state.outs["token_logprobs"].shape[1]
-    cache = plan.decoder.init_cache(n, width, None)
+    if plan.mesh is not None:
+        spec = fit_spec(P(DATA, None), ids.shape, plan.mesh)
+        ids, mask = constrain((ids, mask), plan.mesh, (spec, spec))
+    cache = constrain(plan.decoder.init_cache(n, width, None), plan.mesh, cache_specs)
     last, cache, prompt = prompt_pass(plan, params, ids, mask, cache)
     prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
     keys = row_keys(jax.vmap(jax.random.key)(seeds), n, 1, True)
@@ -142,7 +177,7 @@ def admit(
         max_new=state.max_new.at[slots].set(max_new, mode="drop"),
         outs={k: v.at[slots].set(0, mode="drop") for k, v in state.outs.items()},
     )
-    return new, prompt
+    return shard_state(plan, new), prompt
 
 
 def decode(
@@ -162,12 +197,13 @@ def decode(
         col = jnp.where(live, st.dec.lengths, st.outs["token_logprobs"].shape[1])
         outs = {k: v.at[rows, col].set(out[k], mode="drop") for k, v in st.outs.items()}
         dec = dec.replace(done=dec.done | (dec.lengths >= st.max_new))
-        return i + 1, work + jnp.sum(live), st.replace(dec=dec, outs=outs)
+        return i + 1, work + jnp.sum(live), shard_state(plan, st.replace(dec=dec, outs=outs))
 
     def cond(carry):
         i, _, st = carry
         return (i < steps) & ((i == 0) | (jnp.sum(st.dec.done) < want))
 
+    state = shard_state(plan, state)
     n, work, state = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.int32(0), state))
     return state, n, work
 
@@ -193,12 +229,13 @@ def empty_state(plan: Plan, width: int, processor: Chain, stop: Any) -> SlotStat
         proc_state=processor.init(ctx),
         stop_window=None if stop is None else stop.init(ctx),
     )
-    return SlotState(
+    state = SlotState(
         dec=dec,
         traced=TracedConfig(processor=processor, length_penalty=jnp.float32(1.0), stop=stop),
         max_new=zeros,
         outs=out_buffers(plan.config, slots, width),
     )
+    return shard_state(plan, state)
 
 
 def rows_of(chain: Chain, pick: Any) -> Chain:

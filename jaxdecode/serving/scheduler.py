@@ -41,6 +41,12 @@ other options differ cannot share slots: `Engine` refuses them,
 `generate_many` runs one engine per group. Beam search and
 `num_return_sequences > 1` are refused (use `generate`).
 
+On a device mesh (`mesh=`, axes `data` and `model`) the slots split over
+`data` (their number a multiple of its size, checked first), the weights by
+the family's `param_specs` and the cache's heads and the logits' vocabulary
+over `model`; the programs are the same, constrained to that layout, and every
+prompt's tokens equal one device's.
+
 The device side (the pure programs: prefill-and-insert, decode, take, spread)
 lives in `jaxdecode.serving.programs`; this module is the host side, JetStream's
 split: queue, slot bookkeeping, grouping and harvest.
@@ -60,6 +66,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxdecode.cache import cache_nbytes
 from jaxdecode.config import PER_ROW_FIELDS, SEED_MAX, GenerationConfig
@@ -77,6 +84,7 @@ from jaxdecode.rows import (
 )
 from jaxdecode.search.loop import Plan
 from jaxdecode.serving import programs
+from jaxdecode.sharding import DATA, check_mesh, per_device_bytes, shard_params
 
 Array = jax.Array
 
@@ -234,6 +242,13 @@ class Engine:
             decoding call (and again after the constraint table grows); a
             `submit` after compaction moves the rows back (compiling that copy
             on its first use).
+        mesh: a `jax.sharding.Mesh` with axes `("data", "model")`
+            (`jaxdecode.make_mesh`), or None (one device): the slots split
+            over `data` (`slots` must be a multiple of its size), the weights
+            by the family's specs and the cache's heads and the logits'
+            vocabulary over `model`. The weights are placed once (already
+            placed ones are left alone). Every prompt's tokens equal one
+            device's.
 
     Attributes:
         cache_bytes, state_bytes: device bytes of the slot cache and of the
@@ -256,9 +271,16 @@ class Engine:
         steps_per_call: int = 16,
         prefill_rows: int | None = None,
         compact_tail: bool = False,
+        mesh: Mesh | None = None,
     ) -> None:
         decoder, params, base = _model_parts(model)
         self.slots = _check_int("slots", slots, 1)
+        self.mesh = check_mesh(mesh)
+        if mesh is not None and self.slots % mesh.shape[DATA]:
+            raise ValueError(
+                f"slots={self.slots} must be a multiple of the mesh's data axis "
+                f"({mesh.shape[DATA]}): each data shard holds the same number of slots"
+            )
         self.max_len = _check_int("max_len", max_len, 2)
         self.steps_per_call = _check_int("steps_per_call", steps_per_call, 1)
         rows = min(self.slots, 8) if prefill_rows is None else prefill_rows
@@ -285,7 +307,10 @@ class Engine:
             new_tokens=self.max_len,
             loop="scan",
             per_row_keys=True,
+            mesh=mesh,
         )
+        if mesh is not None:  # placed once; the caller's arrays when already placed
+            params = shard_params(params, mesh, decoder.param_specs)
         # The caller's weights, never a copy (one copy whatever the engines and sizes).
         self._params = decoder.prepared_outside(params, self.slots)
         # Row counts the state may shrink to: slots, slots/4, ... (rounded up), 1.
@@ -315,6 +340,12 @@ class Engine:
         self.stats = EngineStats(slots=self.slots)
 
     # ------------------------------------------------------------------ #
+    @property
+    def cache_bytes_per_device(self) -> int:
+        """Bytes of the slot cache one device holds (`cache_bytes` on one device;
+        on a mesh, its shard)."""
+        return per_device_bytes(self._state.dec.cache)
+
     @property
     def table_bytes(self) -> int:
         """Device bytes of the constraint table (0 before the first constraint)."""
@@ -363,7 +394,10 @@ class Engine:
         self._warmed = (shape,)
 
     def _check_memory(self) -> tuple[int, int]:
-        return slot_memory(self.decoder, self.config, self.slots, self.max_len, self.prefill_rows)
+        devices = 1 if self.mesh is None else self.mesh.devices.size
+        return slot_memory(
+            self.decoder, self.config, self.slots, self.max_len, self.prefill_rows, devices=devices
+        )
 
     # ------------------------------------------------------------------ #
     def submit(
@@ -640,12 +674,16 @@ def slot_memory(
     slots: int,
     max_len: int,
     prefill_rows: int | None = None,
+    *,
+    devices: int = 1,
 ) -> tuple[int, int]:
     """`(cache bytes, other state bytes)` of an `Engine(slots=, max_len=,
     prefill_rows=)` with `config`, estimated without allocating anything: the
     slots' cache, per-step buffers, processor tallies, recorded outputs and the
     largest prefill (`prefill_rows` prompts of `max_len` tokens with their own
-    cache rows and, for `prompt_logprobs`, every position's logits).
+    cache rows and, for `prompt_logprobs`, every position's logits). On a mesh
+    of `devices` the totals are compared with that many devices' free memory
+    (the state is split over them).
 
     Raises:
         MemoryBudgetError: when they cannot fit in the device's free memory.
@@ -669,7 +707,7 @@ def slot_memory(
     )
     other += prefill
     free = available_bytes()
-    if free is not None and cache_bytes + other > free:
+    if free is not None and cache_bytes + other > free * devices:
         raise MemoryBudgetError(
             f"Engine(slots={slots}, max_len={max_len}) needs about "
             f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB, "
@@ -737,6 +775,7 @@ def generate_many(
     steps_per_call: int = 16,
     prefill_rows: int | None = None,
     compact_tail: bool = False,
+    mesh: Mesh | None = None,
     **overrides: Any,
 ) -> list[EngineResult]:
     """Generates for many prompts with continuous batching; results in prompt order.
@@ -756,6 +795,7 @@ def generate_many(
         steps_per_call: as `Engine`.
         prefill_rows: as `Engine`.
         compact_tail: as `Engine`.
+        mesh: as `Engine`.
         max_len: cache columns per slot (default: the longest prompt bucket plus
             `max_new_tokens` among the prompts).
         **overrides: `GenerationConfig` fields applied to the model's config
@@ -782,10 +822,11 @@ def generate_many(
         bucket_length(len(p), prompt_buckets) + c.resolve_max_length(len(p)) - len(p)
         for p, c in zip(prompts, resolved, strict=True)
     ]
+    devices = 1 if check_mesh(mesh) is None else mesh.devices.size
     if max_len is None:
         for i, c in enumerate(resolved):
             try:
-                slot_memory(decoder, c, slots, width[i])
+                slot_memory(decoder, c, slots, width[i], devices=devices)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
     results: list[EngineResult | None] = [None] * len(prompts)
@@ -800,6 +841,7 @@ def generate_many(
             steps_per_call=steps_per_call,
             prefill_rows=prefill_rows,
             compact_tail=compact_tail,
+            mesh=mesh,
         )
         engine.submit([prompts[i] for i in members], [resolved[i] for i in members])
         for r in engine:

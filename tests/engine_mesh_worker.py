@@ -1,0 +1,120 @@
+"""Runs in its own process with 4 CPU devices (tests/test_engine_mesh.py starts
+it): the continuous-batching engine on a data=2 x model=2 mesh against the
+single-device engine and `generate`, for a tiny GPT-2 and a tiny Llama with
+grouped-query attention, 24 mixed prompts each (greedy and sampled with seeds,
+lengths 1-20, max_new_tokens 3-10). Prints one JSON object.
+
+Usage: python tests/engine_mesh_worker.py  (XLA_FLAGS set by the caller)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxdecode as jd  # noqa: E402
+from jaxdecode.serving import programs  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from llama_mesh_worker import tiny_model as tiny_llama  # noqa: E402
+from mesh_worker import tiny_model as tiny_gpt2  # noqa: E402
+
+BASE = {"pad_token_id": 0, "eos_token_id": 7}
+SAMPLE = {"do_sample": True, "top_k": 40, "top_p": 0.8, "temperature": 0.9}
+
+
+def workload(n: int = 24):
+    rng = np.random.default_rng(1)
+    prompts, configs = [], []
+    for i in range(n):
+        prompts.append(rng.integers(1, 512, int(rng.integers(1, 21))).tolist())
+        options = {**BASE, "max_new_tokens": int(rng.choice([3, 6, 10]))}
+        if i % 2:
+            options.update(SAMPLE, seed=1000 + i)
+        configs.append(options)
+    return prompts, configs
+
+
+def by_generate(lm, prompts, configs):
+    """Each prompt's tokens from `generate`: one left-padded batch per strategy with
+    each prompt's own key (`jax.random.key(seed)`, as the engine makes it), cut to
+    its own `max_new_tokens` (rows are independent: a row's first tokens do not
+    depend on how many follow or on the rows beside it)."""
+    out: list = [None] * len(prompts)
+    for sample in (False, True):
+        rows = [i for i, c in enumerate(configs) if c.get("do_sample", False) == sample]
+        width = max(len(prompts[i]) for i in rows)
+        ids = np.zeros((len(rows), width), np.int32)
+        mask = np.zeros_like(ids)
+        for r, i in enumerate(rows):
+            ids[r, width - len(prompts[i]) :] = prompts[i]
+            mask[r, width - len(prompts[i]) :] = 1
+        most = max(configs[i]["max_new_tokens"] for i in rows)
+        options = {**BASE, **(SAMPLE if sample else {}), "max_new_tokens": most}
+        keys = jax.vmap(jax.random.key)(np.asarray([configs[i].get("seed", 0) for i in rows]))
+        res = jd.generate(lm, ids, mask, jd.GenerationConfig(**options), key=keys)
+        seqs, lengths = np.asarray(res.sequences), np.asarray(res.lengths)
+        for r, i in enumerate(rows):
+            n = min(int(lengths[r]), configs[i]["max_new_tokens"])
+            out[i] = seqs[r, width : width + n].tolist()
+    return out
+
+
+def run(lm, prompts, configs, mesh, **kw):
+    # One prompt bucket (24 columns): one prefill program per engine.
+    results = jd.generate_many(
+        lm, prompts, configs, slots=4, steps_per_call=4, prompt_buckets=24, mesh=mesh, **kw
+    )
+    return [r.tokens.tolist() for r in results], [r.token_logprobs.tolist() for r in results]
+
+
+def main() -> None:
+    assert jax.device_count() == 4, jax.devices()
+    mesh = jd.make_mesh(data=2, model=2)
+    prompts, configs = workload()
+    out: dict = {"prompts": len(prompts)}
+    for name, lm in (("gpt2", tiny_gpt2()), ("llama", tiny_llama())):
+        one_tokens, one_logps = run(lm, prompts, configs, None)
+        mesh_tokens, mesh_logps = run(lm, prompts, configs, mesh)
+        # The tail compacted into states of 1 slot (fewer than the data axis: replicated).
+        tail = run(lm, prompts, configs, mesh, compact_tail=True)[0] if name == "gpt2" else None
+        engine = jd.Engine(lm, slots=4, max_len=48, config=jd.GenerationConfig(**BASE), mesh=mesh)
+        out[name] = {
+            "generate": by_generate(lm, prompts, configs),
+            "one": one_tokens,
+            "mesh": mesh_tokens,
+            "compact_tail": tail,
+            "logp_diff": max(
+                float(np.max(np.abs(np.subtract(a, b)), initial=0.0))
+                for a, b in zip(one_logps, mesh_logps, strict=True)
+            ),
+            "cache_spec": str(engine._state.dec.cache.k.sharding.spec),
+            "logits_spec": str(engine._state.dec.logits.sharding.spec),
+            "max_new_spec": str(engine._state.max_new.sharding.spec),
+        }
+    # The decode program on the mesh lowers for TPU and GPU (4 devices).
+    engine = jd.Engine(
+        tiny_gpt2(), slots=4, max_len=32, config=jd.GenerationConfig(**BASE), mesh=mesh
+    )
+    decode = jax.jit(functools.partial(programs.decode, engine._plan, 4))
+    exported = jax.export.export(decode, platforms=("tpu", "cuda"))(
+        engine._params, engine._state, jax.numpy.int32(5)
+    )
+    out["export_devices"] = exported.nr_devices
+    try:
+        jd.Engine(tiny_gpt2(), slots=3, max_len=16, mesh=mesh)
+        out["odd_slots"] = None
+    except ValueError as e:
+        out["odd_slots"] = str(e)
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The continuous-batching engine on a device mesh (data=2 x model=2 over 4 host
+CPU devices, in subprocesses: `XLA_FLAGS` must be set before JAX starts):
+tests/engine_mesh_worker.py serves 24 mixed prompts (greedy and sampled with
+seeds, lengths 1-20, max_new_tokens 3-10) with a tiny GPT-2 and a tiny GQA Llama
+on the mesh, on one device and with `generate`; every prompt's tokens agree.
+tests/eval_mesh_worker.py runs `jaxdecode eval --mesh` and checks it serves on
+the engine and equals one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jaxdecode as jd
+
+HERE = os.path.dirname(__file__)
+FOUR = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    res = subprocess.run(
+        [sys.executable, os.path.join(HERE, "engine_mesh_worker.py")],
+        env=FOUR,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_engine_on_a_mesh_equals_one_device_and_generate(runs, model):
+    r = runs[model]
+    assert runs["prompts"] == len(r["one"]) >= 24
+    assert r["one"] == r["generate"]  # the single-device engine is generate's
+    assert r["mesh"] == r["one"]  # token for token, every prompt
+    if r["compact_tail"] is not None:
+        assert r["compact_tail"] == r["one"]
+    # The model axis splits the reductions: the last float32 digits may differ.
+    assert r["logp_diff"] < 1e-4
+    lengths = [len(t) for t in r["one"]]
+    assert len(set(lengths)) >= 3 and max(lengths) == 10
+    if model == "gpt2":
+        assert min(lengths) < 3  # EOS ends some rows before their max_new_tokens
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_slot_state_is_split_over_the_mesh(runs, model):
+    r = runs[model]
+    assert r["cache_spec"] == "P(None, 'data', 'model')"  # [layers, slots, heads, ...]
+    assert r["logits_spec"] == "P('data', 'model')"  # vocabulary-sharded logits
+    assert r["max_new_spec"] == "P('data',)"
+
+
+def test_decode_program_on_a_mesh_lowers_for_tpu_and_gpu(runs):
+    assert runs["export_devices"] == 4
+
+
+def test_slots_must_divide_over_the_data_axis(runs):
+    assert runs["odd_slots"] == (
+        "slots=3 must be a multiple of the mesh's data axis (2): each data shard holds "
+        "the same number of slots"
+    )
+
+
+def test_engine_mesh_validation():
+    lm = jd.from_pretrained("bundled")
+    bad = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1), ("batch",))
+    with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with axes"):
+        jd.Engine(lm, slots=2, max_len=16, mesh=bad)
+    # A mesh of one device is no mesh.
+    ids = lm.tokenizer.encode("In the beginning")
+    options = {"max_new_tokens": 6, "seed": 5, "slots": 2}  # the bundled model samples
+    one = jd.generate_many(lm, [ids], mesh=jd.make_mesh(1, 1), **options)
+    alone = jd.generate_many(lm, [ids], **options)
+    np.testing.assert_array_equal(one[0].tokens, alone[0].tokens)
+
+
+@pytest.fixture(scope="module")
+def eval_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval_mesh")
+    res = subprocess.run(
+        [sys.executable, os.path.join(HERE, "eval_mesh_worker.py"), str(tmp)],
+        env=FOUR,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def test_eval_on_a_mesh_runs_on_the_engine_and_equals_one_device(eval_runs):
+    mesh, one = eval_runs["mesh"], eval_runs["one"]
+    assert mesh["code"] == one["code"] == 0
+    # Greedy and sampled lines: two engines, both on the mesh; no static batch.
+    assert mesh["engines"] == [{"data": 2, "model": 2}] * 2 and mesh["generate"] == 0
+    assert one["engines"] == [None] * 2 and one["generate"] == 0
+    by_id = lambda run: sorted(run["records"], key=lambda r: r["id"])
+    a, b = by_id(mesh), by_id(one)
+    assert [r["id"] for r in a] == list(range(12))
+    for x, y in zip(a, b, strict=True):
+        ox, oy = x.pop("outputs"), y.pop("outputs")
+        assert x == y
+        for p, q in zip(ox, oy, strict=True):
+            # The model axis splits the reductions: the last printed digit may differ.
+            np.testing.assert_allclose(p.pop("token_logprobs"), q.pop("token_logprobs"), atol=1e-5)
+            assert p == q
+
+
+def test_eval_mesh_needs_slots_divisible_by_data(eval_runs):
+    assert eval_runs["odd"]["code"] == 2
+    assert eval_runs["odd"]["stderr"] == (
+        "jaxdecode: error: --batch_size 3 must be a multiple of --mesh's data axis (2): the "
+        "engine's slots split evenly over it (or give --static-batching)\n"
+    )
