@@ -14,7 +14,7 @@ called with a `TypicalP` runs the program compiled for a `MinP`: a wrong mask
 that depends on what the process compiled before (it showed up in long, loaded
 test processes, 1 run in 8). Nodes registered with
 `register_pytree_with_keys` compare their types, so `dataclass` below uses it.
-`tests/test_pytree.py` shows both: the jaxlib behaviour and that ours is immune.
+`tests/unit/test_pytree.py` shows both: the jaxlib behaviour and that ours is immune.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Runs the test suite one file per process, N files at a time, and reports each.
 
-    python scripts/run_tests.py            # every tests/test_*.py, 2 at a time
-    python scripts/run_tests.py -j 4 tests/test_llama.py tests/test_gguf.py
+    python scripts/run_tests.py            # every tier, 2 files at a time
+    python scripts/run_tests.py --tier unit   # tests/unit only (the fast tier)
+    python scripts/run_tests.py -j 4 tests/parity/test_llama.py tests/integration/test_gguf.py
     python scripts/run_tests.py --no-skips # CI: a skipped test fails the run
 
 Why not `pytest -n 2`: an xdist worker lives for the whole suite and compiles
@@ -11,6 +12,11 @@ forever for the lost worker's tests, so CI hit its time limit instead of failing
 A fresh process per file keeps every file's compilations to itself, a crash fails
 exactly one file (with its log), and a file that hangs is killed after
 `--timeout` seconds. Plain `python -m pytest` still works for development.
+
+The tiers (`tests/<tier>/test_*.py`): `unit` (fake or tiny models, no live
+reference), `parity` (live transformers / peft on the same weights), `integration`
+(the CLI, the engine end to end, meshes and processes, GGUF files, the examples and
+the docs). Shared helpers are the `tests/support` package.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ SLOW_FIRST = (
     "test_docs.py",
     "test_processor_properties.py",
 )
+TIERS = ("unit", "parity", "integration")
 SUMMARY = re.compile(r"^(?:=+ )?(\d+ (?:passed|failed|error).*?) in [0-9.]+s", re.MULTILINE)
 
 
@@ -77,7 +84,10 @@ def run_file(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("files", nargs="*", help="test files (default: tests/test_*.py)")
+    parser.add_argument("files", nargs="*", help="test files (default: every tier's)")
+    parser.add_argument(
+        "--tier", choices=TIERS, default=None, help="only this tier's files (default: all)"
+    )
     parser.add_argument("-j", "--jobs", type=int, default=2, help="files run at once")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per file")
     parser.add_argument("--no-skips", action="store_true", help="a skipped test fails the run")
@@ -87,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
 
-    files = [Path(f).resolve() for f in args.files] or sorted((ROOT / "tests").glob("test_*.py"))
+    tiers = [args.tier] if args.tier else list(TIERS)
+    found = [p for t in tiers for p in sorted((ROOT / "tests" / t).glob("test_*.py"))]
+    files = [Path(f).resolve() for f in args.files] or found
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     files.sort(key=lambda p: (rank.get(p.name, len(rank)), p.name))
     logs = ROOT / args.logs

@@ -8,7 +8,7 @@ row (`per_row` metadata), and what it does. Names, types, defaults and flags are
 from the code, never copied. The description is the field's `doc` metadata when the
 code has one, else the entry of `DESCRIPTIONS` below; a field with neither, or a
 description for a field that does not exist, is a build error, so adding a field
-without documenting it fails `mkdocs build --strict` (and tests/test_docs.py).
+without documenting it fails `mkdocs build --strict` (and tests/integration/test_docs.py).
 
 `render()` is importable without MkDocs (the doc tests call it).
 """

@@ -5,6 +5,7 @@ transformers references are in `support.hf_models`."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -50,4 +51,8 @@ def assert_same_scores(ours: np.ndarray, ref: np.ndarray, atol: float = 1e-6) ->
     np.testing.assert_allclose(ours[finite], ref[finite], rtol=0, atol=atol)
 
 
-__all__ = ["CompileCount", "assert_same_scores", "count_compiles"]
+# Scripts the integration tests run in subprocesses (meshes of forced host devices,
+# jax.distributed processes).
+WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
+
+__all__ = ["WORKERS", "CompileCount", "assert_same_scores", "count_compiles"]

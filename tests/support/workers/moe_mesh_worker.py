@@ -1,9 +1,9 @@
-"""Runs in its own process with 2 CPU devices (tests/test_moe.py starts it): a
+"""Runs in its own process with 2 CPU devices (tests/parity/test_moe.py starts it): a
 tiny Qwen2-MoE (8 experts, top 2, a shared expert) decoded greedily on a
 (data=1, model=2) mesh, whose `model` axis splits the experts (the logical
 `expert` axis), against the single-device run. Prints one JSON object.
 
-Usage: python tests/moe_mesh_worker.py  (XLA_FLAGS set by the caller)
+Usage: python tests/support/workers/moe_mesh_worker.py  (XLA_FLAGS set by the caller)
 """
 
 from __future__ import annotations

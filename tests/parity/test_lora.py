@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from support import count_compiles
+from support import WORKERS, count_compiles
 from support.hf_models import hf_logits, left_padded_batch, make_hf_model, make_llama_model
 
 import jaxdecode as jd
@@ -298,7 +298,7 @@ def test_adapter_for_another_shape_is_refused(llama, tmp_path):
 def test_adapter_on_a_mesh_equals_one_device():
     # 4 host-platform devices in a subprocess (XLA_FLAGS must precede JAX's start).
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    worker = os.path.join(os.path.dirname(__file__), "lora_mesh_worker.py")
+    worker = os.path.join(WORKERS, "lora_mesh_worker.py")
     res = subprocess.run(
         [sys.executable, worker], env=env, capture_output=True, text=True, timeout=600
     )

@@ -1,10 +1,10 @@
-"""Runs in its own process with 4 CPU devices (tests/test_lora.py starts it): a
+"""Runs in its own process with 4 CPU devices (tests/parity/test_lora.py starts it): a
 tiny Llama with a LoRA adapter on every projection decoded greedily on a
 (data 2, model 2) mesh, against the single-device run; and where the
 adapter of a column- and a row-parallel projection is placed. Prints one JSON
 object.
 
-Usage: python tests/lora_mesh_worker.py  (XLA_FLAGS set by the caller)
+Usage: python tests/support/workers/lora_mesh_worker.py  (XLA_FLAGS set by the caller)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 check and the prefill in the memory pre-check (issue 23, item 3).
 
 Tiny random models throughout; the real SmolLM2 GGUF's context check is in
-tests/test_gguf.py (it shares that file's loaded model).
+tests/integration/test_gguf.py (it shares that file's loaded model).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 The mesh runs happen in subprocesses (`XLA_FLAGS=--xla_force_host_platform_
 device_count=8` must be set before JAX starts, and the rest of the suite keeps
-its single device): tests/mesh_worker.py decodes a tiny GPT-2 (8 heads,
+its single device): tests/support/workers/mesh_worker.py decodes a tiny GPT-2 (8 heads,
 vocabulary 512, so every axis divides) on meshes (8,1), (4,2), (2,4), (1,8) with
 greedy search, beam search and top-k/top-p sampling, and reads how many bytes
-each device holds; tests/multihost_worker.py is one of two `jax.distributed`
+each device holds; tests/support/workers/multihost_worker.py is one of two `jax.distributed`
 processes that decode a global batch assembled from per-host rows.
 """
 
@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
+from support import WORKERS
 
 import jaxdecode as jd
 from jaxdecode.sharding import fit_spec
 
-HERE = os.path.dirname(__file__)
 EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
@@ -39,7 +39,7 @@ def _last_json(stdout: str) -> dict:
 @pytest.fixture(scope="module")
 def mesh_runs():
     res = subprocess.run(
-        [sys.executable, os.path.join(HERE, "mesh_worker.py")],
+        [sys.executable, os.path.join(WORKERS, "mesh_worker.py")],
         env=EIGHT,
         capture_output=True,
         text=True,
@@ -92,7 +92,7 @@ def _free_port() -> int:
 
 def test_two_processes_decode_a_global_batch():
     port = str(_free_port())
-    worker = os.path.join(HERE, "multihost_worker.py")
+    worker = os.path.join(WORKERS, "multihost_worker.py")
     procs = [
         subprocess.Popen(
             [sys.executable, worker, str(pid), port],
@@ -210,7 +210,7 @@ def test_fit_spec(spec, shape, want):
 @pytest.fixture(scope="module")
 def llama_mesh_runs():
     res = subprocess.run(
-        [sys.executable, os.path.join(HERE, "llama_mesh_worker.py")],
+        [sys.executable, os.path.join(WORKERS, "llama_mesh_worker.py")],
         env=EIGHT,
         capture_output=True,
         text=True,

@@ -1,9 +1,9 @@
 """The continuous-batching engine on a device mesh (data=2 x model=2 over 4 host
 CPU devices, in subprocesses: `XLA_FLAGS` must be set before JAX starts):
-tests/engine_mesh_worker.py serves 24 mixed prompts (greedy and sampled with
+tests/support/workers/engine_mesh_worker.py serves 24 mixed prompts (greedy and sampled with
 seeds, lengths 1-20, max_new_tokens 3-10) with a tiny GPT-2 and a tiny GQA Llama
 on the mesh, on one device and with `generate`; every prompt's tokens agree.
-tests/eval_mesh_worker.py runs `jaxdecode eval --mesh` and checks it serves on
+tests/support/workers/eval_mesh_worker.py runs `jaxdecode eval --mesh` and checks it serves on
 the engine and equals one device."""
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import sys
 import jax
 import numpy as np
 import pytest
+from support import WORKERS
 
 import jaxdecode as jd
 
-HERE = os.path.dirname(__file__)
 FOUR = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
 @pytest.fixture(scope="module")
 def runs():
     res = subprocess.run(
-        [sys.executable, os.path.join(HERE, "engine_mesh_worker.py")],
+        [sys.executable, os.path.join(WORKERS, "engine_mesh_worker.py")],
         env=FOUR,
         capture_output=True,
         text=True,
@@ -89,7 +89,7 @@ def test_engine_mesh_validation():
 def eval_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval_mesh")
     res = subprocess.run(
-        [sys.executable, os.path.join(HERE, "eval_mesh_worker.py"), str(tmp)],
+        [sys.executable, os.path.join(WORKERS, "eval_mesh_worker.py"), str(tmp)],
         env=FOUR,
         capture_output=True,
         text=True,

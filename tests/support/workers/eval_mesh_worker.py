@@ -1,9 +1,9 @@
-"""Runs in its own process with 4 CPU devices (tests/test_engine_mesh.py starts
+"""Runs in its own process with 4 CPU devices (tests/integration/test_engine_mesh.py starts
 it): `jaxdecode eval --mesh data=2,model=2` on the bundled model against the
 same eval on one device, counting which way each served the prompts (engines
 built, on which mesh; `generate` calls for static batches). Prints one JSON object.
 
-Usage: python tests/eval_mesh_worker.py DIR  (XLA_FLAGS set by the caller)
+Usage: python tests/support/workers/eval_mesh_worker.py DIR  (XLA_FLAGS set by the caller)
 """
 
 from __future__ import annotations

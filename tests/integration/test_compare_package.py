@@ -1,6 +1,6 @@
 """Unit tests of the benchmark package `benchmarks/compare/` (no timed runs).
 
-The end-to-end run is `tests/test_compare_hf_smoke.py`; these check the pieces
+The end-to-end run is `tests/integration/test_compare_hf_smoke.py`; these check the pieces
 that a new model family or peer relies on: model sizes read from transformers'
 own configs, the random checkpoint a spec creates, the command line's defaults,
 the Markdown table and the result file names, and that the worker module
@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))

@@ -1,10 +1,10 @@
-"""Runs in its own process with 4 CPU devices (tests/test_engine_mesh.py starts
+"""Runs in its own process with 4 CPU devices (tests/integration/test_engine_mesh.py starts
 it): the continuous-batching engine on a data=2 x model=2 mesh against the
 single-device engine and `generate`, for a tiny GPT-2 and a tiny Llama with
 grouped-query attention, 24 mixed prompts each (greedy and sampled with seeds,
 lengths 1-20, max_new_tokens 3-10). Prints one JSON object.
 
-Usage: python tests/engine_mesh_worker.py  (XLA_FLAGS set by the caller)
+Usage: python tests/support/workers/engine_mesh_worker.py  (XLA_FLAGS set by the caller)
 """
 
 from __future__ import annotations

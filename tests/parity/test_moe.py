@@ -27,6 +27,7 @@ import pytest
 import torch
 import transformers
 from jax.sharding import PartitionSpec as P
+from support import WORKERS
 from support.hf_models import hf_logits, hf_step_logits, left_padded_batch
 
 import jaxdecode as jd
@@ -354,9 +355,9 @@ def test_sharding_specs_split_experts(checkpoints):
 
 def test_experts_split_over_a_two_device_mesh():
     """On a (data=1, model=2) host mesh each device holds half the experts, and
-    greedy tokens equal the single-device run (tests/moe_mesh_worker.py)."""
+    greedy tokens equal the single-device run (tests/support/workers/moe_mesh_worker.py)."""
     res = subprocess.run(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "moe_mesh_worker.py")],
+        [sys.executable, os.path.join(WORKERS, "moe_mesh_worker.py")],
         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
         capture_output=True,
         text=True,

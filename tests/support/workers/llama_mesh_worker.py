@@ -1,10 +1,10 @@
-"""Runs in its own process with 8 CPU devices (tests/test_sharding.py starts it):
+"""Runs in its own process with 8 CPU devices (tests/integration/test_sharding.py starts it):
 a tiny Llama with grouped-query attention -- 8 query heads over 2 KV heads, so
 the KV heads do not divide the model axis on meshes (2, 4) and (1, 8) -- decoded
 with greedy and beam search on several meshes, against the single-device run.
 Prints one JSON object.
 
-Usage: python tests/llama_mesh_worker.py  (XLA_FLAGS set by the caller)
+Usage: python tests/support/workers/llama_mesh_worker.py  (XLA_FLAGS set by the caller)
 """
 
 from __future__ import annotations

@@ -396,7 +396,7 @@ def sample_config(**options) -> jd.GenerationConfig:
 
 def hf_processors(hf, options: dict, ids: np.ndarray, mask: np.ndarray):
     """The LogitsProcessorList transformers' `generate` builds for `options` and
-    this prompt (as in tests/test_processors_hf.py: defaults, special tokens and
+    this prompt (as in tests/parity/test_processors_hf.py: defaults, special tokens and
     lengths prepared as `generate` prepares them)."""
     options = dict(options, max_new_tokens=NEW, pad_token_id=PAD, bos_token_id=BOS)
     return generate_processors(hf, options, ids, mask)

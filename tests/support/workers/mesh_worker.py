@@ -1,8 +1,8 @@
-"""Runs in its own process with 8 CPU devices (tests/test_sharding.py starts it):
+"""Runs in its own process with 8 CPU devices (tests/integration/test_sharding.py starts it):
 sharded generate on every mesh against the single-device run, and the bytes
 each device holds. Prints one JSON object.
 
-Usage: python tests/mesh_worker.py  (XLA_FLAGS set by the caller)
+Usage: python tests/support/workers/mesh_worker.py  (XLA_FLAGS set by the caller)
 """
 
 from __future__ import annotations

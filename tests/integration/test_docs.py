@@ -39,7 +39,7 @@ import pytest
 
 import jaxdecode as jd
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks/README.md"] + sorted(
     (ROOT / "docs").rglob("*.md")
 )

@@ -1,9 +1,9 @@
 """One of two processes of a `jax.distributed` run on this machine (loopback):
 each host has 2 CPU devices and 2 of the 4 prompts; together they decode the
 global batch on a data=2 x model=2 mesh over the 4 devices, then compare with a
-single-device run of the whole batch. Started by tests/test_sharding.py.
+single-device run of the whole batch. Started by tests/integration/test_sharding.py.
 
-Usage: python tests/multihost_worker.py PROCESS_ID PORT
+Usage: python tests/support/workers/multihost_worker.py PROCESS_ID PORT
 """
 
 from __future__ import annotations
