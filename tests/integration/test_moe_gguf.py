@@ -20,8 +20,7 @@ import gguf
 import jax
 import numpy as np
 import pytest
-from support.hf_models import hf_logits, hf_step_logits, left_padded_batch
-from test_moe import make_moe_model
+from support.hf_models import hf_logits, hf_step_logits, left_padded_batch, make_moe_model
 
 import jaxdecode as jd
 from jaxdecode.models.llama.from_gguf import unpermute_rotary_rows
@@ -60,7 +59,7 @@ _EXPERT = {
 }
 _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
-# name -> (model_type, GGUF architecture, overrides on test_moe.TINY)
+# name -> (model_type, GGUF architecture, overrides on support.hf_models.MOE_TINY)
 CASES = {
     "qwen2moe": (
         "qwen2_moe",

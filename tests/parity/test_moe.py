@@ -15,7 +15,6 @@ config values.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -28,7 +27,15 @@ import torch
 import transformers
 from jax.sharding import PartitionSpec as P
 from support import WORKERS
-from support.hf_models import hf_logits, hf_step_logits, left_padded_batch
+from support.hf_models import (
+    MOE_CLASSES as CLASSES,
+)
+from support.hf_models import (
+    hf_logits,
+    hf_step_logits,
+    left_padded_batch,
+    make_moe_model,
+)
 
 import jaxdecode as jd
 from jaxdecode.models.moe import gathered, grouped, route
@@ -39,28 +46,7 @@ V = 96
 LENGTH, PREFILL = 10, 4
 PADS = [0, 3, 6]
 
-TINY = dict(
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-    num_experts_per_tok=2,
-)
-
-CLASSES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-}
-
-# name -> (model_type, overrides on TINY)
+# name -> (model_type, overrides on support.hf_models.MOE_TINY)
 CASES: dict[str, tuple[str, dict]] = {
     "mixtral-window": ("mixtral", dict(num_local_experts=8, sliding_window=4)),
     "qwen2_moe": (
@@ -91,26 +77,6 @@ CASES: dict[str, tuple[str, dict]] = {
         dict(num_experts=4, moe_intermediate_size=16, decoder_sparse_step=2, attention_bias=True),
     ),
 }
-
-
-def make_moe_model(model_type: str, seed: int = 0, **config):
-    """A transformers MoE model (eager, float32, eval) with wide random weights:
-    embeddings and head normal(0, 1), projections (experts' stacked ones too)
-    normal(0, 1 / sqrt(fan_in)), biases normal(0, 0.1), norms around 1."""
-    config_cls, model_cls = (getattr(transformers, n) for n in CLASSES[model_type])
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**TINY, **config}, attn_implementation="eager")).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_tokens" in name or "lm_head" in name:
-                p.normal_(0.0, 1.0)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif p.ndim >= 2:  # [out, in] or stacked [experts, out, in]
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
-            else:
-                p.normal_(0.0, 0.1)
-    return model
 
 
 @pytest.fixture(scope="module")

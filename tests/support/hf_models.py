@@ -206,3 +206,46 @@ def hf_step_logits(model: Any, ids: Any, mask: Any, prefill: int) -> np.ndarray:
             cache = res.cache
             out.append(res.logits.float().numpy())
     return np.concatenate(out, axis=1)
+
+
+# Mixture of experts (tests/parity/test_moe.py, tests/integration/test_moe_gguf.py).
+MOE_TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    num_experts_per_tok=2,
+)
+
+MOE_CLASSES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+}
+
+
+def make_moe_model(model_type: str, seed: int = 0, **config):
+    """A transformers MoE model (eager, float32, eval) with wide random weights:
+    embeddings and head normal(0, 1), projections (experts' stacked ones too)
+    normal(0, 1 / sqrt(fan_in)), biases normal(0, 0.1), norms around 1."""
+    config_cls, model_cls = (getattr(transformers, n) for n in MOE_CLASSES[model_type])
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**MOE_TINY, **config}, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name or "lm_head" in name:
+                p.normal_(0.0, 1.0)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.ndim >= 2:  # [out, in] or stacked [experts, out, in]
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+            else:
+                p.normal_(0.0, 0.1)
+    return model

@@ -44,7 +44,16 @@ def test_engine_and_static_batches_group_alike():
         assert rows.group_key(other_values, lengths_per_row=per_row) == key
         assert (rows.group_key(longer, lengths_per_row=per_row) == key) is per_row
         assert rows.group_key(no_top_p, lengths_per_row=per_row) != key
-    assert rows.arrayed_fields(base, 4) == ("temperature", "top_k", "top_p")  # top_k=50
+    # top_k=50; prompt_ignore_length and assistant_confidence_threshold (0.4) are
+    # per-row values whose arrays change no processor (the repetition penalty is
+    # absent; no speculation): they pack too.
+    assert rows.arrayed_fields(base, 4) == (
+        "temperature",
+        "top_k",
+        "top_p",
+        "prompt_ignore_length",
+        "assistant_confidence_threshold",
+    )
 
 
 def test_greedy_batches_array_no_value_validate_refuses():
