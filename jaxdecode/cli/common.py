@@ -167,3 +167,43 @@ def release_memory() -> None:
     # glibc only: elsewhere the allocator keeps what it keeps.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# Byte-order marks: UTF-16 is what Windows PowerShell's `>` writes.
+_BOMS = (
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def read_text(path: str) -> str:
+    """A JSONL file's text (eval's prompts, detect's texts): UTF-8, or UTF-8/16/32 with a byte-order mark (read
+    as what the mark says).
+
+    Raises:
+        CLIError: for a file that cannot be read or is not UTF-8 text, naming the
+            line and column of the first bad byte.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror}") from None
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        name = encoding.upper().removesuffix("-SIG")
+        if name == "UTF-8":  # one byte per column up to the bad one: say where it is
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            where = f"byte {data[e.start : e.start + 1]!r} at line {line}, column {column}"
+        else:
+            where = f"at byte offset {e.start}"
+        raise CLIError(
+            f"{path} is not {name} text: {where} ({e.reason}); save it as UTF-8 (in "
+            "PowerShell: Out-File -Encoding utf8)"
+        ) from None

@@ -15,12 +15,7 @@ def _detect_texts(path: str) -> list[tuple[Any, str]]:
     """`(id, text)` per line of a JSONL file: a JSON string, or an object with
     "text" (and optionally "id"; default: the line number)."""
     out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise common.CLIError(f"cannot read {path}: {e.strerror}") from None
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(common.read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -48,7 +48,7 @@ def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
 
     names = {f.name for f in dataclasses.fields(GenerationConfig)}
     records, errors = [], []
-    text = _read_text(path)
+    text = common.read_text(path)
     if not text.strip():
         raise common.CLIError(f"{path} is empty: give one prompt per line (JSON)")
     # Universal newlines (\r\n, \r), as a text-mode file reads them.
@@ -82,46 +82,6 @@ def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
             errors.append((r["_line"], f"line {r['_line']}: {msg}"))
         seen.setdefault(key, r["_line"])
     return records, errors
-
-
-# Byte-order marks: UTF-16 is what Windows PowerShell's `>` writes.
-_BOMS = (
-    (b"\xef\xbb\xbf", "utf-8-sig"),
-    (b"\xff\xfe\x00\x00", "utf-32"),
-    (b"\x00\x00\xfe\xff", "utf-32"),
-    (b"\xff\xfe", "utf-16"),
-    (b"\xfe\xff", "utf-16"),
-)
-
-
-def _read_text(path: str) -> str:
-    """A prompts file's text: UTF-8, or UTF-8/16/32 with a byte-order mark (read
-    as what the mark says).
-
-    Raises:
-        common.CLIError: for a file that cannot be read or is not UTF-8 text, naming the
-            line and column of the first bad byte.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise common.CLIError(f"cannot read {path}: {e.strerror}") from None
-    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        name = encoding.upper().removesuffix("-SIG")
-        if name == "UTF-8":  # one byte per column up to the bad one: say where it is
-            line = data.count(b"\n", 0, e.start) + 1
-            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-            where = f"byte {data[e.start : e.start + 1]!r} at line {line}, column {column}"
-        else:
-            where = f"at byte offset {e.start}"
-        raise common.CLIError(
-            f"{path} is not {name} text: {where} ({e.reason}); save it as UTF-8 (in "
-            "PowerShell: Out-File -Encoding utf8)"
-        ) from None
 
 
 # The ways an eval line gives its prompt: text, a chat, or token ids.
