@@ -30,29 +30,46 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import jax
 import numpy as np
 
+from jaxdecode import fields as fields_table
 from jaxdecode.errors import ConfigError
+from jaxdecode.fields import Static, option
 from jaxdecode.validation import (
-    CONSTRAINT_FIELDS,
+    BiasTable,
+    DecayPenalty,
+    Flag,
+    Int,
+    Joint,
+    OneOf,
+    Real,
+    Strings,
+    Token,
+    TokenLists,
+    Tokens,
     check_range,
     eos_ids,
     normalize_schema,
     parse_constraints,
-    parse_sequences,
+    static_int,
 )
 
 Array = jax.Array
 
 __all__ = [
+    "CLI_FIELDS",
     "CONSTRAINT_FIELDS",
+    "FIELD_CHECKS",
     "FIELD_CHOICES",
     "FIELD_TYPES",
     "HF_FIELDS",
+    "LENGTH_FIELDS",
+    "PER_PROMPT_FIELDS",
     "PER_ROW_FIELDS",
+    "ROW_DTYPES",
     "SEED_MAX",
     "GenerationConfig",
     "StaticConfig",
@@ -211,9 +228,9 @@ class SynthIDTextWatermarkingConfig:
     def validate(self) -> SynthIDTextWatermarkingConfig:
         """ConfigError naming the field, its value and what is allowed."""
         name = "watermarking_config"
-        _check_int(f"{name}.ngram_len", self.ngram_len, 1)
-        _check_int(f"{name}.context_history_size", self.context_history_size, 1)
-        _check_int(f"{name}.sampling_table_seed", self.sampling_table_seed, 0)
+        static_int(f"{name}.ngram_len", self.ngram_len, 1)
+        static_int(f"{name}.context_history_size", self.context_history_size, 1)
+        static_int(f"{name}.sampling_table_seed", self.sampling_table_seed, 0)
         size = self.sampling_table_size
         if (
             isinstance(size, bool)
@@ -261,11 +278,20 @@ def as_watermarking_config(value: Any) -> WatermarkingConfig | SynthIDTextWaterm
     return value.validate()
 
 
-def _field(default: Any, *, hf: bool = True, per_row: bool = False) -> Any:
-    """A `GenerationConfig` field. Metadata, read by `to_hf`/`from_hf` and the CLI:
-    `hf` (transformers has a field of that name), `per_row` (a traced value that may
-    be one value per row; rows differing only in such values share one program)."""
-    return dataclasses.field(default=default, metadata={"hf": hf, "per_row": per_row})
+def _check_watermark(name: str, value: Any, vocab_size: int | None) -> None:
+    as_watermarking_config(value)
+
+
+def _check_typical(name: str, value: Any, vocab_size: int | None) -> None:
+    """1.0 (the default) turns typical sampling off; per row the processor is
+    present for every row, and takes masses in (0, 1) only."""
+    per_row = np.ndim(value) == 1
+    Real(lo=0.0, hi=1.0, lo_open=True, hi_open=per_row)(
+        name + (" (per row)" if per_row else ""), value, vocab_size
+    )
+
+
+_CONSTRAINT = Joint("with the other output constraints (validation.parse_constraints)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -275,88 +301,355 @@ class GenerationConfig:
     Numeric sampling/penalty values may be a scalar or one value per row (a
     list or array of length batch). Call `validate()` (done by every entry point)
     to get a `ConfigError` (a `ValueError`) naming any bad field.
+
+    The fields are the option table (`jaxdecode.fields`): each `option(...)` holds
+    the field's description, its check, whether transformers has it, how it may
+    differ between prompts of one program, and what `StaticConfig` reads of it.
     """
 
     # Length.
-    max_length: int | None = _field(None)
-    max_new_tokens: int | None = _field(None)
-    min_length: int = _field(0)
-    min_new_tokens: int | None = _field(None)
+    max_length: int | None = option(
+        None,
+        doc="Total length (prompt + new tokens); `max_new_tokens` wins when both are set.",
+        check=Int(1),
+        varies="slot",
+    )
+    max_new_tokens: int | None = option(
+        None,
+        doc="Tokens to generate at most (`None` and no `max_length`: 20, as transformers).",
+        check=Int(1),
+        varies="slot",
+    )
+    min_length: int = option(
+        0,
+        doc="EOS is banned while the whole sequence (padded prompt included) is shorter.",
+        check=Int(0),
+    )
+    min_new_tokens: int | None = option(
+        None, doc="EOS is banned until this many tokens were generated.", check=Int(0)
+    )
     # Strategy.
-    do_sample: bool = _field(False)
-    num_beams: int = _field(1)
-    early_stopping: bool | Literal["never"] = _field(False)
-    length_penalty: float = _field(1.0)
-    num_return_sequences: int = _field(1)
+    do_sample: bool = option(
+        False,
+        doc="Sample (`True`) or search greedily / by beams (`False`).",
+        check=Flag(),
+        static=Static(bool),
+    )
+    num_beams: int = option(
+        1,
+        doc="Beam search with this many beams (1: no beam search).",
+        check=Int(1),
+        static=Static(int),
+    )
+    early_stopping: bool | Literal["never"] = option(
+        False,
+        doc='When a beam-search row stops: `True`, `False` (heuristic) or `"never"`.',
+        check=OneOf((True, False, "never")),
+        static=Static(
+            bool | str,
+            read=lambda c: c.early_stopping if c.num_beams > 1 else False,
+            doc="early_stopping with beam search, else False (only beam search reads it).",
+        ),
+    )
+    length_penalty: float = option(
+        1.0,
+        doc="Beam scores are divided by `generated_length ** length_penalty`.",
+        check=Real(scalar=True),
+    )
+    num_return_sequences: int = option(
+        1,
+        doc="Outputs per prompt (≤ `num_beams`; samples with `do_sample`).",
+        check=Int(1),
+        static=Static(int),
+    )
     # Warpers (sampling only).
-    temperature: PerRowFloat = _field(1.0, per_row=True)
-    top_h: PerRowFloat | None = _field(None, per_row=True)
-    top_k: PerRowInt = _field(50, per_row=True)
-    top_p: PerRowFloat = _field(1.0, per_row=True)
-    min_p: PerRowFloat | None = _field(None, per_row=True)
-    typical_p: PerRowFloat = _field(1.0, per_row=True)
-    epsilon_cutoff: PerRowFloat = _field(0.0, per_row=True)
-    eta_cutoff: PerRowFloat = _field(0.0, per_row=True)
+    temperature: PerRowFloat = option(
+        1.0, doc="Divides the logits (sampling only); > 0.", check=Real(lo=0.0), varies="row"
+    )
+    top_h: PerRowFloat | None = option(
+        None,
+        doc="Top-H: keep the most likely tokens while their entropy stays within top_h × the top-100's entropy (sampling only).",
+        check=Real(lo=0.0, hi=1.0, lo_open=True),
+        varies="row",
+    )
+    top_k: PerRowInt = option(
+        50,
+        doc="Keep the k most likely tokens, ties kept (sampling only; 0 disables).",
+        check=Real(lo=0, integer=True),
+        varies="row",
+    )
+    top_p: PerRowFloat = option(
+        1.0,
+        doc="Keep the smallest set whose probability reaches p (sampling only).",
+        check=Real(lo=0.0, hi=1.0, lo_open=True),
+        varies="row",
+    )
+    min_p: PerRowFloat | None = option(
+        None,
+        doc="Remove tokens below `min_p` × the top probability (sampling only).",
+        check=Real(lo=0.0, hi=1.0),
+        varies="row",
+    )
+    typical_p: PerRowFloat = option(
+        1.0,
+        doc="Locally typical sampling with this mass (sampling only).",
+        check=_check_typical,
+        varies="row",
+    )
+    epsilon_cutoff: PerRowFloat = option(
+        0.0,
+        doc="Remove tokens whose probability is below ε (sampling only).",
+        check=Real(lo=0.0, hi=1.0, hi_open=True),
+        varies="row",
+    )
+    eta_cutoff: PerRowFloat = option(
+        0.0,
+        doc="Remove tokens below min(η, √η·exp(−entropy)) (sampling only).",
+        check=Real(lo=0.0, hi=1.0, hi_open=True),
+        varies="row",
+    )
     # Processors.
-    repetition_penalty: PerRowFloat = _field(1.0, per_row=True)
-    prompt_ignore_length: PerRowInt = _field(0, hf=False, per_row=True)
-    no_repeat_ngram_size: int = _field(0)
-    bad_words_ids: TokenSequences | None = _field(None)
-    sequence_bias: SequenceBias | None = _field(None)
-    forced_bos_token_id: int | None = _field(None)
-    forced_eos_token_id: TokenIds | None = _field(None)
-    remove_invalid_values: bool = _field(False)
-    exponential_decay_length_penalty: tuple[int, float] | None = _field(None)
-    suppress_tokens: TokenIds | None = _field(None)
-    begin_suppress_tokens: TokenIds | None = _field(None)
-    renormalize_logits: bool = _field(False)
+    repetition_penalty: PerRowFloat = option(
+        1.0,
+        doc="Penalise every token already in the text (prompt included); 1.0: off.",
+        check=Real(lo=0.0, lo_open=True),
+        varies="row",
+    )
+    prompt_ignore_length: PerRowInt = option(
+        0,
+        doc="The repetition penalty skips tokens in each row's first this-many columns (transformers' processor argument).",
+        check=Real(lo=0, integer=True),
+        hf=False,
+        varies="row",
+    )
+    no_repeat_ngram_size: int = option(
+        0, doc="Ban any token that would repeat an n-gram of this size.", check=Int(0)
+    )
+    bad_words_ids: TokenSequences | None = option(
+        None, doc="Token sequences never to produce.", check=TokenLists()
+    )
+    sequence_bias: SequenceBias | None = option(
+        None,
+        doc="Add a bias to a token, or to a sequence's last token after its prefix.",
+        check=BiasTable(),
+    )
+    forced_bos_token_id: int | None = option(
+        None, doc="The only token allowed as the first one.", check=Token()
+    )
+    forced_eos_token_id: TokenIds | None = option(
+        None, doc="The only token(s) allowed at `max_length − 1`.", check=Tokens()
+    )
+    remove_invalid_values: bool = option(
+        False, doc="Replace NaN and ±inf in the scores by finite values.", check=Flag()
+    )
+    exponential_decay_length_penalty: tuple[int, float] | None = option(
+        None,
+        doc="`(start, factor)`: raise EOS's score exponentially after `start` new tokens.",
+        check=DecayPenalty(),
+    )
+    suppress_tokens: TokenIds | None = option(
+        None, doc="Tokens banned at every step.", check=Tokens()
+    )
+    begin_suppress_tokens: TokenIds | None = option(
+        None, doc="Tokens banned at the first generated step.", check=Tokens()
+    )
+    renormalize_logits: bool = option(
+        False, doc="`log_softmax` the scores after every processor.", check=Flag()
+    )
     # Classifier-free guidance (the negative prompt is `generate`'s
     # `negative_prompt_ids` / `negative_prompt_attention_mask`); None or 1: off.
-    guidance_scale: PerRowFloat | None = _field(None, per_row=True)
+    guidance_scale: PerRowFloat | None = option(
+        None,
+        doc="Classifier-free guidance: `s·(log p(x|prompt) − log p(x|negative)) + log p(x|negative)`; negative prompt via `generate(negative_prompt_ids=)`.",
+        check=Real(),
+        varies="row",
+    )
     # Watermarking (jaxdecode.processors.watermark): applied after every other
     # processor but renormalisation, greedy or sampling.
     watermarking_config: (
         WatermarkingConfig | SynthIDTextWatermarkingConfig | Mapping[str, object] | None
-    ) = _field(None)
+    ) = option(
+        None,
+        doc="A watermark: Kirchenbauer green lists (`jd.WatermarkingConfig`) or SynthID-Text (`jd.SynthIDTextWatermarkingConfig`), or either's dict; detect with `jd.watermark_detect`.",
+        check=_check_watermark,
+    )
     # Outputs.
-    output_scores: bool = _field(False)
-    output_logits: bool = _field(False)
-    return_dict_in_generate: bool = _field(False)
+    output_scores: bool = option(
+        False,
+        doc="Return the processed scores of every step (`GenerateOutput.scores`).",
+        check=Flag(),
+        static=Static(bool),
+    )
+    output_logits: bool = option(
+        False,
+        doc="Return the raw logits of every step (`GenerateOutput.logits`).",
+        check=Flag(),
+        static=Static(bool),
+    )
+    return_dict_in_generate: bool = option(
+        False,
+        doc="Accepted for transformers compatibility; `generate` always returns a `GenerateOutput`.",
+        check=Flag(),
+        cli=False,  # the CLI always has the whole output
+    )
     # Special tokens.
-    pad_token_id: int | None = _field(None)
-    bos_token_id: int | None = _field(None)
-    eos_token_id: TokenIds | None = _field(None)
-    stop_strings: str | Sequence[str] | None = _field(None)
+    pad_token_id: int | None = option(
+        None,
+        doc="Fills finished rows (default: the first EOS id).",
+        check=Token(),
+        static=Static(
+            int,
+            read=lambda c: c.pad_id,
+            doc="resolved: pad_token_id, else the first EOS id, else 0 (see `pad_id`).",
+        ),
+    )
+    bos_token_id: int | None = option(None, doc="Beginning-of-sequence token id.", check=Token())
+    eos_token_id: TokenIds | None = option(
+        None,
+        doc="Token id(s) that end a row.",
+        check=Tokens(),
+        static=Static(
+            tuple[int, ...], read=lambda c: c.eos_ids, doc="the EOS ids (empty when unset)."
+        ),
+    )
+    stop_strings: str | Sequence[str] | None = option(
+        None,
+        doc="A row ends when its text contains one of these strings (decided on the device).",
+        check=Strings(),
+    )
     # Speculative decoding (jaxdecode.search.speculative): K draft tokens per
     # round from prompt lookup, or from `generate(assistant_model=...)`.
-    prompt_lookup_num_tokens: int | None = _field(None)
-    max_matching_ngram_size: int | None = _field(None)
-    num_assistant_tokens: int = _field(20)
+    prompt_lookup_num_tokens: int | None = option(
+        None,
+        doc="Speculative decoding by prompt lookup: tokens drafted per round.",
+        check=Int(1),
+    )
+    max_matching_ngram_size: int | None = option(
+        None, doc="Prompt lookup: longest n-gram matched (default 2).", check=Int(1)
+    )
+    num_assistant_tokens: int = option(
+        20,
+        doc="Draft-model speculative decoding: tokens drafted per round (the start, with a heuristic schedule).",
+        check=Int(1),
+    )
     # How K changes between rounds, per row (transformers' rule): "constant", or
     # +2 after a round whose drafts were all accepted, else -1 (at least 1).
-    num_assistant_tokens_schedule: Literal["constant", "heuristic", "heuristic_transient"] = _field(
-        "constant"
+    num_assistant_tokens_schedule: Literal["constant", "heuristic", "heuristic_transient"] = option(
+        "constant",
+        doc='`"constant"`, or `"heuristic"` / `"heuristic_transient"`: per row, K + 2 after a fully accepted round, else K − 1 (≥ 1).',
+        check=OneOf(),
     )
     # The draft model stops drafting a row after a token it gives less than this
     # probability (0 or None: never); transformers' default 0.4.
-    assistant_confidence_threshold: PerRowFloat | None = _field(0.4, per_row=True)
+    assistant_confidence_threshold: PerRowFloat | None = option(
+        0.4,
+        doc="The draft model stops drafting a row after a token it gives a lower probability (0 or `None`: never; 0.4 as transformers).",
+        check=Real(lo=0.0, hi=1.0),
+        varies="row",
+    )
     # jaxdecode additions.
-    frequency_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
-    presence_penalty: PerRowFloat = _field(0.0, hf=False, per_row=True)
-    seed: int | None = _field(None, hf=False)
-    repetition_penalty_form: Literal["hf", "ctrl"] = _field("hf", hf=False)
-    top_k_method: Literal["exact", "fast"] = _field("exact", hf=False)
-    top_p_method: Literal["exact", "fast"] = _field("exact", hf=False)
+    frequency_penalty: PerRowFloat = option(
+        0.0,
+        doc="Subtract f × count of each generated token (OpenAI / vLLM).",
+        check=Real(lo=-2.0, hi=2.0),
+        hf=False,
+        varies="row",
+    )
+    presence_penalty: PerRowFloat = option(
+        0.0,
+        doc="Subtract p from every token generated at least once (OpenAI / vLLM).",
+        check=Real(lo=-2.0, hi=2.0),
+        hf=False,
+        varies="row",
+    )
+    seed: int | None = option(
+        None,
+        doc="Sampling seed (0 to 2³²−1) when no `key` is given.",
+        check=Int(0, hi=SEED_MAX),
+        hf=False,
+        varies="prompt",
+    )
+    repetition_penalty_form: Literal["hf", "ctrl"] = option(
+        "hf",
+        doc='`"hf"` (transformers\' sign-dependent form) or `"ctrl"` (divide always).',
+        check=OneOf(),
+        hf=False,
+    )
+    top_k_method: Literal["exact", "fast"] = option(
+        "exact",
+        doc='`"exact"` (transformers\' mask) or `"fast"` (static cap, no sort).',
+        check=OneOf(),
+        hf=False,
+    )
+    top_p_method: Literal["exact", "fast"] = option(
+        "exact",
+        doc='`"exact"` (transformers\' mask) or `"fast"` (bisection, no sort).',
+        check=OneOf(),
+        hf=False,
+    )
     # Output constraints (need the model's tokenizer; see jaxdecode.processors.grammar).
-    regex: Regex | None = _field(None, hf=False)
-    json_schema: JsonSchema | None = _field(None, hf=False)
-    choices: Choices | None = _field(None, hf=False)
+    regex: Regex | None = option(
+        None,
+        doc="Every output matches this regular expression (one for all rows, or one per row).",
+        check=_CONSTRAINT,
+        hf=False,
+        varies="prompt",
+    )
+    json_schema: JsonSchema | None = option(
+        None,
+        doc="Every output is JSON of this schema (dict or JSON text; or one per row).",
+        check=_CONSTRAINT,
+        hf=False,
+        varies="prompt",
+    )
+    choices: Choices | None = option(
+        None,
+        doc="Every output is one of these strings (or one list per row).",
+        check=_CONSTRAINT,
+        hf=False,
+        varies="prompt",
+    )
     # Log-probability outputs (names as vLLM's SamplingParams; off by default, so
     # the program computes none of it unless asked).
-    output_raw_logprobs: bool = _field(False, hf=False)
-    logprobs: int | None = _field(None, hf=False)
-    logprobs_mode: Literal["processed", "raw"] = _field("processed", hf=False)
-    prompt_logprobs: int | None = _field(None, hf=False)
+    output_raw_logprobs: bool = option(
+        False,
+        doc="Also return the raw model's log-probability of each chosen token.",
+        check=Flag(),
+        hf=False,
+        static=Static(bool),
+    )
+    logprobs: int | None = option(
+        None,
+        doc="Return the N best tokens and their log-probabilities at every step.",
+        check=Int(0, top_n=True),
+        hf=False,
+        static=Static(
+            int, read=lambda c: int(c.logprobs or 0), doc="top-N alternatives per step; 0: none."
+        ),
+    )
+    logprobs_mode: Literal["processed", "raw"] = option(
+        "processed",
+        doc='Whether `logprobs` ranks the `"processed"` or the `"raw"` distribution.',
+        check=OneOf(),
+        hf=False,
+        static=Static(
+            str,
+            read=lambda c: c.logprobs_mode if c.logprobs else "processed",
+            doc='"processed" or "raw": the distribution of the alternatives ("processed" '
+            "without logprobs).",
+        ),
+    )
+    prompt_logprobs: int | None = option(
+        None,
+        doc="Return each prompt token's log-probability (N ≥ 1 adds the top-N alternatives).",
+        check=Int(0, top_n=True),
+        hf=False,
+        static=Static(
+            int,
+            read=lambda c: -1 if c.prompt_logprobs is None else int(c.prompt_logprobs),
+            doc="-1: off; 0: the prompt tokens' own; N: plus the top-N.",
+        ),
+    )
 
     def __post_init__(self) -> None:
         marking = self.watermarking_config
@@ -417,99 +710,18 @@ class GenerationConfig:
         Returns:
             self, so that calls chain.
 
-        A function over ~80 lines: one check per field family, in the order a
-        reader looks for them; each names the field, its value and what is
-        allowed.
+        Each field's own check comes from the option table (`Spec.check`, in
+        the fields' order); then the checks between fields.
         """
-        _int = _check_int
-        if self.max_length is not None:
-            _int("max_length", self.max_length, 1)
-        if self.max_new_tokens is not None:
-            _int("max_new_tokens", self.max_new_tokens, 1)
-        _int("min_length", self.min_length, 0)
-        if self.min_new_tokens is not None:
-            _int("min_new_tokens", self.min_new_tokens, 0)
-        _int("num_beams", self.num_beams, 1)
-        _int("num_return_sequences", self.num_return_sequences, 1)
-        _int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
-        if self.prompt_lookup_num_tokens is not None:
-            _int("prompt_lookup_num_tokens", self.prompt_lookup_num_tokens, 1)
-        if self.max_matching_ngram_size is not None:
-            _int("max_matching_ngram_size", self.max_matching_ngram_size, 1)
-        _int("num_assistant_tokens", self.num_assistant_tokens, 1)
-        if self.assistant_confidence_threshold is not None:
-            check_range(
-                "assistant_confidence_threshold",
-                self.assistant_confidence_threshold,
-                lo=0.0,
-                hi=1.0,
-            )
-        if self.logprobs is not None:
-            _int("logprobs", self.logprobs, 0)
-        if self.prompt_logprobs is not None:
-            _int("prompt_logprobs", self.prompt_logprobs, 0)
-        for name in (
-            "do_sample",
-            "remove_invalid_values",
-            "renormalize_logits",
-            "output_scores",
-            "output_logits",
-            "output_raw_logprobs",
-            "return_dict_in_generate",
-        ):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.early_stopping not in (True, False, "never"):
-            raise ConfigError(
-                f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
-            )
-        if np.ndim(self.length_penalty) != 0:
-            raise ConfigError(f"length_penalty must be a scalar, got {self.length_penalty!r}")
-        check_range("length_penalty", self.length_penalty)
-        if self.do_sample:
+        for name, check in FIELD_CHECKS.items():
+            value = getattr(self, name)
+            if value is None and name in _NULLABLE:
+                continue
+            check(name, value, vocab_size)
+        if self.do_sample:  # sampling divides by the temperature
             check_range("temperature", self.temperature, lo=0.0, lo_open=True)
-        else:
-            check_range("temperature", self.temperature, lo=0.0)
-        check_range("top_k", self.top_k, lo=0, integer=True)
-        check_range("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
-        if self.top_h is not None:
-            check_range("top_h", self.top_h, lo=0.0, hi=1.0, lo_open=True)
-        if self.min_p is not None:
-            check_range("min_p", self.min_p, lo=0.0, hi=1.0)
-        # 1.0 (the default) turns typical sampling off; per row the processor is
-        # present for every row, and takes masses in (0, 1) only.
-        per_row_typical = np.ndim(self.typical_p) == 1
-        check_range(
-            "typical_p" + (" (per row)" if per_row_typical else ""),
-            self.typical_p,
-            lo=0.0,
-            hi=1.0,
-            lo_open=True,
-            hi_open=per_row_typical,
-        )
-        check_range("epsilon_cutoff", self.epsilon_cutoff, lo=0.0, hi=1.0, hi_open=True)
-        check_range("eta_cutoff", self.eta_cutoff, lo=0.0, hi=1.0, hi_open=True)
-        check_range("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
-        check_range("prompt_ignore_length", self.prompt_ignore_length, lo=0, integer=True)
-        if self.guidance_scale is not None:
-            check_range("guidance_scale", self.guidance_scale)
-        check_range("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
-        check_range("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
-        if self.seed is not None and (
-            isinstance(self.seed, bool)
-            or not isinstance(self.seed, (int, np.integer))
-            or not 0 <= self.seed <= SEED_MAX
-        ):
-            raise ConfigError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
-        for name, allowed in FIELD_CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.watermarking_config is not None:
-            as_watermarking_config(self.watermarking_config)
-        self._validate_token_ids(vocab_size)
-        self._validate_logprobs(vocab_size)
+        self._validate_logprobs()
         self._validate_combinations()
-        self._validate_decay_penalty()
         parsed = self.constraints()
         self._validate_rows(parsed)
         if parsed is not None and not self.eos_ids:
@@ -542,11 +754,7 @@ class GenerationConfig:
         or one per row, None for a free row). Raises ConfigError when malformed."""
         return parse_constraints({name: getattr(self, name) for name in CONSTRAINT_FIELDS})
 
-    def _validate_logprobs(self, vocab_size: int | None) -> None:
-        for name in ("logprobs", "prompt_logprobs"):
-            n = getattr(self, name)
-            if vocab_size is not None and n is not None and n > vocab_size:
-                raise ConfigError(f"{name} must be <= the vocabulary size {vocab_size}, got {n}")
+    def _validate_logprobs(self) -> None:
         if self.num_beams > 1:
             for name, used in (
                 ("output_raw_logprobs", self.output_raw_logprobs),
@@ -559,66 +767,6 @@ class GenerationConfig:
                         "sequences_scores"
                     )
 
-    def _validate_decay_penalty(self) -> None:
-        value = self.exponential_decay_length_penalty
-        if value is None:
-            return
-        if not isinstance(value, (tuple, list)) or len(value) != 2:
-            raise ConfigError(
-                "exponential_decay_length_penalty must be a (start_index, decay_factor) pair, "
-                f"got {value!r}"
-            )
-        check_range(
-            "exponential_decay_length_penalty[0] (start_index)", value[0], lo=0, integer=True
-        )
-        check_range("exponential_decay_length_penalty[1] (decay_factor)", value[1], lo=1.0)
-
-    def _validate_token_ids(self, vocab_size: int | None) -> None:
-        def check(name: str, ids: Any) -> None:
-            if isinstance(ids, (list, tuple)) and any(isinstance(t, (list, tuple)) for t in ids):
-                raise ConfigError(f"{name} must be a token id or a flat list of them, got {ids!r}")
-            for t in np.asarray(ids, dtype=object).reshape(-1):
-                if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
-                    raise ConfigError(f"{name} must hold token ids (integers >= 0), got {ids!r}")
-                if vocab_size is not None and t >= vocab_size:
-                    raise ConfigError(
-                        f"{name} contains {int(t)}, outside the vocabulary [0, {vocab_size - 1}]"
-                    )
-
-        for name in ("pad_token_id", "bos_token_id", "forced_bos_token_id"):
-            value = getattr(self, name)
-            if value is not None:
-                if isinstance(value, (list, tuple)):
-                    raise ConfigError(f"{name} must be a single token id, got {value!r}")
-                check(name, value)
-        for name in (
-            "eos_token_id",
-            "forced_eos_token_id",
-            "suppress_tokens",
-            "begin_suppress_tokens",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                if isinstance(value, (list, tuple)) and not value:
-                    raise ConfigError(f"{name} must not be an empty list")
-                check(name, value)
-        if self.bad_words_ids is not None:
-            words = self.bad_words_ids
-            for word in words if isinstance(words, (list, tuple)) and words else [None]:
-                if not isinstance(word, (list, tuple)):
-                    raise ConfigError(
-                        f"bad_words_ids must be a list of token id lists, got {self.bad_words_ids!r}"
-                    )
-                if not word:
-                    raise ConfigError(
-                        f"bad_words_ids must be non-empty token id lists, got "
-                        f"{self.bad_words_ids!r}"
-                    )
-                check("bad_words_ids", list(word))
-        if self.sequence_bias is not None:
-            for ids, _ in parse_sequences("sequence_bias", self.sequence_bias):
-                check("sequence_bias", list(ids))
-
     def _validate_combinations(self) -> None:
         beams = self.num_beams
         if beams == 1 and not self.do_sample and self.num_return_sequences != 1:
@@ -626,20 +774,11 @@ class GenerationConfig:
                 "num_return_sequences must be 1 for greedy search (num_beams=1, do_sample=False), "
                 f"got {self.num_return_sequences}; use do_sample=True or num_beams >= it"
             )
-        if self.stop_strings is not None:
-            strings = (
-                [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
+        if self.stop_strings is not None and beams > 1:
+            raise ConfigError(
+                "stop_strings works with greedy search and sampling (num_beams=1), got "
+                f"num_beams={beams}"
             )
-            if not strings or any(not isinstance(x, str) or not x for x in strings):
-                raise ConfigError(
-                    "stop_strings must be a string or a non-empty list of non-empty strings, "
-                    f"got {self.stop_strings!r}"
-                )
-            if beams > 1:
-                raise ConfigError(
-                    "stop_strings works with greedy search and sampling (num_beams=1), got "
-                    f"num_beams={beams}"
-                )
         if beams > 1 and self.guided():
             raise ConfigError(
                 "guidance_scale (classifier-free guidance) works with greedy search and "
@@ -739,21 +878,7 @@ class GenerationConfig:
         `max_length=prompt+8` and `max_new_tokens=8` are one program. Validates
         first."""
         self.validate()
-        return StaticConfig(
-            do_sample=bool(self.do_sample),
-            num_beams=int(self.num_beams),
-            num_return_sequences=int(self.num_return_sequences),
-            # Read by beam search only, and the mode by the top-N output only.
-            early_stopping=self.early_stopping if self.num_beams > 1 else False,
-            output_scores=bool(self.output_scores),
-            output_logits=bool(self.output_logits),
-            output_raw_logprobs=bool(self.output_raw_logprobs),
-            logprobs=int(self.logprobs or 0),
-            logprobs_mode=self.logprobs_mode if self.logprobs else "processed",
-            prompt_logprobs=-1 if self.prompt_logprobs is None else int(self.prompt_logprobs),
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids,
-        )
+        return StaticConfig(**{n: _SPECS[n].static.value(self, n) for n in _STATIC_FIELDS})
 
     # ------------------------------------------------------------------ #
     @classmethod
@@ -808,19 +933,45 @@ class GenerationConfig:
         return out
 
 
-# Derived from the dataclass (one list of fields): transformers' names, the
-# fields that take one value per row, and the allowed values of `Literal` fields.
+# Derived from the option table (one entry per field, `jaxdecode.fields`).
+_SPECS = fields_table.specs(GenerationConfig)
 FIELD_TYPES: dict[str, Any] = get_type_hints(GenerationConfig)
-HF_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(GenerationConfig) if f.metadata["hf"]
+# transformers' names.
+HF_FIELDS: tuple[str, ...] = tuple(n for n, s in _SPECS.items() if s.hf)
+# Traced values that may be one value per row, and how each is packed as `[rows]`.
+PER_ROW_FIELDS: tuple[str, ...] = tuple(n for n, s in _SPECS.items() if s.per_row)
+ROW_DTYPES: dict[str, type] = {n: fields_table.row_dtype(FIELD_TYPES[n]) for n in PER_ROW_FIELDS}
+# What prompts of one program may set differently: per row, per prompt (the seed,
+# the output constraint) and per slot (the lengths: per engine slot; a static
+# batch shares one).
+PER_PROMPT_FIELDS: tuple[str, ...] = tuple(
+    n for n, s in _SPECS.items() if s.varies in ("row", "prompt")
 )
-PER_ROW_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(GenerationConfig) if f.metadata["per_row"]
-)
+LENGTH_FIELDS: tuple[str, ...] = tuple(n for n, s in _SPECS.items() if s.varies == "slot")
+# The fields that constrain the output (one kind per row).
+CONSTRAINT_FIELDS: tuple[str, ...] = tuple(n for n, s in _SPECS.items() if s.check is _CONSTRAINT)
 # `Literal[...]` fields: their allowed values.
 FIELD_CHOICES: dict[str, tuple[Any, ...]] = {
-    name: get_args(t) for name, t in FIELD_TYPES.items() if get_origin(t) is Literal
+    n: c for n, t in FIELD_TYPES.items() if (c := fields_table.choices(t)) is not None
 }
+# Each field's own check (`OneOf()` of a Literal field reads the type's values).
+FIELD_CHECKS: dict[str, Any] = {
+    n: OneOf(FIELD_CHOICES[n]) if isinstance(s.check, OneOf) and not s.check.values else s.check
+    for n, s in _SPECS.items()
+}
+# Fields that may be None (not checked then).
+_NULLABLE = frozenset(n for n, t in FIELD_TYPES.items() if fields_table.nullable(t))
+# The fields `StaticConfig` reads.
+_STATIC_FIELDS: tuple[str, ...] = tuple(n for n, s in _SPECS.items() if s.static is not None)
+CLI_FIELDS: tuple[str, ...] = tuple(n for n, s in _SPECS.items() if s.cli)
+
+StaticConfig = fields_table.static_class(
+    GenerationConfig,
+    name="StaticConfig",
+    module=__name__,
+    doc="""The hashable part of a config: what a compiled program reads (see
+    `GenerationConfig.static`), derived from the option table's `static` entries.""",
+)
 
 
 def _schema_text(schema: Mapping[str, Any]) -> Any:
@@ -862,27 +1013,3 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_thaw(v) for v in value]
     return value
-
-
-def _check_int(name: str, value: Any, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class StaticConfig:
-    """The hashable part of a config: what a compiled program reads (see
-    `GenerationConfig.static`)."""
-
-    do_sample: bool
-    num_beams: int
-    num_return_sequences: int
-    early_stopping: bool | str
-    output_scores: bool
-    output_logits: bool
-    output_raw_logprobs: bool
-    logprobs: int  # top-N alternatives per step; 0 = none
-    logprobs_mode: str  # "processed" or "raw": the distribution of the alternatives
-    prompt_logprobs: int  # -1 = off; 0 = the prompt tokens' own; N = plus top-N
-    pad_token_id: int  # resolved: see GenerationConfig.pad_id
-    eos_token_id: tuple[int, ...]

@@ -20,11 +20,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdecode.config import CONSTRAINT_FIELDS, PER_ROW_FIELDS, GenerationConfig
+from jaxdecode.config import (
+    CONSTRAINT_FIELDS,
+    LENGTH_FIELDS,
+    PER_PROMPT_FIELDS,
+    PER_ROW_FIELDS,
+    ROW_DTYPES,
+    GenerationConfig,
+)
 from jaxdecode.processors import from_config
 
 __all__ = [
-    "LENGTH_FIELDS",
     "per_prompt_fields",
     "unconstrained",
     "group_key",
@@ -32,14 +38,13 @@ __all__ = [
     "row_values",
 ]
 
-# Each engine slot has its own length; a static batch shares one.
-LENGTH_FIELDS = ("max_new_tokens", "max_length")
-
 
 def per_prompt_fields(*, lengths_per_row: bool) -> frozenset[str]:
-    """The fields prompts of one batch may set differently: the per-row values,
-    the seed, the output constraint and, with `lengths_per_row`, the lengths."""
-    fields = {*PER_ROW_FIELDS, *CONSTRAINT_FIELDS, "seed"}
+    """The fields prompts of one batch may set differently (the option table's
+    `varies`): the per-row values, the seed, the output constraint and, with
+    `lengths_per_row` (each engine slot has its own length; a static batch shares
+    one), the lengths."""
+    fields = set(PER_PROMPT_FIELDS)
     return frozenset(fields | set(LENGTH_FIELDS) if lengths_per_row else fields)
 
 
@@ -99,13 +104,10 @@ def arrayed_fields(config: GenerationConfig, rows: int) -> tuple[str, ...]:
 
 
 def row_values(configs: Sequence[GenerationConfig], arrayed: Sequence[str]) -> dict[str, Any]:
-    """`{field: [rows] array}` of the configs' per-row values: int32 for `top_k` and
-    `prompt_ignore_length`, float64 for the rest (so that a top-p cutoff `1 - p` is rounded from the same
+    """`{field: [rows] array}` of the configs' per-row values, in the field's
+    `ROW_DTYPES` entry: int32 for integer values (`top_k`, `prompt_ignore_length`),
+    float64 for the rest (so that a top-p cutoff `1 - p` is rounded from the same
     float64 as for a scalar p; the processors store float32)."""
     return {
-        name: np.asarray(
-            [getattr(c, name) for c in configs],
-            np.int32 if name in ("top_k", "prompt_ignore_length") else np.float64,
-        )
-        for name in arrayed
+        name: np.asarray([getattr(c, name) for c in configs], ROW_DTYPES[name]) for name in arrayed
     }

@@ -4,6 +4,7 @@ allowed range in a `ConfigError` (a `ValueError`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,17 @@ import numpy as np
 from jaxdecode.errors import ConfigError
 
 __all__ = [
-    "CONSTRAINT_FIELDS",
+    "Int",
+    "Real",
+    "Flag",
+    "OneOf",
+    "Token",
+    "Tokens",
+    "TokenLists",
+    "BiasTable",
+    "Strings",
+    "DecayPenalty",
+    "Joint",
     "is_concrete",
     "check_range",
     "static_int",
@@ -133,10 +144,6 @@ def parse_sequences(name: str, entries: Any) -> list[tuple[tuple[int, ...], floa
     return out
 
 
-# The `GenerationConfig` fields that constrain the output (one kind per row).
-CONSTRAINT_FIELDS = ("regex", "json_schema", "choices")
-
-
 def normalize_schema(schema: Any) -> str:
     """A JSON schema (a dict, or its JSON text) as compact JSON text. Key order is
     kept: it sets the order of the properties in the output.
@@ -248,3 +255,178 @@ def parse_constraints(
     if all(s is None for s in specs):
         return None
     return True, specs
+
+
+# --------------------------------------------------------------------------- #
+# Rules of single fields: the `check` of an entry of the option table
+# (jaxdecode.fields). Each is called as `rule(name, value, vocab_size)` on a field
+# that is set, and raises ConfigError naming the field, its value and what is allowed.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class Int:
+    """A Python or NumPy integer (not a bool) in `[lo, hi]`; with `top_n`, also at
+    most the vocabulary size (a number of alternatives)."""
+
+    lo: int
+    hi: int | None = None
+    top_n: bool = False
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        integer = not isinstance(value, bool) and isinstance(value, (int, np.integer))
+        if self.hi is not None:
+            if not integer or not self.lo <= value <= self.hi:
+                raise ConfigError(
+                    f"{name} must be an integer in [{self.lo}, {self.hi}], got {value!r}"
+                )
+            return
+        static_int(name, value, self.lo)
+        if self.top_n and vocab_size is not None and value > vocab_size:
+            raise ConfigError(f"{name} must be <= the vocabulary size {vocab_size}, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Real:
+    """A number, or one per row `[batch]`, in a range (`check_range`); `scalar`:
+    one number only."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    scalar: bool = False
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        if self.scalar and np.ndim(value) != 0:
+            raise ConfigError(f"{name} must be a scalar, got {value!r}")
+        check_range(
+            name,
+            value,
+            lo=self.lo,
+            hi=self.hi,
+            lo_open=self.lo_open,
+            hi_open=self.hi_open,
+            integer=self.integer,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """True or False."""
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """One of `values`; empty: the values of the field's `Literal[...]` type (filled
+    in by `GenerationConfig`'s table)."""
+
+    values: tuple[Any, ...] = ()
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        if value not in self.values:
+            allowed = [repr(v) if isinstance(v, str) else str(v) for v in self.values]
+            raise ConfigError(
+                f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {value!r}"
+            )
+
+
+def _check_ids(name: str, ids: Any, vocab_size: int | None) -> None:
+    """Token ids: integers >= 0, and < `vocab_size` when given; one id or a flat list."""
+    if isinstance(ids, (list, tuple)) and any(isinstance(t, (list, tuple)) for t in ids):
+        raise ConfigError(f"{name} must be a token id or a flat list of them, got {ids!r}")
+    for t in np.asarray(ids, dtype=object).reshape(-1):
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+            raise ConfigError(f"{name} must hold token ids (integers >= 0), got {ids!r}")
+        if vocab_size is not None and t >= vocab_size:
+            raise ConfigError(
+                f"{name} contains {int(t)}, outside the vocabulary [0, {vocab_size - 1}]"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """One token id."""
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        if isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a single token id, got {value!r}")
+        _check_ids(name, value, vocab_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """One token id or a non-empty flat list of them."""
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        if isinstance(value, (list, tuple)) and not value:
+            raise ConfigError(f"{name} must not be an empty list")
+        _check_ids(name, value, vocab_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLists:
+    """A non-empty list of non-empty token-id lists (`bad_words_ids`)."""
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        for word in value if isinstance(value, (list, tuple)) and value else [None]:
+            if not isinstance(word, (list, tuple)):
+                raise ConfigError(f"{name} must be a list of token id lists, got {value!r}")
+            if not word:
+                raise ConfigError(f"{name} must be non-empty token id lists, got {value!r}")
+            _check_ids(name, list(word), vocab_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasTable:
+    """transformers' `sequence_bias` forms (see `parse_sequences`)."""
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        for ids, _ in parse_sequences(name, value):
+            _check_ids(name, list(ids), vocab_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strings:
+    """A non-empty string or a non-empty list of them."""
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        strings = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(strings, (list, tuple))
+            or not strings
+            or any(not isinstance(x, str) or not x for x in strings)
+        ):
+            raise ConfigError(
+                f"{name} must be a string or a non-empty list of non-empty strings, got {value!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DecayPenalty:
+    """A `(start_index >= 0, decay_factor >= 1)` pair."""
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise ConfigError(f"{name} must be a (start_index, decay_factor) pair, got {value!r}")
+        check_range(f"{name}[0] (start_index)", value[0], lo=0, integer=True)
+        check_range(f"{name}[1] (decay_factor)", value[1], lo=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Joint:
+    """Checked together with other fields by `check` (a function of the whole
+    config, e.g. the output constraints, at most one per row), or by the object's
+    own `validate`; `what` says which, for the table's readers."""
+
+    what: str
+    check: Any = None  # (value) -> None, run on the field's value when given
+
+    def __call__(self, name: str, value: Any, vocab_size: int | None) -> None:
+        if self.check is not None:
+            self.check(value)

@@ -1,5 +1,6 @@
-"""`GenerationConfig` fields as command-line flags, derived from the dataclass's
-field types: every field under its transformers name (dashes work too)."""
+"""`GenerationConfig` fields as command-line flags, derived from the option table
+(`jaxdecode.fields`): every field whose entry has `cli=True`, under its name
+(dashes work too), of a kind that follows the field's type."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-_SKIP = {"return_dict_in_generate"}  # the CLI always has the whole output
+from jaxdecode.fields import spec
 
 
 def _bool_or(choices: tuple[str, ...]):
@@ -63,7 +64,7 @@ def _flag_kind(field: dataclasses.Field, tp: Any) -> str:
         return "bool_or_choice"
     if literals and len(args) == 1:
         return "choice"
-    if field.metadata.get("per_row") or args in ((int,), (float,)):
+    if spec(field).per_row or args in ((int,), (float,)):
         return "scalar"
     if set(args) == {str, Sequence[str]}:
         return "strings"
@@ -114,7 +115,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("generation options (transformers names)")
     for f in dataclasses.fields(GenerationConfig):
-        if f.name in _SKIP:
+        if not spec(f).cli:
             continue
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         group.add_argument(

@@ -17,6 +17,7 @@ from support import count_compiles
 import jaxdecode as jd
 from jaxdecode import processors as P
 from jaxdecode.config import FIELD_CHOICES, FIELD_TYPES, HF_FIELDS, PER_ROW_FIELDS
+from jaxdecode.fields import spec
 
 GC = jd.GenerationConfig
 
@@ -66,10 +67,10 @@ def test_fields_are_typed_precisely_and_carry_their_metadata():
     hf_fields = set(vars(transformers.GenerationConfig()))
     for f in dataclasses.fields(GC):
         assert FIELD_TYPES[f.name] is not Any and "Any" not in str(FIELD_TYPES[f.name]), f.name
-        assert set(f.metadata) == {"hf", "per_row"}, f.name
+        assert set(f.metadata) == {"spec"}, f.name
         # `hf` says exactly whether transformers has the field.
-        assert f.metadata["hf"] == (f.name in hf_fields), f.name
-    assert tuple(f.name for f in dataclasses.fields(GC) if f.metadata["hf"]) == HF_FIELDS
+        assert spec(f).hf == (f.name in hf_fields), f.name
+    assert tuple(f.name for f in dataclasses.fields(GC) if spec(f).hf) == HF_FIELDS
     assert set(PER_ROW_FIELDS) == {
         "temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
         "eta_cutoff", "repetition_penalty", "prompt_ignore_length", "frequency_penalty",
