@@ -20,6 +20,7 @@ from typing import Any
 
 MARKER = "<!-- config-fields -->"
 
+
 def _groups(cls: type) -> dict[str, str]:
     """Field name -> the group comment above it in the class source (`# Length.`)."""
     lines, _ = inspect.getsourcelines(cls)
