@@ -21,7 +21,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from jaxdecode.models.hf_common import check_positive_ints, refuse_unsupported, standard_rope
+from jaxdecode.models.hf_common import (
+    check_positive_ints,
+    refuse_unsupported,
+    skeleton_sizes,
+    standard_rope,
+)
 from jaxdecode.models.layers import ACTIVATIONS
 from jaxdecode.models.llama.config import ROPE_TYPES
 from jaxdecode.models.rope import check_rope, freeze_rope
@@ -186,18 +191,9 @@ class Gemma2Config:
         """These fields as the skeleton's."""
         return TransformerConfig(
             name=self._NAME,
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_layers=self.num_hidden_layers,
-            num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            activation=self.hidden_activation,
-            norm_eps=float(self.rms_norm_eps),
+            **skeleton_sizes(self, activation=self.hidden_activation),
             norm_offset=1.0,
             embed_scale=True,
-            tie_embeddings=self.tie_word_embeddings,
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             qk_norm=self._qk_norm,
@@ -209,7 +205,6 @@ class Gemma2Config:
             attn_scale=float(self.query_pre_attn_scalar) ** -0.5,
             attn_softcap=self.attn_logit_softcapping,
             final_softcap=self.final_logit_softcapping,
-            max_position_embeddings=self.max_position_embeddings,
         )
 
     def to_hf(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jaxdecode.models.hf_common import skeleton_sizes
 from jaxdecode.models.layers import ACTIVATIONS
 from jaxdecode.models.rope import ROPE_TYPES as _ALL_ROPE_TYPES
 from jaxdecode.models.rope import check_rope, freeze_rope
@@ -268,18 +269,9 @@ class LlamaConfig:
         """These switches as the skeleton's explicit fields."""
         return TransformerConfig(
             name=_NAMES[self.model_type],
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_layers=self.num_hidden_layers,
-            num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            activation=self.hidden_act,
-            norm_eps=float(self.rms_norm_eps),
+            **skeleton_sizes(self, activation=self.hidden_act),
             norm_offset=self.norm_offset,
             embed_scale=self.embed_scale is not None,
-            tie_embeddings=self.tie_word_embeddings,
             qkv_bias=self.qkv_bias,
             o_bias=self.o_bias,
             mlp_bias=self.uses_mlp_bias,
@@ -292,7 +284,6 @@ class LlamaConfig:
             rope=tuple(
                 (t, freeze_rope(self.rope)) for t in ("full_attention", "sliding_attention")
             ),
-            max_position_embeddings=self.max_position_embeddings,
         )
 
     def to_hf(self) -> dict[str, Any]:

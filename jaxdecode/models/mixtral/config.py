@@ -19,7 +19,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from jaxdecode.models.hf_common import check_positive_ints, refuse_unsupported, standard_rope
+from jaxdecode.models.hf_common import (
+    check_positive_ints,
+    refuse_unsupported,
+    skeleton_sizes,
+    standard_rope,
+    uniform_layers,
+)
 from jaxdecode.models.layers import ACTIVATIONS
 from jaxdecode.models.rope import ROPE_TYPES, check_rope, freeze_rope
 from jaxdecode.models.transformer.config import TransformerConfig
@@ -100,24 +106,10 @@ class MixtralConfig:
     def transformer(self) -> TransformerConfig:
         """These fields as the skeleton's."""
         rope = freeze_rope(dict(self.rope_parameters))
-        sliding = self.sliding_window is not None
         return TransformerConfig(
             name="Mixtral",
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_layers=self.num_hidden_layers,
-            num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            activation=self.hidden_act,
-            norm_eps=float(self.rms_norm_eps),
-            tie_embeddings=self.tie_word_embeddings,
-            layer_types=("sliding_attention" if sliding else "full_attention",)
-            * self.num_hidden_layers,
-            sliding_window=self.sliding_window,
-            rope=(("full_attention", rope), ("sliding_attention", rope)),
-            max_position_embeddings=self.max_position_embeddings,
+            **skeleton_sizes(self, activation=self.hidden_act),
+            **uniform_layers(self.num_hidden_layers, self.sliding_window, rope),
             mlp_kinds=("moe",) * self.num_hidden_layers,
             num_experts=self.num_local_experts,
             experts_per_token=self.num_experts_per_tok,

@@ -23,7 +23,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from jaxdecode.models.hf_common import refuse_unsupported, standard_rope
+from jaxdecode.models.hf_common import (
+    refuse_unsupported,
+    skeleton_sizes,
+    standard_rope,
+    uniform_layers,
+)
 from jaxdecode.models.mixtral.config import check_moe_fields, refuse_partial_rotary, rope_types
 from jaxdecode.models.rope import check_rope, freeze_rope
 from jaxdecode.models.transformer.config import TransformerConfig
@@ -178,31 +183,17 @@ class QwenMoeConfig:
         """These fields as the skeleton's."""
         rope = freeze_rope(dict(self.rope_parameters))
         n = self.num_hidden_layers
+        layers = uniform_layers(n, self.sliding_window, rope)
         if self.layer_types is not None:
-            layer_types = self.layer_types
-        else:
-            sliding = self.sliding_window is not None
-            layer_types = ("sliding_attention" if sliding else "full_attention",) * n
+            layers["layer_types"] = tuple(self.layer_types)
         qwen3 = self.model_type == "qwen3_moe"
         return TransformerConfig(
             name="Qwen3MoE" if qwen3 else "Qwen2MoE",
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_layers=n,
-            num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            activation=self.hidden_act,
-            norm_eps=float(self.rms_norm_eps),
-            tie_embeddings=self.tie_word_embeddings,
+            **skeleton_sizes(self, activation=self.hidden_act),
+            **layers,
             qkv_bias=self.attention_bias if qwen3 else self.qkv_bias,
             o_bias=qwen3 and self.attention_bias,
             qk_norm=qwen3,
-            layer_types=tuple(layer_types),
-            sliding_window=self.sliding_window,
-            rope=(("full_attention", rope), ("sliding_attention", rope)),
-            max_position_embeddings=self.max_position_embeddings,
             mlp_kinds=tuple("moe" if self.moe_layer(i) else "dense" for i in range(n)),
             num_experts=self.num_experts,
             experts_per_token=self.num_experts_per_tok,
