@@ -32,7 +32,12 @@ from jaxdecode.errors import MemoryBudgetError
 from jaxdecode.models.base import Decoder, Model
 from jaxdecode.processors import TracedConfig, split_config
 from jaxdecode.processors.base import LogitsProcessor, check_rows
-from jaxdecode.search.drafters import DEFAULT_NGRAM, DraftModel, PromptLookup
+from jaxdecode.search.drafters import (
+    DEFAULT_NGRAM,
+    HEURISTIC_MAX_TOKENS,
+    DraftModel,
+    PromptLookup,
+)
 from jaxdecode.search.loop import GenerateOutput, Guidance, Plan
 from jaxdecode.search.program import generate_program, prefill_program
 from jaxdecode.search.sample import decode_step
@@ -200,9 +205,12 @@ def _drafter(
         )
     start = int(config.num_assistant_tokens)
     schedule = config.num_assistant_tokens_schedule
-    # A round never uses more than max_new_tokens - 1 drafts (transformers'
-    # candidates stop at max_length - 1): the heuristic schedule's static bound.
-    cap = start if schedule == "constant" else max(start, new_tokens - 1, 1)
+    # The heuristic schedule's static bound: a round never uses more than
+    # max_new_tokens - 1 drafts (transformers' candidates stop at max_length - 1),
+    # and never more than HEURISTIC_MAX_TOKENS (or the first K when larger).
+    cap = start
+    if schedule != "constant":
+        cap = max(start, min(new_tokens - 1, HEURISTIC_MAX_TOKENS), 1)
     return DraftModel(decoder=draft, k=cap, start=start, schedule=schedule), draft_params
 
 

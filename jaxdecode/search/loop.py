@@ -111,9 +111,12 @@ class GenerateOutput:
         prompt_top_token_ids: `[B * R, prompt_len, n]` int32, their ids (pad where
             there is no prediction).
         drafted: `[B * R]` int32 draft tokens verified per row (speculative
-            decoding: `prompt_lookup_num_tokens` or `assistant_model`), else None.
+            decoding: `prompt_lookup_num_tokens` or `assistant_model`), else
+            None; transformers' candidates (at most `max_new_tokens - 1 -
+            generated` per round, up to a draft EOS).
         accepted: `[B * R]` int32 of those, the ones accepted (`accepted /
-            drafted` is the row's acceptance rate), else None.
+            drafted` is the row's acceptance rate), else None; transformers'
+            `n_matches` (an accepted draft that ends the row is not counted).
         num_assistant_tokens: `[B * R]` int32 with a draft model: each row's K
             for a next round (its `num_assistant_tokens_schedule` applied to
             every round's acceptance; transformers' "heuristic" schedule carries
