@@ -32,7 +32,12 @@ from jaxdecode.errors import MemoryBudgetError
 from jaxdecode.models.base import Decoder, Model
 from jaxdecode.processors import TracedConfig, split_config
 from jaxdecode.processors.base import LogitsProcessor, check_rows
-from jaxdecode.search.drafters import DEFAULT_NGRAM, DraftModel, PromptLookup
+from jaxdecode.search.drafters import (
+    DEFAULT_NGRAM,
+    HEURISTIC_MAX_TOKENS,
+    DraftModel,
+    PromptLookup,
+)
 from jaxdecode.search.loop import GenerateOutput, Guidance, Plan
 from jaxdecode.search.program import generate_program, prefill_program
 from jaxdecode.search.sample import decode_step
@@ -200,9 +205,12 @@ def _drafter(
         )
     start = int(config.num_assistant_tokens)
     schedule = config.num_assistant_tokens_schedule
-    # A round never uses more than max_new_tokens - 1 drafts (transformers'
-    # candidates stop at max_length - 1): the heuristic schedule's static bound.
-    cap = start if schedule == "constant" else max(start, new_tokens - 1, 1)
+    # The heuristic schedule's static bound: a round never uses more than
+    # max_new_tokens - 1 drafts (transformers' candidates stop at max_length - 1),
+    # and never more than HEURISTIC_MAX_TOKENS (or the first K when larger).
+    cap = start
+    if schedule != "constant":
+        cap = max(start, min(new_tokens - 1, HEURISTIC_MAX_TOKENS), 1)
     return DraftModel(decoder=draft, k=cap, start=start, schedule=schedule), draft_params
 
 
@@ -382,10 +390,14 @@ def _guidance(
             )
         return None
     batch = ids.shape[0]
+    length: Any = None  # the logical length: one for all rows, or one per row (ragged)
     if negative_ids is None:
         if negative_mask is not None:
             raise ValueError("negative_prompt_attention_mask needs negative_prompt_ids")
         neg, mask = ids[:, -1:], (jnp if traced_inputs else np).ones((batch, 1), np.int32)
+    elif _ragged(negative_ids):
+        neg, mask, length = _ragged_negative(negative_ids, negative_mask, batch, config.pad_id)
+        _prompt_arrays(neg, mask, vocab_size, False, names)
     else:
         neg, mask = _prompt_arrays(negative_ids, negative_mask, vocab_size, traced_inputs, names)
         if neg.shape[0] not in (1, batch):
@@ -396,8 +408,8 @@ def _guidance(
         if neg.shape[0] != batch:
             xp = jnp if traced_inputs else np
             neg, mask = xp.repeat(neg, batch, axis=0), xp.repeat(mask, batch, axis=0)
-    length = neg.shape[1]
-    extra = bucket_length(length, prompt_buckets) - length
+    width = neg.shape[1]
+    extra = bucket_length(width, prompt_buckets) - width
     if extra:
         xp = jnp if traced_inputs else np
         neg = xp.pad(neg, ((0, 0), (extra, 0)), constant_values=config.pad_id)
@@ -405,9 +417,53 @@ def _guidance(
     return Guidance(
         ids=owned(neg, jnp.int32),
         mask=owned(mask, jnp.int32),
-        length=jnp.int32(length),
+        length=jnp.int32(width) if length is None else owned(length, jnp.int32),
         scale=owned(config.guidance_scale, jnp.float32),
     )
+
+
+def _ragged(rows: Any) -> bool:
+    """Whether `rows` is a list of token lists of different lengths (per-row
+    negative prompts, each on its own)."""
+    if not isinstance(rows, (list, tuple)) or not rows:
+        return False
+    lengths = {len(r) if isinstance(r, (list, tuple, np.ndarray)) else None for r in rows}
+    return None not in lengths and len(lengths) > 1
+
+
+def _ragged_negative(
+    rows: Any, mask: Any, batch: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row negative prompts of different lengths, left-padded to the longest:
+    `(ids [batch, width], mask, lengths [batch])`. Each row's tokens take
+    positions `0 .. len - 1` (its padding is not counted), so each row is guided
+    as `generate` on that row alone with its own negative prompt."""
+    if mask is not None:
+        raise ValueError(
+            "negative_prompt_attention_mask goes with a [batch, length] negative_prompt_ids; "
+            "a list of negative prompts of different lengths needs no mask (each row is "
+            "its own negative prompt, unpadded)"
+        )
+    if len(rows) != batch:
+        raise ValueError(
+            f"negative_prompt_ids has {len(rows)} rows of different lengths; it needs one "
+            f"per prompt row ({batch})"
+        )
+    lengths = np.array([len(r) for r in rows], np.int32)
+    if lengths.min() < 1:
+        row = int(np.argmin(lengths))
+        raise ValueError(f"negative_prompt_ids row {row} is empty; each needs at least one token")
+    width = int(lengths.max())
+    ids = np.full((batch, width), pad_id, np.int64)
+    mask = np.zeros((batch, width), np.int32)
+    for i, r in enumerate(rows):
+        row = np.asarray(r)
+        if row.ndim != 1 or not np.issubdtype(row.dtype, np.integer):
+            raise ValueError(
+                f"negative_prompt_ids row {i} must be a list of token ids (integers), got {r!r}"
+            )
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    return ids, mask, lengths
 
 
 def _sampling_key(
@@ -651,7 +707,10 @@ def generate(
         assistant_params: the draft model's parameters when it is a `Decoder`.
         negative_prompt_ids: classifier-free guidance's negative prompt, `[batch
             or 1, length]` left-padded ids, with `guidance_scale` set (default:
-            each prompt's last token, as transformers). The unconditional rows
+            each prompt's last token, as transformers), or a list of one token
+            list per prompt row of different lengths: each row guided by its
+            own, as `generate` on that row alone (transformers counts a padded
+            negative prompt's padding in its positions). The unconditional rows
             run in the same program with a KV cache of their own.
         negative_prompt_attention_mask: its mask, 0 on padding (default all 1).
 

@@ -68,7 +68,8 @@ def _read_prompts(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
                 errors.append((n, f"line {n}: {problem}"))
                 continue
             rec.setdefault("id", n)
-            unknown = sorted(set(rec) - names - set(_PROMPT_FIELDS) - {"id"})
+            allowed = names | set(_PROMPT_FIELDS) | set(_NEGATIVE_FIELDS) | {"id"}
+            unknown = sorted(set(rec) - allowed)
             if unknown:
                 msg = f"unknown field {unknown[0]!r} (not a GenerationConfig option)"
                 errors.append((n, f"line {n} (id {rec['id']!r}): {msg}"))
@@ -91,12 +92,41 @@ _NO_PROMPT = (
 )
 
 
+# Classifier-free guidance's negative prompt of a line: text or token ids.
+_NEGATIVE_FIELDS = ("negative_prompt", "negative_prompt_ids")
+
+
+def _negative_problem(rec: dict) -> str | None:
+    """Why a line's negative prompt is malformed: at most one of a non-empty string
+    `negative_prompt` or a non-empty list of token ids `negative_prompt_ids`."""
+    given = [k for k in _NEGATIVE_FIELDS if k in rec]
+    if len(given) > 1:
+        return "give one of 'negative_prompt' or 'negative_prompt_ids', not both"
+    if "negative_prompt_ids" in rec:
+        ids = rec["negative_prompt_ids"]
+        ok = isinstance(ids, list) and ids
+        ok = ok and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        if not ok:
+            return (
+                "'negative_prompt_ids' must be a non-empty list of token ids (integers >= 0), "
+                f"got {ids!r}"
+            )
+    if "negative_prompt" in rec:
+        text = rec["negative_prompt"]
+        if not isinstance(text, str) or not text:
+            return f"'negative_prompt' must be a non-empty string, got {text!r}"
+    return None
+
+
 def _prompt_problem(rec: Any) -> str | None:
     """Why an eval line holds no prompt: it needs one of a string `prompt`, a chat
     as `messages` (a list of {"role", "content"} objects) or token ids as
     `prompt_ids` (vLLM's `prompt_token_ids`: a non-empty list of integers >= 0)."""
     if not isinstance(rec, dict):
         return _NO_PROMPT
+    negative = _negative_problem(rec)
+    if negative:
+        return negative
     given = [k for k in _PROMPT_FIELDS if k in rec]
     if len(given) > 1:
         return f"give one of 'prompt', 'messages' or 'prompt_ids', not {' and '.join(given)}"
@@ -188,7 +218,7 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
     prompt's own `max_new_tokens`, as `generate` on that prompt alone would use).
 
     Raises ValueError naming the field."""
-    skip = (*_PROMPT_FIELDS, "id", "_line", "_text")
+    skip = (*_PROMPT_FIELDS, *_NEGATIVE_FIELDS, "id", "_line", "_text", "_negative")
     line = {k: v for k, v in rec.items() if k not in skip}
     overrides = {**base, **line}
     if "max_length" in line and "max_new_tokens" not in line:
@@ -207,10 +237,47 @@ def _eval_config(lm, base: dict[str, Any], rec: dict[str, Any], n_tokens: int, b
     lm.decoder.check_length(total, total - n_tokens)
     config = config.replace(max_new_tokens=total - n_tokens, max_length=None)
     _check_constraint(lm, config)
+    negative = [k for k in _NEGATIVE_FIELDS if k in rec]
+    if negative and not config.guided():
+        raise ValueError(
+            f"{negative[0]} is the negative prompt of classifier-free guidance: set "
+            f"guidance_scale (!= 1) on the line or with --guidance_scale, got "
+            f"guidance_scale={config.guidance_scale!r}"
+        )
     if config.do_sample:
         config = config.replace(seed=_prompt_seed(rec, base_seed))
         config.validate()
     return config
+
+
+def _with_negative(lm, rec: dict, chat: bool, system: str | None) -> dict:
+    """The line with its negative prompt's token ids (`_negative`) when it gives
+    one: `negative_prompt_ids` as given, or `negative_prompt` tokenized (with
+    `--chat` rendered as the user's turn, like the prompt).
+
+    Raises ValueError naming the field."""
+    if "negative_prompt_ids" in rec:
+        ids = rec["negative_prompt_ids"]
+        if max(ids) >= lm.vocab_size:
+            raise ValueError(
+                f"negative_prompt_ids holds {max(ids)}, outside the vocabulary "
+                f"[0, {lm.vocab_size - 1}]"
+            )
+        return {**rec, "_negative": ids}
+    if "negative_prompt" not in rec:
+        return rec
+    if lm.tokenizer is None:
+        raise ValueError("negative_prompt needs the model's tokenizer (the model has none)")
+    text = rec["negative_prompt"]
+    if chat:
+        try:
+            text = common.chat_text(lm, text, system)
+        except common.CLIError as e:
+            raise ValueError(str(e)) from None
+    ids = lm.tokenizer.encode(text)
+    if not ids:
+        raise ValueError(f"negative_prompt {rec['negative_prompt']!r} has no tokens")
+    return {**rec, "_negative": list(ids)}
 
 
 def _check_constraint(lm, config) -> None:
@@ -239,7 +306,8 @@ def _group_key(config, bucket: int) -> tuple:
     constrained."""
     from jaxdecode.rows import group_key
 
-    return bucket, group_key(config, lengths_per_row=False), config.constraints() is not None
+    constrained = config.constraints() is not None
+    return bucket, group_key(config, lengths_per_row=False), constrained, config.guided()
 
 
 def _batch_config(configs: list, arrayed: tuple[str, ...]):
@@ -293,12 +361,13 @@ def _write_lines(out_file, progress: _Progress, results: list[dict]) -> None:
 def _engine_serves(config) -> bool:
     """Whether the continuous-batching engine gives this prompt's record: one
     sequence (greedy or sampling; output constraints and every log-probability
-    field included). Beam search, several sequences and speculative decoding run
-    static batches."""
+    field included). Beam search, several sequences, speculative decoding and
+    classifier-free guidance run static batches."""
     return (
         config.num_beams == 1
         and config.num_return_sequences == 1
         and config.prompt_lookup_num_tokens is None  # speculative decoding: generate()
+        and not config.guided()  # the unconditional rows: generate()
     )
 
 
@@ -380,9 +449,21 @@ def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assista
             padded = batch + [batch[-1]] * (args.batch_size - len(batch))
             config, keys = _batch_config([c for _, _, c in padded], arrayed)
             ids, mask = common.left_pad([e for _, e, _ in padded], config.pad_id)
+            # Each row's own negative prompt (default: its prompt's last token, as
+            # generate's), unpadded: each row is guided as on its own.
+            negative = (
+                [r.get("_negative", e[-1:]) for r, e, _ in padded] if config.guided() else None
+            )
             try:
                 out = jaxdecode.generate(
-                    lm, ids, mask, config, key=keys, mesh=mesh, assistant_model=assistant
+                    lm,
+                    ids,
+                    mask,
+                    config,
+                    key=keys,
+                    mesh=mesh,
+                    assistant_model=assistant,
+                    negative_prompt_ids=negative,
                 )
             except ValueError as e:
                 raise common.CLIError(f"prompt id {batch[0][0]['id']!r}: {e}") from None
@@ -476,7 +557,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     errors += chat_errors
     for r in records:
         prev = done.get(json.dumps(r["id"]))
-        if prev is not None and any(prev.get(k) != r.get(k) for k in ("prompt", "prompt_ids")):
+        keys = ("prompt", "prompt_ids", *_NEGATIVE_FIELDS)
+        if prev is not None and any(prev.get(k) != r.get(k) for k in keys):
             raise common.CLIError(
                 f"{args.output} has a result for id {r['id']!r} with another prompt than "
                 f"line {r['_line']} of {args.prompts_file}; give another -o"
@@ -498,6 +580,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             encoded = lm.tokenizer.encode(r.get("_text", r["prompt"]))
         if not encoded:
             errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): prompt is empty"))
+            continue
+        try:
+            r = _with_negative(lm, r, args.chat, args.system)
+        except ValueError as e:
+            errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {e}"))
             continue
         try:
             config = _eval_config(lm, base_overrides, r, len(encoded), base_seed)

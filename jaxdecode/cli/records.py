@@ -99,9 +99,10 @@ def result_record(
 def eval_result(rec: dict, config, outputs: list[dict], args: argparse.Namespace) -> dict:
     """An eval line's record (`config`: the line's resolved config); a chat line
     (`messages`) keeps them and its rendered prompt, a token-id line its
-    `prompt_ids` (its `prompt` is null); `model` (and `adapter`) and `options` say
+    `prompt_ids` (its `prompt` is null), a guided line its negative prompt as given; `model` (and `adapter`) and `options` say
     what made it (`made_with`)."""
-    given = {k: rec[k] for k in ("messages", "prompt_ids") if k in rec}
+    fields = ("messages", "prompt_ids", "negative_prompt", "negative_prompt_ids")
+    given = {k: rec[k] for k in fields if k in rec}
     seed = config.seed if config.do_sample else None
     record = result_record(EVAL_SCHEMA, rec.get("prompt"), seed, outputs, id=rec["id"], **given)
     return {**record, **made_with(args, config)}

@@ -29,7 +29,22 @@ from jaxdecode.processors import Chain
 
 Array = jax.Array
 
-__all__ = ["next_assistant_tokens", "PromptLookup", "DraftModel", "DEFAULT_NGRAM", "draft_key"]
+__all__ = [
+    "next_assistant_tokens",
+    "PromptLookup",
+    "DraftModel",
+    "DEFAULT_NGRAM",
+    "HEURISTIC_MAX_TOKENS",
+    "draft_key",
+]
+
+# The heuristic assistant schedules' largest K (unless the first K is larger):
+# transformers lets K grow by 2 after every round whose drafts were all accepted,
+# bounded only by the tokens left; a compiled round has a static width (the
+# verification covers K + 1 positions, the draft model runs up to K steps), so a
+# bound of max_new_tokens - 1 made every round of a long output that wide. At 32
+# a draft that keeps up grows from the default 20 for six rounds in a row first.
+HEURISTIC_MAX_TOKENS = 32
 
 # transformers' prompt lookup matches n-grams up to this size when
 # `max_matching_ngram_size` is unset.
@@ -117,7 +132,8 @@ class DraftModel:
         decoder: the draft model's `Decoder`.
         k: draft tokens per round at most (the static shape of a round):
             `num_assistant_tokens`, or with a heuristic schedule the most a
-            round can use (`max_new_tokens - 1`).
+            round can use (`max_new_tokens - 1`, at most `HEURISTIC_MAX_TOKENS`
+            unless `num_assistant_tokens` is larger).
         start: each row's first K (`num_assistant_tokens`).
         schedule: `num_assistant_tokens_schedule` ("constant", "heuristic",
             "heuristic_transient").
@@ -145,8 +161,9 @@ class DraftModel:
         return min(self.start or self.k, self.k)
 
     def prefill(self, params: Any, ids: Array, mask: Array, expand: int, max_len: int) -> Any:
-        """The draft cache after the prompt *minus its last token* (rewound by one
-        slot), one row per decoding row (`expand` rows per prompt).
+        """The draft cache after the prompt *minus its last two tokens* (rewound by
+        two slots: the first round feeds them as `prev, last`), one row per
+        decoding row (`expand` rows per prompt).
 
         Args:
             params: the draft model's parameters.
@@ -158,7 +175,8 @@ class DraftModel:
         cache = self.decoder.init_cache(ids.shape[0], max_len, None)
         # Only the cache is kept: the LM head runs on the last position alone.
         _, cache = self.decoder.prefill_last(params, ids, positions_from_mask(mask), cache, mask)
-        cache = rewind_rows(cache, jnp.ones((ids.shape[0],), jnp.int32), width=1)
+        back = min(2, ids.shape[1])  # a one-column prompt: its one token
+        cache = rewind_rows(cache, jnp.full((ids.shape[0],), back, jnp.int32), width=back)
         if expand > 1:
             cache = gather_rows(cache, jnp.repeat(jnp.arange(ids.shape[0]), expand))
         return cache
@@ -210,8 +228,10 @@ class DraftModel:
             return sampling.categorical(draft_key(row_keys, lengths + j, DRAFT), scores)
 
         two = jnp.stack([prev, last], axis=1)
-        pos = clip(jnp.stack([position - 1, position], axis=1))
-        logits, cache = self.decoder.apply(params, two, pos, cache, jnp.ones((rows, 2), jnp.int32))
+        pos = clip(jnp.stack([jnp.maximum(position - 1, 0), position], axis=1))
+        # `last` at position 0 (a one-token prompt's first round): no `prev`.
+        real = jnp.stack([position > 0, jnp.ones_like(position, bool)], axis=1)
+        logits, cache = self.decoder.apply(params, two, pos, cache, real.astype(jnp.int32))
         scores = processor(logits[:, -1].astype(jnp.float32), ctx, proc_state)
         token = choose(scores, 0)
 

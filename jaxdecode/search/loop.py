@@ -111,9 +111,12 @@ class GenerateOutput:
         prompt_top_token_ids: `[B * R, prompt_len, n]` int32, their ids (pad where
             there is no prediction).
         drafted: `[B * R]` int32 draft tokens verified per row (speculative
-            decoding: `prompt_lookup_num_tokens` or `assistant_model`), else None.
+            decoding: `prompt_lookup_num_tokens` or `assistant_model`), else
+            None; transformers' candidates (at most `max_new_tokens - 1 -
+            generated` per round, up to a draft EOS).
         accepted: `[B * R]` int32 of those, the ones accepted (`accepted /
-            drafted` is the row's acceptance rate), else None.
+            drafted` is the row's acceptance rate), else None; transformers'
+            `n_matches` (an accepted draft that ends the row is not counted).
         num_assistant_tokens: `[B * R]` int32 with a draft model: each row's K
             for a next round (its `num_assistant_tokens_schedule` applied to
             every round's acceptance; transformers' "heuristic" schedule carries
@@ -191,10 +194,10 @@ class Guidance:
         ids: `[batch, width]` int32 the negative prompt, left-padded (bucket
             padding first, masked out).
         mask: `[batch, width]` int32, 0 on padding.
-        length: `[]` int32 the negative prompt's logical length (columns, the
-            user's padding included, without the bucket padding): transformers
-            gives its tokens positions `0 .. length - 1` and the next token
-            `length`.
+        length: `[]` or `[batch]` int32 the negative prompt's logical length
+            (columns, the user's padding included, without the bucket padding):
+            transformers gives its tokens positions `0 .. length - 1` and the
+            next token `length`; per row for per-row negative prompts.
         scale: `[]` or `[batch]` float32 guidance scale.
     """
 
@@ -430,7 +433,9 @@ def _prefill_guide(plan: Plan, params: Any, guidance: Guidance) -> dict[str, Any
     cache = constrain(cache, plan.mesh, cache_specs)
     # transformers calls the model without position ids: positions count columns,
     # padding included (bucket padding, before logical column 0, is masked).
-    positions = jnp.arange(width, dtype=jnp.int32)[None, :] - (width - guidance.length)
+    length = jnp.asarray(guidance.length, jnp.int32)
+    rows_length = length[:, None] if length.ndim else length
+    positions = jnp.arange(width, dtype=jnp.int32)[None, :] - (width - rows_length)
     positions = jnp.broadcast_to(jnp.maximum(positions, 0), guidance.ids.shape)
     last, cache = plan.decoder.prefill_last(params, guidance.ids, positions, cache, guidance.mask)
     if plan.expand > 1:
@@ -438,7 +443,9 @@ def _prefill_guide(plan: Plan, params: Any, guidance: Guidance) -> dict[str, Any
         cache = gather_rows(cache, parent)
         last = jnp.take(last, parent, axis=0)
     cache = constrain(cache, plan.mesh, cache_specs)
-    positions = jnp.broadcast_to(jnp.asarray(guidance.length, jnp.int32), (plan.rows,))
+    if length.ndim and plan.expand > 1:
+        length = jnp.repeat(length, plan.expand)
+    positions = jnp.broadcast_to(length, (plan.rows,))
     return {"cache": cache, "logits": constrain_logits(plan, last), "positions": positions}
 
 

@@ -27,9 +27,14 @@ With prompt lookup, a round in which no row found a match is a plain one-token
 step (a `lax.cond`), so text without repetitions costs what plain decoding does
 plus the n-gram search.
 
-Randomness: token index t of a row draws from `fold_in(row_key, t)` (plain
-decoding's stream for its first token; then per purpose: acceptance, residual,
-draft), so a row's tokens never depend on the batch around it.
+The first round starts at the first new token, as transformers' assisted
+generation: `last` is then the prompt's last token (taken out of the target
+cache after the prefill), so round boundaries and each round's K are
+transformers'.
+
+Randomness: token index t of a row draws from `fold_in(row_key, t)` (per
+purpose: acceptance, residual, draft), so a row's tokens never depend on the
+batch around it.
 
 Long (~560 lines): the round, its acceptance rule, the cut where decoding
 stops, the output writes and prompt lookup's verify-or-step choice belong
@@ -325,6 +330,12 @@ def _round(
     rows = s.last.shape[0]
     new_tokens = plan.new_tokens
     active = ~s.done & (s.lengths < new_tokens)
+    # transformers' candidates: at most max_new_tokens - 1 - generated (the round
+    # emits one more), up to the first EOS (the assistant stops there).
+    has = jnp.minimum(has, jnp.maximum(new_tokens - s.lengths - 1, 0))
+    if k:
+        has = jnp.minimum(has, _first(eos_hit(drafts, cfg.eos_token_id), k) + 1)
+    has = jnp.where(active, has, 0).astype(jnp.int32)
 
     tokens_in = jnp.concatenate([s.last[:, None], drafts], axis=1)  # [rows, W]
     pos_in = s.positions[:, None] + jnp.arange(w)[None, :]
@@ -367,7 +378,9 @@ def _round(
     if isinstance(drafter, DraftModel):
         # It holds prev, last and d_1..d_{K-1} of this round; it keeps n + 1.
         draft_cache = rewind_rows(draft_cache, w - jnp.where(active, count, 0), width=w)
-    accepted = jnp.minimum(n, count)
+    # transformers' count: the drafts kept before the round's last kept token
+    # (an accepted draft that ends the row, EOS or the length, is that token).
+    accepted = jnp.maximum(jnp.minimum(n, count - 1), 0)
     return s.replace(
         ctx=s.ctx.append(emitted, count),
         cache=target_cache,
@@ -379,8 +392,7 @@ def _round(
         lengths=s.lengths + count,
         proc_state=proc_state,
         stop_window=window,
-        # Drafts past the length limit could never be kept: not counted.
-        drafted=s.drafted + jnp.where(active, jnp.minimum(has, new_tokens - s.lengths), 0),
+        drafted=s.drafted + has,
         accepted=s.accepted + jnp.where(active, accepted, 0),
         outs=outs,
     )
@@ -456,33 +468,41 @@ def _start(
     traced: TracedConfig,
     key: Array,
 ) -> tuple[TracedConfig, SpecState, dict[str, Array] | None]:
-    """Prefill (as plain decoding, with room for K + 1 more slots), the first
-    token chosen as plain decoding chooses it, and the draft model's prefill."""
+    """Prefill (as plain decoding, with room for K + 1 more slots) and the draft
+    model's prefill, then both caches rewound so that the first round starts at
+    the first new token, as transformers' assisted generation: `last` is the
+    prompt's last token (out of the target cache again; the round recomputes its
+    distribution along with the drafts') and `prev` the one before it (out of
+    the draft cache), so round boundaries, each round's K and the drafted /
+    accepted counts are transformers'."""
     k = drafter.k
     wide = dataclasses.replace(plan, new_tokens=plan.new_tokens + k + 1)
     traced, state = prefill_program(wide, params, ids, mask, prompt_len, traced, key)
     state = state.replace(ctx=state.ctx.replace(max_length=state.ctx.max_length - k - 1))
     prompt, state = state.prompt, state.replace(prompt=None)
-    last_prompt = jnp.repeat(jnp.asarray(ids, jnp.int32)[:, -1], plan.expand)
-    state, first = decode_step(plan, params, traced, state, run_model=False)
+    ids = jnp.asarray(ids, jnp.int32)
+    last_prompt = jnp.repeat(ids[:, -1], plan.expand)
+    # The token before it: padding (masked where it is fed) for a one-token prompt.
+    before_last = ids[:, -2] if ids.shape[1] > 1 else jnp.zeros_like(ids[:, -1])
     rows = plan.rows
+    # The outputs' shapes: those of a step's record (only traced for its shapes).
+    first = jax.eval_shape(lambda st: decode_step(plan, params, traced, st, False)[1], state)
     width = plan.new_tokens + k + 1
     outs = {}
     for name, value in first.items():
         fill = plan.config.pad_token_id if name in PAD_FIELDS else 0
-        buf = jnp.full((rows, width, *value.shape[1:]), fill, value.dtype)
-        outs[name] = buf.at[:, 0].set(value)
+        outs[name] = jnp.full((rows, width, *value.shape[1:]), fill, value.dtype)
     draft_cache = None
     if isinstance(drafter, DraftModel):
         total = plan.bucket + plan.new_tokens + k + 1
         draft_cache = drafter.prefill(draft_params, ids, mask, plan.expand, total)
     spec = SpecState(
         ctx=state.ctx,
-        cache=state.cache,
+        cache=rewind_rows(state.cache, jnp.ones((rows,), jnp.int32), width=1),
         draft_cache=draft_cache,
-        last=first["tokens"],
-        prev=last_prompt,
-        positions=state.positions - 1,  # `last` is not in the cache yet
+        last=last_prompt,
+        prev=jnp.repeat(before_last, plan.expand),
+        positions=state.positions - 1,  # `last` is not in the cache
         done=state.done,
         lengths=state.lengths,
         row_keys=state.row_keys,
@@ -610,12 +630,9 @@ def _speculate(
             has,
             q if plan.config.do_sample else None,
         )
-        # transformers' candidates: at most max_length - 1 - cur_len, and the
-        # assistant's generate stops at its first EOS.
-        cand = jnp.minimum(has, jnp.maximum(n - s.lengths - 1, 0))
-        cand = jnp.minimum(cand, _first(eos_hit(drafts, plan.config.eos_token_id), k) + 1)
-        won = new.accepted - s.accepted
-        k_next = next_assistant_tokens(s.k_row, jnp.minimum(won, cand), cand, drafter.schedule)
+        # The round's candidates and matches, as transformers counts them.
+        won, cand = new.accepted - s.accepted, new.drafted - s.drafted
+        k_next = next_assistant_tokens(s.k_row, won, cand, drafter.schedule)
         return new.replace(k_row=jnp.where(active, jnp.minimum(k_next, k), s.k_row))
 
     state = jax.lax.while_loop(lambda s: jnp.any(~s.done & (s.lengths < n)), body, state)

@@ -869,6 +869,67 @@ def test_eval_prompt_ids_lines_serve_a_model_without_tokenizer(
     assert not (tmp_path / "never.jsonl").exists()
 
 
+def test_eval_negative_prompt_per_line(model_dir, tmp_path, capsys, no_persistent_cache):
+    """Classifier-free guidance with a negative prompt per line (text or ids, of
+    different lengths, or none: the prompt's last token), `--guidance_scale` or a
+    line's own scale: rows sharing one static batch each give `generate` on that
+    line alone; the record keeps the negative prompt as given."""
+    lm = jaxdecode.from_pretrained(model_dir)
+    lines = [
+        {"id": "text", "prompt": "In the", "negative_prompt": "And God said"},
+        {"id": "ids", "prompt": "Let there", "negative_prompt_ids": TOKENIZER.encode("dark")},
+        {"id": "none", "prompt": "And"},
+        {"id": "own", "prompt": "light was", "negative_prompt": "x", "guidance_scale": 4.0},
+        {"id": "sampled", "prompt": "be", "negative_prompt": "evening and", "do_sample": True,
+         "seed": 7},
+    ]  # fmt: skip
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(prompts, lines)
+    flags = ["--max_new_tokens", "6", "--guidance_scale", "2.5", "--batch_size", "4", "--quiet"]
+    code, _, err = main_result(capsys, "eval", str(prompts), "-o", str(out), "--model", model_dir,
+                               *flags)  # fmt: skip
+    assert code == 0, err
+    by_id = {r["id"]: r for r in read_results(out)}
+    for line in lines:
+        ids = TOKENIZER.encode(line["prompt"])
+        negative = line.get("negative_prompt_ids") or TOKENIZER.encode(
+            line.get("negative_prompt", line["prompt"][-1])
+        )
+        sampled = line.get("do_sample", False)
+        alone = jaxdecode.generate(
+            lm,
+            np.asarray([ids]),
+            max_new_tokens=6,
+            guidance_scale=line.get("guidance_scale", 2.5),
+            negative_prompt_ids=np.asarray([negative]),
+            do_sample=sampled,
+            key=jax.random.key(7) if sampled else None,
+        )
+        n = int(alone.lengths[0])
+        want = np.asarray(alone.sequences)[0, len(ids) : len(ids) + n].tolist()
+        assert by_id[line["id"]]["outputs"][0]["tokens"] == want, line["id"]
+        for field in ("negative_prompt", "negative_prompt_ids"):
+            assert by_id[line["id"]].get(field) == line.get(field)
+    # Unguided: the same prompt without a negative prompt differs.
+    plain = jaxdecode.generate(lm, np.asarray([TOKENIZER.encode("In the")]), max_new_tokens=6)
+    assert np.asarray(plain.sequences)[0, 6:].tolist() != by_id["text"]["outputs"][0]["tokens"]
+
+    cases = [
+        ({"prompt": "a", "negative_prompt": "b"}, ["line 2", "negative_prompt", "guidance_scale"]),
+        ({"prompt": "a", "negative_prompt": "b", "negative_prompt_ids": [1]}, ["line 2", "not both"]),
+        ({"prompt": "a", "negative_prompt_ids": [VOCAB]}, ["line 2", f"holds {VOCAB}"]),
+        ({"prompt": "a", "negative_prompt": ""}, ["line 2", "non-empty string"]),
+    ]  # fmt: skip
+    for line, words in cases:
+        bad = tmp_path / "bad.jsonl"
+        write_jsonl(bad, [{"prompt": "ok"}, line])
+        result = main_result(
+            capsys, "eval", str(bad), "-o", str(tmp_path / "never.jsonl"), "--model", model_dir
+        )
+        assert_one_line(*result, *words)
+    assert not (tmp_path / "never.jsonl").exists()
+
+
 def test_eval_names_the_line_that_cannot_fit_before_compiling(
     model_dir, tmp_path, capsys, monkeypatch, no_persistent_cache
 ):

@@ -88,6 +88,79 @@ def _hf_final_k(hf, hf_draft, prompt, schedule, start):
     return record["k"]
 
 
+def _hf_rounds(hf, hf_draft, prompt, schedule, start, eos):
+    """transformers at batch 1: each round's (K, candidates, matches)."""
+    draft = copy.deepcopy(hf_draft)
+    draft.generation_config.num_assistant_tokens = start
+    draft.generation_config.num_assistant_tokens_schedule = schedule
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    rounds = []
+    original = AssistedCandidateGenerator.update_candidate_strategy
+
+    def spy(self, input_ids, scores, num_matches):
+        rounds.append((self.num_assistant_tokens, scores.shape[1] - 1, int(num_matches)))
+        original(self, input_ids, scores, num_matches)
+
+    AssistedCandidateGenerator.update_candidate_strategy = spy
+    try:
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([prompt]),
+                assistant_model=draft,
+                max_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=eos,
+            )
+    finally:
+        AssistedCandidateGenerator.update_candidate_strategy = original
+    return rounds, out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("schedule", ["constant", "heuristic", "heuristic_transient"])
+def test_rounds_equal_transformers_over_a_call(models, schedule):
+    """A real (1-layer) draft that is sometimes wrong, EOS on: per row, the
+    drafted and accepted counts over the whole call and the K after it equal
+    transformers' (its rounds start at the first new token, as ours), and the
+    tokens are its tokens. Each row of one batch adapts its own K (a one-token
+    prompt too: the draft has no token before it in its first round)."""
+    lm, draft, hf, hf_draft = models
+    start = 3
+    prompts = [*PROMPTS, [19]]
+    ids = np.zeros((len(prompts), max(map(len, prompts))), int)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, ids.shape[1] - len(p) :], mask[i, ids.shape[1] - len(p) :] = p, 1
+    out = jd.generate(
+        lm,
+        ids,
+        mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=EOS,
+        assistant_model=draft,
+        num_assistant_tokens=start,
+        num_assistant_tokens_schedule=schedule,
+        assistant_confidence_threshold=0.0,
+    )
+    rejected = False
+    for i, prompt in enumerate(prompts):
+        rounds, tokens = _hf_rounds(hf, hf_draft, prompt, schedule, start, EOS)
+        n = int(out.lengths[i])
+        assert np.asarray(out.sequences)[i, ids.shape[1] : ids.shape[1] + n].tolist() == tokens
+        want_k = rounds[-1][0]
+        if schedule != "constant":  # the rule after the last round
+            want_k = want_k + 2 if rounds[-1][1] == rounds[-1][2] else max(1, want_k - 1)
+        got = (int(out.drafted[i]), int(out.accepted[i]), int(out.num_assistant_tokens[i]))
+        want = (sum(r[1] for r in rounds), sum(r[2] for r in rounds), want_k)
+        assert got == want, (i, rounds)
+        rejected |= any(r[2] < r[1] for r in rounds)
+        if schedule == "heuristic":
+            assert len({r[0] for r in rounds}) > 1, rounds  # K moved
+    assert rejected, "the draft must be wrong sometimes"
+
+
 def _final_k_all_accepted(start: int, tokens: int, schedule: str) -> int:
     """K after decoding `tokens` tokens in rounds that accept every candidate:
     each round drafts min(K, tokens left - 1) candidates, emits them and one
@@ -104,10 +177,7 @@ def _final_k_all_accepted(start: int, tokens: int, schedule: str) -> int:
 @pytest.mark.parametrize("schedule,start", [("heuristic", 2), ("heuristic_transient", 3)])
 def test_k_after_generate_with_a_perfect_draft(models, schedule, start):
     """The target as its own draft accepts every candidate, so K follows the rule
-    through every round. transformers' rounds start at the first new token;
-    jaxdecode takes the first token from the prefill's logits and starts its
-    rounds at the second (one forward pass fewer), so its K is the rule's over
-    NEW - 1 tokens where transformers' is over NEW (both checked)."""
+    through every round; the rounds start at the first new token in both."""
     lm, _, hf, _ = models
     prompt = PROMPTS[1]
     out = jd.generate(
@@ -122,7 +192,7 @@ def test_k_after_generate_with_a_perfect_draft(models, schedule, start):
         assistant_confidence_threshold=0.0,  # transformers' run below: 0 too
     )
     assert int(out.lengths[0]) == NEW  # no EOS: every round is a full one
-    assert int(out.num_assistant_tokens[0]) == _final_k_all_accepted(start, NEW - 1, schedule)
+    assert int(out.num_assistant_tokens[0]) == _final_k_all_accepted(start, NEW, schedule)
     assert _hf_final_k(hf, hf, prompt, schedule, start) == _final_k_all_accepted(
         start, NEW, schedule
     )
@@ -150,3 +220,34 @@ def test_threshold_cuts_drafts_per_row(models):
         jd.GenerationConfig(assistant_confidence_threshold=1.5).validate()
     with pytest.raises(ValueError, match="num_assistant_tokens_schedule"):
         jd.GenerationConfig(num_assistant_tokens_schedule="adaptive").validate()
+
+
+def test_heuristic_round_width_is_capped(models):
+    """A heuristic schedule's static round width: max_new_tokens - 1 for short
+    outputs, HEURISTIC_MAX_TOKENS for long ones (unless the first K is larger);
+    constant: K. The capped program still lowers for TPU and CUDA."""
+    import jax
+
+    from jaxdecode.generation import prepare
+    from jaxdecode.search.drafters import HEURISTIC_MAX_TOKENS
+
+    lm, draft, _, _ = models
+    ids = np.asarray([PROMPTS[1]])
+
+    def width(new, schedule, start=3):
+        options = dict(
+            max_new_tokens=new,
+            num_assistant_tokens=start,
+            num_assistant_tokens_schedule=schedule,
+            do_sample=False,
+        )
+        req = prepare(lm, ids, overrides=options, assistant_model=draft)
+        return req.drafter.k, req
+
+    assert width(10, "heuristic")[0] == 9
+    assert width(50, "heuristic")[0] == HEURISTIC_MAX_TOKENS
+    assert width(50, "heuristic_transient", start=40)[0] == 40
+    assert width(50, "constant")[0] == 3
+    _, req = width(50, "heuristic")
+    program, static, dynamic = req.program()
+    jax.export.export(program, platforms=("tpu", "cuda"))(*static, *dynamic)

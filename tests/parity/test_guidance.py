@@ -122,6 +122,39 @@ def test_per_row_scale_and_one_compilation(models):
     assert compiles.count == 0
 
 
+def test_per_row_negative_prompts_of_different_lengths(models):
+    """A list of per-row negative prompts of different lengths: each row's tokens
+    equal transformers' generate on that row alone with its own negative prompt
+    (greedy), and each row's sampled sequences equal that row alone (two
+    sequences per prompt: the per-row lengths follow the expanded rows)."""
+    model, lm = models
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 90, (3, 6))
+    negs = [rng.integers(0, 90, n).tolist() for n in (2, 5, 3)]
+    options = dict(max_new_tokens=NEW, pad_token_id=PAD, guidance_scale=3.0)
+    out = jd.generate(lm, ids, do_sample=False, negative_prompt_ids=negs, **options)
+    for i, neg in enumerate(negs):
+        ref = hf_generate(
+            model,
+            ids[i : i + 1],
+            np.ones((1, 6), int),
+            guidance_scale=3.0,
+            negative_prompt_ids=torch.as_tensor([neg]),
+        )
+        want = ref.sequences.numpy()[0]  # alone it may stop early: the rest is padding
+        got = np.asarray(out.sequences)[i]
+        np.testing.assert_array_equal(got[: len(want)], want)
+        assert (got[len(want) :] == PAD).all()
+    sampled = dict(do_sample=True, num_return_sequences=2, **options)
+    keys = jax.random.split(jax.random.key(4), 3)
+    both = jd.generate(lm, ids, negative_prompt_ids=negs, key=keys, **sampled).sequences
+    for i, neg in enumerate(negs):
+        alone = jd.generate(
+            lm, ids[i : i + 1], negative_prompt_ids=[neg], key=keys[i : i + 1], **sampled
+        ).sequences
+        np.testing.assert_array_equal(np.asarray(both)[2 * i : 2 * i + 2], alone)
+
+
 def test_sampling_and_stream_run_guided(models):
     """Sampling draws from the guided distribution (same key, same tokens
     through generate and stream)."""
@@ -163,3 +196,12 @@ def test_errors(models):
         jd.generate(lm, ids, max_new_tokens=2, guidance_scale=2.0, negative_prompt_ids=[[500]])
     with pytest.raises(ValueError, match="guidance_scale"):
         jd.GenerationConfig(guidance_scale=float("nan")).validate()
+    ragged = dict(max_new_tokens=2, guidance_scale=2.0, negative_prompt_ids=[[1], [2, 3]])
+    with pytest.raises(ValueError, match="needs no mask"):
+        jd.generate(lm, ids, negative_prompt_attention_mask=[[1], [1, 1]], **ragged)
+    with pytest.raises(ValueError, match="2 rows of different lengths; it needs one per prompt"):
+        jd.generate(lm, np.zeros((3, 3), int), **ragged)
+    with pytest.raises(ValueError, match="row 0 is empty"):
+        jd.generate(lm, ids, **{**ragged, "negative_prompt_ids": [[], [2, 3]]})
+    with pytest.raises(ValueError, match="negative_prompt_ids must be in"):
+        jd.generate(lm, ids, **{**ragged, "negative_prompt_ids": [[1], [2, 500]]})

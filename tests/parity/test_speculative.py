@@ -169,7 +169,7 @@ def test_stop_strings_end_rows_where_plain_decoding_does():
 # --------------------------------------------------------------------------- #
 
 SMALL_VOCAB = 8
-SAMPLE_PROMPT = [3, 4, 5, 6, 7, 0, 1, 2, 3, 4]  # every token: every row finds a match
+SAMPLE_PROMPT = [4, 5, 6, 7, 0, 1, 2, 3, 4, 5]  # every token: every row finds a match
 SAMPLE_NEW = 3
 DRAWS = 4000
 SAMPLING = dict(
