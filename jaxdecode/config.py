@@ -9,7 +9,8 @@ of transformers' repetition-penalty processor, not of its config), `seed`, `repe
 `top_k_method`, `top_p_method`, the output constraints `regex`,
 `json_schema`, `choices`, and the log-probability outputs named as
 vLLM's `SamplingParams`: `logprobs` (top-N alternatives per step),
-`logprobs_mode`, `prompt_logprobs`, and `output_raw_logprobs`.
+`logprobs_mode`, `prompt_logprobs`, and `output_raw_logprobs`; and
+`output_routed_experts` (mixture-of-experts models).
 
 A config splits in two: a hashable `StaticConfig` (`static()`: shapes and which
 code runs) and a pytree of traced values (`jaxdecode.processors.split_config`:
@@ -357,6 +358,9 @@ class GenerationConfig:
     logprobs: int | None = _field(None, hf=False)
     logprobs_mode: Literal["processed", "raw"] = _field("processed", hf=False)
     prompt_logprobs: int | None = _field(None, hf=False)
+    # Mixture-of-experts models: the experts each generated token's forward pass
+    # was routed to (vLLM's / sglang's routed experts, for RL routing replay).
+    output_routed_experts: bool = _field(False, hf=False)
 
     def __post_init__(self) -> None:
         marking = self.watermarking_config
@@ -455,6 +459,7 @@ class GenerationConfig:
             "output_scores",
             "output_logits",
             "output_raw_logprobs",
+            "output_routed_experts",
             "return_dict_in_generate",
         ):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
@@ -551,6 +556,7 @@ class GenerationConfig:
             for name, used in (
                 ("output_raw_logprobs", self.output_raw_logprobs),
                 ("logprobs", bool(self.logprobs)),
+                ("output_routed_experts", self.output_routed_experts),
             ):
                 if used:
                     raise ConfigError(
@@ -748,6 +754,7 @@ class GenerationConfig:
             output_scores=bool(self.output_scores),
             output_logits=bool(self.output_logits),
             output_raw_logprobs=bool(self.output_raw_logprobs),
+            output_routed_experts=bool(self.output_routed_experts),
             logprobs=int(self.logprobs or 0),
             logprobs_mode=self.logprobs_mode if self.logprobs else "processed",
             prompt_logprobs=-1 if self.prompt_logprobs is None else int(self.prompt_logprobs),
@@ -881,6 +888,7 @@ class StaticConfig:
     output_scores: bool
     output_logits: bool
     output_raw_logprobs: bool
+    output_routed_experts: bool
     logprobs: int  # top-N alternatives per step; 0 = none
     logprobs_mode: str  # "processed" or "raw": the distribution of the alternatives
     prompt_logprobs: int  # -1 = off; 0 = the prompt tokens' own; N = plus top-N

@@ -81,6 +81,7 @@ DESCRIPTIONS: dict[str, str] = {
     "logprobs": "Return the N best tokens and their log-probabilities at every step.",
     "logprobs_mode": 'Whether `logprobs` ranks the `"processed"` or the `"raw"` distribution.',
     "prompt_logprobs": "Return each prompt token's log-probability (N ≥ 1 adds the top-N alternatives).",
+    "output_routed_experts": "Mixture-of-experts models: return the experts each generated token was chosen by (`[rows, N, MoE layers, k]`, for RL routing replay).",
 }
 
 
