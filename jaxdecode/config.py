@@ -9,7 +9,8 @@ of transformers' repetition-penalty processor, not of its config), `seed`, `repe
 `top_k_method`, `top_p_method`, the output constraints `regex`,
 `json_schema`, `choices`, and the log-probability outputs named as
 vLLM's `SamplingParams`: `logprobs` (top-N alternatives per step),
-`logprobs_mode`, `prompt_logprobs`, and `output_raw_logprobs`.
+`logprobs_mode`, `prompt_logprobs`, and `output_raw_logprobs`; and
+`output_routed_experts` (mixture-of-experts models).
 
 A config splits in two: a hashable `StaticConfig` (`static()`: shapes and which
 code runs) and a pytree of traced values (`jaxdecode.processors.split_config`:
@@ -650,6 +651,15 @@ class GenerationConfig:
             doc="-1: off; 0: the prompt tokens' own; N: plus the top-N.",
         ),
     )
+    # Mixture-of-experts models: the experts each generated token's forward pass
+    # was routed to (vLLM's / sglang's routed experts, for RL routing replay).
+    output_routed_experts: bool = option(
+        False,
+        doc="Mixture-of-experts models: return the experts each generated token was chosen by (`[rows, N, MoE layers, k]`, for RL routing replay).",
+        check=Flag(),
+        hf=False,
+        static=Static(bool),
+    )
 
     def __post_init__(self) -> None:
         marking = self.watermarking_config
@@ -759,6 +769,7 @@ class GenerationConfig:
             for name, used in (
                 ("output_raw_logprobs", self.output_raw_logprobs),
                 ("logprobs", bool(self.logprobs)),
+                ("output_routed_experts", self.output_routed_experts),
             ):
                 if used:
                     raise ConfigError(

@@ -182,6 +182,12 @@ def _drafter(
             "speculative decoding (prompt_lookup_num_tokens / assistant_model) works with greedy "
             f"search and sampling (num_beams=1), got num_beams={config.num_beams}"
         )
+    if config.output_routed_experts:
+        raise ValueError(
+            "output_routed_experts=True records one forward pass per token; speculative "
+            "decoding (prompt_lookup_num_tokens / assistant_model) verifies several tokens per "
+            "pass: decode without it"
+        )
     if mesh is not None:
         raise ValueError("speculative decoding runs on one device: mesh must be None")
     if assistant_model is None:
@@ -537,6 +543,7 @@ def prepare(
             "set max_new_tokens"
         )
     decoder.check_length(max_length, new_tokens)
+    decoder.check_routed(config.output_routed_experts)
     drafter, draft_params = _drafter(
         config, decoder, assistant_model, assistant_params, mesh, new_tokens
     )
@@ -865,6 +872,8 @@ class StreamStep:
             (`output_raw_logprobs`), else None.
         top_logprobs: `[rows, n]` the n best log-probabilities (`logprobs=n`), else None.
         top_token_ids: `[rows, n]` their ids, else None.
+        routed_experts: `[rows, moe_layers, k]` the experts of the forward pass
+            that chose the tokens (`output_routed_experts`), else None.
     """
 
     tokens: np.ndarray
@@ -873,6 +882,7 @@ class StreamStep:
     raw_logprobs: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
     top_token_ids: np.ndarray | None = None
+    routed_experts: np.ndarray | None = None
 
 
 _prefill_jit = jax.jit(prefill_program, static_argnums=0)
@@ -951,4 +961,5 @@ def _stream_steps(req: Request) -> Iterator[StreamStep]:
             raw_logprobs=host.get("raw_token_logprobs"),
             top_logprobs=host.get("top_logprobs"),
             top_token_ids=host.get("top_token_ids"),
+            routed_experts=host.get("routed_experts"),
         )

@@ -35,6 +35,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         name
         for name, on in (
             ("output_raw_logprobs", config.output_raw_logprobs),
+            ("output_routed_experts", config.output_routed_experts),
             ("logprobs", config.logprobs is not None),
             ("prompt_logprobs", config.prompt_logprobs is not None),
         )

@@ -59,7 +59,8 @@ def output_records(
 
 def _logprob_fields(out, row: int, n: int, prompt_mask) -> dict[str, Any]:
     """`raw_token_logprobs`, `top_logprobs` (per generated token, `[[id, logprob],
-    ...]` best first) and `prompt_logprobs` (per real prompt token, null for the
+    ...]` best first), `routed_experts` (per generated token, `[[expert, ...]
+    per MoE layer]`) and `prompt_logprobs` (per real prompt token, null for the
     first) / `prompt_top_logprobs` of one output row, when present."""
     import numpy as np
 
@@ -79,6 +80,8 @@ def _logprob_fields(out, row: int, n: int, prompt_mask) -> dict[str, Any]:
         fields["top_logprobs"] = pairs(
             np.asarray(out.top_token_ids)[row, :n], np.asarray(out.top_logprobs)[row, :n]
         )
+    if out.routed_experts is not None:
+        fields["routed_experts"] = np.asarray(out.routed_experts)[row, :n].tolist()
     if out.prompt_logprobs is not None:
         real = np.flatnonzero(np.asarray(prompt_mask) == 1)
         fields["prompt_logprobs"] = [None] + rounded(np.asarray(out.prompt_logprobs)[row, real[1:]])
@@ -172,7 +175,7 @@ def engine_logprob_fields(result) -> dict[str, Any]:
 
     fields = (
         "raw_token_logprobs", "top_logprobs", "top_token_ids",
-        "prompt_logprobs", "prompt_top_logprobs", "prompt_top_token_ids",
+        "prompt_logprobs", "prompt_top_logprobs", "prompt_top_token_ids", "routed_experts",
     )  # fmt: skip
     out = types.SimpleNamespace(**{name: row(getattr(result, name)) for name in fields})
     return _logprob_fields(out, 0, len(result.tokens), np.ones(len(result.prompt), np.int32))

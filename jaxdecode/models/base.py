@@ -85,6 +85,13 @@ class Decoder:
             activations and attention scratch live during one call over T new
             tokens and S cache slots (logits and the cache excluded), for the
             memory pre-checks (`prefill_bytes`).
+        apply_routed: for a mixture-of-experts model, `apply` that also returns
+            the experts each token was routed to: `(params, ids, positions,
+            cache, attention_mask, last=False) -> (logits, cache, experts [B, T,
+            routed_shape[0], routed_shape[1]] int32)` (`last`: the logits of the
+            last position only, as `apply_last`); None for a dense model.
+        routed_shape: `(MoE layers, experts per token)` of `apply_routed`'s
+            experts, else None.
     """
 
     init_cache: Callable[[int, int, Any], Any]
@@ -98,6 +105,8 @@ class Decoder:
     limit_name: str = "max_positions"
     fixed_limit: bool = False
     activation_bytes: Callable[[int, int, int], int] | None = None
+    apply_routed: Callable[..., tuple[Array, Any, Array]] | None = None
+    routed_shape: tuple[int, int] | None = None
 
     def __hash__(self) -> int:
         # A static jit argument is hashed at every dispatch (each streamed token),
@@ -118,6 +127,15 @@ class Decoder:
         else:
             logits, cache = self.apply_last(params, ids, positions, cache, mask)
         return logits[:, -1, :].astype(jnp.float32), cache
+
+    def check_routed(self, wanted: bool) -> None:
+        """ValueError when `output_routed_experts` is asked of a model without
+        routed experts (`apply_routed` None: a dense model)."""
+        if wanted and self.apply_routed is None:
+            raise ValueError(
+                f"output_routed_experts=True needs a mixture-of-experts model; the {self.name} "
+                "model has no routed experts (got output_routed_experts=True, allowed: False)"
+            )
 
     def prepared(self, params: Any, rows: int) -> Any:
         """`prepare(params, rows)`, or params unchanged without a hook (inside a

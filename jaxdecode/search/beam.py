@@ -202,7 +202,7 @@ def beam_step(
     cache = gather_rows(st.cache, new_parent)
     logits = st.logits
     if run_model:
-        logits, cache = model_step(plan, params, cache, new_tokens, st.positions)
+        logits, cache, _ = model_step(plan, params, cache, new_tokens, st.positions)
     new = BeamState(
         ctx=ctx,
         cache=cache,

@@ -110,6 +110,11 @@ class GenerateOutput:
             0 where it is 0) (`prompt_logprobs=n`, n >= 1).
         prompt_top_token_ids: `[B * R, prompt_len, n]` int32, their ids (pad where
             there is no prediction).
+        routed_experts: `[B * R, N, moe_layers, k]` int32, for a mixture-of-experts
+            model, the experts each MoE layer routed to in the forward pass whose
+            logits chose token j (the position before it: the prompt's last for
+            the first token), best first; -1 after a row finishes
+            (`output_routed_experts`).
         drafted: `[B * R]` int32 draft tokens verified per row (speculative
             decoding: `prompt_lookup_num_tokens` or `assistant_model`), else
             None; transformers' candidates (at most `max_new_tokens - 1 -
@@ -140,6 +145,7 @@ class GenerateOutput:
     prompt_logprobs: Array | None = None
     prompt_top_logprobs: Array | None = None
     prompt_top_token_ids: Array | None = None
+    routed_experts: Array | None = None
     drafted: Array | None = None
     accepted: Array | None = None
     num_assistant_tokens: Array | None = None
@@ -169,6 +175,8 @@ class DecodeState:
         guide: classifier-free guidance's unconditional rows, when guided: a
             dict with their own KV `cache` (the negative prompt, then the same
             tokens as the row), `logits [rows, vocab]` and `positions [rows]`.
+        routed: `[rows, moe_layers, k]` int32 the experts of the forward pass
+            that gave `logits` (`output_routed_experts`), else None.
     """
 
     ctx: DecodeContext
@@ -183,6 +191,7 @@ class DecodeState:
     stop_window: Array | None = None
     prompt: dict[str, Array] | None = None
     guide: dict[str, Any] | None = None
+    routed: Array | None = None
 
 
 @pytree.dataclass
@@ -292,7 +301,7 @@ def prompt_outputs(plan: Plan, logits: Array, ids: Array, mask: Array) -> dict[s
 
 def prompt_pass(
     plan: Plan, params: Any, ids: Array, mask: Array, cache: Any
-) -> tuple[Array, Any, dict[str, Array] | None]:
+) -> tuple[Array, Any, dict[str, Array] | None, Array | None]:
     """The prompts through the model, written into `cache`: the one prefill of
     `generate`, `stream`, speculative decoding and the engine.
 
@@ -302,18 +311,29 @@ def prompt_pass(
         cache: an empty cache of `n` rows.
 
     Returns:
-        The last position's logits `[n, V]` float32, the cache, and the prompts'
+        The last position's logits `[n, V]` float32, the cache, the prompts'
         log-probability outputs (`prompt_outputs`) when the config asks for them,
-        else None. Without them the LM head runs on the last position only: the
-        others' `[n, bucket, V]` logits would dwarf a long prompt's work.
+        else None, and the last position's routed experts `[n, moe_layers, k]`
+        (`output_routed_experts`), else None. Without prompt outputs the LM head
+        runs on the last position only: the others' `[n, bucket, V]` logits
+        would dwarf a long prompt's work.
     """
     positions = positions_from_mask(mask)
-    if plan.config.prompt_logprobs >= 0:  # every position's logits
+    all_logits = plan.config.prompt_logprobs >= 0  # every position's logits
+    routed = None
+    if plan.config.output_routed_experts:
+        logits, cache, experts = plan.decoder.apply_routed(
+            params, ids, positions, cache, mask, last=not all_logits
+        )
+        routed = experts[:, -1]
+    elif all_logits:
         logits, cache = plan.decoder.apply(params, ids, positions, cache, mask)
-        last = logits[:, -1, :].astype(jnp.float32)
-        return last, cache, prompt_outputs(plan, logits, ids, mask)
-    last, cache = plan.decoder.prefill_last(params, ids, positions, cache, mask)
-    return last, cache, None
+    else:
+        last, cache = plan.decoder.prefill_last(params, ids, positions, cache, mask)
+        return last, cache, None, None
+    last = logits[:, -1, :].astype(jnp.float32)
+    prompt = prompt_outputs(plan, logits, ids, mask) if all_logits else None
+    return last, cache, prompt, routed
 
 
 def start_state(
@@ -329,6 +349,7 @@ def start_state(
     processor: Chain,
     stop: StopStrings | None,
     step: Array,
+    routed: Array | None = None,
 ) -> DecodeState:
     """The decode state of rows whose prompts have been through `prompt_pass`.
 
@@ -342,6 +363,7 @@ def start_state(
         keys: `[rows]` per-row PRNG keys (`row_keys`).
         processor: the chain whose state starts here; `stop` the stop strings.
         step: `[]` int32 the step counter to start from.
+        routed: `prompt_pass`'s routed experts, one row per row, or None.
     """
     rows, bucket = ids.shape
     pad = jnp.full((rows, new_tokens), plan.config.pad_token_id, jnp.int32)
@@ -365,6 +387,7 @@ def start_state(
         row_keys=keys,
         proc_state=processor.init(ctx),
         stop_window=None if stop is None else stop.init(ctx),
+        routed=routed,
     )
 
 
@@ -398,12 +421,12 @@ def prefill(
     # around it, so this equals prefilling every copy, at 1/expand of the cost.
     cache = plan.decoder.init_cache(plan.batch, total, None)
     cache = constrain(cache, plan.mesh, cache_specs)
-    last, cache, prompt = prompt_pass(plan, params, ids, mask, cache)
+    last, cache, prompt, routed = prompt_pass(plan, params, ids, mask, cache)
     if plan.expand > 1:
         parent = jnp.repeat(jnp.arange(plan.batch), plan.expand)
         cache = gather_rows(cache, parent)
         last = jnp.take(last, parent, axis=0)
-        ids, mask = expand_rows((ids, mask), plan.expand)
+        ids, mask, routed = expand_rows((ids, mask, routed), plan.expand)
     cache = constrain(cache, plan.mesh, cache_specs)
     last = constrain_logits(plan, last)
     keys = row_keys(key, plan.batch, plan.expand, plan.per_row_keys)
@@ -420,6 +443,7 @@ def prefill(
         traced.processor,
         traced.stop,
         jnp.zeros((), jnp.int32),
+        routed,
     )
     guide = None if traced.guidance is None else _prefill_guide(plan, params, traced.guidance)
     return state.replace(prompt=prompt, guide=guide)
@@ -449,14 +473,22 @@ def _prefill_guide(plan: Plan, params: Any, guidance: Guidance) -> dict[str, Any
     return {"cache": cache, "logits": constrain_logits(plan, last), "positions": positions}
 
 
-def model_step(plan: Plan, params: Any, cache: Any, tokens: Array, positions: Array):
-    """One token per row through the model: `(logits [rows, V] float32, cache)`."""
+def model_step(
+    plan: Plan, params: Any, cache: Any, tokens: Array, positions: Array
+) -> tuple[Array, Any, Array | None]:
+    """One token per row through the model: `(logits [rows, V] float32, cache,
+    routed experts [rows, moe_layers, k] int32 or None)`, the experts with
+    `output_routed_experts` only."""
     rows = tokens.shape[0]
-    logits, cache = plan.decoder.apply(
-        params, tokens[:, None], positions[:, None], cache, jnp.ones((rows, 1), jnp.int32)
-    )
+    args = (params, tokens[:, None], positions[:, None], cache, jnp.ones((rows, 1), jnp.int32))
+    routed = None
+    if plan.config.output_routed_experts:
+        logits, cache, experts = plan.decoder.apply_routed(*args)
+        routed = experts[:, -1]
+    else:
+        logits, cache = plan.decoder.apply(*args)
     cache = constrain(cache, plan.mesh, cache_specs)
-    return constrain_logits(plan, logits[:, 0, :].astype(jnp.float32)), cache
+    return constrain_logits(plan, logits[:, 0, :].astype(jnp.float32)), cache, routed
 
 
 def eos_hit(tokens: Array, eos: tuple[int, ...]) -> Array:

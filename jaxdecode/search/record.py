@@ -11,7 +11,10 @@ log-probability, raw log-probability and alternatives whichever path chose it:
 - `top_logprobs` / `top_token_ids`: the n best and their ids (`logprobs=n`,
   processed or raw by `logprobs_mode`);
 - `scores` / `logits`: the whole processed / raw rows (`output_scores`,
-  `output_logits`).
+  `output_logits`);
+- `routed_experts`: the experts each MoE layer routed the forward pass that
+  gave the token's logits to (the position before the token: the prompt's last
+  for the first token), `[..., MoE layers, k]` int32 (`output_routed_experts`).
 
 Beam search records per beam (its own `beam_step`), `score` per given token.
 """
@@ -25,7 +28,15 @@ from jaxdecode.config import StaticConfig
 
 Array = jax.Array
 
-__all__ = ["FIELDS", "PAD_FIELDS", "finished", "record_fields", "token_record", "top_n"]
+__all__ = [
+    "FIELDS",
+    "NO_EXPERT",
+    "PAD_FIELDS",
+    "finished",
+    "record_fields",
+    "token_record",
+    "top_n",
+]
 
 # Every field a record may hold, in `GenerateOutput`'s order.
 FIELDS = (
@@ -36,9 +47,12 @@ FIELDS = (
     "top_token_ids",
     "scores",
     "logits",
+    "routed_experts",
 )
 # Token-id fields: a finished row or an unused column holds the pad id, not 0.
 PAD_FIELDS = ("tokens", "top_token_ids")
+# Expert ids: a finished row or an unused column holds -1 (no expert).
+NO_EXPERT = -1
 
 
 def top_n(logp: Array, n: int) -> tuple[Array, Array]:
@@ -56,12 +70,17 @@ def record_fields(cfg: StaticConfig) -> tuple[str, ...]:
         "top_token_ids": bool(cfg.logprobs),
         "scores": cfg.output_scores,
         "logits": cfg.output_logits,
+        "routed_experts": cfg.output_routed_experts,
     }
     return tuple(f for f in FIELDS if wanted.get(f, True))
 
 
 def token_record(
-    cfg: StaticConfig, scores: Array, logits: Array, tokens: Array
+    cfg: StaticConfig,
+    scores: Array,
+    logits: Array,
+    tokens: Array,
+    routed: Array | None = None,
 ) -> dict[str, Array]:
     """The record of `tokens` chosen from `scores`.
 
@@ -70,6 +89,8 @@ def token_record(
         scores: `[..., V]` processed scores the tokens were chosen from.
         logits: `[..., V]` the model's raw logits at the same positions.
         tokens: `[...]` int32 the chosen ids.
+        routed: `[..., MoE layers, k]` int32 the experts of the forward pass that
+            gave `logits` (needed with `output_routed_experts`).
 
     Returns:
         `record_fields(cfg)`'s fields, each `[...]` (or `[..., n]`, `[..., V]`).
@@ -88,17 +109,22 @@ def token_record(
         out["scores"] = scores
     if cfg.output_logits:
         out["logits"] = logits
+    if cfg.output_routed_experts:
+        if routed is None:
+            raise ValueError("output_routed_experts needs the forward pass's routed experts")
+        out["routed_experts"] = routed
     return out
 
 
 def finished(record: dict[str, Array], done: Array, pad: int) -> dict[str, Array]:
     """`record` with rows `done` (`[rows]` bool) blanked: the pad id in token-id
-    fields, 0 in log-probability fields; `scores` and `logits` kept as they are
+    fields, `NO_EXPERT` in `routed_experts`, 0 in log-probability fields; `scores` and `logits` kept as they are
     (transformers keeps a finished row's scores)."""
     out = dict(record)
     for name, value in record.items():
         if name in ("scores", "logits"):
             continue
         row = done.reshape(done.shape + (1,) * (value.ndim - done.ndim))
-        out[name] = jnp.where(row, pad if name in PAD_FIELDS else 0, value).astype(value.dtype)
+        blank = pad if name in PAD_FIELDS else NO_EXPERT if name == "routed_experts" else 0
+        out[name] = jnp.where(row, blank, value).astype(value.dtype)
     return out

@@ -25,7 +25,7 @@ from jaxdecode.search.loop import (
     run,
     trace_outputs,
 )
-from jaxdecode.search.record import FIELDS, PAD_FIELDS, finished, token_record
+from jaxdecode.search.record import FIELDS, NO_EXPERT, PAD_FIELDS, finished, token_record
 
 Array = jax.Array
 
@@ -37,9 +37,11 @@ def decode_step(
 ) -> tuple[DecodeState, dict[str, Array]]:
     """One token per row.
 
-    Returns the new state and this step's outputs: `tokens [rows]`, `logp [rows]`,
-    plus, when the config asks for them, `scores` / `logits` `[rows, V]`,
-    `raw_logp [rows]`, `top_logp` / `top_ids` `[rows, n]`.
+    Returns the new state and this step's outputs (`token_record`'s fields):
+    `tokens [rows]`, `token_logprobs [rows]`, plus, when the config asks for
+    them, `scores` / `logits` `[rows, V]`, `raw_token_logprobs [rows]`,
+    `top_logprobs` / `top_token_ids` `[rows, n]`, `routed_experts [rows,
+    moe_layers, k]`.
     """
     cfg = plan.config
     processor = traced.processor
@@ -56,18 +58,18 @@ def decode_step(
         tokens = sampling.categorical(keys, scores)
     else:
         tokens = sampling.greedy(scores)
-    record = token_record(cfg, scores, state.logits, tokens)
+    record = token_record(cfg, scores, state.logits, tokens, state.routed)
     out = finished(record, state.done, cfg.pad_token_id)  # finished rows emit pad
     tokens = out["tokens"]
     if plan.record:
         out["trace/stages"] = jnp.stack([state.logits, *stages])  # [S + 1, rows, V]
-    logits, cache, guide = state.logits, state.cache, state.guide
+    logits, cache, guide, routed = state.logits, state.cache, state.guide, state.routed
     if run_model:
-        logits, cache = model_step(plan, params, cache, tokens, state.positions)
+        logits, cache, routed = model_step(plan, params, cache, tokens, state.positions)
     if guide is not None:
         g_logits, g_cache = guide["logits"], guide["cache"]
         if run_model:  # the unconditional rows take the same token
-            g_logits, g_cache = model_step(plan, params, g_cache, tokens, guide["positions"])
+            g_logits, g_cache, _ = model_step(plan, params, g_cache, tokens, guide["positions"])
         guide = {"cache": g_cache, "logits": g_logits, "positions": guide["positions"] + 1}
     done = state.done | eos_hit(tokens, cfg.eos_token_id)
     window = state.stop_window
@@ -85,6 +87,7 @@ def decode_step(
         proc_state=processor.update(state.proc_state, tokens),
         stop_window=window,
         guide=guide,
+        routed=routed,
     )
     return new, out
 
@@ -100,7 +103,7 @@ def sample_program(
         plan.new_tokens,
         loop=plan.loop,
         finished=lambda st: jnp.all(st.done),
-        fill={name: cfg.pad_token_id for name in PAD_FIELDS},
+        fill={**{name: cfg.pad_token_id for name in PAD_FIELDS}, "routed_experts": NO_EXPERT},
     )
     rows_first = lambda k: outs[k].swapaxes(0, 1) if k in outs else None
     return GenerateOutput(

@@ -80,7 +80,9 @@ class SlotState:
             `"token_logprobs"` `[S, L]` float32 log-probability of each
             generated token; `"raw_token_logprobs"` `[S, L]`
             (`output_raw_logprobs`); `"top_logprobs"` float32 and
-            `"top_token_ids"` int32 `[S, L, n]` (`logprobs=n`): the per-token
+            `"top_token_ids"` int32 `[S, L, n]` (`logprobs=n`);
+            `"routed_experts"` int32 `[S, L, moe_layers, k]`
+            (`output_routed_experts`): the per-token
             record's fields (`jaxdecode.search.record`) less the tokens, which
             are in the token buffer.
     """
@@ -91,15 +93,19 @@ class SlotState:
     outs: dict[str, Array]
 
 
-def out_buffers(cfg: Any, rows: int, width: int) -> dict[str, Array]:
+def out_buffers(
+    cfg: Any, rows: int, width: int, routed_shape: tuple[int, int] | None = None
+) -> dict[str, Array]:
     """Zeroed `SlotState.outs` for `rows` rows of `width` tokens (`cfg`: the
-    `StaticConfig`)."""
+    `StaticConfig`; `routed_shape`: the decoder's, for `output_routed_experts`)."""
     outs = {"token_logprobs": jnp.zeros((rows, width), jnp.float32)}
     if cfg.output_raw_logprobs:
         outs["raw_token_logprobs"] = jnp.zeros((rows, width), jnp.float32)
     if cfg.logprobs:
         outs["top_logprobs"] = jnp.zeros((rows, width, cfg.logprobs), jnp.float32)
         outs["top_token_ids"] = jnp.zeros((rows, width, cfg.logprobs), jnp.int32)
+    if cfg.output_routed_experts:
+        outs["routed_experts"] = jnp.zeros((rows, width, *routed_shape), jnp.int32)
     return outs
 
 
@@ -153,7 +159,7 @@ def admit(
         spec = fit_spec(P(DATA, None), ids.shape, plan.mesh)
         ids, mask = constrain((ids, mask), plan.mesh, (spec, spec))
     cache = constrain(plan.decoder.init_cache(n, width, None), plan.mesh, cache_specs)
-    last, cache, prompt = prompt_pass(plan, params, ids, mask, cache)
+    last, cache, prompt, routed = prompt_pass(plan, params, ids, mask, cache)
     prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
     keys = row_keys(jax.vmap(jax.random.key)(seeds), n, 1, True)
     rows = start_state(
@@ -169,6 +175,7 @@ def admit(
         processor,
         state.traced.stop,
         state.dec.step,
+        routed,
     )
     traced = state.traced.replace(processor=put_per_row(state.traced.processor, processor, slots))
     new = state.replace(
@@ -228,12 +235,17 @@ def empty_state(plan: Plan, width: int, processor: Chain, stop: Any) -> SlotStat
         row_keys=jax.vmap(jax.random.key)(zeros.astype(jnp.uint32)),
         proc_state=processor.init(ctx),
         stop_window=None if stop is None else stop.init(ctx),
+        routed=(
+            jnp.zeros((slots, *decoder.routed_shape), jnp.int32)
+            if plan.config.output_routed_experts
+            else None
+        ),
     )
     state = SlotState(
         dec=dec,
         traced=TracedConfig(processor=processor, length_penalty=jnp.float32(1.0), stop=stop),
         max_new=zeros,
-        outs=out_buffers(plan.config, slots, width),
+        outs=out_buffers(plan.config, slots, width, decoder.routed_shape),
     )
     return shard_state(plan, state)
 

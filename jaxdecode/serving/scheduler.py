@@ -118,6 +118,9 @@ class EngineResult:
         prompt_top_logprobs, prompt_top_token_ids: `[p, k]` the k best at each
             prompt position (0 and the pad id for the first) (`prompt_logprobs=k`,
             k >= 1), else None.
+        routed_experts: `[n, moe_layers, k]` int32 the experts each MoE layer
+            routed the forward pass that chose each token to
+            (`output_routed_experts`, a mixture-of-experts model), else None.
     """
 
     index: int
@@ -132,6 +135,7 @@ class EngineResult:
     prompt_logprobs: np.ndarray | None = None
     prompt_top_logprobs: np.ndarray | None = None
     prompt_top_token_ids: np.ndarray | None = None
+    routed_experts: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -291,6 +295,7 @@ class Engine:
             raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
         self.config = (config or base).validate(vocab_size=decoder.vocab_size)
         _check_strategy(self.config)
+        decoder.check_routed(self.config.output_routed_experts)
         self.decoder = decoder
         self.tokenizer = getattr(model, "tokenizer", None)
         self._key = group_key(self.config, lengths_per_row=True)
@@ -462,6 +467,7 @@ class Engine:
                 f"prompt {index}: max_length={total} leaves no room after its {len(ids)} tokens"
             )
         self.decoder.check_length(total, max_new)
+        self.decoder.check_routed(config.output_routed_experts)
         bucket = bucket_length(len(ids), self.prompt_buckets)
         if bucket + max_new > self.max_len:
             raise ValueError(
@@ -699,7 +705,9 @@ def slot_memory(
     tallies = sum(
         slots * vocab * 4 for p in chain.processors if type(p).init is not LogitsProcessor.init
     )
-    outs = jax.eval_shape(lambda: programs.out_buffers(config.static(), slots, max_len))
+    outs = jax.eval_shape(
+        lambda: programs.out_buffers(config.static(), slots, max_len, decoder.routed_shape)
+    )
     recorded = cache_nbytes(outs)
     other = 8 * slots * vocab * 4 + slots * max_len * 4 + recorded + tallies
     prefill = cache_bytes * rows // slots + decoder.prefill_bytes(

@@ -34,6 +34,7 @@ from support.hf_models import (
     hf_logits,
     hf_step_logits,
     left_padded_batch,
+    make_llama_model,
     make_moe_model,
 )
 
@@ -172,6 +173,10 @@ def test_moe_decoder_lowers_for_tpu_and_cuda(checkpoints):
             lm.params, ids, ids, cache, jnp.ones_like(ids)
         )
         assert ("ragged_dot" in exported.mlir_module()) == (t == LENGTH)
+        routed = jax.export.export(
+            jax.jit(lm.decoder.apply_routed, static_argnames="last"), platforms=("tpu", "cuda")
+        )(lm.params, ids, ids, cache, jnp.ones_like(ids), last=t > 1)
+        assert routed.out_avals[-1].shape == (3, t, 2, 2)  # [B, T, MoE layers, k]
 
 
 # --------------------------------------------------------------------------- #
@@ -398,3 +403,79 @@ def test_routed_experts_are_sown(checkpoints):
     ref = torch.topk(out.router_logits[-1], 2, dim=-1).indices.numpy().reshape(3, LENGTH, 2)
     real = np.asarray(mask) == 1
     np.testing.assert_array_equal(np.asarray(chosen)[real], ref[real])
+
+
+# --------------------------------------------------------------------------- #
+def _hf_routed(hf, sequences, mask, start: int, k: int) -> np.ndarray:
+    """transformers' router choice (`output_router_logits=True`, the top k of
+    each MoE layer's logits) at columns `start - 1 ..` of `sequences`, the
+    positions whose logits chose the generated tokens: `[B, N, layers, k]`."""
+    b, total = sequences.shape
+    with torch.no_grad():
+        out = hf(
+            torch.as_tensor(np.array(sequences), dtype=torch.long),
+            attention_mask=torch.as_tensor(mask),
+            output_router_logits=True,
+        )
+    layers = [torch.topk(r.reshape(b, total, -1), k, dim=-1).indices for r in out.router_logits]
+    return torch.stack(layers, dim=2).numpy()[:, start - 1 : total - 1]
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", ["mixtral-window", "qwen2_moe-dense-layer", "qwen3_moe"])
+def test_routed_experts_equal_transformers_router_top_k(name, checkpoints):
+    """`output_routed_experts`: each generated token's `[MoE layers, k]` experts
+    equal transformers' router top-k at the position that chose it, on a
+    left-padded batch (the window layers' ring cache included); stream and the
+    engine return the same ones."""
+    hf, _, lm = checkpoints(name)
+    ids, mask = _batch(seed=4)
+    n, k = 6, 2
+    out = jd.generate(
+        lm, ids, mask, max_new_tokens=n, eos_token_id=None, output_routed_experts=True
+    )
+    routed = np.asarray(out.routed_experts)
+    layers = len(hf(torch.zeros((1, 1), dtype=torch.long), output_router_logits=True).router_logits)
+    assert routed.shape == (len(PADS), n, layers, k) and routed.dtype == np.int32
+    full = np.concatenate([mask, np.ones((len(PADS), n), mask.dtype)], axis=1)
+    ref = _hf_routed(hf, np.asarray(out.sequences), full, LENGTH, k)
+    np.testing.assert_array_equal(routed, ref)
+    assert len(np.unique(routed)) > k, "routing never varied: the test lost its point"
+    steps = list(jd.stream(lm, ids, mask, max_new_tokens=n, output_routed_experts=True))
+    np.testing.assert_array_equal(np.stack([s.routed_experts for s in steps], axis=1), routed)
+    from jaxdecode.serving import generate_many
+
+    prompts = [ids[i, p:] for i, p in enumerate(PADS)]
+    results = generate_many(
+        lm, prompts, None, slots=2, max_new_tokens=n, eos_token_id=None, output_routed_experts=True
+    )
+    for r in results:  # a prompt's experts do not depend on the rows around it
+        np.testing.assert_array_equal(r.routed_experts, routed[r.index])
+
+
+def test_routed_experts_after_a_row_finishes_and_refusals(checkpoints, tmp_path):
+    """A finished row records -1; beam search, speculative decoding and a dense
+    model refuse the option, naming it, before tracing."""
+    _, _, lm = checkpoints("qwen3_moe")
+    ids, mask = _batch(seed=4)
+    free = jd.generate(lm, ids, mask, max_new_tokens=6, eos_token_id=None)
+    eos = int(np.asarray(free.sequences)[0, LENGTH + 1])
+    out = jd.generate(lm, ids, mask, max_new_tokens=6, eos_token_id=eos, output_routed_experts=True)
+    routed, lengths = np.asarray(out.routed_experts), np.asarray(out.lengths)
+    assert lengths[0] == 2
+    for row, n in enumerate(lengths):
+        assert (routed[row, :n] >= 0).all() and (routed[row, n:] == -1).all()
+    with pytest.raises(jd.ConfigError, match="output_routed_experts.*num_beams"):
+        jd.generate(lm, ids, mask, num_beams=2, output_routed_experts=True)
+    with pytest.raises(ValueError, match="output_routed_experts.*speculative"):
+        jd.generate(lm, ids, mask, prompt_lookup_num_tokens=2, output_routed_experts=True)
+    make_llama_model(vocab_size=V, num_hidden_layers=1).save_pretrained(tmp_path)
+    dense = jd.from_pretrained(str(tmp_path))
+    for call in (
+        lambda: jd.generate(dense, ids, mask, output_routed_experts=True),
+        lambda: jd.stream(dense, ids, mask, output_routed_experts=True),
+        lambda: jd.Engine(dense, slots=2, max_len=32, config=dense.generation_config.replace(
+            output_routed_experts=True)),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match="output_routed_experts=True needs a mixture-of"):
+            call()

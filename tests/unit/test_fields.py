@@ -49,7 +49,7 @@ def test_static_config_is_the_tables_static_entries():
     assert {
         "do_sample", "num_beams", "num_return_sequences", "early_stopping", "output_scores",
         "output_logits", "output_raw_logprobs", "logprobs", "logprobs_mode",
-        "prompt_logprobs", "pad_token_id", "eos_token_id",
+        "prompt_logprobs", "output_routed_experts", "pad_token_id", "eos_token_id",
     } == set(names)  # fmt: skip
     static = GC(eos_token_id=[4, 5], logprobs=2, num_beams=1, early_stopping=True).static()
     assert static.pad_token_id == 4 and static.eos_token_id == (4, 5)
@@ -82,7 +82,7 @@ def test_validation_reads_each_fields_check():
         "presence_penalty": -3.0, "seed": -1, "repetition_penalty_form": "x",
         "top_k_method": "x", "top_p_method": "x", "regex": "", "json_schema": "[",
         "choices": [], "output_raw_logprobs": "x", "logprobs": -1, "logprobs_mode": "x",
-        "prompt_logprobs": -1,
+        "prompt_logprobs": -1, "output_routed_experts": "x",
     }  # fmt: skip
     assert set(bad) == {f.name for f in dataclasses.fields(GC)}, "a field without a bad value"
     for name, value in bad.items():

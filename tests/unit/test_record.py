@@ -28,7 +28,11 @@ def test_token_record_matches_numpy(mode):
         output_raw_logprobs=True, logprobs=3, logprobs_mode=mode, output_scores=True
     ).static()
     got = token_record(cfg, jnp.asarray(scores), jnp.asarray(logits), jnp.asarray(tokens))
-    assert tuple(got) == record_fields(cfg) == tuple(f for f in FIELDS if f != "logits")
+    assert (
+        tuple(got)
+        == record_fields(cfg)
+        == tuple(f for f in FIELDS if f not in ("logits", "routed_experts"))
+    )
     rows = np.arange(3)
     np.testing.assert_allclose(got["token_logprobs"], _log_softmax(scores)[rows, tokens], atol=1e-6)
     np.testing.assert_allclose(
@@ -42,10 +46,14 @@ def test_token_record_matches_numpy(mode):
 
 
 def test_finished_rows_hold_pad_and_zero():
-    cfg = jd.GenerationConfig(output_raw_logprobs=True, logprobs=2, output_logits=True).static()
+    cfg = jd.GenerationConfig(
+        output_raw_logprobs=True, logprobs=2, output_logits=True, output_routed_experts=True
+    ).static()
     x = jnp.arange(12.0).reshape(2, 6)
-    rec = token_record(cfg, x, x, jnp.array([5, 5], jnp.int32))
+    experts = jnp.arange(8, dtype=jnp.int32).reshape(2, 2, 2)  # [rows, layers, k]
+    rec = token_record(cfg, x, x, jnp.array([5, 5], jnp.int32), experts)
     got = finished(rec, jnp.array([False, True]), pad=7)
+    np.testing.assert_array_equal(got["routed_experts"], [[[0, 1], [2, 3]], [[-1, -1], [-1, -1]]])
     for name in ("token_logprobs", "raw_token_logprobs", "top_logprobs"):
         np.testing.assert_array_equal(got[name][1], 0)
         np.testing.assert_array_equal(got[name][0], rec[name][0])

@@ -305,6 +305,35 @@ def _apply(
     return module.apply(lora.flax_variables(params), ids, positions, cache, attention_mask)
 
 
+def _apply_routed(
+    full: Transformer,
+    last_only: Transformer,
+    params: Any,
+    ids: Array,
+    positions: Array,
+    cache: _Cache,
+    attention_mask: Array,
+    last: bool = False,
+) -> tuple[Array, _Cache, Array]:
+    """`_apply` (of the last position only with `last`) and the experts the MoE
+    layers routed each of the T tokens to (`MoE` sows them): `[B, T, MoE layers,
+    k]` int32, layers in order."""
+    module = last_only if last else full
+    (logits, cache), sown = module.apply(
+        lora.flax_variables(params),
+        ids,
+        positions,
+        cache,
+        attention_mask,
+        mutable=["intermediates"],
+    )
+    cfg = module.config
+    layers = [i for i, kind in enumerate(cfg.mlp_kinds) if kind == "moe"]
+    found = sown["intermediates"]
+    experts = [found[f"layers_{i}"]["mlp"]["routed_experts"][0] for i in layers]
+    return logits, cache, jnp.stack(experts, axis=2)
+
+
 def _activation_bytes(
     config: TransformerConfig, dtype: Any, block: int, batch: int, t: int, s: int
 ) -> int:
@@ -357,6 +386,7 @@ def transformer_decoder(
         raise ValueError(f"ring_slack must be a positive int, got {ring_slack!r}")
     module = Transformer(config, dtype=dtype, attention_block=attention_block)
     last = Transformer(config, dtype=dtype, last_only=True, attention_block=attention_block)
+    moe_layers = config.mlp_kinds.count("moe")
     return Decoder(
         init_cache=Bound(_init_cache, (config, dtype, ring_slack)),
         apply=Bound(_apply, (module,)),
@@ -367,6 +397,8 @@ def transformer_decoder(
         apply_last=Bound(_apply, (last,)),
         limit_name="max_position_embeddings",
         activation_bytes=Bound(_activation_bytes, (config, dtype, attention_block)),
+        apply_routed=Bound(_apply_routed, (module, last)) if moe_layers else None,
+        routed_shape=(moe_layers, config.experts_per_token) if moe_layers else None,
     )
 
 
