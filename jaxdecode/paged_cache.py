@@ -140,12 +140,11 @@ class PagedCache:
 
         return read
 
-    def with_rows(self, rows: Array, table: Array, start: Array) -> PagedCache:
-        """A view of rows `rows: [n]` with page tables `table: [n, max_pages]`
-        and `start: [n]` slots already written (slots before `start` real, the
+    def with_rows(self, table: Array, start: Array) -> PagedCache:
+        """A view of `n` rows with page tables `table: [n, max_pages]` and
+        `start: [n]` slots already written (slots before `start` real, the
         rest empty), over this pool: what a prefill of the next tokens writes
         through before `put_rows` puts it back."""
-        del rows  # the view's rows are wholly described by table and start
         slot = jnp.arange(self.max_len)[None, :]
         return self.replace(
             table=jnp.asarray(table, jnp.int32),

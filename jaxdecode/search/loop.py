@@ -22,7 +22,7 @@ from jaxdecode import pytree
 from jaxdecode.cache import cache_specs, gather_rows
 from jaxdecode.config import StaticConfig
 from jaxdecode.context import DecodeContext
-from jaxdecode.models.base import Decoder, positions_from_mask
+from jaxdecode.models.base import Decoder, last_real, positions_from_mask
 from jaxdecode.processors import Chain, TracedConfig
 from jaxdecode.search.record import top_n
 from jaxdecode.search.stopping import StopStrings
@@ -288,7 +288,7 @@ def prompt_outputs(plan: Plan, logits: Array, ids: Array, mask: Array) -> dict[s
 
 
 def prompt_pass(
-    plan: Plan, params: Any, ids: Array, mask: Array, cache: Any
+    plan: Plan, params: Any, ids: Array, mask: Array, cache: Any, offset: Array | int = 0
 ) -> tuple[Array, Any, dict[str, Array] | None]:
     """The prompts through the model, written into `cache`: the one prefill of
     `generate`, `stream`, speculative decoding and the engine.
@@ -296,7 +296,9 @@ def prompt_pass(
     Args:
         ids: `[n, bucket]` left-padded prompt ids.
         mask: `[n, bucket]` 0 on padding.
-        cache: an empty cache of `n` rows.
+        cache: an empty cache of `n` rows (or, with `offset`, rows holding
+            `offset` tokens already: a paged prefill's next chunk, right-padded).
+        offset: `[]` or `[n]` real tokens already in the cache before these.
 
     Returns:
         The last position's logits `[n, V]` float32, the cache, and the prompts'
@@ -304,10 +306,10 @@ def prompt_pass(
         else None. Without them the LM head runs on the last position only: the
         others' `[n, bucket, V]` logits would dwarf a long prompt's work.
     """
-    positions = positions_from_mask(mask)
+    positions = positions_from_mask(mask, offset)
     if plan.config.prompt_logprobs >= 0:  # every position's logits
         logits, cache = plan.decoder.apply(params, ids, positions, cache, mask)
-        last = logits[:, -1, :].astype(jnp.float32)
+        last = last_real(logits, mask)[:, 0].astype(jnp.float32)
         return last, cache, prompt_outputs(plan, logits, ids, mask)
     last, cache = plan.decoder.prefill_last(params, ids, positions, cache, mask)
     return last, cache, None

@@ -95,7 +95,7 @@ def test_right_padded_chunks_continue_a_row():
         pad = np.zeros(8, np.int32)
         pad[: len(chunk)] = chunk
         m = (np.arange(8) < len(chunk)).astype(np.int32)
-        view = cache.with_rows(jnp.arange(1), table, jnp.asarray([start], jnp.int32))
+        view = cache.with_rows(table, jnp.asarray([start], jnp.int32))
         pos = jnp.asarray(start + np.arange(8)[None], jnp.int32)
         last, view = decoder.prefill_last(params, jnp.asarray(pad[None]), pos, view, m[None])
         cache = cache.put_rows(jnp.arange(1), view)
