@@ -933,7 +933,8 @@ def _prompt_fields(it: _Pending) -> dict[str, np.ndarray]:
         "top_ids": "prompt_top_token_ids",
     }
     first = it.bucket - len(it.ids) if it.first < 0 else it.first
-    return {names[k]: np.asarray(v)[it.row, first:] for k, v in it.prompt_out.items()}
+    cols = slice(first, first + len(it.ids))
+    return {names[k]: np.asarray(v)[it.row, cols] for k, v in it.prompt_out.items()}
 
 
 def slot_memory(
