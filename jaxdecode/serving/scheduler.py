@@ -1050,6 +1050,10 @@ def generate_many(
     prefill_rows: int | None = None,
     compact_tail: bool = False,
     mesh: Mesh | None = None,
+    page_size: int | None = None,
+    kv_pages: int | None = None,
+    prefix_cache: bool = True,
+    prefill_chunk: int | None = None,
     **overrides: Any,
 ) -> list[EngineResult]:
     """Generates for many prompts with continuous batching; results in prompt order.
@@ -1070,6 +1074,7 @@ def generate_many(
         prefill_rows: as `Engine`.
         compact_tail: as `Engine`.
         mesh: as `Engine`.
+        page_size, kv_pages, prefix_cache, prefill_chunk: as `Engine` (pages).
         max_len: cache columns per slot (default: the longest prompt bucket plus
             `max_new_tokens` among the prompts).
         **overrides: `GenerationConfig` fields applied to the model's config
@@ -1116,6 +1121,10 @@ def generate_many(
             prefill_rows=prefill_rows,
             compact_tail=compact_tail,
             mesh=mesh,
+            page_size=page_size,
+            kv_pages=kv_pages,
+            prefix_cache=prefix_cache,
+            prefill_chunk=prefill_chunk,
         )
         engine.submit([prompts[i] for i in members], [resolved[i] for i in members])
         for r in engine:

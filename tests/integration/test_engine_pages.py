@@ -228,3 +228,13 @@ def test_paged_programs_export_for_tpu_and_cuda():
     jax.export.export(chunk, platforms=("tpu", "cuda"))(
         engine._params, engine._state, pages, np.asarray([0, 1], np.int32)
     )
+
+
+def test_generate_many_on_pages_equals_dense():
+    lm = tiny_llama()
+    prompts = _workload(8, n=5)
+    kw = dict(slots=2, do_sample=False, max_new_tokens=6, prompt_buckets=BUCKETS)
+    dense = jd.generate_many(lm, prompts, **kw)
+    paged = jd.generate_many(lm, prompts, page_size=8, prefill_chunk=16, **kw)
+    for a, b in zip(dense, paged, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
