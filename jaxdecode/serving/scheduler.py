@@ -1074,7 +1074,10 @@ def generate_many(
         prefill_rows: as `Engine`.
         compact_tail: as `Engine`.
         mesh: as `Engine`.
-        page_size, kv_pages, prefix_cache, prefill_chunk: as `Engine` (pages).
+        page_size: as `Engine` (pages).
+        kv_pages: as `Engine`.
+        prefix_cache: as `Engine`.
+        prefill_chunk: as `Engine`.
         max_len: cache columns per slot (default: the longest prompt bucket plus
             `max_new_tokens` among the prompts).
         **overrides: `GenerationConfig` fields applied to the model's config
