@@ -32,8 +32,10 @@ prompts, not of the engine's whole life. An engine that never sees a
 constraint has no constraint processor at all.
 
 Static (one program each): the slot count, `max_len`, the prefill group size,
-each prompt bucket, the decoding strategy, which processors are present and
-the constraint table's shape. Traced, per row: the prompt, its seed, its
+each prompt bucket (paged: each chunk bucket, and each pair of chunk and prompt
+bucket for a prompt's last chunk), the page pool's shape, the decoding
+strategy, which processors are present and the constraint table's shape.
+Traced, per row (and the page tables): the prompt, its seed, its
 `max_new_tokens`, its constraint and every per-row value (`GenerationConfig`
 fields with `per_row`: temperature, top_k, top_p, min_p, typical_p,
 epsilon/eta cutoffs, repetition/frequency/presence penalties). Prompts whose
@@ -47,12 +49,23 @@ the family's `param_specs` and the cache's heads and the logits' vocabulary
 over `model`; the programs are the same, constrained to that layout, and every
 prompt's tokens equal one device's.
 
+With `page_size` the cache is a `PagedCache` instead (a pool of pages, a page
+table per slot): the host (`jaxdecode.serving.pages.PagePool`) hands out pages,
+admits a prompt when its pages are free, reuses cached prompt pages (the prefix
+cache), prefills long prompts in chunks (`prefill_chunk`) between decode calls,
+gives each decoding row the pages its next call writes and, when the pool is
+short, sends the newest rows back to the queue (recomputed later, same tokens).
+The page table travels to the programs as an argument each call.
+
 The device side (the pure programs: prefill-and-insert, decode, take, spread)
 lives in `jaxdecode.serving.programs`; this module is the host side, JetStream's
 split: queue, slot bookkeeping, grouping and harvest.
 
-A module over ~500 lines: the queue, admission, compaction and harvest of one `Engine`
-share its bookkeeping; `generate_many` and `slot_memory` are its two thin users.
+A module over ~500 lines: the queue, admission (by slots, or by pages with
+chunks and preemption), compaction and harvest of one `Engine` share its
+bookkeeping; `generate_many` and `slot_memory` are its two thin users. The
+pages' own bookkeeping (free pages, references, the prefix cache) is
+`serving.pages`.
 """
 
 from __future__ import annotations
