@@ -20,7 +20,7 @@ from jaxdecode.models.base import positions_from_mask
 from jaxdecode.models.llama import LlamaConfig, init_params, llama_decoder
 
 V = 48
-MAX_LEN = 40
+MAX_LEN = 64
 PAGE = 4
 
 
@@ -63,7 +63,7 @@ def _run(decoder, params, cache, ids, mask, steps):
 def test_paged_logits_equal_dense_left_padded():
     decoder, params = _model()
     rng = np.random.default_rng(0)
-    lens = [3, 11, 7]
+    lens = [3, 35, 17]  # 35 new tokens: three query blocks of 16
     t = max(lens)
     ids = np.zeros((3, t), np.int32)
     mask = np.zeros((3, t), np.int32)
@@ -72,7 +72,7 @@ def test_paged_logits_equal_dense_left_padded():
         mask[r, t - n :] = 1
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     dense, kv = _run(decoder, params, decoder.init_cache(3, MAX_LEN, None), ids, mask, 20)
-    paged, pc = _run(decoder, params, _paged(decoder, 3, 40), ids, mask, 20)
+    paged, pc = _run(decoder, params, _paged(decoder, 3, 60), ids, mask, 20)
     assert isinstance(pc, jd.PagedCache)
     np.testing.assert_allclose(paged, dense, rtol=0, atol=2e-5)
     np.testing.assert_array_equal(pc.mask, kv.mask)
@@ -89,7 +89,7 @@ def test_right_padded_chunks_continue_a_row():
         params, ids, positions_from_mask(jnp.ones_like(ids)), decoder.init_cache(1, MAX_LEN, None),
         jnp.ones_like(ids),
     )  # fmt: skip
-    cache = _paged(decoder, 1, 12)
+    cache = _paged(decoder, 1, 20)
     table, last = cache.table, None
     for start, chunk in ((0, prompt[:8]), (8, prompt[8:])):
         pad = np.zeros(8, np.int32)
@@ -106,7 +106,7 @@ def test_protocol_rows_rewind_and_bytes():
     decoder, params = _model()
     ids = jnp.asarray(np.random.default_rng(3).integers(1, V, (2, 6)), jnp.int32)
     mask = jnp.ones_like(ids)
-    cache = _paged(decoder, 2, 24)
+    cache = _paged(decoder, 2, 40)
     _, cache = decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
     # take_rows then put_rows back is the identity on rows.
     back = cache.put_rows(jnp.asarray([1]), cache.take_rows(jnp.asarray([1])))
@@ -131,7 +131,7 @@ def test_protocol_rows_rewind_and_bytes():
 
 def test_exports_for_tpu_and_cuda():
     decoder, params = _model()
-    cache = _paged(decoder, 2, 24)
+    cache = _paged(decoder, 2, 40)
     ids = jnp.ones((2, 1), jnp.int32)
     jax.export.export(jax.jit(decoder.apply), platforms=("tpu", "cuda"))(
         params, ids, ids, cache, ids
