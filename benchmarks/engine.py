@@ -216,7 +216,8 @@ def run_engine(lm, prompts, args, max_new_tokens=None, max_len=None) -> dict:
         "steps": stats.steps,
         "prefill_calls": stats.prefills,
         "cache_bytes": engine.cache_bytes,
-        "peak_kv_bytes": stats.peak_kv_bytes,
+        # Paged: the pages held at the peak; dense: the whole slot cache.
+        "peak_kv_bytes": stats.peak_kv_bytes or engine.cache_bytes,
         "prefill_tokens": stats.prefill_tokens,
         "prefix_tokens": stats.prefix_tokens,
         "outputs": [r.tokens.tolist() for r in results],
