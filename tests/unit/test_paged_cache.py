@@ -108,6 +108,7 @@ def test_protocol_rows_rewind_and_bytes():
     mask = jnp.ones_like(ids)
     cache = _paged(decoder, 2, 40)
     _, cache = decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+    assert isinstance(cache, jd.Cache)
     # take_rows then put_rows back is the identity on rows.
     back = cache.put_rows(jnp.asarray([1]), cache.take_rows(jnp.asarray([1])))
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, cache)
