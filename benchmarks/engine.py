@@ -37,6 +37,20 @@ Usage:
     python benchmarks/engine.py --prompts 64 --max-new-tokens 32 --quick   # smoke
     python benchmarks/engine.py --prompts 48 --max-prompt 24 --max-new-tokens 64 \
         --slots 16 --width-check 256,4096      # per-token cost vs max_len (issue 27)
+    python benchmarks/engine.py --llama --page-size 16 --prompts 48 --max-prompt 24 \
+        --max-new-tokens 64 --slots 16 --width-check 256,4096   # the same, on pages
+    python benchmarks/engine.py --llama --page-size 16 --pages-check \
+        --json benchmarks/results/engine_pages_cpu.json     # issue 27's page measurements
+
+Paged engine (`--page-size`, with `--kv-pages`, `--prefill-chunk`,
+`--no-prefix-cache`): needs a model with a paged cache, so `--llama` (a Llama of
+random weights, `--layers` / `--width` / `--heads` / `--vocab`, written by
+transformers; no rigged EOS: outputs run to max_new_tokens) or `--smollm2`.
+`--pages-check` measures, on the paged engine: (1) 16 samples of one
+`--shared-prompt`-token prompt (1,000), peak KV bytes against one prompt plus 16
+completions (issue 27: <= 1.2x); (2) an eval set whose `--prompts` lines share a
+`--system-prompt`-token system prompt (400), prefill work (prompt tokens run
+through the model) without the prefix cache over with it (issue 27: >= 5x).
 """
 
 from __future__ import annotations
@@ -176,6 +190,7 @@ def run_engine(lm, prompts, args, max_new_tokens=None, max_len=None) -> dict:
         prompt_buckets=rule,
         prefill_rows=args.prefill_rows,
         compact_tail=args.compact_tail,
+        **page_options(args),
     )
     # Warm-up: one prompt per bucket compiles every program.
     buckets = sorted({jd.bucket_length(len(p), rule) for p in prompts})
@@ -201,8 +216,104 @@ def run_engine(lm, prompts, args, max_new_tokens=None, max_len=None) -> dict:
         "steps": stats.steps,
         "prefill_calls": stats.prefills,
         "cache_bytes": engine.cache_bytes,
+        # Paged: the pages held at the peak; dense: the whole slot cache.
+        "peak_kv_bytes": stats.peak_kv_bytes or engine.cache_bytes,
+        "prefill_tokens": stats.prefill_tokens,
+        "prefix_tokens": stats.prefix_tokens,
         "outputs": [r.tokens.tolist() for r in results],
     }
+
+
+def page_options(args: argparse.Namespace) -> dict:
+    """`Engine` keywords of the paged options (none without `--page-size`)."""
+    if args.page_size is None:
+        return {}
+    return {
+        "page_size": args.page_size,
+        "kv_pages": args.kv_pages,
+        "prefix_cache": not args.no_prefix_cache,
+        "prefill_chunk": args.prefill_chunk,
+    }
+
+
+def random_llama(directory: str, args: argparse.Namespace) -> None:
+    """A Llama of random weights (`--layers`, `--width`, `--heads`, `--vocab`),
+    written by transformers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.width,
+        intermediate_size=2 * args.width,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=max(1, args.heads // 2),
+        max_position_embeddings=8192,
+        bos_token_id=args.vocab - 1,
+        eos_token_id=args.vocab - 1,
+    )
+    LlamaForCausalLM(cfg).eval().save_pretrained(directory)
+
+
+def pages_check(lm, args: argparse.Namespace) -> dict:
+    """Issue 27's two page measurements on the paged engine (see the docstring)."""
+    import numpy as np
+
+    import jaxdecode as jd
+
+    rng = np.random.default_rng(args.seed + 2)
+    vocab = lm.decoder.vocab_size - 1  # no EOS inside the prompts
+    new = args.max_new_tokens
+    options = {k: v for k, v in page_options(args).items() if k != "prefix_cache"}
+    options.setdefault("page_size", 16)
+    config = lm.generation_config.replace(max_new_tokens=new, do_sample=True, top_k=0)
+
+    # (1) 16 samples of one long prompt.
+    prompt = rng.integers(0, vocab, args.shared_prompt).tolist()
+    engine = jd.Engine(
+        lm, slots=16, max_len=jd.bucket_length(len(prompt), "pow2") + new, config=config,
+        steps_per_call=args.steps_per_call, **options,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    engine.submit([prompt] * 16, [{"seed": s} for s in range(16)])
+    results = list(engine)
+    per_token = engine._state.dec.cache.page_bytes() / engine.page_size
+    ideal = (len(prompt) + sum(len(r.tokens) for r in results)) * per_token
+    group = {
+        "seconds": time.perf_counter() - t0,
+        "peak_kv_bytes": engine.stats.peak_kv_bytes,
+        "one_prompt_plus_16_completions_bytes": ideal,
+        "ratio": engine.stats.peak_kv_bytes / ideal,
+        "prefix_tokens": engine.stats.prefix_tokens,
+    }
+    print(f"16 samples: peak KV {group['ratio']:.2f}x one prompt + 16 completions", flush=True)
+
+    # (2) an eval set sharing a system prompt: prefill work with and without the cache.
+    system = rng.integers(0, vocab, args.system_prompt).tolist()
+    lines = [
+        system + rng.integers(0, vocab, int(rng.integers(8, 64))).tolist()
+        for _ in range(args.prompts)
+    ]
+    work = {}
+    for cached in (False, True):
+        engine = jd.Engine(
+            lm, slots=args.slots, max_len=jd.bucket_length(max(map(len, lines)), "pow2") + new,
+            config=config.replace(do_sample=False), steps_per_call=args.steps_per_call,
+            prefix_cache=cached, **options,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        engine.submit(lines)
+        list(engine)
+        work["with" if cached else "without"] = {
+            "seconds": time.perf_counter() - t0,
+            "prefill_tokens": engine.stats.prefill_tokens,
+            "prefix_tokens": engine.stats.prefix_tokens,
+        }
+    ratio = work["without"]["prefill_tokens"] / max(work["with"]["prefill_tokens"], 1)
+    print(f"shared system prompt: prefill work / {ratio:.1f} with the prefix cache", flush=True)
+    return {"samples_of_one_prompt": group, "shared_system_prompt": {**work, "ratio": ratio}}
 
 
 def _static_batches(prompts, size):
@@ -279,8 +390,8 @@ def run_transformers(directory, prompts, args, eos, pad=None) -> dict:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             os.path.dirname(directory), gguf_file=os.path.basename(directory), dtype=torch.float32
         ).eval()
-    else:
-        model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+    else:  # the rigged GPT-2, or --llama
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     pad = eos if pad is None else pad
 
     def one(rows):
@@ -364,6 +475,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "per-token cost ratio B/A (issue 27: short prompts at 4096 vs 256)",
     )
     p.add_argument("--repeats", type=int, default=3, help="--width-check runs per width")
+    p.add_argument("--llama", action="store_true", help="a random Llama (pages need one)")
+    p.add_argument("--page-size", type=int, default=None, help="engine: Engine(page_size=N)")
+    p.add_argument("--kv-pages", type=int, default=None, help="engine: Engine(kv_pages=N)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="engine: prefill_chunk")
+    p.add_argument("--no-prefix-cache", action="store_true", help="engine: prefix_cache=False")
+    p.add_argument("--pages-check", action="store_true", help="issue 27's page measurements")
+    p.add_argument("--shared-prompt", type=int, default=1000, help="--pages-check: prompt tokens")
+    p.add_argument("--system-prompt", type=int, default=400, help="--pages-check: system prompt")
     return p.parse_args(argv)
 
 
@@ -410,6 +529,12 @@ def main(argv=None) -> dict:
             eos = lm.generation_config.eos_token_id
             pad = lm.generation_config.pad_id
             report["model"] = f"SmolLM2-135M-Instruct ({os.path.basename(directory)}, float32)"
+        elif args.llama:
+            random_llama(directory, args)
+            lm = jd.from_pretrained(directory)
+            prompts = workload(args)
+            eos = args.vocab - 1
+            report["model"] = "Llama, random weights (outputs run to max_new_tokens)"
         else:
             prompts = workload(args)
             rig = rigged_checkpoint(directory, args)
@@ -418,6 +543,12 @@ def main(argv=None) -> dict:
             report["model"] = "GPT-2, random weights, EOS rigged by position (see docstring)"
             report.update(rig)
         report["prompt_tokens"] = sum(map(len, prompts))
+        if args.pages_check:
+            report["pages_check"] = pages_check(lm, args)
+            if "--json" in (argv or sys.argv):
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump(report, f, indent=1)
+            return report
         if args.width_check:
             report["width_check"] = width_check(lm, prompts, args)
             if "--json" in (argv or sys.argv):

@@ -33,6 +33,7 @@ from jaxdecode.models.adapters import from_linen, from_nnx
 from jaxdecode.models.base import Decoder, Model, positions_from_mask
 from jaxdecode.models.gpt2 import GPT2Config, GPT2LMHeadModel, gpt2_decoder
 from jaxdecode.models.lora import LoraWeights
+from jaxdecode.paged_cache import PagedCache, init_paged
 from jaxdecode.processors import (
     Chain,
     Grammar,
@@ -145,7 +146,9 @@ __all__ = [
     "init_cache",
     "json_schema",
     "KVCache",
+    "PagedCache",
     "RingCache",
+    "init_paged",
     "init_ring",
     "load_tokenizer",
     "logits_processor",

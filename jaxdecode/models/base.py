@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the config never imports models; only the annotation needs 
 
 Array = jax.Array
 
-__all__ = ["Bound", "Decoder", "positions_from_mask"]
+__all__ = ["Bound", "Decoder", "last_real", "positions_from_mask"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +74,17 @@ class Decoder:
         param_specs: optional `params -> PartitionSpec tree` over the mesh axes
             `data` / `model`, for `generate(..., mesh=...)` (default: replicated).
         apply_last: optional `apply` that returns the logits of the last
-            position only (`[B, 1, vocab]`): a prefill that needs no other
+            real position only (`[B, 1, vocab]`, `last_real`: the last column
+            under left padding, the last real token under right padding): a prefill that needs no other
             position's logits skips the LM head there (on a CPU a fifth of a
             small model's prefill). `generate` and the engine use it.
         limit_name: where `max_positions` comes from, for messages (e.g.
             "max_position_embeddings").
         fixed_limit: True when no position past `max_positions` exists (a
             learned position table): `with_max_positions` cannot raise it.
+        init_paged: optional `(batch, max_len, pages, page_size, dtype) ->
+            cache`, a `PagedCache` (pages from one pool, `max_len` a per-row
+            bound): the engine's paged mode (`Engine(page_size=...)`) needs it.
         activation_bytes: optional `(batch, T, S) -> bytes`, an estimate of the
             activations and attention scratch live during one call over T new
             tokens and S cache slots (logits and the cache excluded), for the
@@ -107,6 +111,7 @@ class Decoder:
     activation_bytes: Callable[[int, int, int], int] | None = None
     apply_routed: Callable[..., tuple[Array, Any, Array]] | None = None
     routed_shape: tuple[int, int] | None = None
+    init_paged: Callable[..., Any] | None = None
 
     def __hash__(self) -> int:
         # A static jit argument is hashed at every dispatch (each streamed token),
@@ -124,6 +129,7 @@ class Decoder:
         `apply_last` when the model has it."""
         if self.apply_last is None:
             logits, cache = self.apply(params, ids, positions, cache, mask)
+            logits = last_real(logits, mask)
         else:
             logits, cache = self.apply_last(params, ids, positions, cache, mask)
         return logits[:, -1, :].astype(jnp.float32), cache
@@ -244,3 +250,16 @@ def positions_from_mask(attention_mask: Array, offset: Array | int = 0) -> Array
     mask = jnp.asarray(attention_mask).astype(jnp.int32)
     pos = jnp.cumsum(mask, axis=-1) - 1 + jnp.asarray(offset, jnp.int32).reshape(-1, 1)
     return jnp.where(mask == 0, 1, pos).astype(jnp.int32)
+
+
+def last_real(x: Array, attention_mask: Array) -> Array:
+    """`x: [batch, T, ...]` at each row's last real column (`attention_mask`
+    `[batch, T]` 1 there), as `[batch, 1, ...]`: column `T - 1` under left
+    padding, the last token of a right-padded row (a paged prefill's chunk);
+    a row with no real token gives column `T - 1`."""
+    t = attention_mask.shape[1]
+    flipped = jnp.asarray(attention_mask)[:, ::-1] != 0
+    col = (t - 1 - jnp.argmax(flipped, axis=1)).astype(jnp.int32)
+    col = jnp.where(jnp.any(flipped, axis=1), col, t - 1)
+    at = col.reshape((-1, 1) + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, at, axis=1)

@@ -39,6 +39,7 @@ __all__ = [
     "RMSNorm",
     "apply_rope",
     "attend",
+    "attend_blocks",
     "attention_bytes",
     "check_attention_block",
     "rope_cos_sin",
@@ -114,7 +115,7 @@ def check_attention_block(block: object) -> int:
     return block
 
 
-# The narrowest key block of the blocked path (see `_attend_blocked`).
+# The narrowest key block of the blocked path (see `attend_blocks`).
 KEY_BLOCK_MIN = 128
 
 
@@ -163,7 +164,7 @@ def attend(
 
     Given a `SlotMask` and more than `block` new tokens (a long prefill) or
     cache slots (a wide cache; see `blocked`), the scores are never
-    materialised as `[heads, T, S]`: `_attend_blocked` walks query blocks and,
+    materialised as `[heads, T, S]`: `attend_blocks` walks query blocks and,
     for each, the key blocks it can see. Otherwise (short calls over a short
     cache, or a dense mask) the direct product.
 
@@ -194,8 +195,18 @@ def attend(
     q = q.astype(keys.dtype)
     if isinstance(visible, SlotMask):
         if blocked(t, s, block):
-            stack = (keys, values) if stacked else (keys[None], values[None])
-            return _attend_blocked(q, *stack, layer or 0, visible, scale, softcap, block)
+            keys, values = (keys, values) if stacked else (keys[None], values[None])
+            at = layer or 0
+
+            def read(start: Array, size: int) -> tuple[Array, Array]:
+                # Each key block sliced straight out of the stack.
+                corner, shape = (at, 0, 0, start, 0), (1, b, hkv, size, d)
+                return (
+                    jax.lax.dynamic_slice(keys, corner, shape)[0],
+                    jax.lax.dynamic_slice(values, corner, shape)[0],
+                )
+
+            return attend_blocks(q, read, s, hkv, values.dtype, visible, scale, softcap, block)
         visible = visible.dense()
     if stacked:
         keys, values = keys[layer], values[layer]
@@ -218,15 +229,17 @@ def attend(
     return out.reshape(b, t, hq, d)
 
 
-def _attend_blocked(
+def attend_blocks(
     q: Array,
-    keys: Array,
-    values: Array,
-    layer: int,
+    read: Callable[[Array, int], tuple[Array, Array]],
+    s: int,
+    kv_heads: int,
+    dtype: Any,
     mask: SlotMask,
     scale: float,
     softcap: float | None,
-    block: int,
+    block: int = ATTENTION_BLOCK,
+    page: int = 1,
 ) -> Array:
     """`attend` in blocks: for each block of queries, an online softmax over the
     key blocks any of its queries can see (flash attention's recurrence).
@@ -240,16 +253,31 @@ def _attend_blocked(
     out. Masked scores are float32's lowest finite value, as in the direct path, so
     a query that sees nothing (left padding) averages finite values, never NaN.
 
-    Args and returns as `attend` (`q` already in the keys' dtype; `keys` and
-    `values` stacked `[layers, batch, kv_heads, S, D]`, read at `layer`).
+    Args:
+        q: `[batch, T, q_heads, head_dim]`, already in the keys' dtype.
+        read: `(start, size) -> (keys, values)`, each `[batch, kv_heads, size,
+            head_dim]`: key slots `start .. start + size - 1` (`start` traced).
+            A `KVCache` layer slices them out of its stack; a `PagedCache`
+            gathers the pages its tables name (`PagedCache.reader`).
+        s: key slots in all (static).
+        kv_heads: heads of the keys.
+        dtype: the values' dtype (the output's).
+        mask: which slots each query may read.
+        scale, softcap, block: as `attend`.
+        page: key blocks (and their starts) are multiples of this (a paged
+            cache's `page_size`; `s` must be one too).
+
+    Returns:
+        As `attend`.
 
     A function over ~80 lines: the two nested block loops and the online softmax
     share their carried sums; split, each piece would need them all as arguments.
     """
     b, t, hq, d = q.shape
-    hkv, s = keys.shape[2], keys.shape[3]
+    hkv = kv_heads
     group = hq // hkv
     bq, bk = block_sizes(t, s, block)
+    bk = max(page, bk // page * page)
     nq, nk = -(-t // bq), -(-s // bk)
     low = jnp.finfo(jnp.float32).min
     # No row reads a slot before its first real one.
@@ -272,10 +300,7 @@ def _attend_blocked(
             def update(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 m, total, acc = carry
                 kstart = jnp.minimum(j * bk, s - bk)
-                at = (layer, 0, 0, kstart, 0)
-                size = (1, b, hkv, bk, d)
-                kb = jax.lax.dynamic_slice(keys, at, size)[0]  # [B, K, bk, D]
-                vb = jax.lax.dynamic_slice(values, at, size)[0]
+                kb, vb = read(kstart, bk)  # [B, K, bk, D]
                 sc = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
                 sc = sc * jnp.float32(scale)
                 if softcap is not None:
@@ -289,7 +314,7 @@ def _attend_blocked(
                 total = total * fix + jnp.sum(p, axis=-1)
                 pv = jnp.einsum(
                     "bkgqs,bksd->bkgqd",
-                    p.astype(values.dtype),
+                    p.astype(dtype),
                     vb,
                     preferred_element_type=jnp.float32,
                 )
@@ -309,7 +334,7 @@ def _attend_blocked(
     # The output [B, kv_heads, group, T, D] is written block by block over a
     # buffer that starts as the queries: a zero-filled one depends on nothing,
     # and XLA:CPU then allocated every layer's at once (one [T, hidden] per layer).
-    out = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4).astype(values.dtype)
+    out = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4).astype(dtype)
     out = jax.lax.fori_loop(0, nq, query_block, out)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
 

@@ -22,7 +22,7 @@ from jaxdecode import pytree
 from jaxdecode.cache import cache_specs, gather_rows
 from jaxdecode.config import StaticConfig
 from jaxdecode.context import DecodeContext
-from jaxdecode.models.base import Decoder, positions_from_mask
+from jaxdecode.models.base import Decoder, last_real, positions_from_mask
 from jaxdecode.processors import Chain, TracedConfig
 from jaxdecode.search.record import top_n
 from jaxdecode.search.stopping import StopStrings
@@ -300,7 +300,7 @@ def prompt_outputs(plan: Plan, logits: Array, ids: Array, mask: Array) -> dict[s
 
 
 def prompt_pass(
-    plan: Plan, params: Any, ids: Array, mask: Array, cache: Any
+    plan: Plan, params: Any, ids: Array, mask: Array, cache: Any, offset: Array | int = 0
 ) -> tuple[Array, Any, dict[str, Array] | None, Array | None]:
     """The prompts through the model, written into `cache`: the one prefill of
     `generate`, `stream`, speculative decoding and the engine.
@@ -308,7 +308,9 @@ def prompt_pass(
     Args:
         ids: `[n, bucket]` left-padded prompt ids.
         mask: `[n, bucket]` 0 on padding.
-        cache: an empty cache of `n` rows.
+        cache: an empty cache of `n` rows (or, with `offset`, rows holding
+            `offset` tokens already: a paged prefill's next chunk, right-padded).
+        offset: `[]` or `[n]` real tokens already in the cache before these.
 
     Returns:
         The last position's logits `[n, V]` float32, the cache, the prompts'
@@ -318,20 +320,20 @@ def prompt_pass(
         runs on the last position only: the others' `[n, bucket, V]` logits
         would dwarf a long prompt's work.
     """
-    positions = positions_from_mask(mask)
+    positions = positions_from_mask(mask, offset)
     all_logits = plan.config.prompt_logprobs >= 0  # every position's logits
     routed = None
     if plan.config.output_routed_experts:
         logits, cache, experts = plan.decoder.apply_routed(
             params, ids, positions, cache, mask, last=not all_logits
         )
-        routed = experts[:, -1]
+        routed = last_real(experts, mask)[:, 0]
     elif all_logits:
         logits, cache = plan.decoder.apply(params, ids, positions, cache, mask)
     else:
         last, cache = plan.decoder.prefill_last(params, ids, positions, cache, mask)
         return last, cache, None, None
-    last = logits[:, -1, :].astype(jnp.float32)
+    last = last_real(logits, mask)[:, 0].astype(jnp.float32)
     prompt = prompt_outputs(plan, logits, ids, mask) if all_logits else None
     return last, cache, prompt, routed
 

@@ -42,8 +42,11 @@ from jaxdecode.sharding import DATA, constrain, fit_spec
 Array = jax.Array
 
 __all__ = [
+    "Pages",
     "SlotState",
     "admit_program",
+    "chunk_program",
+    "decode_pages_program",
     "decode_program",
     "empty_program",
     "out_buffers",
@@ -136,6 +139,7 @@ def admit(
     max_new: Array,
     seeds: Array,
     processor: Chain,
+    pages: Pages | None = None,
 ) -> tuple[SlotState, dict[str, Array] | None]:
     """Prefills `n` prompts of one bucket and places them into `slots`.
 
@@ -148,6 +152,9 @@ def admit(
             as `generate(seed=...)` makes it).
         processor: the chain with the new rows' per-row values `[n]` (and their
             constraints' start states).
+        pages: with a paged cache, the prompts' last chunks (`Pages`): the
+            model reads `pages.ids` after the tokens the rows' pages already
+            hold, and `ids` / `mask` (the whole prompts) start the decode state.
 
     Returns:
         The state, and the prompts' log-probabilities (`prompt_outputs`,
@@ -158,8 +165,11 @@ def admit(
     if plan.mesh is not None:
         spec = fit_spec(P(DATA, None), ids.shape, plan.mesh)
         ids, mask = constrain((ids, mask), plan.mesh, (spec, spec))
-    cache = constrain(plan.decoder.init_cache(n, width, None), plan.mesh, cache_specs)
-    last, cache, prompt, routed = prompt_pass(plan, params, ids, mask, cache)
+    if pages is None:
+        cache = constrain(plan.decoder.init_cache(n, width, None), plan.mesh, cache_specs)
+        last, cache, prompt, routed = prompt_pass(plan, params, ids, mask, cache)
+    else:
+        last, cache, prompt, routed = chunk_pass(plan, params, state.dec.cache, pages)
     prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
     keys = row_keys(jax.vmap(jax.random.key)(seeds), n, 1, True)
     rows = start_state(
@@ -185,6 +195,72 @@ def admit(
         outs={k: v.at[slots].set(0, mode="drop") for k, v in state.outs.items()},
     )
     return shard_state(plan, new), prompt
+
+
+@pytree.dataclass
+class Pages:
+    """One chunk of `n` prompts for rows of a `PagedCache`.
+
+    Attributes:
+        ids: `[n, T]` the chunk's tokens, right-padded.
+        mask: `[n, T]` 1 on its real tokens.
+        start: `[n]` int32 tokens of each prompt already in its pages (prefix
+            cache hits and earlier chunks): the chunk goes at slots `start ..`.
+        table: `[n, max_pages]` int32 each row's page table (the pool's page
+            count where unassigned: unused rows write nothing).
+    """
+
+    ids: Array
+    mask: Array
+    start: Array
+    table: Array
+
+
+def chunk_pass(
+    plan: Plan, params: Any, cache: Any, pages: Pages
+) -> tuple[Array, Any, dict[str, Array] | None, Array | None]:
+    """`prompt_pass` of one chunk through a view of the pool (`with_rows`):
+    the last real token's logits `[n, V]`, the view (its rows now hold
+    `start + chunk` tokens; the pool written), the prompt outputs and the last
+    real token's routed experts (as `prompt_pass`)."""
+    view = cache.with_rows(pages.table, pages.start)
+    last, view, prompt, routed = prompt_pass(plan, params, pages.ids, pages.mask, view, pages.start)
+    # Right padding: the next token goes after the real ones, over the padding.
+    real = jnp.sum(pages.mask, axis=1).astype(jnp.int32)
+    return last, view.replace(index=pages.start + real), prompt, routed
+
+
+def prefill_chunk(
+    plan: Plan, params: Any, state: SlotState, pages: Pages, slots: Array
+) -> SlotState:
+    """Writes one chunk of `n` prompts that are not finished yet into their
+    pages (`slots: [n]`, `S` for unused rows); their rows keep waiting (a
+    chunked prefill: running rows decode between the chunks)."""
+    _, view, _, _ = chunk_pass(plan, params, state.dec.cache, pages)
+    cache = state.dec.cache.put_rows(slots, view)
+    return shard_state(plan, state.replace(dec=state.dec.replace(cache=cache)))
+
+
+def decode_pages(
+    plan: Plan,
+    steps: int,
+    params: Any,
+    state: SlotState,
+    want: Array,
+    table: Array,
+    active: Array,
+) -> tuple[SlotState, Array, Array]:
+    """`decode` over a paged cache with the host's page table `[S, max_pages]`:
+    rows not `active` (`[S]` bool: free, or still being prefilled) are
+    finished and own no page, so their steps write nothing and their index
+    (reset to 0) does not widen the key blocks every row reads."""
+    cache = state.dec.cache
+    cache = cache.replace(
+        table=jnp.where(active[:, None], table, cache.pages),
+        index=jnp.where(active, cache.index, 0),
+    )
+    dec = state.dec.replace(cache=cache, done=state.dec.done | ~active)
+    return decode(plan, steps, params, state.replace(dec=dec), want)
 
 
 def decode(
@@ -215,10 +291,17 @@ def decode(
     return state, n, work
 
 
-def empty_state(plan: Plan, width: int, processor: Chain, stop: Any) -> SlotState:
+def empty_state(
+    plan: Plan, width: int, processor: Chain, stop: Any, pool: tuple[int, int] | None = None
+) -> SlotState:
     """Every slot empty (finished), with the per-row values of `processor` and
-    the stop strings' tables `stop` (or None)."""
+    the stop strings' tables `stop` (or None); with `pool = (pages,
+    page_size)`, the cache is a `PagedCache` of that pool (`width` per row)."""
     slots, decoder = plan.batch, plan.decoder
+    if pool is None:
+        cache = decoder.init_cache(slots, width, None)
+    else:
+        cache = decoder.init_paged(slots, width, pool[0], pool[1], None)
     ids = jnp.full((slots, width), plan.config.pad_token_id, jnp.int32)
     zeros = jnp.zeros((slots,), jnp.int32)
     ctx = DecodeContext.from_ids(
@@ -226,7 +309,7 @@ def empty_state(plan: Plan, width: int, processor: Chain, stop: Any) -> SlotStat
     )
     dec = DecodeState(
         ctx=ctx,
-        cache=decoder.init_cache(slots, width, None),
+        cache=cache,
         logits=jnp.zeros((slots, decoder.vocab_size), jnp.float32),
         done=jnp.ones((slots,), bool),
         positions=zeros,
@@ -309,7 +392,9 @@ def with_table(state: SlotState, grammar: Grammar, at: int) -> SlotState:
     return state.replace(traced=traced, dec=state.dec.replace(proc_state=tuple(proc_state)))
 
 
-empty_program = jax.jit(empty_state, static_argnums=(0, 1))
+empty_program = jax.jit(empty_state, static_argnums=(0, 1, 4))
+chunk_program = jax.jit(prefill_chunk, static_argnums=0, donate_argnums=2)
+decode_pages_program = jax.jit(decode_pages, static_argnums=(0, 1), donate_argnums=3)
 take_program = jax.jit(take_slots)
 spread_program = jax.jit(spread_slots, donate_argnums=0)
 admit_program = jax.jit(admit, static_argnums=0, donate_argnums=2)

@@ -32,8 +32,10 @@ prompts, not of the engine's whole life. An engine that never sees a
 constraint has no constraint processor at all.
 
 Static (one program each): the slot count, `max_len`, the prefill group size,
-each prompt bucket, the decoding strategy, which processors are present and
-the constraint table's shape. Traced, per row: the prompt, its seed, its
+each prompt bucket (paged: each chunk bucket, and each pair of chunk and prompt
+bucket for a prompt's last chunk), the page pool's shape, the decoding
+strategy, which processors are present and the constraint table's shape.
+Traced, per row (and the page tables): the prompt, its seed, its
 `max_new_tokens`, its constraint and every per-row value (`GenerationConfig`
 fields with `per_row`: temperature, top_k, top_p, min_p, typical_p,
 epsilon/eta cutoffs, repetition/frequency/presence penalties). Prompts whose
@@ -47,12 +49,23 @@ the family's `param_specs` and the cache's heads and the logits' vocabulary
 over `model`; the programs are the same, constrained to that layout, and every
 prompt's tokens equal one device's.
 
+With `page_size` the cache is a `PagedCache` instead (a pool of pages, a page
+table per slot): the host (`jaxdecode.serving.pages.PagePool`) hands out pages,
+admits a prompt when its pages are free, reuses cached prompt pages (the prefix
+cache), prefills long prompts in chunks (`prefill_chunk`) between decode calls,
+gives each decoding row the pages its next call writes and, when the pool is
+short, sends the newest rows back to the queue (recomputed later, same tokens).
+The page table travels to the programs as an argument each call.
+
 The device side (the pure programs: prefill-and-insert, decode, take, spread)
 lives in `jaxdecode.serving.programs`; this module is the host side, JetStream's
 split: queue, slot bookkeeping, grouping and harvest.
 
-A module over ~500 lines: the queue, admission, compaction and harvest of one `Engine`
-share its bookkeeping; `generate_many` and `slot_memory` are its two thin users.
+A module over ~500 lines: the queue, admission (by slots, or by pages with
+chunks and preemption), compaction and harvest of one `Engine` share its
+bookkeeping; `generate_many` and `slot_memory` are its two thin users. The
+pages' own bookkeeping (free pages, references, the prefix cache) is
+`serving.pages`.
 """
 
 from __future__ import annotations
@@ -84,6 +97,7 @@ from jaxdecode.rows import (
 )
 from jaxdecode.search.loop import Plan
 from jaxdecode.serving import programs
+from jaxdecode.serving.pages import PagePool, chain_hashes, pages_for, table_row
 from jaxdecode.sharding import DATA, check_mesh, per_device_bytes, shard_params
 
 Array = jax.Array
@@ -152,8 +166,15 @@ class EngineStats:
         tokens: tokens of the finished prompts.
         row_steps: rows computed (steps times the rows of the state; fewer
             than `steps * slots` when `compact_tail` shrank the state).
-        prefills: prefill program calls.
+        prefills: prefill program calls (chunks included).
         finished: prompts finished.
+        prefill_tokens: prompt tokens run through the model (a prefix cache
+            hit's tokens are not; padding is not counted).
+        prefix_tokens: prompt tokens taken from the prefix cache (paged).
+        peak_kv_bytes: bytes of the pages rows held at the peak (paged; the
+            dense cache: its whole size).
+        preemptions: rows sent back to the queue when pages ran out (paged;
+            recomputed from their prompt later, with the same tokens).
     """
 
     slots: int = 0
@@ -166,6 +187,10 @@ class EngineStats:
     prefills: int = 0
     finished: int = 0
     row_steps: int = 0
+    prefill_tokens: int = 0
+    prefix_tokens: int = 0
+    peak_kv_bytes: int = 0
+    preemptions: int = 0
 
     @property
     def occupancy(self) -> float:
@@ -198,6 +223,14 @@ class _Pending:
     # The prefill's prompt log-probabilities (device arrays of its group) and row.
     prompt_out: dict[str, Array] | None = None
     row: int = 0
+    first: int = -1  # the prompt's first column in prompt_out (-1: bucket - len)
+    # Paged: prefix-cache keys of its full pages, its pages in order, prompt
+    # tokens already in them, whether it is still being prefilled, admission order.
+    keys: list[bytes] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)
+    start: int = 0
+    filling: bool = False
+    order: int = 0
 
 
 def _model_parts(model: Model) -> tuple[Decoder, Any, GenerationConfig]:
@@ -254,9 +287,31 @@ class Engine:
             placed ones are left alone). Every prompt's tokens equal one
             device's.
 
+        page_size: keep the cache in pages of this many tokens (`PagedCache`;
+            None: one dense `[slots, max_len]` cache). Prompts are then admitted
+            by free pages, `max_len` bounds each row (prompt bucket plus
+            `max_new_tokens`) without being allocated per slot, and a step
+            reads only each row's live pages. Needs a model with a paged
+            cache (the skeleton's families without sliding-window layers).
+        kv_pages: pages in the pool (paged; default `slots * ceil(max_len /
+            page_size)`, the dense cache's size). A prompt whose tokens plus
+            `max_new_tokens` need more pages than the pool has is refused at
+            `submit`; when pages run out mid-run, the newest rows go back to
+            the queue and are recomputed later (same tokens).
+        prefix_cache: reuse the pages of prompt prefixes seen before (paged):
+            full pages keyed by a hash of their tokens and every token before
+            them, kept until the pool needs them (least recently used first).
+            A prompt whose leading pages are cached skips their prefill; the
+            samples of one prompt (one prompt submitted with several seeds)
+            share its pages. Prompts with `prompt_logprobs` are prefilled
+            whole (every position's logits are needed).
+        prefill_chunk: prefill long prompts (paged) in chunks of at most this
+            many tokens, one chunk per round, so running rows keep decoding
+            while they are read (None: a prompt's prefill is one call).
+
     Attributes:
-        cache_bytes, state_bytes: device bytes of the slot cache and of the
-            rest of the slot state (estimate).
+        cache_bytes, state_bytes: device bytes of the slot cache (paged: the
+            pool) and of the rest of the slot state (estimate).
         table_bytes: device bytes of the constraint table (0 without one).
 
     Raises:
@@ -276,6 +331,10 @@ class Engine:
         prefill_rows: int | None = None,
         compact_tail: bool = False,
         mesh: Mesh | None = None,
+        page_size: int | None = None,
+        kv_pages: int | None = None,
+        prefix_cache: bool = True,
+        prefill_chunk: int | None = None,
     ) -> None:
         decoder, params, base = _model_parts(model)
         self.slots = _check_int("slots", slots, 1)
@@ -297,6 +356,9 @@ class Engine:
         _check_strategy(self.config)
         decoder.check_routed(self.config.output_routed_experts)
         self.decoder = decoder
+        self._pool = self._check_pages(
+            page_size, kv_pages, prefix_cache, prefill_chunk, compact_tail
+        )
         self.tokenizer = getattr(model, "tokenizer", None)
         self._key = group_key(self.config, lengths_per_row=True)
         self._arrayed = arrayed_fields(self.config, self.slots)
@@ -329,7 +391,7 @@ class Engine:
             stop = stop_tables(self.config.stop_strings, self.tokenizer, decoder.vocab_size)
         self._stop = stop
         self._state = programs.empty_program(
-            self._plan, self.max_len, self._template(self.slots), stop
+            self._plan, self.max_len, self._template(self.slots), stop, self._pool_shape()
         )
         self._size = self.slots  # rows of self._state
         self._small: dict[int, tuple[Plan, Any]] = {}
@@ -342,7 +404,10 @@ class Engine:
         self._owner: dict[int, _Pending] = {}
         self._free = list(range(self.slots))
         self._submitted = 0
+        self._admitted = 0
         self.stats = EngineStats(slots=self.slots)
+        if self._pool is None:
+            self.stats.peak_kv_bytes = self.cache_bytes
 
     # ------------------------------------------------------------------ #
     @property
@@ -401,8 +466,58 @@ class Engine:
     def _check_memory(self) -> tuple[int, int]:
         devices = 1 if self.mesh is None else self.mesh.devices.size
         return slot_memory(
-            self.decoder, self.config, self.slots, self.max_len, self.prefill_rows, devices=devices
+            self.decoder,
+            self.config,
+            self.slots,
+            self.max_len,
+            self.prefill_rows,
+            devices=devices,
+            pool=self._pool_shape(),
         )
+
+    def _pool_shape(self) -> tuple[int, int] | None:
+        return None if self._pool is None else (self._pool.pages, self._pool.page_size)
+
+    def _check_pages(
+        self,
+        page_size: Any,
+        kv_pages: Any,
+        prefix_cache: Any,
+        prefill_chunk: Any,
+        compact_tail: bool,
+    ) -> PagePool | None:
+        """The page pool of a paged engine (None: the dense slot cache), after
+        checking the paged options."""
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
+        if page_size is None:
+            for name, value in (("kv_pages", kv_pages), ("prefill_chunk", prefill_chunk)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name}={value!r} needs a paged cache: give page_size too "
+                        "(e.g. page_size=16)"
+                    )
+            self.page_size = self.kv_pages = self.prefill_chunk = None
+            return None
+        page_size = _check_int("page_size", page_size, 1)
+        if self.decoder.init_paged is None:
+            raise ValueError(
+                f"page_size={page_size}: the model {self.decoder.name!r} has no paged cache "
+                "(models with sliding-window layers and GPT-2 keep the dense slot cache); "
+                "use page_size=None"
+            )
+        if self.mesh is not None or compact_tail:
+            what = "mesh" if self.mesh is not None else "compact_tail=True"
+            raise ValueError(
+                f"page_size={page_size} with {what}: the paged engine runs on one device "
+                "without compaction; use page_size=None for that"
+            )
+        per_row = pages_for(self.max_len, page_size)
+        pages = self.slots * per_row if kv_pages is None else _check_int("kv_pages", kv_pages, 1)
+        if prefill_chunk is not None:
+            prefill_chunk = _check_int("prefill_chunk", prefill_chunk, 1)
+        self.page_size, self.kv_pages, self.prefill_chunk = page_size, pages, prefill_chunk
+        return PagePool(pages, page_size, prefix_cache)
 
     # ------------------------------------------------------------------ #
     def submit(
@@ -441,8 +556,9 @@ class Engine:
             for i, (p, c) in enumerate(zip(prompts, per, strict=True))
         ]
         self._add_constraints(items)
-        for it in items:
-            self._pending.setdefault(it.bucket, collections.deque()).append(it)
+        for it in items:  # paged: one queue in submission order
+            queue = 0 if self._pool is not None else it.bucket
+            self._pending.setdefault(queue, collections.deque()).append(it)
         self._submitted += len(items)
         return [it.index for it in items]
 
@@ -474,6 +590,14 @@ class Engine:
                 f"prompt {index}: its bucket ({bucket} tokens) plus max_new_tokens={max_new} "
                 f"exceeds the engine's max_len={self.max_len}"
             )
+        if self._pool is not None:
+            need = pages_for(len(ids) + max_new, self.page_size)
+            if need > self.kv_pages:
+                raise ValueError(
+                    f"prompt {index}: kv_pages={self.kv_pages} is too small: its {len(ids)} "
+                    f"tokens plus max_new_tokens={max_new} need {need} pages of "
+                    f"page_size={self.page_size}; raise kv_pages to at least {need}"
+                )
         config = config.replace(max_new_tokens=max_new, max_length=None)
         seed = 0
         if config.do_sample:
@@ -488,7 +612,10 @@ class Engine:
                 f"{', '.join(PER_ROW_FIELDS)}, seed, max_new_tokens); use generate_many, which "
                 "runs one engine per group"
             )
-        return _Pending(index, ids, config, seed, bucket, max_new, self._spec(index, config))
+        item = _Pending(index, ids, config, seed, bucket, max_new, self._spec(index, config))
+        if self._pool is not None and self.config.prompt_logprobs is None:
+            item.keys = chain_hashes(ids, self.page_size)
+        return item
 
     def _spec(self, index: int, config: GenerationConfig) -> tuple[str, Any] | None:
         """The prompt's one output constraint `(field, value)`, or None."""
@@ -552,19 +679,33 @@ class Engine:
     def step(self) -> list[EngineResult]:
         """One round: fill free slots, one call of the decode program, harvest."""
         self._warm_up()
-        self._admit_waiting()
+        if self._pool is None:
+            self._admit_waiting()
+        else:
+            self._admit_pages()
         if not self._owner:
             return []
         waiting = self._waiting()
         if not waiting:
             self._compact()
-        want = len(self._free) + min(waiting, self.prefill_rows) if waiting else self._size + 1
+        free = len(self._free)
+        if self._pool is not None:
+            table, active = self._decode_pages()
+            if not active.any():
+                return []  # only prompts being prefilled (chunks): no row decodes yet
+            free = self._size - int(active.sum())
+        want = free + min(waiting, self.prefill_rows) if waiting else self._size + 1
         plan, params = (
             (self._plan, self._params) if self._size == self.slots else self._small[self._size]
         )
-        self._state, n, work = programs.decode_program(
-            plan, self.steps_per_call, params, self._state, jnp.int32(want)
-        )
+        if self._pool is None:
+            self._state, n, work = programs.decode_program(
+                plan, self.steps_per_call, params, self._state, jnp.int32(want)
+            )
+        else:
+            self._state, n, work = programs.decode_pages_program(
+                plan, self.steps_per_call, params, self._state, jnp.int32(want), table, active
+            )
         n, work = int(n), int(work)
         self.stats.calls += 1
         self.stats.steps += n
@@ -610,7 +751,9 @@ class Engine:
                 del self._pending[bucket]
             self._place(group, [self._free.pop(0) for _ in group])
 
-    def _place(self, group: list[_Pending], slots: list[int]) -> None:
+    def _place(
+        self, group: list[_Pending], slots: list[int], pages: programs.Pages | None = None
+    ) -> None:
         rows, bucket = self.prefill_rows, group[0].bucket
         filler = group + [group[-1]] * (rows - len(group))
         ids = np.full((rows, bucket), self._plan.config.pad_token_id, np.int32)
@@ -623,16 +766,152 @@ class Engine:
         seeds = np.asarray([it.seed for it in filler], np.uint32)
         processor = self._template(rows, [it.config for it in filler], [it.spec for it in filler])
         self._state, prompt = programs.admit_program(
-            self._plan, self._params, self._state, ids, mask, target, max_new, seeds, processor
-        )
+            self._plan, self._params, self._state, ids, mask, target, max_new, seeds, processor,
+            pages,
+        )  # fmt: skip
         for r, (slot, it) in enumerate(zip(slots, group, strict=True)):
             self._owner[slot] = it
             it.prompt_out, it.row = prompt, r
+            self.stats.prefill_tokens += len(it.ids) - it.start
         self.stats.prefills += 1
+
+    # ------------------------------------------------------------------ #
+    # Paged: admission by free pages, prefix hits, chunks, preemption.
+    def _admit_pages(self) -> None:
+        """New prompts into free slots while the pool has their pages (after
+        a reserve for the running rows' next call), then one chunk of every
+        prompt being prefilled."""
+        pool, ps = self._pool, self.page_size
+        queue = self._pending.get(0)
+        decoding = sum(not it.filling for it in self._owner.values())
+        reserve = decoding * pages_for(self.steps_per_call + 1, ps)
+        writing = {k for it in self._owner.values() if it.filling for k in it.keys}
+        while self._free and queue:
+            it = queue[0]
+            limit = (len(it.ids) - 1) // ps  # the last token is always computed
+            hit = 0
+            while hit < min(limit, len(it.keys)) and pool.cached(it.keys[hit]):
+                hit += 1
+            if hit < limit and hit < len(it.keys) and it.keys[hit] in writing:
+                break  # its next page is being written by a row admitted earlier: wait for it
+            hits = pool.lookup(it.keys, hit)
+            new = pages_for(len(it.ids), ps) - len(hits)
+            if pool.available < new + reserve:
+                pool.release(hits)
+                break
+            queue.popleft()
+            it.pages = hits + pool.allocate(new)
+            it.start, it.filling, it.order = len(hits) * ps, True, self._admitted
+            self._admitted += 1
+            self.stats.prefix_tokens += it.start
+            self._owner[self._free.pop(0)] = it
+            writing.update(it.keys)
+        if queue is not None and not queue:
+            del self._pending[0]
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak * self._page_bytes())
+        self._run_chunks()
+
+    def _page_bytes(self) -> int:
+        return self._state.dec.cache.page_bytes()
+
+    def _chunk_of(self, it: _Pending) -> tuple[bool, int, int]:
+        """`(final, real tokens, padded width)` of the prompt's next chunk."""
+        rest = len(it.ids) - it.start
+        # Prompt log-probabilities need every position's logits in one pass.
+        whole = self.prefill_chunk is None or self.config.prompt_logprobs is not None
+        chunk = rest if whole else min(rest, self.prefill_chunk)
+        return chunk == rest, chunk, bucket_length(chunk, self.prompt_buckets)
+
+    def _run_chunks(self) -> None:
+        """One chunk of every prompt being prefilled, in groups of one program
+        (final chunk or not, chunk width, prompt bucket) of `prefill_rows`."""
+        groups: dict[tuple, list[int]] = {}
+        filling = sorted(
+            (s for s, it in self._owner.items() if it.filling), key=lambda s: self._owner[s].order
+        )
+        for slot in filling:
+            it = self._owner[slot]
+            final, _, width = self._chunk_of(it)
+            groups.setdefault((final, width, it.bucket if final else 0), []).append(slot)
+        for (final, width, _), slots in groups.items():
+            for i in range(0, len(slots), self.prefill_rows):
+                self._chunk_call(slots[i : i + self.prefill_rows], final, width)
+
+    def _chunk_call(self, slots: list[int], final: bool, width: int) -> None:
+        rows, pool = self.prefill_rows, self._pool
+        group = [self._owner[s] for s in slots]
+        ids = np.zeros((rows, width), np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        start = np.zeros((rows,), np.int32)
+        cols = pages_for(self.max_len, self.page_size)
+        table = np.full((rows, cols), pool.pages, np.int32)  # unused rows write nothing
+        counts = []
+        for r, it in enumerate(group):
+            _, n, _ = self._chunk_of(it)
+            ids[r, :n] = it.ids[it.start : it.start + n]
+            mask[r, :n] = 1
+            start[r] = it.start
+            table[r] = table_row(it.pages, cols, pool.pages)
+            counts.append(n)
+        pages = programs.Pages(ids=ids, mask=mask, start=start, table=table)
+        target = np.asarray(slots + [self.slots] * (rows - len(slots)), np.int32)
+        if final:
+            self._place(group, slots, pages)
+            for it in group:
+                it.first = 0  # a whole prompt in one right-padded chunk
+        else:
+            self._state = programs.chunk_program(
+                self._plan, self._params, self._state, pages, target
+            )
+            self.stats.prefills += 1
+        for it, n in zip(group, counts, strict=True):
+            if not final:
+                self.stats.prefill_tokens += n
+            it.start += n
+            it.filling = not final
+            full = it.start // self.page_size
+            pool.register(it.keys[:full], it.pages[:full])
+
+    def _decode_pages(self) -> tuple[np.ndarray, np.ndarray]:
+        """The page table and active rows of the next decode call, after giving
+        every decoding row the pages it writes in that call (the newest rows go
+        back to the queue while the pool is short)."""
+        pool, ps = self._pool, self.page_size
+        lengths = np.asarray(self._state.dec.lengths)
+        while True:
+            need = {}
+            for slot, it in self._owner.items():
+                if it.filling:
+                    continue
+                upto = len(it.ids) + min(int(lengths[slot]) + self.steps_per_call, it.max_new)
+                need[slot] = max(0, pages_for(upto, ps) - len(it.pages))
+            if sum(need.values()) <= pool.available:
+                break
+            self._preempt(max(self._owner, key=lambda s: self._owner[s].order))
+        for slot, n in need.items():
+            self._owner[slot].pages += pool.allocate(n)
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak * self._page_bytes())
+        cols = pages_for(self.max_len, ps)
+        table = np.full((self._size, cols), pool.pages, np.int32)
+        active = np.zeros((self._size,), bool)
+        for slot, it in self._owner.items():
+            table[slot] = table_row(it.pages, cols, pool.pages)
+            active[slot] = not it.filling
+        return table, active
+
+    def _preempt(self, slot: int) -> None:
+        """Sends the row in `slot` back to the front of the queue (its pages
+        freed; it is prefilled again later and gives the same tokens)."""
+        it = self._owner.pop(slot)
+        self._pool.release(it.pages)
+        it.pages, it.start, it.filling, it.prompt_out, it.first = [], 0, False, None, -1
+        self._pending.setdefault(0, collections.deque()).appendleft(it)
+        self._free = sorted(self._free + [slot])
+        self.stats.preemptions += 1
 
     def _harvest(self) -> list[EngineResult]:
         done = np.asarray(self._state.dec.done)
-        finished = [s for s in sorted(self._owner) if done[s]]
+        finished = [s for s in sorted(self._owner) if done[s] and not self._owner[s].filling]
         if not finished:
             return []
         seqs = np.asarray(self._state.dec.ctx.sequences)
@@ -641,6 +920,8 @@ class Engine:
         out = []
         for slot in finished:
             it = self._owner.pop(slot)
+            if self._pool is not None:
+                self._pool.release(it.pages)
             n = int(lengths[slot])
             got = {k: v[slot, :n].copy() for k, v in outs.items()}
             out.append(
@@ -670,8 +951,9 @@ def _prompt_fields(it: _Pending) -> dict[str, np.ndarray]:
         "top_logprobs": "prompt_top_logprobs",
         "top_ids": "prompt_top_token_ids",
     }
-    first = it.bucket - len(it.ids)
-    return {names[k]: np.asarray(v)[it.row, first:] for k, v in it.prompt_out.items()}
+    first = it.bucket - len(it.ids) if it.first < 0 else it.first
+    cols = slice(first, first + len(it.ids))
+    return {names[k]: np.asarray(v)[it.row, cols] for k, v in it.prompt_out.items()}
 
 
 def slot_memory(
@@ -682,6 +964,7 @@ def slot_memory(
     prefill_rows: int | None = None,
     *,
     devices: int = 1,
+    pool: tuple[int, int] | None = None,
 ) -> tuple[int, int]:
     """`(cache bytes, other state bytes)` of an `Engine(slots=, max_len=,
     prefill_rows=)` with `config`, estimated without allocating anything: the
@@ -696,7 +979,10 @@ def slot_memory(
     """
     vocab = decoder.vocab_size
     rows = min(slots, 8) if prefill_rows is None else prefill_rows
-    cache = jax.eval_shape(lambda: decoder.init_cache(slots, max_len, None))
+    if pool is None:
+        cache = jax.eval_shape(lambda: decoder.init_cache(slots, max_len, None))
+    else:  # a paged engine's pool of `pool = (pages, page_size)`
+        cache = jax.eval_shape(lambda: decoder.init_paged(slots, max_len, *pool, None))
     cache_bytes = cache_nbytes(cache)
     plain = unconstrained(config).replace(max_new_tokens=max_len, max_length=None)
     chain = jax.eval_shape(lambda: from_config(plain))
@@ -710,7 +996,8 @@ def slot_memory(
     )
     recorded = cache_nbytes(outs)
     other = 8 * slots * vocab * 4 + slots * max_len * 4 + recorded + tallies
-    prefill = cache_bytes * rows // slots + decoder.prefill_bytes(
+    # A dense engine prefills into a cache of its own; a paged one into the pool.
+    prefill = (cache_bytes * rows // slots if pool is None else 0) + decoder.prefill_bytes(
         rows, max_len, max_len, all_logits=config.prompt_logprobs is not None
     )
     other += prefill
@@ -784,6 +1071,10 @@ def generate_many(
     prefill_rows: int | None = None,
     compact_tail: bool = False,
     mesh: Mesh | None = None,
+    page_size: int | None = None,
+    kv_pages: int | None = None,
+    prefix_cache: bool = True,
+    prefill_chunk: int | None = None,
     **overrides: Any,
 ) -> list[EngineResult]:
     """Generates for many prompts with continuous batching; results in prompt order.
@@ -804,6 +1095,10 @@ def generate_many(
         prefill_rows: as `Engine`.
         compact_tail: as `Engine`.
         mesh: as `Engine`.
+        page_size: as `Engine` (pages).
+        kv_pages: as `Engine`.
+        prefix_cache: as `Engine`.
+        prefill_chunk: as `Engine`.
         max_len: cache columns per slot (default: the longest prompt bucket plus
             `max_new_tokens` among the prompts).
         **overrides: `GenerationConfig` fields applied to the model's config
@@ -850,6 +1145,10 @@ def generate_many(
             prefill_rows=prefill_rows,
             compact_tail=compact_tail,
             mesh=mesh,
+            page_size=page_size,
+            kv_pages=kv_pages,
+            prefix_cache=prefix_cache,
+            prefill_chunk=prefill_chunk,
         )
         engine.submit([prompts[i] for i in members], [resolved[i] for i in members])
         for r in engine:

@@ -146,6 +146,24 @@ def test_engine_benchmark_quick(tmp_path: Path) -> None:
     assert 0 < data["runs"]["engine"]["occupancy"] <= 1
 
 
+def test_engine_pages_benchmark_quick(tmp_path: Path) -> None:
+    """benchmarks/engine.py --pages-check on a tiny random Llama: the samples of
+    one prompt take its pages from the prefix cache, and a shared system prompt
+    cuts the prefill work."""
+    out = tmp_path / "pages.json"
+    args = [
+        "--quick", "--json", str(out), "--llama", "--page-size", "4", "--pages-check",
+        "--prompts", "6", "--shared-prompt", "40", "--system-prompt", "32",
+        "--max-new-tokens", "4", "--slots", "4", "--steps-per-call", "4",
+        "--layers", "1", "--width", "32", "--heads", "2", "--vocab", "64",
+    ]  # fmt: skip
+    run_benchmark("engine.py", *args)
+    data = json.loads(out.read_text(encoding="utf-8"))["pages_check"]
+    group = data["samples_of_one_prompt"]
+    assert group["prefix_tokens"] == 15 * 36 and group["ratio"] < 2
+    assert data["shared_system_prompt"]["ratio"] > 1.5
+
+
 def test_grammar_benchmark_quick(tmp_path: Path) -> None:
     """benchmarks/grammar.py on a tiny model: builds, per-step rows and the
     transformers + outlines-core peer, whose greedy runs must agree run to run

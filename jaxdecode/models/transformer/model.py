@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxdecode.cache import KVCache, SlotMask, init_cache, slot_mask
 from jaxdecode.models import lora
-from jaxdecode.models.base import Bound, Decoder
+from jaxdecode.models.base import Bound, Decoder, last_real
 from jaxdecode.models.layers import (
     ATTENTION_BLOCK,
     Dense,
@@ -37,6 +37,7 @@ from jaxdecode.models.layers import (
     RMSNorm,
     apply_rope,
     attend,
+    attend_blocks,
     attention_bytes,
     blocked,
     check_attention_block,
@@ -45,13 +46,14 @@ from jaxdecode.models.moe import MoE
 from jaxdecode.models.rope import rope_tables
 from jaxdecode.models.transformer.config import TransformerConfig
 from jaxdecode.models.transformer.sharding import transformer_param_specs
+from jaxdecode.paged_cache import PagedCache, init_paged
 from jaxdecode.ring_cache import RING_SLACK, RingCache, init_ring
 
 Array = jax.Array
 # A layer's cache, and the whole model's (a ring beside the full layers when
 # some layers slide).
-_LayerCache = KVCache | RingCache
-_Cache = KVCache | tuple[KVCache, RingCache]
+_LayerCache = KVCache | RingCache | PagedCache
+_Cache = KVCache | PagedCache | tuple[KVCache, RingCache]
 
 __all__ = ["Transformer", "init_params", "transformer_decoder"]
 
@@ -92,6 +94,21 @@ class _Attention(nn.Module):
                 q, keys, values, visible, cfg.attn_scale, cfg.attn_softcap, block=self.block
             )
             cache = cache.write(self.layer, k, v)
+        elif isinstance(cache, PagedCache):
+            # The row's pages, block by block (always the blocked path).
+            cache = cache.write(self.layer, k, v)
+            out = attend_blocks(
+                q.astype(cache.k.dtype),
+                cache.reader(self.layer),
+                cache.max_len,
+                hkv,
+                cache.v.dtype,
+                visible,
+                cfg.attn_scale,
+                cfg.attn_softcap,
+                self.block,
+                page=cache.page_size,
+            )
         else:
             cache = cache.write(self.layer, k, v)
             out = attend(
@@ -223,7 +240,8 @@ class Transformer(nn.Module):
         }
         # Short calls over a short cache: the dense mask built once.
         full_visible = slots
-        if not blocked(ids.shape[1], full.max_len, self.attention_block):
+        paged = isinstance(full, PagedCache)
+        if not paged and not blocked(ids.shape[1], full.max_len, self.attention_block):
             full_visible = slots.dense()
         stacked = {"full_attention": 0, "sliding_attention": 0}
         for i in range(cfg.num_layers):
@@ -239,7 +257,7 @@ class Transformer(nn.Module):
                 # Without a ring (no sliding layer), every layer reads the full cache.
                 x, full = block(x, full, full_visible, cos, sin)
         if self.last_only:
-            x = x[:, -1:]
+            x = last_real(x, attention_mask)
         x = RMSNorm(cfg.norm_eps, self.dtype, cfg.norm_offset, name="norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
@@ -292,6 +310,28 @@ def _init_cache(
     cache_dtype: Any = None,
 ) -> _Cache:
     return _empty_cache(config, batch, max_len, cache_dtype or dtype, slack)
+
+
+def _init_paged(
+    config: TransformerConfig,
+    dtype: Any,
+    batch: int,
+    max_len: int,
+    pages: int,
+    page_size: int,
+    cache_dtype: Any = None,
+) -> PagedCache:
+    """A `PagedCache` of every layer (models without sliding-window layers)."""
+    return init_paged(
+        layers=config.num_layers,
+        batch=batch,
+        max_len=max_len,
+        pages=pages,
+        page_size=page_size,
+        heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        dtype=cache_dtype or dtype,
+    )
 
 
 def _apply(
@@ -379,7 +419,9 @@ def transformer_decoder(
             can undo (`RingCache`).
 
     Sliding-window layers keep `min(max_len, sliding_window + ring_slack)`
-    slots per row (`RingCache`), full layers `max_len` (`KVCache`).
+    slots per row (`RingCache`), full layers `max_len` (`KVCache`). A model
+    without sliding layers can also keep its cache in pages (`init_paged`,
+    `PagedCache`).
     """
     attention_block = check_attention_block(attention_block)
     if isinstance(ring_slack, bool) or not isinstance(ring_slack, int) or ring_slack < 1:
@@ -399,6 +441,10 @@ def transformer_decoder(
         activation_bytes=Bound(_activation_bytes, (config, dtype, attention_block)),
         apply_routed=Bound(_apply_routed, (module, last)) if moe_layers else None,
         routed_shape=(moe_layers, config.experts_per_token) if moe_layers else None,
+        # Pages for full-attention models; a sliding layer keeps its ring.
+        init_paged=None
+        if "sliding_attention" in config.layer_types
+        else Bound(_init_paged, (config, dtype)),
     )
 
 

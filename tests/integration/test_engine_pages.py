@@ -1,0 +1,240 @@
+"""The engine on pages (`Engine(page_size=...)`): the engine contract holds.
+
+Each prompt's tokens and log-probability fields equal `generate` on that
+prompt alone with its options and seed, with pages, with prefix-cache hits
+(prompts sharing a system prompt, samples of one prompt), with chunked prefill,
+and with a pool so small that rows wait and are preempted. A tiny Llama over
+the byte tokenizer, so constraints and stop strings run too.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from support import count_compiles
+
+import jaxdecode as jd
+from jaxdecode.models.llama import LlamaConfig, init_params, llama_decoder
+from jaxdecode.serving import Engine, programs
+
+EOS = 256
+BUCKETS = [64]  # one prompt bucket: generate and the engine compile once per config
+
+
+@functools.cache
+def tiny_llama() -> jd.CausalLM:
+    config = LlamaConfig(
+        vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    params = init_params(config, jax.random.key(1))
+    params = jax.tree_util.tree_map(lambda x: x * 4.0, params)  # sharper logits: fewer ties
+    defaults = jd.GenerationConfig(eos_token_id=EOS, pad_token_id=0, max_new_tokens=12)
+    return jd.CausalLM(
+        params=params,
+        decoder=llama_decoder(config),
+        generation_config=defaults,
+        tokenizer=jd.byte_tokenizer(),
+    )
+
+
+def _workload(seed: int, n: int = 8, system: int = 21):
+    """`n` prompts, most starting with one `system`-token system prompt."""
+    rng = np.random.default_rng(seed)
+    head = rng.integers(1, 256, system).tolist()
+    prompts = [head + rng.integers(1, 256, int(rng.integers(1, 14))).tolist() for _ in range(n)]
+    prompts[-1] = rng.integers(1, 256, 9).tolist()  # one without it
+    return prompts
+
+
+FIELDS = ("raw_token_logprobs", "top_logprobs", "top_token_ids")
+PROMPT_FIELDS = ("prompt_logprobs", "prompt_top_logprobs", "prompt_top_token_ids")
+
+
+def _check_alone(lm, config, prompt, options, res):
+    """`res` (an engine result) equals `generate` on `prompt` alone."""
+    out = jd.generate(
+        lm, np.asarray([prompt]), config=config.replace(**options), prompt_buckets=BUCKETS
+    )
+    n, p = int(out.lengths[0]), len(prompt)
+    want = np.asarray(out.sequences)[0, p : p + n]
+    np.testing.assert_array_equal(res.tokens, want, err_msg=f"{prompt} {options}")
+    np.testing.assert_allclose(
+        res.token_logprobs, np.asarray(out.token_logprobs)[0, :n], rtol=1e-5, atol=1e-5
+    )
+    for name, cols in [*((f, n) for f in FIELDS), *((f, p) for f in PROMPT_FIELDS)]:
+        a, b = getattr(out, name), getattr(res, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            atol = 0 if name.endswith("ids") else 1e-5
+            np.testing.assert_allclose(b, np.asarray(a)[0, :cols], rtol=1e-5, atol=atol)
+
+
+SAMPLED = dict(do_sample=True, top_k=0, top_p=0.95, output_raw_logprobs=True, logprobs=2)
+
+
+@pytest.mark.parametrize(
+    "pages",
+    [
+        dict(page_size=4, prefix_cache=False),
+        dict(page_size=4),  # prefix hits
+        dict(page_size=4, prefill_chunk=8),  # hits and chunks
+        dict(page_size=4, kv_pages=14, prefill_chunk=16),  # rows wait and are preempted
+    ],
+    ids=["pages", "prefix", "chunks", "tiny-pool"],
+)
+def test_paged_engine_equals_generate_alone(pages):
+    lm = tiny_llama()
+    prompts = _workload(0)
+    rng = np.random.default_rng(1)
+    config = lm.generation_config.replace(**SAMPLED)
+    options = [
+        dict(seed=int(rng.integers(0, 2**31)), temperature=float(rng.uniform(0.6, 1.2)))
+        for _ in prompts
+    ]
+    engine = Engine(
+        lm, slots=3, max_len=80, config=config, steps_per_call=3, prompt_buckets=BUCKETS, **pages
+    )
+    engine.submit(prompts, options)
+    results = sorted(engine, key=lambda r: r.index)
+    for prompt, opt, res in zip(prompts, options, results, strict=True):
+        _check_alone(lm, config, prompt, opt, res)
+    stats = engine.stats
+    if pages.get("prefix_cache", True):
+        assert stats.prefix_tokens >= 5 * 20, "the shared system prompt was not reused"
+    else:
+        assert stats.prefix_tokens == 0
+    # Every prompt token was computed or taken from the cache (more with preemptions).
+    read = stats.prefill_tokens + stats.prefix_tokens
+    assert read >= sum(map(len, prompts)) and (stats.preemptions or read == sum(map(len, prompts)))
+    if "kv_pages" in pages:
+        assert stats.preemptions > 0, "the tiny pool never ran out"
+        assert stats.peak_kv_bytes <= engine.cache_bytes
+    assert 0 < stats.peak_kv_bytes <= engine.cache_bytes
+
+
+def test_greedy_constraints_stop_strings_and_prompt_logprobs():
+    """Greedy rows with a repetition penalty, a regex and a choice constraint,
+    a stop string, and every prompt log-probability field, on pages."""
+    lm = tiny_llama()
+    prompts = _workload(2, n=6)
+    config = lm.generation_config.replace(
+        do_sample=False, repetition_penalty=1.3, stop_strings=["ab"], prompt_logprobs=2
+    )
+    options = [
+        {"regex": r"[0-9]{2}-[a-z]+"},
+        {"choices": ["light", "dark"]},
+        {},
+        {"regex": r"[a-c]+"},
+        {"repetition_penalty": 1.1},
+        {},
+    ]
+    engine = Engine(
+        lm, slots=2, max_len=80, config=config, steps_per_call=2, prompt_buckets=BUCKETS,
+        page_size=8, prefill_chunk=8,
+    )  # fmt: skip
+    engine.submit(prompts, options)
+    results = sorted(engine, key=lambda r: r.index)
+    for prompt, opt, res in zip(prompts, options, results, strict=True):
+        _check_alone(lm, config, prompt, opt, res)
+    # Prompt log-probabilities need every position: prefilled whole, no prefix hit.
+    assert engine.stats.prefix_tokens == 0
+
+
+def test_samples_of_one_prompt_share_its_pages():
+    """16 samples of one 40-token prompt: the prompt's pages are stored once
+    (peak KV within 1.2x one prompt plus 16 completions) and 15 prompts take
+    their full pages from the prefix cache."""
+    lm = tiny_llama()
+    prompt = np.random.default_rng(3).integers(1, 256, 40).tolist()
+    config = lm.generation_config.replace(do_sample=True, top_k=0, max_new_tokens=8)
+    seeds = [{"seed": s} for s in range(16)]
+    engine = Engine(
+        lm, slots=16, max_len=80, config=config, steps_per_call=8, prompt_buckets=BUCKETS,
+        page_size=4,
+    )  # fmt: skip
+    engine.submit([prompt] * 16, seeds)
+    results = sorted(engine, key=lambda r: r.index)
+    page = engine._state.dec.cache.page_bytes() / 4  # bytes per token slot
+    ideal = (40 + 16 * 8) * page
+    assert engine.stats.prefix_tokens == 15 * 36  # 9 full pages below the last token
+    assert engine.stats.peak_kv_bytes <= 1.2 * ideal + 16 * 4 * page  # + a partial page per row
+    for opt, res in zip(seeds[:4], results[:4], strict=True):
+        _check_alone(lm, config, prompt, opt, res)
+
+
+def test_no_recompiles_across_admission_patterns():
+    """Warm: one final-chunk program per (chunk bucket, prompt bucket), one
+    chunk program per chunk bucket, one decode program. Other prompts, other
+    prefix hits and chunk counts compile nothing."""
+    lm = tiny_llama()
+    config = lm.generation_config.replace(do_sample=True, top_k=0)
+    engine = Engine(
+        lm, slots=3, max_len=80, config=config, steps_per_call=3, prompt_buckets=[8, 64],
+        page_size=4, prefill_chunk=8,
+    )  # fmt: skip
+    rng = np.random.default_rng(5)
+    opts = lambda n: [{"seed": int(s), "temperature": float(t)} for s, t in
+                      zip(rng.integers(0, 999, n), rng.uniform(0.5, 1.5, n), strict=True)]  # fmt: skip
+    first = _workload(6, n=5)
+    with count_compiles() as warm:
+        engine.submit(first, opts(5))
+        list(engine)
+    # chunk(8), final(8, 64), final(8, 8) for the short prompt, decode.
+    assert warm.count <= 4
+    with count_compiles() as running:
+        engine.submit(_workload(7, n=7, system=13) + first[:2], opts(9))
+        list(engine)
+    assert running.count == 0, "the paged engine compiled while running"
+    assert engine.stats.prefix_tokens > 0
+
+
+def test_refusals_before_anything_runs():
+    lm = tiny_llama()
+    with pytest.raises(ValueError, match=r"kv_pages=3 is too small.*raise kv_pages to at least"):
+        Engine(lm, slots=2, max_len=64, page_size=4, kv_pages=3).submit([[1] * 20])
+    with pytest.raises(ValueError, match="kv_pages=8 needs a paged cache"):
+        Engine(lm, slots=2, max_len=64, kv_pages=8)
+    with pytest.raises(ValueError, match="page_size must be an integer >= 1"):
+        Engine(lm, slots=2, max_len=64, page_size=0)
+    with pytest.raises(ValueError, match="compact_tail"):
+        Engine(lm, slots=2, max_len=64, page_size=4, compact_tail=True)
+    from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder
+    from jaxdecode.models.gpt2 import init_params as gpt2_params
+
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=64)
+    gpt2 = jd.CausalLM(params=gpt2_params(config, jax.random.key(0)), decoder=gpt2_decoder(config))
+    with pytest.raises(ValueError, match="page_size=16: the model .* has no paged cache"):
+        Engine(gpt2, slots=2, max_len=32, page_size=16)
+
+
+def test_paged_programs_export_for_tpu_and_cuda():
+    lm = tiny_llama()
+    engine = Engine(lm, slots=2, max_len=32, page_size=4, prompt_buckets=BUCKETS)
+    table = np.full((2, 8), engine.kv_pages, np.int32)
+    active = np.ones((2,), bool)
+    decode = jax.jit(functools.partial(programs.decode_pages, engine._plan, 2))
+    jax.export.export(decode, platforms=("tpu", "cuda"))(
+        engine._params, engine._state, jax.numpy.int32(3), table, active
+    )
+    pages = programs.Pages(
+        ids=np.ones((2, 8), np.int32), mask=np.ones((2, 8), np.int32),
+        start=np.zeros((2,), np.int32), table=table,
+    )  # fmt: skip
+    chunk = jax.jit(functools.partial(programs.prefill_chunk, engine._plan))
+    jax.export.export(chunk, platforms=("tpu", "cuda"))(
+        engine._params, engine._state, pages, np.asarray([0, 1], np.int32)
+    )
+
+
+def test_generate_many_on_pages_equals_dense():
+    lm = tiny_llama()
+    prompts = _workload(8, n=5)
+    kw = dict(slots=2, do_sample=False, max_new_tokens=6, prompt_buckets=BUCKETS)
+    dense = jd.generate_many(lm, prompts, **kw)
+    paged = jd.generate_many(lm, prompts, page_size=8, prefill_chunk=16, **kw)
+    for a, b in zip(dense, paged, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -1,0 +1,139 @@
+"""`PagedCache`: the skeleton over pages gives the logits it gives over a `KVCache`.
+
+Rows' pages are scattered over the pool in a shuffled order (so a reader that
+ignored the table would read another row's keys), the prompts are left-padded
+and ragged, and the key blocks are narrow (`attention_block=16`, pages of 4) so
+the block walk crosses many pages and skips those past the live slots.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdecode as jd
+from jaxdecode.models.base import positions_from_mask
+from jaxdecode.models.llama import LlamaConfig, init_params, llama_decoder
+
+V = 48
+MAX_LEN = 64
+PAGE = 4
+
+
+@functools.cache
+def _model():
+    config = LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    decoder = llama_decoder(config, attention_block=16)
+    params = init_params(config, jax.random.key(0))
+    params = jax.tree_util.tree_map(lambda x: x * 3.0, params)
+    return decoder, params
+
+
+def _paged(decoder, batch, pages, seed=0):
+    """A paged cache whose rows own shuffled pages of a pool with spare pages."""
+    cache = decoder.init_paged(batch, MAX_LEN, pages, PAGE, None)
+    width = cache.table.shape[1]
+    order = np.random.default_rng(seed).permutation(pages)[: batch * width]
+    return cache.replace(table=jnp.asarray(order.reshape(batch, width), jnp.int32))
+
+
+def _run(decoder, params, cache, ids, mask, steps):
+    """Prefill then `steps` one-token steps; every call's logits."""
+    apply = jax.jit(decoder.apply)
+    positions = positions_from_mask(mask)
+    logits, cache = apply(params, ids, positions, cache, mask)
+    out = [logits[:, -1]]
+    pos = positions[:, -1]
+    rng = np.random.default_rng(1)
+    for _ in range(steps):
+        tok = jnp.asarray(rng.integers(0, V, (ids.shape[0], 1)), jnp.int32)
+        pos = pos + 1
+        logits, cache = apply(params, tok, pos[:, None], cache, jnp.ones_like(tok))
+        out.append(logits[:, -1])
+    return jnp.stack(out, 1), cache
+
+
+def test_paged_logits_equal_dense_left_padded():
+    decoder, params = _model()
+    rng = np.random.default_rng(0)
+    lens = [3, 35, 17]  # 35 new tokens: three query blocks of 16
+    t = max(lens)
+    ids = np.zeros((3, t), np.int32)
+    mask = np.zeros((3, t), np.int32)
+    for r, n in enumerate(lens):
+        ids[r, t - n :] = rng.integers(1, V, n)
+        mask[r, t - n :] = 1
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    dense, kv = _run(decoder, params, decoder.init_cache(3, MAX_LEN, None), ids, mask, 20)
+    paged, pc = _run(decoder, params, _paged(decoder, 3, 60), ids, mask, 20)
+    assert isinstance(pc, jd.PagedCache)
+    np.testing.assert_allclose(paged, dense, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(pc.mask, kv.mask)
+    np.testing.assert_array_equal(pc.index, kv.index)
+
+
+def test_right_padded_chunks_continue_a_row():
+    """A prompt written in two right-padded chunks through `with_rows` (the
+    engine's chunked prefill) ends with the logits of one dense prefill."""
+    decoder, params = _model()
+    prompt = np.random.default_rng(2).integers(1, V, 13)
+    ids = jnp.asarray(prompt[None], jnp.int32)
+    dense, _ = decoder.apply(
+        params, ids, positions_from_mask(jnp.ones_like(ids)), decoder.init_cache(1, MAX_LEN, None),
+        jnp.ones_like(ids),
+    )  # fmt: skip
+    cache = _paged(decoder, 1, 20)
+    table, last = cache.table, None
+    for start, chunk in ((0, prompt[:8]), (8, prompt[8:])):
+        pad = np.zeros(8, np.int32)
+        pad[: len(chunk)] = chunk
+        m = (np.arange(8) < len(chunk)).astype(np.int32)
+        view = cache.with_rows(table, jnp.asarray([start], jnp.int32))
+        pos = jnp.asarray(start + np.arange(8)[None], jnp.int32)
+        last, view = decoder.prefill_last(params, jnp.asarray(pad[None]), pos, view, m[None])
+        cache = cache.put_rows(jnp.arange(1), view)
+    np.testing.assert_allclose(last, dense[:, -1], rtol=0, atol=2e-5)
+
+
+def test_protocol_rows_rewind_and_bytes():
+    decoder, params = _model()
+    ids = jnp.asarray(np.random.default_rng(3).integers(1, V, (2, 6)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    cache = _paged(decoder, 2, 40)
+    _, cache = decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+    assert isinstance(cache, jd.Cache)
+    # take_rows then put_rows back is the identity on rows.
+    back = cache.put_rows(jnp.asarray([1]), cache.take_rows(jnp.asarray([1])))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, cache)
+    # gather_rows copies row 0's pages into row 1's: row 1 then reads as row 0.
+    both = cache.gather_rows(jnp.asarray([0, 0]))
+    read = both.reader(1)(jnp.int32(0), 8)
+    np.testing.assert_array_equal(read[0][0], read[0][1])
+    np.testing.assert_array_equal(both.table, cache.table)  # own pages kept
+    # rewind clears the last n slots and moves index back.
+    gone = cache.rewind(jnp.asarray([2, 0]), width=4)
+    np.testing.assert_array_equal(gone.index, [4, 6])
+    assert not bool(gone.mask[0, 4]) and bool(gone.mask[1, 5])
+    k0 = gone.reader(0)(jnp.int32(4), 4)[0]
+    assert float(jnp.abs(k0[0, :, :2]).max()) == 0.0  # slots 4, 5 of row 0
+    assert float(jnp.abs(k0[1, :, :2]).max()) > 0.0
+    assert cache.nbytes == jd.cache_nbytes(cache)
+    assert cache.page_bytes() * cache.pages == cache.k.nbytes + cache.v.nbytes
+    with pytest.raises(ValueError, match="own pool"):
+        cache.put_rows(jnp.asarray([0]), decoder.init_cache(1, MAX_LEN, None))
+
+
+def test_exports_for_tpu_and_cuda():
+    decoder, params = _model()
+    cache = _paged(decoder, 2, 40)
+    ids = jnp.ones((2, 1), jnp.int32)
+    jax.export.export(jax.jit(decoder.apply), platforms=("tpu", "cuda"))(
+        params, ids, ids, cache, ids
+    )
