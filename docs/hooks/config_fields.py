@@ -81,6 +81,8 @@ DESCRIPTIONS: dict[str, str] = {
     "logprobs": "Return the N best tokens and their log-probabilities at every step.",
     "logprobs_mode": 'Whether `logprobs` ranks the `"processed"` or the `"raw"` distribution.',
     "prompt_logprobs": "Return each prompt token's log-probability (N ≥ 1 adds the top-N alternatives).",
+    "cache_implementation": '`"quantized"`: the full-attention layers keep keys and values in `cache_config["nbits"]` bits (`jd.QuantizedKVCache`); `None`, `"dynamic"`, `"static"`, `"hybrid"`, `"sliding_window"`: the float cache.',
+    "cache_config": "The quantized cache's settings, transformers' keys: `nbits` (8, 4 (default) or 2; static), `q_group_size` (features per scale, dividing head_dim; default head_dim); `axis_key`/`axis_value` 0, `residual_length` 0 and `backend` `\"quanto\"` are accepted, other values refused.",
 }
 
 

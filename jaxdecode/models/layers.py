@@ -10,6 +10,8 @@
   the KV head count and are never repeated in memory; the queries are grouped
   per KV head instead. A long prefill is computed in blocks (an online softmax
   over key blocks, flash-attention style): memory O(T x block), not O(T x S).
+  A quantized cache (`QuantizedKV` keys and values) is dequantized one key
+  block at a time there.
 * `RMSNorm` (Llama's, and Gemma's `(1 + w)` form), `rope_cos_sin` /
   `apply_rope` (rotary position embeddings, half-split as transformers rotates),
   `GatedMLP` (`down(act(gate(x)) * up(x))`), and `ACTIVATIONS` (transformers'
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 
 from jaxdecode.cache import SlotMask
 from jaxdecode.models import lora
+from jaxdecode.quantized_cache import QuantizedKV
 
 Array = jax.Array
 
@@ -171,7 +174,9 @@ def attend(
         q: `[batch, T, q_heads, head_dim]` queries.
         keys: `[batch, kv_heads, max_len, head_dim]` (a `KVCache` layer), or
             with `layer` the stacked `[layers, batch, kv_heads, max_len,
-            head_dim]` (`KVCache.k`).
+            head_dim]` (`KVCache.k`), or with `layer` a `QuantizedKV`
+            (`QuantizedKVCache.k`): the blocked path dequantizes the key blocks
+            it reads, the direct path the layer.
         values: as `keys`.
         visible: `[batch, T, max_len]` bool, which slots each query may read,
             or the same as a `SlotMask` (`cache.slot_mask`).
@@ -198,7 +203,7 @@ def attend(
             return _attend_blocked(q, *stack, layer or 0, visible, scale, softcap, block)
         visible = visible.dense()
     if stacked:
-        keys, values = keys[layer], values[layer]
+        keys, values = _layer_of(keys, layer), _layer_of(values, layer)
     if group == 1:
         # Multi-head attention: no group axis (the layout GPT-2 was tuned with).
         scores = jnp.einsum("bthd,bhsd->bhts", q, keys, preferred_element_type=jnp.float32)
@@ -272,10 +277,8 @@ def _attend_blocked(
             def update(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 m, total, acc = carry
                 kstart = jnp.minimum(j * bk, s - bk)
-                at = (layer, 0, 0, kstart, 0)
-                size = (1, b, hkv, bk, d)
-                kb = jax.lax.dynamic_slice(keys, at, size)[0]  # [B, K, bk, D]
-                vb = jax.lax.dynamic_slice(values, at, size)[0]
+                kb = _block_of(keys, layer, kstart, bk)  # [B, K, bk, D]
+                vb = _block_of(values, layer, kstart, bk)
                 sc = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
                 sc = sc * jnp.float32(scale)
                 if softcap is not None:
@@ -312,6 +315,21 @@ def _attend_blocked(
     out = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4).astype(values.dtype)
     out = jax.lax.fori_loop(0, nq, query_block, out)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+
+
+def _layer_of(x: Array | QuantizedKV, layer: int) -> Array:
+    """`[batch, heads, S, D]` of one layer of a stack (dequantized if quantized)."""
+    return x.layer(layer) if isinstance(x, QuantizedKV) else x[layer]
+
+
+def _block_of(x: Array | QuantizedKV, layer: int, start: Array, size: int) -> Array:
+    """`[batch, heads, size, D]`: slots `start ..` of one layer of a stack, sliced
+    straight out of it (slicing the layer first made XLA copy it every call)."""
+    if isinstance(x, QuantizedKV):
+        return x.block(layer, start, size)
+    return jax.lax.dynamic_slice(x, (layer, 0, 0, start, 0), (1, *x.shape[1:3], size, x.shape[4]))[
+        0
+    ]
 
 
 def attention_bytes(batch: int, heads: int, t: int, s: int, block: int = ATTENTION_BLOCK) -> int:

@@ -300,7 +300,7 @@ class Engine:
         self.cache_bytes, self.state_bytes = self._check_memory()
         static = self.config.replace(max_new_tokens=self.max_len, max_length=None).static()
         self._plan = Plan(
-            decoder=decoder,
+            decoder=decoder.with_cache(self.config.quantized_cache()),
             config=static,
             batch=self.slots,
             bucket=0,
@@ -690,6 +690,7 @@ def slot_memory(
     """
     vocab = decoder.vocab_size
     rows = min(slots, 8) if prefill_rows is None else prefill_rows
+    decoder = decoder.with_cache(config.quantized_cache())  # the cache the engine allocates
     cache = jax.eval_shape(lambda: decoder.init_cache(slots, max_len, None))
     cache_bytes = cache_nbytes(cache)
     plain = unconstrained(config).replace(max_new_tokens=max_len, max_length=None)
