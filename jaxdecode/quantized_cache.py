@@ -22,7 +22,7 @@ token's logits depend only on the codes of the tokens before it, never on how th
 prompt was split into calls, so speculative verification (several tokens per
 call), chunked or row-by-row prefill and the engine give the tokens of
 one-at-a-time decoding. (transformers returns the current call's own float keys
-and keeps a float residual of recent tokens: see `docs/guides/memory.md`.)
+and keeps a float residual of recent tokens: see `docs/guides/generation.md`.)
 
 Storage: two `KVCache`s of the same rows and slots, `codes` (`uint8 [layers,
 batch, heads, max_len, head_dim * nbits / 8]`) and `scales` (`float32 [layers,

@@ -176,7 +176,8 @@ def test_kv_quant_benchmark_tiny(tmp_path: Path) -> None:
     engine's quantized cache is at most 0.3x the float one, and the report names
     how many prompts kept their greedy tokens."""
     out = tmp_path / "kv_quant.json"
-    args = ["--max-new-tokens", "4", "--repeat", "1", "--slots", "2", "--max-len", "96"]
+    args = ["--max-new-tokens", "4", "--repeat", "1", "--trials", "1", "--slots", "2",
+            "--max-len", "96"]  # fmt: skip
     run_benchmark("kv_quant.py", *args, "--json", str(out))
     data = json.loads(out.read_text(encoding="utf-8"))
     assert set(data["engine"]) == {"float32", "int8"}
