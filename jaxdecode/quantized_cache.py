@@ -284,7 +284,11 @@ def init_quantized(
     """An empty quantized cache (all slots masked out, every row writing at slot 0).
 
     Args:
-        layers, batch, max_len, heads, head_dim: as `cache.init_cache`.
+        layers: full-attention layers.
+        batch: rows.
+        max_len: slots per row.
+        heads: KV heads.
+        head_dim: features per head (the dequantized width).
         nbits: 2, 4 or 8 bits per code.
         group: features per scale, dividing `head_dim` (None: `head_dim`).
         dtype: the dtype keys and values are read back in.
