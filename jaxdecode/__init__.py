@@ -21,6 +21,7 @@ from jaxdecode.cache import (
 )
 from jaxdecode.config import (
     GenerationConfig,
+    QuantizedCacheConfig,
     StaticConfig,
     SynthIDTextWatermarkingConfig,
     WatermarkingConfig,
@@ -82,6 +83,7 @@ from jaxdecode.processors import (
 )
 from jaxdecode.pytree import dataclass as pytree_dataclass
 from jaxdecode.pytree import field as pytree_field
+from jaxdecode.quantized_cache import QuantizedKV, QuantizedKVCache, init_quantized
 from jaxdecode.ring_cache import RingCache, init_ring
 from jaxdecode.sampling import categorical, greedy, split_keys
 from jaxdecode.score import ScoreOutput, score
@@ -150,6 +152,10 @@ __all__ = [
     "RingCache",
     "init_paged",
     "init_ring",
+    "QuantizedCacheConfig",
+    "QuantizedKV",
+    "QuantizedKVCache",
+    "init_quantized",
     "load_tokenizer",
     "logits_processor",
     "LogitsProcessor",

@@ -31,7 +31,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 import jax
 import numpy as np
@@ -73,6 +73,7 @@ __all__ = [
     "ROW_DTYPES",
     "SEED_MAX",
     "GenerationConfig",
+    "QuantizedCacheConfig",
     "StaticConfig",
     "SynthIDTextWatermarkingConfig",
     "WatermarkingConfig",
@@ -261,6 +262,80 @@ class SynthIDTextWatermarkingConfig:
         return self
 
 
+# `cache_implementation` values. transformers' names for its own float caches
+# ("dynamic", "static", and the sliding-window ones a Gemma 2 or 3
+# generation_config.json names) all mean the one cache jaxdecode keeps: a static-shape
+# float cache, window-sized rings for sliding layers. "quantized": `QuantizedKVCache`.
+# transformers' offloaded caches (host memory) are refused by name.
+CacheImplementation = Literal["dynamic", "static", "sliding_window", "hybrid", "quantized"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizedCacheConfig:
+    """`cache_config` of `cache_implementation="quantized"`, resolved
+    (`GenerationConfig.quantized_cache()`); transformers' keys.
+
+    Keys and values are quantized per token and head over groups of `q_group_size`
+    features (all of `head_dim` by default), asymmetrically by each group's
+    minimum and maximum (`jaxdecode.quantized_cache`). transformers' keys that
+    ask for something else are refused by name: `axis_key` / `axis_value` other
+    than 0 (per-channel scales over tokens: a static cache written token by token
+    cannot re-scale the tokens it already holds), `residual_length` other than 0
+    (transformers keeps up to that many recent tokens in float; here every token
+    is quantized, so that a token's logits do not depend on how the calls split
+    the text), and a `backend` other than "quanto" (whose rule, per-group
+    min/max with a zero point, this is; "hqq" optimises its zero points, "fp8" is
+    another format).
+
+    Attributes:
+        nbits: bits per code: 8, 4 (transformers' default) or 2. Static.
+        q_group_size: features per scale, dividing the model's head_dim (None:
+            head_dim, one scale per token and head). Static.
+    """
+
+    nbits: int = 4
+    q_group_size: int | None = None
+
+    KEYS = ("nbits", "q_group_size", "axis_key", "axis_value", "residual_length", "backend")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> QuantizedCacheConfig:
+        """From `cache_config` (a dict, or its frozen pairs); ConfigError naming
+        a key transformers does not have or a value this cache cannot honour."""
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(cls.KEYS))
+        if unknown:
+            raise ConfigError(
+                f"cache_config has unknown key(s) {', '.join(map(str, unknown))}; the quantized "
+                f"cache takes {', '.join(cls.KEYS)}"
+            )
+        nbits = data.get("nbits")
+        if nbits is not None and (isinstance(nbits, bool) or nbits not in (2, 4, 8)):
+            raise ConfigError(f"cache_config nbits must be 2, 4 or 8, got {nbits!r}")
+        group = data.get("q_group_size")
+        if group is not None:
+            Int(1)("cache_config q_group_size", group, None)
+        for name in ("axis_key", "axis_value"):
+            if data.get(name) not in (None, 0):
+                raise ConfigError(
+                    f"cache_config {name} must be 0 (scales per token and head, over its "
+                    f"features), got {data[name]!r}: per-channel scales over tokens cannot be "
+                    "kept in a cache written one token at a time"
+                )
+        if data.get("residual_length") not in (None, 0):
+            raise ConfigError(
+                f"cache_config residual_length must be 0, got {data['residual_length']!r}: every "
+                "token is quantized (no float residual of recent tokens), so a token's logits do "
+                "not depend on how the prompt and steps were split into calls"
+            )
+        if data.get("backend") not in (None, "quanto"):
+            raise ConfigError(
+                f"cache_config backend must be 'quanto' (per-group min/max with a zero point, "
+                f"the rule of jaxdecode's quantized cache) or unset, got {data['backend']!r}"
+            )
+        return cls(nbits=4 if nbits is None else int(nbits), q_group_size=group)
+
+
 def as_watermarking_config(value: Any) -> WatermarkingConfig | SynthIDTextWatermarkingConfig:
     """A `WatermarkingConfig` / `SynthIDTextWatermarkingConfig` from itself, from
     transformers' object, or from its dict (SynthID's has `ngram_len`), validated."""
@@ -281,6 +356,21 @@ def as_watermarking_config(value: Any) -> WatermarkingConfig | SynthIDTextWaterm
 
 def _check_watermark(name: str, value: Any, vocab_size: int | None) -> None:
     as_watermarking_config(value)
+
+
+def _check_cache_implementation(name: str, value: Any, vocab_size: int | None) -> None:
+    if value not in get_args(CacheImplementation):
+        raise ConfigError(
+            f"{name} must be None or one of {get_args(CacheImplementation)}, got {value!r} "
+            "(transformers' offloaded caches are not supported)"
+        )
+
+
+def _check_cache_config(name: str, value: Any, vocab_size: int | None) -> None:
+    """A dict (frozen to its pairs by `__post_init__`); its keys are checked by
+    `quantized_cache`, against `cache_implementation`."""
+    if not isinstance(value, (Mapping, tuple)):
+        raise ConfigError(f"{name} must be a dict (e.g. {{'nbits': 8}}), got {value!r}")
 
 
 def _check_typical(name: str, value: Any, vocab_size: int | None) -> None:
@@ -660,6 +750,18 @@ class GenerationConfig:
         hf=False,
         static=Static(bool),
     )
+    # The KV cache (transformers' names): "quantized" stores the full-attention
+    # layers' keys and values in `cache_config["nbits"]` bits (QuantizedCacheConfig).
+    cache_implementation: CacheImplementation | None = option(
+        None,
+        doc='The KV cache: `"quantized"` stores full-attention layers\' keys and values in `cache_config["nbits"]` bits (8, 4 or 2; per token and head); transformers\' float caches (`"dynamic"`, `"static"`, `"hybrid"`, `"sliding_window"`) mean the float cache.',
+        check=_check_cache_implementation,
+    )
+    cache_config: Mapping[str, object] | None = option(
+        None,
+        doc='Settings of `cache_implementation="quantized"`, transformers\' keys: `nbits`, `q_group_size`, `axis_key` / `axis_value` (0), `residual_length` (0), `backend` ("quanto").',
+        check=_check_cache_config,
+    )
 
     def __post_init__(self) -> None:
         marking = self.watermarking_config
@@ -731,6 +833,7 @@ class GenerationConfig:
         if self.do_sample:  # sampling divides by the temperature
             check_range("temperature", self.temperature, lo=0.0, lo_open=True)
         self._validate_logprobs()
+        self.quantized_cache()  # cache_config against cache_implementation
         self._validate_combinations()
         parsed = self.constraints()
         self._validate_rows(parsed)
@@ -850,6 +953,25 @@ class GenerationConfig:
             raise ConfigError("top_k per row must be all > 0 or all 0 (0 disables top-k)")
 
     # ------------------------------------------------------------------ #
+    def quantized_cache(self) -> QuantizedCacheConfig | None:
+        """The quantized cache's settings with `cache_implementation="quantized"`,
+        else None (the float cache). ConfigError for a `cache_config` it cannot
+        honour, or one given without `cache_implementation="quantized"`."""
+        try:  # a dict, frozen into (key, value) pairs by __post_init__
+            data = dict(self.cache_config or ())
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"cache_config must be a dict (e.g. {{'nbits': 8}}), got {self.cache_config!r}"
+            ) from None
+        if self.cache_implementation != "quantized":
+            if data:
+                raise ConfigError(
+                    "cache_config configures cache_implementation='quantized', got "
+                    f"cache_implementation={self.cache_implementation!r}"
+                )
+            return None
+        return QuantizedCacheConfig.from_dict(data)
+
     def guided(self) -> bool:
         """Whether classifier-free guidance runs: `guidance_scale` set and not the
         scalar 1 (per-row values always run it, as traced values do)."""
@@ -938,6 +1060,9 @@ class GenerationConfig:
                 value = np.asarray(value).tolist()
             if isinstance(value, (WatermarkingConfig, SynthIDTextWatermarkingConfig)):
                 out[f.name] = value.to_dict()
+                continue
+            if f.name == "cache_config" and value is not None:  # frozen pairs -> dict
+                out[f.name] = dict(value)
                 continue
             if value != getattr(default, f.name):
                 out[f.name] = _thaw(value)

@@ -321,6 +321,7 @@ def check_memory(
     `max_new_tokens` or `max_length` set) cannot fit in the device's free
     memory."""
     new_tokens = config.resolve_max_length(prompt_len) - prompt_len
+    decoder = decoder.with_cache(config.quantized_cache())
     plan = Plan(
         decoder=decoder,
         config=config.static(),
@@ -527,6 +528,8 @@ def prepare(
         raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
     config = (config or base).replace(**overrides) if overrides else (config or base)
     config.validate(vocab_size=decoder.vocab_size)
+    # The model's cache as the config asks (a quantized one: `cache_implementation`).
+    decoder = decoder.with_cache(config.quantized_cache())
     if loop not in ("scan", "while"):
         raise ValueError(f"loop must be 'scan' or 'while', got {loop!r}")
     check_mesh(mesh)

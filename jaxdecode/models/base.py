@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from jaxdecode.errors import ConfigError
+
 if TYPE_CHECKING:  # the config never imports models; only the annotation needs it
-    from jaxdecode.config import GenerationConfig
+    from jaxdecode.config import GenerationConfig, QuantizedCacheConfig
 
 Array = jax.Array
 
@@ -96,6 +98,11 @@ class Decoder:
             last position only, as `apply_last`); None for a dense model.
         routed_shape: `(MoE layers, experts per token)` of `apply_routed`'s
             experts, else None.
+        quantized_cache: optional `(quantized, batch, max_len, dtype) -> cache`:
+            an empty cache whose keys and values are stored quantized as
+            `quantized` (a `QuantizedCacheConfig`) says, read by `apply` like
+            `init_cache`'s. Models without it refuse
+            `cache_implementation="quantized"` (`with_cache`).
     """
 
     init_cache: Callable[[int, int, Any], Any]
@@ -112,6 +119,7 @@ class Decoder:
     apply_routed: Callable[..., tuple[Array, Any, Array]] | None = None
     routed_shape: tuple[int, int] | None = None
     init_paged: Callable[..., Any] | None = None
+    quantized_cache: Callable[..., Any] | None = None
 
     def __hash__(self) -> int:
         # A static jit argument is hashed at every dispatch (each streamed token),
@@ -121,6 +129,30 @@ class Decoder:
             cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
             object.__setattr__(self, "_hash", cached)
         return cached
+
+    def with_cache(self, quantized: QuantizedCacheConfig | None) -> Decoder:
+        """This decoder with `init_cache` building the cache `quantized` asks for
+        (`GenerationConfig.quantized_cache()`; None: this decoder). Equal for equal
+        settings, so a program compiles once per bit width.
+
+        Raises:
+            ConfigError: when the model has no quantized cache, or cannot hold
+                these settings (e.g. a `q_group_size` that does not divide its
+                head_dim), before anything is traced.
+        """
+        if quantized is None:
+            return self
+        if self.quantized_cache is None:
+            raise ConfigError(
+                f"cache_implementation='quantized' needs a model with a quantized KV cache; "
+                f"the {self.name} decoder has none (Decoder.quantized_cache)"
+            )
+        build = Bound(_bound_quantized, (self.quantized_cache, quantized))
+        try:  # shapes only: checks the settings against the model now
+            jax.eval_shape(lambda: build(1, 1, None))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return dataclasses.replace(self, init_cache=build)
 
     def prefill_last(
         self, params: Any, ids: Array, positions: Array, cache: Any, mask: Array
@@ -211,6 +243,17 @@ class Decoder:
                 f"{self.limit_name}={self.max_positions}: it has no position past that"
             )
         return dataclasses.replace(self, max_positions=max_positions, limit_name="max_positions")
+
+
+def _bound_quantized(
+    quantized_cache: Callable[..., Any],
+    quantized: QuantizedCacheConfig,
+    batch: int,
+    max_len: int,
+    dtype: Any = None,
+) -> Any:
+    """`Decoder.init_cache` of `Decoder.with_cache`."""
+    return quantized_cache(quantized, batch, max_len, dtype)
 
 
 @runtime_checkable

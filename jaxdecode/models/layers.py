@@ -10,6 +10,8 @@
   the KV head count and are never repeated in memory; the queries are grouped
   per KV head instead. A long prefill is computed in blocks (an online softmax
   over key blocks, flash-attention style): memory O(T x block), not O(T x S).
+  A quantized cache (`QuantizedKV` keys and values) is dequantized one key
+  block at a time there.
 * `RMSNorm` (Llama's, and Gemma's `(1 + w)` form), `rope_cos_sin` /
   `apply_rope` (rotary position embeddings, half-split as transformers rotates),
   `GatedMLP` (`down(act(gate(x)) * up(x))`), and `ACTIVATIONS` (transformers'
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 
 from jaxdecode.cache import SlotMask
 from jaxdecode.models import lora
+from jaxdecode.quantized_cache import QuantizedKV
 
 Array = jax.Array
 
@@ -172,7 +175,9 @@ def attend(
         q: `[batch, T, q_heads, head_dim]` queries.
         keys: `[batch, kv_heads, max_len, head_dim]` (a `KVCache` layer), or
             with `layer` the stacked `[layers, batch, kv_heads, max_len,
-            head_dim]` (`KVCache.k`).
+            head_dim]` (`KVCache.k`), or with `layer` a `QuantizedKV`
+            (`QuantizedKVCache.k`): the blocked path dequantizes the key blocks
+            it reads, the direct path the layer.
         values: as `keys`.
         visible: `[batch, T, max_len]` bool, which slots each query may read,
             or the same as a `SlotMask` (`cache.slot_mask`).
@@ -199,17 +204,14 @@ def attend(
             at = layer or 0
 
             def read(start: Array, size: int) -> tuple[Array, Array]:
-                # Each key block sliced straight out of the stack.
-                corner, shape = (at, 0, 0, start, 0), (1, b, hkv, size, d)
-                return (
-                    jax.lax.dynamic_slice(keys, corner, shape)[0],
-                    jax.lax.dynamic_slice(values, corner, shape)[0],
-                )
+                # Each key block sliced straight out of the stack (dequantized
+                # block by block when quantized).
+                return _block_of(keys, at, start, size), _block_of(values, at, start, size)
 
             return attend_blocks(q, read, s, hkv, values.dtype, visible, scale, softcap, block)
         visible = visible.dense()
     if stacked:
-        keys, values = keys[layer], values[layer]
+        keys, values = _layer_of(keys, layer), _layer_of(values, layer)
     if group == 1:
         # Multi-head attention: no group axis (the layout GPT-2 was tuned with).
         scores = jnp.einsum("bthd,bhsd->bhts", q, keys, preferred_element_type=jnp.float32)
@@ -337,6 +339,21 @@ def attend_blocks(
     out = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4).astype(dtype)
     out = jax.lax.fori_loop(0, nq, query_block, out)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+
+
+def _layer_of(x: Array | QuantizedKV, layer: int) -> Array:
+    """`[batch, heads, S, D]` of one layer of a stack (dequantized if quantized)."""
+    return x.layer(layer) if isinstance(x, QuantizedKV) else x[layer]
+
+
+def _block_of(x: Array | QuantizedKV, layer: int, start: Array, size: int) -> Array:
+    """`[batch, heads, size, D]`: slots `start ..` of one layer of a stack, sliced
+    straight out of it (slicing the layer first made XLA copy it every call)."""
+    if isinstance(x, QuantizedKV):
+        return x.block(layer, start, size)
+    return jax.lax.dynamic_slice(x, (layer, 0, 0, start, 0), (1, *x.shape[1:3], size, x.shape[4]))[
+        0
+    ]
 
 
 def attention_bytes(batch: int, heads: int, t: int, s: int, block: int = ATTENTION_BLOCK) -> int:

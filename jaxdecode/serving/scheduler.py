@@ -367,7 +367,7 @@ class Engine:
         self.cache_bytes, self.state_bytes = self._check_memory()
         static = self.config.replace(max_new_tokens=self.max_len, max_length=None).static()
         self._plan = Plan(
-            decoder=decoder,
+            decoder=decoder.with_cache(self.config.quantized_cache()),
             config=static,
             batch=self.slots,
             bucket=0,
@@ -511,6 +511,11 @@ class Engine:
             raise ValueError(
                 f"page_size={page_size} with {what}: the paged engine runs on one device "
                 "without compaction; use page_size=None for that"
+            )
+        if self.config.cache_implementation == "quantized":
+            raise ValueError(
+                f"page_size={page_size} with cache_implementation='quantized': pages hold "
+                "float keys and values; use page_size=None for a quantized cache"
             )
         per_row = pages_for(self.max_len, page_size)
         pages = self.slots * per_row if kv_pages is None else _check_int("kv_pages", kv_pages, 1)
@@ -979,6 +984,7 @@ def slot_memory(
     """
     vocab = decoder.vocab_size
     rows = min(slots, 8) if prefill_rows is None else prefill_rows
+    decoder = decoder.with_cache(config.quantized_cache())  # the cache the engine allocates
     if pool is None:
         cache = jax.eval_shape(lambda: decoder.init_cache(slots, max_len, None))
     else:  # a paged engine's pool of `pool = (pages, page_size)`

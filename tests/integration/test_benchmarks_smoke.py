@@ -187,3 +187,17 @@ def test_moe_benchmark_tiny(tmp_path: Path) -> None:
         assert result[key] > 0, key
     assert result["transformers_moe_ms_per_step"] > 0
     assert result["moe_params_total"] > result["moe_params_active"] > 0
+
+
+def test_kv_quant_benchmark_tiny(tmp_path: Path) -> None:
+    """benchmarks/kv_quant.py on SmolLM2 at a tiny size: both caches run, the
+    engine's quantized cache is at most 0.3x the float one, and the report names
+    how many prompts kept their greedy tokens."""
+    out = tmp_path / "kv_quant.json"
+    args = ["--max-new-tokens", "4", "--repeat", "1", "--trials", "1", "--slots", "2",
+            "--max-len", "96"]  # fmt: skip
+    run_benchmark("kv_quant.py", *args, "--json", str(out))
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert set(data["engine"]) == {"float32", "int8"}
+    assert data["cache_ratio"] <= 0.3
+    assert len(data["prompts"]) == 4 and data["unchanged"].endswith("of 4")

@@ -156,6 +156,8 @@ CLI_VALUES = {
     "num_assistant_tokens": (["5"], 5),
     "num_assistant_tokens_schedule": (["heuristic"], "heuristic"),
     "assistant_confidence_threshold": (["0.4"], 0.4),
+    "cache_implementation": (["static"], "static"),
+    "cache_config": (['{"nbits": 8}'], (("nbits", 8),)),  # a dict, frozen into pairs
 }
 
 
@@ -171,8 +173,8 @@ def test_cli_flags_are_derived_from_the_fields():
             assert set(got) == {name}, (flag, got)
             config = GC(eos_token_id=2).replace(**got)
             assert getattr(config, name) == want, (flag, got)
-        if name not in ("max_length", "min_length"):
-            config.validate(vocab_size=20)
+        if name not in ("max_length", "min_length", "cache_config"):  # cache_config needs
+            config.validate(vocab_size=20)  # cache_implementation="quantized"
     args = cli.build_parser().parse_args(["generate", "x", "--no-do_sample"])
     assert cli.flags.config_overrides(args) == {"do_sample": False}
 
@@ -348,6 +350,8 @@ def _rich_config():
         early_stopping="never",
         frequency_penalty=0.5,
         presence_penalty=0.3,
+        cache_implementation="quantized",
+        cache_config={"nbits": 8, "q_group_size": 32},
         seed=7,
         repetition_penalty_form="ctrl",
         top_k_method="fast",

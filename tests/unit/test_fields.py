@@ -82,7 +82,8 @@ def test_validation_reads_each_fields_check():
         "presence_penalty": -3.0, "seed": -1, "repetition_penalty_form": "x",
         "top_k_method": "x", "top_p_method": "x", "regex": "", "json_schema": "[",
         "choices": [], "output_raw_logprobs": "x", "logprobs": -1, "logprobs_mode": "x",
-        "prompt_logprobs": -1, "output_routed_experts": "x",
+        "prompt_logprobs": -1, "output_routed_experts": "x", "cache_implementation": "offloaded",
+        "cache_config": 5,
     }  # fmt: skip
     assert set(bad) == {f.name for f in dataclasses.fields(GC)}, "a field without a bad value"
     for name, value in bad.items():

@@ -7,12 +7,13 @@ checkpoint's (`wte`, `wpe`, `h_0.attn.c_attn`, ...). Projection weights are
 stored `[out, in]` (`layers.Dense`, the transpose of GPT-2's Conv1D).
 
 `gpt2_decoder(config)` returns the `Decoder` (pure `init_cache` / `apply`) that
-the decoding loops use.
+the decoding loops use; its cache is a `KVCache`, or a `QuantizedKVCache` with
+`cache_implementation="quantized"`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -32,6 +33,10 @@ from jaxdecode.models.layers import (
     blocked,
     check_attention_block,
 )
+from jaxdecode.quantized_cache import QuantizedKVCache, init_quantized
+
+if TYPE_CHECKING:  # only the annotation: models never import the config
+    from jaxdecode.config import QuantizedCacheConfig
 
 Array = jax.Array
 
@@ -132,7 +137,7 @@ class GPT2LMHeadModel(nn.Module):
         x = wte(ids) + wpe(positions)
         # Which cache slots each new token may attend to: real tokens (mask after
         # this write) at or before its own slot.
-        slots, after = slot_mask(cache, attention_mask)
+        slots, _ = slot_mask(cache, attention_mask)
         # Short calls over a short cache: the dense [B, T, S] mask, built once.
         direct = not blocked(ids.shape[1], cache.max_len, self.attention_block)
         visible = slots.dense() if direct else slots
@@ -150,7 +155,7 @@ class GPT2LMHeadModel(nn.Module):
         else:
             logits = wte.attend(x)
         logits = logits.astype(jnp.float32)
-        return logits, cache.replace(mask=after.mask, index=after.index)
+        return logits, cache.advance(attention_mask)
 
 
 def _init_cache(
@@ -162,6 +167,26 @@ def _init_cache(
         max_len=max_len,
         heads=config.n_head,
         head_dim=config.head_dim,
+        dtype=cache_dtype or dtype,
+    )
+
+
+def _quantized_cache(
+    config: GPT2Config,
+    dtype: Any,
+    quantized: QuantizedCacheConfig,
+    batch: int,
+    max_len: int,
+    cache_dtype: Any = None,
+) -> QuantizedKVCache:
+    return init_quantized(
+        layers=config.n_layer,
+        batch=batch,
+        max_len=max_len,
+        heads=config.n_head,
+        head_dim=config.head_dim,
+        nbits=quantized.nbits,
+        group=quantized.q_group_size,
         dtype=cache_dtype or dtype,
     )
 
@@ -228,6 +253,7 @@ def gpt2_decoder(
         limit_name="n_positions",
         fixed_limit=True,
         activation_bytes=Bound(_activation_bytes, (config, dtype, attention_block)),
+        quantized_cache=Bound(_quantized_cache, (config, dtype)),
     )
 
 

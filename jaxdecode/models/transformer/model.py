@@ -1,6 +1,7 @@
 """The one decoder skeleton (Flax linen) over the functional KV cache, driven by
 `TransformerConfig`'s fields. Full-attention layers read a `KVCache` of
-`max_len` slots; sliding-window layers a window-sized `RingCache`.
+`max_len` slots (or a `QuantizedKVCache`: `cache_implementation="quantized"`);
+sliding-window layers a window-sized `RingCache`, float in both cases.
 
 Token embedding (times sqrt(hidden) in the model dtype with `embed_scale`),
 `num_layers` pre-norm blocks, a final RMSNorm, a tied or separate LM head and an
@@ -21,7 +22,7 @@ PyTorch's layout, so checkpoints convert without transposes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -47,13 +48,18 @@ from jaxdecode.models.rope import rope_tables
 from jaxdecode.models.transformer.config import TransformerConfig
 from jaxdecode.models.transformer.sharding import transformer_param_specs
 from jaxdecode.paged_cache import PagedCache, init_paged
+from jaxdecode.quantized_cache import QuantizedKVCache, init_quantized
 from jaxdecode.ring_cache import RING_SLACK, RingCache, init_ring
+
+if TYPE_CHECKING:  # only the annotation: models never import the config
+    from jaxdecode.config import QuantizedCacheConfig
 
 Array = jax.Array
 # A layer's cache, and the whole model's (a ring beside the full layers when
 # some layers slide).
-_LayerCache = KVCache | RingCache | PagedCache
-_Cache = KVCache | PagedCache | tuple[KVCache, RingCache]
+_LayerCache = KVCache | QuantizedKVCache | RingCache | PagedCache
+_FullCache = KVCache | QuantizedKVCache
+_Cache = _FullCache | PagedCache | tuple[_FullCache, RingCache]
 
 __all__ = ["Transformer", "init_params", "transformer_decoder"]
 
@@ -228,7 +234,7 @@ class Transformer(nn.Module):
         if cfg.embed_scale:
             # transformers multiplies by the scale cast to the weights' dtype.
             x = x * jnp.asarray(cfg.hidden_size**0.5, jnp.float32).astype(x.dtype)
-        slots, after = slot_mask(full, attention_mask)
+        slots, _ = slot_mask(full, attention_mask)
         ring_visible = (
             None if ring is None else _ring_mask(ring, attention_mask, self.attention_block)
         )
@@ -266,19 +272,25 @@ class Transformer(nn.Module):
         if cfg.final_softcap is not None:
             cap = jnp.asarray(cfg.final_softcap, jnp.float32).astype(logits.dtype)
             logits = jnp.tanh(logits / cap) * cap
-        full = full.replace(mask=after.mask, index=after.index)
+        full = full.advance(attention_mask)
         if ring is None:
             return logits.astype(jnp.float32), full
         return logits.astype(jnp.float32), (full, ring.advance(attention_mask))
 
 
 def _empty_cache(
-    config: TransformerConfig, batch: int, max_len: int, dtype: Any, slack: int = RING_SLACK
+    config: TransformerConfig,
+    batch: int,
+    max_len: int,
+    dtype: Any,
+    slack: int = RING_SLACK,
+    quantized: QuantizedCacheConfig | None = None,
 ) -> _Cache:
-    """A `KVCache` of every layer; with sliding layers, `(KVCache of the full
-    layers, RingCache of the sliding ones)`."""
+    """A `KVCache` of every layer (`QuantizedKVCache` with `quantized`); with
+    sliding layers, `(that cache of the full layers, RingCache of the sliding
+    ones)`. The ring stays float: it holds a window, not the context."""
     sliding = config.layer_types.count("sliding_attention")
-    full = init_cache(
+    shape = dict(
         layers=config.num_layers - sliding,
         batch=batch,
         max_len=max_len,
@@ -286,6 +298,10 @@ def _empty_cache(
         head_dim=config.head_dim,
         dtype=dtype,
     )
+    if quantized is None:
+        full = init_cache(**shape)
+    else:
+        full = init_quantized(**shape, nbits=quantized.nbits, group=quantized.q_group_size)
     if not sliding:
         return full
     ring = init_ring(
@@ -332,6 +348,18 @@ def _init_paged(
         head_dim=config.head_dim,
         dtype=cache_dtype or dtype,
     )
+
+
+def _quantized_cache(
+    config: TransformerConfig,
+    dtype: Any,
+    slack: int,
+    quantized: QuantizedCacheConfig,
+    batch: int,
+    max_len: int,
+    cache_dtype: Any = None,
+) -> _Cache:
+    return _empty_cache(config, batch, max_len, cache_dtype or dtype, slack, quantized)
 
 
 def _apply(
@@ -419,9 +447,9 @@ def transformer_decoder(
             can undo (`RingCache`).
 
     Sliding-window layers keep `min(max_len, sliding_window + ring_slack)`
-    slots per row (`RingCache`), full layers `max_len` (`KVCache`). A model
-    without sliding layers can also keep its cache in pages (`init_paged`,
-    `PagedCache`).
+    slots per row (`RingCache`), full layers `max_len` (`KVCache`, or
+    `QuantizedKVCache` through `Decoder.with_cache`). A model without sliding
+    layers can also keep its cache in pages (`init_paged`, `PagedCache`).
     """
     attention_block = check_attention_block(attention_block)
     if isinstance(ring_slack, bool) or not isinstance(ring_slack, int) or ring_slack < 1:
@@ -432,6 +460,7 @@ def transformer_decoder(
     return Decoder(
         init_cache=Bound(_init_cache, (config, dtype, ring_slack)),
         apply=Bound(_apply, (module,)),
+        quantized_cache=Bound(_quantized_cache, (config, dtype, ring_slack)),
         param_specs=transformer_param_specs,
         vocab_size=config.vocab_size,
         max_positions=None if config.unbounded else config.max_position_embeddings,
