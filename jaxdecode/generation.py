@@ -396,7 +396,7 @@ def _guidance(
         if negative_mask is not None:
             raise ValueError("negative_prompt_attention_mask needs negative_prompt_ids")
         neg, mask = ids[:, -1:], (jnp if traced_inputs else np).ones((batch, 1), np.int32)
-    elif _ragged(negative_ids):
+    elif _per_row_lists(negative_ids, negative_mask, batch):
         neg, mask, length = _ragged_negative(negative_ids, negative_mask, batch, config.pad_id)
         _prompt_arrays(neg, mask, vocab_size, False, names)
     else:
@@ -455,13 +455,17 @@ def _select_adapters(params: Any, adapter_ids: Any, batch: int, traced_inputs: b
     return lora.select(params, owned(ids, jnp.int32))
 
 
-def _ragged(rows: Any) -> bool:
-    """Whether `rows` is a list of token lists of different lengths (per-row
-    negative prompts, each on its own)."""
+def _per_row_lists(rows: Any, mask: Any, batch: int) -> bool:
+    """Whether `rows` are per-row negative prompts, each on its own: a list of
+    token lists of different lengths, or (without a mask) one per prompt row of
+    any lengths (equal lengths without padding mean the same as the array, and
+    take the same program as different ones)."""
     if not isinstance(rows, (list, tuple)) or not rows:
         return False
     lengths = {len(r) if isinstance(r, (list, tuple, np.ndarray)) else None for r in rows}
-    return None not in lengths and len(lengths) > 1
+    if None in lengths:
+        return False
+    return len(lengths) > 1 or (mask is None and len(rows) == batch)
 
 
 def _ragged_negative(
