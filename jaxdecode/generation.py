@@ -748,7 +748,7 @@ def generate(
         negative_prompt_ids: classifier-free guidance's negative prompt, `[batch
             or 1, length]` left-padded ids, with `guidance_scale` set (default:
             each prompt's last token, as transformers), or a list of one token
-            list per prompt row of different lengths: each row guided by its
+            list per prompt row (lengths may differ): each row guided by its
             own, as `generate` on that row alone (transformers counts a padded
             negative prompt's padding in its positions). The unconditional rows
             run in the same program with a KV cache of their own.
