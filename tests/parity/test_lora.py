@@ -307,6 +307,11 @@ def test_adapter_on_a_mesh_equals_one_device():
     assert out["base"] != out["single"], "the adapter changed no token"
     for mesh, seqs in out["meshes"].items():
         assert seqs == out["single"], mesh
+    # Stacked adapters with a per-row choice: the mesh gives one device's tokens,
+    # row 0 the single adapter's, row 1 the base model's.
+    one_device, on_mesh = out["stacked"]
+    assert on_mesh == one_device
+    assert one_device[0] == out["single"][0] and one_device[1] == out["base"][1]
     # B follows a column-parallel projection's output split, A a row-parallel one's input.
     assert out["specs"] == {
         "q_proj": ["P(None, None)", "P('model', None)"],
