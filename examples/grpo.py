@@ -89,8 +89,16 @@ def make_train_step(
     *,
     inner_steps: int = 2,
     clip_eps: float = 0.2,
+    mesh: jax.sharding.Mesh | None = None,
+    train_shardings: Any = None,
 ):
-    """The jitted GRPO step `(params, opt_state, key) -> (params, opt_state, metrics)`."""
+    """The jitted GRPO step `(params, opt_state, key) -> (params, opt_state, metrics)`.
+
+    With `mesh`, the sampler decodes on it (`generate(mesh=...)`: the params are
+    resharded to the family's decoding layout inside the step); with
+    `train_shardings` (`(params, opt_state)` trees of `NamedSharding`s) the
+    updated params and optimizer state keep that training layout (e.g. FSDP;
+    the next call then compiles nothing), see examples/grpo_mesh.py."""
     group = config.num_return_sequences
     prompt_len = ids.shape[1]
     row_mask = np.repeat(mask, group, axis=0)  # the prompt mask of every completion
@@ -117,7 +125,7 @@ def make_train_step(
 
     @jax.jit
     def train_step(params, opt_state, key):
-        out = jd.generate(lm.replace(params=params), ids, mask, config, key=key)
+        out = jd.generate(lm.replace(params=params), ids, mask, config, key=key, mesh=mesh)
         sequences = out.sequences
         rewards = reward_fn(sequences[:, prompt_len:], out.lengths)
         adv = group_advantages(rewards, group)
@@ -129,6 +137,10 @@ def make_train_step(
             )
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
+            if train_shardings is not None:
+                params, opt_state = jax.lax.with_sharding_constraint(
+                    (params, opt_state), train_shardings
+                )
             if i == 0:
                 # The behaviour policy's log-probabilities, by the trainer's own
                 # function under the sampling params; the sampler's agree.

@@ -29,6 +29,7 @@ from jaxdecode.arrays import is_traced, owned
 from jaxdecode.cache import cache_nbytes
 from jaxdecode.config import SEED_MAX, GenerationConfig
 from jaxdecode.errors import MemoryBudgetError
+from jaxdecode.models import lora
 from jaxdecode.models.base import Decoder, Model
 from jaxdecode.processors import TracedConfig, split_config
 from jaxdecode.processors.base import LogitsProcessor, check_rows
@@ -402,7 +403,7 @@ def _guidance(
         if negative_mask is not None:
             raise ValueError("negative_prompt_attention_mask needs negative_prompt_ids")
         neg, mask = ids[:, -1:], (jnp if traced_inputs else np).ones((batch, 1), np.int32)
-    elif _ragged(negative_ids):
+    elif _per_row_lists(negative_ids, negative_mask, batch):
         neg, mask, length = _ragged_negative(negative_ids, negative_mask, batch, config.pad_id)
         _prompt_arrays(neg, mask, vocab_size, False, names)
     else:
@@ -429,13 +430,49 @@ def _guidance(
     )
 
 
-def _ragged(rows: Any) -> bool:
-    """Whether `rows` is a list of token lists of different lengths (per-row
-    negative prompts, each on its own)."""
+def _select_adapters(params: Any, adapter_ids: Any, batch: int, traced_inputs: bool) -> Any:
+    """`params` with each row's LoRA adapter chosen (`lora.select`) when the model
+    holds stacked adapters; ValueError naming `adapter_ids` when it is missing,
+    not one per prompt row, or outside `[-1, adapters - 1]`."""
+    count = lora.adapter_count(params)
+    if adapter_ids is None:
+        if count is not None:
+            raise ValueError(
+                f"the model holds {count} stacked LoRA adapters: pass adapter_ids=[...] (one "
+                "per prompt row, -1 for the base model) to choose each row's"
+            )
+        return params
+    if count is None:
+        raise ValueError(
+            "adapter_ids selects among stacked LoRA adapters: load several with "
+            "lm.load_adapter([dir, ...]); this model has none"
+        )
+    traced = traced_inputs or is_traced(adapter_ids)
+    ids = adapter_ids if traced else np.asarray(adapter_ids)
+    if ids.shape != (batch,) or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"adapter_ids must be {batch} integers (one per prompt row), got {ids.dtype} "
+            f"{ids.shape}"
+        )
+    if not traced and (ids.min() < -1 or ids.max() >= count):
+        raise ValueError(
+            f"adapter_ids must be in [-1, {count - 1}] (-1: the base model; {count} adapters), "
+            f"got [{ids.min()}, {ids.max()}]"
+        )
+    return lora.select(params, owned(ids, jnp.int32))
+
+
+def _per_row_lists(rows: Any, mask: Any, batch: int) -> bool:
+    """Whether `rows` are per-row negative prompts, each on its own: a list of
+    token lists of different lengths, or (without a mask) one per prompt row of
+    any lengths (equal lengths without padding mean the same as the array, and
+    take the same program as different ones)."""
     if not isinstance(rows, (list, tuple)) or not rows:
         return False
     lengths = {len(r) if isinstance(r, (list, tuple, np.ndarray)) else None for r in rows}
-    return None not in lengths and len(lengths) > 1
+    if None in lengths:
+        return False
+    return len(lengths) > 1 or (mask is None and len(rows) == batch)
 
 
 def _ragged_negative(
@@ -513,6 +550,7 @@ def prepare(
     assistant_params: Any = None,
     negative_prompt_ids: Any = None,
     negative_prompt_attention_mask: Any = None,
+    adapter_ids: Any = None,
 ) -> Request:
     """Validates a `generate` call before tracing and pads the prompt to its bucket.
 
@@ -538,6 +576,7 @@ def prepare(
     traced_inputs = is_traced(input_ids, attention_mask) or _is_global(input_ids, attention_mask)
     ids, mask = _prompt_arrays(input_ids, attention_mask, decoder.vocab_size, traced_inputs)
     batch, prompt_len = ids.shape
+    params = _select_adapters(params, adapter_ids, batch, traced_inputs)
     max_length = config.resolve_max_length(prompt_len)
     new_tokens = max_length - prompt_len
     if new_tokens < 1:
@@ -665,6 +704,7 @@ def generate(
     assistant_params: Any = None,
     negative_prompt_ids: Any = None,
     negative_prompt_attention_mask: Any = None,
+    adapter_ids: Any = None,
     **overrides: Any,
 ) -> GenerateOutput:
     """Generates continuations of `input_ids` in one compiled program.
@@ -718,11 +758,14 @@ def generate(
         negative_prompt_ids: classifier-free guidance's negative prompt, `[batch
             or 1, length]` left-padded ids, with `guidance_scale` set (default:
             each prompt's last token, as transformers), or a list of one token
-            list per prompt row of different lengths: each row guided by its
+            list per prompt row (lengths may differ): each row guided by its
             own, as `generate` on that row alone (transformers counts a padded
             negative prompt's padding in its positions). The unconditional rows
             run in the same program with a KV cache of their own.
         negative_prompt_attention_mask: its mask, 0 on padding (default all 1).
+        adapter_ids: `[batch]` ints, each prompt row's LoRA adapter among the
+            model's stacked ones (`lm.load_adapter([dir, ...])`; -1: the base
+            model), vLLM's multi-LoRA; traced (another choice compiles nothing).
 
     Returns:
         A `GenerateOutput` (with per-row `drafted` / `accepted` counts when
@@ -748,6 +791,7 @@ def generate(
         assistant_params=assistant_params,
         negative_prompt_ids=negative_prompt_ids,
         negative_prompt_attention_mask=negative_prompt_attention_mask,
+        adapter_ids=adapter_ids,
     )
     out = req.run()
     return drop_bucket(out, req.extra).replace(seed=req.seed)

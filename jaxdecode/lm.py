@@ -96,19 +96,29 @@ class CausalLM:
             self.tokenizer.save(directory)
 
     def load_adapter(
-        self, adapter: str | os.PathLike[str], *, revision: str | None = None
+        self,
+        adapter: str | os.PathLike[str] | list[str | os.PathLike[str]],
+        *,
+        revision: str | None = None,
     ) -> CausalLM:
         """This model with a PEFT LoRA adapter (a directory with
         `adapter_config.json` and `adapter_model.safetensors`, or a hub id)
         attached unmerged, as `params["lora"]` (see `from_pretrained`'s
-        `adapter`). A model that already has one gets the new one instead."""
-        directory, config, state = checkpoints.read_adapter(adapter, revision=revision)
+        `adapter`). A model that already has one gets the new one instead.
+
+        A list of adapters is stacked (`lora.stack`): `generate(...,
+        adapter_ids=[...])` then gives each row the adapter at its index (-1:
+        none), vLLM's multi-LoRA."""
         family = registry.family_for_config(self.config)
         if family.param_path is None:
             raise ValueError(f"the {family.name} family cannot load LoRA adapters")
         base, _ = lora.split(self.params)
         dtype = jax.tree_util.tree_leaves(base)[0].dtype
-        tree = lora.from_peft(config, state, base, family.param_path, dtype, directory)
+        trees = []
+        for one in adapter if isinstance(adapter, (list, tuple)) else [adapter]:
+            directory, config, state = checkpoints.read_adapter(one, revision=revision)
+            trees.append(lora.from_peft(config, state, base, family.param_path, dtype, directory))
+        tree = lora.stack(trees) if isinstance(adapter, (list, tuple)) else trees[0]
         return self.replace(params={**base, lora.LORA: tree})
 
     def add_adapter(

@@ -164,10 +164,22 @@ def param_shardings(params: Any, mesh: Mesh, specs: Callable[[Any], Any] | None 
 
 
 def shard_params(params: Any, mesh: Mesh, specs: Callable[[Any], Any] | None = None) -> Any:
-    """`params` placed on `mesh` (a no-op for leaves already placed so)."""
+    """`params` placed on `mesh` (a no-op for leaves already placed so).
+
+    Traced params (inside a caller's `jit`, e.g. a training step whose params are
+    laid out for training: FSDP over `data`) are resharded to the decoding layout
+    inside that program with `with_sharding_constraint`: XLA inserts the
+    collectives (all-gathers of the FSDP shards), with no host round trip.
+    """
     shardings = param_shardings(params, mesh, specs)
 
     def put(leaf: Any, sharding: NamedSharding) -> Any:
+        if isinstance(leaf, jax.core.Tracer):
+            # Gathered first: XLA's SPMD partitioner reshards a dimension split
+            # over one axis onto another only through a full rematerialization
+            # (and warns); gather-then-slice is the same collective, said plainly.
+            whole = jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, P()))
+            return jax.lax.with_sharding_constraint(whole, sharding)
         if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
             return leaf
         return jax.device_put(leaf, sharding)

@@ -21,6 +21,13 @@ own, and a projection without an entry pays nothing.
 `merge(params)` folds every update into its weight (`W + scale * B A`) and drops
 the subtree: the same logits at the speed of the base model.
 
+Several adapters in one batch (vLLM's multi-LoRA): `stack(adapters)` makes one
+subtree whose entries hold every adapter, `a: [n, rank, in]`, `b: [n, out,
+rank]` (ranks zero-padded to the largest, a projection an adapter leaves alone
+all zeros: both exact) with one scale per adapter; `select(params, ids)` sets
+each entry's per-row adapter index `rows: [batch]` (-1: the base model), and
+each row gets its own adapter's update (its `a`, `b` gathered per row).
+
 PEFT's format both ways: `from_peft` (with `check_peft_config`, which refuses
 options beyond plain LoRA by name) reads an adapter, `to_peft` writes one, and
 `init_adapter` makes a fresh one as PEFT's `get_peft_model` does. The reading
@@ -47,6 +54,7 @@ Array = jax.Array
 __all__ = [
     "LORA",
     "LoraWeights",
+    "adapter_count",
     "check_peft_config",
     "entry",
     "flax_variables",
@@ -56,7 +64,9 @@ __all__ = [
     "merge",
     "partition_specs",
     "projections",
+    "select",
     "split",
+    "stack",
     "to_peft",
 ]
 
@@ -68,31 +78,72 @@ _ENTRY = "adapter"
 
 @pytree.dataclass
 class LoraWeights:
-    """One projection's low-rank update, `scale * (x @ a.T) @ b.T`.
+    """One projection's low-rank update, `scale * (x @ a.T) @ b.T`; or, stacked
+    (`stack`), n adapters' updates of which each row takes its own.
 
     Attributes:
-        a: `[rank, in]`, PEFT's `lora_A.weight`.
-        b: `[out, rank]`, PEFT's `lora_B.weight`.
-        scale: `lora_alpha / rank` (rsLoRA: `lora_alpha / sqrt(rank)`), static.
+        a: `[rank, in]`, PEFT's `lora_A.weight` (stacked: `[n, rank, in]`).
+        b: `[out, rank]`, PEFT's `lora_B.weight` (stacked: `[n, out, rank]`).
+        scale: `lora_alpha / rank` (rsLoRA: `lora_alpha / sqrt(rank)`), static
+            (stacked: a tuple, one per adapter).
         module: the transformers module name it adapts (e.g.
             `"model.layers.0.self_attn.q_proj"`), static; set when read from a
             PEFT adapter, needed to write one (`to_peft`).
+        rows: stacked only: `[batch]` int32 each prompt row's adapter (-1: none),
+            set by `select`; a call over `batch * k` rows (several sequences or
+            beams per prompt, consecutive) gives each prompt's rows its adapter.
     """
 
     a: Array
     b: Array
-    scale: float = pytree.field(pytree_node=False, default=1.0)
+    scale: float | tuple[float, ...] = pytree.field(pytree_node=False, default=1.0)
     module: str | None = pytree.field(pytree_node=False, default=None)
+    rows: Array | None = None
+
+    @property
+    def stacked(self) -> bool:
+        """Whether this entry holds several adapters (`stack`)."""
+        return self.a.ndim == 3
 
     def __call__(self, x: Array) -> Array:
         """The update for inputs `x: [..., in]`: `[..., out]` in `x`'s dtype,
-        computed in the adapter's dtype (as PEFT casts the input to `lora_A`'s)."""
+        computed in the adapter's dtype (as PEFT casts the input to `lora_A`'s);
+        stacked: `x: [rows, ..., in]`, each row with its own adapter."""
+        if self.stacked:
+            return self._per_row(x)
         h = jax.lax.dot_general(x.astype(self.a.dtype), self.a, (((x.ndim - 1,), (1,)), ((), ())))
         h = jax.lax.dot_general(h, self.b, (((h.ndim - 1,), (1,)), ((), ())))
         return (h * jnp.asarray(self.scale, h.dtype)).astype(x.dtype)
 
+    def _per_row(self, x: Array) -> Array:
+        """Each row's own adapter's update (its `a`, `b` gathered: vLLM's BGMV)."""
+        if self.rows is None:
+            raise ValueError(
+                f"{self.a.shape[0]} stacked LoRA adapters need a per-row adapter index: pass "
+                "adapter_ids=[...] (one per prompt, -1 for none) to generate"
+            )
+        rows = jnp.asarray(self.rows, jnp.int32)
+        n = x.shape[0]
+        if n % rows.shape[0]:
+            raise ValueError(
+                f"{rows.shape[0]} adapter ids for a call over {n} rows; give one per prompt"
+            )
+        rows = jnp.repeat(rows, n // rows.shape[0])
+        pick = jnp.maximum(rows, 0)
+        a, b = self.a[pick], self.b[pick]  # [rows, rank, in], [rows, out, rank]
+        scale = jnp.asarray(self.scale, a.dtype)[pick] * (rows >= 0)
+        flat = x.astype(a.dtype).reshape(n, -1, x.shape[-1])
+        h = jnp.einsum("bti,bri->btr", flat, a)
+        h = jnp.einsum("btr,bor->bto", h, b) * scale[:, None, None]
+        return h.reshape(*x.shape[:-1], b.shape[1]).astype(x.dtype)
+
     def delta(self) -> Array:
         """The update as a dense `[out, in]` matrix, `scale * b @ a`, float32."""
+        if self.stacked:
+            raise ValueError(
+                "stacked LoRA adapters (one per row) cannot be merged into one weight; "
+                "merge one adapter"
+            )
         a, b = self.a.astype(jnp.float32), self.b.astype(jnp.float32)
         return jnp.float32(self.scale) * (b @ a)
 
@@ -170,9 +221,93 @@ def partition_specs(adapter: Any, base_specs: Any) -> Any:
         for k in path:
             node = node[getattr(k, "key", getattr(k, "name", k))]
         out, inp = (tuple(node["weight"]) + (None, None))[:2]
+        if w.stacked:  # the adapters' axis and the row index replicated
+            rows = None if w.rows is None else P()
+            a, b = P(None, None, inp), P(None, out, None)
+            return LoraWeights(a=a, b=b, scale=w.scale, module=w.module, rows=rows)
         return LoraWeights(a=P(None, inp), b=P(out, None), scale=w.scale, module=w.module)
 
     return jax.tree_util.tree_map_with_path(spec, adapter, is_leaf=_is_weights)
+
+
+def stack(adapters: list[Any]) -> Any:
+    """One adapter subtree holding every adapter of `adapters` (subtrees of
+    unstacked `LoraWeights`), for `select` to give each row its own: every
+    projection any of them adapts gets `a: [n, r, in]`, `b: [n, out, r]` with
+    `r` their largest rank (a smaller rank zero-padded, a projection an adapter
+    leaves alone all zeros: both exact) and one scale per adapter.
+
+    Raises:
+        ValueError: for no adapters, an already stacked one, or two adapters whose
+            entries for one projection have different shapes.
+    """
+    if not adapters:
+        raise ValueError("stack needs at least one adapter")
+    entries: dict[tuple, list[LoraWeights | None]] = {}
+    for i, adapter in enumerate(adapters):
+        for path, w in jax.tree_util.tree_flatten_with_path(adapter, is_leaf=_is_weights)[0]:
+            if not _is_weights(w) or w.stacked:
+                raise ValueError(f"adapter {i} is not one plain LoRA adapter subtree")
+            key = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+            entries.setdefault(key, [None] * len(adapters))[i] = w
+    tree: dict[str, Any] = {}
+    for key, ws in sorted(entries.items()):
+        given = [w for w in ws if w is not None]
+        out_dim, in_dim = given[0].b.shape[0], given[0].a.shape[1]
+        if any((w.b.shape[0], w.a.shape[1]) != (out_dim, in_dim) for w in given):
+            raise ValueError(f"adapters disagree on the shape of {'/'.join(map(str, key))}")
+        rank = max(w.a.shape[0] for w in given)
+        pairs = [_padded(w, rank, out_dim, in_dim, given[0].a.dtype) for w in ws]
+        node = tree
+        for p in key[:-1]:
+            node = node.setdefault(p, {})
+        node[key[-1]] = LoraWeights(
+            a=jnp.stack([a for a, _ in pairs]),
+            b=jnp.stack([b for _, b in pairs]),
+            scale=tuple(float(w.scale) if w is not None else 0.0 for w in ws),
+            module=given[0].module,
+        )
+    return tree
+
+
+def _padded(
+    w: LoraWeights | None, rank: int, out_dim: int, in_dim: int, dtype: Any
+) -> tuple[Array, Array]:
+    """`(a [rank, in], b [out, rank])` of `w` with its rank zero-padded to `rank`
+    (zeros for an adapter without this projection)."""
+    if w is None:
+        return jnp.zeros((rank, in_dim), dtype), jnp.zeros((out_dim, rank), dtype)
+    extra = rank - w.a.shape[0]
+    a = jnp.pad(w.a.astype(dtype), ((0, extra), (0, 0)))
+    return a, jnp.pad(w.b.astype(dtype), ((0, 0), (0, extra)))
+
+
+def select(params: Any, adapter_ids: Any) -> Any:
+    """`params` whose stacked adapter (`stack`) gives row i adapter
+    `adapter_ids[i]` (-1: the base model alone). Pure: `adapter_ids` may be traced.
+
+    Raises:
+        ValueError: when `params` has no stacked adapter.
+    """
+    base, adapter = split(params)
+    leaves = jax.tree_util.tree_leaves(adapter, is_leaf=_is_weights)
+    if not leaves or not all(_is_weights(w) and w.stacked for w in leaves):
+        raise ValueError(
+            "adapter_ids selects among stacked LoRA adapters: load several with "
+            "lm.load_adapter([dir, ...]) (or lora.stack), got a model without them"
+        )
+    ids = jnp.asarray(adapter_ids, jnp.int32)
+    chosen = jax.tree_util.tree_map(lambda w: w.replace(rows=ids), adapter, is_leaf=_is_weights)
+    return {**base, LORA: chosen}
+
+
+def adapter_count(params: Any) -> int | None:
+    """How many adapters a stacked adapter holds (`stack`), else None."""
+    _, adapter = split(params)
+    leaves = jax.tree_util.tree_leaves(adapter, is_leaf=_is_weights)
+    if leaves and _is_weights(leaves[0]) and leaves[0].stacked:
+        return int(leaves[0].a.shape[0])
+    return None
 
 
 def _copy_dicts(tree: Any) -> Any:
@@ -338,6 +473,8 @@ def to_peft(adapter: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     entries = jax.tree_util.tree_leaves(adapter, is_leaf=_is_weights)
     if not entries:
         raise ValueError("the adapter has no LoraWeights to write")
+    if any(w.stacked for w in entries):
+        raise ValueError("stacked LoRA adapters are written one at a time; save each adapter")
     for path, w in jax.tree_util.tree_flatten_with_path(adapter, is_leaf=_is_weights)[0]:
         if w.module is None:
             raise ValueError(

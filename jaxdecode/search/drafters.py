@@ -194,6 +194,7 @@ class DraftModel:
         row_keys: Array | None,
         lengths: Array,
         max_position: int | None,
+        steps: Array | None = None,
     ) -> tuple[Array, Array, Any]:
         """K draft tokens per row, each chosen from the draft model's processed
         distribution given the row's history and the drafts before it.
@@ -211,11 +212,15 @@ class DraftModel:
             lengths: `[rows]` tokens generated so far (`last` included): the
                 token index of draft j is `lengths + j`.
             max_position: the model's position limit (positions are clipped below it).
+            steps: `[]` int32 how many drafts any row needs this round (1 .. K;
+                default K): the draft model runs that many steps (a while loop),
+                so a round whose rows want few drafts costs few steps whatever
+                the static K; drafts past it are 0 with q 0.
 
         Returns:
             `(drafts [rows, K] int32, q [rows, K, V] float32 processed draft
             scores, cache)`; the cache then holds `prev, last` and the first
-            K - 1 drafts.
+            `steps - 1` drafts.
         """
         clip = (
             (lambda p: p) if max_position is None else (lambda p: jnp.minimum(p, max_position - 1))
@@ -235,8 +240,11 @@ class DraftModel:
         scores = processor(logits[:, -1].astype(jnp.float32), ctx, proc_state)
         token = choose(scores, 0)
 
-        def step(carry, j):
-            cache, ctx, state, token, scores = carry
+        drafts = jnp.zeros((rows, self.k), jnp.int32).at[:, 0].set(token)
+        q = jnp.zeros((rows, self.k, scores.shape[-1]), jnp.float32).at[:, 0].set(scores)
+
+        def step(j, carry):
+            cache, ctx, state, token, drafts, q = carry
             ctx = ctx.append(token)
             state = processor.update(state, token)
             logits, cache = self.decoder.apply(
@@ -246,15 +254,16 @@ class DraftModel:
                 cache,
                 jnp.ones((rows, 1), jnp.int32),
             )
-            new_scores = processor(logits[:, 0].astype(jnp.float32), ctx, state)
-            new = choose(new_scores, j)
-            return (cache, ctx, state, new, new_scores), (token, scores)
+            scores = processor(logits[:, 0].astype(jnp.float32), ctx, state)
+            new = choose(scores, j)
+            drafts = jax.lax.dynamic_update_slice_in_dim(drafts, new[:, None], j, axis=1)
+            q = jax.lax.dynamic_update_slice_in_dim(q, scores[:, None], j, axis=1)
+            return cache, ctx, state, new, drafts, q
 
-        (cache, _, _, token, scores), (tokens, all_scores) = jax.lax.scan(
-            step, (cache, ctx, proc_state, token, scores), jnp.arange(1, self.k)
+        end = self.k if steps is None else jnp.clip(steps, 1, self.k)
+        cache, _, _, _, drafts, q = jax.lax.fori_loop(
+            1, end, step, (cache, ctx, proc_state, token, drafts, q)
         )
-        drafts = jnp.concatenate([tokens.T.reshape(rows, -1), token[:, None]], axis=1)
-        q = jnp.concatenate([all_scores.swapaxes(0, 1), scores[:, None]], axis=1)
         return drafts.astype(jnp.int32), q, cache
 
 

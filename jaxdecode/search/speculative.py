@@ -311,6 +311,7 @@ def _round(
     drafts: Array,
     has: Array,
     q: Array | None,
+    draft_written: Array | None = None,
 ) -> SpecState:
     """One verify-and-accept round with W = drafts.shape[1] + 1 target positions.
 
@@ -319,6 +320,8 @@ def _round(
         has: `[rows]` int32 how many leading drafts are real proposals.
         q: `[rows, W - 1, V]` processed draft scores (draft model), else None
             (a deterministic draft: q is one-hot).
+        draft_written: `[]` int32 tokens the draft model wrote into its cache
+            this round (`prev`, `last` and its drafts but the last), default W.
 
     A function over ~80 lines: draft, verify, accept and rewind of one round share
     the round's arrays.
@@ -376,8 +379,10 @@ def _round(
     target_cache = rewind_rows(cache, w - jnp.where(active, count, 0), width=w)
     draft_cache = s.draft_cache
     if isinstance(drafter, DraftModel):
-        # It holds prev, last and d_1..d_{K-1} of this round; it keeps n + 1.
-        draft_cache = rewind_rows(draft_cache, w - jnp.where(active, count, 0), width=w)
+        # It holds prev, last and the drafts of this round but the last; it
+        # keeps `count` of them (prev, last, the kept drafts but the last).
+        written = w if draft_written is None else draft_written
+        draft_cache = rewind_rows(draft_cache, written - jnp.where(active, count, 0), width=w)
     # transformers' count: the drafts kept before the round's last kept token
     # (an accepted draft that ends the row, EOS or the length, is that token).
     accepted = jnp.maximum(jnp.minimum(n, count - 1), 0)
@@ -598,6 +603,9 @@ def _speculate(
         if isinstance(drafter, PromptLookup):
             return _lookup_round(plan, drafter, params, traced, s, active)
         keys = s.row_keys if plan.config.do_sample else None
+        # The drafts any row can use: its K, at most the tokens left but one.
+        want = jnp.minimum(jnp.minimum(s.k_row, k), n - s.lengths - 1)
+        steps = jnp.maximum(jnp.max(jnp.where(active, want, 0)), 1).astype(jnp.int32)
         drafts, q, draft_cache = drafter.propose(
             draft_params,
             s.draft_cache,
@@ -610,6 +618,7 @@ def _speculate(
             keys,
             s.lengths,
             plan.decoder.max_positions,
+            steps,
         )
         has = jnp.where(active, jnp.minimum(s.k_row, k), 0).astype(jnp.int32)
         if threshold is not None:
@@ -629,6 +638,7 @@ def _speculate(
             drafts,
             has,
             q if plan.config.do_sample else None,
+            steps + 1,
         )
         # The round's candidates and matches, as transformers counts them.
         won, cand = new.accepted - s.accepted, new.drafted - s.drafted

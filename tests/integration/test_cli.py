@@ -1345,3 +1345,37 @@ def test_stream_into_a_closed_pipe_exits_quietly(model_dir, env):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141, err
     assert err == "", err
+
+
+def test_eval_chat_renders_the_negative_prompt_like_the_prompt(
+    tmp_path, capsys, no_persistent_cache
+):
+    """With --chat a line's negative_prompt is the user's turn of its own chat,
+    rendered with --system like the prompt: the line gives `generate` on both
+    rendered texts."""
+    model = save_chat_model(tmp_path / "chat", CHAT_TEMPLATE)
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(prompts, [{"id": 1, "prompt": "Hi there", "negative_prompt": "Go away"}])
+    flags = ["--max_new_tokens", "5", "--guidance_scale", "3", "--quiet"]
+    code, _, err = main_result(capsys, "eval", str(prompts), "-o", str(out), "--model", model,
+                               "--chat", "--system", "Be brief.", *flags)  # fmt: skip
+    assert code == 0, err
+    (rec,) = read_results(out)
+    lm = jaxdecode.from_pretrained(model)
+
+    def chat(text: str) -> list[int]:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+        return lm.tokenizer.encode(lm.apply_chat_template(messages, add_generation_prompt=True))
+
+    ids = chat("Hi there")
+    want = jaxdecode.generate(
+        lm, np.asarray([ids]), max_new_tokens=5, guidance_scale=3.0,
+        negative_prompt_ids=np.asarray([chat("Go away")]),
+    )  # fmt: skip
+    n = int(want.lengths[0])
+    assert rec["outputs"][0]["tokens"] == np.asarray(want.sequences)[0, len(ids) :][:n].tolist()
+    raw = jaxdecode.generate(
+        lm, np.asarray([ids]), max_new_tokens=5, guidance_scale=3.0,
+        negative_prompt_ids=np.asarray([lm.tokenizer.encode("Go away")]),
+    )  # fmt: skip
+    assert np.asarray(raw.sequences)[0, len(ids) :][:n].tolist() != rec["outputs"][0]["tokens"]

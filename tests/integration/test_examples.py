@@ -60,3 +60,27 @@ def test_grpo_reward_rises_and_ratio_starts_at_one():
     assert all(h["first_ratio_dev"] == 0.0 for h in history)
     assert max(h["sampler_gap"] for h in history) <= 1e-5
     assert max(h["ratio_range_1"] for h in history) > 1e-3
+
+
+def test_grpo_mesh_step_on_eight_devices_with_fsdp_params():
+    """examples/grpo_mesh.py at a tiny size on 8 host-platform devices: the GRPO
+    step (sample on the mesh from FSDP-sharded params, score, update) has no host
+    callbacks, lowers for TPU and CUDA, samples one device's tokens, keeps the
+    params in their FSDP layout, and the sampler's log-probabilities are the
+    trainer's."""
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "grpo_mesh.py"), "--steps", "2", "--samples",
+         "2", "--new-tokens", "4"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = dict(re.findall(r"^(\w+): (.*)$", proc.stdout, re.M))
+    assert found["host_callbacks"] == "0", proc.stdout
+    assert found["exported"] == "tpu,cuda"
+    assert found["tokens_equal_one_device"] == "True"
+    assert found["params_stay_fsdp"] == "True"
+    assert float(found["sampler_gap"]) <= 1e-5
+    assert len(re.findall(r"^step\s+\d+\s+reward", proc.stdout, re.M)) == 2

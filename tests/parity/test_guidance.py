@@ -145,6 +145,11 @@ def test_per_row_negative_prompts_of_different_lengths(models):
         got = np.asarray(out.sequences)[i]
         np.testing.assert_array_equal(got[: len(want)], want)
         assert (got[len(want) :] == PAD).all()
+    # Other per-row negative prompts in the same bucket (equal lengths too): no compilation.
+    with count_compiles() as compiles:
+        jd.generate(lm, ids, do_sample=False, negative_prompt_ids=[[7] * 6] * 3, **options)
+        jd.generate(lm, ids, do_sample=False, negative_prompt_ids=[[8], [9] * 7, [3]], **options)
+    assert compiles.count == 0
     sampled = dict(do_sample=True, num_return_sequences=2, **options)
     keys = jax.random.split(jax.random.key(4), 3)
     both = jd.generate(lm, ids, negative_prompt_ids=negs, key=keys, **sampled).sequences

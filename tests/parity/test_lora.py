@@ -307,6 +307,11 @@ def test_adapter_on_a_mesh_equals_one_device():
     assert out["base"] != out["single"], "the adapter changed no token"
     for mesh, seqs in out["meshes"].items():
         assert seqs == out["single"], mesh
+    # Stacked adapters with a per-row choice: the mesh gives one device's tokens,
+    # row 0 the single adapter's, row 1 the base model's.
+    one_device, on_mesh = out["stacked"]
+    assert on_mesh == one_device
+    assert one_device[0] == out["single"][0] and one_device[1] == out["base"][1]
     # B follows a column-parallel projection's output split, A a row-parallel one's input.
     assert out["specs"] == {
         "q_proj": ["P(None, None)", "P('model', None)"],
@@ -458,3 +463,80 @@ def test_add_adapter_refuses_bad_targets(llama):
         lm.add_adapter([])
     with pytest.raises(ValueError, match="r must be a positive integer, got 0"):
         lm.add_adapter(["q_proj"], r=0)
+
+
+@pytest.fixture(scope="module")
+def two_adapters(llama, tmp_path_factory):
+    """A second adapter on the same base, other targets, rank and alpha: (peft
+    models of adapter 0 and 1, base dir, adapter dirs)."""
+    peft0, base, adapter0 = llama
+    adapter1 = str(tmp_path_factory.mktemp("llama-lora-2"))
+    torch.manual_seed(7)
+    peft1 = _adapter(
+        make_llama_model(), adapter1, target_modules=["k_proj", "up_proj"], r=6, lora_alpha=3
+    )
+    return (peft0, peft1), base, (adapter0, adapter1)
+
+
+@pytest.mark.parity
+def test_several_adapters_in_one_batch_match_peft_per_row(two_adapters):
+    """vLLM's multi-LoRA: two adapters stacked, each row of one batch with its own
+    (or none): each row's greedy tokens equal peft's generate with that row's
+    adapter alone (the base model for -1); other adapter_ids compile nothing;
+    two sampled sequences per prompt equal that prompt alone."""
+    peft_models, base, adapters = two_adapters
+    lm = jd.from_pretrained(base).load_adapter(list(adapters))
+    q = lm.params["lora"]["layers_1"]["self_attn"]["q_proj"]
+    chex.assert_shape([q.a, q.b], [(2, 4, 32), (2, 32, 4)])  # adapter 1 has no q: zeros
+    ids, mask = left_padded_batch(np.random.default_rng(4), V, LENGTH, [0, 2, 5, 1])
+    options = dict(do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=2)
+    choice = [0, 1, -1, 1]
+    out = np.asarray(jd.generate(lm, ids, mask, adapter_ids=choice, **options).sequences)
+    base_model = make_llama_model()
+    for row, which in enumerate(choice):
+        ref_model = base_model if which < 0 else peft_models[which]
+        with torch.no_grad():
+            ref = ref_model.generate(
+                input_ids=torch.as_tensor(ids[row : row + 1], dtype=torch.long),
+                attention_mask=torch.as_tensor(mask[row : row + 1]),
+                **options,
+            ).numpy()[0]
+        np.testing.assert_array_equal(out[row, : len(ref)], ref, err_msg=f"row {row}")
+        assert np.all(out[row, len(ref) :] == 0)
+    swapped = np.asarray(jd.generate(lm, ids, mask, adapter_ids=[1, 0, 0, -1], **options).sequences)
+    assert not np.array_equal(swapped, out), "the adapter choice changed nothing"
+    with count_compiles() as compiles:
+        jd.generate(lm, ids, mask, adapter_ids=[-1, -1, 1, 0], **options)
+    assert compiles.count == 0
+
+    sampled = dict(do_sample=True, num_return_sequences=2, max_new_tokens=6, pad_token_id=0)
+    keys = jax.random.split(jax.random.key(2), 4)
+    both = jd.generate(lm, ids, mask, adapter_ids=choice, key=keys, **sampled).sequences
+    for row, which in enumerate(choice):
+        alone = jd.generate(
+            lm, ids[row : row + 1], mask[row : row + 1], adapter_ids=[which],
+            key=keys[row : row + 1], **sampled,
+        ).sequences  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(both)[2 * row : 2 * row + 2], alone)
+
+
+@pytest.mark.parity
+def test_several_adapters_errors_and_export(two_adapters):
+    _, base, adapters = two_adapters
+    lm = jd.from_pretrained(base).load_adapter(list(adapters))
+    ids = np.ones((2, 3), np.int32)
+    with pytest.raises(ValueError, match="2 stacked LoRA adapters: pass adapter_ids"):
+        jd.generate(lm, ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, 1\]"):
+        jd.generate(lm, ids, max_new_tokens=2, adapter_ids=[0, 2])
+    with pytest.raises(ValueError, match="adapter_ids must be 2 integers"):
+        jd.generate(lm, ids, max_new_tokens=2, adapter_ids=[0])
+    with pytest.raises(ValueError, match="this model has none"):
+        jd.generate(jd.from_pretrained(base), ids, max_new_tokens=2, adapter_ids=[0, 0])
+    with pytest.raises(ValueError, match="cannot be merged"):
+        lm.merge_and_unload()
+    from jaxdecode.generation import prepare
+
+    req = prepare(lm, ids, overrides={"max_new_tokens": 3}, adapter_ids=[1, -1])
+    program, static, dynamic = req.program()
+    jax.export.export(program, platforms=("tpu", "cuda"))(*static, *dynamic)

@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxdecode as jd  # noqa: E402
+from jaxdecode.models import lora  # noqa: E402
 from jaxdecode.models.llama import LlamaConfig, init_params, llama_decoder  # noqa: E402
 from jaxdecode.models.lora import LoraWeights  # noqa: E402
 from jaxdecode.sharding import param_shardings  # noqa: E402
@@ -66,6 +67,13 @@ def main() -> None:
         mesh = jd.make_mesh(data=d, model=m)
         seqs = jd.generate(lm, ids, mask, cfg, mesh=mesh).sequences
         out["meshes"][f"{d}x{m}"] = np.asarray(seqs).tolist()
+    # Two stacked adapters (the second: the first negated), a per-row choice.
+    other = jax.tree_util.tree_map(lambda x: -x, lm.params["lora"])
+    stacked = lm.replace(params={**base.params, "lora": lora.stack([lm.params["lora"], other])})
+    choice = [0, -1, 1, 0]
+    one = jd.generate(stacked, ids, mask, cfg, adapter_ids=choice).sequences
+    two = jd.generate(stacked, ids, mask, cfg, adapter_ids=choice, mesh=jd.make_mesh(2, 2))
+    out["stacked"] = [np.asarray(one).tolist(), np.asarray(two.sequences).tolist()]
     mesh = jd.make_mesh(data=1, model=4)
     shardings = param_shardings(lm.params, mesh, lm.decoder.param_specs)["lora"]["layers_0"]
     out["specs"] = {
