@@ -169,3 +169,12 @@ def test_moe_benchmark_tiny(tmp_path: Path) -> None:
         assert result[key] > 0, key
     assert result["transformers_moe_ms_per_step"] > 0
     assert result["moe_params_total"] > result["moe_params_active"] > 0
+
+
+def test_fused_benchmark_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "fused.json"
+    run_benchmark("fused.py", "--tiny", "--json", str(out))
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["same_tokens"]
+    assert set(data["decode_ms_per_step"]) == set(data["compile_s"]) == {"fused", "separate"}
+    assert "qkv_proj" in data["layouts"]["fused"] and "q_proj" in data["layouts"]["separate"]
