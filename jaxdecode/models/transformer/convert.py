@@ -38,6 +38,9 @@ __all__ = [
 
 # The projections fused at load, and the name of each fused matrix.
 _GROUPS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))
+# The module each fusion happens in: a layer's attention and its dense MLP (a
+# mixture of experts' shared expert keeps its projections).
+_FUSED_IN = {"qkv_proj": "self_attn", "gate_up_proj": "mlp"}
 
 
 def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
@@ -180,18 +183,20 @@ def params_from_state_dict(
 
 
 def fuse_projections(params: Mapping[str, Any]) -> dict[str, Any]:
-    """`params` with every module's separate `q_proj`, `k_proj`, `v_proj` fused
-    into one `qkv_proj` (their rows stacked in that order, biases too) and every
-    gated MLP's `gate_proj`, `up_proj` into one `gate_up_proj`: the layout Phi-3
-    stores and the skeleton reads as one product. A module with a LoRA
-    adapter is not in `params` (the adapter is its own subtree); stacked
-    experts (arrays, not modules) stay as they are."""
+    """`params` with each layer's separate `q_proj`, `k_proj`, `v_proj` fused
+    into one `qkv_proj` (their rows stacked in that order, biases too) and its
+    dense MLP's `gate_proj`, `up_proj` into one `gate_up_proj`: the layout Phi-3
+    stores and the skeleton reads as one product. An adapter added later keeps
+    the parts' names and applies to their slices (`lora.part_entry`); stacked
+    experts and a shared expert stay as they are."""
 
-    def walk(node: Any) -> Any:
+    def walk(node: Any, name: str = "") -> Any:
         if not isinstance(node, Mapping):
             return node
-        out = {k: walk(v) for k, v in node.items()}
+        out = {k: walk(v, k) for k, v in node.items()}
         for fused, parts in _GROUPS:
+            if name != _FUSED_IN[fused]:
+                continue
             if all(isinstance(out.get(p), Mapping) and "weight" in out[p] for p in parts):
                 modules = [out.pop(p) for p in parts]
                 out[fused] = {
