@@ -114,10 +114,11 @@ class CausalLM:
             raise ValueError(f"the {family.name} family cannot load LoRA adapters")
         base, _ = lora.split(self.params)
         dtype = jax.tree_util.tree_leaves(base)[0].dtype
+        view = _adapter_view(family, base, self.config)
         trees = []
         for one in adapter if isinstance(adapter, (list, tuple)) else [adapter]:
             directory, config, state = checkpoints.read_adapter(one, revision=revision)
-            trees.append(lora.from_peft(config, state, base, family.param_path, dtype, directory))
+            trees.append(lora.from_peft(config, state, view, family.param_path, dtype, directory))
         tree = lora.stack(trees) if isinstance(adapter, (list, tuple)) else trees[0]
         return self.replace(params={**base, lora.LORA: tree})
 
@@ -149,15 +150,16 @@ class CausalLM:
         if family.param_path is None:
             raise ValueError(f"the {family.name} family cannot take LoRA adapters")
         base, _ = lora.split(self.params)
+        view = _adapter_view(family, base, self.config)
         # The family's checkpoint names, from a tree of scalars (no weight copied).
         names = family.state_dict_from_params(
-            jax.tree_util.tree_map(lambda _: np.zeros((), np.float32), base), self.config
+            jax.tree_util.tree_map(lambda _: np.zeros((), np.float32), view), self.config
         )
-        modules = lora.projections(base, names, family.param_path)
+        modules = lora.projections(view, names, family.param_path)
         dtype = jax.tree_util.tree_leaves(base)[0].dtype
         key = jax.random.key(0) if key is None else key
         tree = lora.init_adapter(
-            base, modules, target_modules, r, lora_alpha, use_rslora, key, dtype
+            view, modules, target_modules, r, lora_alpha, use_rslora, key, dtype
         )
         return self.replace(params={**base, lora.LORA: tree})
 
@@ -178,8 +180,14 @@ class CausalLM:
         """This model with its LoRA adapter folded into the weights
         (`W + scale * B A`) and removed, as PEFT's `merge_and_unload`: the same
         logits (to rounding) at the base model's speed. Pure (usable inside
-        `jit`); a model without an adapter is returned as is."""
-        return self.replace(params=lora.merge(self.params))
+        `jit`); a model without an adapter is returned as is. Projections fused
+        at load come back separate, as the adapter names them."""
+        base, adapter = lora.split(self.params)
+        if adapter is None:
+            return self
+        family = registry.family_for_config(self.config)
+        view = _adapter_view(family, base, self.config)
+        return self.replace(params=lora.merge({**view, lora.LORA: adapter}))
 
     def apply_chat_template(
         self, messages: Any, add_generation_prompt: bool = False, **kwargs: Any
@@ -199,6 +207,14 @@ class CausalLM:
     ):
         """`jaxdecode.generate(self, ...)`: see there."""
         return generate(self, input_ids, attention_mask, config, **kwargs)
+
+
+def _adapter_view(family: registry.Family, base: Any, config: Any) -> Any:
+    """`base` params in the layout a LoRA adapter's module names address
+    (`Family.adapter_params`: projections fused at load separate again), for
+    the adapter's shapes; the model keeps its own layout (a fused product
+    adds each part's update to its slice)."""
+    return base if family.adapter_params is None else family.adapter_params(base, config)
 
 
 @jax.jit

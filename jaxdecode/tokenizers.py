@@ -25,6 +25,10 @@ __all__ = [
     "tokenizer_from_gguf",
 ]
 
+# llama.cpp's token types (`tokenizer.ggml.token_type`).
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
+_SPACE = "\u2581"  # SentencePiece's space
+
 # The special-token names transformers passes to chat templates.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -83,9 +87,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no special tokens added)."""
-        return list(self.backend.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; with `add_special_tokens`, also the ones the
+        tokenizer adds around a text (e.g. a SentencePiece GGUF's BOS, by its
+        `add_bos_token`), as transformers' `tokenizer(text)` does."""
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. An id the tokenizer does not know (a model whose vocabulary
@@ -382,7 +388,8 @@ _GPT2_ONLY = ("gpt-2", "gpt2", "default")
 
 
 def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
-    """A byte-level BPE `Tokenizer` from a GGUF file's `tokenizer.ggml.*` fields.
+    """A `Tokenizer` from a GGUF file's `tokenizer.ggml.*` fields: byte-level BPE
+    (`tokenizer.ggml.model` "gpt2"), or SentencePiece ("llama", `_spm_from_gguf`).
 
     The pre-tokenizer is rebuilt from `tokenizer.ggml.pre` as llama.cpp (and the
     model's training) splits text: for "smollm" and its kin every digit is its
@@ -392,17 +399,19 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
     chat template and the BOS / EOS / UNK / pad token strings come along.
 
     Raises:
-        ValueError: for a tokenizer model other than "gpt2" (byte-level BPE) or
-            a pre-tokenizer type it does not know.
+        ValueError: for a tokenizer model other than "gpt2" (byte-level BPE) and
+            "llama" (SentencePiece), or a pre-tokenizer type it does not know.
     """
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     kind = metadata.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _spm_from_gguf(metadata)
     if kind != "gpt2":
         raise ValueError(
             f"GGUF tokenizer.ggml.model {kind!r} is not supported (jaxdecode reads byte-level "
-            "BPE, 'gpt2')"
+            "BPE, 'gpt2', and SentencePiece, 'llama')"
         )
     pre = metadata.get("tokenizer.ggml.pre", "default")
     if pre in _DIGITS_THEN_GPT2:
@@ -431,6 +440,12 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
         [AddedToken(t, special=True, normalized=False) for t, k in pairs if k == 3]
     )
     backend.add_tokens([AddedToken(t, normalized=False) for t, k in pairs if k == 4])
+    specials = _gguf_specials(metadata, tokens)
+    return Tokenizer(backend, f"gguf ({pre})", metadata.get("tokenizer.chat_template"), specials)
+
+
+def _gguf_specials(metadata: Mapping[str, Any], tokens: Sequence[str]) -> dict[str, str]:
+    """The BOS / EOS / UNK / pad token strings a GGUF file names by id."""
     specials = {}
     for key, name in (
         ("bos", "bos_token"),
@@ -441,4 +456,101 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
         index = metadata.get(f"tokenizer.ggml.{key}_token_id")
         if index is not None and 0 <= int(index) < len(tokens):
             specials[name] = tokens[int(index)]
-    return Tokenizer(backend, f"gguf ({pre})", metadata.get("tokenizer.chat_template"), specials)
+    return specials
+
+
+def _spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce SentencePiece's (and llama.cpp's) score-driven
+    merging: every way of writing a token as two vocabulary pieces, ranked by the
+    token's score, best first (ties: the longer left piece first, then by the
+    pieces' ids). llama.cpp merges the adjacent pair whose join is the
+    best-scoring token; BPE applies the best-ranked merge: the same order."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for token, score in zip(tokens, scores, strict=True):
+        splits = [
+            (token[:i], token[i:])
+            for i in range(1, len(token))
+            if token[:i] in vocab and token[i:] in vocab
+        ]
+        splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        ranked.extend((float(score), left, right) for left, right in splits)
+    ranked.sort(key=lambda m: (m[0], len(m[1]), len(m[2])), reverse=True)
+    return [(left, right) for _, left, right in ranked]
+
+
+def _spm_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
+    """A SentencePiece `Tokenizer` (`tokenizer.ggml.model == "llama"`: Llama 2,
+    Mistral, Gemma, Phi-3 files) as llama.cpp tokenizes: BPE over the vocabulary
+    with merges from the file, or else from the pieces' scores (`_spm_merges`),
+    "▁" for a space, unknown characters as their UTF-8 bytes `<0xNN>` (byte
+    fallback), a "▁" before the text unless `tokenizer.ggml.add_space_prefix`
+    is false, and BOS / EOS added around a text (`encode(...,
+    add_special_tokens=True)`) by `add_bos_token` (default true, as llama.cpp)
+    / `add_eos_token`. Gemma's vocabulary spells runs of spaces with real
+    spaces and ranks merges by position (no scores): both as transformers'
+    GGUF reader; Phi-3 prepends "▁" by a normalizer. CONTROL tokens (and the
+    unknown token) become special tokens, USER_DEFINED ones added tokens."""
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    architecture = str(metadata.get("general.architecture", ""))
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+    types = list(metadata.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    scores = list(metadata.get("tokenizer.ggml.scores", [0.0] * len(tokens)))
+    gemma = architecture.startswith("gemma")
+    if gemma:
+        tokens = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+        scores = [-float(i) for i in range(len(tokens))]
+    if "tokenizer.ggml.merges" in metadata:
+        merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+    else:
+        merges = _spm_merges(tokens, scores)
+    specials = _gguf_specials(metadata, tokens)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = HFTokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=specials.get("unk_token"),
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", not gemma))
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma or architecture == "phi3":
+        rules = [normalizers.Replace(" ", _SPACE)]
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend(_SPACE), *rules] if prefix else rules
+        )
+    else:
+        scheme = "first" if prefix else "never"
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=_SPACE, prepend_scheme=scheme, split=False
+        )
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(steps)
+    pairs = list(zip(tokens, types, strict=True))
+    backend.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in pairs
+            if k in (_UNKNOWN, _CONTROL)
+        ]
+    )
+    backend.add_tokens([AddedToken(t, normalized=False) for t, k in pairs if k == _USER_DEFINED])
+    flags = (("bos_token", "add_bos_token", True), ("eos_token", "add_eos_token", False))
+    bos, eos = (
+        [specials[name]] if name in specials and metadata.get(f"tokenizer.ggml.{flag}", on) else []
+        for name, flag, on in flags
+    )
+    if bos or eos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=" ".join([*bos, "$A", *eos]),
+            pair=" ".join([*bos, "$A", *eos, *bos, "$B", *eos]),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(bos + eos)],
+        )
+    name = f"gguf (sentencepiece, {architecture or 'llama'})"
+    return Tokenizer(backend, name, metadata.get("tokenizer.chat_template"), specials)

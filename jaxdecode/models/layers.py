@@ -392,8 +392,9 @@ class RMSNorm(nn.Module):
 class GatedMLP(nn.Module):
     """`down_proj(act(gate_proj(x)) * up_proj(x))` (SwiGLU, GeGLU, ...).
 
-    With `fused`, gate and up are one `gate_up_proj: [2 * hidden, in]` (Phi-3's
-    layout: the gate's rows first), one product instead of two.
+    With `fused`, or params that hold a `gate_up_proj` (fused at load), gate
+    and up are one `gate_up_proj: [2 * hidden, in]` (Phi-3's layout: the gate's
+    rows first), one product instead of two.
     """
 
     hidden: int
@@ -405,8 +406,12 @@ class GatedMLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dense = lambda n, name: Dense(n, self.dtype, self.use_bias, name=name)
-        if self.fused:
+        if self.fused or "gate_up_proj" in self.variables.get("params", {}):
             gate, up = jnp.split(dense(2 * self.hidden, "gate_up_proj")(x), 2, axis=-1)
+            gate, up = (  # adapters on the parts of a product fused at load
+                y if (w := lora.part_entry(self, name)) is None else y + w(x.astype(self.dtype))
+                for name, y in (("gate_proj", gate), ("up_proj", up))
+            )
         else:
             gate, up = dense(self.hidden, "gate_proj")(x), dense(self.hidden, "up_proj")(x)
         h = ACTIVATIONS[self.activation](gate) * up

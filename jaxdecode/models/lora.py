@@ -16,7 +16,9 @@ How a model reads it: its `apply` passes `flax_variables(params)` to
 `module.apply`, which moves the subtree into the Flax collection `"lora"`;
 `layers.Dense` adds the update when that collection holds an entry at its own
 path. So any model built from `layers.Dense` takes adapters with no code of its
-own, and a projection without an entry pays nothing.
+own, and a projection without an entry pays nothing. Projections fused at load
+(the skeleton's `qkv_proj` from q/k/v) keep their adapters under the parts'
+names; the fused product adds each to its slice (`part_entry`).
 
 `merge(params)` folds every update into its weight (`W + scale * B A`) and drops
 the subtree: the same logits at the speed of the base model.
@@ -62,6 +64,7 @@ __all__ = [
     "has_lora",
     "init_adapter",
     "merge",
+    "part_entry",
     "partition_specs",
     "projections",
     "select",
@@ -74,6 +77,16 @@ __all__ = [
 LORA = "lora"
 # The name of a projection's entry inside the "lora" collection (at the projection's path).
 _ENTRY = "adapter"
+# A projection fused with its siblings at load -> (the fused module, its index
+# in it, the number of parts). The parts after the first share one width (k and
+# v: the KV heads; gate and up), so a part's rows follow from its own width.
+_FUSED_PARTS = {
+    "q_proj": ("qkv_proj", 0, 3),
+    "k_proj": ("qkv_proj", 1, 3),
+    "v_proj": ("qkv_proj", 2, 3),
+    "gate_proj": ("gate_up_proj", 0, 2),
+    "up_proj": ("gate_up_proj", 1, 2),
+}
 
 
 @pytree.dataclass
@@ -183,10 +196,19 @@ def entry(module: Any) -> LoraWeights | None:
     return None
 
 
+def part_entry(module: Any, name: str) -> LoraWeights | None:
+    """The `LoraWeights` at `name` below a linen module's path (inside `apply`),
+    or None: an adapter on one part of a product the module computes fused
+    (`q_proj` of a `qkv_proj` fused at load), added to that part's slice."""
+    node = module.variables.get(LORA, {}).get(name)
+    return None if node is None else node.get(_ENTRY)
+
+
 def merge(params: Any) -> Any:
     """`params` with every adapter update folded into its projection's
     `weight` (`W + scale * B A`, computed in float32, stored in W's dtype) and
-    the adapter subtree removed. Pure: usable inside `jit`.
+    the adapter subtree removed; an adapter on a part of a projection fused at
+    load (`q_proj` of `qkv_proj`) into that part's rows. Pure: usable inside `jit`.
 
     Raises:
         ValueError: when an adapter entry names no projection weight in `params`.
@@ -197,15 +219,26 @@ def merge(params: Any) -> Any:
     out = _copy_dicts(base)
     for path, w in jax.tree_util.tree_flatten_with_path(adapter, is_leaf=_is_weights)[0]:
         names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
-        node = out
-        for name in names:
+        node, rows = out, slice(None)
+        for i, name in enumerate(names):
+            fused = _FUSED_PARTS.get(name) if i == len(names) - 1 else None
+            if isinstance(node, dict) and name not in node and fused and fused[0] in node:
+                # A part of a product fused at load: its rows of the fused weight
+                # (q first, v last, k and v of one width; gate first, up last).
+                node = node[fused[0]]
+                total, out_dim = node["weight"].shape[0], w.b.shape[0]
+                from_end = fused[2] - fused[1]  # parts from this one to the end
+                start = 0 if fused[1] == 0 else total - from_end * out_dim
+                rows = slice(start, start + out_dim)
+                break
             if not isinstance(node, dict) or name not in node:
                 raise ValueError(f"adapter entry {'/'.join(map(str, names))} has no projection")
             node = node[name]
         if "weight" not in node:
             raise ValueError(f"adapter entry {'/'.join(map(str, names))} has no weight")
         weight = node["weight"]
-        node["weight"] = (weight.astype(jnp.float32) + w.delta()).astype(weight.dtype)
+        merged = (weight[rows].astype(jnp.float32) + w.delta()).astype(weight.dtype)
+        node["weight"] = merged if rows == slice(None) else weight.at[rows].set(merged)
     return out
 
 

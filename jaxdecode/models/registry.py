@@ -65,6 +65,10 @@ class Family:
             `"model.layers.0.self_attn.q_proj.weight"` -> `("layers_0",
             "self_attn", "q_proj", "weight")`), which places a PEFT LoRA
             adapter's tensors (`models.lora.from_peft`); None: no adapters.
+        adapter_params: optional `(params, config) -> params` in the layout
+            `param_path` addresses, where an adapter's shapes are read and a
+            merge folds it in (the skeleton fuses q/k/v and gate/up at load and
+            separates them here); None: the params as they are.
     """
 
     name: str
@@ -80,6 +84,7 @@ class Family:
         None
     )
     param_path: Callable[[str], tuple[str, ...]] | None = None
+    adapter_params: Callable[[Any, Any], Any] | None = None
 
 
 # model_type -> module defining `FAMILY` (imported on first lookup).

@@ -201,3 +201,12 @@ def test_kv_quant_benchmark_tiny(tmp_path: Path) -> None:
     assert set(data["engine"]) == {"float32", "int8"}
     assert data["cache_ratio"] <= 0.3
     assert len(data["prompts"]) == 4 and data["unchanged"].endswith("of 4")
+
+
+def test_fused_benchmark_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "fused.json"
+    run_benchmark("fused.py", "--tiny", "--json", str(out))
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["same_tokens"]
+    assert set(data["decode_ms_per_step"]) == set(data["compile_s"]) == {"fused", "separate"}
+    assert "qkv_proj" in data["layouts"]["fused"] and "q_proj" in data["layouts"]["separate"]

@@ -407,3 +407,29 @@ def _tiny_json() -> dict:
         num_attention_heads=4,
         num_key_value_heads=2,
     )
+
+
+# --------------------------------------------------------------------------- #
+@pytest.mark.parity
+def test_projections_fused_at_load_equal_separate(checkpoints):
+    """q/k/v and gate/up load fused (`qkv_proj`, `gate_up_proj`: the checkpoint's
+    rows stacked, biases too); split back, they are transformers' tensors, and
+    both layouts give transformers' logits."""
+    from jaxdecode.models.transformer.convert import separate_projections
+
+    hf, _, lm = checkpoints("llama-tied-biases")
+    attn, mlp = lm.params["layers_1"]["self_attn"], lm.params["layers_1"]["mlp"]
+    assert sorted(attn) == ["o_proj", "qkv_proj"] and sorted(mlp) == ["down_proj", "gate_up_proj"]
+    assert attn["qkv_proj"]["weight"].shape == (64, 32) and attn["qkv_proj"]["bias"].shape == (64,)
+    separate = lm.replace(params=separate_projections(lm.params, lm.config.transformer()))
+    theirs = dict(hf.named_parameters())
+    for module, name in [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("mlp", "up_proj")]:
+        for leaf in ("weight", "bias"):
+            np.testing.assert_array_equal(
+                np.asarray(separate.params["layers_1"][module][name][leaf]),
+                theirs[f"model.layers.1.{module}.{name}.{leaf}"].detach().numpy(),
+            )
+    ids, mask = _batch(seed=3)
+    ref = hf_logits(hf, ids, mask)
+    for model in (lm, separate):
+        assert _max_real_diff(model.logits(ids, mask), ref, mask) <= ATOL

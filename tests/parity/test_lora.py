@@ -540,3 +540,31 @@ def test_several_adapters_errors_and_export(two_adapters):
     req = prepare(lm, ids, overrides={"max_new_tokens": 3}, adapter_ids=[1, -1])
     program, static, dynamic = req.program()
     jax.export.export(program, platforms=("tpu", "cuda"))(*static, *dynamic)
+
+
+@pytest.mark.parity
+def test_adapters_on_projections_fused_at_load(tmp_path):
+    """Llama's q/k/v and gate/up load fused (`qkv_proj`, `gate_up_proj`); an
+    adapter on every part (GQA: k and v narrower than q) adds to its slice of
+    the fused product, and `lora.merge` folds it into those rows in place (the
+    layout kept); both, and `merge_and_unload` (separate layout), equal peft."""
+    hf = make_llama_model(seed=4)
+    hf.save_pretrained(tmp_path / "base")
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    peft_model = _adapter(hf, tmp_path / "lora", target_modules=targets)
+    lm = jd.from_pretrained(tmp_path / "base", adapter=tmp_path / "lora")
+    attn = lm.params["layers_0"]["self_attn"]
+    assert (
+        "qkv_proj" in attn
+        and "q_proj" not in attn
+        and "gate_up_proj" in lm.params["layers_0"]["mlp"]
+    )
+    ids, mask = _batch(seed=4)
+    ref = hf_logits(peft_model, ids, mask)
+    merged = lm.replace(params=lora.merge(lm.params))
+    assert "qkv_proj" in merged.params["layers_0"]["self_attn"]
+    unloaded = lm.merge_and_unload()
+    assert "q_proj" in unloaded.params["layers_0"]["self_attn"]
+    for model in (lm, merged, unloaded):
+        assert _max_real_diff(model.logits(ids, mask), ref, mask) < ATOL
+    assert _max_real_diff(jd.from_pretrained(tmp_path / "base").logits(ids, mask), ref, mask) > 0.1

@@ -6,6 +6,13 @@ names (`model.layers.3.self_attn.q_proj.weight`, `model.norm.weight`,
 weight`, ...); both store projections `[out, in]`, so nothing is transposed. A
 tied head is absent from the file (transformers 5 drops it) or, when present,
 must match the embedding's shape.
+
+At load, q/k/v and each gated MLP's gate/up are fused into one `[out, in]`
+matrix each (`qkv_proj`, `gate_up_proj`, as Phi-3 stores them): one larger
+product per step instead of three and two (`fuse_projections`; the skeleton
+reads whichever layout the params hold). Saving and LoRA adapters address the
+checkpoint's own names: `state_dict_from_params` and the family's
+`adapter_params` split the fused matrices back (`separate_projections`).
 """
 
 from __future__ import annotations
@@ -20,7 +27,20 @@ from jaxdecode.checkpoints import checked_tensors
 from jaxdecode.errors import CheckpointError
 from jaxdecode.models.transformer.config import TransformerConfig
 
-__all__ = ["expected_shapes", "param_path", "params_from_state_dict", "state_dict_from_params"]
+__all__ = [
+    "expected_shapes",
+    "fuse_projections",
+    "param_path",
+    "params_from_state_dict",
+    "separate_projections",
+    "state_dict_from_params",
+]
+
+# The projections fused at load, and the name of each fused matrix.
+_GROUPS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))
+# The module each fusion happens in: a layer's attention and its dense MLP (a
+# mixture of experts' shared expert keeps its projections).
+_FUSED_IN = {"qkv_proj": "self_attn", "gate_up_proj": "mlp"}
 
 
 def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
@@ -159,7 +179,62 @@ def params_from_state_dict(
     for path, arrays in stacks.items():
         stacked = np.stack([np.asarray(arrays[j]) for j in range(len(arrays))])
         _put(params, path, jnp.asarray(stacked, dtype=dtype))
-    return params
+    return fuse_projections(params)
+
+
+def fuse_projections(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` with each layer's separate `q_proj`, `k_proj`, `v_proj` fused
+    into one `qkv_proj` (their rows stacked in that order, biases too) and its
+    dense MLP's `gate_proj`, `up_proj` into one `gate_up_proj`: the layout Phi-3
+    stores and the skeleton reads as one product. An adapter added later keeps
+    the parts' names and applies to their slices (`lora.part_entry`); stacked
+    experts and a shared expert stay as they are."""
+
+    def walk(node: Any, name: str = "") -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        out = {k: walk(v, k) for k, v in node.items()}
+        for fused, parts in _GROUPS:
+            if name != _FUSED_IN[fused]:
+                continue
+            if all(isinstance(out.get(p), Mapping) and "weight" in out[p] for p in parts):
+                modules = [out.pop(p) for p in parts]
+                out[fused] = {
+                    leaf: jnp.concatenate([m[leaf] for m in modules], axis=0) for leaf in modules[0]
+                }
+        return out
+
+    return walk(params)
+
+
+def separate_projections(params: Mapping[str, Any], config: TransformerConfig) -> dict[str, Any]:
+    """The inverse of `fuse_projections` where the checkpoint keeps the
+    projections separate (`config.fused_qkv` / `fused_gate_up` False): each
+    `qkv_proj` split into `q_proj` (`num_heads * head_dim` rows), `k_proj`,
+    `v_proj` (`num_kv_heads * head_dim` each), each `gate_up_proj` into halves.
+    Params already separate come back unchanged (no copy)."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    sizes = {"qkv_proj": (q, kv, kv), "gate_up_proj": None}
+    native = {"qkv_proj": config.fused_qkv, "gate_up_proj": config.fused_gate_up}
+
+    def walk(node: Any) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        out = {k: walk(v) for k, v in node.items()}
+        for fused, parts in _GROUPS:
+            if native[fused] or not isinstance(out.get(fused), Mapping):
+                continue
+            module = out.pop(fused)
+            rows = module["weight"].shape[0]
+            widths = sizes[fused] or (rows // 2, rows // 2)
+            cuts = np.cumsum(widths)[:-1].tolist()
+            pieces = {leaf: np.split(value, cuts, axis=0) if isinstance(value, np.ndarray)
+                      else jnp.split(value, cuts, axis=0) for leaf, value in module.items()}  # fmt: skip
+            for i, part in enumerate(parts):
+                out[part] = {leaf: pieces[leaf][i] for leaf in module}
+        return out
+
+    return walk(params)
 
 
 def _put(tree: dict[str, Any], path: tuple[str, ...], leaf: Any) -> None:
@@ -173,7 +248,9 @@ def state_dict_from_params(
     params: Mapping[str, Any], config: TransformerConfig
 ) -> dict[str, np.ndarray]:
     """The inverse of `params_from_state_dict` (float32, transformers' names;
-    stacked experts written back one tensor per expert)."""
+    stacked experts written back one tensor per expert; projections fused at
+    load split back)."""
+    params = separate_projections(params, config)
     out = {}
     for name in expected_shapes(config):
         path, expert = _flax_slot(name, config)

@@ -26,6 +26,7 @@ __all__ = [
     "adapter_family",
     "adapter_init_params",
     "adapter_params_from_state_dict",
+    "adapter_separate_params",
     "adapter_state_dict_from_params",
 ]
 
@@ -48,6 +49,12 @@ def adapter_params_from_state_dict(
 def adapter_state_dict_from_params(params: Mapping[str, Any], config: Any) -> dict[str, np.ndarray]:
     """The skeleton's parameters -> transformers-named float32 tensors."""
     return convert.state_dict_from_params(params, config.transformer())
+
+
+def adapter_separate_params(params: Mapping[str, Any], config: Any) -> dict[str, Any]:
+    """The skeleton's parameters with the projections fused at load separate
+    again, as the checkpoint (and a LoRA adapter) names them."""
+    return convert.separate_projections(params, config.transformer())
 
 
 def adapter_init_params(config: Any, key: Array, dtype: Any = jnp.float32) -> Any:
@@ -76,4 +83,5 @@ def adapter_family(
         gguf_architectures=gguf_architectures,
         from_gguf=from_gguf,
         param_path=convert.param_path,
+        adapter_params=adapter_separate_params,
     )

@@ -78,9 +78,16 @@ class _Attention(nn.Module):
         b, t, _ = x.shape
         d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         proj = lambda n, name, bias: Dense(n, self.dtype, bias, name=name)
-        if cfg.fused_qkv:  # one product; transformers' order: q rows, then k, then v
+        # Fused in the checkpoint (Phi-3), or at load (`convert.fuse_projections`):
+        # the params say which.
+        if cfg.fused_qkv or "qkv_proj" in self.variables.get("params", {}):
+            # One product; transformers' order: q rows, then k, then v.
             qkv = proj((hq + 2 * hkv) * d, "qkv_proj", cfg.qkv_bias)(x)
             q, k, v = jnp.split(qkv, [hq * d, (hq + hkv) * d], axis=-1)
+            q, k, v = (  # adapters on the parts of a product fused at load
+                y if (w := lora.part_entry(self, name)) is None else y + w(x.astype(self.dtype))
+                for name, y in (("q_proj", q), ("k_proj", k), ("v_proj", v))
+            )
         else:
             q = proj(hq * d, "q_proj", cfg.qkv_bias)(x)
             k = proj(hkv * d, "k_proj", cfg.qkv_bias)(x)
