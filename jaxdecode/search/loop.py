@@ -333,9 +333,10 @@ def prompt_pass(
     else:
         last, cache = plan.decoder.prefill_last(params, ids, positions, cache, mask)
         return last, cache, None, None
+    if not all_logits:  # `apply_routed(last=True)`: the last real position's only
+        return logits[:, -1].astype(jnp.float32), cache, None, routed
     last = last_real(logits, mask)[:, 0].astype(jnp.float32)
-    prompt = prompt_outputs(plan, logits, ids, mask) if all_logits else None
-    return last, cache, prompt, routed
+    return last, cache, prompt_outputs(plan, logits, ids, mask), routed
 
 
 def start_state(

@@ -435,13 +435,19 @@ def test_routed_experts_equal_transformers_router_top_k(name, checkpoints):
         lm, ids, mask, max_new_tokens=n, eos_token_id=None, output_routed_experts=True
     )
     routed = np.asarray(out.routed_experts)
+    # Asking for the experts changes no token (the prefill's last-position logits).
+    plain = jd.generate(lm, ids, mask, max_new_tokens=n, eos_token_id=None)
+    np.testing.assert_array_equal(out.sequences, plain.sequences)
     layers = len(hf(torch.zeros((1, 1), dtype=torch.long), output_router_logits=True).router_logits)
     assert routed.shape == (len(PADS), n, layers, k) and routed.dtype == np.int32
     full = np.concatenate([mask, np.ones((len(PADS), n), mask.dtype)], axis=1)
     ref = _hf_routed(hf, np.asarray(out.sequences), full, LENGTH, k)
     np.testing.assert_array_equal(routed, ref)
     assert len(np.unique(routed)) > k, "routing never varied: the test lost its point"
-    steps = list(jd.stream(lm, ids, mask, max_new_tokens=n, output_routed_experts=True))
+    # EOS off as in `generate` above: a random model may emit the config's EOS.
+    steps = list(
+        jd.stream(lm, ids, mask, max_new_tokens=n, eos_token_id=None, output_routed_experts=True)
+    )
     np.testing.assert_array_equal(np.stack([s.routed_experts for s in steps], axis=1), routed)
     from jaxdecode.serving import generate_many
 
