@@ -972,6 +972,13 @@ StaticConfig = fields_table.static_class(
     doc="""The hashable part of a config: what a compiled program reads (see
     `GenerationConfig.static`), derived from the option table's `static` entries.""",
 )
+"""The hashable part of a config: what a compiled program reads (`GenerationConfig.static()`).
+
+A frozen dataclass built from the option table: one field per `GenerationConfig`
+field whose entry has a `static` reading (the *static* column of the config's field
+table), typed and read as that entry says (e.g. `pad_token_id` is the resolved pad
+id, `early_stopping` is False without beam search).
+"""
 
 
 def _schema_text(schema: Mapping[str, Any]) -> Any:
