@@ -18,9 +18,10 @@ the processor chain, built next to the processors, whose numbers are leaves,
 and the length penalty). Jitted functions take the first as a static argument
 and the second as an ordinary argument, so changing a number never recompiles.
 
-A module over ~500 lines: the field table, the checks of every field and their
-interactions, and the static part read by the programs describe one object; split, a
-field's rules would live in several files.
+A module over ~500 lines: the option table (one `option(...)` entry per field, with
+its description, check, grouping and static reading: about 400 lines of data), the
+checks between fields, and the transformers I/O describe one object; split, a field's
+rules would live in several files. The watermarking configs could move out next.
 """
 
 from __future__ import annotations
@@ -1108,6 +1109,13 @@ StaticConfig = fields_table.static_class(
     doc="""The hashable part of a config: what a compiled program reads (see
     `GenerationConfig.static`), derived from the option table's `static` entries.""",
 )
+"""The hashable part of a config: what a compiled program reads (`GenerationConfig.static()`).
+
+A frozen dataclass built from the option table: one field per `GenerationConfig`
+field whose entry has a `static` reading (the *static* column of the config's field
+table), typed and read as that entry says (e.g. `pad_token_id` is the resolved pad
+id, `early_stopping` is False without beam search).
+"""
 
 
 def _schema_text(schema: Mapping[str, Any]) -> Any:

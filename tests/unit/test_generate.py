@@ -432,7 +432,7 @@ def test_prompt_buckets_are_invisible(lm):
         str(buckets): lm.generate(
             ids, mask, max_new_tokens=N, prompt_buckets=buckets, output_scores=False
         )
-        for buckets in (None, "pow2", 16, [8, 32])
+        for buckets in (None, "pow2", 8, [8, 32])  # 8 three ways: one program
     }
     ref = outs["None"]
     assert ref.sequences.shape == (2, 5 + N)

@@ -21,6 +21,7 @@ import jsonschema
 import numpy as np
 import outlines_core
 import pytest
+from support.constraints import NESTED, PERSON, REGEXES
 
 import jaxdecode as jd
 from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder, init_params
@@ -33,30 +34,6 @@ from jaxdecode.processors.automata import (
     union,
 )
 from jaxdecode.processors.grammar import from_tables
-
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "maxDigits": 3},
-        "kind": {"enum": ["cat", 'say "hi"', "back\\slash", 3.5, None]},
-    },
-    "required": ["name", "age", "kind"],
-}
-NESTED = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "integer", "maxDigits": 4},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
-        "point": {
-            "type": "object",
-            "properties": {"x": {"type": "integer"}, "ok": {"type": "boolean"}},
-            "required": ["x", "ok"],
-        },
-    },
-    "required": ["id", "tags", "point"],
-}
-REGEXES = [r"[0-9]{4}-[0-9]{2}-[0-9]{2}", r"(yes|no|maybe)!?", r"[a-z]{1,6}( [a-z]{1,6}){0,2}\."]
 
 
 @pytest.fixture(scope="module")
@@ -485,36 +462,6 @@ def test_config_fields_round_trip():
     )
     per_row = jd.GenerationConfig(choices=[["a"], None], regex=[None, "x"]).constraints()
     assert per_row == (True, [("choices", ("a",)), ("regex", "x")])
-
-
-def test_cli_flags_and_eval_lines_with_different_schemas(tmp_path, capsys, monkeypatch):
-    """`--regex` / `--choices` / `--json_schema` flags, and an eval file whose lines
-    carry different schemas (on the engine they share the slots, their automata
-    one union table)."""
-    from jaxdecode.cli import main
-
-    monkeypatch.setenv("JAXDECODE_COMPILATION_CACHE", "off")
-    argv = ["generate", "Amen", "--json", "--no-do_sample", "--max_new_tokens", "30"]
-    assert main([*argv, "--choices", "yes", "no way"]) == 0
-    assert json.loads(capsys.readouterr().out)["outputs"][0]["text"] in ("yes", "no way")
-    lines = [
-        {"prompt": "And God said", "json_schema": PERSON},
-        {"prompt": "Unto the", "json_schema": json.dumps(NESTED)},
-        {"prompt": "In the", "regex": REGEXES[0]},
-        {"prompt": "And Moses", "choices": ["Zion", "Moab"]},
-    ]
-    src = tmp_path / "p.jsonl"
-    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = tmp_path / "o.jsonl"
-    args = ["eval", str(src), "-o", str(out), "--quiet", "--max_new_tokens", "100"]
-    assert main([*args, "--batch_size", "4", "--seed", "3", "--do_sample"]) == 0
-    results = {r["id"]: r["outputs"][0]["text"] for r in map(json.loads, out.open())}
-    jsonschema.validate(json.loads(results[1]), PERSON)
-    jsonschema.validate(json.loads(results[2]), NESTED)
-    assert re.fullmatch(REGEXES[0], results[3]) and results[4] in ("Zion", "Moab")
-    src.write_text(json.dumps({"prompt": "A", "regex": "("}) + "\n")
-    assert main([*args[:3], str(tmp_path / "o2.jsonl"), "--quiet"]) == 2
-    assert "line 1 (id 1): regex '(' is invalid" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("speculation", ["prompt_lookup", "draft_model"])

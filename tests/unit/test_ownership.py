@@ -80,22 +80,30 @@ def test_decode_context_copies_ids_and_appended_tokens():
     np.testing.assert_array_equal(np.asarray(ctx.sequences), [[1, 2, 3, 4, 0]])
 
 
-def test_generate_copies_prompt_and_mask():
-    lm = jd.from_pretrained("bundled")
-    ids = aligned([lm.tokenizer.encode("And God said")], np.int32)
+# The generate tests share one model, one prompt and one length: one greedy and one
+# sampling program for the whole file.
+PROMPT, NEW = "And God said", 8
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return jd.from_pretrained("bundled")
+
+
+def test_generate_copies_prompt_and_mask(lm):
+    ids = aligned([lm.tokenizer.encode(PROMPT)], np.int32)
     mask = aligned(np.ones(ids.shape), np.int32)
     want = np.asarray(
-        lm.generate(ids.copy(), mask.copy(), max_new_tokens=4, do_sample=False).sequences
+        lm.generate(ids.copy(), mask.copy(), max_new_tokens=NEW, do_sample=False).sequences
     )
-    out = lm.generate(ids, mask, max_new_tokens=4, do_sample=False)
+    out = lm.generate(ids, mask, max_new_tokens=NEW, do_sample=False)
     ids[:] = 0
     mask[:, :-1] = 0
     np.testing.assert_array_equal(np.asarray(out.sequences), want)
 
 
-def test_seed_and_key_errors_name_the_argument():
-    lm = jd.from_pretrained("bundled")
-    ids = np.array([lm.tokenizer.encode("And")])
+def test_seed_and_key_errors_name_the_argument(lm):
+    ids = np.array([lm.tokenizer.encode(PROMPT)])
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 4294967295\]"):
         lm.generate(ids, do_sample=True, seed=99999999999999999999)
     with pytest.raises(ValueError, match=r"key \(an int seed\) must be an integer"):
@@ -103,23 +111,21 @@ def test_seed_and_key_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"key must be a jax.random.key"):
         lm.generate(ids, do_sample=True, key=np.zeros(3, np.uint32))
     # An int key is a seed: the same draws as jax.random.key(seed).
-    a = lm.generate(ids, do_sample=True, key=0, max_new_tokens=8)
-    b = lm.generate(ids, do_sample=True, key=jax.random.key(0), max_new_tokens=8)
+    a = lm.generate(ids, do_sample=True, key=0, max_new_tokens=NEW)
+    b = lm.generate(ids, do_sample=True, key=jax.random.key(0), max_new_tokens=NEW)
     np.testing.assert_array_equal(np.asarray(a.sequences), np.asarray(b.sequences))
 
 
-def test_a_drawn_seed_is_reported_and_reproduces():
-    lm = jd.from_pretrained("bundled")
-    ids = np.array([lm.tokenizer.encode("And God said")])
-    out = lm.generate(ids, do_sample=True, max_new_tokens=12)
+def test_a_drawn_seed_is_reported_and_reproduces(lm):
+    ids = np.array([lm.tokenizer.encode(PROMPT)])
+    out = lm.generate(ids, do_sample=True, max_new_tokens=NEW)
     assert isinstance(out.seed, int)
-    again = lm.generate(ids, do_sample=True, max_new_tokens=12, seed=out.seed)
+    again = lm.generate(ids, do_sample=True, max_new_tokens=NEW, seed=out.seed)
     np.testing.assert_array_equal(np.asarray(again.sequences), np.asarray(out.sequences))
     assert again.seed is None  # the caller chose it
 
 
-def test_num_beams_beyond_memory_is_refused_before_allocating():
-    lm = jd.from_pretrained("bundled")
+def test_num_beams_beyond_memory_is_refused_before_allocating(lm):
     ids = np.array([lm.tokenizer.encode("And")])
     with pytest.raises(ValueError, match=r"batch=1 x num_beams=100000.*GiB free"):
         lm.generate(ids, num_beams=100000, do_sample=False, max_new_tokens=50)

@@ -75,8 +75,9 @@ def _alone_state(prompt, config, key):
     return req.plan, params, traced, state
 
 
+# Plain greedy search is not a case of its own: every case below runs it, with
+# processors on top (one compiled set per case is the cost of this test).
 CONFIGS = {
-    "greedy": dict(do_sample=False),
     "greedy-min_new_tokens-no_repeat": dict(
         do_sample=False, min_new_tokens=4, eos_token_id=11, no_repeat_ngram_size=2
     ),
@@ -342,8 +343,9 @@ def test_stateful_processor_equals_its_stateless_reference(options):
     np.testing.assert_array_equal(got, run(NoRepeatTokenFromHistory()))
     for row in got[:, prompts.shape[1] :]:
         assert len(set(row.tolist())) == len(row), f"a token repeated: {row}"
-    plain = run(None)[:, prompts.shape[1] :]
-    assert any(len(set(r.tolist())) < len(r) for r in plain), "the sticky model should repeat"
+    if options == {"do_sample": False}:  # the premise, once: +10 on the diagonal repeats
+        plain = run(None)[:, prompts.shape[1] :]
+        assert any(len(set(r.tolist())) < len(r) for r in plain), "the sticky model should repeat"
 
 
 def test_per_row_value_of_the_wrong_length_is_a_clear_error():
