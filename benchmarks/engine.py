@@ -457,6 +457,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-static", action="store_true", help="no static-batch contender")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument(
         "--torch-threads",
@@ -555,10 +556,9 @@ def main(argv=None) -> dict:
                 with open(args.json, "w", encoding="utf-8") as f:
                     json.dump(report, f, indent=1)
             return report
-        contenders = {
-            "engine": lambda: run_engine(lm, prompts, args),
-            "static": lambda: run_static(lm, prompts, args),
-        }
+        contenders = {"engine": lambda: run_engine(lm, prompts, args)}
+        if not args.skip_static:
+            contenders["static"] = lambda: run_static(lm, prompts, args)
         if not args.skip_transformers:
             contenders["transformers"] = lambda: run_transformers(
                 directory, prompts, args, eos, pad
@@ -589,15 +589,20 @@ def main(argv=None) -> dict:
         "at_most_32": sum(n <= 32 for n in lengths),
     }
     report["same_tokens_in_all"] = same
-    report["engine_vs_static"] = runs["engine"]["tokens_per_s"] / runs["static"]["tokens_per_s"]
+    if "static" in runs:
+        report["engine_vs_static"] = runs["engine"]["tokens_per_s"] / runs["static"]["tokens_per_s"]
     if "transformers" in runs:
         report["engine_vs_transformers"] = (
             runs["engine"]["tokens_per_s"] / runs["transformers"]["tokens_per_s"]
         )
     print(
         f"occupancy {runs['engine']['occupancy']:.1%} "
-        f"({runs['engine']['occupancy_while_waiting']:.1%} while prompts waited); engine/static "
-        f"{report['engine_vs_static']:.2f}x"
+        f"({runs['engine']['occupancy_while_waiting']:.1%} while prompts waited)"
+        + (
+            f"; engine/static {report['engine_vs_static']:.2f}x"
+            if "engine_vs_static" in report
+            else ""
+        )
         + (
             f", engine/transformers {report['engine_vs_transformers']:.2f}x"
             if "engine_vs_transformers" in report
