@@ -55,12 +55,16 @@ def _args() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a tiny smoke run")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
+    a.hf_new = a.new
     if a.tiny:
-        a.layers, a.hidden, a.heads, a.kv_heads = 2, 64, 4, 2
-        a.experts, a.expert_width, a.top_k, a.vocab = 8, 32, 2, 256
-        # 16 steps, best of 3: a per-step time is a difference of two runs, which
-        # 4 steps and one run left smaller than the noise (negative once).
-        a.prompt, a.new, a.repeats = 8, 16, 3
+        a.layers, a.hidden, a.heads, a.kv_heads = 2, 256, 4, 2
+        a.experts, a.expert_width, a.top_k, a.vocab = 8, 128, 2, 1024
+        # A per-step time is a difference of two calls' times. With hidden 64 a
+        # step cost ~0.02 ms, so 16 steps (best of 3, timed apart) stayed under a
+        # call's noise on a loaded machine (negative twice, in CI): a wider model,
+        # 256 steps, best of 5, the two call lengths timed alternately.
+        a.prompt, a.new, a.repeats = 8, 256, 5
+        a.hf_new = 32  # transformers' eager step costs ~20 ms here: 32 are plenty
     return a
 
 
@@ -94,14 +98,20 @@ def _count(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
+def _per_step_ms(run, new: int, repeats: int) -> float:
+    """ms per decode step: the best `run(new)` minus the best `run(1)`, over
+    `new - 1` steps. The two are timed alternately (after one warm-up each), so
+    a change in the machine's load hits both alike; the minimum is kept because
+    other work only adds time."""
+    run(new)  # compile / warm up
+    run(1)
+    best = {new: float("inf"), 1: float("inf")}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)  # other work on the machine only adds time
+        for n in (new, 1):
+            t0 = time.perf_counter()
+            run(n)
+            best[n] = min(best[n], time.perf_counter() - t0)
+    return 1000 * (best[new] - best[1]) / (new - 1)
 
 
 def _jaxdecode(config: dict, ids: np.ndarray, a: argparse.Namespace, directory: str):
@@ -126,8 +136,7 @@ def _jaxdecode(config: dict, ids: np.ndarray, a: argparse.Namespace, directory: 
         out = jd.generate(lm, ids, max_new_tokens=new, do_sample=False, eos_token_id=None)
         jax.block_until_ready(out.sequences)
 
-    long_, short = _time(lambda: run(a.new), a.repeats), _time(lambda: run(1), a.repeats)
-    return 1000 * (long_ - short) / (a.new - 1), total, total - inactive
+    return _per_step_ms(run, a.new, a.repeats), total, total - inactive
 
 
 def _transformers(directory: str, ids: np.ndarray, a: argparse.Namespace) -> float:
@@ -150,8 +159,7 @@ def _transformers(directory: str, ids: np.ndarray, a: argparse.Namespace) -> flo
                 pad_token_id=0,
             )
 
-    long_, short = _time(lambda: run(a.new), a.repeats), _time(lambda: run(1), a.repeats)
-    return 1000 * (long_ - short) / (a.new - 1)
+    return _per_step_ms(run, a.hf_new, a.repeats)
 
 
 def main() -> None:
