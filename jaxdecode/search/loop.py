@@ -353,6 +353,7 @@ def start_state(
     stop: StopStrings | None,
     step: Array,
     routed: Array | None = None,
+    offset: Array | None = None,
 ) -> DecodeState:
     """The decode state of rows whose prompts have been through `prompt_pass`.
 
@@ -367,6 +368,9 @@ def start_state(
         processor: the chain whose state starts here; `stop` the stop strings.
         step: `[]` int32 the step counter to start from.
         routed: `prompt_pass`'s routed experts, one row per row, or None.
+        offset: `[rows]` int32 bucket padding before each row's prompt, when
+            `ids` holds prompts of several buckets (each right-aligned to its
+            own bucket, padding after it); default `bucket - prompt_len`.
     """
     rows, bucket = ids.shape
     pad = jnp.full((rows, new_tokens), plan.config.pad_token_id, jnp.int32)
@@ -376,7 +380,7 @@ def start_state(
         prompt_length=prompt_len,
         max_length=max_length,
         attention_mask=mask,
-        offset=jnp.int32(bucket) - prompt_len,
+        offset=jnp.int32(bucket) - prompt_len if offset is None else offset,
         cur_len=prompt_len,
     )
     return DecodeState(

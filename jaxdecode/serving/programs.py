@@ -140,6 +140,7 @@ def admit(
     seeds: Array,
     processor: Chain,
     pages: Pages | None = None,
+    offset: Array | None = None,
 ) -> tuple[SlotState, dict[str, Array] | None]:
     """Prefills `n` prompts of one bucket and places them into `slots`.
 
@@ -155,6 +156,10 @@ def admit(
         pages: with a paged cache, the prompts' last chunks (`Pages`): the
             model reads `pages.ids` after the tokens the rows' pages already
             hold, and `ids` / `mask` (the whole prompts) start the decode state.
+        offset: with `pages`, `[n]` int32 each prompt's bucket less its length:
+            `ids` / `mask` are then `[n, width]`, each prompt right-aligned to
+            its own bucket, so one program serves every prompt bucket (its
+            shapes are the chunk's alone).
 
     Returns:
         The state, and the prompts' log-probabilities (`prompt_outputs`,
@@ -186,6 +191,7 @@ def admit(
         state.traced.stop,
         state.dec.step,
         routed,
+        offset,
     )
     traced = state.traced.replace(processor=put_per_row(state.traced.processor, processor, slots))
     new = state.replace(

@@ -32,8 +32,8 @@ prompts, not of the engine's whole life. An engine that never sees a
 constraint has no constraint processor at all.
 
 Static (one program each): the slot count, `max_len`, the prefill group size,
-each prompt bucket (paged: each chunk bucket, and each pair of chunk and prompt
-bucket for a prompt's last chunk), the page pool's shape, the decoding
+each prompt bucket (paged: each chunk bucket, for a prompt's last chunk and
+for the others), the page pool's shape, the decoding
 strategy, which processors are present and the constraint table's shape.
 Traced, per row (and the page tables): the prompt, its seed, its
 `max_new_tokens`, its constraint and every per-row value (`GenerationConfig`
@@ -761,18 +761,25 @@ class Engine:
     ) -> None:
         rows, bucket = self.prefill_rows, group[0].bucket
         filler = group + [group[-1]] * (rows - len(group))
-        ids = np.full((rows, bucket), self._plan.config.pad_token_id, np.int32)
-        mask = np.zeros((rows, bucket), np.int32)
+        # Paged: the chunk went through the model already; the whole prompts
+        # only start the decode state, each at its own bucket in a row of
+        # `max_len`, so prompts of every bucket share one program per chunk width.
+        offset = None if pages is None else np.zeros((rows,), np.int32)
+        width = bucket if pages is None else self.max_len
+        ids = np.full((rows, width), self._plan.config.pad_token_id, np.int32)
+        mask = np.zeros((rows, width), np.int32)
         for r, it in enumerate(filler):
-            ids[r, bucket - len(it.ids) :] = it.ids
-            mask[r, bucket - len(it.ids) :] = 1
+            ids[r, it.bucket - len(it.ids) : it.bucket] = it.ids
+            mask[r, it.bucket - len(it.ids) : it.bucket] = 1
+            if offset is not None:
+                offset[r] = it.bucket - len(it.ids)
         target = np.asarray(slots + [self.slots] * (rows - len(group)), np.int32)
         max_new = np.asarray([it.max_new for it in filler], np.int32)
         seeds = np.asarray([it.seed for it in filler], np.uint32)
         processor = self._template(rows, [it.config for it in filler], [it.spec for it in filler])
         self._state, prompt = programs.admit_program(
             self._plan, self._params, self._state, ids, mask, target, max_new, seeds, processor,
-            pages,
+            pages, offset,
         )  # fmt: skip
         for r, (slot, it) in enumerate(zip(slots, group, strict=True)):
             self._owner[slot] = it
@@ -829,16 +836,15 @@ class Engine:
 
     def _run_chunks(self) -> None:
         """One chunk of every prompt being prefilled, in groups of one program
-        (final chunk or not, chunk width, prompt bucket) of `prefill_rows`."""
+        (final chunk or not, chunk width) of `prefill_rows`."""
         groups: dict[tuple, list[int]] = {}
         filling = sorted(
             (s for s, it in self._owner.items() if it.filling), key=lambda s: self._owner[s].order
         )
         for slot in filling:
-            it = self._owner[slot]
-            final, _, width = self._chunk_of(it)
-            groups.setdefault((final, width, it.bucket if final else 0), []).append(slot)
-        for (final, width, _), slots in groups.items():
+            final, _, width = self._chunk_of(self._owner[slot])
+            groups.setdefault((final, width), []).append(slot)
+        for (final, width), slots in groups.items():
             for i in range(0, len(slots), self.prefill_rows):
                 self._chunk_call(slots[i : i + self.prefill_rows], final, width)
 

@@ -167,8 +167,8 @@ def test_samples_of_one_prompt_share_its_pages():
 
 
 def test_no_recompiles_across_admission_patterns():
-    """Warm: one final-chunk program per (chunk bucket, prompt bucket), one
-    chunk program per chunk bucket, one decode program. Other prompts, other
+    """Warm: one final-chunk program and one chunk program per chunk bucket
+    (whatever the prompt buckets), one decode program. Other prompts, other
     prefix hits and chunk counts compile nothing."""
     lm = tiny_llama()
     config = lm.generation_config.replace(do_sample=True, top_k=0)
@@ -183,10 +183,12 @@ def test_no_recompiles_across_admission_patterns():
     with count_compiles() as warm:
         engine.submit(first, opts(5))
         list(engine)
-    # chunk(8), final(8, 64), final(8, 8) for the short prompt, decode.
-    assert warm.count <= 4
+    # chunk(8), final(8), decode.
+    assert warm.count <= 3
     with count_compiles() as running:
-        engine.submit(_workload(7, n=7, system=13) + first[:2], opts(9))
+        # A prompt of the other bucket (8) ends in a chunk of 8 like the rest.
+        short = [[7, 8, 9, 10, 11]]
+        engine.submit(_workload(7, n=7, system=13) + first[:2] + short, opts(10))
         list(engine)
     assert running.count == 0, "the paged engine compiled while running"
     assert engine.stats.prefix_tokens > 0
