@@ -463,6 +463,73 @@ class Engine:
         del state
         self._warmed = (shape,)
 
+    def warmup(self, max_prompt: int | None = None) -> None:
+        """Compiles, without running anything, every program that prompts of up
+        to `max_prompt` tokens can need: the prefill of each prompt bucket
+        (paged: of each chunk width, for a last chunk and for the others), the
+        decode call and, with `compact_tail`, each smaller size. Later prompts
+        then compile nothing (until a constraint set outgrows its table, see
+        the module docstring), so the first prompts of a run do not wait for
+        the compiler, as JetStream warms its prefill buckets up at start.
+
+        Args:
+            max_prompt: the longest prompt (tokens) to expect; default
+                `max_len - 1`. Buckets past it are not compiled.
+        """
+        if max_prompt is None:
+            max_prompt = self.max_len - 1
+        max_prompt = _check_int("max_prompt", max_prompt, 1)
+        if max_prompt >= self.max_len:
+            raise ValueError(f"max_prompt must be below max_len ({self.max_len}), got {max_prompt}")
+        rows = self.prefill_rows
+        state = self._state
+        if self._size != self.slots:  # compacted: the programs are for all slots
+            state = programs.empty_program(
+                self._plan, self.max_len, self._template(self.slots), self._stop,
+                self._pool_shape(),
+            )  # fmt: skip
+        limit = max_prompt if self.prefill_chunk is None else min(max_prompt, self.prefill_chunk)
+        widths = sorted({bucket_length(n, self.prompt_buckets) for n in range(1, limit + 1)})
+        target = np.full((rows,), self.slots, np.int32)  # every row unused: writes nothing
+        max_new = np.ones((rows,), np.int32)
+        seeds = np.zeros((rows,), np.uint32)
+        processor = self._template(rows)
+        for width in widths:
+            if self._pool is None:
+                ids = np.zeros((rows, width), np.int32)
+                args = (ids, ids, target, max_new, seeds, processor, None, None)
+            else:
+                ids = np.zeros((rows, self.max_len), np.int32)
+                pages = self._dummy_pages(width)
+                offset = np.zeros((rows,), np.int32)
+                args = (ids, ids, target, max_new, seeds, processor, pages, offset)
+            programs.admit_program.lower(self._plan, self._params, state, *args).compile()
+        chunked = self.prefill_chunk is not None and max_prompt > self.prefill_chunk
+        if self._pool is not None and chunked:
+            pages = self._dummy_pages(bucket_length(self.prefill_chunk, self.prompt_buckets))
+            programs.chunk_program.lower(self._plan, self._params, state, pages, target).compile()
+        want = jnp.int32(self.slots + 1)
+        if self._pool is None:
+            programs.decode_program.lower(
+                self._plan, self.steps_per_call, self._params, state, want
+            ).compile()
+        else:
+            cols = pages_for(self.max_len, self.page_size)
+            table = np.full((self.slots, cols), self._pool.pages, np.int32)
+            active = np.zeros((self.slots,), bool)
+            programs.decode_pages_program.lower(
+                self._plan, self.steps_per_call, self._params, state, want, table, active
+            ).compile()
+        self._warm_up()
+
+    def _dummy_pages(self, width: int) -> programs.Pages:
+        """A chunk of `width` for `prefill_rows` unused rows (no page assigned)."""
+        rows, cols = self.prefill_rows, pages_for(self.max_len, self.page_size)
+        ids = np.zeros((rows, width), np.int32)
+        start = np.zeros((rows,), np.int32)
+        table = np.full((rows, cols), self._pool.pages, np.int32)
+        return programs.Pages(ids=ids, mask=ids, start=start, table=table)
+
     def _check_memory(self) -> tuple[int, int]:
         devices = 1 if self.mesh is None else self.mesh.devices.size
         return slot_memory(

@@ -194,6 +194,28 @@ def test_no_recompiles_across_admission_patterns():
     assert engine.stats.prefix_tokens > 0
 
 
+@pytest.mark.parametrize("pages", [{}, dict(page_size=4, prefill_chunk=8)], ids=["dense", "paged"])
+def test_warmup_compiles_every_program_before_the_prompts(pages):
+    """`Engine.warmup()` compiles each bucket's (paged: chunk width's) prefill
+    and the decode call; prompts of every bucket, with and without prefix hits
+    and chunks, then compile nothing."""
+    lm = tiny_llama()
+    config = lm.generation_config.replace(do_sample=True, top_k=0)
+    engine = Engine(
+        lm, slots=3, max_len=80, config=config, steps_per_call=3, prompt_buckets=[8, 16, 64],
+        **pages,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="max_prompt must be below max_len"):
+        engine.warmup(max_prompt=80)
+    engine.warmup(max_prompt=40)
+    work = _workload(3, n=5) + [[5, 6, 7], list(range(1, 13)), list(range(1, 39))]
+    with count_compiles() as running:
+        engine.submit(work, [{"seed": i} for i in range(len(work))])
+        results = sorted(engine, key=lambda r: r.index)
+    assert running.count == 0, "warmup() left a program to compile"
+    _check_alone(lm, config, work[-1], {"seed": len(work) - 1}, results[-1])
+
+
 def test_refusals_before_anything_runs():
     lm = tiny_llama()
     with pytest.raises(ValueError, match=r"kv_pages=3 is too small.*raise kv_pages to at least"):
