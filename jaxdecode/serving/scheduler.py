@@ -503,8 +503,8 @@ class Engine:
         if self.decoder.init_paged is None:
             raise ValueError(
                 f"page_size={page_size}: the model {self.decoder.name!r} has no paged cache "
-                "(models with sliding-window layers and GPT-2 keep the dense slot cache); "
-                "use page_size=None"
+                "(Decoder.init_paged: the bundled families have one, an adapted model "
+                "may not); use page_size=None"
             )
         if self.mesh is not None or compact_tail:
             what = "mesh" if self.mesh is not None else "compact_tail=True"
