@@ -1041,6 +1041,12 @@ def _check_strategy(config: GenerationConfig) -> None:
             "the engine decodes one token per slot and step; speculative decoding "
             f"(prompt_lookup_num_tokens={config.prompt_lookup_num_tokens}) needs generate()"
         )
+    paged = config.paged_cache()
+    if paged is not None:
+        raise ValueError(
+            "cache_implementation='paged' is generate()'s paged cache; the engine keeps "
+            f"pages with Engine(..., page_size={paged.page_size}) (generate_many: page_size=)"
+        )
 
 
 def _difference(a: GenerationConfig, b: GenerationConfig) -> str:
