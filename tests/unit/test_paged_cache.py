@@ -161,3 +161,29 @@ def test_exports_for_tpu_and_cuda():
     jax.export.export(jax.jit(decoder.apply), platforms=("tpu", "cuda"))(
         params, ids, ids, cache, ids
     )
+
+
+def test_copies_share_the_full_prefix_pages():
+    """`share_prefix` then `fork`: the 3 copies of each of 2 rows name the row's
+    full prefix page, own the rest (its partial page copied), and read the
+    prefix as the row wrote it; the pool holds each prefix once."""
+    decoder, params = _model()
+    ids = jnp.asarray(np.random.default_rng(4).integers(1, V, (2, 6)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    empty = decoder.init_paged(2, MAX_LEN, None, PAGE, None)  # rows own their pages
+    np.testing.assert_array_equal(empty.table.reshape(-1), np.arange(2 * 16))
+    cache = empty.share_prefix(3, 6)
+    assert cache.pages == 2 * 1 + 2 * 3 * 15  # one full prefix page per row; 15 own per copy
+    _, cache = decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+    forked = cache.fork(3, 6)
+    assert forked.batch == 6
+    table = np.asarray(forked.table)
+    assert (table[:3, 0] == table[0, 0]).all() and (table[3:, 0] == table[3, 0]).all()
+    assert len(set(table[:, 1:].reshape(-1).tolist())) == 6 * 15  # the rest: own pages
+    parent = cache.reader(1)(jnp.int32(0), 8)
+    copies = forked.reader(1)(jnp.int32(0), 8)
+    for i in range(6):
+        np.testing.assert_array_equal(copies[0][i, :, :6], parent[0][i // 3, :, :6])
+        np.testing.assert_array_equal(copies[1][i, :, :6], parent[1][i // 3, :, :6])
+    np.testing.assert_array_equal(forked.index, [6] * 6)
+    np.testing.assert_array_equal(forked.mask, np.repeat(np.asarray(cache.mask), 3, axis=0))
