@@ -51,6 +51,16 @@ transformers; no rigged EOS: outputs run to max_new_tokens) or `--smollm2`.
 completions (issue 27: <= 1.2x); (2) an eval set whose `--prompts` lines share a
 `--system-prompt`-token system prompt (400), prefill work (prompt tokens run
 through the model) without the prefix cache over with it (issue 27: >= 5x).
+
+`--generate-pages-check` (with `--pages-check`, or alone): `generate(...,
+num_return_sequences=16)` on one `--shared-prompt`-token prompt, the dense
+cache against `cache_implementation="paged"` (`--page-size`, default 16): the
+decode cache's bytes (`cache_nbytes` of the cache `generate` builds, a count),
+against one prompt plus 16 completions, and whether the sampled tokens are
+equal (same seed).
+
+    python benchmarks/engine.py --llama --generate-pages-check \
+        --json benchmarks/results/generate_pages_cpu.json
 """
 
 from __future__ import annotations
@@ -315,6 +325,61 @@ def pages_check(lm, args: argparse.Namespace) -> dict:
     return {"samples_of_one_prompt": group, "shared_system_prompt": {**work, "ratio": ratio}}
 
 
+def generate_pages_check(lm, args: argparse.Namespace) -> dict:
+    """16 samples of one long prompt through `generate`: the dense cache's bytes
+    against the paged one's, whose 16 rows share the prompt's pages."""
+    import jax
+    import numpy as np
+
+    import jaxdecode as jd
+    from jaxdecode.search.loop import Plan, expand_cache, prompt_cache
+
+    rng = np.random.default_rng(args.seed + 3)
+    prompt = rng.integers(0, lm.decoder.vocab_size - 1, args.shared_prompt)[None]
+    new, ps = args.max_new_tokens, args.page_size or 16
+    paged = {"cache_implementation": "paged", "cache_config": {"page_size": ps}}
+    config = lm.generation_config.replace(
+        max_new_tokens=new, do_sample=True, top_k=0, num_return_sequences=16, eos_token_id=None
+    )
+    bucket = jd.bucket_length(prompt.shape[1], "pow2")
+    out, nbytes, kv = {}, {}, {}
+    for name, options in (("dense", {}), ("paged", paged)):
+        cfg = config.replace(**options)
+        plan = Plan(lm.decoder.with_cache(cfg.kv_cache()), cfg.static(), 1, bucket, new, "while")
+        cache = jax.eval_shape(
+            lambda plan=plan: expand_cache(plan, prompt_cache(plan, bucket), bucket)
+        )
+        nbytes[name] = jd.cache_nbytes(cache)
+        kv[name] = int(cache.k.size * cache.k.dtype.itemsize * 2)
+        t0 = time.perf_counter()
+        res = jd.generate(lm, prompt, config=cfg, seed=args.seed)
+        out[name] = {"seconds": time.perf_counter() - t0, "sequences": np.asarray(res.sequences)}
+    per_token = kv["dense"] / (16 * (bucket + new))
+    ideal = (prompt.shape[1] + 16 * new) * per_token
+    same = bool(np.array_equal(out["dense"]["sequences"], out["paged"]["sequences"]))
+    report = {
+        "prompt_tokens": int(prompt.shape[1]),
+        "prompt_bucket": bucket,
+        "new_tokens": new,
+        "page_size": ps,
+        "cache_nbytes": nbytes,
+        "kv_bytes": kv,
+        "one_prompt_plus_16_completions_bytes": ideal,
+        "paged_over_dense": nbytes["paged"] / nbytes["dense"],
+        "paged_kv_over_ideal": kv["paged"] / ideal,
+        "same_tokens": same,
+        "seconds": {k: v["seconds"] for k, v in out.items()},
+    }
+    print(
+        f"generate, 16 samples: cache {nbytes['paged'] / 2**20:.1f} MiB paged vs "
+        f"{nbytes['dense'] / 2**20:.1f} MiB dense ({report['paged_over_dense']:.3f}x); "
+        f"paged KV {report['paged_kv_over_ideal']:.2f}x one prompt + 16 completions; "
+        f"same tokens: {same}",
+        flush=True,
+    )
+    return report
+
+
 def _static_batches(prompts, size):
     """Batches of one pow2 prompt bucket, in set order within a bucket (as
     `jaxdecode eval` groups prompts)."""
@@ -481,6 +546,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=None, help="engine: prefill_chunk")
     p.add_argument("--no-prefix-cache", action="store_true", help="engine: prefix_cache=False")
     p.add_argument("--pages-check", action="store_true", help="issue 27's page measurements")
+    p.add_argument(
+        "--generate-pages-check",
+        action="store_true",
+        help="generate(num_return_sequences=16): dense vs paged cache bytes",
+    )
     p.add_argument("--shared-prompt", type=int, default=1000, help="--pages-check: prompt tokens")
     p.add_argument("--system-prompt", type=int, default=400, help="--pages-check: system prompt")
     return p.parse_args(argv)
@@ -543,8 +613,11 @@ def main(argv=None) -> dict:
             report["model"] = "GPT-2, random weights, EOS rigged by position (see docstring)"
             report.update(rig)
         report["prompt_tokens"] = sum(map(len, prompts))
-        if args.pages_check:
-            report["pages_check"] = pages_check(lm, args)
+        if args.generate_pages_check:
+            report["generate_pages_check"] = generate_pages_check(lm, args)
+        if args.pages_check or args.generate_pages_check:
+            if args.pages_check:
+                report["pages_check"] = pages_check(lm, args)
             if "--json" in (argv or sys.argv):
                 with open(args.json, "w", encoding="utf-8") as f:
                     json.dump(report, f, indent=1)

@@ -21,6 +21,7 @@ from jaxdecode.cache import (
 )
 from jaxdecode.config import (
     GenerationConfig,
+    PagedCacheConfig,
     QuantizedCacheConfig,
     StaticConfig,
     SynthIDTextWatermarkingConfig,
@@ -149,6 +150,7 @@ __all__ = [
     "json_schema",
     "KVCache",
     "PagedCache",
+    "PagedCacheConfig",
     "RingCache",
     "init_paged",
     "init_ring",

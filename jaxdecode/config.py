@@ -74,6 +74,7 @@ __all__ = [
     "ROW_DTYPES",
     "SEED_MAX",
     "GenerationConfig",
+    "PagedCacheConfig",
     "QuantizedCacheConfig",
     "StaticConfig",
     "SynthIDTextWatermarkingConfig",
@@ -267,8 +268,10 @@ class SynthIDTextWatermarkingConfig:
 # ("dynamic", "static", and the sliding-window ones a Gemma 2 or 3
 # generation_config.json names) all mean the one cache jaxdecode keeps: a static-shape
 # float cache, window-sized rings for sliding layers. "quantized": `QuantizedKVCache`.
-# transformers' offloaded caches (host memory) are refused by name.
-CacheImplementation = Literal["dynamic", "static", "sliding_window", "hybrid", "quantized"]
+# "paged": `PagedCache` (pages of `cache_config["page_size"]`; the returned sequences
+# of one prompt share its pages). transformers' offloaded caches (host memory) are
+# refused by name.
+CacheImplementation = Literal["dynamic", "static", "sliding_window", "hybrid", "quantized", "paged"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -335,6 +338,44 @@ class QuantizedCacheConfig:
                 f"the rule of jaxdecode's quantized cache) or unset, got {data['backend']!r}"
             )
         return cls(nbits=4 if nbits is None else int(nbits), q_group_size=group)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PagedCacheConfig:
+    """`cache_config` of `cache_implementation="paged"`, resolved
+    (`GenerationConfig.paged_cache()`); transformers' key (its continuous
+    batching's `page_size`).
+
+    The cache is a `PagedCache`: a pool of pages of `page_size` token slots and
+    a page table per row. In `generate`, the `num_return_sequences` rows of one
+    prompt (sampling or greedy) name the same pages for the prompt's full pages
+    and hold only their partial last page and their completion themselves, so
+    the cache holds each prompt once. Other rows (beams, a single sequence) own
+    their pages.
+
+    Attributes:
+        page_size: token slots per page (default 16; transformers' continuous
+            batching defaults to 256, which would leave most of a short
+            prompt's last page unshared). Static.
+    """
+
+    page_size: int = 16
+
+    KEYS = ("page_size",)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> PagedCacheConfig:
+        """From `cache_config`; ConfigError naming an unknown key or a bad value."""
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(cls.KEYS))
+        if unknown:
+            raise ConfigError(
+                f"cache_config has unknown key(s) {', '.join(map(str, unknown))}; the paged "
+                f"cache takes {', '.join(cls.KEYS)}"
+            )
+        size = data.get("page_size", 16)
+        Int(1)("cache_config page_size", size, None)
+        return cls(page_size=int(size))
 
 
 def as_watermarking_config(value: Any) -> WatermarkingConfig | SynthIDTextWatermarkingConfig:
@@ -755,12 +796,12 @@ class GenerationConfig:
     # layers' keys and values in `cache_config["nbits"]` bits (QuantizedCacheConfig).
     cache_implementation: CacheImplementation | None = option(
         None,
-        doc='The KV cache: `"quantized"` stores full-attention layers\' keys and values in `cache_config["nbits"]` bits (8, 4 or 2; per token and head); transformers\' float caches (`"dynamic"`, `"static"`, `"hybrid"`, `"sliding_window"`) mean the float cache.',
+        doc='The KV cache: `"quantized"` stores full-attention layers\' keys and values in `cache_config["nbits"]` bits (8, 4 or 2; per token and head); `"paged"` keeps it in pages of `cache_config["page_size"]` tokens (16), the returned sequences of a prompt sharing its pages; transformers\' float caches (`"dynamic"`, `"static"`, `"hybrid"`, `"sliding_window"`) mean the float cache.',
         check=_check_cache_implementation,
     )
     cache_config: Mapping[str, object] | None = option(
         None,
-        doc='Settings of `cache_implementation="quantized"`, transformers\' keys: `nbits`, `q_group_size`, `axis_key` / `axis_value` (0), `residual_length` (0), `backend` ("quanto").',
+        doc='Settings of the cache, transformers\' keys. `"quantized"`: `nbits`, `q_group_size`, `axis_key` / `axis_value` (0), `residual_length` (0), `backend` ("quanto"). `"paged"`: `page_size`.',
         check=_check_cache_config,
     )
 
@@ -834,7 +875,7 @@ class GenerationConfig:
         if self.do_sample:  # sampling divides by the temperature
             check_range("temperature", self.temperature, lo=0.0, lo_open=True)
         self._validate_logprobs()
-        self.quantized_cache()  # cache_config against cache_implementation
+        self.kv_cache()  # cache_config against cache_implementation
         self._validate_combinations()
         parsed = self.constraints()
         self._validate_rows(parsed)
@@ -965,13 +1006,32 @@ class GenerationConfig:
                 f"cache_config must be a dict (e.g. {{'nbits': 8}}), got {self.cache_config!r}"
             ) from None
         if self.cache_implementation != "quantized":
-            if data:
+            if data and self.cache_implementation != "paged":
                 raise ConfigError(
-                    "cache_config configures cache_implementation='quantized', got "
+                    "cache_config configures cache_implementation='quantized' or 'paged', got "
                     f"cache_implementation={self.cache_implementation!r}"
                 )
             return None
         return QuantizedCacheConfig.from_dict(data)
+
+    def paged_cache(self) -> PagedCacheConfig | None:
+        """The paged cache's settings with `cache_implementation="paged"`, else
+        None. ConfigError for a `cache_config` it cannot honour."""
+        if self.cache_implementation != "paged":
+            self.quantized_cache()  # cache_config against the other kinds
+            return None
+        try:
+            data = dict(self.cache_config or ())
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"cache_config must be a dict (e.g. {{'page_size': 16}}), got {self.cache_config!r}"
+            ) from None
+        return PagedCacheConfig.from_dict(data)
+
+    def kv_cache(self) -> QuantizedCacheConfig | PagedCacheConfig | None:
+        """The cache `generate` allocates (`Decoder.with_cache`): quantized, paged,
+        or None for the float cache."""
+        return self.quantized_cache() or self.paged_cache()
 
     def guided(self) -> bool:
         """Whether classifier-free guidance runs: `guidance_scale` set and not the

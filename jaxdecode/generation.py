@@ -39,7 +39,7 @@ from jaxdecode.search.drafters import (
     DraftModel,
     PromptLookup,
 )
-from jaxdecode.search.loop import GenerateOutput, Guidance, Plan
+from jaxdecode.search.loop import GenerateOutput, Guidance, Plan, expand_cache, prompt_cache
 from jaxdecode.search.program import generate_program, prefill_program
 from jaxdecode.search.sample import decode_step
 from jaxdecode.search.speculative import speculative_program
@@ -282,7 +282,9 @@ def _check_memory(plan: Plan, decoder: Decoder, mesh: Mesh | None) -> None:
     """MemoryBudgetError when the KV cache, the prefill and the per-step buffers
     cannot fit, before anything is allocated."""
     total = plan.bucket + plan.new_tokens
-    cache = jax.eval_shape(lambda: decoder.init_cache(plan.rows, total, None))
+    # The decode cache as `prefill` builds it (paged: a prompt's rows share its pages).
+    plan = dataclasses.replace(plan, decoder=decoder)
+    cache = jax.eval_shape(lambda: expand_cache(plan, prompt_cache(plan, plan.bucket), plan.bucket))
     cache_bytes = cache_nbytes(cache)
     vocab = decoder.vocab_size
     # logits, scores and a few [rows, V] temporaries per step, float32; beam search's
@@ -322,7 +324,7 @@ def check_memory(
     `max_new_tokens` or `max_length` set) cannot fit in the device's free
     memory."""
     new_tokens = config.resolve_max_length(prompt_len) - prompt_len
-    decoder = decoder.with_cache(config.quantized_cache())
+    decoder = decoder.with_cache(config.kv_cache())
     plan = Plan(
         decoder=decoder,
         config=config.static(),
@@ -567,7 +569,7 @@ def prepare(
     config = (config or base).replace(**overrides) if overrides else (config or base)
     config.validate(vocab_size=decoder.vocab_size)
     # The model's cache as the config asks (a quantized one: `cache_implementation`).
-    decoder = decoder.with_cache(config.quantized_cache())
+    decoder = decoder.with_cache(config.kv_cache())
     if loop not in ("scan", "while"):
         raise ValueError(f"loop must be 'scan' or 'while', got {loop!r}")
     check_mesh(mesh)

@@ -8,6 +8,13 @@ an allocation, and two rows may name the same page (a prompt prefix shared by
 several rows, `jaxdecode.serving.pages`). Unassigned table entries hold
 `pages` (one past the pool): writes there are dropped and reads are masked out.
 
+Inside one compiled program (`generate(cache_implementation="paged")`) the
+tables are static layouts: each row owning `max_len` worth of pages
+(`init_paged(pages=None)`), or, for the `copies` continuations of each prompt
+(`num_return_sequences`), the prompt's full pages named by all its copies and
+only the partial last page and the completion held per copy
+(`share_prefix`, then `fork` after the prompt is written).
+
 Attention reads a row's pages block by block (`layers.attend_blocks` with
 `reader`): a key block of `size` slots is the `size // page_size` pages the
 table names for it, gathered from the pool, and blocks past every row's last
@@ -31,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -207,14 +215,63 @@ class PagedCache:
     def gather_rows(self, parent: Array) -> PagedCache:
         """Row `i` becomes row `parent[i]` (`[batch]`, in range): its pages'
         contents are copied into row `i`'s own pages (rows must not share the
-        pages they write: beam search over its own pages)."""
+        pages they write: beam search over its own pages, or over `fork`'s
+        layout, whose shared prompt pages are the parent's own and are kept)."""
         src = self.table.at[parent].get(mode="promise_in_bounds")
         src = jnp.where(src < self.pages, src, 0)
-        copy = lambda buf: buf.at[:, self.table].set(buf[:, src], mode="drop")
+        # A page a row shares with its parent (a prompt page of `fork`) stays.
+        dst = jnp.where(src == self.table, self.pages, self.table)
+        copy = lambda buf: buf.at[:, dst].set(buf[:, src], mode="drop")
         rows = lambda x: x.at[parent].get(mode="promise_in_bounds")
         return self.replace(
             k=copy(self.k), v=copy(self.v), mask=rows(self.mask), index=rows(self.index)
         )
+
+    def share_prefix(self, copies: int, prefix: int) -> PagedCache:
+        """These (empty) rows over a new pool laid out for `copies` continuations
+        of each row that share its first `prefix` slots (static both).
+
+        Each row's table names `prefix // page_size` pages of its own prefix
+        (shared by its copies later), then the pages of its first copy; the
+        pool holds `batch * full + batch * copies * (max_pages - full)` pages,
+        not `batch * copies * max_pages`. Write the prefix through the result,
+        then `fork(copies, prefix)`.
+        """
+        prompt, _, pages = _shared_layout(self.batch, copies, prefix, self.page_size, self.width)
+        shape = (self.k.shape[0], pages, *self.k.shape[2:])
+        return self.replace(
+            k=jnp.zeros(shape, self.k.dtype),
+            v=jnp.zeros(shape, self.v.dtype),
+            table=jnp.asarray(prompt),
+        )
+
+    def fork(self, copies: int, prefix: int) -> PagedCache:
+        """`batch * copies` rows (row `b * copies + r`: copy r of row b) of a
+        cache laid out by `share_prefix(copies, prefix)` whose rows hold their
+        prefix: every copy's table names the row's full prefix pages (shared,
+        never written again: later slots lie in the copy's own pages) and its
+        own pages after them; the prefix's partial last page is copied into
+        each copy's own page. Masks and indices are the row's."""
+        _, rows, _ = _shared_layout(self.batch, copies, prefix, self.page_size, self.width)
+        full = prefix // self.page_size
+        k, v = self.k, self.v
+        if prefix % self.page_size and full < self.width:
+            src = jnp.repeat(self.table[:, full], copies)
+            dst = jnp.asarray(rows[:, full])
+            k = k.at[:, dst].set(k[:, src])
+            v = v.at[:, dst].set(v[:, src])
+        return self.replace(
+            k=k,
+            v=v,
+            table=jnp.asarray(rows),
+            mask=jnp.repeat(self.mask, copies, axis=0),
+            index=jnp.repeat(self.index, copies, axis=0),
+        )
+
+    @property
+    def width(self) -> int:
+        """Columns of the page table (pages a row may name)."""
+        return self.table.shape[1]
 
     def partition_specs(self, mesh: Mesh) -> PagedCache:
         """The pool's heads over `model` (pages are shared by rows: not split),
@@ -225,25 +282,48 @@ class PagedCache:
         return PagedCache(k=kv, v=kv, table=table, mask=rows, index=P(*rows[:1]))
 
 
+def _shared_layout(
+    batch: int, copies: int, prefix: int, page_size: int, width: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """`share_prefix` / `fork`'s static layout: `(table of the batch rows [batch,
+    width], table of the batch * copies rows [batch * copies, width], pages)`.
+    Row b's full prefix pages are `b * full + j`; copy i's own pages (column
+    `full` on) follow all prefix pages, `own` per copy."""
+    full = min(prefix // page_size, width)
+    own = width - full
+    j = np.arange(width)[None, :]
+    copy = np.arange(batch * copies)[:, None]
+    rows = np.where(
+        j < full, copy // copies * full + j, batch * full + copy * own + (j - full)
+    ).astype(np.int32)
+    return rows[::copies], rows, batch * (full + copies * own)
+
+
 def init_paged(
     *,
     layers: int,
     batch: int,
     max_len: int,
-    pages: int,
+    pages: int | None,
     page_size: int,
     heads: int,
     head_dim: int,
     dtype: Any = jnp.float32,
 ) -> PagedCache:
-    """An empty paged cache: a zero pool of `pages` pages, every table entry
-    unassigned (`pages`), rows of `ceil(max_len / page_size)` pages."""
+    """An empty paged cache of rows of `ceil(max_len / page_size)` pages: a zero
+    pool of `pages` pages, every table entry unassigned (`pages`); with `pages`
+    None, a pool of exactly the rows' pages, row b owning pages `b * width ..`
+    in order (a static layout, for a compiled program without a host)."""
     width = -(-max_len // page_size)
+    table = None
+    if pages is None:
+        pages = batch * width
+        table = jnp.arange(pages, dtype=jnp.int32).reshape(batch, width)
     shape = (layers, pages, heads, page_size, head_dim)
     return PagedCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
-        table=jnp.full((batch, width), pages, jnp.int32),
+        table=jnp.full((batch, width), pages, jnp.int32) if table is None else table,
         mask=jnp.zeros((batch, width * page_size), bool),
         index=jnp.zeros((batch,), jnp.int32),
     )

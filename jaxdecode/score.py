@@ -284,7 +284,7 @@ def score(
     if config.stop_strings is not None:
         stop = stop_tables(config.stop_strings, tokenizer, decoder.vocab_size)
     plan = ScorePlan(
-        decoder=decoder.with_cache(config.quantized_cache()),
+        decoder=decoder.with_cache(config.kv_cache()),
         prompt_length=p,
         max_length=max_length,
         eos=config.eos_ids,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxdecode.errors import ConfigError
 
 if TYPE_CHECKING:  # the config never imports models; only the annotation needs it
-    from jaxdecode.config import GenerationConfig, QuantizedCacheConfig
+    from jaxdecode.config import GenerationConfig, PagedCacheConfig, QuantizedCacheConfig
 
 Array = jax.Array
 
@@ -86,7 +86,9 @@ class Decoder:
             learned position table): `with_max_positions` cannot raise it.
         init_paged: optional `(batch, max_len, pages, page_size, dtype) ->
             cache`, a `PagedCache` (pages from one pool, `max_len` a per-row
-            bound): the engine's paged mode (`Engine(page_size=...)`) needs it.
+            bound; `pages` None: each row owns its pages, in order): the
+            engine's paged mode (`Engine(page_size=...)`) and
+            `cache_implementation="paged"` need it.
         activation_bytes: optional `(batch, T, S) -> bytes`, an estimate of the
             activations and attention scratch live during one call over T new
             tokens and S cache slots (logits and the cache excluded), for the
@@ -130,18 +132,29 @@ class Decoder:
             object.__setattr__(self, "_hash", cached)
         return cached
 
-    def with_cache(self, quantized: QuantizedCacheConfig | None) -> Decoder:
+    def with_cache(self, quantized: QuantizedCacheConfig | PagedCacheConfig | None) -> Decoder:
         """This decoder with `init_cache` building the cache `quantized` asks for
-        (`GenerationConfig.quantized_cache()`; None: this decoder). Equal for equal
-        settings, so a program compiles once per bit width.
+        (`GenerationConfig.kv_cache()`: a quantized cache, or a `PagedCache` whose
+        rows own their pages, `PagedCacheConfig`; None: this decoder). Equal for
+        equal settings, so a program compiles once per bit width or page size.
 
         Raises:
-            ConfigError: when the model has no quantized cache, or cannot hold
-                these settings (e.g. a `q_group_size` that does not divide its
-                head_dim), before anything is traced.
+            ConfigError: when the model has no quantized (or paged) cache, or
+                cannot hold these settings (e.g. a `q_group_size` that does not
+                divide its head_dim), before anything is traced.
         """
         if quantized is None:
             return self
+        page_size = getattr(quantized, "page_size", None)
+        if page_size is not None:
+            if self.init_paged is None:
+                raise ConfigError(
+                    f"cache_implementation='paged' needs a model with a paged cache; the "
+                    f"{self.name} decoder has none (Decoder.init_paged)"
+                )
+            return dataclasses.replace(
+                self, init_cache=Bound(_bound_paged, (self.init_paged, page_size))
+            )
         if self.quantized_cache is None:
             raise ConfigError(
                 f"cache_implementation='quantized' needs a model with a quantized KV cache; "
@@ -254,6 +267,14 @@ def _bound_quantized(
 ) -> Any:
     """`Decoder.init_cache` of `Decoder.with_cache`."""
     return quantized_cache(quantized, batch, max_len, dtype)
+
+
+def _bound_paged(
+    init_paged: Callable[..., Any], page_size: int, batch: int, max_len: int, dtype: Any = None
+) -> Any:
+    """`Decoder.init_cache` of `Decoder.with_cache` with a paged setting: each
+    row owns its pages (`search.loop.prefill` lays out shared prompt pages)."""
+    return init_paged(batch, max_len, None, page_size, dtype)
 
 
 @runtime_checkable

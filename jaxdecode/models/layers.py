@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from jaxdecode.cache import SlotMask
 from jaxdecode.models import lora
+from jaxdecode.paged_cache import PagedCache
 from jaxdecode.quantized_cache import QuantizedKV
 
 Array = jax.Array
@@ -43,6 +44,7 @@ __all__ = [
     "apply_rope",
     "attend",
     "attend_blocks",
+    "attend_cache",
     "attention_bytes",
     "check_attention_block",
     "rope_cos_sin",
@@ -229,6 +231,55 @@ def attend(
         return jnp.einsum("bhts,bhsd->bthd", weights, values)
     out = jnp.einsum("bkgts,bksd->btkgd", weights, values)
     return out.reshape(b, t, hq, d)
+
+
+def attend_cache(
+    q: Array,
+    k: Array,
+    v: Array,
+    cache: Any,
+    layer: int,
+    visible: Array | SlotMask,
+    scale: float,
+    softcap: float | None = None,
+    block: int = ATTENTION_BLOCK,
+) -> tuple[Array, Any]:
+    """Writes one layer's new keys and values into a stacked cache, then attends
+    the queries over that layer: what every family's attention does with the
+    cache, whatever its kind.
+
+    A `KVCache` or `QuantizedKVCache` is read by `attend` (its layer sliced out
+    of the stack, dequantized block by block when quantized); a `PagedCache` by
+    `attend_blocks` over the pages each row's table names (`PagedCache.reader`,
+    always the blocked path: `visible` must then be a `SlotMask`).
+
+    Args:
+        q: `[batch, T, q_heads, head_dim]` queries.
+        k, v: `[batch, T, kv_heads, head_dim]` the new tokens' keys and values,
+            written at each row's `cache.index`.
+        cache: the stacked cache of this layer's kind.
+        layer: this layer's index in the cache's stack (static).
+        visible, scale, softcap, block: as `attend`.
+
+    Returns:
+        `([batch, T, q_heads, head_dim] in the values' dtype, the written cache)`.
+    """
+    cache = cache.write(layer, k, v)
+    if isinstance(cache, PagedCache):
+        out = attend_blocks(
+            q.astype(cache.k.dtype),
+            cache.reader(layer),
+            cache.max_len,
+            k.shape[2],
+            cache.v.dtype,
+            visible,
+            scale,
+            softcap,
+            block,
+            page=cache.page_size,
+        )
+        return out, cache
+    return attend(q, cache.k, cache.v, visible, scale, softcap, block=block, layer=layer), cache
 
 
 def attend_blocks(

@@ -23,6 +23,7 @@ from jaxdecode.cache import cache_specs, gather_rows
 from jaxdecode.config import StaticConfig
 from jaxdecode.context import DecodeContext
 from jaxdecode.models.base import Decoder, last_real, positions_from_mask
+from jaxdecode.paged_cache import PagedCache
 from jaxdecode.processors import Chain, TracedConfig
 from jaxdecode.search.record import top_n
 from jaxdecode.search.stopping import StopStrings
@@ -37,6 +38,8 @@ __all__ = [
     "Guidance",
     "guided_logits",
     "expand_rows",
+    "prompt_cache",
+    "expand_cache",
     "prefill",
     "model_step",
     "constrain_logits",
@@ -248,6 +251,29 @@ def with_prompt_logprobs(
     )
 
 
+def prompt_cache(plan: Plan, width: int) -> Any:
+    """An empty cache of `plan.batch` prompt rows of `width + new_tokens` slots,
+    for `prompt_pass`. A paged one (`cache_implementation="paged"`) with more
+    than one row per prompt is laid out for `expand_cache`: the `plan.expand`
+    rows of a prompt will name its full pages (`PagedCache.share_prefix`)."""
+    cache = plan.decoder.init_cache(plan.batch, width + plan.new_tokens, None)
+    if plan.expand > 1 and isinstance(cache, PagedCache):
+        cache = cache.share_prefix(plan.expand, width)
+    return cache
+
+
+def expand_cache(plan: Plan, cache: Any, width: int) -> Any:
+    """`prompt_cache`'s rows, each holding its `width`-slot prompt, as the
+    `plan.expand` rows that continue it: copies of each row (`gather_rows`),
+    or, paged, rows naming the prompt's full pages and owning the rest
+    (`PagedCache.fork`: the prompt stored once, not `expand` times)."""
+    if plan.expand == 1:
+        return cache
+    if isinstance(cache, PagedCache):
+        return cache.fork(plan.expand, width)
+    return gather_rows(cache, jnp.repeat(jnp.arange(plan.batch), plan.expand))
+
+
 def row_keys(key: Array, batch: int, expand: int, per_row: bool) -> Array:
     """`[batch * expand]` keys, one stream per row.
 
@@ -421,17 +447,16 @@ def prefill(
     """
     ids = jnp.asarray(ids, jnp.int32)
     mask = jnp.asarray(mask, jnp.int32)
-    total = plan.bucket + plan.new_tokens
     # Shared prefix: each prompt goes through the model once; its cache rows and
     # last logits are then copied to the `expand` rows (returned sequences or
-    # beams) that continue it. A row's prefill does not depend on the rows
-    # around it, so this equals prefilling every copy, at 1/expand of the cost.
-    cache = plan.decoder.init_cache(plan.batch, total, None)
-    cache = constrain(cache, plan.mesh, cache_specs)
+    # beams) that continue it (on pages, they share the prompt's pages). A row's
+    # prefill does not depend on the rows around it, so this equals prefilling
+    # every copy, at 1/expand of the cost.
+    cache = constrain(prompt_cache(plan, plan.bucket), plan.mesh, cache_specs)
     last, cache, prompt, routed = prompt_pass(plan, params, ids, mask, cache)
+    cache = expand_cache(plan, cache, plan.bucket)
     if plan.expand > 1:
         parent = jnp.repeat(jnp.arange(plan.batch), plan.expand)
-        cache = gather_rows(cache, parent)
         last = jnp.take(last, parent, axis=0)
         ids, mask, routed = expand_rows((ids, mask, routed), plan.expand)
     cache = constrain(cache, plan.mesh, cache_specs)
@@ -460,8 +485,7 @@ def _prefill_guide(plan: Plan, params: Any, guidance: Guidance) -> dict[str, Any
     """The unconditional rows: the negative prompt through the model into a cache
     of its own, copied to each prompt's `expand` rows."""
     width = guidance.ids.shape[1]
-    cache = plan.decoder.init_cache(plan.batch, width + plan.new_tokens, None)
-    cache = constrain(cache, plan.mesh, cache_specs)
+    cache = constrain(prompt_cache(plan, width), plan.mesh, cache_specs)
     # transformers calls the model without position ids: positions count columns,
     # padding included (bucket padding, before logical column 0, is masked).
     length = jnp.asarray(guidance.length, jnp.int32)
@@ -469,9 +493,9 @@ def _prefill_guide(plan: Plan, params: Any, guidance: Guidance) -> dict[str, Any
     positions = jnp.arange(width, dtype=jnp.int32)[None, :] - (width - rows_length)
     positions = jnp.broadcast_to(jnp.maximum(positions, 0), guidance.ids.shape)
     last, cache = plan.decoder.prefill_last(params, guidance.ids, positions, cache, guidance.mask)
+    cache = expand_cache(plan, cache, width)
     if plan.expand > 1:
         parent = jnp.repeat(jnp.arange(plan.batch), plan.expand)
-        cache = gather_rows(cache, parent)
         last = jnp.take(last, parent, axis=0)
     cache = constrain(cache, plan.mesh, cache_specs)
     if length.ndim and plan.expand > 1:

@@ -292,7 +292,8 @@ class Engine:
             by free pages, `max_len` bounds each row (prompt bucket plus
             `max_new_tokens`) without being allocated per slot, and a step
             reads only each row's live pages. Needs a model with a paged
-            cache (the skeleton's families without sliding-window layers).
+            cache (`Decoder.init_paged`: every bundled family; sliding-window
+            layers read their window of the pages).
         kv_pages: pages in the pool (paged; default `slots * ceil(max_len /
             page_size)`, the dense cache's size). A prompt whose tokens plus
             `max_new_tokens` need more pages than the pool has is refused at
@@ -570,8 +571,8 @@ class Engine:
         if self.decoder.init_paged is None:
             raise ValueError(
                 f"page_size={page_size}: the model {self.decoder.name!r} has no paged cache "
-                "(models with sliding-window layers and GPT-2 keep the dense slot cache); "
-                "use page_size=None"
+                "(Decoder.init_paged: the bundled families have one, an adapted model "
+                "may not); use page_size=None"
             )
         if self.mesh is not None or compact_tail:
             what = "mesh" if self.mesh is not None else "compact_tail=True"
@@ -1113,6 +1114,12 @@ def _check_strategy(config: GenerationConfig) -> None:
         raise ValueError(
             "the engine decodes one token per slot and step; speculative decoding "
             f"(prompt_lookup_num_tokens={config.prompt_lookup_num_tokens}) needs generate()"
+        )
+    paged = config.paged_cache()
+    if paged is not None:
+        raise ValueError(
+            "cache_implementation='paged' is generate()'s paged cache; the engine keeps "
+            f"pages with Engine(..., page_size={paged.page_size}) (generate_many: page_size=)"
         )
 
 

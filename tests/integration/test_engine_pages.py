@@ -9,6 +9,7 @@ the byte tokenizer, so constraints and stop strings run too.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -114,6 +115,50 @@ def test_paged_engine_equals_generate_alone(pages):
         assert stats.preemptions > 0, "the tiny pool never ran out"
         assert stats.peak_kv_bytes <= engine.cache_bytes
     assert 0 < stats.peak_kv_bytes <= engine.cache_bytes
+
+
+@functools.cache
+def tiny_family(family: str) -> jd.CausalLM:
+    """Tiny GPT-2 (its own model code) or Gemma 2 with a window of 8 (shorter
+    than the prompts: its sliding layers read their window of the pages)."""
+    if family == "gpt2":
+        from jaxdecode.models import gpt2
+
+        config = gpt2.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=257, n_positions=128)
+        decoder, params = gpt2.gpt2_decoder(config), gpt2.init_params(config, jax.random.key(2))
+    else:
+        from jaxdecode.models.gemma2 import Gemma2Config
+        from jaxdecode.models.transformer import transformer_decoder
+
+        config = Gemma2Config(
+            vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8,
+            query_pre_attn_scalar=8, max_position_embeddings=256,
+        )  # fmt: skip
+        decoder = transformer_decoder(config.transformer())
+        params = jd.models.registry.lookup("gemma2").init_params(config, jax.random.key(2))
+    params = jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim == 2 else x, params)
+    defaults = jd.GenerationConfig(eos_token_id=EOS, pad_token_id=0, max_new_tokens=10)
+    return jd.CausalLM(params=params, decoder=decoder, generation_config=defaults)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_families_on_pages_equal_generate_alone(family):
+    """GPT-2 and Gemma 2 (sliding layers) on pages, with prefix hits and chunks:
+    each prompt's sampled tokens and log-probabilities equal `generate` alone."""
+    lm = tiny_family(family)
+    prompts = _workload(9, n=5)
+    config = lm.generation_config.replace(**SAMPLED)
+    options = [{"seed": s, "temperature": 0.8 + 0.1 * s} for s in range(len(prompts))]
+    engine = Engine(
+        lm, slots=2, max_len=80, config=config, steps_per_call=3, prompt_buckets=BUCKETS,
+        page_size=4, prefill_chunk=8,
+    )  # fmt: skip
+    engine.submit(prompts, options)
+    results = sorted(engine, key=lambda r: r.index)
+    for prompt, opt, res in zip(prompts, options, results, strict=True):
+        _check_alone(lm, config, prompt, opt, res)
+    assert engine.stats.prefix_tokens > 0
 
 
 def test_greedy_constraints_stop_strings_and_prompt_logprobs():
@@ -226,13 +271,14 @@ def test_refusals_before_anything_runs():
         Engine(lm, slots=2, max_len=64, page_size=0)
     with pytest.raises(ValueError, match="compact_tail"):
         Engine(lm, slots=2, max_len=64, page_size=4, compact_tail=True)
-    from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder
-    from jaxdecode.models.gpt2 import init_params as gpt2_params
-
-    config = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=64)
-    gpt2 = jd.CausalLM(params=gpt2_params(config, jax.random.key(0)), decoder=gpt2_decoder(config))
+    # A decoder without a paged cache (an adapter's `from_linen`, say).
+    bare = jd.CausalLM(
+        params=lm.params,
+        decoder=dataclasses.replace(lm.decoder, init_paged=None),
+        generation_config=lm.generation_config,
+    )
     with pytest.raises(ValueError, match="page_size=16: the model .* has no paged cache"):
-        Engine(gpt2, slots=2, max_len=32, page_size=16)
+        Engine(bare, slots=2, max_len=32, page_size=16)
 
 
 def test_paged_programs_export_for_tpu_and_cuda():

@@ -1,8 +1,9 @@
 """`PagedCache`: the skeleton over pages gives the logits it gives over a `KVCache`.
 
-Rows' pages are scattered over the pool in a shuffled order (so a reader that
-ignored the table would read another row's keys), the prompts are left-padded
-and ragged, and the key blocks are narrow (`attention_block=16`, pages of 4) so
+The same for GPT-2 (its own model code) and Gemma 2 (sliding layers on pages,
+through the window mask, against its window rings). Rows' pages are scattered
+over the pool in a shuffled order (so a reader that ignored the table would
+read another row's keys), the prompts are left-padded and ragged, and the key blocks are narrow (`attention_block=16`, pages of 4) so
 the block walk crosses many pages and skips those past the live slots.
 """
 
@@ -25,13 +26,34 @@ PAGE = 4
 
 
 @functools.cache
-def _model():
-    config = LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    decoder = llama_decoder(config, attention_block=16)
-    params = init_params(config, jax.random.key(0))
+def _model(family: str = "llama"):
+    """A tiny decoder and params: Llama; GPT-2 (its own model code); Gemma 2
+    with a window of 6, shorter than the prompts (its sliding layers read the
+    pages through the window mask)."""
+    if family == "gpt2":
+        from jaxdecode.models import gpt2
+
+        config = gpt2.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=V, n_positions=128)
+        decoder = gpt2.gpt2_decoder(config, attention_block=16)
+        params = gpt2.init_params(config, jax.random.key(0))
+    elif family == "gemma2":
+        from jaxdecode.models.gemma2 import Gemma2Config
+        from jaxdecode.models.transformer import transformer_decoder
+
+        config = Gemma2Config(
+            vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6,
+            query_pre_attn_scalar=8,
+        )  # fmt: skip
+        decoder = transformer_decoder(config.transformer(), attention_block=16)
+        params = jd.models.registry.lookup("gemma2").init_params(config, jax.random.key(0))
+    else:
+        config = LlamaConfig(
+            vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2,
+        )  # fmt: skip
+        decoder = llama_decoder(config, attention_block=16)
+        params = init_params(config, jax.random.key(0))
     params = jax.tree_util.tree_map(lambda x: x * 3.0, params)
     return decoder, params
 
@@ -60,8 +82,9 @@ def _run(decoder, params, cache, ids, mask, steps):
     return jnp.stack(out, 1), cache
 
 
-def test_paged_logits_equal_dense_left_padded():
-    decoder, params = _model()
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_paged_logits_equal_dense_left_padded(family):
+    decoder, params = _model(family)
     rng = np.random.default_rng(0)
     lens = [3, 35, 17]  # 35 new tokens: three query blocks of 16
     t = max(lens)
@@ -75,8 +98,9 @@ def test_paged_logits_equal_dense_left_padded():
     paged, pc = _run(decoder, params, _paged(decoder, 3, 60), ids, mask, 20)
     assert isinstance(pc, jd.PagedCache)
     np.testing.assert_allclose(paged, dense, rtol=0, atol=2e-5)
-    np.testing.assert_array_equal(pc.mask, kv.mask)
-    np.testing.assert_array_equal(pc.index, kv.index)
+    full = kv[0] if isinstance(kv, tuple) else kv  # Gemma 2: the full layers' cache
+    np.testing.assert_array_equal(pc.mask, full.mask)
+    np.testing.assert_array_equal(pc.index, full.index)
 
 
 def test_right_padded_chunks_continue_a_row():
@@ -137,3 +161,29 @@ def test_exports_for_tpu_and_cuda():
     jax.export.export(jax.jit(decoder.apply), platforms=("tpu", "cuda"))(
         params, ids, ids, cache, ids
     )
+
+
+def test_copies_share_the_full_prefix_pages():
+    """`share_prefix` then `fork`: the 3 copies of each of 2 rows name the row's
+    full prefix page, own the rest (its partial page copied), and read the
+    prefix as the row wrote it; the pool holds each prefix once."""
+    decoder, params = _model()
+    ids = jnp.asarray(np.random.default_rng(4).integers(1, V, (2, 6)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    empty = decoder.init_paged(2, MAX_LEN, None, PAGE, None)  # rows own their pages
+    np.testing.assert_array_equal(empty.table.reshape(-1), np.arange(2 * 16))
+    cache = empty.share_prefix(3, 6)
+    assert cache.pages == 2 * 1 + 2 * 3 * 15  # one full prefix page per row; 15 own per copy
+    _, cache = decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+    forked = cache.fork(3, 6)
+    assert forked.batch == 6
+    table = np.asarray(forked.table)
+    assert (table[:3, 0] == table[0, 0]).all() and (table[3:, 0] == table[3, 0]).all()
+    assert len(set(table[:, 1:].reshape(-1).tolist())) == 6 * 15  # the rest: own pages
+    parent = cache.reader(1)(jnp.int32(0), 8)
+    copies = forked.reader(1)(jnp.int32(0), 8)
+    for i in range(6):
+        np.testing.assert_array_equal(copies[0][i, :, :6], parent[0][i // 3, :, :6])
+        np.testing.assert_array_equal(copies[1][i, :, :6], parent[1][i // 3, :, :6])
+    np.testing.assert_array_equal(forked.index, [6] * 6)
+    np.testing.assert_array_equal(forked.mask, np.repeat(np.asarray(cache.mask), 3, axis=0))

@@ -7,8 +7,9 @@ checkpoint's (`wte`, `wpe`, `h_0.attn.c_attn`, ...). Projection weights are
 stored `[out, in]` (`layers.Dense`, the transpose of GPT-2's Conv1D).
 
 `gpt2_decoder(config)` returns the `Decoder` (pure `init_cache` / `apply`) that
-the decoding loops use; its cache is a `KVCache`, or a `QuantizedKVCache` with
-`cache_implementation="quantized"`.
+the decoding loops use; its cache is a `KVCache`, a `QuantizedKVCache` with
+`cache_implementation="quantized"`, or a `PagedCache` (`init_paged`: the
+engine's pages); each layer writes and reads it through `layers.attend_cache`.
 """
 
 from __future__ import annotations
@@ -21,24 +22,27 @@ import jax.numpy as jnp
 
 from jaxdecode.cache import KVCache, SlotMask, init_cache, slot_mask
 from jaxdecode.models import lora
-from jaxdecode.models.base import Bound, Decoder
+from jaxdecode.models.base import Bound, Decoder, last_real
 from jaxdecode.models.gpt2.config import GPT2Config
 from jaxdecode.models.gpt2.sharding import gpt2_param_specs
 from jaxdecode.models.layers import (
     ACTIVATIONS,
     ATTENTION_BLOCK,
     Dense,
-    attend,
+    attend_cache,
     attention_bytes,
     blocked,
     check_attention_block,
 )
+from jaxdecode.paged_cache import PagedCache, init_paged
 from jaxdecode.quantized_cache import QuantizedKVCache, init_quantized
 
 if TYPE_CHECKING:  # only the annotation: models never import the config
     from jaxdecode.config import QuantizedCacheConfig
 
 Array = jax.Array
+# The stacked caches a GPT-2 reads (every layer the same kind).
+_Cache = KVCache | QuantizedKVCache | PagedCache
 
 __all__ = ["GPT2LMHeadModel", "gpt2_decoder", "init_params", "LM_HEAD_T"]
 
@@ -53,16 +57,13 @@ class _Attention(nn.Module):
     block: int = ATTENTION_BLOCK
 
     @nn.compact
-    def __call__(
-        self, x: Array, cache: KVCache, visible: Array | SlotMask
-    ) -> tuple[Array, KVCache]:
+    def __call__(self, x: Array, cache: _Cache, visible: Array | SlotMask) -> tuple[Array, _Cache]:
         cfg = self.config
         b, t, _ = x.shape
         qkv = Dense(3 * cfg.n_embd, self.dtype, name="c_attn")(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         shape = (b, t, cfg.n_head, cfg.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        cache = cache.write(self.layer, k, v)
         scale = 1.0
         if cfg.scale_attn_weights:
             scale = cfg.head_dim**-0.5
@@ -70,7 +71,7 @@ class _Attention(nn.Module):
             scale /= float(self.layer + 1)
         # `attend` computes scores and softmax in float32 whatever the cache dtype,
         # which is what reorder_and_upcast_attn asks for (harmless in float32).
-        out = attend(q, cache.k, cache.v, visible, scale, block=self.block, layer=self.layer)
+        out, cache = attend_cache(q, k, v, cache, self.layer, visible, scale, block=self.block)
         out = out.reshape(b, t, cfg.n_embd)
         out = Dense(cfg.n_embd, self.dtype, name="c_proj")(out)
         return out, cache
@@ -95,9 +96,7 @@ class _Block(nn.Module):
     block: int = ATTENTION_BLOCK
 
     @nn.compact
-    def __call__(
-        self, x: Array, cache: KVCache, visible: Array | SlotMask
-    ) -> tuple[Array, KVCache]:
+    def __call__(self, x: Array, cache: _Cache, visible: Array | SlotMask) -> tuple[Array, _Cache]:
         eps = self.config.layer_norm_epsilon
         ln = lambda name: nn.LayerNorm(
             epsilon=eps, dtype=self.dtype, param_dtype=self.dtype, name=name
@@ -111,7 +110,7 @@ class _Block(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    """GPT-2 over an explicit `KVCache`.
+    """GPT-2 over an explicit cache (`KVCache`, `QuantizedKVCache` or `PagedCache`).
 
     `__call__(ids [B, T], positions [B, T], cache, attention_mask [B, T])`
     writes the T new tokens at each row's `cache.index` and returns
@@ -125,8 +124,8 @@ class GPT2LMHeadModel(nn.Module):
 
     @nn.compact
     def __call__(
-        self, ids: Array, positions: Array, cache: KVCache, attention_mask: Array
-    ) -> tuple[Array, KVCache]:
+        self, ids: Array, positions: Array, cache: _Cache, attention_mask: Array
+    ) -> tuple[Array, _Cache]:
         cfg = self.config
         wte = nn.Embed(
             cfg.vocab_size, cfg.n_embd, dtype=self.dtype, param_dtype=self.dtype, name="wte"
@@ -138,15 +137,18 @@ class GPT2LMHeadModel(nn.Module):
         # Which cache slots each new token may attend to: real tokens (mask after
         # this write) at or before its own slot.
         slots, _ = slot_mask(cache, attention_mask)
-        # Short calls over a short cache: the dense [B, T, S] mask, built once.
-        direct = not blocked(ids.shape[1], cache.max_len, self.attention_block)
+        # Short calls over a short cache: the dense [B, T, S] mask, built once
+        # (pages are always read block by block, through the `SlotMask`).
+        direct = not isinstance(cache, PagedCache) and not blocked(
+            ids.shape[1], cache.max_len, self.attention_block
+        )
         visible = slots.dense() if direct else slots
         for i in range(cfg.n_layer):
             x, cache = _Block(cfg, i, self.dtype, self.attention_block, name=f"h_{i}")(
                 x, cache, visible
             )
-        if self.last_only:
-            x = x[:, -1:]
+        if self.last_only:  # the last real token (a paged prefill's chunk is right-padded)
+            x = last_real(x, attention_mask)
         x = nn.LayerNorm(
             epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.dtype, name="ln_f"
         )(x)
@@ -165,6 +167,27 @@ def _init_cache(
         layers=config.n_layer,
         batch=batch,
         max_len=max_len,
+        heads=config.n_head,
+        head_dim=config.head_dim,
+        dtype=cache_dtype or dtype,
+    )
+
+
+def _init_paged(
+    config: GPT2Config,
+    dtype: Any,
+    batch: int,
+    max_len: int,
+    pages: int,
+    page_size: int,
+    cache_dtype: Any = None,
+) -> PagedCache:
+    return init_paged(
+        layers=config.n_layer,
+        batch=batch,
+        max_len=max_len,
+        pages=pages,
+        page_size=page_size,
         heads=config.n_head,
         head_dim=config.head_dim,
         dtype=cache_dtype or dtype,
@@ -196,9 +219,9 @@ def _apply(
     params: Any,
     ids: Array,
     positions: Array,
-    cache: KVCache,
+    cache: _Cache,
     attention_mask: Array,
-) -> tuple[Array, KVCache]:
+) -> tuple[Array, _Cache]:
     return module.apply(lora.flax_variables(params), ids, positions, cache, attention_mask)
 
 
@@ -254,6 +277,7 @@ def gpt2_decoder(
         fixed_limit=True,
         activation_bytes=Bound(_activation_bytes, (config, dtype, attention_block)),
         quantized_cache=Bound(_quantized_cache, (config, dtype)),
+        init_paged=Bound(_init_paged, (config, dtype)),
     )
 
 

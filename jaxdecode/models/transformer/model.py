@@ -1,7 +1,9 @@
 """The one decoder skeleton (Flax linen) over the functional KV cache, driven by
 `TransformerConfig`'s fields. Full-attention layers read a `KVCache` of
 `max_len` slots (or a `QuantizedKVCache`: `cache_implementation="quantized"`);
-sliding-window layers a window-sized `RingCache`, float in both cases.
+sliding-window layers a window-sized `RingCache`, float in both cases. On
+pages (`PagedCache`) every layer reads the pool, a sliding one through its
+window mask.
 
 Token embedding (times sqrt(hidden) in the model dtype with `embed_scale`),
 `num_layers` pre-norm blocks, a final RMSNorm, a tied or separate LM head and an
@@ -38,7 +40,7 @@ from jaxdecode.models.layers import (
     RMSNorm,
     apply_rope,
     attend,
-    attend_blocks,
+    attend_cache,
     attention_bytes,
     blocked,
     check_attention_block,
@@ -107,32 +109,9 @@ class _Attention(nn.Module):
                 q, keys, values, visible, cfg.attn_scale, cfg.attn_softcap, block=self.block
             )
             cache = cache.write(self.layer, k, v)
-        elif isinstance(cache, PagedCache):
-            # The row's pages, block by block (always the blocked path).
-            cache = cache.write(self.layer, k, v)
-            out = attend_blocks(
-                q.astype(cache.k.dtype),
-                cache.reader(self.layer),
-                cache.max_len,
-                hkv,
-                cache.v.dtype,
-                visible,
-                cfg.attn_scale,
-                cfg.attn_softcap,
-                self.block,
-                page=cache.page_size,
-            )
-        else:
-            cache = cache.write(self.layer, k, v)
-            out = attend(
-                q,
-                cache.k,
-                cache.v,
-                visible,
-                cfg.attn_scale,
-                cfg.attn_softcap,
-                block=self.block,
-                layer=self.layer,
+        else:  # a stacked cache: dense, quantized or pages
+            out, cache = attend_cache(
+                q, k, v, cache, self.layer, visible, cfg.attn_scale, cfg.attn_softcap, self.block
             )
         out = proj(cfg.hidden_size, "o_proj", cfg.o_bias)(out.reshape(b, t, hq * d))
         return out, cache
@@ -266,6 +245,10 @@ class Transformer(nn.Module):
             cos, sin = tables[cfg.layer_types[i]]
             if kind == "sliding_attention":
                 x, ring = block(x, ring, ring_visible, cos, sin)
+            elif paged and cfg.layer_types[i] == "sliding_attention":
+                # On pages, a sliding layer reads the pool with the window mask
+                # (key blocks before the window are skipped).
+                x, full = block(x, full, full_visible.with_window(cfg.sliding_window), cos, sin)
             else:
                 # Without a ring (no sliding layer), every layer reads the full cache.
                 x, full = block(x, full, full_visible, cos, sin)
@@ -344,7 +327,9 @@ def _init_paged(
     page_size: int,
     cache_dtype: Any = None,
 ) -> PagedCache:
-    """A `PagedCache` of every layer (models without sliding-window layers)."""
+    """A `PagedCache` of every layer, sliding-window layers included: they read
+    the pages through the window mask, so their compute is bound by the window
+    but their memory is not (it holds every token, as a full layer's does)."""
     return init_paged(
         layers=config.num_layers,
         batch=batch,
@@ -455,8 +440,9 @@ def transformer_decoder(
 
     Sliding-window layers keep `min(max_len, sliding_window + ring_slack)`
     slots per row (`RingCache`), full layers `max_len` (`KVCache`, or
-    `QuantizedKVCache` through `Decoder.with_cache`). A model without sliding
-    layers can also keep its cache in pages (`init_paged`, `PagedCache`).
+    `QuantizedKVCache` through `Decoder.with_cache`). Any model can also keep
+    its cache in pages (`init_paged`, `PagedCache`): every layer, sliding ones
+    included (their window applied as a mask over the pages).
     """
     attention_block = check_attention_block(attention_block)
     if isinstance(ring_slack, bool) or not isinstance(ring_slack, int) or ring_slack < 1:
@@ -477,10 +463,8 @@ def transformer_decoder(
         activation_bytes=Bound(_activation_bytes, (config, dtype, attention_block)),
         apply_routed=Bound(_apply_routed, (module, last)) if moe_layers else None,
         routed_shape=(moe_layers, config.experts_per_token) if moe_layers else None,
-        # Pages for full-attention models; a sliding layer keeps its ring.
-        init_paged=None
-        if "sliding_attention" in config.layer_types
-        else Bound(_init_paged, (config, dtype)),
+        # Pages for every layer; a sliding layer reads its window of them.
+        init_paged=Bound(_init_paged, (config, dtype)),
     )
 
 
