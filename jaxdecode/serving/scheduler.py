@@ -311,7 +311,8 @@ class Engine:
 
     Attributes:
         cache_bytes, state_bytes: device bytes of the slot cache (paged: the
-            pool) and of the rest of the slot state (estimate).
+            pool) and of the rest of the slot state (estimate). `page_bytes`
+            and `kv_bytes_in_use` give the pool's bytes per page and in use.
         table_bytes: device bytes of the constraint table (0 without one).
 
     Raises:
@@ -813,11 +814,27 @@ class Engine:
             writing.update(it.keys)
         if queue is not None and not queue:
             del self._pending[0]
-        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak * self._page_bytes())
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak * self.page_bytes)
         self._run_chunks()
 
-    def _page_bytes(self) -> int:
-        return self._state.dec.cache.page_bytes()
+    @property
+    def page_bytes(self) -> int | None:
+        """Device bytes of one page of the pool: its keys and values over every
+        layer (a quantized pool: codes and scales); None for the dense slot
+        cache. A page holds `page_size` tokens of one row."""
+        if self._pool is None:
+            return None
+        return int(self._state.dec.cache.page_bytes())
+
+    @property
+    def kv_bytes_in_use(self) -> int:
+        """Device bytes of the KV cache rows hold now: the pages held by running
+        or prefilling rows (cached prefix pages no row holds are not counted);
+        the dense slot cache, its whole size (`stats.peak_kv_bytes` is the
+        peak of this)."""
+        if self._pool is None:
+            return self.cache_bytes
+        return self._pool.held * self.page_bytes
 
     def _chunk_of(self, it: _Pending) -> tuple[bool, int, int]:
         """`(final, real tokens, padded width)` of the prompt's next chunk."""
@@ -895,7 +912,7 @@ class Engine:
             self._preempt(max(self._owner, key=lambda s: self._owner[s].order))
         for slot, n in need.items():
             self._owner[slot].pages += pool.allocate(n)
-        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak * self._page_bytes())
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak * self.page_bytes)
         cols = pages_for(self.max_len, ps)
         table = np.full((self._size, cols), pool.pages, np.int32)
         active = np.zeros((self._size,), bool)

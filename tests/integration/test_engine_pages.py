@@ -158,7 +158,7 @@ def test_samples_of_one_prompt_share_its_pages():
     )  # fmt: skip
     engine.submit([prompt] * 16, seeds)
     results = sorted(engine, key=lambda r: r.index)
-    page = engine._state.dec.cache.page_bytes() / 4  # bytes per token slot
+    page = engine.page_bytes / 4  # bytes per token slot
     ideal = (40 + 16 * 8) * page
     assert engine.stats.prefix_tokens == 15 * 36  # 9 full pages below the last token
     assert engine.stats.peak_kv_bytes <= 1.2 * ideal + 16 * 4 * page  # + a partial page per row
@@ -238,3 +238,26 @@ def test_generate_many_on_pages_equals_dense():
     paged = jd.generate_many(lm, prompts, page_size=8, prefill_chunk=16, **kw)
     for a, b in zip(dense, paged, strict=True):
         np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_page_bytes_and_bytes_in_use():
+    """`page_bytes` is one page's keys and values over every layer;
+    `kv_bytes_in_use` the pages rows hold (none once every row is done); the
+    dense engine has no pages and holds its whole cache."""
+    lm = tiny_llama()
+    config = lm.generation_config.replace(do_sample=False, max_new_tokens=6)
+    engine = Engine(
+        lm, slots=2, max_len=32, config=config, steps_per_call=2, prompt_buckets=[16],
+        page_size=4,
+    )  # fmt: skip
+    # keys and values x 2 layers x 2 KV heads x 4 slots x head_dim 8 x float32
+    assert engine.page_bytes == 2 * 2 * 2 * 4 * 8 * 4
+    engine.submit([list(range(1, 11)), list(range(11, 21))])
+    assert engine.kv_bytes_in_use == 0
+    engine.step()  # each row: 10 prompt tokens + the 2 fed in the call's steps, 3 pages
+    assert engine.kv_bytes_in_use == 2 * 3 * engine.page_bytes
+    list(engine)
+    assert engine.kv_bytes_in_use == 0 < engine.stats.peak_kv_bytes
+    dense = Engine(lm, slots=2, max_len=32)
+    assert dense.page_bytes is None
+    assert dense.kv_bytes_in_use == dense.cache_bytes == dense.stats.peak_kv_bytes
