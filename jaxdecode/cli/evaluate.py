@@ -400,7 +400,7 @@ def _eval_engine(args: argparse.Namespace, lm, mesh, items: list, write) -> None
                 steps_per_call=args.steps_per_call,
                 prefill_rows=args.prefill_rows,
                 # Below 8 slots the smaller programs cost more to compile than they save.
-                compact_tail=args.batch_size >= 8 and args.page_size is None,
+                compact_tail=args.batch_size >= 8,
                 mesh=mesh,
                 **_page_options(args),
             )

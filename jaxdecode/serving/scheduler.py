@@ -357,9 +357,7 @@ class Engine:
         _check_strategy(self.config)
         decoder.check_routed(self.config.output_routed_experts)
         self.decoder = decoder
-        self._pool = self._check_pages(
-            page_size, kv_pages, prefix_cache, prefill_chunk, compact_tail
-        )
+        self._pool = self._check_pages(page_size, kv_pages, prefix_cache, prefill_chunk)
         self.tokenizer = getattr(model, "tokenizer", None)
         self._key = group_key(self.config, lengths_per_row=True)
         self._arrayed = arrayed_fields(self.config, self.slots)
@@ -453,14 +451,21 @@ class Engine:
         if len(self._levels) == 1 or self._warmed == (shape,):
             return
         state = programs.empty_program(
-            self._plan, self.max_len, self._template(self.slots), self._stop
+            self._plan, self.max_len, self._template(self.slots), self._stop, self._pool_shape()
         )
         for size in self._levels[1:]:
             state = programs.take_program(state, jnp.arange(size, dtype=jnp.int32))
             plan, prepared = self._small[size]
-            state, _, _ = programs.decode_program(
-                plan, self.steps_per_call, prepared, state, jnp.int32(size + 1)
-            )
+            if self._pool is None:
+                state, _, _ = programs.decode_program(
+                    plan, self.steps_per_call, prepared, state, jnp.int32(size + 1)
+                )
+            else:  # every row inactive: no page written
+                table = np.full((size, pages_for(self.max_len, self.page_size)), self.kv_pages)
+                state, _, _ = programs.decode_pages_program(
+                    plan, self.steps_per_call, prepared, state, jnp.int32(size + 1),
+                    table.astype(np.int32), np.zeros((size,), bool),
+                )  # fmt: skip
         del state
         self._warmed = (shape,)
 
@@ -485,7 +490,6 @@ class Engine:
         kv_pages: Any,
         prefix_cache: Any,
         prefill_chunk: Any,
-        compact_tail: bool,
     ) -> PagePool | None:
         """The page pool of a paged engine (None: the dense slot cache), after
         checking the paged options."""
@@ -507,16 +511,10 @@ class Engine:
                 "(models with sliding-window layers and GPT-2 keep the dense slot cache); "
                 "use page_size=None"
             )
-        if self.mesh is not None or compact_tail:
-            what = "mesh" if self.mesh is not None else "compact_tail=True"
+        if self.mesh is not None:
             raise ValueError(
-                f"page_size={page_size} with {what}: the paged engine runs on one device "
-                "without compaction; use page_size=None for that"
-            )
-        if self.config.cache_implementation == "quantized":
-            raise ValueError(
-                f"page_size={page_size} with cache_implementation='quantized': pages hold "
-                "float keys and values; use page_size=None for a quantized cache"
+                f"page_size={page_size} with a mesh: the paged engine runs on one device "
+                "(its pool is shared by every row); use page_size=None on a mesh"
             )
         per_row = pages_for(self.max_len, page_size)
         pages = self.slots * per_row if kv_pages is None else _check_int("kv_pages", kv_pages, 1)
@@ -692,8 +690,8 @@ class Engine:
         if not self._owner:
             return []
         waiting = self._waiting()
-        if not waiting:
-            self._compact()
+        if not waiting and not any(it.filling for it in self._owner.values()):
+            self._compact()  # (paged: not while a prompt is being read in chunks)
         free = len(self._free)
         if self._pool is not None:
             table, active = self._decode_pages()
@@ -737,8 +735,8 @@ class Engine:
     def _expand(self) -> None:
         """Back to all slots (prompts were submitted after compaction)."""
         full = programs.empty_program(
-            self._plan, self.max_len, self._template(self.slots), self._stop
-        )
+            self._plan, self.max_len, self._template(self.slots), self._stop, self._pool_shape()
+        )  # paged: its pool is dropped, the rows' own comes with them (`PagedCache.put_rows`)
         rows = jnp.arange(self._size, dtype=jnp.int32)
         self._state = programs.spread_program(full, self._state, rows)
         self._free = sorted(self._free + list(range(self._size, self.slots)))
@@ -789,6 +787,8 @@ class Engine:
         prompt being prefilled."""
         pool, ps = self._pool, self.page_size
         queue = self._pending.get(0)
+        if queue and self._size < self.slots:
+            self._expand()
         decoding = sum(not it.filling for it in self._owner.values())
         reserve = decoding * pages_for(self.steps_per_call + 1, ps)
         writing = {k for it in self._owner.values() if it.filling for k in it.keys}

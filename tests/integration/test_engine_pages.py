@@ -83,8 +83,10 @@ SAMPLED = dict(do_sample=True, top_k=0, top_p=0.95, output_raw_logprobs=True, lo
         dict(page_size=4),  # prefix hits
         dict(page_size=4, prefill_chunk=8),  # hits and chunks
         dict(page_size=4, kv_pages=14, prefill_chunk=16),  # rows wait and are preempted
+        # The tail's rows moved into smaller states and back (and preempted).
+        dict(page_size=4, kv_pages=14, prefill_chunk=8, compact_tail=True),
     ],
-    ids=["pages", "prefix", "chunks", "tiny-pool"],
+    ids=["pages", "prefix", "chunks", "tiny-pool", "compact"],
 )
 def test_paged_engine_equals_generate_alone(pages):
     lm = tiny_llama()
@@ -110,10 +112,37 @@ def test_paged_engine_equals_generate_alone(pages):
     # Every prompt token was computed or taken from the cache (more with preemptions).
     read = stats.prefill_tokens + stats.prefix_tokens
     assert read >= sum(map(len, prompts)) and (stats.preemptions or read == sum(map(len, prompts)))
+    if "compact_tail" in pages:
+        assert stats.row_steps < stats.steps * 3, "the tail never ran in a smaller state"
     if "kv_pages" in pages:
         assert stats.preemptions > 0, "the tiny pool never ran out"
         assert stats.peak_kv_bytes <= engine.cache_bytes
     assert 0 < stats.peak_kv_bytes <= engine.cache_bytes
+
+
+def test_quantized_pages_equal_generate_with_the_quantized_cache():
+    """`cache_implementation="quantized"` on pages (a pool of 4-bit code pages
+    and scale pages): each prompt equals `generate` with the quantized cache on
+    it alone, with prefix hits and chunks; the pool is a fraction of the float one."""
+    lm = tiny_llama()
+    prompts = _workload(9, n=5)
+    config = lm.generation_config.replace(
+        **SAMPLED, cache_implementation="quantized", cache_config={"nbits": 4}
+    )
+    options = [{"seed": 11 + i, "temperature": 0.7 + 0.1 * i} for i in range(5)]
+    kw = dict(slots=3, max_len=80, steps_per_call=3, prompt_buckets=BUCKETS, page_size=4)
+    engine = Engine(lm, config=config, prefill_chunk=8, **kw)
+    engine.submit(prompts, options)
+    results = sorted(engine, key=lambda r: r.index)
+    for prompt, opt, res in zip(prompts, options, results, strict=True):
+        _check_alone(lm, config, prompt, opt, res)
+    assert engine.stats.prefix_tokens >= 3 * 20, "the shared system prompt was not reused"
+    float_pool = Engine(
+        lm, config=config.replace(cache_implementation=None, cache_config=None), **kw
+    )
+    # head_dim 8 at 4 bits: 4 bytes of codes + 8 of scales per token and head, against 32
+    assert engine.page_bytes / float_pool.page_bytes == (4 + 8) / 32
+    assert engine.kv_pages == float_pool.kv_pages
 
 
 def test_greedy_constraints_stop_strings_and_prompt_logprobs():
@@ -200,8 +229,8 @@ def test_refusals_before_anything_runs():
         Engine(lm, slots=2, max_len=64, kv_pages=8)
     with pytest.raises(ValueError, match="page_size must be an integer >= 1"):
         Engine(lm, slots=2, max_len=64, page_size=0)
-    with pytest.raises(ValueError, match="compact_tail"):
-        Engine(lm, slots=2, max_len=64, page_size=4, compact_tail=True)
+    with pytest.raises(ValueError, match="page_size=4 with a mesh: the paged engine runs on one"):
+        Engine(lm, slots=2, max_len=64, page_size=4, mesh=jd.make_mesh(1, 1))
     from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder
     from jaxdecode.models.gpt2 import init_params as gpt2_params
 

@@ -64,6 +64,11 @@ _Cache = _FullCache | PagedCache | tuple[_FullCache, RingCache]
 __all__ = ["Transformer", "init_params", "transformer_decoder"]
 
 
+def _paged(cache: _LayerCache) -> bool:
+    """Whether a layer cache is a pool of pages (float, or quantized codes)."""
+    return isinstance(cache, PagedCache) or (isinstance(cache, QuantizedKVCache) and cache.paged)
+
+
 class _Attention(nn.Module):
     config: TransformerConfig
     layer: int  # this layer's index in its cache's stack
@@ -107,7 +112,7 @@ class _Attention(nn.Module):
                 q, keys, values, visible, cfg.attn_scale, cfg.attn_softcap, block=self.block
             )
             cache = cache.write(self.layer, k, v)
-        elif isinstance(cache, PagedCache):
+        elif _paged(cache):
             # The row's pages, block by block (always the blocked path).
             cache = cache.write(self.layer, k, v)
             out = attend_blocks(
@@ -253,7 +258,7 @@ class Transformer(nn.Module):
         }
         # Short calls over a short cache: the dense mask built once.
         full_visible = slots
-        paged = isinstance(full, PagedCache)
+        paged = _paged(full)
         if not paged and not blocked(ids.shape[1], full.max_len, self.attention_block):
             full_visible = slots.dense()
         stacked = {"full_attention": 0, "sliding_attention": 0}
