@@ -374,9 +374,10 @@ def init_quantized(
         nbits: 2, 4 or 8 bits per code.
         group: features per scale, dividing `head_dim` (None: `head_dim`).
         dtype: the dtype keys and values are read back in.
-        pages, page_size: with both, a pool of `pages` pages of `page_size`
-            slots addressed by page tables (`init_paged`: a paged engine's
-            quantized cache); None: `max_len` slots per row.
+        pages: with `page_size`, a pool of `pages` pages addressed by page
+            tables (`init_paged`: a paged engine's quantized cache); None:
+            `max_len` slots per row.
+        page_size: token slots per page (with `pages`).
 
     Raises:
         ValueError: for bits or a group the cache cannot hold, naming them.

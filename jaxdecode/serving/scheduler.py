@@ -292,7 +292,11 @@ class Engine:
             by free pages, `max_len` bounds each row (prompt bucket plus
             `max_new_tokens`) without being allocated per slot, and a step
             reads only each row's live pages. Needs a model with a paged
-            cache (the skeleton's families without sliding-window layers).
+            cache (the skeleton's families without sliding-window layers) and
+            one device (no `mesh`). With `cache_implementation="quantized"`
+            the pool holds code pages and scale pages (`QuantizedKVCache`
+            over a `PagedCache`); with `compact_tail` rows move with their
+            page tables.
         kv_pages: pages in the pool (paged; default `slots * ceil(max_len /
             page_size)`, the dense cache's size). A prompt whose tokens plus
             `max_new_tokens` need more pages than the pool has is refused at

@@ -120,6 +120,31 @@ def test_paged_engine_equals_generate_alone(pages):
     assert 0 < stats.peak_kv_bytes <= engine.cache_bytes
 
 
+def test_compacted_paged_rows_move_back_when_prompts_arrive():
+    """`compact_tail` on pages: the tail runs in a state of one row, and a
+    submit then moves it back to every slot (its pages with it); every prompt
+    equals `generate` alone."""
+    lm = tiny_llama()
+    config = lm.generation_config.replace(**SAMPLED)
+    engine = Engine(
+        lm, slots=4, max_len=80, config=config, steps_per_call=2, prompt_buckets=BUCKETS,
+        page_size=4, compact_tail=True,
+    )  # fmt: skip
+    first, later = _workload(10, n=2), _workload(11, n=4)
+    options = [{"seed": 20 + i, "max_new_tokens": 3 if i == 1 else 12} for i in range(6)]
+    engine.submit(first, options[:2])
+    results = []
+    while engine._size > 1:  # the short row finishes, the long one is compacted
+        results += engine.step()
+    engine.submit(later, options[2:])
+    results += engine.step()
+    assert engine._size == 4, "a submit after compaction did not move the rows back"
+    results += list(engine)
+    results.sort(key=lambda r: r.index)
+    for prompt, opt, res in zip(first + later, options, results, strict=True):
+        _check_alone(lm, config, prompt, opt, res)
+
+
 def test_quantized_pages_equal_generate_with_the_quantized_cache():
     """`cache_implementation="quantized"` on pages (a pool of 4-bit code pages
     and scale pages): each prompt equals `generate` with the quantized cache on
