@@ -179,8 +179,11 @@ def test_quantized_pages_give_the_quantized_dense_logits(nbits):
         pc.put_rows(jnp.asarray([0]), kv.take_rows(jnp.asarray([0])))
 
 
-def test_exports_for_tpu_and_cuda():
+@pytest.mark.parametrize("nbits", [None, 8])  # float pages, quantized pages
+def test_exports_for_tpu_and_cuda(nbits):
     decoder, params = _model()
+    if nbits is not None:
+        decoder = decoder.with_cache(jd.QuantizedCacheConfig(nbits=nbits))
     cache = _paged(decoder, 2, 40)
     ids = jnp.ones((2, 1), jnp.int32)
     jax.export.export(jax.jit(decoder.apply), platforms=("tpu", "cuda"))(
