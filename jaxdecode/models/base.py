@@ -157,6 +157,10 @@ class Decoder:
         paged = None
         if self.init_paged is not None:  # a pool of code and scale pages
             paged = Bound(_bound_quantized_paged, (self.init_paged, quantized))
+            try:  # a paged cache other than one PagedCache has no quantized pool
+                jax.eval_shape(lambda: paged(1, 1, 1, 1, None))
+            except ValueError:
+                paged = None
         return dataclasses.replace(self, init_cache=build, init_paged=paged)
 
     def prefill_last(
