@@ -515,6 +515,13 @@ class Engine:
                 "(models with sliding-window layers and GPT-2 keep the dense slot cache); "
                 "use page_size=None"
             )
+        quantized = self.config.quantized_cache()
+        if quantized is not None and self.decoder.with_cache(quantized).init_paged is None:
+            raise ValueError(
+                f"page_size={page_size} with cache_implementation='quantized': the model "
+                f"{self.decoder.name!r} has no quantized paged cache (its paged cache is not "
+                "one PagedCache); use page_size=None for a quantized cache"
+            )
         if self.mesh is not None:
             raise ValueError(
                 f"page_size={page_size} with a mesh: the paged engine runs on one device "

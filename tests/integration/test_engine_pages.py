@@ -9,6 +9,7 @@ the byte tokenizer, so constraints and stop strings run too.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -256,6 +257,12 @@ def test_refusals_before_anything_runs():
         Engine(lm, slots=2, max_len=64, page_size=0)
     with pytest.raises(ValueError, match="page_size=4 with a mesh: the paged engine runs on one"):
         Engine(lm, slots=2, max_len=64, page_size=4, mesh=jd.make_mesh(1, 1))
+    # A paged cache that is not one PagedCache (a tuple here) has no quantized pool.
+    pair = lm.decoder.init_paged
+    odd = lm.replace(decoder=dataclasses.replace(lm.decoder, init_paged=lambda *a: (pair(*a),)))
+    q8 = lm.generation_config.replace(cache_implementation="quantized", cache_config={"nbits": 8})
+    with pytest.raises(ValueError, match="page_size=4 with cache_implementation='quantized'"):
+        Engine(odd, slots=2, max_len=64, page_size=4, config=q8)
     from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder
     from jaxdecode.models.gpt2 import init_params as gpt2_params
 
