@@ -288,7 +288,7 @@ def pages_check(lm, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     engine.submit([prompt] * 16, [{"seed": s} for s in range(16)])
     results = list(engine)
-    per_token = engine._state.dec.cache.page_bytes() / engine.page_size
+    per_token = engine.page_bytes / engine.page_size
     ideal = (len(prompt) + sum(len(r.tokens) for r in results)) * per_token
     group = {
         "seconds": time.perf_counter() - t0,

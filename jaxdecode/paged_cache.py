@@ -28,8 +28,9 @@ methods (`take_rows`, `put_rows`, `gather_rows`, `rewind`, `partition_specs`,
 the whole pool and `put_rows` takes the pool of `new` (written through a view
 of this cache: `with_rows`).
 
-The pool is a plain array of keys and values; a quantized pool would keep its
-int8 pages and per-token scales beside them, indexed by the same tables.
+The pool is a plain array of keys and values; a quantized pool
+(`QuantizedKVCache` over a `PagedCache` of codes) keeps its code pages and scale
+pages beside each other, indexed by the same tables.
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ class PagedCache:
             mask=slot < start[:, None],
             index=jnp.asarray(start, jnp.int32),
         )
+
+    def assign(self, table: Array, index: Array) -> PagedCache:
+        """These rows with page tables `table: [batch, max_pages]` and next slots
+        `index: [batch]` (masks kept): how the host's tables reach a program."""
+        return self.replace(table=table, index=index)
 
     def rewind(self, n: Array, *, width: int | None = None) -> PagedCache:
         """Forgets each row's last `n: [batch]` written slots (keys and values

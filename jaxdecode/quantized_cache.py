@@ -24,12 +24,17 @@ call), chunked or row-by-row prefill and the engine give the tokens of
 one-at-a-time decoding. (transformers returns the current call's own float keys
 and keeps a float residual of recent tokens: see `docs/guides/generation.md`.)
 
-Storage: two `KVCache`s of the same rows and slots, `codes` (`uint8 [layers,
-batch, heads, max_len, head_dim * nbits / 8]`) and `scales` (`float32 [layers,
-batch, heads, max_len, 2 * groups]`: each group's step, then each group's
-minimum). Every protocol method (`take_rows`, `put_rows`, `gather_rows`,
-`rewind`, `partition_specs`, `nbytes`) is the dense cache's, applied to both, so
-beam search, speculation, the engine and sharding treat it like any cache.
+Storage: `codes`, a `KVCache` of `uint8 [layers, batch, heads, max_len,
+head_dim * nbits / 8]` with the rows' mask and index, and the scales beside it,
+`float32 [layers, batch, heads, max_len, 2 * groups]` (each group's step, then
+each group's minimum), read and written as a `KVCache` view of the same rows
+(`scales`), so the mask and index are stored once. Every protocol method
+(`take_rows`, `put_rows`, `gather_rows`, `rewind`, `partition_specs`, `nbytes`)
+is the dense cache's, applied to both, so beam search, speculation, the engine
+and sharding treat it like any cache. A paged engine's quantized pool is the
+same class over a `PagedCache` of codes (`init_quantized(pages=, page_size=)`):
+pools of code pages and scale pages addressed by the same page tables, read
+page block by page block (`reader`) and dequantized as they are read.
 Attention reads `k` / `v` (`QuantizedKV` views): `layers.attend` dequantizes
 one key block at a time on its blocked path (a decode step over a wide cache, a
 long prefill), the whole layer only on its direct path (short calls over short
@@ -45,7 +50,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxdecode import pytree
-from jaxdecode.cache import KVCache, init_cache
+from jaxdecode.cache import KVCache, cache_nbytes, init_cache
+from jaxdecode.paged_cache import PagedCache, init_paged
 
 Array = jax.Array
 
@@ -165,25 +171,47 @@ class QuantizedKV:
 class QuantizedKVCache:
     """Keys and values of every full-attention layer, quantized (module docstring).
 
+    The rows' bookkeeping (`mask`, `index`, and a paged pool's tables) lives
+    once, in `codes`; the scales are bare arrays of the same slots, read and
+    written through `scales`, a view of `codes` holding them.
+
     Attributes:
         codes: a `KVCache` whose `k, v` are `uint8 [layers, batch, heads, max_len,
             head_dim * nbits / 8]`, with the rows' `mask [batch, max_len]` and
-            `index [batch]`.
-        scales: a `KVCache` whose `k, v` are `float32 [layers, batch, heads,
-            max_len, 2 * head_dim / group]` (same mask and index).
+            `index [batch]`; or a `PagedCache` whose pools are `uint8 [layers,
+            pages, heads, page_size, head_dim * nbits / 8]`, with its page tables
+            (a paged engine's pool: `init_quantized(pages=, page_size=)`).
+        k_scales: `float32 [layers, batch, heads, max_len, 2 * head_dim / group]`
+            (paged: `[layers, pages, heads, page_size, 2 * head_dim / group]`).
+        v_scales: as `k_scales`.
         nbits: bits per code, 2, 4 or 8 (static: a new width is a new program).
         group: features per scale (static; `head_dim`: one per token and head).
         out_dtype: the dtype keys and values are read back in (static).
     """
 
-    codes: KVCache
-    scales: KVCache
+    codes: KVCache | PagedCache
+    k_scales: Array
+    v_scales: Array
     nbits: int = pytree.field(pytree_node=False, default=8)
     group: int = pytree.field(pytree_node=False, default=64)
     out_dtype: Any = pytree.field(pytree_node=False, default=jnp.float32)
 
+    @property
+    def scales(self) -> KVCache | PagedCache:
+        """The scales as a cache of the same rows (`codes` with the scales in
+        place of the codes): what every protocol method applies to them."""
+        return self.codes.replace(k=self.k_scales, v=self.v_scales)
+
     def _both(self, fn: Any) -> QuantizedKVCache:
-        return self.replace(codes=fn(self.codes), scales=fn(self.scales))
+        """`fn` applied to the codes and to the scales; the rows' bookkeeping
+        (the same in both) is kept once, from the codes'."""
+        scales = fn(self.scales)
+        return self.replace(codes=fn(self.codes), k_scales=scales.k, v_scales=scales.v)
+
+    @property
+    def paged(self) -> bool:
+        """Whether the codes and scales are pools of pages (`PagedCache` codes)."""
+        return isinstance(self.codes, PagedCache)
 
     @property
     def mask(self) -> Array:
@@ -205,32 +233,38 @@ class QuantizedKVCache:
 
     @property
     def k(self) -> QuantizedKV:
-        """Every layer's keys, as `layers.attend` reads them."""
-        return QuantizedKV(self.codes.k, self.scales.k, self.nbits, self.out_dtype)
+        """Every layer's keys, as `layers.attend` reads them (dense codes)."""
+        return QuantizedKV(self.codes.k, self.k_scales, self.nbits, self.out_dtype)
 
     @property
     def v(self) -> QuantizedKV:
-        """Every layer's values, as `layers.attend` reads them."""
-        return QuantizedKV(self.codes.v, self.scales.v, self.nbits, self.out_dtype)
+        """Every layer's values, as `layers.attend` reads them (dense codes)."""
+        return QuantizedKV(self.codes.v, self.v_scales, self.nbits, self.out_dtype)
+
+    @property
+    def dtype(self) -> Any:
+        """The dtype keys and values are read back in."""
+        return self.out_dtype
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the codes, the scales and both copies of mask and index."""
-        return self.codes.nbytes + self.scales.nbytes
+        """Bytes of the codes, the scales, `mask` and `index` (and page tables)."""
+        return self.codes.nbytes + cache_nbytes((self.k_scales, self.v_scales))
 
     def write(self, layer: int, k_new: Array, v_new: Array) -> QuantizedKVCache:
         """Quantizes and writes `k_new, v_new: [batch, T, heads, head_dim]` of one
-        layer at each row's `index` (`KVCache.write`); call `advance` once after
-        all layers."""
+        layer at each row's `index` (`KVCache.write`, `PagedCache.write`); call
+        `advance` once after all layers."""
         kc, ks = quantize(k_new, self.nbits, self.group)
         vc, vs = quantize(v_new, self.nbits, self.group)
+        scales = self.scales.write(layer, ks, vs)
         return self.replace(
-            codes=self.codes.write(layer, kc, vc), scales=self.scales.write(layer, ks, vs)
+            codes=self.codes.write(layer, kc, vc), k_scales=scales.k, v_scales=scales.v
         )
 
     def advance(self, new_mask: Array) -> QuantizedKVCache:
         """Marks `new_mask: [batch, T]` and moves `index` by T (`KVCache.advance`)."""
-        return self._both(lambda c: c.advance(new_mask))
+        return self.replace(codes=self.codes.advance(new_mask))
 
     def rewind(self, n: Array, *, width: int | None = None) -> QuantizedKVCache:
         """Forgets each row's last `n: [batch]` tokens (`KVCache.rewind`): codes and
@@ -238,27 +272,29 @@ class QuantizedKVCache:
         return self._both(lambda c: c.rewind(n, width=width))
 
     def take_rows(self, rows: Array) -> QuantizedKVCache:
-        """The cache of rows `rows: [n]` only."""
+        """The cache of rows `rows: [n]` only (paged: their tables, the whole pool)."""
         return self._both(lambda c: c.take_rows(rows))
 
     def put_rows(self, rows: Array, new: QuantizedKVCache) -> QuantizedKVCache:
         """Rows `rows: [n]` set from `new`'s (`KVCache.put_rows`: a narrower `new`
-        lands at the start of each row).
+        lands at the start of each row; `PagedCache.put_rows`: `new`'s pools).
 
         Raises:
-            ValueError: when `new` is quantized otherwise (bits or group).
+            ValueError: when `new` is quantized otherwise (bits or group), or is
+                not paged when this cache is (or the other way round).
         """
-        if not isinstance(new, QuantizedKVCache) or (new.nbits, new.group) != (
+        if not isinstance(new, QuantizedKVCache) or (new.nbits, new.group, new.paged) != (
             self.nbits,
             self.group,
+            self.paged,
         ):
             raise ValueError(
-                f"put_rows: a {self.nbits}-bit cache (group {self.group}) takes rows of the "
-                f"same kind, got {type(new).__name__}"
+                f"put_rows: a {self.nbits}-bit {'paged ' if self.paged else ''}cache (group "
+                f"{self.group}) takes rows of the same kind, got {type(new).__name__}"
             )
+        scales = self.scales.put_rows(rows, new.scales)
         return self.replace(
-            codes=self.codes.put_rows(rows, new.codes),
-            scales=self.scales.put_rows(rows, new.scales),
+            codes=self.codes.put_rows(rows, new.codes), k_scales=scales.k, v_scales=scales.v
         )
 
     def gather_rows(self, parent: Array) -> QuantizedKVCache:
@@ -266,8 +302,52 @@ class QuantizedKVCache:
         return self._both(lambda c: c.gather_rows(parent))
 
     def partition_specs(self, mesh: Mesh) -> QuantizedKVCache:
-        """Rows over `data`, heads over `model`, as the dense cache."""
-        return self._both(lambda c: c.partition_specs(mesh))
+        """As the codes' cache: rows over `data`, heads over `model`."""
+        scales = self.scales.partition_specs(mesh)
+        return self.replace(
+            codes=self.codes.partition_specs(mesh), k_scales=scales.k, v_scales=scales.v
+        )
+
+    # A paged pool (`paged`): what `PagedCache` offers the paged engine.
+    @property
+    def pages(self) -> int:
+        """Pages in the pool (paged)."""
+        return self.codes.pages
+
+    @property
+    def page_size(self) -> int:
+        """Token slots per page (paged)."""
+        return self.codes.page_size
+
+    @property
+    def table(self) -> Array:
+        """`[batch, max_pages]` int32, each row's pages (paged)."""
+        return self.codes.table
+
+    def page_bytes(self) -> int:
+        """Bytes of one page of codes and scales over every layer (paged)."""
+        return self.codes.page_bytes() + self.scales.page_bytes()
+
+    def with_rows(self, table: Array, start: Array) -> QuantizedKVCache:
+        """A view of rows with page tables `table` over this pool (`PagedCache.with_rows`)."""
+        return self.replace(codes=self.codes.with_rows(table, start))
+
+    def assign(self, table: Array, index: Array) -> QuantizedKVCache:
+        """These rows with page tables `table` and next slots `index` (`PagedCache.assign`)."""
+        return self.replace(codes=self.codes.assign(table, index))
+
+    def reader(self, layer: int) -> Any:
+        """`read(start, size) -> (keys, values)`, each `[batch, heads, size,
+        head_dim]` in `out_dtype`: the pages of slots `start .. start + size - 1`
+        of one layer, gathered (`PagedCache.reader`) and dequantized (paged)."""
+        codes, scales = self.codes.reader(layer), self.scales.reader(layer)
+
+        def read(start: Array, size: int) -> tuple[Array, Array]:
+            (kc, vc), (ks, vs) = codes(start, size), scales(start, size)
+            back = lambda c, s: dequantize(c, s, self.nbits, self.out_dtype)
+            return back(kc, ks), back(vc, vs)
+
+        return read
 
 
 def init_quantized(
@@ -280,6 +360,8 @@ def init_quantized(
     nbits: int = 8,
     group: int | None = None,
     dtype: Any = jnp.float32,
+    pages: int | None = None,
+    page_size: int | None = None,
 ) -> QuantizedKVCache:
     """An empty quantized cache (all slots masked out, every row writing at slot 0).
 
@@ -292,15 +374,32 @@ def init_quantized(
         nbits: 2, 4 or 8 bits per code.
         group: features per scale, dividing `head_dim` (None: `head_dim`).
         dtype: the dtype keys and values are read back in.
+        pages: with `page_size`, a pool of `pages` pages addressed by page
+            tables (`init_paged`: a paged engine's quantized cache); None:
+            `max_len` slots per row.
+        page_size: token slots per page (with `pages`).
 
     Raises:
         ValueError: for bits or a group the cache cannot hold, naming them.
     """
     group = head_dim if group is None else group
     _check(nbits, head_dim, group)
+    width = 2 * (head_dim // group)  # steps, then minimums
     shape = dict(layers=layers, batch=batch, max_len=max_len, heads=heads)
-    codes = init_cache(**shape, head_dim=head_dim * nbits // 8, dtype=jnp.uint8)
-    scales = init_cache(**shape, head_dim=2 * (head_dim // group), dtype=jnp.float32)
+    if pages is None:
+        codes = init_cache(**shape, head_dim=head_dim * nbits // 8, dtype=jnp.uint8)
+        scales = (layers, batch, heads, max_len, width)
+    else:
+        codes = init_paged(
+            **shape, pages=pages, page_size=page_size, head_dim=head_dim * nbits // 8,
+            dtype=jnp.uint8,
+        )  # fmt: skip
+        scales = (layers, pages, heads, page_size, width)
     return QuantizedKVCache(
-        codes=codes, scales=scales, nbits=nbits, group=group, out_dtype=jnp.dtype(dtype)
+        codes=codes,
+        k_scales=jnp.zeros(scales, jnp.float32),
+        v_scales=jnp.zeros(scales, jnp.float32),
+        nbits=nbits,
+        group=group,
+        out_dtype=jnp.dtype(dtype),
     )

@@ -173,6 +173,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="engine: prompts prefilled together (default min(batch_size, 8))",
     )
+    pages = ev.add_argument_group(
+        "engine: paged KV cache (a pool of pages, admitted by free pages; see the engine guide)"
+    )
+    pages.add_argument(
+        "--page_size",
+        "--page-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the engine's cache in pages of N tokens (e.g. 16; default: dense slots)",
+    )
+    pages.add_argument(
+        "--kv_pages",
+        "--kv-pages",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pages in the pool (default: batch_size * ceil(max_len / page_size))",
+    )
+    pages.add_argument(
+        "--prefix_cache",
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the pages of prompt prefixes seen before (default: on)",
+    )
+    pages.add_argument(
+        "--prefill_chunk",
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prefill long prompts in chunks of at most N tokens between decode steps",
+    )
     ev.add_argument(
         "--chat",
         action="store_true",

@@ -29,6 +29,7 @@ from jaxdecode.cli import common, flags
 from jaxdecode.cli import records as record_io  # `records` is the prompt lines here
 
 _MAX_REPORTED = 20  # bad lines named in one error
+_PAGE_FLAGS = ("page_size", "kv_pages", "prefill_chunk")  # the engine's paged cache
 
 
 def _bad_lines(path: str, errors: list[tuple[int, str]]) -> common.CLIError:
@@ -401,6 +402,7 @@ def _eval_engine(args: argparse.Namespace, lm, mesh, items: list, write) -> None
                 # Below 8 slots the smaller programs cost more to compile than they save.
                 compact_tail=args.batch_size >= 8,
                 mesh=mesh,
+                **_page_options(args),
             )
             engine.submit([e for _, e, _ in group], [c for _, _, c in group])
         except ValueError as e:
@@ -427,6 +429,57 @@ def _eval_engine(args: argparse.Namespace, lm, mesh, items: list, write) -> None
                 lines.append(record_io.eval_result(rec, cfg, [output], args))
             write(lines)
         del engine
+
+
+def _page_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine's paged-cache arguments from `--page_size` and friends."""
+    if args.page_size is None:
+        return {}
+    return dict(
+        page_size=args.page_size,
+        kv_pages=args.kv_pages,
+        prefix_cache=args.prefix_cache,
+        prefill_chunk=args.prefill_chunk,
+    )
+
+
+def _check_page_flags(args: argparse.Namespace) -> None:
+    """One-line errors for the paged-cache flags, before the model is loaded."""
+    if args.page_size is None:
+        for flag in ("kv_pages", "prefill_chunk"):
+            if getattr(args, flag) is not None:
+                raise common.CLIError(
+                    f"--{flag} needs the engine's paged cache: give --page_size too "
+                    "(e.g. --page_size 16)"
+                )
+        if not args.prefix_cache:
+            raise common.CLIError(
+                "--no-prefix_cache needs the engine's paged cache: give --page_size too"
+            )
+        return
+    for flag, given in (
+        ("--static-batching", args.static_batching),
+        ("--assistant_model", args.assistant_model is not None),
+    ):
+        if given:
+            raise common.CLIError(
+                f"--page_size {args.page_size} is the engine's cache, and {flag} runs every "
+                "line in static batches; drop one of them"
+            )
+    if args.mesh is not None:
+        raise common.CLIError(
+            f"--page_size {args.page_size} with --mesh: the paged engine runs on one device; "
+            "drop --page_size to shard the engine's dense slots"
+        )
+
+
+def _check_paged_model(args: argparse.Namespace, lm) -> None:
+    """`--page_size` needs a model with a paged cache."""
+    if args.page_size is not None and lm.decoder.init_paged is None:
+        raise common.CLIError(
+            f"--page_size {args.page_size}: the model {args.model!r} has no paged cache "
+            "(GPT-2 and models with sliding-window layers keep the dense slots); drop --page_size"
+        )
 
 
 def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assistant=None) -> None:
@@ -488,7 +541,18 @@ def _check_line_memory(args: argparse.Namespace, lm, mesh, item: tuple, on_engin
     if on_engine:
         width = bucket_length(len(encoded), "pow2") + config.max_new_tokens
         devices = 1 if mesh is None else mesh.devices.size
-        slot_memory(lm.decoder, config, args.batch_size, width, devices=devices)
+        pool = None
+        if args.page_size is not None:  # the pool `Engine` allocates for this line alone
+            ps = args.page_size
+            need = -(-(len(encoded) + config.max_new_tokens) // ps)
+            if args.kv_pages is not None and need > args.kv_pages:
+                raise ValueError(
+                    f"--kv_pages {args.kv_pages} is too small: its {len(encoded)} tokens plus "
+                    f"max_new_tokens={config.max_new_tokens} need {need} pages of "
+                    f"--page_size {ps}"
+                )
+            pool = (args.kv_pages or args.batch_size * -(-width // ps), ps)
+        slot_memory(lm.decoder, config, args.batch_size, width, devices=devices, pool=pool)
     else:
         check_memory(lm.decoder, config, args.batch_size, len(encoded), mesh=mesh)
 
@@ -530,10 +594,11 @@ def _render_chats(lm, records: list, chat: bool, system: str | None) -> tuple[li
 def cmd_eval(args: argparse.Namespace) -> int:
     """A function over ~80 lines: the command's steps in order (read, check,
     resume, render, serve, report); each step is a call."""
-    for flag in ("batch_size", "steps_per_call", "prefill_rows"):
+    for flag in ("batch_size", "steps_per_call", "prefill_rows", *_PAGE_FLAGS):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise common.CLIError(f"--{flag} must be >= 1, got {value}")
+    _check_page_flags(args)
     if args.system is not None and not args.chat:
         raise common.CLIError("--system needs --chat (it is the chat's system message)")
     _check_paths(args.prompts_file, args.output)
@@ -544,6 +609,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text_lines = [r["_line"] for r in records if "prompt_ids" not in r]
     why = f" for line {text_lines[0]}'s text prompt" if text_lines else None
     lm = common.load_model(args, why)
+    _check_paged_model(args, lm)
     mesh, lm = common.mesh_and_model(args, lm)
     assistant = common.load_assistant(args)
     base_overrides = flags.config_overrides(args)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdecode.errors import ConfigError
+from jaxdecode.paged_cache import PagedCache
+from jaxdecode.quantized_cache import init_quantized
 
 if TYPE_CHECKING:  # the config never imports models; only the annotation needs it
     from jaxdecode.config import GenerationConfig, PagedCacheConfig, QuantizedCacheConfig
@@ -165,7 +167,14 @@ class Decoder:
             jax.eval_shape(lambda: build(1, 1, None))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return dataclasses.replace(self, init_cache=build)
+        paged = None
+        if self.init_paged is not None:  # a pool of code and scale pages
+            paged = Bound(_bound_quantized_paged, (self.init_paged, quantized))
+            try:  # a paged cache other than one PagedCache has no quantized pool
+                jax.eval_shape(lambda: paged(1, 1, 1, 1, None))
+            except ValueError:
+                paged = None
+        return dataclasses.replace(self, init_cache=build, init_paged=paged)
 
     def prefill_last(
         self, params: Any, ids: Array, positions: Array, cache: Any, mask: Array
@@ -275,6 +284,35 @@ def _bound_paged(
     """`Decoder.init_cache` of `Decoder.with_cache` with a paged setting: each
     row owns its pages (`search.loop.prefill` lays out shared prompt pages)."""
     return init_paged(batch, max_len, None, page_size, dtype)
+
+
+def _bound_quantized_paged(
+    init_paged: Callable[..., Any],
+    quantized: QuantizedCacheConfig,
+    batch: int,
+    max_len: int,
+    pages: int,
+    page_size: int,
+    dtype: Any = None,
+) -> Any:
+    """`Decoder.init_paged` of `Decoder.with_cache`: the float pool's layout
+    (`init_paged`'s shapes, nothing allocated) as a pool of codes and scales.
+
+    Raises:
+        ValueError: when the model's paged cache is not one `PagedCache`.
+    """
+    pool = jax.eval_shape(lambda: init_paged(batch, max_len, pages, page_size, dtype))
+    if not isinstance(pool, PagedCache):
+        raise ValueError(
+            f"cache_implementation='quantized' on pages needs a model whose paged cache is "
+            f"one PagedCache, got {type(pool).__name__}"
+        )
+    layers, _, heads, _, head_dim = pool.k.shape
+    return init_quantized(
+        layers=layers, batch=batch, max_len=max_len, heads=heads, head_dim=head_dim,
+        nbits=quantized.nbits, group=quantized.q_group_size, dtype=pool.k.dtype,
+        pages=pages, page_size=page_size,
+    )  # fmt: skip
 
 
 @runtime_checkable

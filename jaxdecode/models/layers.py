@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxdecode.cache import SlotMask
 from jaxdecode.models import lora
 from jaxdecode.paged_cache import PagedCache
-from jaxdecode.quantized_cache import QuantizedKV
+from jaxdecode.quantized_cache import QuantizedKV, QuantizedKVCache
 
 Array = jax.Array
 
@@ -249,9 +249,10 @@ def attend_cache(
     cache, whatever its kind.
 
     A `KVCache` or `QuantizedKVCache` is read by `attend` (its layer sliced out
-    of the stack, dequantized block by block when quantized); a `PagedCache` by
-    `attend_blocks` over the pages each row's table names (`PagedCache.reader`,
-    always the blocked path: `visible` must then be a `SlotMask`).
+    of the stack, dequantized block by block when quantized); a `PagedCache`, or
+    a `QuantizedKVCache` over one, by `attend_blocks` over the pages each row's
+    table names (`reader`: gathered, and dequantized when quantized; always the
+    blocked path: `visible` must then be a `SlotMask`).
 
     Args:
         q: `[batch, T, q_heads, head_dim]` queries.
@@ -265,7 +266,7 @@ def attend_cache(
         `([batch, T, q_heads, head_dim] in the values' dtype, the written cache)`.
     """
     cache = cache.write(layer, k, v)
-    if isinstance(cache, PagedCache):
+    if isinstance(cache, PagedCache) or (isinstance(cache, QuantizedKVCache) and cache.paged):
         out = attend_blocks(
             q.astype(cache.k.dtype),
             cache.reader(layer),

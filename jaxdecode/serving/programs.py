@@ -233,7 +233,7 @@ def chunk_pass(
     last, view, prompt, routed = prompt_pass(plan, params, pages.ids, pages.mask, view, pages.start)
     # Right padding: the next token goes after the real ones, over the padding.
     real = jnp.sum(pages.mask, axis=1).astype(jnp.int32)
-    return last, view.replace(index=pages.start + real), prompt, routed
+    return last, view.assign(view.table, pages.start + real), prompt, routed
 
 
 def prefill_chunk(
@@ -261,9 +261,8 @@ def decode_pages(
     finished and own no page, so their steps write nothing and their index
     (reset to 0) does not widen the key blocks every row reads."""
     cache = state.dec.cache
-    cache = cache.replace(
-        table=jnp.where(active[:, None], table, cache.pages),
-        index=jnp.where(active, cache.index, 0),
+    cache = cache.assign(
+        jnp.where(active[:, None], table, cache.pages), jnp.where(active, cache.index, 0)
     )
     dec = state.dec.replace(cache=cache, done=state.dec.done | ~active)
     return decode(plan, steps, params, state.replace(dec=dec), want)

@@ -293,7 +293,10 @@ class Engine:
             `max_new_tokens`) without being allocated per slot, and a step
             reads only each row's live pages. Needs a model with a paged
             cache (`Decoder.init_paged`: every bundled family; sliding-window
-            layers read their window of the pages).
+            layers read their window of the pages) and one device (no `mesh`).
+            With `cache_implementation="quantized"` the pool holds code pages
+            and scale pages (`QuantizedKVCache` over a `PagedCache`); with
+            `compact_tail` rows move with their page tables.
         kv_pages: pages in the pool (paged; default `slots * ceil(max_len /
             page_size)`, the dense cache's size). A prompt whose tokens plus
             `max_new_tokens` need more pages than the pool has is refused at
@@ -312,7 +315,8 @@ class Engine:
 
     Attributes:
         cache_bytes, state_bytes: device bytes of the slot cache (paged: the
-            pool) and of the rest of the slot state (estimate).
+            pool) and of the rest of the slot state (estimate). `page_bytes`
+            and `kv_bytes_in_use` give the pool's bytes per page and in use.
         table_bytes: device bytes of the constraint table (0 without one).
 
     Raises:
@@ -357,9 +361,7 @@ class Engine:
         _check_strategy(self.config)
         decoder.check_routed(self.config.output_routed_experts)
         self.decoder = decoder
-        self._pool = self._check_pages(
-            page_size, kv_pages, prefix_cache, prefill_chunk, compact_tail
-        )
+        self._pool = self._check_pages(page_size, kv_pages, prefix_cache, prefill_chunk)
         self.tokenizer = getattr(model, "tokenizer", None)
         self._key = group_key(self.config, lengths_per_row=True)
         self._arrayed = arrayed_fields(self.config, self.slots)
@@ -453,14 +455,21 @@ class Engine:
         if len(self._levels) == 1 or self._warmed == (shape,):
             return
         state = programs.empty_program(
-            self._plan, self.max_len, self._template(self.slots), self._stop
+            self._plan, self.max_len, self._template(self.slots), self._stop, self._pool_shape()
         )
         for size in self._levels[1:]:
             state = programs.take_program(state, jnp.arange(size, dtype=jnp.int32))
             plan, prepared = self._small[size]
-            state, _, _ = programs.decode_program(
-                plan, self.steps_per_call, prepared, state, jnp.int32(size + 1)
-            )
+            if self._pool is None:
+                state, _, _ = programs.decode_program(
+                    plan, self.steps_per_call, prepared, state, jnp.int32(size + 1)
+                )
+            else:  # every row inactive: no page written
+                table = np.full((size, pages_for(self.max_len, self.page_size)), self.kv_pages)
+                state, _, _ = programs.decode_pages_program(
+                    plan, self.steps_per_call, prepared, state, jnp.int32(size + 1),
+                    table.astype(np.int32), np.zeros((size,), bool),
+                )  # fmt: skip
         del state
         self._warmed = (shape,)
 
@@ -552,7 +561,6 @@ class Engine:
         kv_pages: Any,
         prefix_cache: Any,
         prefill_chunk: Any,
-        compact_tail: bool,
     ) -> PagePool | None:
         """The page pool of a paged engine (None: the dense slot cache), after
         checking the paged options."""
@@ -574,16 +582,17 @@ class Engine:
                 "(Decoder.init_paged: the bundled families have one, an adapted model "
                 "may not); use page_size=None"
             )
-        if self.mesh is not None or compact_tail:
-            what = "mesh" if self.mesh is not None else "compact_tail=True"
+        quantized = self.config.quantized_cache()
+        if quantized is not None and self.decoder.with_cache(quantized).init_paged is None:
             raise ValueError(
-                f"page_size={page_size} with {what}: the paged engine runs on one device "
-                "without compaction; use page_size=None for that"
+                f"page_size={page_size} with cache_implementation='quantized': the model "
+                f"{self.decoder.name!r} has no quantized paged cache (its paged cache is not "
+                "one PagedCache); use page_size=None for a quantized cache"
             )
-        if self.config.cache_implementation == "quantized":
+        if self.mesh is not None:
             raise ValueError(
-                f"page_size={page_size} with cache_implementation='quantized': pages hold "
-                "float keys and values; use page_size=None for a quantized cache"
+                f"page_size={page_size} with a mesh: the paged engine runs on one device "
+                "(its pool is shared by every row); use page_size=None on a mesh"
             )
         per_row = pages_for(self.max_len, page_size)
         pages = self.slots * per_row if kv_pages is None else _check_int("kv_pages", kv_pages, 1)
@@ -759,8 +768,8 @@ class Engine:
         if not self._owner:
             return []
         waiting = self._waiting()
-        if not waiting:
-            self._compact()
+        if not waiting and not any(it.filling for it in self._owner.values()):
+            self._compact()  # (paged: not while a prompt is being read in chunks)
         free = len(self._free)
         if self._pool is not None:
             table, active = self._decode_pages()
@@ -804,8 +813,8 @@ class Engine:
     def _expand(self) -> None:
         """Back to all slots (prompts were submitted after compaction)."""
         full = programs.empty_program(
-            self._plan, self.max_len, self._template(self.slots), self._stop
-        )
+            self._plan, self.max_len, self._template(self.slots), self._stop, self._pool_shape()
+        )  # paged: its pool is dropped, the rows' own comes with them (`PagedCache.put_rows`)
         rows = jnp.arange(self._size, dtype=jnp.int32)
         self._state = programs.spread_program(full, self._state, rows)
         self._free = sorted(self._free + list(range(self._size, self.slots)))
@@ -863,6 +872,8 @@ class Engine:
         prompt being prefilled."""
         pool, ps = self._pool, self.page_size
         queue = self._pending.get(0)
+        if queue and self._size < self.slots:
+            self._expand()
         decoding = sum(not it.filling for it in self._owner.values())
         reserve = decoding * pages_for(self.steps_per_call + 1, ps)
         writing = {k for it in self._owner.values() if it.filling for k in it.keys}
@@ -888,11 +899,27 @@ class Engine:
             writing.update(it.keys)
         if queue is not None and not queue:
             del self._pending[0]
-        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak * self._page_bytes())
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak * self.page_bytes)
         self._run_chunks()
 
-    def _page_bytes(self) -> int:
-        return self._state.dec.cache.page_bytes()
+    @property
+    def page_bytes(self) -> int | None:
+        """Device bytes of one page of the pool: its keys and values over every
+        layer (a quantized pool: codes and scales); None for the dense slot
+        cache. A page holds `page_size` tokens of one row."""
+        if self._pool is None:
+            return None
+        return int(self._state.dec.cache.page_bytes())
+
+    @property
+    def kv_bytes_in_use(self) -> int:
+        """Device bytes of the KV cache rows hold now: the pages held by running
+        or prefilling rows (cached prefix pages no row holds are not counted);
+        the dense slot cache, its whole size (`stats.peak_kv_bytes` is the
+        peak of this)."""
+        if self._pool is None:
+            return self.cache_bytes
+        return self._pool.held * self.page_bytes
 
     def _chunk_of(self, it: _Pending) -> tuple[bool, int, int]:
         """`(final, real tokens, padded width)` of the prompt's next chunk."""
@@ -969,7 +996,7 @@ class Engine:
             self._preempt(max(self._owner, key=lambda s: self._owner[s].order))
         for slot, n in need.items():
             self._owner[slot].pages += pool.allocate(n)
-        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak * self._page_bytes())
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak * self.page_bytes)
         cols = pages_for(self.max_len, ps)
         table = np.full((self._size, cols), pool.pages, np.int32)
         active = np.zeros((self._size,), bool)

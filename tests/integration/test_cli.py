@@ -9,6 +9,7 @@ share a persistent JAX compilation cache (per module), which changes no result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
@@ -1011,6 +1012,108 @@ def test_eval_engine_compiles_nothing_after_warm_up(
     assert second.count == 0, "the engine compiled while running"
     lengths = [len(r["outputs"][0]["tokens"]) for r in read_results(tmp_path / "varied-out.jsonl")]
     assert sum(lengths) > 0 and max(lengths) <= 4
+
+
+@functools.cache
+def tiny_llama() -> jaxdecode.CausalLM:
+    """A byte-level Llama: a family with a paged cache (the GPT-2 above has none)."""
+    from jaxdecode.models.llama import LlamaConfig, llama_decoder
+    from jaxdecode.models.llama import init_params as llama_params
+
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    params = jax.tree.map(lambda x: x * 4.0, llama_params(config, jax.random.key(1)))
+    return jaxdecode.CausalLM(
+        params=params,
+        decoder=llama_decoder(config),
+        generation_config=jaxdecode.GenerationConfig(
+            max_new_tokens=20, eos_token_id=EOS, pad_token_id=0
+        ),
+        tokenizer=TOKENIZER,
+    )
+
+
+def test_eval_pages_flags_reach_the_engine_and_give_the_dense_lines(
+    tmp_path, capsys, monkeypatch, no_persistent_cache
+):
+    """`--page_size/--kv_pages/--prefill_chunk/--no-prefix_cache` go to the
+    engine (prefix hits, chunks, preemptions in a small pool) and every line is
+    the dense engine's; bad values and combinations are one-line errors before
+    anything compiles."""
+    from support import count_compiles
+
+    from jaxdecode import serving as engine_mod
+    from jaxdecode.cli import main
+
+    lm = tiny_llama()
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name, **_: lm)
+    made = []
+    real_engine = engine_mod.Engine
+
+    def spy(*a, **k):
+        made.append(real_engine(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(engine_mod, "Engine", spy)
+    system = "You answer in one short line, always. "  # 39 bytes: 9 pages of 4
+    lines = [{"id": i, "prompt": system + q} for i, q in enumerate(["Sky?", "Grass", "Snow?!"])]
+    lines += [
+        {"id": "sampled", "prompt": system + "Rain?", "do_sample": True, "temperature": 0.8},
+        {"id": "alone", "prompt": "Short."},
+    ]
+    prompts_file = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts_file, lines)
+    base = ["--model", "tiny-llama", "--max_new_tokens", "6", "--seed", "3", "--quiet"]
+    base += ["--batch_size", "3", "--steps_per_call", "2"]
+
+    def run_eval(tag: str, *flags: str) -> dict:
+        made.clear()
+        out = tmp_path / f"{tag}.jsonl"
+        in_process(capsys, "eval", str(prompts_file), "-o", str(out), *base, *flags)
+        return {r["id"]: r for r in read_results(out)}
+
+    dense = run_eval("dense")
+    assert all(e.page_size is None for e in made)
+    paged = run_eval("paged", "--page_size", "4", "--kv_pages", "40", "--prefill_chunk", "8")
+    assert [(e.page_size, e.kv_pages, e.prefill_chunk) for e in made] == [(4, 40, 8)] * 2
+    # The system prompt's 9 full pages, taken by the 2nd and 3rd greedy lines (the sampled
+    # line has an engine, and a pool, of its own).
+    assert sum(e.stats.prefix_tokens for e in made) == 2 * 36
+    cold = run_eval("cold", "--page_size", "4", "--no-prefix_cache")
+    assert sum(e.stats.prefix_tokens for e in made) == 0
+    assert dense.keys() == paged.keys() == cold.keys() == {line["id"] for line in lines}
+    for key, want in dense.items():
+        assert_same_result(paged[key], want)
+        assert_same_result(cold[key], want)
+        assert paged[key]["options"] == want["options"]  # the page flags change no result
+
+    def refused(*flags: str, words: tuple[str, ...]) -> None:
+        capsys.readouterr()
+        with count_compiles() as compiles:
+            code = main(["eval", str(prompts_file), "-o", str(tmp_path / "x.jsonl"), *base, *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        for w in words:
+            assert w in err, err
+        assert compiles.count == 0
+
+    refused("--page_size", "0", words=("--page_size must be >= 1, got 0",))
+    refused("--page_size", "4", "--prefill_chunk", "-2", words=("--prefill_chunk must be >= 1",))
+    refused("--kv_pages", "8", words=("--kv_pages needs", "--page_size"))
+    refused("--no-prefix_cache", words=("--no-prefix_cache needs", "--page_size"))
+    refused("--page_size", "4", "--static-batching", words=("--static-batching",))
+    refused("--page_size", "4", "--mesh", "data=1,model=1", words=("--mesh", "one device"))
+    # A pool too small for one line names that line (and the pages it needs).
+    refused(
+        "--page_size", "4", "--kv_pages", "5",
+        words=("line 1 (id 0)", "--kv_pages 5 is too small", "need 12 pages"),
+    )  # fmt: skip
+    no_pages = dataclasses.replace(lm, decoder=dataclasses.replace(lm.decoder, init_paged=None))
+    monkeypatch.setattr(jaxdecode, "from_pretrained", lambda name, **_: no_pages)
+    refused("--page_size", "4", words=("has no paged cache", "drop --page_size"))
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_eval_per_row_values_share_one_batch_and_one_program(

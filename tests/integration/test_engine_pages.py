@@ -84,8 +84,10 @@ SAMPLED = dict(do_sample=True, top_k=0, top_p=0.95, output_raw_logprobs=True, lo
         dict(page_size=4),  # prefix hits
         dict(page_size=4, prefill_chunk=8),  # hits and chunks
         dict(page_size=4, kv_pages=14, prefill_chunk=16),  # rows wait and are preempted
+        # The tail's rows moved into smaller states and back (and preempted).
+        dict(page_size=4, kv_pages=14, prefill_chunk=8, compact_tail=True),
     ],
-    ids=["pages", "prefix", "chunks", "tiny-pool"],
+    ids=["pages", "prefix", "chunks", "tiny-pool", "compact"],
 )
 def test_paged_engine_equals_generate_alone(pages):
     lm = tiny_llama()
@@ -111,6 +113,8 @@ def test_paged_engine_equals_generate_alone(pages):
     # Every prompt token was computed or taken from the cache (more with preemptions).
     read = stats.prefill_tokens + stats.prefix_tokens
     assert read >= sum(map(len, prompts)) and (stats.preemptions or read == sum(map(len, prompts)))
+    if "compact_tail" in pages:
+        assert stats.row_steps < stats.steps * 3, "the tail never ran in a smaller state"
     if "kv_pages" in pages:
         assert stats.preemptions > 0, "the tiny pool never ran out"
         assert stats.peak_kv_bytes <= engine.cache_bytes
@@ -161,6 +165,56 @@ def test_families_on_pages_equal_generate_alone(family):
     assert engine.stats.prefix_tokens > 0
 
 
+def test_compacted_paged_rows_move_back_when_prompts_arrive():
+    """`compact_tail` on pages: the tail runs in a state of one row, and a
+    submit then moves it back to every slot (its pages with it); every prompt
+    equals `generate` alone."""
+    lm = tiny_llama()
+    config = lm.generation_config.replace(**SAMPLED)
+    engine = Engine(
+        lm, slots=4, max_len=80, config=config, steps_per_call=2, prompt_buckets=BUCKETS,
+        page_size=4, compact_tail=True,
+    )  # fmt: skip
+    first, later = _workload(10, n=2), _workload(11, n=4)
+    options = [{"seed": 20 + i, "max_new_tokens": 3 if i == 1 else 12} for i in range(6)]
+    engine.submit(first, options[:2])
+    results = []
+    while engine._size > 1:  # the short row finishes, the long one is compacted
+        results += engine.step()
+    engine.submit(later, options[2:])
+    results += engine.step()
+    assert engine._size == 4, "a submit after compaction did not move the rows back"
+    results += list(engine)
+    results.sort(key=lambda r: r.index)
+    for prompt, opt, res in zip(first + later, options, results, strict=True):
+        _check_alone(lm, config, prompt, opt, res)
+
+
+def test_quantized_pages_equal_generate_with_the_quantized_cache():
+    """`cache_implementation="quantized"` on pages (a pool of 4-bit code pages
+    and scale pages): each prompt equals `generate` with the quantized cache on
+    it alone, with prefix hits and chunks; the pool is a fraction of the float one."""
+    lm = tiny_llama()
+    prompts = _workload(9, n=5)
+    config = lm.generation_config.replace(
+        **SAMPLED, cache_implementation="quantized", cache_config={"nbits": 4}
+    )
+    options = [{"seed": 11 + i, "temperature": 0.7 + 0.1 * i} for i in range(5)]
+    kw = dict(slots=3, max_len=80, steps_per_call=3, prompt_buckets=BUCKETS, page_size=4)
+    engine = Engine(lm, config=config, prefill_chunk=8, **kw)
+    engine.submit(prompts, options)
+    results = sorted(engine, key=lambda r: r.index)
+    for prompt, opt, res in zip(prompts, options, results, strict=True):
+        _check_alone(lm, config, prompt, opt, res)
+    assert engine.stats.prefix_tokens >= 3 * 20, "the shared system prompt was not reused"
+    float_pool = Engine(
+        lm, config=config.replace(cache_implementation=None, cache_config=None), **kw
+    )
+    # head_dim 8 at 4 bits: 4 bytes of codes + 8 of scales per token and head, against 32
+    assert engine.page_bytes / float_pool.page_bytes == (4 + 8) / 32
+    assert engine.kv_pages == float_pool.kv_pages
+
+
 def test_greedy_constraints_stop_strings_and_prompt_logprobs():
     """Greedy rows with a repetition penalty, a regex and a choice constraint,
     a stop string, and every prompt log-probability field, on pages."""
@@ -203,7 +257,7 @@ def test_samples_of_one_prompt_share_its_pages():
     )  # fmt: skip
     engine.submit([prompt] * 16, seeds)
     results = sorted(engine, key=lambda r: r.index)
-    page = engine._state.dec.cache.page_bytes() / 4  # bytes per token slot
+    page = engine.page_bytes / 4  # bytes per token slot
     ideal = (40 + 16 * 8) * page
     assert engine.stats.prefix_tokens == 15 * 36  # 9 full pages below the last token
     assert engine.stats.peak_kv_bytes <= 1.2 * ideal + 16 * 4 * page  # + a partial page per row
@@ -269,8 +323,14 @@ def test_refusals_before_anything_runs():
         Engine(lm, slots=2, max_len=64, kv_pages=8)
     with pytest.raises(ValueError, match="page_size must be an integer >= 1"):
         Engine(lm, slots=2, max_len=64, page_size=0)
-    with pytest.raises(ValueError, match="compact_tail"):
-        Engine(lm, slots=2, max_len=64, page_size=4, compact_tail=True)
+    with pytest.raises(ValueError, match="page_size=4 with a mesh: the paged engine runs on one"):
+        Engine(lm, slots=2, max_len=64, page_size=4, mesh=jd.make_mesh(1, 1))
+    # A paged cache that is not one PagedCache (a tuple here) has no quantized pool.
+    pair = lm.decoder.init_paged
+    odd = lm.replace(decoder=dataclasses.replace(lm.decoder, init_paged=lambda *a: (pair(*a),)))
+    q8 = lm.generation_config.replace(cache_implementation="quantized", cache_config={"nbits": 8})
+    with pytest.raises(ValueError, match="page_size=4 with cache_implementation='quantized'"):
+        Engine(odd, slots=2, max_len=64, page_size=4, config=q8)
     # A decoder without a paged cache (an adapter's `from_linen`, say).
     bare = jd.CausalLM(
         params=lm.params,
@@ -308,3 +368,26 @@ def test_generate_many_on_pages_equals_dense():
     paged = jd.generate_many(lm, prompts, page_size=8, prefill_chunk=16, **kw)
     for a, b in zip(dense, paged, strict=True):
         np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_page_bytes_and_bytes_in_use():
+    """`page_bytes` is one page's keys and values over every layer;
+    `kv_bytes_in_use` the pages rows hold (none once every row is done); the
+    dense engine has no pages and holds its whole cache."""
+    lm = tiny_llama()
+    config = lm.generation_config.replace(do_sample=False, max_new_tokens=6)
+    engine = Engine(
+        lm, slots=2, max_len=32, config=config, steps_per_call=2, prompt_buckets=[16],
+        page_size=4,
+    )  # fmt: skip
+    # keys and values x 2 layers x 2 KV heads x 4 slots x head_dim 8 x float32
+    assert engine.page_bytes == 2 * 2 * 2 * 4 * 8 * 4
+    engine.submit([list(range(1, 11)), list(range(11, 21))])
+    assert engine.kv_bytes_in_use == 0
+    engine.step()  # each row: 10 prompt tokens + the 2 fed in the call's steps, 3 pages
+    assert engine.kv_bytes_in_use == 2 * 3 * engine.page_bytes
+    list(engine)
+    assert engine.kv_bytes_in_use == 0 < engine.stats.peak_kv_bytes
+    dense = Engine(lm, slots=2, max_len=32)
+    assert dense.page_bytes is None
+    assert dense.kv_bytes_in_use == dense.cache_bytes == dense.stats.peak_kv_bytes

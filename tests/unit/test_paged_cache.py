@@ -63,7 +63,7 @@ def _paged(decoder, batch, pages, seed=0):
     cache = decoder.init_paged(batch, MAX_LEN, pages, PAGE, None)
     width = cache.table.shape[1]
     order = np.random.default_rng(seed).permutation(pages)[: batch * width]
-    return cache.replace(table=jnp.asarray(order.reshape(batch, width), jnp.int32))
+    return cache.assign(jnp.asarray(order.reshape(batch, width), jnp.int32), cache.index)
 
 
 def _run(decoder, params, cache, ids, mask, steps):
@@ -154,8 +154,60 @@ def test_protocol_rows_rewind_and_bytes():
         cache.put_rows(jnp.asarray([0]), decoder.init_cache(1, MAX_LEN, None))
 
 
-def test_exports_for_tpu_and_cuda():
+@pytest.mark.parametrize("nbits", [4])  # packed codes: the general case
+def test_quantized_pages_give_the_quantized_dense_logits(nbits):
+    """`cache_implementation="quantized"` on pages: a pool of code pages and
+    scale pages under the same shuffled tables reads back what the dense
+    quantized cache does (the same rule, page block by page block); the
+    protocol (rows, rewind, bytes) holds on it."""
     decoder, params = _model()
+    decoder = decoder.with_cache(jd.QuantizedCacheConfig(nbits=nbits))
+    rng = np.random.default_rng(4)
+    lens = [5, 35, 18]
+    t = max(lens)
+    ids = np.zeros((3, t), np.int32)
+    mask = np.zeros((3, t), np.int32)
+    for r, n in enumerate(lens):
+        ids[r, t - n :] = rng.integers(1, V, n)
+        mask[r, t - n :] = 1
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    dense, kv = _run(decoder, params, decoder.init_cache(3, MAX_LEN, None), ids, mask, 12)
+    cache = _paged(decoder, 3, 60)
+    assert isinstance(cache, jd.QuantizedKVCache) and cache.paged
+    assert cache.codes.k.dtype == jnp.uint8 and cache.k_scales.shape == (2, 60, 2, PAGE, 2)
+    paged, pc = _run(decoder, params, cache, ids, mask, 12)
+    np.testing.assert_allclose(paged, dense, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(pc.mask, kv.mask)
+    np.testing.assert_array_equal(pc.index, kv.index)
+    # Pages: codes and scales of every layer; the tables, mask and index once.
+    packed = 8 * nbits // 8  # head_dim 8
+    assert pc.page_bytes() == 2 * 2 * 2 * PAGE * (packed + 2 * 4)
+    assert (
+        pc.nbytes
+        == jd.cache_nbytes(pc)
+        == 60 * pc.page_bytes() + jd.cache_nbytes((pc.table, pc.mask, pc.index))
+    )
+    # rewind forgets codes and scales: the last step again gives its logits bitwise.
+    apply = jax.jit(decoder.apply)
+    tok = jnp.asarray([[3], [4], [5]], jnp.int32)
+    pos = positions_from_mask(mask)[:, -1:] + 13
+    one, after = apply(params, tok, pos, pc, jnp.ones_like(tok))
+    again, _ = apply(params, tok, pos, after.rewind(jnp.ones(3, jnp.int32), width=1), tok > 0)
+    np.testing.assert_array_equal(one, again)
+    back = pc.put_rows(jnp.asarray([1]), pc.take_rows(jnp.asarray([1])))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, pc)
+    both = pc.gather_rows(jnp.asarray([0, 0, 2]))
+    read = both.reader(1)(jnp.int32(32), 8)
+    np.testing.assert_array_equal(read[0][0], read[0][1])
+    with pytest.raises(ValueError, match="same kind"):
+        pc.put_rows(jnp.asarray([0]), kv.take_rows(jnp.asarray([0])))
+
+
+@pytest.mark.parametrize("nbits", [None, 8])  # float pages, quantized pages
+def test_exports_for_tpu_and_cuda(nbits):
+    decoder, params = _model()
+    if nbits is not None:
+        decoder = decoder.with_cache(jd.QuantizedCacheConfig(nbits=nbits))
     cache = _paged(decoder, 2, 40)
     ids = jnp.ones((2, 1), jnp.int32)
     jax.export.export(jax.jit(decoder.apply), platforms=("tpu", "cuda"))(

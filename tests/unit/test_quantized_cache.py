@@ -113,9 +113,10 @@ def test_protocol_methods_equal_the_dense_cache_of_the_dequantized_values(nbits)
     assert isinstance(q, jd.Cache)
     specs = jd.cache_specs(q, jd.make_mesh(1, 1))
     assert isinstance(specs, jd.QuantizedKVCache)
-    # Bytes: codes + float32 scales + (twice) mask and index.
+    # Bytes: codes + float32 scales + mask and index (once).
     per_token = 2 * 2 * 2 * (8 * nbits // 8 + 2 * 4)  # layers, k/v, heads, codes + step/min
-    assert q.nbytes == 3 * 6 * per_token + 2 * (3 * 6 + 3 * 4)
+    assert q.nbytes == 3 * 6 * per_token + 3 * 6 + 3 * 4
+    assert q.nbytes == jd.cache_nbytes(q)  # what the device holds: each array once
     with pytest.raises(ValueError, match="same kind"):
         q.put_rows(jnp.array([2, 0]), _caches(2, 2, 4))
 

@@ -66,6 +66,11 @@ _Cache = _FullCache | PagedCache | tuple[_FullCache, RingCache]
 __all__ = ["Transformer", "init_params", "transformer_decoder"]
 
 
+def _paged(cache: _LayerCache) -> bool:
+    """Whether a layer cache is a pool of pages (float, or quantized codes)."""
+    return isinstance(cache, PagedCache) or (isinstance(cache, QuantizedKVCache) and cache.paged)
+
+
 class _Attention(nn.Module):
     config: TransformerConfig
     layer: int  # this layer's index in its cache's stack
@@ -232,7 +237,7 @@ class Transformer(nn.Module):
         }
         # Short calls over a short cache: the dense mask built once.
         full_visible = slots
-        paged = isinstance(full, PagedCache)
+        paged = _paged(full)
         if not paged and not blocked(ids.shape[1], full.max_len, self.attention_block):
             full_visible = slots.dense()
         stacked = {"full_attention": 0, "sliding_attention": 0}
