@@ -195,7 +195,9 @@ class CausalLM:
         """The tokenizer's chat template rendered for `messages`
         (`[{"role": "user", "content": "..."}]`), as transformers'
         `apply_chat_template(..., tokenize=False)`; encode it with
-        `lm.tokenizer.encode`. See `Tokenizer.apply_chat_template`."""
+        `lm.tokenizer.encode(text)` (no special tokens added: the template writes
+        its own BOS, as transformers' `apply_chat_template` tokenizes). See
+        `Tokenizer.apply_chat_template`."""
         if self.tokenizer is None:
             raise ValueError("apply_chat_template needs a model with a tokenizer")
         return self.tokenizer.apply_chat_template(

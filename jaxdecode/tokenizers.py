@@ -89,8 +89,15 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, also the ones the
-        tokenizer adds around a text (e.g. a SentencePiece GGUF's BOS, by its
-        `add_bos_token`), as transformers' `tokenizer(text)` does."""
+        tokenizer adds around a text, as transformers' `tokenizer(text)` does:
+        `tokenizer.json`'s post-processor, else `tokenizer_config.json`'s
+        `add_bos_token` / `add_eos_token` (vocab.json + merges.txt), or a GGUF
+        file's `tokenizer.ggml.add_bos_token` / `add_eos_token`.
+
+        A prompt given as plain text is encoded with `add_special_tokens=True`
+        (the CLI, `Engine.submit`, `generate_many`); text rendered by a chat
+        template with `False`, since the template writes its own BOS, as
+        transformers' `apply_chat_template` tokenizes."""
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -252,8 +259,10 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
     vocab = os.path.join(directory, "vocab.json")
     merges = os.path.join(directory, "merges.txt")
     try:
-        template, named = _chat_template_and_specials(directory)
+        template, named, flags = _chat_template_and_specials(directory)
         if os.path.isfile(tok_json):
+            # As transformers 5: with a tokenizer.json its post-processor decides
+            # what `add_special_tokens` adds; tokenizer_config.json's flags are ignored.
             return Tokenizer(HFTokenizer.from_file(tok_json), "tokenizer.json", template, named)
         if os.path.isfile(vocab) and os.path.isfile(merges):
             backend = HFTokenizer(models.BPE.from_file(vocab, merges))
@@ -263,6 +272,13 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
             # special token: one id when encoded, dropped when decoding.
             specials = [t for t in _special_tokens(directory) if backend.token_to_id(t) is not None]
             backend.add_special_tokens([AddedToken(t, special=True) for t in specials])
+            # GPT2Tokenizer's defaults: neither BOS nor EOS unless the config says so.
+            _add_bos_eos(
+                backend,
+                named,
+                flags.get("add_bos_token", False),
+                flags.get("add_eos_token", False),
+            )
             return Tokenizer(backend, "vocab.json+merges.txt", template, named)
     except Exception as e:  # tokenizers raises its own exception types
         raise ValueError(
@@ -271,10 +287,13 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
     return None
 
 
-def _chat_template_and_specials(directory: str) -> tuple[str | None, dict[str, str]]:
+def _chat_template_and_specials(
+    directory: str,
+) -> tuple[str | None, dict[str, str], dict[str, bool]]:
     """The chat template (`chat_template.jinja`, else tokenizer_config.json's
     `chat_template`: a string, or a list of named templates whose "default" is
-    used) and the special tokens of tokenizer_config.json."""
+    used), the special tokens of tokenizer_config.json and its `add_bos_token` /
+    `add_eos_token` flags (those given)."""
     config: dict[str, Any] = {}
     path = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(path):
@@ -298,7 +317,8 @@ def _chat_template_and_specials(directory: str) -> tuple[str | None, dict[str, s
     if os.path.isfile(jinja_path):
         with open(jinja_path, encoding="utf-8") as f:
             template = f.read()
-    return (template if isinstance(template, str) else None), specials
+    flags = {k: bool(config[k]) for k in ("add_bos_token", "add_eos_token") if k in config}
+    return (template if isinstance(template, str) else None), specials, flags
 
 
 def render_chat_template(
@@ -441,7 +461,43 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
     )
     backend.add_tokens([AddedToken(t, normalized=False) for t, k in pairs if k == 4])
     specials = _gguf_specials(metadata, tokens)
+    _gguf_bos_eos(backend, metadata, specials, bos_default=False)
     return Tokenizer(backend, f"gguf ({pre})", metadata.get("tokenizer.chat_template"), specials)
+
+
+def _add_bos_eos(backend: Any, specials: Mapping[str, str], bos: bool, eos: bool) -> None:
+    """Makes `backend.encode(text, add_special_tokens=True)` put the BOS token
+    before the text when `bos`, and the EOS token after it when `eos` (each only
+    when `specials` names it and the vocabulary holds it), as transformers'
+    `update_post_processor` does; neither: the backend is left as it is."""
+    from tokenizers import processors
+
+    vocab = backend.get_vocab(with_added_tokens=True)
+    bos_eos = [
+        [specials[name]] if on and specials.get(name) in vocab else []
+        for name, on in (("bos_token", bos), ("eos_token", eos))
+    ]
+    first, last = bos_eos
+    if first or last:
+        backend.post_processor = processors.TemplateProcessing(
+            single=" ".join([*first, "$A", *last]),
+            pair=" ".join([*first, "$A", *last, *first, "$B", *last]),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(first + last)],
+        )
+
+
+def _gguf_bos_eos(
+    backend: Any, metadata: Mapping[str, Any], specials: Mapping[str, str], bos_default: bool
+) -> None:
+    """`_add_bos_eos` by the file's `tokenizer.ggml.add_bos_token` (when absent,
+    `bos_default`) and `tokenizer.ggml.add_eos_token` (when absent, off): what
+    transformers' GGUF reader and llama.cpp add to a prompt."""
+    _add_bos_eos(
+        backend,
+        specials,
+        bool(metadata.get("tokenizer.ggml.add_bos_token", bos_default)),
+        bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+    )
 
 
 def _gguf_specials(metadata: Mapping[str, Any], tokens: Sequence[str]) -> dict[str, str]:
@@ -491,7 +547,7 @@ def _spm_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
     spaces and ranks merges by position (no scores): both as transformers'
     GGUF reader; Phi-3 prepends "▁" by a normalizer. CONTROL tokens (and the
     unknown token) become special tokens, USER_DEFINED ones added tokens."""
-    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     architecture = str(metadata.get("general.architecture", ""))
@@ -541,16 +597,7 @@ def _spm_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
         ]
     )
     backend.add_tokens([AddedToken(t, normalized=False) for t, k in pairs if k == _USER_DEFINED])
-    flags = (("bos_token", "add_bos_token", True), ("eos_token", "add_eos_token", False))
-    bos, eos = (
-        [specials[name]] if name in specials and metadata.get(f"tokenizer.ggml.{flag}", on) else []
-        for name, flag, on in flags
-    )
-    if bos or eos:
-        backend.post_processor = processors.TemplateProcessing(
-            single=" ".join([*bos, "$A", *eos]),
-            pair=" ".join([*bos, "$A", *eos, *bos, "$B", *eos]),
-            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(bos + eos)],
-        )
+    # Older files have no flag; llama.cpp and transformers then add BOS.
+    _gguf_bos_eos(backend, metadata, specials, bos_default=True)
     name = f"gguf (sentencepiece, {architecture or 'llama'})"
     return Tokenizer(backend, name, metadata.get("tokenizer.chat_template"), specials)

@@ -104,9 +104,17 @@ def make_config(lm, overrides: dict[str, Any]):
         raise CLIError(str(e)) from None
 
 
-def encode_batch(lm, prompts: Sequence[str], pad_id: int):
-    """Left-padded ids and mask for a list of prompts."""
-    encoded = [lm.tokenizer.encode(p) for p in prompts]
+def prompt_ids(lm, text: str, chat: bool) -> list[int]:
+    """The ids of a prompt: plain text with the tokens the tokenizer adds around a
+    text (BOS per the file's `add_bos_token`, as transformers' `tokenizer(text)`),
+    text rendered by the chat template (`chat`) without them, since the template
+    writes its own (as transformers' `apply_chat_template` tokenizes)."""
+    return lm.tokenizer.encode(text, add_special_tokens=not chat)
+
+
+def encode_batch(lm, prompts: Sequence[str], pad_id: int, chat: bool = False):
+    """Left-padded ids and mask for a list of prompts (`prompt_ids` each)."""
+    encoded = [prompt_ids(lm, p, chat) for p in prompts]
     empty = [i for i, e in enumerate(encoded) if not e]
     if empty:
         raise CLIError(f"prompt {empty[0] + 1} is empty; give at least one character")

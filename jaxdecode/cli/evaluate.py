@@ -275,7 +275,7 @@ def _with_negative(lm, rec: dict, chat: bool, system: str | None) -> dict:
             text = common.chat_text(lm, text, system)
         except common.CLIError as e:
             raise ValueError(str(e)) from None
-    ids = lm.tokenizer.encode(text)
+    ids = common.prompt_ids(lm, text, chat)
     if not ids:
         raise ValueError(f"negative_prompt {rec['negative_prompt']!r} has no tokens")
     return {**rec, "_negative": list(ids)}
@@ -643,7 +643,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): {msg}"))
                 continue
         else:
-            encoded = lm.tokenizer.encode(r.get("_text", r["prompt"]))
+            # `_text` is rendered by the chat template: it writes its own BOS.
+            encoded = common.prompt_ids(lm, r.get("_text", r["prompt"]), chat="_text" in r)
         if not encoded:
             errors.append((r["_line"], f"line {r['_line']} (id {r['id']!r}): prompt is empty"))
             continue

@@ -30,7 +30,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     config = common.make_config(lm, overrides)
     # With --chat, the prompt is the user's turn and the answer alone is printed (as generate).
     text = common.chat_text(lm, args.prompt, args.system) if args.chat else args.prompt
-    ids, mask = common.encode_batch(lm, [text], config.pad_id)
+    ids, mask = common.encode_batch(lm, [text], config.pad_id, chat=args.chat)
     key = jax.random.key(config.seed if config.seed is not None else 0)
     try:
         tr = trace(lm, ids, config, attention_mask=mask, key=key)

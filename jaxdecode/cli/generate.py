@@ -27,7 +27,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     texts = (
         [common.chat_text(lm, p, args.system) for p in args.prompts] if args.chat else args.prompts
     )
-    ids, mask = common.encode_batch(lm, texts, config.pad_id)
+    ids, mask = common.encode_batch(lm, texts, config.pad_id, chat=args.chat)
     config, drawn = common.sampling_seed(config)
     seed = config.seed if config.do_sample else None
 

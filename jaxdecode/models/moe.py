@@ -13,14 +13,26 @@ Only the routed experts are computed, never every expert on every token:
   `jax.lax.ragged_dot_general` products (gate, up, down) run each group against
   its own expert's weights; the results are weighted and scatter-added back to
   their tokens. XLA lowers it to the ragged-dot instruction on TPU and GPU; on
-  CPU, which has none, a scan over the routed experts computes each one's
+  CPU, which has none, a scan over the experts computes each routed one's
   product (every row, masked to its group: `experts / k` times the routed work,
-  but memory `rows x out` where JAX's own decomposition holds `experts x rows x in`).
-* **Gathered product** (`gathered`), for calls with fewer pairs than experts (a
-  decode step at small batch): each pair's expert weights are gathered and
-  multiplied by its row, so a step reads the k routed experts' weights per token
-  and not every expert's (XLA:CPU's ragged-dot decomposition computes every
-  group against every row).
+  but memory `rows x out` where JAX's own decomposition holds `experts x rows x
+  in`), and neither copies nor reads an expert no row was routed to.
+* **Gathered product** (`gathered`), for calls with at most as many pairs as
+  experts (a decode step at small batch): each pair's expert weights are
+  indexed and multiplied by its row, so a step reads the k routed experts'
+  weights per token and not every expert's.
+
+Where the time goes on XLA:CPU (issue 26's micro-benchmarks, one layer of 32
+experts of 512 x 1024, top 4, variants interleaved in one process): XLA:CPU
+copies a dynamically indexed weight slice into a buffer before each product
+(a loop fusion), so a routed expert costs its bytes about twice where a dense
+weight is read once: one token's routed experts take ~1.3x a dense MLP of the
+same active width, and a whole decode step ~1.4-1.6x a dense model of the
+active size. Gathering all k slices at once and one batched product (~2x),
+unrolling the pairs (~1.6x), `lax.switch` over static slices (~1.4x), and
+multiply-reduce fusions that read the slice in place (~2x: single-threaded)
+were no better. Eight tokens (32 pairs over 32 experts): the gathered form
+37 ms, the grouped scan 46 ms (58 ms when the scan copied every expert).
 
 Expert weights are stacked `[experts, out, in]`, PyTorch's per-expert layout
 (`gate_proj`, `up_proj: [E, moe_hidden, hidden]`, `down_proj: [E, hidden,
@@ -117,9 +129,14 @@ def _ragged_dot_cpu(rows: Array, w: Array, sizes: Array) -> Array:
     index = jnp.arange(rows.shape[0])
 
     def expert(out: Array, e: tuple[Array, Array, Array]) -> tuple[Array, None]:
-        w_e, start, size = e
+        i, start, size = e
 
         def add(out: Array) -> Array:
+            # Sliced inside the branch: XLA:CPU copies a dynamic slice before a
+            # product, so an expert no row was routed to is neither copied nor read
+            # (scanning over `w` itself copied every expert: a decode step of 8
+            # rows over 32 experts cost ~4x the routed work).
+            w_e = jax.lax.dynamic_index_in_dim(w, i, keepdims=False)
             mine = (index >= start) & (index < start + size)
             y = jax.lax.dot_general(rows, w_e, (((1,), (1,)), ((), ())))
             return out + jnp.where(mine[:, None], y, 0).astype(out.dtype)
@@ -127,7 +144,8 @@ def _ragged_dot_cpu(rows: Array, w: Array, sizes: Array) -> Array:
         return jax.lax.cond(size > 0, add, lambda o: o, out), None
 
     out = jnp.zeros((rows.shape[0], w.shape[1]), rows.dtype)
-    return jax.lax.scan(expert, out, (w, starts, sizes))[0]
+    ids = jnp.arange(w.shape[0], dtype=jnp.int32)
+    return jax.lax.scan(expert, out, (ids, starts, sizes))[0]
 
 
 def gathered(
@@ -141,7 +159,7 @@ def gathered(
 ) -> Array:
     """As `grouped`, one token-expert pair at a time: each pair indexes its
     expert's weights and multiplies its token's row (reads only the chosen
-    experts: the cheaper form when pairs are fewer than experts). A loop rather
+    experts: the cheaper form when pairs are no more than experts). A loop rather
     than one gather of `[pairs, moe_hidden, hidden]` weights, which XLA:CPU
     materialises (a step at 32 experts of 512 x 1024, top 4, on a loaded 2-core
     CPU: 3.2 ms this way, 11 ms gathered and batched, 80 ms as one einsum)."""
@@ -196,9 +214,9 @@ class MoE(nn.Module):
         weights, experts = route(logits, self.top_k, self.norm_topk_prob)
         self.sow("intermediates", "routed_experts", experts.reshape(b, t, self.top_k))
         stack = _Experts((self.num_experts, self.hidden, e), self.dtype, name="experts")()
-        # Pairs fewer than experts (decode steps): gathering reads only the chosen
-        # experts' weights; otherwise the grouped product (a static choice).
-        compute = gathered if b * t * self.top_k < self.num_experts else grouped
+        # At most as many pairs as experts (decode steps): gathering reads only the
+        # chosen experts' weights; otherwise the grouped product (a static choice).
+        compute = gathered if b * t * self.top_k <= self.num_experts else grouped
         out = compute(h, weights, experts, *stack, self.activation)
         if self.shared_hidden:
             shared = GatedMLP(self.shared_hidden, self.activation, self.dtype, name="shared_expert")

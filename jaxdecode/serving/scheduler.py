@@ -610,7 +610,10 @@ class Engine:
         """Queues prompts; returns their indices (as `EngineResult.index`).
 
         Args:
-            prompts: token id sequences (or strings, when the model has a tokenizer).
+            prompts: token id sequences (or strings, when the model has a tokenizer:
+                encoded with the BOS / EOS it adds around a text, as transformers'
+                `tokenizer(text)`; encode text rendered by a chat template yourself,
+                `tokenizer.encode(text)`, as its template writes its own BOS).
             configs: None (the engine's config), one `GenerationConfig` or dict
                 of overrides for every prompt, or one per prompt. A prompt that
                 samples without a seed gets a fresh one (reported in its result).
@@ -648,7 +651,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"prompt {index} is text but the model has no tokenizer")
-            prompt = self.tokenizer.encode(prompt)
+            prompt = self.tokenizer.encode(prompt, add_special_tokens=True)
         ids = tuple(int(t) for t in np.asarray(prompt).reshape(-1))
         vocab = self.decoder.vocab_size
         if not ids:
@@ -1200,7 +1203,8 @@ def generate_many(
     Args:
         model: a `CausalLM`.
         prompts: token id sequences, or texts (encoded with the model's
-            tokenizer).
+            tokenizer, with the BOS / EOS it adds around a text: encode text
+            rendered by a chat template yourself, `add_special_tokens=False`).
         configs: as `Engine.submit` (None, one config or dict, or one per prompt).
         slots: as `Engine`.
         prompt_buckets: as `Engine`.
@@ -1220,9 +1224,13 @@ def generate_many(
     decoder, _, base = _model_parts(model)
     base = base.replace(**overrides) if overrides else base
     tokenizer = getattr(model, "tokenizer", None)
-    # Text prompts encoded here, once: `max_len` counts tokens, not characters.
+    # Text prompts encoded here, once (`max_len` counts tokens, not characters),
+    # with the BOS / EOS the tokenizer adds, as `Engine.submit` encodes them.
     prompts = [
-        tokenizer.encode(p) if isinstance(p, str) and tokenizer is not None else p for p in prompts
+        tokenizer.encode(p, add_special_tokens=True)
+        if isinstance(p, str) and tokenizer is not None
+        else p
+        for p in prompts
     ]
     per = list(configs) if isinstance(configs, (list, tuple)) else [configs] * len(prompts)
     if len(per) != len(prompts):

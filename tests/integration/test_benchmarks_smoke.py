@@ -189,6 +189,18 @@ def test_moe_benchmark_tiny(tmp_path: Path) -> None:
     assert result["moe_params_total"] > result["moe_params_active"] > 0
 
 
+def test_moe_layer_benchmark_tiny(tmp_path: Path) -> None:
+    """benchmarks/moe_layer.py --tiny: every variant of one MoE layer (checked
+    equal to the gathered one in the script) and the dense MLP are timed."""
+    out = tmp_path / "moe_layer.json"
+    run_benchmark("moe_layer.py", "--tiny", "--json", str(out))
+    result = json.loads(out.read_text())
+    variants = {"dense", "gathered", "grouped", "take_einsum", "switch"}
+    for tokens in ("1", "4"):
+        assert set(result["ms"][tokens]) == variants
+        assert all(v["ms"] > 0 for v in result["ms"][tokens].values())
+
+
 def test_kv_quant_benchmark_tiny(tmp_path: Path) -> None:
     """benchmarks/kv_quant.py on SmolLM2 at a tiny size: both caches run, the
     engine's quantized cache is at most 0.3x the float one, and the report names

@@ -6,10 +6,10 @@ the router `ffn_gate_inp`, Qwen2-MoE's `ffn_*_shexp` shared expert and its
 `[hidden]` gate, Mixtral's permuted Q/K rows, `<arch>.expert_*` metadata),
 written with the `gguf` package's `GGUFWriter`; loads it with
 `jd.from_pretrained` (the real reading code) and compares the weights (bitwise)
-and the logits of a left-padded batch and of cached steps (within 1e-4) with
-the transformers model the file was made from. Routing follows llama.cpp
-(renormalised for qwen3moe and Mixtral, not for qwen2moe), so the checkpoints
-are made with those values.
+and the logits of a left-padded batch through a prefill and cached steps
+(within 1e-4) with the transformers model the file was made from. Routing
+follows llama.cpp (renormalised for qwen3moe and Mixtral, not for qwen2moe),
+so the checkpoints are made with those values.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import gguf
 import jax
 import numpy as np
 import pytest
-from support.hf_models import hf_logits, hf_step_logits, left_padded_batch, make_moe_model
+from support.hf_models import hf_step_logits, left_padded_batch, make_moe_model
 
 import jaxdecode as jd
 from jaxdecode.models.llama.from_gguf import unpermute_rotary_rows
@@ -166,10 +166,11 @@ def test_gguf_weights_and_logits_match_the_checkpoint(name, tmp_path):
     assert sorted(ours) == sorted(theirs)
     for key, array in ours.items():
         np.testing.assert_array_equal(array, theirs[key], err_msg=key)
+    # Logits of every real position, through a prefill and cached steps (the full
+    # pass of the same checkpoint is tests/parity/test_moe.py's: with the weights
+    # bitwise and the skeleton equal, it would compile a third program for nothing).
     ids, mask = left_padded_batch(np.random.default_rng(0), V, LENGTH, PADS)
     real = np.asarray(mask) == 1
-    diff = np.abs(np.asarray(lm.logits(ids, mask)) - hf_logits(hf, ids, mask))[real].max()
-    assert diff <= ATOL
     apply = jax.jit(lm.decoder.apply)
     cache = lm.decoder.init_cache(len(PADS), LENGTH, None)
     pos = np.asarray(jd.positions_from_mask(mask))

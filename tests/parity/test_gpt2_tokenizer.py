@@ -49,3 +49,30 @@ def test_matches_transformers(gpt2_vocab_dir, text):
     ids = ours.encode(text)
     assert ids == ref.encode(text)
     assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {},
+        {"add_bos_token": True},
+        {"add_eos_token": True},
+        {"add_bos_token": True, "add_eos_token": True},
+    ],
+)
+def test_bos_eos_flags_of_tokenizer_config(gpt2_vocab_dir, tmp_path, flags):
+    """vocab.json + merges.txt with tokenizer_config.json's `add_bos_token` /
+    `add_eos_token`: `encode(text, add_special_tokens=True)` adds what
+    transformers' `tokenizer(text)` adds (GPT2Tokenizer: nothing by default)."""
+    import json
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_vocab_dir / name, tmp_path / name)
+    specials = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    config = {"tokenizer_class": "GPT2Tokenizer", **specials, **flags}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = jd.load_tokenizer(str(tmp_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in ("Hello world", "", " a"):
+        assert ours.encode(text, add_special_tokens=True) == theirs(text)["input_ids"], text
+        assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"], text

@@ -426,8 +426,9 @@ def _hf_routed(hf, sequences, mask, start: int, k: int) -> np.ndarray:
 def test_routed_experts_equal_transformers_router_top_k(name, checkpoints):
     """`output_routed_experts`: each generated token's `[MoE layers, k]` experts
     equal transformers' router top-k at the position that chose it, on a
-    left-padded batch (the window layers' ring cache included); stream and the
-    engine return the same ones."""
+    left-padded batch (the window layers' ring cache included). On Qwen3-MoE
+    (the path is the same for every family): asking for them changes no token,
+    and stream and the engine return the same ones."""
     hf, _, lm = checkpoints(name)
     ids, mask = _batch(seed=4)
     n, k = 6, 2
@@ -435,15 +436,17 @@ def test_routed_experts_equal_transformers_router_top_k(name, checkpoints):
         lm, ids, mask, max_new_tokens=n, eos_token_id=None, output_routed_experts=True
     )
     routed = np.asarray(out.routed_experts)
-    # Asking for the experts changes no token (the prefill's last-position logits).
-    plain = jd.generate(lm, ids, mask, max_new_tokens=n, eos_token_id=None)
-    np.testing.assert_array_equal(out.sequences, plain.sequences)
     layers = len(hf(torch.zeros((1, 1), dtype=torch.long), output_router_logits=True).router_logits)
     assert routed.shape == (len(PADS), n, layers, k) and routed.dtype == np.int32
     full = np.concatenate([mask, np.ones((len(PADS), n), mask.dtype)], axis=1)
     ref = _hf_routed(hf, np.asarray(out.sequences), full, LENGTH, k)
     np.testing.assert_array_equal(routed, ref)
     assert len(np.unique(routed)) > k, "routing never varied: the test lost its point"
+    if name != "qwen3_moe":
+        return  # the routing path is one for every family: one checks the rest
+    # Asking for the experts changes no token (the prefill's last-position logits).
+    plain = jd.generate(lm, ids, mask, max_new_tokens=n, eos_token_id=None)
+    np.testing.assert_array_equal(out.sequences, plain.sequences)
     # EOS off as in `generate` above: a random model may emit the config's EOS.
     steps = list(
         jd.stream(lm, ids, mask, max_new_tokens=n, eos_token_id=None, output_routed_experts=True)
