@@ -298,8 +298,12 @@ def attend_blocks(
 
     Key blocks wholly after the block's last query slot (causality), before
     every row's first real slot (left padding) or before the window are skipped
-    (`lax.cond` inside a fixed-length loop, so the function stays
-    reverse-differentiable). A last block that would overrun `T` or `S` is
+    (`lax.switch` inside a fixed-length loop, so the function stays
+    reverse-differentiable). A key block that every query of the block sees
+    whole (real slots, at or before every query, inside the window; no
+    soft-cap) skips the mask: its scores are read by the max and the exponent
+    straight from the product, with the scale folded into the exponent, the
+    same float32 values as through the mask. A last block that would overrun `T` or `S` is
     moved back to end there: the queries it recomputes are written twice with
     equal values, the key columns it shares with the previous block are masked
     out. Masked scores are float32's lowest finite value, as in the direct path, so
@@ -346,22 +350,33 @@ def attend_blocks(
         if mask.window is not None:
             lo = jnp.maximum(lo, jnp.min(slots) - mask.window + 1)
         first = jnp.clip(lo, 0, s - 1) // bk
-        last = jnp.clip(jnp.max(slots), 0, s - 1) // bk
+        lo_slot, hi_slot = jnp.min(slots), jnp.max(slots)
+        last = jnp.clip(hi_slot, 0, s - 1) // bk
 
         def key_block(j: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-            def update(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+            def update(
+                carry: tuple[Array, Array, Array], masked: bool
+            ) -> tuple[Array, Array, Array]:
                 m, total, acc = carry
                 kstart = jnp.minimum(j * bk, s - bk)
                 kb, vb = read(kstart, bk)  # [B, K, bk, D]
                 sc = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
-                sc = sc * jnp.float32(scale)
-                if softcap is not None:
-                    sc = jnp.tanh(sc / softcap) * softcap
-                fresh = kstart + jnp.arange(bk) >= j * bk  # not already seen by block j - 1
-                vis = sub.columns(kstart, bk) & fresh[None, None, :]  # [B, bq, bk]
-                sc = jnp.where(vis[:, None, None], sc, low)
-                m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-                p = jnp.exp(sc - m_new[..., None])
+                if masked:
+                    sc = sc * jnp.float32(scale)
+                    if softcap is not None:
+                        sc = jnp.tanh(sc / softcap) * softcap
+                    fresh = kstart + jnp.arange(bk) >= j * bk  # not already seen by block j - 1
+                    vis = sub.columns(kstart, bk) & fresh[None, None, :]  # [B, bq, bk]
+                    sc = jnp.where(vis[:, None, None], sc, low)
+                    m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+                    p = jnp.exp(sc - m_new[..., None])
+                else:
+                    # Every score visible: no mask pass, and the scale goes into
+                    # the exponent (max(x) * scale is max(x * scale) exactly, as
+                    # rounding is monotonic), so the raw product is read twice
+                    # (max, exp) and never rewritten.
+                    m_new = jnp.maximum(m, jnp.max(sc, axis=-1) * jnp.float32(scale))
+                    p = jnp.exp(sc * jnp.float32(scale) - m_new[..., None])
                 fix = jnp.exp(m - m_new)
                 total = total * fix + jnp.sum(p, axis=-1)
                 pv = jnp.einsum(
@@ -372,7 +387,22 @@ def attend_blocks(
                 )
                 return m_new, total, acc * fix[..., None] + pv
 
-            return jax.lax.cond((j >= first) & (j <= last), update, lambda c: c, carry)
+            # 0: nothing visible (skipped); 1: some scores masked; 2 (without
+            # soft-cap): every query of the block sees every slot of the key
+            # block, as in most of a long prompt's causal triangle.
+            live = (j >= first) & (j <= last)
+            branches = [lambda c: c, lambda c: update(c, True)]
+            if softcap is None:
+                kstart = j * bk
+                real = jax.lax.dynamic_slice_in_dim(
+                    mask.kv_mask, jnp.minimum(kstart, s - bk), bk, 1
+                )
+                whole = (kstart + bk <= s) & (kstart + bk - 1 <= lo_slot) & jnp.all(real)
+                if mask.window is not None:
+                    whole = whole & (kstart > hi_slot - mask.window)
+                live = jnp.where(live & whole, 2, live.astype(jnp.int32))
+                branches.append(lambda c: update(c, False))
+            return jax.lax.switch(live.astype(jnp.int32), branches, carry)
 
         init = (
             jnp.full((b, hkv, group, bq), low, jnp.float32),
