@@ -48,6 +48,7 @@ __all__ = [
     "attention_bytes",
     "check_attention_block",
     "rope_cos_sin",
+    "split_products",
 ]
 
 
@@ -87,24 +88,73 @@ class Dense(nn.Module):
         dtype: parameter and computation dtype.
         use_bias: whether a `bias: [out]` is added.
         init_std: standard deviation of the random initial weight.
+        split: if set, widths (summing to `features`) of consecutive blocks of
+            the weight's rows: each block is its own product and the call
+            returns their outputs as a tuple, equal to slicing the whole
+            product's output. For a product fused at load (`qkv_proj`,
+            `gate_up_proj`) over many rows (`split_products`): slicing the
+            weight copies a few MB whatever the rows, slicing a `[T, out]`
+            output copies T rows.
     """
 
     features: int
     dtype: Any = jnp.float32
     use_bias: bool = True
     init_std: float = 0.02
+    split: tuple[int, ...] = ()
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array) -> Array | tuple[Array, ...]:
         init = nn.initializers.normal(self.init_std)
         weight = self.param("weight", init, (self.features, x.shape[-1]), self.dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), weight, (((x.ndim - 1,), (1,)), ((), ())))
+        bias = None
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        x = x.astype(self.dtype)
         adapter = lora.entry(self)
-        if adapter is not None:
-            y = y + adapter(x.astype(self.dtype))
-        return y
+        update = None if adapter is None else adapter(x)
+        if not self.split:
+            return _affine(x, weight, bias, update)
+        if sum(self.split) != self.features:
+            raise ValueError(f"split {self.split} must sum to features ({self.features})")
+        bounds = [0]
+        for width in self.split:
+            bounds.append(bounds[-1] + width)
+        return tuple(
+            _affine(
+                x,
+                weight[lo:hi],
+                None if bias is None else bias[lo:hi],
+                None if update is None else update[..., lo:hi],
+            )
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        )
+
+
+def _affine(x: Array, weight: Array, bias: Array | None, update: Array | None) -> Array:
+    """`x @ weight.T (+ bias) (+ update)` with `weight: [out, in]`."""
+    y = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
+    if bias is not None:
+        y = y + bias
+    if update is not None:
+        y = y + update
+    return y
+
+
+# Products fused at load (`qkv_proj`, `gate_up_proj`) over at least this many
+# rows (batch x new tokens) are computed one part at a time (`Dense.split`).
+# The fused product saves per-operation overhead where it is small (decode
+# steps, short prompts); over long prompts slicing its `[T, out]` output costs
+# more (SmolLM2's shapes on the 2-core CPU, in one process: the split products
+# cost 1.2x the fused one at 512 rows, about the same at 1,024-1,536, 0.84x at
+# 2,048 and 0.62x at 6,000).
+SPLIT_PRODUCT_ROWS = 2048
+
+
+def split_products(x: Array) -> bool:
+    """Compute the parts of a fused product of `x: [..., in]` separately?
+    (`SPLIT_PRODUCT_ROWS`; shapes are static, so this is decided at trace time.)"""
+    return math.prod(x.shape[:-1]) >= SPLIT_PRODUCT_ROWS
 
 
 # Queries per block (and keys per block) of the blocked attention; calls with at
@@ -300,8 +350,12 @@ def attend_blocks(
 
     Key blocks wholly after the block's last query slot (causality), before
     every row's first real slot (left padding) or before the window are skipped
-    (`lax.cond` inside a fixed-length loop, so the function stays
-    reverse-differentiable). A last block that would overrun `T` or `S` is
+    (`lax.switch` inside a fixed-length loop, so the function stays
+    reverse-differentiable). A key block that every query of the block sees
+    whole (real slots, at or before every query, inside the window; no
+    soft-cap) skips the mask: its scores are read by the max and the exponent
+    straight from the product, with the scale folded into the exponent, the
+    same float32 values as through the mask. A last block that would overrun `T` or `S` is
     moved back to end there: the queries it recomputes are written twice with
     equal values, the key columns it shares with the previous block are masked
     out. Masked scores are float32's lowest finite value, as in the direct path, so
@@ -348,22 +402,33 @@ def attend_blocks(
         if mask.window is not None:
             lo = jnp.maximum(lo, jnp.min(slots) - mask.window + 1)
         first = jnp.clip(lo, 0, s - 1) // bk
-        last = jnp.clip(jnp.max(slots), 0, s - 1) // bk
+        lo_slot, hi_slot = jnp.min(slots), jnp.max(slots)
+        last = jnp.clip(hi_slot, 0, s - 1) // bk
 
         def key_block(j: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-            def update(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+            def update(
+                carry: tuple[Array, Array, Array], masked: bool
+            ) -> tuple[Array, Array, Array]:
                 m, total, acc = carry
                 kstart = jnp.minimum(j * bk, s - bk)
                 kb, vb = read(kstart, bk)  # [B, K, bk, D]
                 sc = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
-                sc = sc * jnp.float32(scale)
-                if softcap is not None:
-                    sc = jnp.tanh(sc / softcap) * softcap
-                fresh = kstart + jnp.arange(bk) >= j * bk  # not already seen by block j - 1
-                vis = sub.columns(kstart, bk) & fresh[None, None, :]  # [B, bq, bk]
-                sc = jnp.where(vis[:, None, None], sc, low)
-                m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-                p = jnp.exp(sc - m_new[..., None])
+                if masked:
+                    sc = sc * jnp.float32(scale)
+                    if softcap is not None:
+                        sc = jnp.tanh(sc / softcap) * softcap
+                    fresh = kstart + jnp.arange(bk) >= j * bk  # not already seen by block j - 1
+                    vis = sub.columns(kstart, bk) & fresh[None, None, :]  # [B, bq, bk]
+                    sc = jnp.where(vis[:, None, None], sc, low)
+                    m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+                    p = jnp.exp(sc - m_new[..., None])
+                else:
+                    # Every score visible: no mask pass, and the scale goes into
+                    # the exponent (max(x) * scale is max(x * scale) exactly, as
+                    # rounding is monotonic), so the raw product is read twice
+                    # (max, exp) and never rewritten.
+                    m_new = jnp.maximum(m, jnp.max(sc, axis=-1) * jnp.float32(scale))
+                    p = jnp.exp(sc * jnp.float32(scale) - m_new[..., None])
                 fix = jnp.exp(m - m_new)
                 total = total * fix + jnp.sum(p, axis=-1)
                 pv = jnp.einsum(
@@ -374,7 +439,22 @@ def attend_blocks(
                 )
                 return m_new, total, acc * fix[..., None] + pv
 
-            return jax.lax.cond((j >= first) & (j <= last), update, lambda c: c, carry)
+            # 0: nothing visible (skipped); 1: some scores masked; 2 (without
+            # soft-cap): every query of the block sees every slot of the key
+            # block, as in most of a long prompt's causal triangle.
+            live = (j >= first) & (j <= last)
+            branches = [lambda c: c, lambda c: update(c, True)]
+            if softcap is None:
+                kstart = j * bk
+                real = jax.lax.dynamic_slice_in_dim(
+                    mask.kv_mask, jnp.minimum(kstart, s - bk), bk, 1
+                )
+                whole = (kstart + bk <= s) & (kstart + bk - 1 <= lo_slot) & jnp.all(real)
+                if mask.window is not None:
+                    whole = whole & (kstart > hi_slot - mask.window)
+                live = jnp.where(live & whole, 2, live.astype(jnp.int32))
+                branches.append(lambda c: update(c, False))
+            return jax.lax.switch(live.astype(jnp.int32), branches, carry)
 
         init = (
             jnp.full((b, hkv, group, bq), low, jnp.float32),
@@ -459,7 +539,16 @@ class GatedMLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         dense = lambda n, name: Dense(n, self.dtype, self.use_bias, name=name)
         if self.fused or "gate_up_proj" in self.variables.get("params", {}):
-            gate, up = jnp.split(dense(2 * self.hidden, "gate_up_proj")(x), 2, axis=-1)
+            if split_products(x):
+                gate, up = Dense(
+                    2 * self.hidden,
+                    self.dtype,
+                    self.use_bias,
+                    split=(self.hidden, self.hidden),
+                    name="gate_up_proj",
+                )(x)
+            else:
+                gate, up = jnp.split(dense(2 * self.hidden, "gate_up_proj")(x), 2, axis=-1)
             gate, up = (  # adapters on the parts of a product fused at load
                 y if (w := lora.part_entry(self, name)) is None else y + w(x.astype(self.dtype))
                 for name, y in (("gate_proj", gate), ("up_proj", up))

@@ -433,3 +433,29 @@ def test_projections_fused_at_load_equal_separate(checkpoints):
     ref = hf_logits(hf, ids, mask)
     for model in (lm, separate):
         assert _max_real_diff(model.logits(ids, mask), ref, mask) <= ATOL
+
+
+@pytest.mark.parity
+def test_fused_products_split_over_many_rows(checkpoints, monkeypatch):
+    """Over `SPLIT_PRODUCT_ROWS` rows the products fused at load are computed one
+    part at a time (`Dense.split`): transformers' logits still, and the program
+    holds one product per part (here forced from 1 row on)."""
+    from jaxdecode.models import layers
+    from jaxdecode.models.base import positions_from_mask
+
+    hf, _, lm = checkpoints("llama-tied-biases")
+    ids, mask = _batch(seed=4)
+    ref = hf_logits(hf, ids, mask)
+    ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+
+    def forward(params):  # traced afresh per jit: `lm.logits` keeps its trace
+        cache = lm.decoder.init_cache(ids.shape[0], ids.shape[1], jnp.float32)
+        positions = positions_from_mask(mask)
+        return lm.decoder.apply(params, ids, positions, cache, mask)[0]
+
+    products = [jax.jit(forward).lower(lm.params).as_text().count("dot_general")]
+    monkeypatch.setattr(layers, "SPLIT_PRODUCT_ROWS", 1)
+    split = jax.jit(lambda p: forward(p))
+    products.append(split.lower(lm.params).as_text().count("dot_general"))
+    assert _max_real_diff(split(lm.params), ref, mask) <= ATOL
+    assert products[1] - products[0] == 2 * (2 + 1)

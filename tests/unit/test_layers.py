@@ -55,6 +55,40 @@ def test_attend_refuses_heads_that_do_not_group():
         )
 
 
+@pytest.mark.parametrize("adapter", [False, True])
+def test_dense_split_equals_slicing_the_whole_product(adapter):
+    """`Dense(split=...)` (the parts of a product fused at load, each its own
+    product over its rows of the weight) returns the whole product's output
+    sliced, bias and a LoRA adapter's update included."""
+    from jaxdecode.models import lora
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+    params = {
+        "weight": jnp.asarray(rng.normal(size=(9, 6)), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=(9,)), jnp.float32),
+    }
+    variables = {"params": params}
+    if adapter:
+        a = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
+        b = jnp.asarray(rng.normal(size=(9, 2)), jnp.float32)
+        variables[lora.LORA] = {"adapter": lora.LoraWeights(a=a, b=b, scale=0.5)}
+    whole = layers.Dense(9).apply(variables, x)
+    parts = layers.Dense(9, split=(4, 2, 3)).apply(variables, x)
+    assert isinstance(parts, tuple) and [p.shape[-1] for p in parts] == [4, 2, 3]
+    np.testing.assert_allclose(np.concatenate(parts, -1), np.asarray(whole), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"split \(4, 2\) must sum to features \(9\)"):
+        layers.Dense(9, split=(4, 2)).apply(variables, x)
+
+
+def test_split_products_from_rows():
+    """Fused products split from `SPLIT_PRODUCT_ROWS` rows (batch x tokens) on."""
+    rows = layers.SPLIT_PRODUCT_ROWS
+    assert not layers.split_products(jnp.zeros((1, rows - 1, 3)))
+    assert layers.split_products(jnp.zeros((1, rows, 3)))
+    assert layers.split_products(jnp.zeros((2, rows // 2, 3)))
+
+
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_rms_norm(offset):
     rng = np.random.default_rng(1)

@@ -44,6 +44,7 @@ from jaxdecode.models.layers import (
     attention_bytes,
     blocked,
     check_attention_block,
+    split_products,
 )
 from jaxdecode.models.moe import MoE
 from jaxdecode.models.rope import rope_tables
@@ -88,9 +89,15 @@ class _Attention(nn.Module):
         # Fused in the checkpoint (Phi-3), or at load (`convert.fuse_projections`):
         # the params say which.
         if cfg.fused_qkv or "qkv_proj" in self.variables.get("params", {}):
-            # One product; transformers' order: q rows, then k, then v.
-            qkv = proj((hq + 2 * hkv) * d, "qkv_proj", cfg.qkv_bias)(x)
-            q, k, v = jnp.split(qkv, [hq * d, (hq + hkv) * d], axis=-1)
+            # One product (one per part over a long prompt: `split_products`);
+            # transformers' order: q rows, then k, then v.
+            width = (hq + 2 * hkv) * d
+            if split_products(x):
+                parts = (hq * d, hkv * d, hkv * d)
+                q, k, v = Dense(width, self.dtype, cfg.qkv_bias, split=parts, name="qkv_proj")(x)
+            else:
+                qkv = proj(width, "qkv_proj", cfg.qkv_bias)(x)
+                q, k, v = jnp.split(qkv, [hq * d, (hq + hkv) * d], axis=-1)
             q, k, v = (  # adapters on the parts of a product fused at load
                 y if (w := lora.part_entry(self, name)) is None else y + w(x.astype(self.dtype))
                 for name, y in (("q_proj", q), ("k_proj", k), ("v_proj", v))
