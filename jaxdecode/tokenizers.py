@@ -5,6 +5,10 @@
 `tokenizer_config.json` / `chat_template.jinja`; `tokenizer_from_gguf(metadata)`
 builds the same from a GGUF file's vocabulary, merges and template. Both return
 a `Tokenizer` with `encode` / `decode` / `apply_chat_template`.
+
+Over ~500 lines: one `Tokenizer` and every way one is read (tokenizer.json, GPT-2's
+vocab + merges, GGUF's BPE and SentencePiece vocabularies) and rendered (chat
+templates), kept together so that each reader builds the same object.
 """
 
 from __future__ import annotations

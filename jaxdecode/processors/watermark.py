@@ -31,6 +31,10 @@ likely candidates and biases those in their own green list.
 All code here is written once for NumPy and jax.numpy (`xp`): the host builds
 per-token tables and scores texts (`watermark_detect`), the device runs the
 same functions inside the decoding loop.
+
+Over ~500 lines on purpose: both watermark schemes transformers has (green
+lists and SynthID), each with its config, processor and detector, written once
+for NumPy and jax.numpy.
 """
 
 from __future__ import annotations
@@ -426,7 +430,9 @@ def watermark_detect(
     weights: Any = None,
 ) -> WatermarkDetection | SynthIDDetection:
     """Scores texts for the watermark of `config`, as transformers'
-    `WatermarkDetector(...)(sequences, z_threshold, return_dict=True)`.
+    `WatermarkDetector(...)(sequences, z_threshold, return_dict=True)`. Over ~80
+    lines: the input checks (each a named error), then transformers' detector's
+    steps in its order.
 
     Args:
         sequences: `[batch, length]` token ids (best without the prompt), or a

@@ -197,7 +197,8 @@ class DraftModel:
         steps: Array | None = None,
     ) -> tuple[Array, Array, Any]:
         """K draft tokens per row, each chosen from the draft model's processed
-        distribution given the row's history and the drafts before it.
+        distribution given the row's history and the drafts before it. Over ~80
+        lines: one scan body of draft steps, whose carry must stay in one place.
 
         Args:
             params: the draft model's parameters.

@@ -4,6 +4,10 @@ A tiny byte-level GPT-2 with random weights is written once per module and passe
 with `--model DIR`. Every subprocess pays for a JAX import and its compilations,
 so runs are few and each one's output serves several assertions; the subprocesses
 share a persistent JAX compilation cache (per module), which changes no result.
+Refusals that come before any compilation (bad flags, bad prompt files) run
+in this process (`Result.here`); a few stay subprocesses, so that the exit code
+and the one stderr line are also checked end to end (`test_generate_unknown_model`,
+`test_eval_reports_every_bad_line_before_generating`).
 """
 
 from __future__ import annotations
@@ -91,6 +95,21 @@ class Result:
         self.rc = proc.returncode
         self.out = proc.stdout.decode("utf-8")
         self.err = proc.stderr.decode("utf-8")
+
+    @classmethod
+    def here(cls, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *args: str):
+        """`jaxdecode ARGS` run in this process (`cli.main`): the refusals that come
+        before any compilation need no Python and JAX start of their own."""
+        from jaxdecode.cli import main
+
+        # In-process runs must not turn on the persistent cache for the whole worker.
+        monkeypatch.setenv("JAXDECODE_COMPILATION_CACHE", "off")
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        capsys.readouterr()
+        rc = main(list(args))
+        captured = capsys.readouterr()
+        out = subprocess.CompletedProcess(args, rc, captured.out.encode(), captured.err.encode())
+        return cls(out)
 
     def __repr__(self) -> str:  # shown by pytest on a failed assertion
         return f"Result(rc={self.rc}, stdout={self.out[-2000:]!r}, stderr={self.err[-2000:]!r})"
@@ -341,8 +360,9 @@ def test_generate_beam_search_json(model_dir, env):
         "json_schema-keyword",
     ],
 )
-def test_generate_bad_inputs(model_dir, env, args, words):
-    assert_one_line_error(run(env, "generate", "--model", model_dir, *args), *words)
+def test_generate_bad_inputs(model_dir, capsys, monkeypatch, args, words):
+    res = Result.here(capsys, monkeypatch, "generate", "--model", model_dir, *args)
+    assert_one_line_error(res, *words)
 
 
 def test_generate_unknown_model(env):
@@ -586,14 +606,16 @@ def test_eval_seeds_per_prompt_and_from_the_command_line(model_dir, env, tmp_pat
         "prompt-too-long",
     ],
 )
-def test_eval_bad_inputs(model_dir, env, tmp_path, lines, out_text, words):
+def test_eval_bad_inputs(model_dir, capsys, monkeypatch, tmp_path, lines, out_text, words):
     prompts_file, out_file = tmp_path / "missing.jsonl", tmp_path / "out.jsonl"
     if lines is not None:
         prompts_file = tmp_path / "prompts.jsonl"
         prompts_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     if out_text is not None:
         out_file.write_text(out_text, encoding="utf-8")
-    res = run(env, "eval", str(prompts_file), "-o", str(out_file), "--model", model_dir)
+    res = Result.here(
+        capsys, monkeypatch, "eval", str(prompts_file), "-o", str(out_file), "--model", model_dir
+    )
     assert_one_line_error(res, *words)
     if out_text is not None:
         assert out_file.read_text(encoding="utf-8") == out_text, "OUT was changed"
@@ -621,7 +643,7 @@ def test_eval_reports_every_bad_line_before_generating(model_dir, env, tmp_path)
 
 
 @pytest.mark.parametrize("how", ["same-path", "symlink", "hardlink"])
-def test_eval_refuses_to_write_into_its_input(model_dir, env, tmp_path, how):
+def test_eval_refuses_to_write_into_its_input(model_dir, capsys, monkeypatch, tmp_path, how):
     prompts_file = tmp_path / "prompts.jsonl"
     # No trailing newline: the case that cut the last prompt.
     text = '{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "b"}'
@@ -633,16 +655,20 @@ def test_eval_refuses_to_write_into_its_input(model_dir, env, tmp_path, how):
     elif how == "hardlink":
         out = tmp_path / "hard.jsonl"
         os.link(prompts_file, out)
-    res = run(env, "eval", str(prompts_file), "-o", str(out), "--model", model_dir)
+    res = Result.here(
+        capsys, monkeypatch, "eval", str(prompts_file), "-o", str(out), "--model", model_dir
+    )
     assert_one_line_error(res, "prompts file")
     assert prompts_file.read_text(encoding="utf-8") == text, "the input was changed"
 
 
-def test_eval_output_in_a_missing_directory(model_dir, env, tmp_path):
+def test_eval_output_in_a_missing_directory(model_dir, capsys, monkeypatch, tmp_path):
     prompts_file = tmp_path / "prompts.jsonl"
     write_jsonl(prompts_file, [{"prompt": "a"}])
     out = tmp_path / "no" / "such" / "out.jsonl"
-    res = run(env, "eval", str(prompts_file), "-o", str(out), "--model", model_dir)
+    res = Result.here(
+        capsys, monkeypatch, "eval", str(prompts_file), "-o", str(out), "--model", model_dir
+    )
     assert_one_line_error(res, "does not exist")
 
 

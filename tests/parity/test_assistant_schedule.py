@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from support.hf_models import make_llama_model
+from support.hf_models import make_llama_model, target_and_draft
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
 
 import jaxdecode as jd
@@ -49,15 +49,7 @@ def test_rule_matches_transformers_update_candidate_strategy():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     hf = make_llama_model("llama", seed=3, spread=1.0, vocab_size=VOCAB, tie_word_embeddings=True)
-    hf_draft = copy.deepcopy(hf)
-    hf_draft.model.layers = hf_draft.model.layers[:1]
-    hf_draft.config.num_hidden_layers = 1
-    out = []
-    for name, model in (("target", hf), ("draft", hf_draft)):
-        path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path)
-        out.append(jd.from_pretrained(str(path)))
-    return out[0], out[1], hf, hf_draft
+    return target_and_draft(tmp_path_factory, hf)
 
 
 def _hf_final_k(hf, hf_draft, prompt, schedule, start):

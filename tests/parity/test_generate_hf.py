@@ -36,7 +36,7 @@ import pytest
 import torch
 import transformers
 from support import assert_same_scores
-from support.hf_models import generate_processors, spread_weights
+from support.hf_models import generate_processors, load_in_jaxdecode, spread_weights
 
 import jaxdecode as jd
 
@@ -106,9 +106,7 @@ def make_model(seed: int = MODEL_SEED) -> transformers.GPT2LMHeadModel:
 def models(tmp_path_factory):
     """(transformers model, jaxdecode CausalLM) on the same checkpoint."""
     hf = make_model()
-    directory = tmp_path_factory.mktemp("gpt2_eos")
-    hf.save_pretrained(directory)
-    return hf, jd.from_pretrained(directory)
+    return hf, load_in_jaxdecode(hf, tmp_path_factory.mktemp("gpt2_eos"))
 
 
 def prompts(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from support.hf_models import TINY, hf_logits, left_padded_batch, make_hf_model, save_hf_model
+from support.hf_models import (
+    TINY,
+    hf_logits,
+    left_padded_batch,
+    load_in_jaxdecode,
+    make_hf_model,
+)
 
 import jaxdecode as jd
 
@@ -92,8 +98,7 @@ def tiny_models(tmp_path_factory):
     def load(name: str):
         if name not in built:
             model = make_hf_model(seed=list(CONFIGS).index(name), **CONFIGS[name])
-            directory = save_hf_model(model, tmp_path_factory.mktemp(name))
-            built[name] = (model, jd.from_pretrained(directory))
+            built[name] = (model, load_in_jaxdecode(model, tmp_path_factory.mktemp(name)))
         return built[name]
 
     return load
@@ -223,7 +228,7 @@ def test_eager_decoder_apply_and_logits_inside_jit(tmp_path):
     """Unjitted `decoder.apply` in a Python loop; `lm.logits` inside a user's jit;
     `attention_mask=None` (all tokens real)."""
     model = make_hf_model(seed=7, n_layer=1)
-    lm = jd.from_pretrained(save_hf_model(model, tmp_path))
+    lm = load_in_jaxdecode(model, tmp_path)
     ids, mask = left_padded_batch(np.random.default_rng(2), V, 5, [1, 0])
     ref = hf_logits(model, ids, mask)
     ours = _prefill_then_steps_eager(lm, ids, mask, prefill=3, max_len=5)
@@ -276,7 +281,7 @@ def test_gpt2_small_sized_model(tmp_path):
         bos_token_id=50256,
         eos_token_id=50256,
     )
-    lm = jd.from_pretrained(save_hf_model(model, tmp_path))
+    lm = load_in_jaxdecode(model, tmp_path)
     assert lm.config.n_layer == 12 and lm.config.n_positions == 1024
     ids, mask = left_padded_batch(np.random.default_rng(0), 50257, 7, [0, 3])
     ref = hf_logits(model, ids, mask)
@@ -301,7 +306,7 @@ BF16_MIN_ARGMAX_AGREEMENT = 0.90
 @pytest.mark.parametrize("name", ["base", "all_flags"])
 def test_bfloat16_within_documented_tolerance(tmp_path, name):
     model = make_hf_model(seed=list(CONFIGS).index(name), **CONFIGS[name])
-    lm = jd.from_pretrained(save_hf_model(model, tmp_path), dtype=jnp.bfloat16)
+    lm = load_in_jaxdecode(model, tmp_path, dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(lm.params))
     cache = lm.decoder.init_cache(2, 4, None)
     assert cache.k.dtype == jnp.bfloat16 and cache.v.dtype == jnp.bfloat16
@@ -325,7 +330,7 @@ def test_bfloat16_within_documented_tolerance(tmp_path, name):
 # --------------------------------------------------------------------------- #
 def test_length_beyond_n_positions(tmp_path):
     model = make_hf_model(seed=3, n_layer=1, n_positions=16)
-    lm = jd.from_pretrained(save_hf_model(model, tmp_path))
+    lm = load_in_jaxdecode(model, tmp_path)
     assert lm.decoder.max_positions == 16
     assert lm.logits(np.ones((2, 16), np.int32)).shape == (2, 16, V)  # exactly n_positions
     with pytest.raises(ValueError, match="n_positions=16"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from support import count_compiles
-from support.hf_models import make_hf_model
+from support.hf_models import load_in_jaxdecode, make_hf_model
 
 import jaxdecode as jd
 from jaxdecode.search.loop import guided_logits
@@ -25,9 +25,7 @@ PAD = 95
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     model = make_hf_model(seed=3, spread=0.5)
-    directory = tmp_path_factory.mktemp("gpt2_cfg")
-    model.save_pretrained(directory)
-    return model, jd.from_pretrained(directory)
+    return model, load_in_jaxdecode(model, tmp_path_factory.mktemp("gpt2_cfg"))
 
 
 def hf_generate(model, ids, mask, **options):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from support.hf_models import make_llama_model
+from support.hf_models import make_llama_model, target_and_draft
 
 import jaxdecode as jd
 
@@ -52,26 +52,13 @@ LOOKUP_K, DRAFT_K = 3, 2
 OUTPUTS = dict(output_scores=True, output_raw_logprobs=True, logprobs=2, prompt_logprobs=1)
 
 
-def _truncated(model, layers: int):
-    small = copy.deepcopy(model)
-    small.model.layers = small.model.layers[:layers]
-    small.config.num_hidden_layers = layers
-    return small
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(jaxdecode target, jaxdecode draft, transformers target, transformers draft)."""
     # Tied embeddings: greedy text repeats runs of tokens (no_repeat_ngram_size
     # breaks them), so lookup drafts are often right and sometimes wrong.
     hf = make_llama_model("llama", seed=3, spread=1.0, vocab_size=VOCAB, tie_word_embeddings=True)
-    hf_draft = _truncated(hf, 1)
-    out = []
-    for name, model in (("target", hf), ("draft", hf_draft)):
-        path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path)
-        out.append(jd.from_pretrained(str(path)))
-    return out[0], out[1], hf, hf_draft
+    return target_and_draft(tmp_path_factory, hf)
 
 
 def _batch():

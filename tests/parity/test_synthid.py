@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from support.hf_models import make_hf_model
+from support.hf_models import load_in_jaxdecode, make_hf_model
 from transformers.generation import logits_process as hf
 
 import jaxdecode as jd
@@ -22,9 +22,7 @@ pytestmark = pytest.mark.parity
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     model = make_hf_model(seed=3)
-    directory = tmp_path_factory.mktemp("gpt2_synthid")
-    model.save_pretrained(directory)
-    return model, jd.from_pretrained(directory)
+    return model, load_in_jaxdecode(model, tmp_path_factory.mktemp("gpt2_synthid"))
 
 
 # --------------------------------------------------------------------------- #

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from support import assert_same_scores, count_compiles
-from support.hf_models import make_hf_model
+from support.hf_models import load_in_jaxdecode, make_hf_model
 from transformers.generation import logits_process as hf
 from transformers.generation.watermarking import WatermarkDetector
 
@@ -109,9 +109,7 @@ def test_per_row_bias_and_short_rows():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     model = make_hf_model(seed=3)
-    directory = tmp_path_factory.mktemp("gpt2_wm")
-    model.save_pretrained(directory)
-    return model, jd.from_pretrained(directory)
+    return model, load_in_jaxdecode(model, tmp_path_factory.mktemp("gpt2_wm"))
 
 
 @pytest.mark.parametrize("scheme,width", [("lefthash", 1), ("selfhash", 2)])

@@ -1,6 +1,9 @@
-"""Tiny Hugging Face GPT-2 checkpoints with random weights, for parity tests.
+"""Tiny Hugging Face checkpoints with random weights, for parity tests, and
+the shared set-up: one checkpoint saved and loaded on both sides
+(`load_in_jaxdecode`), a draft model of a target's first layers
+(`target_and_draft`), transformers' logits and processors.
 
-Every model is built with `torch.manual_seed`, eager attention (the only
+The GPT-2 models are built with `torch.manual_seed`, eager attention (the only
 implementation that honours `reorder_and_upcast_attn`) and weights spread wider
 than GPT-2's default initializer (std 0.02, zero biases, unit LayerNorms), so
 that attention patterns are far from uniform, biases and LayerNorm parameters
@@ -9,6 +12,7 @@ matter, and a wrong scale, mask or parameter mapping shows in the logits.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Any
@@ -102,6 +106,30 @@ def save_hf_model(model: transformers.GPT2LMHeadModel, directory: Any, **kwargs:
     directory = os.fspath(directory)
     model.save_pretrained(directory, **kwargs)
     return directory
+
+
+def load_in_jaxdecode(model: Any, directory: Any, **kwargs: Any) -> jd.CausalLM:
+    """The same checkpoint on both sides: `model.save_pretrained(directory)`, then
+    `jd.from_pretrained(directory, **kwargs)`."""
+    return jd.from_pretrained(save_hf_model(model, directory), **kwargs)
+
+
+def first_layers(model: Any, layers: int) -> Any:
+    """A copy of a Llama-style transformers model that keeps its first `layers`
+    decoder layers (a draft model sharing the target's embeddings and head)."""
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:layers]
+    small.config.num_hidden_layers = layers
+    return small
+
+
+def target_and_draft(tmp_path_factory: Any, hf: Any, draft_layers: int = 1) -> tuple:
+    """`(jaxdecode target, jaxdecode draft, hf target, hf draft)`: the draft is the
+    target's first `draft_layers` layers, each saved and loaded once."""
+    hf_draft = first_layers(hf, draft_layers)
+    target = load_in_jaxdecode(hf, tmp_path_factory.mktemp("target"))
+    draft = load_in_jaxdecode(hf_draft, tmp_path_factory.mktemp("draft"))
+    return target, draft, hf, hf_draft
 
 
 def hf_logits(model: transformers.GPT2LMHeadModel, ids: Any, mask: Any = None) -> np.ndarray:

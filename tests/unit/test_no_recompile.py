@@ -9,6 +9,7 @@ import numpy as np
 from support import count_compiles
 
 import jaxdecode as jd
+from jaxdecode.models.gpt2 import GPT2Config, init_params
 from jaxdecode.models.llama import LlamaConfig, llama_decoder
 
 
@@ -46,3 +47,18 @@ def test_decoders_are_equal_by_value():
     assert llama_decoder(config) != llama_decoder(config, jax.numpy.bfloat16)
     other = LlamaConfig(**{**config.__dict__, "num_hidden_layers": 2})
     assert llama_decoder(config) != llama_decoder(other)
+
+
+def test_gpt2_init_params_is_one_program_with_eager_values():
+    """`init_params` compiles its draws as one program (eagerly, Flax's init compiled
+    ~90 operations one by one, the largest share of a small test's compilations) and
+    gives the bits an eager init gives."""
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=40, n_positions=24)
+    with count_compiles() as n:
+        params = init_params(config, jax.random.key(3))
+    assert n.count <= 10, f"init_params compiled {n.count} programs"
+    with jax.disable_jit():
+        eager = init_params(config, jax.random.key(3))
+    assert jax.tree.structure(params) == jax.tree.structure(eager)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(eager), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -14,6 +14,7 @@ engine's pages); each layer writes and reads it through `layers.attend_cache`.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
@@ -283,6 +284,17 @@ def gpt2_decoder(
 
 def init_params(config: GPT2Config, key: Array, dtype: Any = jnp.float32) -> Any:
     """Random parameters (normal(0.02) as GPT-2's initializer) for training from scratch."""
+    params, draws = _init_draws(config, key, dtype)
+    # The 0.02 scaling runs outside the compiled draws, so that the values are the
+    # bits an eager init gives (XLA fuses a compiled product into the draw).
+    return jax.tree.map(lambda p, d: p if d is None else 0.02 * d, params, draws)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_draws(config: GPT2Config, key: Array, dtype: Any) -> tuple[Any, Any]:
+    """Flax's initial params and a standard normal draw per weight (None elsewhere),
+    as one compiled program: run eagerly, Flax's init compiled each of its ~100
+    operations on its own."""
     module = GPT2LMHeadModel(config, dtype=dtype)
     cache = init_cache(
         layers=config.n_layer,
@@ -296,11 +308,9 @@ def init_params(config: GPT2Config, key: Array, dtype: Any = jnp.float32) -> Any
     params = module.init(key, ids, ids, cache, jnp.ones((1, 1), jnp.int32))["params"]
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(key, len(leaves))
-    out = []
+    draws = []
     for (path, leaf), k in zip(leaves, keys, strict=True):
         name = str(path[-1])
-        if "weight" in name or "embedding" in name:
-            out.append(0.02 * jax.random.normal(k, leaf.shape, leaf.dtype))
-        else:
-            out.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, out)
+        weight = "weight" in name or "embedding" in name
+        draws.append(jax.random.normal(k, leaf.shape, leaf.dtype) if weight else None)
+    return params, jax.tree_util.tree_unflatten(treedef, draws)
