@@ -341,6 +341,8 @@ class Engine:
         prefix_cache: bool = True,
         prefill_chunk: int | None = None,
     ) -> None:
+        # Over ~80 lines: the options are checked here, in the order a user
+        # reads them in the class docstring, before anything is allocated.
         decoder, params, base = _model_parts(model)
         self.slots = _check_int("slots", slots, 1)
         self.mesh = check_mesh(mesh)
@@ -1220,6 +1222,10 @@ def generate_many(
             `max_new_tokens` among the prompts).
         **overrides: `GenerationConfig` fields applied to the model's config
             before `configs`.
+
+    A function over ~80 lines: half of it is this docstring (one line per
+    `Engine` option it passes on); the body groups prompts and runs one engine
+    per group.
     """
     decoder, _, base = _model_parts(model)
     base = base.replace(**overrides) if overrides else base
