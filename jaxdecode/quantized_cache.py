@@ -350,6 +350,12 @@ class QuantizedKVCache:
         return read
 
 
+def is_paged(cache: object) -> bool:
+    """Whether a cache is a pool of pages: a `PagedCache`, or a
+    `QuantizedKVCache` whose codes are one (read through `reader`)."""
+    return isinstance(cache, PagedCache) or (isinstance(cache, QuantizedKVCache) and cache.paged)
+
+
 def init_quantized(
     *,
     layers: int,

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 
 from jaxdecode.cache import SlotMask
 from jaxdecode.models import lora
-from jaxdecode.paged_cache import PagedCache
-from jaxdecode.quantized_cache import QuantizedKV, QuantizedKVCache
+from jaxdecode.quantized_cache import QuantizedKV, is_paged
 
 Array = jax.Array
 
@@ -319,7 +318,7 @@ def attend_cache(
         `([batch, T, q_heads, head_dim] in the values' dtype, the written cache)`.
     """
     cache = cache.write(layer, k, v)
-    if isinstance(cache, PagedCache) or (isinstance(cache, QuantizedKVCache) and cache.paged):
+    if is_paged(cache):
         out = attend_blocks(
             q.astype(cache.k.dtype),
             cache.reader(layer),

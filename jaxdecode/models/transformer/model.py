@@ -51,7 +51,7 @@ from jaxdecode.models.rope import rope_tables
 from jaxdecode.models.transformer.config import TransformerConfig
 from jaxdecode.models.transformer.sharding import transformer_param_specs
 from jaxdecode.paged_cache import PagedCache, init_paged
-from jaxdecode.quantized_cache import QuantizedKVCache, init_quantized
+from jaxdecode.quantized_cache import QuantizedKVCache, init_quantized, is_paged
 from jaxdecode.ring_cache import RING_SLACK, RingCache, init_ring
 
 if TYPE_CHECKING:  # only the annotation: models never import the config
@@ -65,11 +65,6 @@ _FullCache = KVCache | QuantizedKVCache
 _Cache = _FullCache | PagedCache | tuple[_FullCache, RingCache]
 
 __all__ = ["Transformer", "init_params", "transformer_decoder"]
-
-
-def _paged(cache: _LayerCache) -> bool:
-    """Whether a layer cache is a pool of pages (float, or quantized codes)."""
-    return isinstance(cache, PagedCache) or (isinstance(cache, QuantizedKVCache) and cache.paged)
 
 
 class _Attention(nn.Module):
@@ -244,7 +239,7 @@ class Transformer(nn.Module):
         }
         # Short calls over a short cache: the dense mask built once.
         full_visible = slots
-        paged = _paged(full)
+        paged = is_paged(full)
         if not paged and not blocked(ids.shape[1], full.max_len, self.attention_block):
             full_visible = slots.dense()
         stacked = {"full_attention": 0, "sliding_attention": 0}
