@@ -53,7 +53,9 @@ def _args() -> argparse.Namespace:
     return a
 
 
-def _model(tiny: bool):
+def load_model(tiny: bool):
+    """SmolLM2-135M-Instruct as `from_pretrained` loads it (fused), or with `tiny` a
+    random 2-layer Llama through the same load path."""
     import jax
 
     import jaxdecode as jd
@@ -85,7 +87,7 @@ def _model(tiny: bool):
     return jd.CausalLM(params=params, decoder=family.decoder(cfg), config=cfg)
 
 
-def _bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
+def read_bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
     """Read bandwidth of a jitted vector x matrix product, GB/s (best of `reps`)."""
     import jax
     import jax.numpy as jnp
@@ -112,7 +114,7 @@ def main() -> None:
     from jaxdecode.models.transformer import convert
 
     load_before = load_avg()
-    fused = _model(a.tiny)
+    fused = load_model(a.tiny)
     tcfg = fused.config.transformer()
     separate = fused.replace(params=convert.separate_projections(fused.params, tcfg))
     names = lambda lm: (
@@ -148,7 +150,7 @@ def main() -> None:
         n: 1000 * (statistics.median(t[a.new]) - statistics.median(t[1])) / max(a.new - 1, 1)
         for n, t in times.items()
     }
-    bandwidth = _bandwidth_gbs(16 if a.tiny else 256)
+    bandwidth = read_bandwidth_gbs(16 if a.tiny else 256)
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(fused.params))
     kv_per_token = 2 * tcfg.num_layers * tcfg.num_kv_heads * tcfg.head_dim * 4
     kv_bytes = kv_per_token * (a.prompt + a.new / 2)  # the cache read, on average

@@ -222,3 +222,18 @@ def test_fused_benchmark_tiny(tmp_path: Path) -> None:
     assert data["same_tokens"]
     assert set(data["decode_ms_per_step"]) == set(data["compile_s"]) == {"fused", "separate"}
     assert "qkv_proj" in data["layouts"]["fused"] and "q_proj" in data["layouts"]["separate"]
+
+
+def test_decode_profile_benchmark_tiny(tmp_path: Path) -> None:
+    """benchmarks/decode_profile.py --tiny: both programs timed, the model
+    step's thunks profiled by kind: its 9 weight products (2 layers x qkv, o,
+    gate_up, down, and the LM head) as DotThunks once per step."""
+    out = tmp_path / "profile.json"
+    run_benchmark("decode_profile.py", "--tiny", "--json", str(out))
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert set(data["ms_per_step"]) == {"model", "products"}
+    assert data["loop_thunks_per_step"]["products"]["dot"] == 9
+    kinds = data["model_breakdown_ms_per_step"]["kinds"]
+    products = kinds["product: DotThunk (Eigen matrix-vector)"]
+    assert products["instructions"] == 9 and products["per_step"] == 9
+    assert data["model_breakdown_ms_per_step"]["total_min_ms"] > 0
