@@ -11,9 +11,10 @@ jitted `fori_loop`, batch 1:
   step, without the processors' bookkeeping.
 * "products": the same weight products alone, in the params' layout as loaded
   (`qkv_proj`, `o_proj`, `gate_up_proj`, `down_proj` per layer, then the tied
-  LM head), chained through a residual add: no norms, rotary, cache or
-  attention. What XLA:CPU reaches with these products bounds what changes to
-  the rest of the step can reach.
+  LM head, here a DotThunk where the step fuses it with the final norm),
+  chained through a residual add: no norms, rotary, cache or attention.
+  What XLA:CPU reaches with these products bounds what changes to the rest
+  of the step can reach.
 * the floor: the weight bytes per step / the read bandwidth of one jitted
   vector x matrix product over 256 MB (`fused.read_bandwidth_gbs`).
 
