@@ -232,7 +232,7 @@ def test_copies_share_the_full_prefix_pages():
     np.testing.assert_array_equal(empty.table.reshape(-1), np.arange(2 * 16))
     cache = empty.share_prefix(3, 6)
     assert cache.pages == 2 * 1 + 2 * 3 * 15  # one full prefix page per row; 15 own per copy
-    _, cache = decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+    _, cache = jax.jit(decoder.apply)(params, ids, positions_from_mask(mask), cache, mask)
     forked = cache.fork(3, 6)
     assert forked.batch == 6
     table = np.asarray(forked.table)
