@@ -13,6 +13,11 @@ A fresh process per file keeps every file's compilations to itself, a crash fail
 exactly one file (with its log), and a file that hangs is killed after
 `--timeout` seconds. Plain `python -m pytest` still works for development.
 
+The unit tier's files are short (seconds to a minute each) and a process's start
+(Python, JAX and jaxdecode imported: ~2.5 CPU seconds) was a tenth of the tier, so
+its files run `--unit-batch` (4) to a process: one line per batch, the batch's
+files joined by `+`; a crash fails that batch. The other tiers stay one per process.
+
 The tiers (`tests/<tier>/test_*.py`): `unit` (fake or tiny models, no live
 reference), `parity` (live transformers / peft on the same weights), `integration`
 (the CLI, the engine end to end, meshes and processes, GGUF files, the examples and
@@ -38,6 +43,7 @@ SLOW_FIRST = (
     "test_gguf.py",
     "test_llama.py",
     "test_grammar.py",
+    "test_grammar_generate.py",
     "test_generate_hf.py",
     "test_processors_hf.py",
     "test_config.py",
@@ -50,20 +56,20 @@ SUMMARY = re.compile(r"^(?:=+ )?(\d+ (?:passed|failed|error).*?) in [0-9.]+s", r
 
 
 def run_file(
-    path: Path, timeout: float, logs: Path, extra: list[str]
+    paths: list[Path], timeout: float, logs: Path, extra: list[str]
 ) -> tuple[str, int, float, float]:
-    """Runs one test file in its own pytest process.
+    """Runs test files (one, or a batch of unit files) in their own pytest process.
 
     Returns:
         (summary line, exit code, wall seconds, CPU seconds of the process tree);
         CPU seconds / cores is what the file costs on an otherwise idle machine.
     """
-    log = logs / (path.stem + ".log")
+    log = logs / (log_name(paths) + ".log")
     start = time.monotonic()
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [*cmd, "--durations=10", *extra, str(path)], cwd=ROOT, stdout=out, stderr=out
+            [*cmd, "--durations=10", *extra, *map(str, paths)], cwd=ROOT, stdout=out, stderr=out
         )
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
@@ -82,6 +88,20 @@ def run_file(
     return summary, rc, seconds, cpu
 
 
+def log_name(paths: list[Path]) -> str:
+    """`test_a` for one file, `test_a+test_b` for a batch."""
+    return "+".join(p.stem for p in paths)
+
+
+def batches(files: list[Path], unit_batch: int) -> list[list[Path]]:
+    """The files in run order, the unit tier's `unit_batch` to a process (each
+    batch taking every k-th unit file, so that the slow ones spread over them)."""
+    unit = [f for f in files if f.parent.name == "unit"]
+    count = -(-len(unit) // unit_batch)
+    groups = [unit[i::count] for i in range(count)]
+    return groups + [[f] for f in files if f.parent.name != "unit"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="*", help="test files (default: every tier's)")
@@ -89,56 +109,61 @@ def main(argv: list[str] | None = None) -> int:
         "--tier", choices=TIERS, default=None, help="only this tier's files (default: all)"
     )
     parser.add_argument("-j", "--jobs", type=int, default=2, help="files run at once")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per file")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per process")
+    parser.add_argument(
+        "--unit-batch", type=int, default=4, help="unit-tier files per process (1: one each)"
+    )
     parser.add_argument("--no-skips", action="store_true", help="a skipped test fails the run")
     parser.add_argument("--logs", default=".test-logs", help="one log per file here")
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments (one string)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.unit_batch < 1:
+        parser.error(f"--unit-batch must be >= 1, got {args.unit_batch}")
 
     tiers = [args.tier] if args.tier else list(TIERS)
     found = [p for t in tiers for p in sorted((ROOT / "tests" / t).glob("test_*.py"))]
     files = [Path(f).resolve() for f in args.files] or found
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     files.sort(key=lambda p: (rank.get(p.name, len(rank)), p.name))
+    groups = batches(files, args.unit_batch)
     logs = ROOT / args.logs
     logs.mkdir(exist_ok=True)
-    env_note = f"{len(files)} files, {args.jobs} at a time, logs in {logs}"
-    print(f"run_tests: {env_note}", flush=True)
+    env_note = f"{len(files)} files in {len(groups)} processes, {args.jobs} at a time"
+    print(f"run_tests: {env_note}, logs in {logs}", flush=True)
 
     start = time.monotonic()
-    results: dict[Path, tuple[str, int, float, float]] = {}
+    results: dict[str, tuple[str, int, float, float]] = {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {
-            pool.submit(run_file, f, args.timeout, logs, args.pytest_args.split()): f for f in files
+            pool.submit(run_file, g, args.timeout, logs, args.pytest_args.split()): g
+            for g in groups
         }
         for future in concurrent.futures.as_completed(futures):
-            path = futures[future]
-            results[path] = summary, rc, seconds, cpu = future.result()
+            name = log_name(futures[future])
+            results[name] = summary, rc, seconds, cpu = future.result()
             mark = "ok  " if rc == 0 else "FAIL"
-            line = f"{mark} {seconds:6.1f} s wall {cpu:6.1f} s CPU  {path.name:30s} {summary}"
+            line = f"{mark} {seconds:6.1f} s wall {cpu:6.1f} s CPU  {name:30s} {summary}"
             print(line, flush=True)
 
-    failed = [p for p, r in results.items() if r[1] != 0]
-    skipped = [p for p, r in results.items() if "skipped" in r[0]]
+    failed = [name for name, r in results.items() if r[1] != 0]
+    skipped = [name for name, r in results.items() if "skipped" in r[0]]
     cpu_total = sum(r[3] for r in results.values())
-    for path in failed:
-        text = (logs / (path.stem + ".log")).read_text(errors="replace")
-        print(f"\n----- {path.name} (last 60 lines of {path.stem}.log) -----")
+    for name in failed:
+        text = (logs / (name + ".log")).read_text(errors="replace")
+        print(f"\n----- {name} (last 60 lines of {name}.log) -----")
         print("\n".join(text.splitlines()[-60:]))
     total = time.monotonic() - start
     print(
-        f"\nrun_tests: {len(files) - len(failed)}/{len(files)} files passed in {total:.0f} s"
-        f" ({cpu_total:.0f} CPU seconds)"
+        f"\nrun_tests: {len(groups) - len(failed)}/{len(groups)} processes"
+        f" ({len(files)} files) passed in {total:.0f} s ({cpu_total:.0f} CPU seconds)"
     )
     if failed:
-        print("run_tests: failed: " + " ".join(p.name for p in failed))
+        print("run_tests: failed: " + " ".join(failed))
         return 1
     if args.no_skips and skipped:
-        print(
-            "run_tests: skipped tests (parity tests must run): " + " ".join(p.name for p in skipped)
-        )
+        print("run_tests: skipped tests (parity tests must run): " + " ".join(skipped))
         return 1
     return 0
 

@@ -416,6 +416,34 @@ class Engine:
 
     # ------------------------------------------------------------------ #
     @property
+    def rows(self) -> int:
+        """Rows of the slot state the next decode call computes: `slots`, or
+        fewer while `compact_tail` has moved the tail into a smaller state."""
+        return self._size
+
+    @property
+    def params(self) -> Any:
+        """The weights the engine decodes with: the caller's arrays (placed on
+        the mesh once when `mesh` is given), never a copy; a family's `prepare`
+        hook may add derived arrays of its own."""
+        return self._params
+
+    @property
+    def state(self) -> programs.SlotState:
+        """The slot state on device (`jaxdecode.serving.programs.SlotState`: the
+        cache, the last logits, each row's values and outputs), `rows` rows.
+        Read-only: the engine's calls donate it, so keep no reference across a
+        `step`; read its shapes or shardings, say."""
+        return self._state
+
+    @property
+    def constraint_table(self) -> UnionTable | None:
+        """The union table of the constraints of the current run of prompts
+        (`jaxdecode.processors.grammar.UnionTable`: `len`, `in`, `shape`,
+        `nbytes`); None before the first constraint."""
+        return self._table
+
+    @property
     def cache_bytes_per_device(self) -> int:
         """Bytes of the slot cache one device holds (`cache_bytes` on one device;
         on a mesh, its shard)."""
@@ -488,6 +516,43 @@ class Engine:
             max_prompt: the longest prompt (tokens) to expect; default
                 `max_len - 1`. Buckets past it are not compiled.
         """
+        for _, program, args in self._programs(max_prompt):
+            program.lower(*args).compile()
+        self._warm_up()
+
+    def export(
+        self, platforms: Sequence[str], max_prompt: int | None = None
+    ) -> dict[str, jax.export.Exported]:
+        """Lowers the programs `warmup` compiles (the slot count's: not
+        `compact_tail`'s smaller copies) for other platforms with
+        `jax.export`, without running or compiling anything: a check that the
+        engine's programs, on its mesh if it has one, lower for, say,
+        `("tpu", "cuda")` from a CPU host.
+
+        Args:
+            platforms: `jax.export` platform names (`"cpu"`, `"cuda"`,
+                `"rocm"`, `"tpu"`).
+            max_prompt: the longest prompt (tokens) to expect, as in `warmup`.
+
+        Returns:
+            The `jax.export.Exported` programs by name: `"decode"`,
+            `"prefill_<width>"` for each prompt bucket up to `max_prompt` and,
+            paged with `prefill_chunk` below `max_prompt`,
+            `"chunk_<width>"` (a chunk that is not a prompt's last).
+        """
+        if isinstance(platforms, str) or not platforms:
+            raise ValueError(
+                f"platforms must be a non-empty sequence of platform names, got {platforms!r}"
+            )
+        return {
+            name: jax.export.export(program, platforms=tuple(platforms))(*args)
+            for name, program, args in self._programs(max_prompt)
+        }
+
+    def _programs(self, max_prompt: int | None) -> Iterator[tuple[str, Any, tuple]]:
+        """(name, jitted program, its arguments) for every program of the slot
+        count that prompts of up to `max_prompt` tokens can need (`warmup`):
+        arguments for unused rows, so that running one would write nothing."""
         if max_prompt is None:
             max_prompt = self.max_len - 1
         max_prompt = _check_int("max_prompt", max_prompt, 1)
@@ -506,6 +571,7 @@ class Engine:
         max_new = np.ones((rows,), np.int32)
         seeds = np.zeros((rows,), np.uint32)
         processor = self._template(rows)
+        head = (self._plan, self._params, state)
         for width in widths:
             if self._pool is None:
                 ids = np.zeros((rows, width), np.int32)
@@ -515,24 +581,21 @@ class Engine:
                 pages = self._dummy_pages(width)
                 offset = np.zeros((rows,), np.int32)
                 args = (ids, ids, target, max_new, seeds, processor, pages, offset)
-            programs.admit_program.lower(self._plan, self._params, state, *args).compile()
+            yield f"prefill_{width}", programs.admit_program, (*head, *args)
         chunked = self.prefill_chunk is not None and max_prompt > self.prefill_chunk
         if self._pool is not None and chunked:
-            pages = self._dummy_pages(bucket_length(self.prefill_chunk, self.prompt_buckets))
-            programs.chunk_program.lower(self._plan, self._params, state, pages, target).compile()
+            width = bucket_length(self.prefill_chunk, self.prompt_buckets)
+            pages = self._dummy_pages(width)
+            yield f"chunk_{width}", programs.chunk_program, (*head, pages, target)
         want = jnp.int32(self.slots + 1)
+        decode = (self._plan, self.steps_per_call, self._params, state, want)
         if self._pool is None:
-            programs.decode_program.lower(
-                self._plan, self.steps_per_call, self._params, state, want
-            ).compile()
+            yield "decode", programs.decode_program, decode
         else:
             cols = pages_for(self.max_len, self.page_size)
             table = np.full((self.slots, cols), self._pool.pages, np.int32)
             active = np.zeros((self.slots,), bool)
-            programs.decode_pages_program.lower(
-                self._plan, self.steps_per_call, self._params, state, want, table, active
-            ).compile()
-        self._warm_up()
+            yield "decode", programs.decode_pages_program, (*decode, table, active)
 
     def _dummy_pages(self, width: int) -> programs.Pages:
         """A chunk of `width` for `prefill_rows` unused rows (no page assigned)."""

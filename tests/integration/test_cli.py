@@ -99,7 +99,8 @@ class Result:
     @classmethod
     def here(cls, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *args: str):
         """`jaxdecode ARGS` run in this process (`cli.main`): the refusals that come
-        before any compilation need no Python and JAX start of their own."""
+        before any compilation, and runs whose start-up and exit code other tests
+        check in a subprocess, need no Python and JAX start of their own."""
         from jaxdecode.cli import main
 
         # In-process runs must not turn on the persistent cache for the whole worker.
@@ -249,11 +250,13 @@ def test_generate_text_json_and_inprocess_parity(model_dir, env):
         np.testing.assert_allclose(rec["outputs"][0]["token_logprobs"], logps[i, :n], atol=1e-5)
 
 
-def test_generate_seeded_sampling_and_sampled_stream(model_dir, env):
+def test_generate_seeded_sampling_and_sampled_stream(model_dir, capsys, monkeypatch):
+    # In-process (`cli.main`): the subprocess runs above check the exit code and the
+    # output end to end; a process start and model load each would add nothing here.
     args = ["generate", "Hello", "--model", model_dir, "--max_new_tokens", "8", "--do_sample"]
-    a = run(env, *args, "--seed", "3", "--json")
-    b = run(env, *args, "--seed", "3", "--json")
-    c = run(env, *args, "--seed", "4", "--json")
+    a = Result.here(capsys, monkeypatch, *args, "--seed", "3", "--json")
+    b = Result.here(capsys, monkeypatch, *args, "--seed", "3", "--json")
+    c = Result.here(capsys, monkeypatch, *args, "--seed", "4", "--json")
     for res in (a, b, c):
         assert res.rc == 0, res
     assert a.out == b.out, "same seed, different samples"
@@ -264,20 +267,20 @@ def test_generate_seeded_sampling_and_sampled_stream(model_dir, env):
     assert a.err == "", "a seed given is not announced"
 
     # Streaming samples through the same step with the same key: same text.
-    streamed = run(env, *args, "--seed", "3", "--stream")
+    streamed = Result.here(capsys, monkeypatch, *args, "--seed", "3", "--stream")
     assert streamed.rc == 0, streamed
     assert streamed.out == rec["prompt"] + rec["outputs"][0]["text"] + "\n"
 
 
-def test_generate_draws_a_seed_it_shows_and_that_repeats_the_run(model_dir, env):
+def test_generate_draws_a_seed_it_shows_and_that_repeats_the_run(model_dir, capsys, monkeypatch):
     args = ["generate", "Hello", "--model", model_dir, "--max_new_tokens", "8", "--do_sample"]
-    drawn = run(env, *args, "--json")
+    drawn = Result.here(capsys, monkeypatch, *args, "--json")
     assert drawn.rc == 0, drawn
     (rec,) = json_lines(drawn.out)
     seed = rec["seed"]
     assert isinstance(seed, int) and 0 <= seed < 2**31, rec
     assert drawn.err == f"jaxdecode: sampled with seed {seed} (repeat with --seed {seed})\n"
-    again = run(env, *args, "--json", "--seed", str(seed))
+    again = Result.here(capsys, monkeypatch, *args, "--json", "--seed", str(seed))
     assert again.rc == 0, again
     assert again.out == drawn.out
 

@@ -296,7 +296,7 @@ def test_compact_tail_same_results_no_compilation_after_warm_up():
             )
             engine.submit(prompts[:10], options[:10])
             got = {r.index: r for r in engine}
-            assert engine._size < 8, "the tail was not compacted"
+            assert engine.rows < 8, "the tail was not compacted"
             engine.submit(prompts[10:], options[10:])  # back to 8 rows
             got.update({r.index: r for r in engine})
         if round_:
@@ -332,7 +332,7 @@ def test_engines_hold_no_copy_of_the_weights(hook):
         engine.submit(_prompts(np.random.default_rng(0), 3))
         assert len(list(engine)) == 3
         assert all(
-            a is b for a, b in zip(jax.tree_util.tree_leaves(engine._params), weights, strict=True)
+            a is b for a, b in zip(jax.tree_util.tree_leaves(engine.params), weights, strict=True)
         )
     assert _live_copies(wpe) == before, "an engine copied the weights"
     del engines, engine
@@ -398,10 +398,10 @@ def test_constrained_prompts_equal_generate_alone():
     )
     engine.submit(prompts[:3], sampled[:3])
     got = {r.index: r for r in engine.step()}
-    assert len(engine._table) == 1 and engine.pending == 3
+    assert len(engine.constraint_table) == 1 and engine.pending == 3
     engine.submit(prompts[3:], sampled[3:])
     got.update({r.index: r for r in engine})
-    assert len(engine._table) == 3
+    assert len(engine.constraint_table) == 3
     for prompt, options, res in [
         *zip(prompts, greedy, results, strict=True),
         *((p, o, got[i]) for i, (p, o) in enumerate(zip(prompts, sampled, strict=True))),
@@ -441,18 +441,19 @@ def test_constraint_table_compiles_only_when_its_bucket_grows():
             ended.append(res.tokens[-1] == 256)
 
     run([{"regex": "[0-9]{3}"}, {"choices": ["yes", "no"]}, {}])  # warm-up
-    shape = engine._table.shape
+    shape = engine.constraint_table.shape
     with count_compiles() as same:
         run([{"regex": "[a-c]+x"}, {"choices": ["maybe", "no"]}], then=[{"regex": "[0-9]x"}, {}])
     assert same.count == 0, "a constraint table of the same bucket compiled"
-    assert engine._table.shape == shape == ("dense", 16, 0) and len(engine._table) == 3
+    assert engine.constraint_table.shape == shape == ("dense", 16, 0)
+    assert len(engine.constraint_table) == 3
     run([CONSTRAINTS[0], {}], then=CONSTRAINTS[1:])
-    assert engine._table.shape == ("dense", 64, 0)  # 7 + 13 + 14 states: grown past 32
-    assert engine.table_bytes == engine._table.tables.nbytes > 0
+    assert engine.constraint_table.shape == ("dense", 64, 0)  # 7 + 13 + 14 states: grown past 32
+    assert engine.table_bytes == engine.constraint_table.tables.nbytes > 0
     assert sum(ended) >= 4
     with pytest.raises(ValueError, match=r"prompt 13: regex '\(' is invalid"):
         engine.submit([prompt, prompt], [{"choices": ["new"]}, {"regex": "("}])
-    assert engine.pending == 0 and ("choices", ["new"]) not in engine._table
+    assert engine.pending == 0 and ("choices", ["new"]) not in engine.constraint_table
 
 
 def test_generate_many_sizes_text_prompts_in_tokens():

@@ -19,7 +19,7 @@ from support import count_compiles
 
 import jaxdecode as jd
 from jaxdecode.models.llama import LlamaConfig, init_params, llama_decoder
-from jaxdecode.serving import Engine, programs
+from jaxdecode.serving import Engine
 
 EOS = 256
 BUCKETS = [64]  # one prompt bucket: generate and the engine compile once per config
@@ -179,11 +179,11 @@ def test_compacted_paged_rows_move_back_when_prompts_arrive():
     options = [{"seed": 20 + i, "max_new_tokens": 3 if i == 1 else 12} for i in range(6)]
     engine.submit(first, options[:2])
     results = []
-    while engine._size > 1:  # the short row finishes, the long one is compacted
+    while engine.rows > 1:  # the short row finishes, the long one is compacted
         results += engine.step()
     engine.submit(later, options[2:])
     results += engine.step()
-    assert engine._size == 4, "a submit after compaction did not move the rows back"
+    assert engine.rows == 4, "a submit after compaction did not move the rows back"
     results += list(engine)
     results.sort(key=lambda r: r.index)
     for prompt, opt, res in zip(first + later, options, results, strict=True):
@@ -343,21 +343,12 @@ def test_refusals_before_anything_runs():
 
 def test_paged_programs_export_for_tpu_and_cuda():
     lm = tiny_llama()
-    engine = Engine(lm, slots=2, max_len=32, page_size=4, prompt_buckets=BUCKETS)
-    table = np.full((2, 8), engine.kv_pages, np.int32)
-    active = np.ones((2,), bool)
-    decode = jax.jit(functools.partial(programs.decode_pages, engine._plan, 2))
-    jax.export.export(decode, platforms=("tpu", "cuda"))(
-        engine._params, engine._state, jax.numpy.int32(3), table, active
-    )
-    pages = programs.Pages(
-        ids=np.ones((2, 8), np.int32), mask=np.ones((2, 8), np.int32),
-        start=np.zeros((2,), np.int32), table=table,
+    engine = Engine(
+        lm, slots=2, max_len=32, page_size=4, prompt_buckets=[8], prefill_chunk=8
     )  # fmt: skip
-    chunk = jax.jit(functools.partial(programs.prefill_chunk, engine._plan))
-    jax.export.export(chunk, platforms=("tpu", "cuda"))(
-        engine._params, engine._state, pages, np.asarray([0, 1], np.int32)
-    )
+    exported = engine.export(("tpu", "cuda"), max_prompt=12)
+    assert set(exported) == {"prefill_8", "chunk_8", "decode"}
+    assert all(e.platforms == ("tpu", "cuda") for e in exported.values())
 
 
 def test_generate_many_on_pages_equals_dense():

@@ -12,11 +12,13 @@ import numpy as np
 from jax import monitoring
 
 _COMPILES = [0]
+_NAMES: list[str] = []  # the compiled functions' names, in order
 
 
-def _on_event(name: str, _duration: float, **_: object) -> None:
+def _on_event(name: str, _duration: float, fun_name: str = "", **_: object) -> None:
     if name == "/jax/core/compile/backend_compile_duration":
         _COMPILES[0] += 1
+        _NAMES.append(fun_name)
 
 
 monitoring.register_event_duration_secs_listener(_on_event)
@@ -31,6 +33,17 @@ class CompileCount:
     @property
     def count(self) -> int:
         return _COMPILES[0] - self.start
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the functions compiled in the block, in order (a jitted
+        function's `__name__`, e.g. `"generate_program"`)."""
+        return _NAMES[self.start : _COMPILES[0]]
+
+    def of(self, function: str) -> int:
+        """Compilations of the jitted function named `function` in the block
+        (one per new program in its cache: a new shape or static value)."""
+        return self.names.count(f"jit({function})")
 
 
 @contextlib.contextmanager

@@ -6,9 +6,9 @@ here. Python scalars stay weakly typed and mix freely.
 The tier is compile-bound (tiny models, many distinct programs), so XLA's backend
 optimizations are off here (`jax_disable_most_optimizations`: LLVM at -O0; the
 HLO passes still run). test_score.py: 143 -> 100 CPU seconds. The generated code
-may round a last bit differently; a file whose check hinges on one bit (the int8
-cache's codes in test_quantized_cache.py) turns them back on with
-`full_optimizations`. `JAX_DISABLE_MOST_OPTIMIZATIONS=0` turns them on for all."""
+may round a last bit differently; a test whose check hinges on one bit (the int8
+cache's codes of score and generate in test_quantized_cache.py) turns them back on
+with `full_optimizations`. `JAX_DISABLE_MOST_OPTIMIZATIONS=0` turns them on for all."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ device (jaxdecode.processors.grammar / automata).
 Two models: the bundled byte-level GPT-2 (trained, 257 tokens: one byte per
 token) and a tiny random GPT-2 over GPT-2's real 50,257-token BPE vocabulary
 (multi-byte tokens, `Ġ` byte alphabet). Automata are cached per (constraint,
-tokenizer), so each is compiled once per module.
+tokenizer), so each is compiled once per module. The whole-program cases on the
+bundled model (beam search, mixed rows each equal to alone, speculative decoding
+with constraints) are in tests/integration/test_grammar_generate.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jsonschema
 import numpy as np
 import outlines_core
 import pytest
-from support.constraints import NESTED, PERSON, REGEXES
+from support.constraints import NESTED, PERSON, REGEXES, decoded_rows, prompt_rows
 
 import jaxdecode as jd
 from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder, init_params
@@ -65,22 +67,6 @@ def bpe_lm(tmp_path_factory):
         generation_config=jd.GenerationConfig(eos_token_id=50256, pad_token_id=50256),
         tokenizer=jd.load_tokenizer(str(out)),
     )
-
-
-def _texts(lm, out, prompt_len):
-    """(text, ended with EOS) of every row."""
-    seqs, lengths = np.asarray(out.sequences), np.asarray(out.lengths)
-    eos = set(lm.generation_config.eos_ids)
-    rows = []
-    for row, n in zip(seqs, lengths, strict=True):
-        toks = row[prompt_len : prompt_len + int(n)].tolist()
-        ended = bool(toks) and toks[-1] in eos
-        rows.append((lm.tokenizer.decode(toks[:-1] if ended else toks), ended))
-    return rows
-
-
-def _prompt(lm, text, rows=1):
-    return np.repeat(np.array([lm.tokenizer.encode(text)], np.int32), rows, axis=0)
 
 
 # --------------------------------------------------------------------------- #
@@ -214,11 +200,11 @@ def test_sampled_outputs_are_valid(bundled):
     temperature 1.5 with top-k and top-p: every finished output is valid."""
     rows, fields = _per_row(CASES, 16)
     out = jd.generate(
-        bundled, _prompt(bundled, "He said: ", len(rows)), **fields,
+        bundled, prompt_rows(bundled, "He said: ", len(rows)), **fields,
         do_sample=True, temperature=1.5, top_k=40, top_p=0.95, max_new_tokens=112,
         key=jax.random.split(jax.random.key(1), len(rows)),
     )  # fmt: skip
-    texts = _texts(bundled, out, 9)
+    texts = decoded_rows(bundled, out, 9)
     for i, case in enumerate(CASES):
         mine = texts[16 * i : 16 * (i + 1)]
         finished = [t for t, ended in mine if ended]
@@ -238,10 +224,10 @@ def test_sampled_outputs_are_valid_bpe(bpe_lm):
     cases = [("json_schema", schema), ("regex", REGEXES[0]), ("choices", ["Hello world", "Bye"])]
     rows, fields = _per_row(cases, 8)
     out = jd.generate(
-        bpe_lm, _prompt(bpe_lm, "Hello", len(rows)), **fields, do_sample=True,
+        bpe_lm, prompt_rows(bpe_lm, "Hello", len(rows)), **fields, do_sample=True,
         max_new_tokens=60, key=jax.random.split(jax.random.key(2), len(rows)),
     )  # fmt: skip
-    texts = _texts(bpe_lm, out, 1)
+    texts = decoded_rows(bpe_lm, out, 1)
     for (kind, value), (text, ended) in zip(rows, texts, strict=True):
         assert ended, (kind, text)
         _check_valid(kind, value, text)
@@ -302,66 +288,6 @@ def test_greedy_equals_numpy_reference(model, kind, value, request):
 # --------------------------------------------------------------------------- #
 # Beam search, mixed rows, finished rows, processor state.
 # --------------------------------------------------------------------------- #
-
-
-@jd.pytree_dataclass
-class FromHistory(jd.LogitsProcessor):
-    """Stateless reference: the automaton state rebuilt from the buffer every step."""
-
-    grammar: jd.Grammar
-
-    def apply(self, logits, ctx, state):
-        return self.grammar.apply(logits, ctx, self.grammar.init(ctx))
-
-
-@pytest.mark.parametrize("options", [dict(), dict(do_sample=True)], ids=["beam", "beam-sample"])
-def test_beam_search_state_follows_parent_beams(bundled, options):
-    """Beam search with the stateful grammar equals the stateless reference (state
-    gathered by parent beam), and every returned sequence is valid."""
-    g = jd.json_schema(NESTED, bundled.tokenizer, eos_token_id=256)
-    prompt = _prompt(bundled, "And God said", 2)
-    run = lambda proc: jd.generate(
-        bundled, prompt, logits_processor=proc, num_beams=4, num_return_sequences=4,
-        max_new_tokens=80, key=jax.random.key(3), **options,
-    )  # fmt: skip
-    out = run(g)
-    np.testing.assert_array_equal(
-        np.asarray(out.sequences), np.asarray(run(FromHistory(g)).sequences)
-    )
-    texts = _texts(bundled, out, prompt.shape[1])
-    assert all(ended for _, ended in texts)
-    for text, _ in texts:
-        jsonschema.validate(json.loads(text), NESTED)
-
-
-def test_mixed_constraints_each_row_as_alone(bundled):
-    """One batch, three rows: a JSON schema, a regex and a free row (the union
-    table); pad_token_id is not EOS (finished rows feed pad into the automaton).
-    Each row equals its prompt generated alone (sampling, per-row keys), the
-    free row its prompt generated without any constraint."""
-    prompts = ["And God said", "Unto the", "In the beginning"]
-    encoded = [bundled.tokenizer.encode(p) for p in prompts]
-    width = max(map(len, encoded))
-    ids = np.array([[0] * (width - len(e)) + e for e in encoded], np.int32)
-    mask = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded], np.int32)
-    per_row = dict(json_schema=[PERSON, None, None], regex=[None, REGEXES[0], None])
-    keys = jax.random.split(jax.random.key(5), 3)
-    cfg = dict(max_new_tokens=60, pad_token_id=0, do_sample=True, top_k=20)
-    out = jd.generate(bundled, ids, mask, key=keys, **per_row, **cfg)
-    assert np.all(np.isfinite(np.asarray(out.token_logprobs)))
-    for r, p in enumerate(prompts):
-        alone = {k: v[r] for k, v in per_row.items() if v[r] is not None}
-        one = jd.generate(bundled, _prompt(bundled, p), key=keys[r : r + 1], **alone, **cfg)
-        n = int(one.lengths[0])
-        assert int(out.lengths[r]) == n
-        np.testing.assert_array_equal(
-            np.asarray(out.sequences)[r, width : width + n],
-            np.asarray(one.sequences)[0, len(encoded[r]) : len(encoded[r]) + n],
-        )
-    texts = _texts(bundled, out, width)
-    assert texts[0][1] and texts[1][1]
-    jsonschema.validate(json.loads(texts[0][0]), PERSON)
-    assert re.fullmatch(REGEXES[0], texts[1][0])
 
 
 def test_a_free_row_passes_its_logits_unchanged(bundled):
@@ -437,13 +363,13 @@ def test_errors(bundled):
     with pytest.raises(ValueError, match="row 0 has choices and regex"):
         jd.GenerationConfig(regex=["a"], choices=[["b"]]).validate()
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
-        jd.generate(bundled.decoder, _prompt(bundled, "A"), params=bundled.params, regex="a+",
+        jd.generate(bundled.decoder, prompt_rows(bundled, "A"), params=bundled.params, regex="a+",
                     eos_token_id=256)  # fmt: skip
     with pytest.raises(ValueError, match="needs eos_token_id"):
-        jd.generate(bundled.replace(generation_config=jd.GenerationConfig()), _prompt(bundled, "A"),
+        jd.generate(bundled.replace(generation_config=jd.GenerationConfig()), prompt_rows(bundled, "A"),
                     regex="a+")  # fmt: skip
     with pytest.raises(ValueError, match="the constraint .* has 2 values"):
-        jd.generate(bundled, _prompt(bundled, "A", 3), regex=["a", "b"])
+        jd.generate(bundled, prompt_rows(bundled, "A", 3), regex=["a", "b"])
 
 
 def test_config_fields_round_trip():
@@ -462,41 +388,3 @@ def test_config_fields_round_trip():
     )
     per_row = jd.GenerationConfig(choices=[["a"], None], regex=[None, "x"]).constraints()
     assert per_row == (True, [("choices", ("a",)), ("regex", "x")])
-
-
-@pytest.mark.parametrize("speculation", ["prompt_lookup", "draft_model"])
-def test_speculative_decoding_keeps_the_constraints(bundled, speculation):
-    """Constraints inside speculative decoding (issue 15/17): the automaton state is
-    advanced token by token across the drafted positions. Greedy: every row (a JSON
-    schema, a regex, choices and a free row in one ragged batch) equals plain greedy
-    decoding with the same constraints; sampled outputs still match their constraint."""
-    prompts = ["And God said", "Unto the", "In the beginning", "Amen"]
-    encoded = [bundled.tokenizer.encode(p) for p in prompts]
-    width = max(map(len, encoded))
-    ids = np.array([[0] * (width - len(e)) + e for e in encoded], np.int32)
-    mask = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded], np.int32)
-    per_row = dict(
-        json_schema=[PERSON, None, None, None],
-        regex=[None, REGEXES[2], None, None],
-        choices=[None, None, ["Zion", "Moab", "Zebulun"], None],
-    )
-    if speculation == "prompt_lookup":
-        spec = dict(prompt_lookup_num_tokens=4, max_matching_ngram_size=2)
-    else:  # the model itself as its draft: every draft token is accepted
-        spec = dict(assistant_model=bundled, num_assistant_tokens=3)
-    cfg = dict(max_new_tokens=60, pad_token_id=0, **per_row)
-    plain = jd.generate(bundled, ids, mask, do_sample=False, **cfg)
-    fast = jd.generate(bundled, ids, mask, do_sample=False, **cfg, **spec)
-    np.testing.assert_array_equal(np.asarray(fast.sequences), np.asarray(plain.sequences))
-    np.testing.assert_array_equal(np.asarray(fast.lengths), np.asarray(plain.lengths))
-    np.testing.assert_allclose(
-        np.asarray(fast.token_logprobs), np.asarray(plain.token_logprobs), atol=1e-5
-    )
-    assert int(np.asarray(fast.accepted).sum()) > 0
-    keys = jax.random.split(jax.random.key(3), 4)
-    sampled = jd.generate(bundled, ids, mask, key=keys, do_sample=True, top_k=20, **cfg, **spec)
-    texts = _texts(bundled, sampled, width)
-    assert all(ended for ended in (texts[0][1], texts[1][1], texts[2][1]))
-    jsonschema.validate(json.loads(texts[0][0]), PERSON)
-    assert re.fullmatch(REGEXES[2], texts[1][0])
-    assert texts[2][0] in ("Zion", "Moab", "Zebulun")

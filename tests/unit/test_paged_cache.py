@@ -109,20 +109,26 @@ def test_right_padded_chunks_continue_a_row():
     decoder, params = _model()
     prompt = np.random.default_rng(2).integers(1, V, 13)
     ids = jnp.asarray(prompt[None], jnp.int32)
-    dense, _ = decoder.apply(
+    dense, _ = jax.jit(decoder.apply)(
         params, ids, positions_from_mask(jnp.ones_like(ids)), decoder.init_cache(1, MAX_LEN, None),
         jnp.ones_like(ids),
     )  # fmt: skip
     cache = _paged(decoder, 1, 20)
     table, last = cache.table, None
+
+    @jax.jit  # one program for both chunks (eagerly, every operation compiled alone)
+    def chunk_call(cache, pad, pos, m, start):
+        view = cache.with_rows(table, start)
+        last, view = decoder.prefill_last(params, pad, pos, view, m)
+        return last, cache.put_rows(jnp.arange(1), view)
+
     for start, chunk in ((0, prompt[:8]), (8, prompt[8:])):
         pad = np.zeros(8, np.int32)
         pad[: len(chunk)] = chunk
         m = (np.arange(8) < len(chunk)).astype(np.int32)
-        view = cache.with_rows(table, jnp.asarray([start], jnp.int32))
         pos = jnp.asarray(start + np.arange(8)[None], jnp.int32)
-        last, view = decoder.prefill_last(params, jnp.asarray(pad[None]), pos, view, m[None])
-        cache = cache.put_rows(jnp.arange(1), view)
+        start = jnp.asarray([start], jnp.int32)
+        last, cache = chunk_call(cache, jnp.asarray(pad[None]), pos, jnp.asarray(m[None]), start)
     np.testing.assert_allclose(last, dense[:, -1], rtol=0, atol=2e-5)
 
 
@@ -131,7 +137,7 @@ def test_protocol_rows_rewind_and_bytes():
     ids = jnp.asarray(np.random.default_rng(3).integers(1, V, (2, 6)), jnp.int32)
     mask = jnp.ones_like(ids)
     cache = _paged(decoder, 2, 40)
-    _, cache = decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+    _, cache = jax.jit(decoder.apply)(params, ids, positions_from_mask(mask), cache, mask)
     assert isinstance(cache, jd.Cache)
     # take_rows then put_rows back is the identity on rows.
     back = cache.put_rows(jnp.asarray([1]), cache.take_rows(jnp.asarray([1])))
@@ -226,7 +232,7 @@ def test_copies_share_the_full_prefix_pages():
     np.testing.assert_array_equal(empty.table.reshape(-1), np.arange(2 * 16))
     cache = empty.share_prefix(3, 6)
     assert cache.pages == 2 * 1 + 2 * 3 * 15  # one full prefix page per row; 15 own per copy
-    _, cache = decoder.apply(params, ids, positions_from_mask(mask), cache, mask)
+    _, cache = jax.jit(decoder.apply)(params, ids, positions_from_mask(mask), cache, mask)
     forked = cache.fork(3, 6)
     assert forked.batch == 6
     table = np.asarray(forked.table)

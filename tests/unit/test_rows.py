@@ -239,10 +239,11 @@ def test_insert_rows_then_decode_equals_alone():
     cache (other rows mid-generation) decodes as it does alone."""
     decoder, params = tiny()
     steps, max_len = 6, 32
+    apply = jax.jit(decoder.apply)  # four programs (eagerly, every operation compiled alone)
 
     def prefill(ids, cache):
         mask = jnp.ones_like(ids)
-        logits, cache = decoder.apply(params, ids, jd.positions_from_mask(mask), cache, mask)
+        logits, cache = apply(params, ids, jd.positions_from_mask(mask), cache, mask)
         return logits[:, -1], cache
 
     def greedy_steps(logits, cache, positions, k):
@@ -250,7 +251,7 @@ def test_insert_rows_then_decode_equals_alone():
         for _ in range(k):
             tok = jnp.argmax(logits, -1).astype(jnp.int32)
             out.append(np.asarray(tok))
-            logits, cache = decoder.apply(
+            logits, cache = apply(
                 params, tok[:, None], positions[:, None], cache, jnp.ones_like(tok)[:, None]
             )
             logits, positions = logits[:, 0], positions + 1
@@ -270,7 +271,7 @@ def test_insert_rows_then_decode_equals_alone():
     positions = jnp.full((3,), 4)
     for _ in range(2):
         tok = jnp.argmax(logits3, -1).astype(jnp.int32)
-        logits3, live = decoder.apply(
+        logits3, live = apply(
             params, tok[:, None], positions[:, None], live, jnp.ones((3, 1), jnp.int32)
         )
         logits3, positions = logits3[:, 0], positions + 1

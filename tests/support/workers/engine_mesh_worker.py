@@ -9,7 +9,6 @@ Usage: python tests/support/workers/engine_mesh_worker.py  (XLA_FLAGS set by the
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -20,7 +19,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxdecode as jd  # noqa: E402
-from jaxdecode.serving import programs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from llama_mesh_worker import tiny_model as tiny_llama  # noqa: E402
@@ -95,19 +93,16 @@ def main() -> None:
                 float(np.max(np.abs(np.subtract(a, b)), initial=0.0))
                 for a, b in zip(one_logps, mesh_logps, strict=True)
             ),
-            "cache_spec": str(engine._state.dec.cache.k.sharding.spec),
-            "logits_spec": str(engine._state.dec.logits.sharding.spec),
-            "max_new_spec": str(engine._state.max_new.sharding.spec),
+            "cache_spec": str(engine.state.dec.cache.k.sharding.spec),
+            "logits_spec": str(engine.state.dec.logits.sharding.spec),
+            "max_new_spec": str(engine.state.max_new.sharding.spec),
         }
     # The decode program on the mesh lowers for TPU and GPU (4 devices).
     engine = jd.Engine(
         tiny_gpt2(), slots=4, max_len=32, config=jd.GenerationConfig(**BASE), mesh=mesh
     )
-    decode = jax.jit(functools.partial(programs.decode, engine._plan, 4))
-    exported = jax.export.export(decode, platforms=("tpu", "cuda"))(
-        engine._params, engine._state, jax.numpy.int32(5)
-    )
-    out["export_devices"] = exported.nr_devices
+    exported = engine.export(("tpu", "cuda"), max_prompt=4)
+    out["export_devices"] = {name: e.nr_devices for name, e in exported.items()}
     try:
         jd.Engine(tiny_gpt2(), slots=3, max_len=16, mesh=mesh)
         out["odd_slots"] = None
