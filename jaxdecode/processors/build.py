@@ -281,11 +281,18 @@ def process_logits(
         max_length = length + 1
     else:
         raise TypeError(f"config must be a GenerationConfig or a LogitsProcessor, got {config!r}")
+    # The history goes in a buffer of the next power of two (columns past
+    # `cur_len` are ignored by every processor), so calling this once per step
+    # compiles once per doubling of the history, not once per step.
+    width = max(16, 1 << (length - 1).bit_length())
+    buffer = np.zeros((ids.shape[0], width), ids.dtype)
+    buffer[:, :length] = ids
     ctx = DecodeContext.from_ids(
-        ids,
+        buffer,
         vocab_size=scores.shape[-1],
         prompt_length=prompt_length,
         max_length=max_length,
         attention_mask=attention_mask,
+        cur_len=length,
     )
     return _apply(processor, scores, ctx)

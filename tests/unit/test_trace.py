@@ -98,6 +98,28 @@ def test_stages_equal_process_logits_and_choices_equal_generate(lm, config):
                 assert tr.chosen(step, r) == int(np.argmax(tr.stages[step, -1, r]))
 
 
+def test_process_logits_compiles_once_per_doubling_of_the_history():
+    # A history one token longer each step (as a step-by-step caller passes it)
+    # reuses the program until the history outgrows its power-of-two buffer, and
+    # equals the scores over the unpadded history's penalties.
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((2, 50)).astype(np.float32)
+    processor = jd.chain(jd.repetition_penalty(1.5), jd.no_repeat_ngram_size(2))
+    ids = rng.integers(0, 50, (2, 40)).astype(np.int32)
+    with count_compiles() as c:
+        outs = [np.asarray(jd.process_logits(scores, ids[:, :n], processor)) for n in range(17, 33)]
+    assert c.of("_apply") == 1, c.names
+    for n, out in zip(range(17, 33), outs, strict=True):
+        ref = scores.copy()
+        for r in range(2):
+            seen = np.unique(ids[r, :n])
+            ref[r, seen] = np.where(ref[r, seen] > 0, ref[r, seen] / 1.5, ref[r, seen] * 1.5)
+            last = ids[r, n - 1]
+            banned = [ids[r, j + 1] for j in range(n - 1) if ids[r, j] == last]
+            ref[r, banned] = -np.inf
+        assert_same_scores(out, ref, atol=1e-6)
+
+
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
 def test_beam_trace_best_hypothesis_is_generates_output(lm, length_penalty):
     ids, mask = _ids(lm, "And God said")
