@@ -156,9 +156,8 @@ def split_products(x: Array) -> bool:
     return math.prod(x.shape[:-1]) >= SPLIT_PRODUCT_ROWS
 
 
-# Keys per block (at most) of the blocked attention, and queries per block of a
-# call with fewer than this many new tokens (see `block_sizes`); calls with at
-# most this many new tokens over at most this many slots take the direct path.
+# Queries per block (and keys per block) of the blocked attention; calls with at
+# most this many new tokens (decode steps, short prompts) take the direct path.
 ATTENTION_BLOCK = 512
 
 
@@ -176,23 +175,10 @@ KEY_BLOCK_MIN = 128
 
 def block_sizes(t: int, s: int, block: int = ATTENTION_BLOCK) -> tuple[int, int]:
     """`(query block, key block)` of the blocked path for `t` queries over `s`
-    slots.
-
-    A long prefill (`t > block`): key blocks of an even width near `t / ceil(t
-    / block)` (at most `block`), so the query blocks, half as wide, tile `T`
-    with little or no overlap (6,000 tokens: 24 query blocks of 250, key blocks
-    of 500; 512-wide blocks recomputed 144 queries of the last one). A key block
-    on the causal diagonal is then computed as two halves (see `attend_blocks`),
-    the first half only for the queries in it.
-
-    Otherwise keys in blocks no wider than the queries need, so a decode step
+    slots: keys in blocks no wider than the queries need, so a decode step
     (`t = 1`) over a wide cache reads 128-slot blocks up to its last live slot,
     not 512 (measured on SmolLM2: a step over 2,100 slots then costs what one
     over 64 does)."""
-    if t > block:
-        n = -(-t // block)
-        bk = min(block, s, 2 * -(-t // (2 * n)))
-        return max(1, bk // 2), bk
     bq = min(block, t)
     return bq, min(block, s, max(bq, KEY_BLOCK_MIN))
 
@@ -371,14 +357,8 @@ def attend_blocks(
     whole (real slots, at or before every query, inside the window; no
     soft-cap) skips the mask: its scores are read by the max and the exponent
     straight from the product, with the scale folded into the exponent, the
-    same float32 values as through the mask. In a long prefill (`T > block`)
-    the query blocks are half a key block wide (`block_sizes`) and a partly
-    visible key block is taken as two halves, each skipped, masked or whole on
-    its own: on the causal diagonal a query block then computes one masked
-    half-tile (plus a whole one), not a full masked tile of which a quarter or
-    more no query sees (6,000 tokens on SmolLM2's heads, in one process:
-    0.91-0.96x the CPU time of 512-wide blocks). A last block that would
-    overrun `T` or `S` is moved back to end there: the queries it recomputes are written twice with
+    same float32 values as through the mask. A last block that would overrun `T` or `S` is
+    moved back to end there: the queries it recomputes are written twice with
     equal values, the key columns it shares with the previous block are masked
     out. Masked scores are float32's lowest finite value, as in the direct path, so
     a query that sees nothing (left padding) averages finite values, never NaN.
@@ -407,10 +387,7 @@ def attend_blocks(
     hkv = kv_heads
     group = hq // hkv
     bq, bk = block_sizes(t, s, block)
-    # A long prefill refines a key block that is partly visible into two
-    # halves, each skipped, whole or masked on its own (`half`; 0: not refined).
-    half = bk // 2 // page * page if t > block else 0
-    bk = 2 * half if half else max(page, bk // page * page)
+    bk = max(page, bk // page * page)
     nq, nk = -(-t // bq), -(-s // bk)
     low = jnp.finfo(jnp.float32).min
     # No row reads a slot before its first real one.
@@ -426,77 +403,60 @@ def attend_blocks(
         lo = first_real
         if mask.window is not None:
             lo = jnp.maximum(lo, jnp.min(slots) - mask.window + 1)
+        first = jnp.clip(lo, 0, s - 1) // bk
         lo_slot, hi_slot = jnp.min(slots), jnp.max(slots)
-
-        def state(a: Array, width: int) -> Array:
-            """0: no query of the block sees key slots `a .. a + width - 1`
-            (skipped); 1: some of their scores are masked; 2 (without soft-cap):
-            every query sees every slot, as in most of a long prompt's causal
-            triangle."""
-            live = (a < s) & (a <= hi_slot) & (a + width - 1 >= lo)
-            if softcap is not None:
-                return live.astype(jnp.int32)
-            real = jax.lax.dynamic_slice_in_dim(mask.kv_mask, jnp.minimum(a, s - width), width, 1)
-            whole = (a + width <= s) & (a + width - 1 <= lo_slot) & jnp.all(real)
-            if mask.window is not None:
-                whole = whole & (a > hi_slot - mask.window)
-            return jnp.where(live & whole, 2, live.astype(jnp.int32))
-
-        def update(
-            carry: tuple[Array, Array, Array], a: Array, width: int, masked: bool
-        ) -> tuple[Array, Array, Array]:
-            # Key slots a .. a + width - 1; one that would overrun S is moved
-            # back to end there, and its slots before `a` (already read) masked.
-            m, total, acc = carry
-            kstart = jnp.minimum(a, s - width)
-            kb, vb = read(kstart, width)  # [B, K, width, D]
-            sc = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
-            if masked:
-                sc = sc * jnp.float32(scale)
-                if softcap is not None:
-                    sc = jnp.tanh(sc / softcap) * softcap
-                fresh = kstart + jnp.arange(width) >= a
-                vis = sub.columns(kstart, width) & fresh[None, None, :]  # [B, bq, width]
-                sc = jnp.where(vis[:, None, None], sc, low)
-                m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-                p = jnp.exp(sc - m_new[..., None])
-            else:
-                # Every score visible: no mask pass, and the scale goes into
-                # the exponent (max(x) * scale is max(x * scale) exactly, as
-                # rounding is monotonic), so the raw product is read twice
-                # (max, exp) and never rewritten.
-                m_new = jnp.maximum(m, jnp.max(sc, axis=-1) * jnp.float32(scale))
-                p = jnp.exp(sc * jnp.float32(scale) - m_new[..., None])
-            fix = jnp.exp(m - m_new)
-            total = total * fix + jnp.sum(p, axis=-1)
-            pv = jnp.einsum(
-                "bkgqs,bksd->bkgqd",
-                p.astype(dtype),
-                vb,
-                preferred_element_type=jnp.float32,
-            )
-            return m_new, total, acc * fix[..., None] + pv
-
-        def one(
-            carry: tuple[Array, Array, Array], a: Array, width: int, parts: int
-        ) -> tuple[Array, Array, Array]:
-            # Skip, mask or take whole the slots a .. a + width - 1; a masked
-            # key block of a long prefill goes as `parts` halves (on the causal
-            # diagonal: the quarter of the tile no query sees is never computed).
-            masked = lambda c: update(c, a, width, True)
-            if parts > 1:
-                part = width // parts
-
-                def masked(c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-                    for h in range(parts):
-                        c = one(c, a + h * part, part, 1)
-                    return c
-
-            branches = [lambda c: c, masked, lambda c: update(c, a, width, False)]
-            return jax.lax.switch(state(a, width), branches[: 2 + (softcap is None)], carry)
+        last = jnp.clip(hi_slot, 0, s - 1) // bk
 
         def key_block(j: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-            return one(carry, j * bk, bk, 2 if half else 1)
+            def update(
+                carry: tuple[Array, Array, Array], masked: bool
+            ) -> tuple[Array, Array, Array]:
+                m, total, acc = carry
+                kstart = jnp.minimum(j * bk, s - bk)
+                kb, vb = read(kstart, bk)  # [B, K, bk, D]
+                sc = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
+                if masked:
+                    sc = sc * jnp.float32(scale)
+                    if softcap is not None:
+                        sc = jnp.tanh(sc / softcap) * softcap
+                    fresh = kstart + jnp.arange(bk) >= j * bk  # not already seen by block j - 1
+                    vis = sub.columns(kstart, bk) & fresh[None, None, :]  # [B, bq, bk]
+                    sc = jnp.where(vis[:, None, None], sc, low)
+                    m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+                    p = jnp.exp(sc - m_new[..., None])
+                else:
+                    # Every score visible: no mask pass, and the scale goes into
+                    # the exponent (max(x) * scale is max(x * scale) exactly, as
+                    # rounding is monotonic), so the raw product is read twice
+                    # (max, exp) and never rewritten.
+                    m_new = jnp.maximum(m, jnp.max(sc, axis=-1) * jnp.float32(scale))
+                    p = jnp.exp(sc * jnp.float32(scale) - m_new[..., None])
+                fix = jnp.exp(m - m_new)
+                total = total * fix + jnp.sum(p, axis=-1)
+                pv = jnp.einsum(
+                    "bkgqs,bksd->bkgqd",
+                    p.astype(dtype),
+                    vb,
+                    preferred_element_type=jnp.float32,
+                )
+                return m_new, total, acc * fix[..., None] + pv
+
+            # 0: nothing visible (skipped); 1: some scores masked; 2 (without
+            # soft-cap): every query of the block sees every slot of the key
+            # block, as in most of a long prompt's causal triangle.
+            live = (j >= first) & (j <= last)
+            branches = [lambda c: c, lambda c: update(c, True)]
+            if softcap is None:
+                kstart = j * bk
+                real = jax.lax.dynamic_slice_in_dim(
+                    mask.kv_mask, jnp.minimum(kstart, s - bk), bk, 1
+                )
+                whole = (kstart + bk <= s) & (kstart + bk - 1 <= lo_slot) & jnp.all(real)
+                if mask.window is not None:
+                    whole = whole & (kstart > hi_slot - mask.window)
+                live = jnp.where(live & whole, 2, live.astype(jnp.int32))
+                branches.append(lambda c: update(c, False))
+            return jax.lax.switch(live.astype(jnp.int32), branches, carry)
 
         init = (
             jnp.full((b, hkv, group, bq), low, jnp.float32),

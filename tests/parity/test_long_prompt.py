@@ -23,7 +23,7 @@ import jaxdecode as jd
 from jaxdecode import generation
 from jaxdecode.cache import init_cache, slot_mask
 from jaxdecode.models.gpt2 import gpt2_decoder
-from jaxdecode.models.layers import attend, block_sizes
+from jaxdecode.models.layers import attend
 from jaxdecode.models.llama import llama_decoder
 from jaxdecode.search.program import prefill_program
 
@@ -49,9 +49,8 @@ V = 96
         (6, 2, 1, 290, 9, (0, 0), None, 256, None),
         (4, 2, 3, 150, 140, (0, 1), 20, 256, None),
         (4, 2, 3, 1, 290, (0, 1), None, 256, None),  # the last key block overlaps
-        # Long prefills: query blocks of half a key block, masked key blocks in
-        # halves (T=70, block 16: queries by 7, keys by 14, halves of 7), with
-        # padding past a half, a window inside one, and after cached tokens.
+        # Longer prefills (T=70 and 53 over blocks of 16): padding past a third of
+        # a block, a window inside one, soft-cap after cached tokens.
         (6, 2, 70, 6, 0, (0, 11), None, 16, None),
         (4, 2, 70, 3, 0, (5, 0), 9, 16, None),
         (4, 4, 53, 0, 12, (0, 20), None, 16, 2.0),
@@ -82,19 +81,6 @@ def test_blocked_attention_equals_direct(hq, hkv, t, extra, start, pads, window,
     real = mask == 1
     np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(direct)[real], atol=2e-6)
     assert np.isfinite(np.asarray(blocked)).all()  # padding queries see nothing: no NaN
-
-
-def test_block_sizes():
-    """A long prefill: key blocks near T / ceil(T / block), even, query blocks
-    half as wide (6,000 tokens: 24 query blocks of 250, none recomputed);
-    shorter calls as before (a decode step over a wide cache: 128-slot blocks)."""
-    assert block_sizes(6000, 6032) == (250, 500)
-    assert block_sizes(6144, 6176) == (256, 512)
-    assert block_sizes(513, 600) == (129, 258)
-    assert block_sizes(37, 42, 8) == (4, 8)
-    assert block_sizes(1, 2100) == (1, 128)
-    assert block_sizes(300, 2100) == (300, 300)
-    assert block_sizes(2, 2, 1) == (1, 1)  # block 1: not refined
 
 
 def test_blocked_attention_is_differentiable():

@@ -86,7 +86,7 @@ def _run(decoder, params, cache, ids, mask, steps):
 def test_paged_logits_equal_dense_left_padded(family):
     decoder, params = _model(family)
     rng = np.random.default_rng(0)
-    lens = [3, 35, 17]  # 35 new tokens: six query blocks of 6 over key blocks of 8
+    lens = [3, 35, 17]  # 35 new tokens: three query blocks of 16
     t = max(lens)
     ids = np.zeros((3, t), np.int32)
     mask = np.zeros((3, t), np.int32)
