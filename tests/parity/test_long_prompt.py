@@ -49,6 +49,11 @@ V = 96
         (6, 2, 1, 290, 9, (0, 0), None, 256, None),
         (4, 2, 3, 150, 140, (0, 1), 20, 256, None),
         (4, 2, 3, 1, 290, (0, 1), None, 256, None),  # the last key block overlaps
+        # Longer prefills (T=70 and 53 over blocks of 16): padding past a third of
+        # a block, a window inside one, soft-cap after cached tokens.
+        (6, 2, 70, 6, 0, (0, 11), None, 16, None),
+        (4, 2, 70, 3, 0, (5, 0), 9, 16, None),
+        (4, 4, 53, 0, 12, (0, 20), None, 16, 2.0),
     ],
 )
 def test_blocked_attention_equals_direct(hq, hkv, t, extra, start, pads, window, block, softcap):
