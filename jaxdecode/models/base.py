@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from jaxdecode.arrays import is_traced
 from jaxdecode.errors import ConfigError
 from jaxdecode.paged_cache import PagedCache
 from jaxdecode.quantized_cache import init_quantized
@@ -75,6 +76,12 @@ class Decoder:
         prepare: optional `(params, rows) -> params`, called once per decoding
             program outside its loop with the number of cache rows; returns the
             params to decode with (e.g. a weight layout that suits that batch).
+        host_views: optional `params -> params` the host applies to concrete
+            params placed on no mesh before a program runs (`generate`,
+            `stream`, the engine; never inside a program): arrays added beside
+            the params that alias their memory (`moe.expert_views`: one per
+            expert, which XLA:CPU reads in place where it copies a slice of the
+            stack). The programs give the same results with or without them.
         param_specs: optional `params -> PartitionSpec tree` over the mesh axes
             `data` / `model`, for `generate(..., mesh=...)` (default: replicated).
         apply_last: optional `apply` that returns the logits of the last
@@ -115,6 +122,7 @@ class Decoder:
     max_positions: int | None = None
     name: str = "decoder"
     prepare: Callable[[Any, int], Any] | None = None
+    host_views: Callable[[Any], Any] | None = None
     param_specs: Callable[[Any], Any] | None = None
     apply_last: Callable[[Any, Array, Array, Any, Array], tuple[Array, Any]] | None = None
     limit_name: str = "max_positions"
@@ -208,7 +216,9 @@ class Decoder:
         themselves; with one, the hook runs op by op (not as one jitted
         program, whose outputs would all be new buffers), so every leaf it
         passes through is the caller's own array and only what it derives is
-        new."""
+        new. `host_views` first, when the params are concrete."""
+        if self.host_views is not None and not is_traced(params):
+            params = self.host_views(params)
         if self.prepare is None:
             return params
         return self.prepare(params, rows)

@@ -41,17 +41,24 @@ moe_hidden]`), so checkpoints stack without transposes.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdecode.models.layers import ACTIVATIONS, Dense, GatedMLP
 
 Array = jax.Array
 
-__all__ = ["MoE", "gathered", "grouped", "route"]
+__all__ = ["PER_EXPERT", "MoE", "expert_views", "gathered", "grouped", "route", "switched"]
+
+# The `params` entry beside a layer's stacked experts that holds one array per
+# expert (`expert_views`), read by `MoE` at decode steps.
+PER_EXPERT = "per_expert"
+_STACKED = ("gate_proj", "up_proj", "down_proj")
 
 # ragged_dot_general: rows [M, in] grouped along M, weights [E, out, in].
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(
@@ -177,6 +184,100 @@ def gathered(
     return out.reshape(n, k, -1).sum(axis=1)
 
 
+def switched(
+    x: Array,
+    weights: Array,
+    experts: Array,
+    parts: tuple[tuple[Array, ...], tuple[Array, ...], tuple[Array, ...]],
+    activation: str,
+) -> Array:
+    """As `gathered`, over one array per expert (`expert_views`): each pair
+    branches (`lax.switch`) to its expert's products, which read that expert's
+    own buffers in place. The stacked weights indexed by a traced expert are
+    copied by XLA:CPU before every product (`gathered`); these are not.
+
+    Args:
+        x: `[tokens, hidden]`.
+        weights: `[tokens, k]` routing weights.
+        experts: `[tokens, k]` int32 chosen experts.
+        parts: `(gate, up, down)`, each a tuple of `experts` arrays: gate and up
+            `[moe_hidden, hidden]`, down `[hidden, moe_hidden]`.
+        activation: an `ACTIVATIONS` name.
+
+    Returns:
+        `[tokens, hidden]` in x's dtype.
+    """
+    gate, up, down = parts
+    n, k = experts.shape
+    rows = jnp.repeat(x, k, axis=0)  # [pairs, hidden], pair p = token p // k
+
+    def branch(e: int) -> Any:
+        def run(cols: Array) -> Array:  # [hidden, 2]
+            g, u, d = (w[e].astype(x.dtype) for w in (gate, up, down))
+            return d @ (ACTIVATIONS[activation](g @ cols) * (u @ cols))
+
+        return run
+
+    branches = [branch(e) for e in range(len(gate))]
+
+    def pair(args: tuple[Array, Array]) -> Array:
+        # The row twice: a [*, 2] product is a library call (YNNPACK) where a
+        # matrix-vector product is code generated per product, which made a
+        # step of 8 layers of 32 experts compile ~4x longer (for ~15% less time
+        # per step).
+        e, row = args
+        return jax.lax.switch(e, branches, jnp.stack([row, row], axis=1))[:, 0]
+
+    out = jax.lax.map(pair, (experts.reshape(-1), rows))  # [pairs, hidden]
+    out = out * weights.reshape(-1, 1).astype(x.dtype)
+    return out.reshape(n, k, -1).sum(axis=1)
+
+
+def expert_views(params: Any) -> Any:
+    """`params` with, beside each layer's stacked experts on one CPU device, one
+    array per expert that aliases the stack's own memory (`PER_EXPERT`: nothing
+    is copied), for `switched`. Called on the host, outside any program (the
+    skeleton's `Decoder.host_views`: `generate`, `stream`, the engine); anything else
+    comes back unchanged: traced params, other backends, arrays placed on a
+    mesh, a stack whose experts would not sit at aligned offsets.
+
+    Why: XLA:CPU copies a slice of a parameter, static or dynamic, into a new
+    buffer before a product reads it, while a whole parameter is read in place.
+    The stacked layout stays the model's (loading, saving, the `expert` mesh
+    axis); these views are extra program inputs over the same bytes.
+    """
+    if not isinstance(params, dict):
+        return params
+    out = {key: expert_views(value) for key, value in params.items()}
+    stack = params.get("experts")
+    if isinstance(stack, dict) and PER_EXPERT not in stack:
+        views = {name: _views(stack.get(name)) for name in _STACKED}
+        if all(v is not None for v in views.values()):
+            out["experts"] = {**stack, PER_EXPERT: views}
+    return out
+
+
+def _views(w: Any) -> tuple[Array, ...] | None:
+    """One aliasing array per expert of a concrete stacked `w` on one CPU
+    device, or None."""
+    if not isinstance(w, jax.Array) or isinstance(w, jax.core.Tracer) or w.ndim != 3:
+        return None
+    if not isinstance(w.sharding, jax.sharding.SingleDeviceSharding):
+        return None
+    (device,) = w.devices()
+    step = math.prod(w.shape[1:]) * w.dtype.itemsize
+    if device.platform != "cpu" or step % 64:
+        return None
+    host = np.asarray(w)  # on CPU a view of the array's own buffer
+    base = w.unsafe_buffer_pointer()
+    if host.ctypes.data != base:
+        return None
+    parts = tuple(jax.device_put(host[i], device, may_alias=True) for i in range(w.shape[0]))
+    if any(p.unsafe_buffer_pointer() != base + i * step for i, p in enumerate(parts)):
+        return None  # copied after all: not worth a second copy of the weights
+    return parts
+
+
 class MoE(nn.Module):
     """Top-k routed gated-MLP experts, plus an optional sigmoid-gated shared expert.
 
@@ -213,11 +314,16 @@ class MoE(nn.Module):
         logits = Dense(self.num_experts, self.dtype, use_bias=False, name="gate")(h)
         weights, experts = route(logits, self.top_k, self.norm_topk_prob)
         self.sow("intermediates", "routed_experts", experts.reshape(b, t, self.top_k))
-        stack = _Experts((self.num_experts, self.hidden, e), self.dtype, name="experts")()
-        # At most as many pairs as experts (decode steps): gathering reads only the
-        # chosen experts' weights; otherwise the grouped product (a static choice).
-        compute = gathered if b * t * self.top_k <= self.num_experts else grouped
-        out = compute(h, weights, experts, *stack, self.activation)
+        *stack, parts = _Experts((self.num_experts, self.hidden, e), self.dtype, name="experts")()
+        # At most as many pairs as experts (decode steps): per pair, only the chosen
+        # experts' weights (their own buffers when `expert_views` gave them);
+        # otherwise the grouped product (a static choice).
+        if b * t * self.top_k > self.num_experts:
+            out = grouped(h, weights, experts, *stack, self.activation)
+        elif parts is not None:
+            out = switched(h, weights, experts, parts, self.activation)
+        else:
+            out = gathered(h, weights, experts, *stack, self.activation)
         if self.shared_hidden:
             shared = GatedMLP(self.shared_hidden, self.activation, self.dtype, name="shared_expert")
             scale = Dense(1, self.dtype, use_bias=False, name="shared_expert_gate")(h)
@@ -227,16 +333,21 @@ class MoE(nn.Module):
 
 class _Experts(nn.Module):
     """The stacked expert weights (`gate_proj`, `up_proj: [E, hidden, in]`,
-    `down_proj: [E, in, hidden]`)."""
+    `down_proj: [E, in, hidden]`) and, when `expert_views` added them, their
+    per-expert views (else None)."""
 
     shape: tuple[int, int, int]
     dtype: Any
 
     @nn.compact
-    def __call__(self) -> tuple[Array, Array, Array]:
+    def __call__(self) -> tuple[Array, Array, Array, Any]:
         init = nn.initializers.normal(0.02)
         experts, hidden, e = self.shape
         gate = self.param("gate_proj", init, (experts, hidden, e), self.dtype)
         up = self.param("up_proj", init, (experts, hidden, e), self.dtype)
         down = self.param("down_proj", init, (experts, e, hidden), self.dtype)
-        return gate, up, down
+        parts = None
+        if self.has_variable("params", PER_EXPERT):
+            views = self.get_variable("params", PER_EXPERT)
+            parts = tuple(tuple(views[name]) for name in _STACKED)
+        return gate, up, down, parts
