@@ -15,6 +15,7 @@ tokenizers; adapters (`from_linen`, `from_nnx`, GPT-2) produce a `Decoder`.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -32,6 +33,11 @@ if TYPE_CHECKING:  # the config never imports models; only the annotation needs 
 Array = jax.Array
 
 __all__ = ["Bound", "Decoder", "last_real", "positions_from_mask"]
+
+
+# `Decoder.viewed`'s results by owner id: (the owner's params, the hook, the
+# params with their views), dropped when the owner is collected.
+_VIEWED: dict[int, tuple[Any, Any, Any]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,11 +223,31 @@ class Decoder:
         program, whose outputs would all be new buffers), so every leaf it
         passes through is the caller's own array and only what it derives is
         new. `host_views` first, when the params are concrete."""
-        if self.host_views is not None and not is_traced(params):
-            params = self.host_views(params)
+        params = self.viewed(params)
         if self.prepare is None:
             return params
         return self.prepare(params, rows)
+
+    def viewed(self, params: Any, owner: Any = None) -> Any:
+        """`host_views(params)` for concrete params (else `params`). With an
+        `owner` whose `params` they are (the `CausalLM` given to `generate`),
+        the result is kept until the owner is collected: making the views costs
+        ~0.2-0.8 ms per expert and layer (768 arrays: 0.15-0.6 s), once per model
+        rather than per call. The views hold the owner's arrays, never the owner."""
+        if self.host_views is None or is_traced(params):
+            return params
+        if owner is None or params is not getattr(owner, "params", None):
+            return self.host_views(params)
+        hit = _VIEWED.get(id(owner))
+        if hit is not None and hit[0] is params and hit[1] == self.host_views:
+            return hit[2]
+        viewed = self.host_views(params)
+        try:
+            weakref.finalize(owner, _VIEWED.pop, id(owner), None)
+        except TypeError:  # an owner without weak references: not kept
+            return viewed
+        _VIEWED[id(owner)] = (params, self.host_views, viewed)
+        return viewed
 
     def prefill_bytes(self, batch: int, t: int, s: int, all_logits: bool) -> int:
         """Bytes a prefill of `batch` x `t` tokens into `s` cache slots needs

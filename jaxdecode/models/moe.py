@@ -21,18 +21,27 @@ Only the routed experts are computed, never every expert on every token:
   experts (a decode step at small batch): each pair's expert weights are
   indexed and multiplied by its row, so a step reads the k routed experts'
   weights per token and not every expert's.
+* **Switched product** (`switched`), the same calls on CPU when the host gave
+  the program one array per expert (`expert_views`, through
+  `Decoder.host_views`: views of the stack's own memory, nothing copied): each
+  pair branches (`lax.switch`) to its expert's products, which read that
+  expert's buffers in place.
 
-Where the time goes on XLA:CPU (issue 26's micro-benchmarks, one layer of 32
-experts of 512 x 1024, top 4, variants interleaved in one process): XLA:CPU
-copies a dynamically indexed weight slice into a buffer before each product
-(a loop fusion), so a routed expert costs its bytes about twice where a dense
-weight is read once: one token's routed experts take ~1.3x a dense MLP of the
-same active width, and a whole decode step ~1.4-1.6x a dense model of the
-active size. Gathering all k slices at once and one batched product (~2x),
-unrolling the pairs (~1.6x), `lax.switch` over static slices (~1.4x), and
-multiply-reduce fusions that read the slice in place (~2x: single-threaded)
-were no better. Eight tokens (32 pairs over 32 experts): the gathered form
-37 ms, the grouped scan 46 ms (58 ms when the scan copied every expert).
+Why two forms for one product, on XLA:CPU (issue 26; one layer of 32 experts of
+512 x 1024, top 4, variants interleaved in one process): XLA:CPU copies a slice
+of a parameter into a new buffer before a product reads it, dynamic (`w[e]`,
+`gathered`) or static (a `lax.switch` over `w[0]`, `w[1]`, ...), while a whole
+parameter is read in place. A routed expert then costs its bytes read, written
+and read again: `gathered` took ~1.7x a dense MLP of the same active width, a
+decode step ~1.7-1.8x a dense model of the active size. Multiply-reduce
+fusions that would read the slice in place reduce sequentially (float sums are
+not reordered) or are taken by YNNPACK, which takes the copied slice too
+(~2-5x); YNNPACK fuses no slice into a product. Over per-expert arrays the
+copies vanish (one token: ~1.0-1.1x the dense MLP). The stacked layout stays
+the model's (loading, saving, the `expert` mesh axis, the accelerators' ragged
+dot); the views exist only for the host's call. Eight tokens (32 pairs over 32
+experts): the gathered form 37 ms, the grouped scan 46 ms (58 ms when the scan
+copied every expert).
 
 Expert weights are stacked `[experts, out, in]`, PyTorch's per-expert layout
 (`gate_proj`, `up_proj: [E, moe_hidden, hidden]`, `down_proj: [E, hidden,

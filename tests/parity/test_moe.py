@@ -15,10 +15,12 @@ config values.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import jax
 import jax.extend
@@ -259,6 +261,17 @@ def test_expert_views_alias_the_stack_and_match_transformers(name, checkpoints):
     req = generation.prepare(lm, np.ones((1, 4), np.int32), overrides=dict(max_new_tokens=2))
     assert PER_EXPERT in req.params[layers[0]]["mlp"]["experts"]
     assert PER_EXPERT not in lm.params[layers[0]]["mlp"]["experts"]
+    # Made once per model, and let go with it (with the arrays they alias).
+    own = lm.replace(params=jax.tree.map(jnp.copy, lm.params))
+    first, again = (
+        generation.prepare(own, np.ones((1, 4), np.int32), overrides=dict(max_new_tokens=2))
+        for _ in range(2)
+    )
+    assert first.params is again.params
+    stack = weakref.ref(own.params[layers[0]]["mlp"]["experts"]["gate_proj"])
+    del own, first, again
+    gc.collect()
+    assert stack() is None
     ids, mask = _batch(seed=1)
     ref = hf_step_logits(hf, ids, mask, PREFILL)
     steps = _prefill_then_steps(lm.replace(params=views), ids, mask, PREFILL)
