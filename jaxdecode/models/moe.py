@@ -25,7 +25,8 @@ Only the routed experts are computed, never every expert on every token:
   the program one array per expert (`expert_views`, through
   `Decoder.host_views`: views of the stack's own memory, nothing copied): each
   pair branches (`lax.switch`) to its expert's products, which read that
-  expert's buffers in place.
+  expert's buffers in place (matrix-vector products up to `SWITCH_COLUMNS_AT`
+  experts, `[*, 2]` ones above, which compile faster).
 
 Why two forms for one product, on XLA:CPU (issue 26; one layer of 32 experts of
 512 x 1024, top 4, variants interleaved in one process): XLA:CPU copies a slice
@@ -62,7 +63,21 @@ from jaxdecode.models.layers import ACTIVATIONS, Dense, GatedMLP
 
 Array = jax.Array
 
-__all__ = ["PER_EXPERT", "MoE", "expert_views", "gathered", "grouped", "route", "switched"]
+__all__ = [
+    "PER_EXPERT",
+    "SWITCH_COLUMNS_AT",
+    "MoE",
+    "expert_views",
+    "gathered",
+    "grouped",
+    "route",
+    "switched",
+]
+
+# Above this many experts `switched` multiplies `[*, 2]` columns (library calls)
+# rather than vectors (code generated per product): 3 products per expert and
+# layer to compile, ~57 ms each under load (128 experts x 48 layers: minutes).
+SWITCH_COLUMNS_AT = 64
 
 # The `params` entry beside a layer's stacked experts that holds one array per
 # expert (`expert_views`), read by `MoE` at decode steps.
@@ -199,6 +214,7 @@ def switched(
     experts: Array,
     parts: tuple[tuple[Array, ...], tuple[Array, ...], tuple[Array, ...]],
     activation: str,
+    columns: int = 1,
 ) -> Array:
     """As `gathered`, over one array per expert (`expert_views`): each pair
     branches (`lax.switch`) to its expert's products, which read that expert's
@@ -212,6 +228,13 @@ def switched(
         parts: `(gate, up, down)`, each a tuple of `experts` arrays: gate and up
             `[moe_hidden, hidden]`, down `[hidden, moe_hidden]`.
         activation: an `ACTIVATIONS` name.
+        columns: 1: matrix-vector products; 2: the row twice, `[*, 2]`
+            products. XLA:CPU generates code for each matrix-vector product
+            (3 per expert and layer) but calls a library (YNNPACK) for a
+            `[*, 2]` one: 8 layers of 32 experts decoded a step in ~1.0x the
+            dense model's time with 1 column and ~1.3x with 2, and one layer
+            compiled in 1.8 s against 0.4 s (under load). `MoE` takes 2 above
+            `SWITCH_COLUMNS_AT` experts.
 
     Returns:
         `[tokens, hidden]` in x's dtype.
@@ -221,7 +244,7 @@ def switched(
     rows = jnp.repeat(x, k, axis=0)  # [pairs, hidden], pair p = token p // k
 
     def branch(e: int) -> Any:
-        def run(cols: Array) -> Array:  # [hidden, 2]
+        def run(cols: Array) -> Array:  # [hidden] or [hidden, columns]
             g, u, d = (w[e].astype(x.dtype) for w in (gate, up, down))
             return d @ (ACTIVATIONS[activation](g @ cols) * (u @ cols))
 
@@ -230,12 +253,10 @@ def switched(
     branches = [branch(e) for e in range(len(gate))]
 
     def pair(args: tuple[Array, Array]) -> Array:
-        # The row twice: a [*, 2] product is a library call (YNNPACK) where a
-        # matrix-vector product is code generated per product, which made a
-        # step of 8 layers of 32 experts compile ~4x longer (for ~15% less time
-        # per step).
         e, row = args
-        return jax.lax.switch(e, branches, jnp.stack([row, row], axis=1))[:, 0]
+        if columns == 1:
+            return jax.lax.switch(e, branches, row)
+        return jax.lax.switch(e, branches, jnp.stack([row] * columns, axis=1))[:, 0]
 
     out = jax.lax.map(pair, (experts.reshape(-1), rows))  # [pairs, hidden]
     out = out * weights.reshape(-1, 1).astype(x.dtype)
@@ -330,7 +351,8 @@ class MoE(nn.Module):
         if b * t * self.top_k > self.num_experts:
             out = grouped(h, weights, experts, *stack, self.activation)
         elif parts is not None:
-            out = switched(h, weights, experts, parts, self.activation)
+            columns = 1 if self.num_experts <= SWITCH_COLUMNS_AT else 2
+            out = switched(h, weights, experts, parts, self.activation, columns)
         else:
             out = gathered(h, weights, experts, *stack, self.activation)
         if self.shared_hidden:

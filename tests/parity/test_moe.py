@@ -151,8 +151,11 @@ def test_grouped_and_gathered_match_a_numpy_reference():
             out = jax.jit(compute, static_argnums=6)(x, weights, chosen, gate, up, down, "silu")
             np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
         parts = tuple(tuple(jnp.asarray(w[i]) for i in range(experts)) for w in (gate, up, down))
-        out = jax.jit(switched, static_argnums=4)(x, weights, chosen, parts, "silu")
-        np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+        for columns in (1, 2):
+            out = jax.jit(switched, static_argnums=(4, 5))(
+                x, weights, chosen, parts, "silu", columns
+            )
+            np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_product_lowers_for_tpu_and_cuda():
