@@ -8,7 +8,9 @@ active ones (`--experts / --top_k` times for the experts). The dense twin is a
 Qwen3 (`qwen3`) with the same attention and one MLP of width `top_k *
 expert_width`: the parameters one MoE decode step reads. transformers runs the
 same MoE checkpoint (`Qwen3MoeForCausalLM`, eager attention, its default
-experts implementation).
+experts implementation). On CPU the MoE decodes over the host's per-expert
+views of its stacked experts (`Decoder.host_views`); `moe_stacked` is the same
+model without them (the gathered form, which copies each routed expert's slice).
 
 Each contender generates `--new` tokens greedily from a batch of `--batch`
 random prompts of `--prompt` tokens (no EOS: every step runs); the first call
@@ -114,9 +116,14 @@ def _per_step_ms(run, new: int, repeats: int) -> float:
     return 1000 * (best[new] - best[1]) / (new - 1)
 
 
-def _jaxdecode(config: dict, ids: np.ndarray, a: argparse.Namespace, directory: str):
+def _jaxdecode(
+    config: dict, ids: np.ndarray, a: argparse.Namespace, directory: str, stacked: bool = False
+):
     """ms/step of jaxdecode on a random checkpoint of `config` (saved to
-    `directory` for transformers), and its (total, active) parameter counts."""
+    `directory` for transformers), and its (total, active) parameter counts.
+    `stacked`: without the host's per-expert views."""
+    import dataclasses
+
     import jax
 
     import jaxdecode as jd
@@ -125,7 +132,10 @@ def _jaxdecode(config: dict, ids: np.ndarray, a: argparse.Namespace, directory: 
     family = registry.lookup(config["model_type"])
     cfg = family.config_class.from_hf(config)
     params = family.init_params(cfg, jax.random.key(0))
-    lm = jd.CausalLM(params=params, decoder=family.decoder(cfg), config=cfg)
+    decoder = family.decoder(cfg)
+    if stacked:
+        decoder = dataclasses.replace(decoder, host_views=None)
+    lm = jd.CausalLM(params=params, decoder=decoder, config=cfg)
     lm.save_pretrained(directory)
     total = _count(params)
     inactive = 0
@@ -171,6 +181,7 @@ def main() -> None:
         moe_dir, dense_dir = os.path.join(tmp, "moe"), os.path.join(tmp, "dense")
         moe_ms, moe_total, moe_active = _jaxdecode(moe, ids, a, moe_dir)
         dense_ms, dense_total, _ = _jaxdecode(dense, ids, a, dense_dir)
+        stacked_ms, _, _ = _jaxdecode(moe, ids, a, os.path.join(tmp, "stacked"), stacked=True)
         result.update(
             moe_params_total=moe_total,
             moe_params_active=moe_active,
@@ -179,6 +190,8 @@ def main() -> None:
             jaxdecode_moe_ms_per_step=round(moe_ms, 3),
             jaxdecode_dense_ms_per_step=round(dense_ms, 3),
             moe_over_dense=round(moe_ms / dense_ms, 3),
+            jaxdecode_moe_stacked_ms_per_step=round(stacked_ms, 3),
+            moe_stacked_over_dense=round(stacked_ms / dense_ms, 3),
         )
         if not a.no_hf:
             hf_ms = _transformers(moe_dir, ids, a)

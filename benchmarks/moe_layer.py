@@ -13,7 +13,10 @@ Variants, each `[tokens, hidden]` -> `[tokens, hidden]` after the same router:
   the routed experts);
 * `take_einsum`: every pair's weights gathered at once (`w[experts]`), then
   batched products;
-* `switch`: `lax.switch` over experts per pair, each branch with a static slice.
+* `switch`: `lax.switch` over experts per pair, each branch with a static slice
+  of the stack (XLA:CPU copies a static slice too);
+* `switched`: `models.moe.switched` over one array per expert (what a decode step
+  runs on CPU with the host's `expert_views`: each expert read in place).
 
 Reported: the best time of each over `--repeats` interleaved rounds, and its
 ratio to `dense`, for each `--tokens` count.
@@ -57,7 +60,7 @@ def _variants(a: argparse.Namespace):
     import jax
     import jax.numpy as jnp
 
-    from jaxdecode.models.moe import gathered, grouped, route
+    from jaxdecode.models.moe import gathered, grouped, route, switched
 
     k, act = a.top_k, jax.nn.silu
 
@@ -92,9 +95,13 @@ def _variants(a: argparse.Namespace):
         w, _ = route(x @ router.T, k, True)  # the same router work
         return (act(x @ gate.T) * (x @ up.T)) @ down.T * w.sum(-1, keepdims=True)
 
+    def per_expert(x, router, parts):
+        w, e = route(x @ router.T, k, True)
+        return switched(x, w, e, parts, "silu")
+
     moe = {name: routed(f) for name, f in (("gathered", gathered), ("grouped", grouped))}
     moe.update(take_einsum=routed(take_einsum), switch=routed(switch))
-    return jax.jit(dense), moe
+    return jax.jit(dense), moe, jax.jit(per_expert)
 
 
 def main() -> None:
@@ -111,14 +118,21 @@ def main() -> None:
     router = normal(e, h)
     stack = (normal(e, width, h), normal(e, width, h), normal(e, h, width))
     dense_w = (normal(a.top_k * width, h), normal(a.top_k * width, h), normal(h, a.top_k * width))
-    dense, moe = _variants(a)
+    # One array per expert aliasing the stack, as the host gives them to a program.
+    from jaxdecode.models.moe import PER_EXPERT, expert_views
+
+    names = ("gate_proj", "up_proj", "down_proj")
+    views = expert_views({"experts": dict(zip(names, stack, strict=True))})["experts"]
+    parts = tuple(tuple(views[PER_EXPERT][n]) for n in names)
+    dense, moe, per_expert = _variants(a)
     result: dict = {"host": host_info(), "args": vars(a), "ms": {}}
     for tokens in a.tokens:
         x = normal(tokens, h)
         calls = {"dense": lambda x=x: dense(x, router, *dense_w)}
         calls.update({n: (lambda f=f, x=x: f(x, router, *stack)) for n, f in moe.items()})
+        calls["switched"] = lambda x=x: per_expert(x, router, parts)
         outs = {n: np.asarray(jax.block_until_ready(c())) for n, c in calls.items()}
-        for n in moe:
+        for n in list(moe) + ["switched"]:
             np.testing.assert_allclose(outs[n], outs["gathered"], rtol=1e-4, atol=1e-5)
         best = dict.fromkeys(calls, float("inf"))
         for _ in range(a.repeats):

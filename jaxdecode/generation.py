@@ -652,6 +652,8 @@ def prepare(
         _check_memory(plan, decoder, mesh)
     if mesh is not None:
         params = shard_params(params, mesh, decoder.param_specs)
+    elif host_side:
+        params = decoder.viewed(params, owner=model)
     return Request(
         plan=plan,
         params=params,

@@ -21,18 +21,28 @@ Only the routed experts are computed, never every expert on every token:
   experts (a decode step at small batch): each pair's expert weights are
   indexed and multiplied by its row, so a step reads the k routed experts'
   weights per token and not every expert's.
+* **Switched product** (`switched`), the same calls on CPU when the host gave
+  the program one array per expert (`expert_views`, through
+  `Decoder.host_views`: views of the stack's own memory, nothing copied): each
+  pair branches (`lax.switch`) to its expert's products, which read that
+  expert's buffers in place (matrix-vector products up to `SWITCH_COLUMNS_AT`
+  experts, `[*, 2]` ones above, which compile faster).
 
-Where the time goes on XLA:CPU (issue 26's micro-benchmarks, one layer of 32
-experts of 512 x 1024, top 4, variants interleaved in one process): XLA:CPU
-copies a dynamically indexed weight slice into a buffer before each product
-(a loop fusion), so a routed expert costs its bytes about twice where a dense
-weight is read once: one token's routed experts take ~1.3x a dense MLP of the
-same active width, and a whole decode step ~1.4-1.6x a dense model of the
-active size. Gathering all k slices at once and one batched product (~2x),
-unrolling the pairs (~1.6x), `lax.switch` over static slices (~1.4x), and
-multiply-reduce fusions that read the slice in place (~2x: single-threaded)
-were no better. Eight tokens (32 pairs over 32 experts): the gathered form
-37 ms, the grouped scan 46 ms (58 ms when the scan copied every expert).
+Why two forms for one product, on XLA:CPU (issue 26; one layer of 32 experts of
+512 x 1024, top 4, variants interleaved in one process): XLA:CPU copies a slice
+of a parameter into a new buffer before a product reads it, dynamic (`w[e]`,
+`gathered`) or static (a `lax.switch` over `w[0]`, `w[1]`, ...), while a whole
+parameter is read in place. A routed expert then costs its bytes read, written
+and read again: `gathered` took ~1.7x a dense MLP of the same active width, a
+decode step ~1.7-1.8x a dense model of the active size. Multiply-reduce
+fusions that would read the slice in place reduce sequentially (float sums are
+not reordered) or are taken by YNNPACK, which takes the copied slice too
+(~2-5x); YNNPACK fuses no slice into a product. Over per-expert arrays the
+copies vanish (one token: ~1.0-1.1x the dense MLP). The stacked layout stays
+the model's (loading, saving, the `expert` mesh axis, the accelerators' ragged
+dot); the views exist only for the host's call. Eight tokens (32 pairs over 32
+experts): the gathered form 37 ms, the grouped scan 46 ms (58 ms when the scan
+copied every expert).
 
 Expert weights are stacked `[experts, out, in]`, PyTorch's per-expert layout
 (`gate_proj`, `up_proj: [E, moe_hidden, hidden]`, `down_proj: [E, hidden,
@@ -41,17 +51,38 @@ moe_hidden]`), so checkpoints stack without transposes.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdecode.models.layers import ACTIVATIONS, Dense, GatedMLP
 
 Array = jax.Array
 
-__all__ = ["MoE", "gathered", "grouped", "route"]
+__all__ = [
+    "PER_EXPERT",
+    "SWITCH_COLUMNS_AT",
+    "MoE",
+    "expert_views",
+    "gathered",
+    "grouped",
+    "route",
+    "switched",
+]
+
+# Above this many experts `switched` multiplies `[*, 2]` columns (library calls)
+# rather than vectors (code generated per product): 3 products per expert and
+# layer to compile, ~57 ms each under load (128 experts x 48 layers: minutes).
+SWITCH_COLUMNS_AT = 64
+
+# The `params` entry beside a layer's stacked experts that holds one array per
+# expert (`expert_views`), read by `MoE` at decode steps.
+PER_EXPERT = "per_expert"
+_STACKED = ("gate_proj", "up_proj", "down_proj")
 
 # ragged_dot_general: rows [M, in] grouped along M, weights [E, out, in].
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(
@@ -177,6 +208,106 @@ def gathered(
     return out.reshape(n, k, -1).sum(axis=1)
 
 
+def switched(
+    x: Array,
+    weights: Array,
+    experts: Array,
+    parts: tuple[tuple[Array, ...], tuple[Array, ...], tuple[Array, ...]],
+    activation: str,
+    columns: int = 1,
+) -> Array:
+    """As `gathered`, over one array per expert (`expert_views`): each pair
+    branches (`lax.switch`) to its expert's products, which read that expert's
+    own buffers in place. The stacked weights indexed by a traced expert are
+    copied by XLA:CPU before every product (`gathered`); these are not.
+
+    Args:
+        x: `[tokens, hidden]`.
+        weights: `[tokens, k]` routing weights.
+        experts: `[tokens, k]` int32 chosen experts.
+        parts: `(gate, up, down)`, each a tuple of `experts` arrays: gate and up
+            `[moe_hidden, hidden]`, down `[hidden, moe_hidden]`.
+        activation: an `ACTIVATIONS` name.
+        columns: 1: matrix-vector products; 2: the row twice, `[*, 2]`
+            products. XLA:CPU generates code for each matrix-vector product
+            (3 per expert and layer) but calls a library (YNNPACK) for a
+            `[*, 2]` one: 8 layers of 32 experts decoded a step in ~1.0x the
+            dense model's time with 1 column and ~1.3x with 2, and one layer
+            compiled in 1.8 s against 0.4 s (under load). `MoE` takes 2 above
+            `SWITCH_COLUMNS_AT` experts.
+
+    Returns:
+        `[tokens, hidden]` in x's dtype.
+    """
+    gate, up, down = parts
+    n, k = experts.shape
+    rows = jnp.repeat(x, k, axis=0)  # [pairs, hidden], pair p = token p // k
+
+    def branch(e: int) -> Any:
+        def run(cols: Array) -> Array:  # [hidden] or [hidden, columns]
+            g, u, d = (w[e].astype(x.dtype) for w in (gate, up, down))
+            return d @ (ACTIVATIONS[activation](g @ cols) * (u @ cols))
+
+        return run
+
+    branches = [branch(e) for e in range(len(gate))]
+
+    def pair(args: tuple[Array, Array]) -> Array:
+        e, row = args
+        if columns == 1:
+            return jax.lax.switch(e, branches, row)
+        return jax.lax.switch(e, branches, jnp.stack([row] * columns, axis=1))[:, 0]
+
+    out = jax.lax.map(pair, (experts.reshape(-1), rows))  # [pairs, hidden]
+    out = out * weights.reshape(-1, 1).astype(x.dtype)
+    return out.reshape(n, k, -1).sum(axis=1)
+
+
+def expert_views(params: Any) -> Any:
+    """`params` with, beside each layer's stacked experts on one CPU device, one
+    array per expert that aliases the stack's own memory (`PER_EXPERT`: nothing
+    is copied), for `switched`. Called on the host, outside any program (the
+    skeleton's `Decoder.host_views`: `generate`, `stream`, the engine); anything else
+    comes back unchanged: traced params, other backends, arrays placed on a
+    mesh, a stack whose experts would not sit at aligned offsets.
+
+    Why: XLA:CPU copies a slice of a parameter, static or dynamic, into a new
+    buffer before a product reads it, while a whole parameter is read in place.
+    The stacked layout stays the model's (loading, saving, the `expert` mesh
+    axis); these views are extra program inputs over the same bytes.
+    """
+    if not isinstance(params, dict):
+        return params
+    out = {key: expert_views(value) for key, value in params.items()}
+    stack = params.get("experts")
+    if isinstance(stack, dict) and PER_EXPERT not in stack:
+        views = {name: _views(stack.get(name)) for name in _STACKED}
+        if all(v is not None for v in views.values()):
+            out["experts"] = {**stack, PER_EXPERT: views}
+    return out
+
+
+def _views(w: Any) -> tuple[Array, ...] | None:
+    """One aliasing array per expert of a concrete stacked `w` on one CPU
+    device, or None."""
+    if not isinstance(w, jax.Array) or isinstance(w, jax.core.Tracer) or w.ndim != 3:
+        return None
+    if not isinstance(w.sharding, jax.sharding.SingleDeviceSharding):
+        return None
+    (device,) = w.devices()
+    step = math.prod(w.shape[1:]) * w.dtype.itemsize
+    if device.platform != "cpu" or step % 64:
+        return None
+    host = np.asarray(w)  # on CPU a view of the array's own buffer
+    base = w.unsafe_buffer_pointer()
+    if host.ctypes.data != base:
+        return None
+    parts = tuple(jax.device_put(host[i], device, may_alias=True) for i in range(w.shape[0]))
+    if any(p.unsafe_buffer_pointer() != base + i * step for i, p in enumerate(parts)):
+        return None  # copied after all: not worth a second copy of the weights
+    return parts
+
+
 class MoE(nn.Module):
     """Top-k routed gated-MLP experts, plus an optional sigmoid-gated shared expert.
 
@@ -213,11 +344,17 @@ class MoE(nn.Module):
         logits = Dense(self.num_experts, self.dtype, use_bias=False, name="gate")(h)
         weights, experts = route(logits, self.top_k, self.norm_topk_prob)
         self.sow("intermediates", "routed_experts", experts.reshape(b, t, self.top_k))
-        stack = _Experts((self.num_experts, self.hidden, e), self.dtype, name="experts")()
-        # At most as many pairs as experts (decode steps): gathering reads only the
-        # chosen experts' weights; otherwise the grouped product (a static choice).
-        compute = gathered if b * t * self.top_k <= self.num_experts else grouped
-        out = compute(h, weights, experts, *stack, self.activation)
+        *stack, parts = _Experts((self.num_experts, self.hidden, e), self.dtype, name="experts")()
+        # At most as many pairs as experts (decode steps): per pair, only the chosen
+        # experts' weights (their own buffers when `expert_views` gave them);
+        # otherwise the grouped product (a static choice).
+        if b * t * self.top_k > self.num_experts:
+            out = grouped(h, weights, experts, *stack, self.activation)
+        elif parts is not None:
+            columns = 1 if self.num_experts <= SWITCH_COLUMNS_AT else 2
+            out = switched(h, weights, experts, parts, self.activation, columns)
+        else:
+            out = gathered(h, weights, experts, *stack, self.activation)
         if self.shared_hidden:
             shared = GatedMLP(self.shared_hidden, self.activation, self.dtype, name="shared_expert")
             scale = Dense(1, self.dtype, use_bias=False, name="shared_expert_gate")(h)
@@ -227,16 +364,21 @@ class MoE(nn.Module):
 
 class _Experts(nn.Module):
     """The stacked expert weights (`gate_proj`, `up_proj: [E, hidden, in]`,
-    `down_proj: [E, in, hidden]`)."""
+    `down_proj: [E, in, hidden]`) and, when `expert_views` added them, their
+    per-expert views (else None)."""
 
     shape: tuple[int, int, int]
     dtype: Any
 
     @nn.compact
-    def __call__(self) -> tuple[Array, Array, Array]:
+    def __call__(self) -> tuple[Array, Array, Array, Any]:
         init = nn.initializers.normal(0.02)
         experts, hidden, e = self.shape
         gate = self.param("gate_proj", init, (experts, hidden, e), self.dtype)
         up = self.param("up_proj", init, (experts, hidden, e), self.dtype)
         down = self.param("down_proj", init, (experts, e, hidden), self.dtype)
-        return gate, up, down
+        parts = None
+        if self.has_variable("params", PER_EXPERT):
+            views = self.get_variable("params", PER_EXPERT)
+            parts = tuple(tuple(views[name]) for name in _STACKED)
+        return gate, up, down, parts

@@ -183,7 +183,11 @@ def test_moe_benchmark_tiny(tmp_path: Path) -> None:
     out = tmp_path / "moe.json"
     run_benchmark("moe.py", "--tiny", "--json", str(out))
     result = json.loads(out.read_text())
-    for key in ("jaxdecode_moe_ms_per_step", "jaxdecode_dense_ms_per_step"):
+    for key in (
+        "jaxdecode_moe_ms_per_step",
+        "jaxdecode_dense_ms_per_step",
+        "jaxdecode_moe_stacked_ms_per_step",
+    ):
         assert result[key] > 0, key
     assert result["transformers_moe_ms_per_step"] > 0
     assert result["moe_params_total"] > result["moe_params_active"] > 0
@@ -195,7 +199,7 @@ def test_moe_layer_benchmark_tiny(tmp_path: Path) -> None:
     out = tmp_path / "moe_layer.json"
     run_benchmark("moe_layer.py", "--tiny", "--json", str(out))
     result = json.loads(out.read_text())
-    variants = {"dense", "gathered", "grouped", "take_einsum", "switch"}
+    variants = {"dense", "gathered", "grouped", "take_einsum", "switch", "switched"}
     for tokens in ("1", "4"):
         assert set(result["ms"][tokens]) == variants
         assert all(v["ms"] > 0 for v in result["ms"][tokens].values())

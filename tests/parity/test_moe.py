@@ -7,19 +7,23 @@ attention; wide weights, so routing varies across tokens) saved with
 (stacked `[experts, ...]`): logits of a full pass and of prefill + one-token
 cache steps within 1e-4 on left-padded batches (the prefill takes the grouped
 `ragged_dot` path, steps with fewer token-expert pairs than experts the
-gathered one), greedy and beam search token for token with transformers'
+gathered one, or on CPU with the host's per-expert views the switched one),
+greedy and beam search token for token with transformers'
 `generate`, `save_pretrained` round trips, expert-sharded specs, and refused
 config values.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,7 +43,8 @@ from support.hf_models import (
 )
 
 import jaxdecode as jd
-from jaxdecode.models.moe import gathered, grouped, route
+from jaxdecode import generation
+from jaxdecode.models.moe import PER_EXPERT, gathered, grouped, route, switched
 from jaxdecode.sharding import MODEL
 
 ATOL = 1e-4
@@ -145,6 +150,12 @@ def test_grouped_and_gathered_match_a_numpy_reference():
         for compute in (grouped, gathered):
             out = jax.jit(compute, static_argnums=6)(x, weights, chosen, gate, up, down, "silu")
             np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+        parts = tuple(tuple(jnp.asarray(w[i]) for i in range(experts)) for w in (gate, up, down))
+        for columns in (1, 2):
+            out = jax.jit(switched, static_argnums=(4, 5))(
+                x, weights, chosen, parts, "silu", columns
+            )
+            np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_product_lowers_for_tpu_and_cuda():
@@ -177,6 +188,12 @@ def test_moe_decoder_lowers_for_tpu_and_cuda(checkpoints):
             jax.jit(lm.decoder.apply_routed, static_argnames="last"), platforms=("tpu", "cuda")
         )(lm.params, ids, ids, cache, jnp.ones_like(ids), last=t > 1)
         assert routed.out_avals[-1].shape == (3, t, 2, 2)  # [B, T, MoE layers, k]
+    # A step over the host's per-expert views (the switched form).
+    ids = jnp.zeros((1, 1), jnp.int32)
+    cache = lm.decoder.init_cache(1, LENGTH + 1, None)
+    jax.export.export(jax.jit(lm.decoder.apply), platforms=("tpu", "cuda"))(
+        lm.decoder.host_views(lm.params), ids, ids, cache, jnp.ones_like(ids)
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -195,6 +212,73 @@ def test_prefill_then_steps_match_transformers(name, checkpoints):
     ids, mask = _batch(seed=1)
     ref = hf_step_logits(hf, ids, mask, PREFILL)
     assert _max_real_diff(_prefill_then_steps(lm, ids, mask, PREFILL), ref, mask) <= ATOL
+
+
+def _switches(lm: jd.CausalLM, params, t: int) -> int:
+    """How many `lax.switch`es over every expert a call of one row of `t`
+    tokens traces."""
+    ids = jnp.zeros((1, t), jnp.int32)
+    cache = lm.decoder.init_cache(1, LENGTH + 1, None)
+    jaxpr = jax.make_jaxpr(lm.decoder.apply)(params, ids, ids, cache, jnp.ones_like(ids))
+    experts = lm.params["layers_1"]["mlp"]["experts"]["gate_proj"].shape[0]
+
+    def count(jaxpr) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "cond" and len(eqn.params["branches"]) == experts:
+                n += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                n += count(sub)
+        return n
+
+    return count(jaxpr.jaxpr)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", ["mixtral-window", "qwen2_moe", "qwen3_moe-sparse-step"])
+def test_expert_views_alias_the_stack_and_match_transformers(name, checkpoints):
+    """On CPU the host adds one array per expert that aliases the stacked
+    weights (no copy); one-token steps over them take the switched form (one
+    switch per MoE layer, none without the views or for the prefill) and stay
+    within 1e-4 of transformers; traced params get no views."""
+    hf, _, lm = checkpoints(name)
+    views = lm.decoder.host_views(lm.params)
+    layers = [k for k in views if "mlp" in views[k] and "experts" in views[k]["mlp"]]
+    assert layers
+    for layer in layers:
+        experts = views[layer]["mlp"]["experts"]
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            stack, parts = experts[proj], experts[PER_EXPERT][proj]
+            assert stack is lm.params[layer]["mlp"]["experts"][proj]
+            step = stack[0].size * stack.dtype.itemsize
+            assert [p.unsafe_buffer_pointer() for p in parts] == [
+                stack.unsafe_buffer_pointer() + i * step for i in range(stack.shape[0])
+            ]
+            np.testing.assert_array_equal(np.asarray(parts[-1]), np.asarray(stack[-1]))
+    assert _switches(lm, views, 1) == len(layers)
+    assert _switches(lm, lm.params, 1) == 0
+    assert _switches(lm, views, LENGTH) == 0
+    traced = jax.eval_shape(lm.decoder.host_views, lm.params)
+    assert PER_EXPERT not in traced[layers[0]]["mlp"]["experts"]
+    # generate hands its program the views (and the caller's params are unchanged).
+    req = generation.prepare(lm, np.ones((1, 4), np.int32), overrides=dict(max_new_tokens=2))
+    assert PER_EXPERT in req.params[layers[0]]["mlp"]["experts"]
+    assert PER_EXPERT not in lm.params[layers[0]]["mlp"]["experts"]
+    # Made once per model, and let go with it (with the arrays they alias).
+    own = lm.replace(params=jax.tree.map(jnp.copy, lm.params))
+    first, again = (
+        generation.prepare(own, np.ones((1, 4), np.int32), overrides=dict(max_new_tokens=2))
+        for _ in range(2)
+    )
+    assert first.params is again.params
+    stack = weakref.ref(own.params[layers[0]]["mlp"]["experts"]["gate_proj"])
+    del own, first, again
+    gc.collect()
+    assert stack() is None
+    ids, mask = _batch(seed=1)
+    ref = hf_step_logits(hf, ids, mask, PREFILL)
+    steps = _prefill_then_steps(lm.replace(params=views), ids, mask, PREFILL)
+    assert _max_real_diff(steps, ref, mask) <= ATOL
 
 
 def test_case_fields_change_transformers_logits(checkpoints):

@@ -46,7 +46,7 @@ from jaxdecode.models.layers import (
     check_attention_block,
     split_products,
 )
-from jaxdecode.models.moe import MoE
+from jaxdecode.models.moe import MoE, expert_views
 from jaxdecode.models.rope import rope_tables
 from jaxdecode.models.transformer.config import TransformerConfig
 from jaxdecode.models.transformer.sharding import transformer_param_specs
@@ -469,6 +469,9 @@ def transformer_decoder(
         limit_name="max_position_embeddings",
         activation_bytes=Bound(_activation_bytes, (config, dtype, attention_block)),
         apply_routed=Bound(_apply_routed, (module, last)) if moe_layers else None,
+        # On CPU, the host's params gain one aliasing array per expert
+        # (`moe.expert_views`): the decode steps' products read them in place.
+        host_views=expert_views if moe_layers else None,
         routed_shape=(moe_layers, config.experts_per_token) if moe_layers else None,
         # Pages for every layer; a sliding layer reads its window of them.
         init_paged=Bound(_init_paged, (config, dtype)),
