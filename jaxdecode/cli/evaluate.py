@@ -466,11 +466,6 @@ def _check_page_flags(args: argparse.Namespace) -> None:
                 f"--page_size {args.page_size} is the engine's cache, and {flag} runs every "
                 "line in static batches; drop one of them"
             )
-    if args.mesh is not None:
-        raise common.CLIError(
-            f"--page_size {args.page_size} with --mesh: the paged engine runs on one device; "
-            "drop --page_size to shard the engine's dense slots"
-        )
 
 
 def _check_paged_model(args: argparse.Namespace, lm) -> None:
@@ -541,6 +536,7 @@ def _check_line_memory(args: argparse.Namespace, lm, mesh, item: tuple, on_engin
     if on_engine:
         width = bucket_length(len(encoded), "pow2") + config.max_new_tokens
         devices = 1 if mesh is None else mesh.devices.size
+        data = 1 if mesh is None else mesh.shape["data"]
         pool = None
         if args.page_size is not None:  # the pool `Engine` allocates for this line alone
             ps = args.page_size
@@ -552,7 +548,9 @@ def _check_line_memory(args: argparse.Namespace, lm, mesh, item: tuple, on_engin
                     f"--page_size {ps}"
                 )
             pool = (args.kv_pages or args.batch_size * -(-width // ps), ps)
-        slot_memory(lm.decoder, config, args.batch_size, width, devices=devices, pool=pool)
+        slot_memory(
+            lm.decoder, config, args.batch_size, width, devices=devices, pool=pool, data=data
+        )
     else:
         check_memory(lm.decoder, config, args.batch_size, len(encoded), mesh=mesh)
 

@@ -47,7 +47,10 @@ On a device mesh (`mesh=`, axes `data` and `model`) the slots split over
 `data` (their number a multiple of its size, checked first), the weights by
 the family's `param_specs` and the cache's heads and the logits' vocabulary
 over `model`; the programs are the same, constrained to that layout, and every
-prompt's tokens equal one device's.
+prompt's tokens equal one device's. A pool of pages splits its kv heads over
+`model` and is replicated over `data` (each data shard holds the whole pool of
+its heads, so any row may name any page, a prefix cache hit included); the page
+tables and the rest of the rows split over `data` as the dense slots do.
 
 With `page_size` the cache is a `PagedCache` instead (a pool of pages, a page
 table per slot): the host (`jaxdecode.serving.pages.PagePool`) hands out pages,
@@ -293,7 +296,10 @@ class Engine:
             `max_new_tokens`) without being allocated per slot, and a step
             reads only each row's live pages. Needs a model with a paged
             cache (`Decoder.init_paged`: every bundled family; sliding-window
-            layers read their window of the pages) and one device (no `mesh`).
+            layers read their window of the pages). On a `mesh` the pool's kv
+            heads split over `model` and the pool is replicated over `data`:
+            each data shard holds the whole pool of its heads (rows may use any
+            page), the page tables split over `data` with the rows.
             With `cache_implementation="quantized"` the pool holds code pages
             and scale pages (`QuantizedKVCache` over a `PagedCache`); with
             `compact_tail` rows move with their page tables.
@@ -544,6 +550,7 @@ class Engine:
 
     def _check_memory(self) -> tuple[int, int]:
         devices = 1 if self.mesh is None else self.mesh.devices.size
+        data = 1 if self.mesh is None else self.mesh.shape[DATA]
         return slot_memory(
             self.decoder,
             self.config,
@@ -552,6 +559,7 @@ class Engine:
             self.prefill_rows,
             devices=devices,
             pool=self._pool_shape(),
+            data=data,
         )
 
     def _pool_shape(self) -> tuple[int, int] | None:
@@ -590,11 +598,6 @@ class Engine:
                 f"page_size={page_size} with cache_implementation='quantized': the model "
                 f"{self.decoder.name!r} has no quantized paged cache (its paged cache is not "
                 "one PagedCache); use page_size=None for a quantized cache"
-            )
-        if self.mesh is not None:
-            raise ValueError(
-                f"page_size={page_size} with a mesh: the paged engine runs on one device "
-                "(its pool is shared by every row); use page_size=None on a mesh"
             )
         per_row = pages_for(self.max_len, page_size)
         pages = self.slots * per_row if kv_pages is None else _check_int("kv_pages", kv_pages, 1)
@@ -1076,6 +1079,7 @@ def slot_memory(
     *,
     devices: int = 1,
     pool: tuple[int, int] | None = None,
+    data: int = 1,
 ) -> tuple[int, int]:
     """`(cache bytes, other state bytes)` of an `Engine(slots=, max_len=,
     prefill_rows=)` with `config`, estimated without allocating anything: the
@@ -1083,7 +1087,8 @@ def slot_memory(
     largest prefill (`prefill_rows` prompts of `max_len` tokens with their own
     cache rows and, for `prompt_logprobs`, every position's logits). On a mesh
     of `devices` the totals are compared with that many devices' free memory
-    (the state is split over them).
+    (the state is split over them; a pool of pages is whole on each of the
+    `data` shards of a mesh, so it counts `data` times).
 
     Raises:
         MemoryBudgetError: when they cannot fit in the device's free memory.
@@ -1114,10 +1119,11 @@ def slot_memory(
     )
     other += prefill
     free = available_bytes()
-    if free is not None and cache_bytes + other > free * devices:
+    held = cache_bytes * (data if pool is not None else 1)  # pages: a pool per data shard
+    if free is not None and held + other > free * devices:
         raise MemoryBudgetError(
             f"Engine(slots={slots}, max_len={max_len}) needs about "
-            f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB, "
+            f"{(held + other) / 2**30:.2f} GiB (KV cache {held / 2**30:.2f} GiB, "
             f"prefill of {rows} x {max_len} tokens {prefill / 2**30:.2f} GiB) but the device "
             f"has {free / 2**30:.2f} GiB free; lower slots or max_len (or prefill_rows)"
         )

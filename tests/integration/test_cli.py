@@ -1130,7 +1130,6 @@ def test_eval_pages_flags_reach_the_engine_and_give_the_dense_lines(
     refused("--kv_pages", "8", words=("--kv_pages needs", "--page_size"))
     refused("--no-prefix_cache", words=("--no-prefix_cache needs", "--page_size"))
     refused("--page_size", "4", "--static-batching", words=("--static-batching",))
-    refused("--page_size", "4", "--mesh", "data=1,model=1", words=("--mesh", "one device"))
     # A pool too small for one line names that line (and the pages it needs).
     refused(
         "--page_size", "4", "--kv_pages", "5",

@@ -323,8 +323,6 @@ def test_refusals_before_anything_runs():
         Engine(lm, slots=2, max_len=64, kv_pages=8)
     with pytest.raises(ValueError, match="page_size must be an integer >= 1"):
         Engine(lm, slots=2, max_len=64, page_size=0)
-    with pytest.raises(ValueError, match="page_size=4 with a mesh: the paged engine runs on one"):
-        Engine(lm, slots=2, max_len=64, page_size=4, mesh=jd.make_mesh(1, 1))
     # A paged cache that is not one PagedCache (a tuple here) has no quantized pool.
     pair = lm.decoder.init_paged
     odd = lm.replace(decoder=dataclasses.replace(lm.decoder, init_paged=lambda *a: (pair(*a),)))
