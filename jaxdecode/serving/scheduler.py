@@ -1,6 +1,7 @@
 """The continuous-batching engine's host side: a fixed set of decode slots, refilled as rows finish.
 
-`Engine` keeps one `[slots, max_len]` KV cache (allocated once) and the per-row
+`Engine` keeps one KV cache (allocated once: by default a pool of pages, see
+below; `page_size=None`: one dense `[slots, max_len]` cache) and the per-row
 decode state of every slot. New prompts are prefilled in groups of one prompt
 bucket and placed into free slots (their cache rows, context rows, processor
 state rows, keys and per-row values); one jitted program then runs up to
@@ -52,8 +53,8 @@ prompt's tokens equal one device's. A pool of pages splits its kv heads over
 its heads, so any row may name any page, a prefix cache hit included); the page
 tables and the rest of the rows split over `data` as the dense slots do.
 
-With `page_size` the cache is a `PagedCache` instead (a pool of pages, a page
-table per slot): the host (`jaxdecode.serving.pages.PagePool`) hands out pages,
+With `page_size` (16 by default) the cache is a `PagedCache` (a pool of pages,
+a page table per slot): the host (`jaxdecode.serving.pages.PagePool`) hands out pages,
 admits a prompt when its pages are free, reuses cached prompt pages (the prefix
 cache), prefills long prompts in chunks (`prefill_chunk`) between decode calls,
 gives each decoding row the pages its next call writes and, when the pool is
@@ -262,8 +263,9 @@ class Engine:
     Args:
         model: a `CausalLM` (`from_pretrained`, or built around a `Decoder`).
         slots: rows decoded together (the cache's batch).
-        max_len: cache columns per slot: every prompt's bucket plus its
-            `max_new_tokens` must fit.
+        max_len: every prompt's bucket plus its `max_new_tokens` must fit:
+            a bound per row on pages (the columns of its page table), the
+            cache columns of every slot on the dense cache.
         config: the options every prompt starts from (default: the model's);
             its static part (strategy, which processors, EOS, pad) is the
             engine's.
@@ -291,12 +293,15 @@ class Engine:
             device's.
 
         page_size: keep the cache in pages of this many tokens (`PagedCache`;
-            None: one dense `[slots, max_len]` cache). Prompts are then admitted
-            by free pages, `max_len` bounds each row (prompt bucket plus
-            `max_new_tokens`) without being allocated per slot, and a step
-            reads only each row's live pages. Needs a model with a paged
-            cache (`Decoder.init_paged`: every bundled family; sliding-window
-            layers read their window of the pages). On a `mesh` the pool's kv
+            default 16; None: one dense `[slots, max_len]` cache). Prompts are
+            then admitted by free pages, `max_len` bounds each row (prompt
+            bucket plus `max_new_tokens`) without being allocated per slot, and
+            a step reads only each row's live pages. Every bundled family has a
+            paged cache (`Decoder.init_paged`; sliding-window layers read their
+            window of the pages); a model without one (an adapted
+            `from_linen` model, or a quantized cache over a paged cache that is
+            not one `PagedCache`) gets the dense cache, and `page_size` is then
+            None. On a `mesh` the pool's kv
             heads split over `model` and the pool is replicated over `data`:
             each data shard holds the whole pool of its heads (rows may use any
             page), the page tables split over `data` with the rows.
@@ -342,7 +347,7 @@ class Engine:
         prefill_rows: int | None = None,
         compact_tail: bool = False,
         mesh: Mesh | None = None,
-        page_size: int | None = None,
+        page_size: int | None = 16,
         kv_pages: int | None = None,
         prefix_cache: bool = True,
         prefill_chunk: int | None = None,
@@ -576,29 +581,24 @@ class Engine:
         checking the paged options."""
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
-        if page_size is None:
+        if page_size is not None:
+            page_size = _check_int("page_size", page_size, 1)
+        # A model without a (quantized) paged cache keeps the dense slots.
+        quantized = self.config.quantized_cache()
+        has_pages = self.decoder.with_cache(quantized).init_paged is not None
+        if page_size is None or not has_pages:
+            why = (
+                "give page_size too (e.g. page_size=16)"
+                if page_size is None
+                else f"the model {self.decoder.name!r} has none"
+                + (" for cache_implementation='quantized'" if quantized is not None else "")
+                + " (Decoder.init_paged), so the engine keeps the dense slot cache"
+            )
             for name, value in (("kv_pages", kv_pages), ("prefill_chunk", prefill_chunk)):
                 if value is not None:
-                    raise ValueError(
-                        f"{name}={value!r} needs a paged cache: give page_size too "
-                        "(e.g. page_size=16)"
-                    )
+                    raise ValueError(f"{name}={value!r} needs a paged cache: {why}")
             self.page_size = self.kv_pages = self.prefill_chunk = None
             return None
-        page_size = _check_int("page_size", page_size, 1)
-        if self.decoder.init_paged is None:
-            raise ValueError(
-                f"page_size={page_size}: the model {self.decoder.name!r} has no paged cache "
-                "(Decoder.init_paged: the bundled families have one, an adapted model "
-                "may not); use page_size=None"
-            )
-        quantized = self.config.quantized_cache()
-        if quantized is not None and self.decoder.with_cache(quantized).init_paged is None:
-            raise ValueError(
-                f"page_size={page_size} with cache_implementation='quantized': the model "
-                f"{self.decoder.name!r} has no quantized paged cache (its paged cache is not "
-                "one PagedCache); use page_size=None for a quantized cache"
-            )
         per_row = pages_for(self.max_len, page_size)
         pages = self.slots * per_row if kv_pages is None else _check_int("kv_pages", kv_pages, 1)
         if prefill_chunk is not None:
@@ -1195,7 +1195,7 @@ def generate_many(
     prefill_rows: int | None = None,
     compact_tail: bool = False,
     mesh: Mesh | None = None,
-    page_size: int | None = None,
+    page_size: int | None = 16,
     kv_pages: int | None = None,
     prefix_cache: bool = True,
     prefill_chunk: int | None = None,
@@ -1220,7 +1220,7 @@ def generate_many(
         prefill_rows: as `Engine`.
         compact_tail: as `Engine`.
         mesh: as `Engine`.
-        page_size: as `Engine` (pages).
+        page_size: as `Engine` (pages of 16 by default; None: the dense cache).
         kv_pages: as `Engine`.
         prefix_cache: as `Engine`.
         prefill_chunk: as `Engine`.
