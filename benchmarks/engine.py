@@ -280,7 +280,7 @@ def pages_check(lm, args: argparse.Namespace) -> dict:
     vocab = lm.decoder.vocab_size - 1  # no EOS inside the prompts
     new = args.max_new_tokens
     options = {k: v for k, v in page_options(args).items() if k != "prefix_cache"}
-    options.setdefault("page_size", 16)
+    options["page_size"] = options["page_size"] or 16  # pages, even with --page-size 0
     config = lm.generation_config.replace(max_new_tokens=new, do_sample=True, top_k=0)
 
     # (1) 16 samples of one long prompt.
