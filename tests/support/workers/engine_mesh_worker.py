@@ -68,10 +68,12 @@ def by_generate(lm, prompts, configs):
 
 
 def run(lm, prompts, configs, mesh, **kw):
-    # One prompt bucket (24 columns): one prefill program per engine.
+    # One prompt bucket (24 columns): one prefill program per engine. The dense
+    # slots (pages: `paged_runs`; eval on the mesh runs on pages, the default).
     results = jd.generate_many(
-        lm, prompts, configs, slots=4, steps_per_call=4, prompt_buckets=24, mesh=mesh, **kw
-    )
+        lm, prompts, configs, slots=4, steps_per_call=4, prompt_buckets=24, mesh=mesh,
+        page_size=None, **kw,
+    )  # fmt: skip
     return [r.tokens.tolist() for r in results], [r.token_logprobs.tolist() for r in results]
 
 
@@ -156,7 +158,9 @@ def main() -> None:
         mesh_tokens, mesh_logps = run(lm, prompts, configs, mesh)
         # The tail compacted into states of 1 slot (fewer than the data axis: replicated).
         tail = run(lm, prompts, configs, mesh, compact_tail=True)[0] if name == "gpt2" else None
-        engine = jd.Engine(lm, slots=4, max_len=48, config=jd.GenerationConfig(**BASE), mesh=mesh)
+        engine = jd.Engine(
+            lm, slots=4, max_len=48, config=jd.GenerationConfig(**BASE), mesh=mesh, page_size=None
+        )
         out[name] = {
             "generate": by_generate(lm, prompts, configs),
             "one": one_tokens,
@@ -172,8 +176,9 @@ def main() -> None:
         }
     # The decode program on the mesh lowers for TPU and GPU (4 devices).
     engine = jd.Engine(
-        tiny_gpt2(), slots=4, max_len=32, config=jd.GenerationConfig(**BASE), mesh=mesh
-    )
+        tiny_gpt2(), slots=4, max_len=32, config=jd.GenerationConfig(**BASE), mesh=mesh,
+        page_size=None,
+    )  # fmt: skip
     decode = jax.jit(functools.partial(programs.decode, engine._plan, 4))
     exported = jax.export.export(decode, platforms=("tpu", "cuda"))(
         engine._params, engine._state, jax.numpy.int32(5)
