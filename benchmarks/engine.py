@@ -36,16 +36,20 @@ Usage:
         --slots 16 --json benchmarks/results/engine_smollm2_cpu.json
     python benchmarks/engine.py --prompts 64 --max-new-tokens 32 --quick   # smoke
     python benchmarks/engine.py --prompts 48 --max-prompt 24 --max-new-tokens 64 \
-        --slots 16 --width-check 256,4096      # per-token cost vs max_len (issue 27)
-    python benchmarks/engine.py --llama --page-size 16 --prompts 48 --max-prompt 24 \
+        --slots 16 --width-check 256,4096 --page-size 0  # per-token cost vs max_len, dense
+    python benchmarks/engine.py --llama --prompts 48 --max-prompt 24 \
         --max-new-tokens 64 --slots 16 --width-check 256,4096   # the same, on pages
+    python benchmarks/engine.py --smollm2 --prompts 512 --max-new-tokens 256 \
+        --max-prompt 200 --slots 16 --steps-per-call 8 --torch-threads 2 --compact-tail \
+        --skip-static --json benchmarks/results/engine_smollm2_512_pages_cpu.json  # issue 16's set
     python benchmarks/engine.py --llama --page-size 16 --pages-check \
         --json benchmarks/results/engine_pages_cpu.json     # issue 27's page measurements
 
-Paged engine (`--page-size`, with `--kv-pages`, `--prefill-chunk`,
-`--no-prefix-cache`): needs a model with a paged cache, so `--llama` (a Llama of
-random weights, `--layers` / `--width` / `--heads` / `--vocab`, written by
-transformers; no rigged EOS: outputs run to max_new_tokens) or `--smollm2`.
+Paged engine (`--page-size`, default 16 as `Engine`'s, `0` for the dense slots;
+with `--kv-pages`, `--prefill-chunk`, `--no-prefix-cache`): every model here has a
+paged cache; `--llama` is a Llama of random weights (`--layers` / `--width` /
+`--heads` / `--vocab`, written by transformers; no rigged EOS: outputs run to
+max_new_tokens).
 `--pages-check` measures, on the paged engine: (1) 16 samples of one
 `--shared-prompt`-token prompt (1,000), peak KV bytes against one prompt plus 16
 completions (issue 27: <= 1.2x); (2) an eval set whose `--prompts` lines share a
@@ -234,9 +238,9 @@ def run_engine(lm, prompts, args, max_new_tokens=None, max_len=None) -> dict:
 
 
 def page_options(args: argparse.Namespace) -> dict:
-    """`Engine` keywords of the paged options (none without `--page-size`)."""
-    if args.page_size is None:
-        return {}
+    """`Engine` keywords of the paged options (`--page-size 0`: the dense slots)."""
+    if not args.page_size:
+        return {"page_size": None}
     return {
         "page_size": args.page_size,
         "kv_pages": args.kv_pages,
@@ -276,7 +280,7 @@ def pages_check(lm, args: argparse.Namespace) -> dict:
     vocab = lm.decoder.vocab_size - 1  # no EOS inside the prompts
     new = args.max_new_tokens
     options = {k: v for k, v in page_options(args).items() if k != "prefix_cache"}
-    options.setdefault("page_size", 16)
+    options["page_size"] = options["page_size"] or 16  # pages, even with --page-size 0
     config = lm.generation_config.replace(max_new_tokens=new, do_sample=True, top_k=0)
 
     # (1) 16 samples of one long prompt.
@@ -541,7 +545,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=3, help="--width-check runs per width")
     p.add_argument("--llama", action="store_true", help="a random Llama (pages need one)")
-    p.add_argument("--page-size", type=int, default=None, help="engine: Engine(page_size=N)")
+    p.add_argument(
+        "--page-size",
+        type=int,
+        default=16,
+        help="engine: Engine(page_size=N) (default 16; 0: the dense slot cache)",
+    )
     p.add_argument("--kv-pages", type=int, default=None, help="engine: Engine(kv_pages=N)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="engine: prefill_chunk")
     p.add_argument("--no-prefix-cache", action="store_true", help="engine: prefix_cache=False")
@@ -674,7 +683,8 @@ def main(argv=None) -> dict:
         )
     print(
         f"occupancy {runs['engine']['occupancy']:.1%} "
-        f"({runs['engine']['occupancy_while_waiting']:.1%} while prompts waited)"
+        f"({runs['engine']['occupancy_while_waiting']:.1%} while prompts waited, "
+        f"{runs['engine']['compute_occupancy']:.1%} of the rows computed)"
         + (
             f"; engine/static {report['engine_vs_static']:.2f}x"
             if "engine_vs_static" in report

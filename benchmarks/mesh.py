@@ -159,7 +159,12 @@ def engine_meshes(args, jd, sharding, lm, ids, config, np, jax) -> list[dict]:
             if mesh is None
             else lm.replace(params=jd.shard_params(lm.params, mesh, lm.decoder.param_specs))
         )
-        engine = jd.Engine(placed, slots=args.batch, max_len=max_len, config=config, mesh=mesh)
+        # The dense slots, as its results were measured (a pool of pages, the
+        # default, is whole on every data shard: its bytes per device do not
+        # fall with `data`).
+        engine = jd.Engine(
+            placed, slots=args.batch, max_len=max_len, config=config, mesh=mesh, page_size=None
+        )
         t0 = time.perf_counter()
         engine.submit(prompts)
         first = {r.index: r.tokens.tolist() for r in engine}  # compiles

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="keep the engine's cache in pages of N tokens (e.g. 16; default: dense slots)",
+        help="keep the engine's cache in pages of N tokens (default 16; 0: the dense slot cache)",
     )
     pages.add_argument(
         "--kv_pages",

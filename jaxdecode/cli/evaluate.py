@@ -29,7 +29,8 @@ from jaxdecode.cli import common, flags
 from jaxdecode.cli import records as record_io  # `records` is the prompt lines here
 
 _MAX_REPORTED = 20  # bad lines named in one error
-_PAGE_FLAGS = ("page_size", "kv_pages", "prefill_chunk")  # the engine's paged cache
+_PAGE_FLAGS = ("kv_pages", "prefill_chunk")  # sizes of the engine's paged cache
+PAGE_SIZE = 16  # the engine's pages when --page_size is not given (0: the dense slots)
 
 
 def _bad_lines(path: str, errors: list[tuple[int, str]]) -> common.CLIError:
@@ -431,12 +432,20 @@ def _eval_engine(args: argparse.Namespace, lm, mesh, items: list, write) -> None
         del engine
 
 
+def _page_size(args: argparse.Namespace) -> int | None:
+    """The engine's page size: `--page_size`, 16 when not given, None for 0
+    (the dense slot cache)."""
+    if args.page_size is None:
+        return PAGE_SIZE
+    return args.page_size or None
+
+
 def _page_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine's paged-cache arguments from `--page_size` and friends."""
-    if args.page_size is None:
-        return {}
+    if _page_size(args) is None:
+        return {"page_size": None}
     return dict(
-        page_size=args.page_size,
+        page_size=_page_size(args),
         kv_pages=args.kv_pages,
         prefix_cache=args.prefix_cache,
         prefill_chunk=args.prefill_chunk,
@@ -445,41 +454,42 @@ def _page_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_page_flags(args: argparse.Namespace) -> None:
     """One-line errors for the paged-cache flags, before the model is loaded."""
-    if args.page_size is None:
-        for flag in ("kv_pages", "prefill_chunk"):
-            if getattr(args, flag) is not None:
-                raise common.CLIError(
-                    f"--{flag} needs the engine's paged cache: give --page_size too "
-                    "(e.g. --page_size 16)"
-                )
-        if not args.prefix_cache:
+    if args.page_size is not None and args.page_size < 0:
+        raise common.CLIError(
+            f"--page_size must be >= 0 (0: the engine's dense slot cache), got {args.page_size}"
+        )
+    given = [f"--{f} {getattr(args, f)}" for f in ("page_size", *_PAGE_FLAGS)]
+    given = [g for g in given if not g.endswith(" None")]
+    given += [] if args.prefix_cache else ["--no-prefix_cache"]
+    if args.page_size == 0:
+        for flag in given[1:]:
             raise common.CLIError(
-                "--no-prefix_cache needs the engine's paged cache: give --page_size too"
+                f"{flag.split()[0]} needs the engine's paged cache: drop --page_size 0 "
+                "(the dense slot cache)"
             )
         return
-    for flag, given in (
+    for flag, on in (
         ("--static-batching", args.static_batching),
         ("--assistant_model", args.assistant_model is not None),
     ):
-        if given:
+        if on and given:
             raise common.CLIError(
-                f"--page_size {args.page_size} is the engine's cache, and {flag} runs every "
+                f"{given[0]} is the engine's cache, and {flag} runs every "
                 "line in static batches; drop one of them"
             )
-    if args.mesh is not None:
-        raise common.CLIError(
-            f"--page_size {args.page_size} with --mesh: the paged engine runs on one device; "
-            "drop --page_size to shard the engine's dense slots"
-        )
 
 
 def _check_paged_model(args: argparse.Namespace, lm) -> None:
-    """`--page_size` needs a model with a paged cache."""
-    if args.page_size is not None and lm.decoder.init_paged is None:
-        raise common.CLIError(
-            f"--page_size {args.page_size}: the model {args.model!r} has no paged cache "
-            "(GPT-2 and models with sliding-window layers keep the dense slots); drop --page_size"
-        )
+    """An explicit `--page_size N` needs a model with a paged cache (by
+    default, a model without one keeps the dense slots)."""
+    if lm.decoder.init_paged is not None:
+        return
+    for flag in ("page_size", *_PAGE_FLAGS):
+        if getattr(args, flag):
+            raise common.CLIError(
+                f"--{flag} {getattr(args, flag)}: the model {args.model!r} has no paged cache "
+                f"(an adapted model may not); drop --{flag} (it keeps the dense slot cache)"
+            )
 
 
 def _eval_static(args: argparse.Namespace, lm, mesh, items: list, write, assistant=None) -> None:
@@ -541,9 +551,12 @@ def _check_line_memory(args: argparse.Namespace, lm, mesh, item: tuple, on_engin
     if on_engine:
         width = bucket_length(len(encoded), "pow2") + config.max_new_tokens
         devices = 1 if mesh is None else mesh.devices.size
+        data = 1 if mesh is None else mesh.shape["data"]
         pool = None
-        if args.page_size is not None:  # the pool `Engine` allocates for this line alone
-            ps = args.page_size
+        ps = _page_size(args)
+        paged = lm.decoder.with_cache(config.quantized_cache()).init_paged is not None
+        if ps is not None and paged:
+            # The pool `Engine` allocates for this line alone.
             need = -(-(len(encoded) + config.max_new_tokens) // ps)
             if args.kv_pages is not None and need > args.kv_pages:
                 raise ValueError(
@@ -552,7 +565,9 @@ def _check_line_memory(args: argparse.Namespace, lm, mesh, item: tuple, on_engin
                     f"--page_size {ps}"
                 )
             pool = (args.kv_pages or args.batch_size * -(-width // ps), ps)
-        slot_memory(lm.decoder, config, args.batch_size, width, devices=devices, pool=pool)
+        slot_memory(
+            lm.decoder, config, args.batch_size, width, devices=devices, pool=pool, data=data
+        )
     else:
         check_memory(lm.decoder, config, args.batch_size, len(encoded), mesh=mesh)
 

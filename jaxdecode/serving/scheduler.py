@@ -1,6 +1,7 @@
 """The continuous-batching engine's host side: a fixed set of decode slots, refilled as rows finish.
 
-`Engine` keeps one `[slots, max_len]` KV cache (allocated once) and the per-row
+`Engine` keeps one KV cache (allocated once: by default a pool of pages, see
+below; `page_size=None`: one dense `[slots, max_len]` cache) and the per-row
 decode state of every slot. New prompts are prefilled in groups of one prompt
 bucket and placed into free slots (their cache rows, context rows, processor
 state rows, keys and per-row values); one jitted program then runs up to
@@ -47,10 +48,13 @@ On a device mesh (`mesh=`, axes `data` and `model`) the slots split over
 `data` (their number a multiple of its size, checked first), the weights by
 the family's `param_specs` and the cache's heads and the logits' vocabulary
 over `model`; the programs are the same, constrained to that layout, and every
-prompt's tokens equal one device's.
+prompt's tokens equal one device's. A pool of pages splits its kv heads over
+`model` and is replicated over `data` (each data shard holds the whole pool of
+its heads, so any row may name any page, a prefix cache hit included); the page
+tables and the rest of the rows split over `data` as the dense slots do.
 
-With `page_size` the cache is a `PagedCache` instead (a pool of pages, a page
-table per slot): the host (`jaxdecode.serving.pages.PagePool`) hands out pages,
+With `page_size` (16 by default) the cache is a `PagedCache` (a pool of pages,
+a page table per slot): the host (`jaxdecode.serving.pages.PagePool`) hands out pages,
 admits a prompt when its pages are free, reuses cached prompt pages (the prefix
 cache), prefills long prompts in chunks (`prefill_chunk`) between decode calls,
 gives each decoding row the pages its next call writes and, when the pool is
@@ -259,8 +263,9 @@ class Engine:
     Args:
         model: a `CausalLM` (`from_pretrained`, or built around a `Decoder`).
         slots: rows decoded together (the cache's batch).
-        max_len: cache columns per slot: every prompt's bucket plus its
-            `max_new_tokens` must fit.
+        max_len: every prompt's bucket plus its `max_new_tokens` must fit:
+            a bound per row on pages (the columns of its page table), the
+            cache columns of every slot on the dense cache.
         config: the options every prompt starts from (default: the model's);
             its static part (strategy, which processors, EOS, pad) is the
             engine's.
@@ -288,12 +293,18 @@ class Engine:
             device's.
 
         page_size: keep the cache in pages of this many tokens (`PagedCache`;
-            None: one dense `[slots, max_len]` cache). Prompts are then admitted
-            by free pages, `max_len` bounds each row (prompt bucket plus
-            `max_new_tokens`) without being allocated per slot, and a step
-            reads only each row's live pages. Needs a model with a paged
-            cache (`Decoder.init_paged`: every bundled family; sliding-window
-            layers read their window of the pages) and one device (no `mesh`).
+            default 16; None: one dense `[slots, max_len]` cache). Prompts are
+            then admitted by free pages, `max_len` bounds each row (prompt
+            bucket plus `max_new_tokens`) without being allocated per slot, and
+            a step reads only each row's live pages. Every bundled family has a
+            paged cache (`Decoder.init_paged`; sliding-window layers read their
+            window of the pages); a model without one (an adapted
+            `from_linen` model, or a quantized cache over a paged cache that is
+            not one `PagedCache`) gets the dense cache, and `page_size` is then
+            None. On a `mesh` the pool's kv
+            heads split over `model` and the pool is replicated over `data`:
+            each data shard holds the whole pool of its heads (rows may use any
+            page), the page tables split over `data` with the rows.
             With `cache_implementation="quantized"` the pool holds code pages
             and scale pages (`QuantizedKVCache` over a `PagedCache`); with
             `compact_tail` rows move with their page tables.
@@ -336,7 +347,7 @@ class Engine:
         prefill_rows: int | None = None,
         compact_tail: bool = False,
         mesh: Mesh | None = None,
-        page_size: int | None = None,
+        page_size: int | None = 16,
         kv_pages: int | None = None,
         prefix_cache: bool = True,
         prefill_chunk: int | None = None,
@@ -607,6 +618,7 @@ class Engine:
 
     def _check_memory(self) -> tuple[int, int]:
         devices = 1 if self.mesh is None else self.mesh.devices.size
+        data = 1 if self.mesh is None else self.mesh.shape[DATA]
         return slot_memory(
             self.decoder,
             self.config,
@@ -615,6 +627,7 @@ class Engine:
             self.prefill_rows,
             devices=devices,
             pool=self._pool_shape(),
+            data=data,
         )
 
     def _pool_shape(self) -> tuple[int, int] | None:
@@ -631,34 +644,24 @@ class Engine:
         checking the paged options."""
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
-        if page_size is None:
+        if page_size is not None:
+            page_size = _check_int("page_size", page_size, 1)
+        # A model without a (quantized) paged cache keeps the dense slots.
+        quantized = self.config.quantized_cache()
+        has_pages = self.decoder.with_cache(quantized).init_paged is not None
+        if page_size is None or not has_pages:
+            why = (
+                "give page_size too (e.g. page_size=16)"
+                if page_size is None
+                else f"the model {self.decoder.name!r} has none"
+                + (" for cache_implementation='quantized'" if quantized is not None else "")
+                + " (Decoder.init_paged), so the engine keeps the dense slot cache"
+            )
             for name, value in (("kv_pages", kv_pages), ("prefill_chunk", prefill_chunk)):
                 if value is not None:
-                    raise ValueError(
-                        f"{name}={value!r} needs a paged cache: give page_size too "
-                        "(e.g. page_size=16)"
-                    )
+                    raise ValueError(f"{name}={value!r} needs a paged cache: {why}")
             self.page_size = self.kv_pages = self.prefill_chunk = None
             return None
-        page_size = _check_int("page_size", page_size, 1)
-        if self.decoder.init_paged is None:
-            raise ValueError(
-                f"page_size={page_size}: the model {self.decoder.name!r} has no paged cache "
-                "(Decoder.init_paged: the bundled families have one, an adapted model "
-                "may not); use page_size=None"
-            )
-        quantized = self.config.quantized_cache()
-        if quantized is not None and self.decoder.with_cache(quantized).init_paged is None:
-            raise ValueError(
-                f"page_size={page_size} with cache_implementation='quantized': the model "
-                f"{self.decoder.name!r} has no quantized paged cache (its paged cache is not "
-                "one PagedCache); use page_size=None for a quantized cache"
-            )
-        if self.mesh is not None:
-            raise ValueError(
-                f"page_size={page_size} with a mesh: the paged engine runs on one device "
-                "(its pool is shared by every row); use page_size=None on a mesh"
-            )
         per_row = pages_for(self.max_len, page_size)
         pages = self.slots * per_row if kv_pages is None else _check_int("kv_pages", kv_pages, 1)
         if prefill_chunk is not None:
@@ -1139,6 +1142,7 @@ def slot_memory(
     *,
     devices: int = 1,
     pool: tuple[int, int] | None = None,
+    data: int = 1,
 ) -> tuple[int, int]:
     """`(cache bytes, other state bytes)` of an `Engine(slots=, max_len=,
     prefill_rows=)` with `config`, estimated without allocating anything: the
@@ -1146,7 +1150,8 @@ def slot_memory(
     largest prefill (`prefill_rows` prompts of `max_len` tokens with their own
     cache rows and, for `prompt_logprobs`, every position's logits). On a mesh
     of `devices` the totals are compared with that many devices' free memory
-    (the state is split over them).
+    (the state is split over them; a pool of pages is whole on each of the
+    `data` shards of a mesh, so it counts `data` times).
 
     Raises:
         MemoryBudgetError: when they cannot fit in the device's free memory.
@@ -1177,10 +1182,11 @@ def slot_memory(
     )
     other += prefill
     free = available_bytes()
-    if free is not None and cache_bytes + other > free * devices:
+    held = cache_bytes * (data if pool is not None else 1)  # pages: a pool per data shard
+    if free is not None and held + other > free * devices:
         raise MemoryBudgetError(
             f"Engine(slots={slots}, max_len={max_len}) needs about "
-            f"{(cache_bytes + other) / 2**30:.2f} GiB (KV cache {cache_bytes / 2**30:.2f} GiB, "
+            f"{(held + other) / 2**30:.2f} GiB (KV cache {held / 2**30:.2f} GiB, "
             f"prefill of {rows} x {max_len} tokens {prefill / 2**30:.2f} GiB) but the device "
             f"has {free / 2**30:.2f} GiB free; lower slots or max_len (or prefill_rows)"
         )
@@ -1252,7 +1258,7 @@ def generate_many(
     prefill_rows: int | None = None,
     compact_tail: bool = False,
     mesh: Mesh | None = None,
-    page_size: int | None = None,
+    page_size: int | None = 16,
     kv_pages: int | None = None,
     prefix_cache: bool = True,
     prefill_chunk: int | None = None,
@@ -1277,7 +1283,7 @@ def generate_many(
         prefill_rows: as `Engine`.
         compact_tail: as `Engine`.
         mesh: as `Engine`.
-        page_size: as `Engine` (pages).
+        page_size: as `Engine` (pages of 16 by default; None: the dense cache).
         kv_pages: as `Engine`.
         prefix_cache: as `Engine`.
         prefill_chunk: as `Engine`.

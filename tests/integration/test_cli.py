@@ -1103,14 +1103,15 @@ def test_eval_pages_flags_reach_the_engine_and_give_the_dense_lines(
         in_process(capsys, "eval", str(prompts_file), "-o", str(out), *base, *flags)
         return {r["id"]: r for r in read_results(out)}
 
-    dense = run_eval("dense")
+    dense = run_eval("dense", "--page_size", "0")  # 0: the dense slot cache
     assert all(e.page_size is None for e in made)
     paged = run_eval("paged", "--page_size", "4", "--kv_pages", "40", "--prefill_chunk", "8")
     assert [(e.page_size, e.kv_pages, e.prefill_chunk) for e in made] == [(4, 40, 8)] * 2
     # The system prompt's 9 full pages, taken by the 2nd and 3rd greedy lines (the sampled
     # line has an engine, and a pool, of its own).
     assert sum(e.stats.prefix_tokens for e in made) == 2 * 36
-    cold = run_eval("cold", "--page_size", "4", "--no-prefix_cache")
+    cold = run_eval("cold", "--no-prefix_cache")  # pages of 16 by default
+    assert [e.page_size for e in made] == [16] * 2
     assert sum(e.stats.prefix_tokens for e in made) == 0
     assert dense.keys() == paged.keys() == cold.keys() == {line["id"] for line in lines}
     for key, want in dense.items():
@@ -1128,12 +1129,11 @@ def test_eval_pages_flags_reach_the_engine_and_give_the_dense_lines(
             assert w in err, err
         assert compiles.count == 0
 
-    refused("--page_size", "0", words=("--page_size must be >= 1, got 0",))
+    refused("--page_size", "-1", words=("--page_size must be >= 0", "got -1"))
     refused("--page_size", "4", "--prefill_chunk", "-2", words=("--prefill_chunk must be >= 1",))
-    refused("--kv_pages", "8", words=("--kv_pages needs", "--page_size"))
-    refused("--no-prefix_cache", words=("--no-prefix_cache needs", "--page_size"))
+    refused("--page_size", "0", "--kv_pages", "8", words=("--kv_pages needs", "--page_size 0"))
+    refused("--page_size", "0", "--no-prefix_cache", words=("--no-prefix_cache needs",))
     refused("--page_size", "4", "--static-batching", words=("--static-batching",))
-    refused("--page_size", "4", "--mesh", "data=1,model=1", words=("--mesh", "one device"))
     # A pool too small for one line names that line (and the pages it needs).
     refused(
         "--page_size", "4", "--kv_pages", "5",

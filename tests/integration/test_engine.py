@@ -184,7 +184,8 @@ def test_one_prefill_program_per_bucket_and_one_decode_program():
     lm = tiny_lm()
     rng = np.random.default_rng(2)
     config = lm.generation_config.replace(do_sample=True, top_p=0.9, repetition_penalty=1.2)
-    engine = Engine(lm, slots=5, max_len=44, config=config, steps_per_call=6)
+    # The dense slot cache (pages compile per chunk width: test_engine_pages.py).
+    engine = Engine(lm, slots=5, max_len=44, config=config, steps_per_call=6, page_size=None)
     lengths = [3, 12, 20, 5, 14, 30, 2]  # buckets 8, 16, 32
     per_row = lambda: dict(
         seed=int(rng.integers(0, 1000)),
@@ -270,10 +271,14 @@ def test_a_cache_that_cannot_fit_is_refused_before_allocating(monkeypatch):
 
 def test_cache_bytes_are_reported():
     lm = tiny_lm()
-    engine = Engine(lm, slots=3, max_len=40)
+    engine = Engine(lm, slots=3, max_len=40, page_size=None)  # the dense slot cache
     # k and v: [layers, slots, heads, max_len, head_dim] float32, plus mask and index.
     kv = 2 * 2 * 3 * 2 * 40 * 8 * 4
     assert engine.cache_bytes == kv + 3 * 40 + 3 * 4
+    # Pages of 16 by default: 3 pages of 16 per row (48 slots), plus the page tables.
+    paged = Engine(lm, slots=3, max_len=40)
+    assert paged.page_size == 16 and paged.kv_pages == 3 * 3
+    assert paged.cache_bytes == 2 * 2 * 9 * 2 * 16 * 8 * 4 + 3 * 3 * 4 + 3 * 48 + 3 * 4
 
 
 def test_compact_tail_same_results_no_compilation_after_warm_up():

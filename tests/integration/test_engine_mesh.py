@@ -2,7 +2,9 @@
 CPU devices, in subprocesses: `XLA_FLAGS` must be set before JAX starts):
 tests/support/workers/engine_mesh_worker.py serves 24 mixed prompts (greedy and sampled with
 seeds, lengths 1-20, max_new_tokens 3-10) with a tiny GPT-2 and a tiny GQA Llama
-on the mesh, on one device and with `generate`; every prompt's tokens agree.
+on the mesh, on one device and with `generate`; every prompt's tokens agree. It
+also serves 12 prompts sharing a system prompt on pages (float and 8-bit pools),
+on the mesh and on one device.
 tests/support/workers/eval_mesh_worker.py runs `jaxdecode eval --mesh` and checks it serves on
 the engine and equals one device."""
 
@@ -63,6 +65,29 @@ def test_slot_state_is_split_over_the_mesh(runs, model):
 
 def test_decode_program_on_a_mesh_lowers_for_tpu_and_gpu(runs):
     assert runs["export_devices"]["decode"] == 4 and set(runs["export_devices"].values()) == {4}
+    assert runs["pages"]["export_devices"] == 4  # the paged decode program too
+
+
+@pytest.mark.parametrize("pool", ["float", "int8"])
+def test_paged_engine_on_a_mesh_equals_one_device(runs, pool):
+    """Pages on the mesh: 12 prompts sharing a system prompt, in pages of 4
+    with chunks of 8, greedy and sampled (the float pool, on the mesh with
+    `compact_tail`) and sampled on an 8-bit quantized pool: every token equals
+    the one-device paged engine's, and the mesh took as many prompt tokens
+    from the prefix cache."""
+    r = runs["pages"][pool]
+    assert r["rows"] == (12 if pool == "float" else 6)
+    assert r["mesh"] == r["one"]
+    assert r["prefix"] == r["one_prefix"] >= r["rows"] * 8, "no prefix hit on the mesh"
+    assert r["logp_diff"] < 1e-4
+    assert len({len(t) for t in r["one"] if t is not None}) >= 2
+
+
+@pytest.mark.parametrize("pool", ["float", "int8"])
+def test_page_pool_heads_over_model_and_replicated_over_data(runs, pool):
+    # [layers, pages, kv_heads, page_size, head_dim]: every data shard holds
+    # the whole pool of its heads; the page tables [slots, pages] go by rows.
+    assert runs["pages"][pool]["specs"] == ["P(None, None, 'model')", "P('data',)"]
 
 
 def test_slots_must_divide_over_the_data_axis(runs):

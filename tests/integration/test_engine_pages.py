@@ -190,16 +190,22 @@ def test_compacted_paged_rows_move_back_when_prompts_arrive():
         _check_alone(lm, config, prompt, opt, res)
 
 
-def test_quantized_pages_equal_generate_with_the_quantized_cache():
-    """`cache_implementation="quantized"` on pages (a pool of 4-bit code pages
-    and scale pages): each prompt equals `generate` with the quantized cache on
-    it alone, with prefix hits and chunks; the pool is a fraction of the float one."""
+@pytest.mark.parametrize("nbits", [4, 8], ids=["sampled-4bit", "greedy-8bit"])
+def test_quantized_pages_equal_generate_with_the_quantized_cache(nbits):
+    """`cache_implementation="quantized"` on pages (a pool of code pages and
+    scale pages): each prompt equals `generate` with the quantized cache on it
+    alone, with prefix hits and chunks, sampled at 4 bits and greedy at 8; the
+    pool is a fraction of the float one, and `cache_bytes` counts codes and
+    scales."""
     lm = tiny_llama()
     prompts = _workload(9, n=5)
+    strategy = SAMPLED if nbits == 4 else dict(do_sample=False, logprobs=2)
     config = lm.generation_config.replace(
-        **SAMPLED, cache_implementation="quantized", cache_config={"nbits": 4}
+        **strategy, cache_implementation="quantized", cache_config={"nbits": nbits}
     )
     options = [{"seed": 11 + i, "temperature": 0.7 + 0.1 * i} for i in range(5)]
+    if nbits == 8:
+        options = [{"max_new_tokens": 6 + i} for i in range(5)]
     kw = dict(slots=3, max_len=80, steps_per_call=3, prompt_buckets=BUCKETS, page_size=4)
     engine = Engine(lm, config=config, prefill_chunk=8, **kw)
     engine.submit(prompts, options)
@@ -210,9 +216,12 @@ def test_quantized_pages_equal_generate_with_the_quantized_cache():
     float_pool = Engine(
         lm, config=config.replace(cache_implementation=None, cache_config=None), **kw
     )
-    # head_dim 8 at 4 bits: 4 bytes of codes + 8 of scales per token and head, against 32
-    assert engine.page_bytes / float_pool.page_bytes == (4 + 8) / 32
+    # head_dim 8: 8 * nbits / 8 bytes of codes + 8 of scales per token and head, against 32
+    assert engine.page_bytes / float_pool.page_bytes == (nbits + 8) / 32
     assert engine.kv_pages == float_pool.kv_pages
+    # The pool's bytes are its pages' (codes and scales); the rest (tables, masks) is equal.
+    rest = engine.cache_bytes - engine.kv_pages * engine.page_bytes
+    assert rest == float_pool.cache_bytes - float_pool.kv_pages * float_pool.page_bytes > 0
 
 
 def test_greedy_constraints_stop_strings_and_prompt_logprobs():
@@ -319,26 +328,37 @@ def test_refusals_before_anything_runs():
     lm = tiny_llama()
     with pytest.raises(ValueError, match=r"kv_pages=3 is too small.*raise kv_pages to at least"):
         Engine(lm, slots=2, max_len=64, page_size=4, kv_pages=3).submit([[1] * 20])
-    with pytest.raises(ValueError, match="kv_pages=8 needs a paged cache"):
-        Engine(lm, slots=2, max_len=64, kv_pages=8)
+    with pytest.raises(ValueError, match="kv_pages=8 needs a paged cache: give page_size"):
+        Engine(lm, slots=2, max_len=64, kv_pages=8, page_size=None)
     with pytest.raises(ValueError, match="page_size must be an integer >= 1"):
         Engine(lm, slots=2, max_len=64, page_size=0)
-    with pytest.raises(ValueError, match="page_size=4 with a mesh: the paged engine runs on one"):
-        Engine(lm, slots=2, max_len=64, page_size=4, mesh=jd.make_mesh(1, 1))
-    # A paged cache that is not one PagedCache (a tuple here) has no quantized pool.
-    pair = lm.decoder.init_paged
-    odd = lm.replace(decoder=dataclasses.replace(lm.decoder, init_paged=lambda *a: (pair(*a),)))
-    q8 = lm.generation_config.replace(cache_implementation="quantized", cache_config={"nbits": 8})
-    with pytest.raises(ValueError, match="page_size=4 with cache_implementation='quantized'"):
-        Engine(odd, slots=2, max_len=64, page_size=4, config=q8)
-    # A decoder without a paged cache (an adapter's `from_linen`, say).
+    with pytest.raises(ValueError, match="page_size must be an integer >= 1, got 'x'"):
+        Engine(lm, slots=2, max_len=64, page_size="x")
+
+
+def test_models_without_a_paged_cache_keep_the_dense_slots():
+    """A decoder without a paged cache (an adapter's `from_linen`, say), or a
+    quantized cache over a paged cache that is not one `PagedCache`, gets the
+    dense slot cache (pages are the default); sizing the pool is refused."""
+    lm = tiny_llama()
     bare = jd.CausalLM(
         params=lm.params,
         decoder=dataclasses.replace(lm.decoder, init_paged=None),
         generation_config=lm.generation_config,
     )
-    with pytest.raises(ValueError, match="page_size=16: the model .* has no paged cache"):
-        Engine(bare, slots=2, max_len=32, page_size=16)
+    engine = Engine(bare, slots=2, max_len=32)
+    assert engine.page_size is None and engine.page_bytes is None
+    assert engine.cache_bytes == Engine(lm, slots=2, max_len=32, page_size=None).cache_bytes
+    with pytest.raises(ValueError, match="kv_pages=8 needs a paged cache: the model .* has none"):
+        Engine(bare, slots=2, max_len=32, kv_pages=8)
+    # A paged cache that is not one PagedCache (a tuple here) has no quantized pool.
+    pair = lm.decoder.init_paged
+    odd = lm.replace(decoder=dataclasses.replace(lm.decoder, init_paged=lambda *a: (pair(*a),)))
+    q8 = lm.generation_config.replace(cache_implementation="quantized", cache_config={"nbits": 8})
+    assert Engine(odd, slots=2, max_len=64, page_size=4, config=q8).page_size is None
+    assert Engine(odd, slots=2, max_len=64, page_size=4).page_size == 4
+    with pytest.raises(ValueError, match="prefill_chunk=8 needs a paged cache: .*'quantized'"):
+        Engine(odd, slots=2, max_len=64, page_size=4, config=q8, prefill_chunk=8)
 
 
 def test_paged_programs_export_for_tpu_and_cuda():
@@ -355,7 +375,7 @@ def test_generate_many_on_pages_equals_dense():
     lm = tiny_llama()
     prompts = _workload(8, n=5)
     kw = dict(slots=2, do_sample=False, max_new_tokens=6, prompt_buckets=BUCKETS)
-    dense = jd.generate_many(lm, prompts, **kw)
+    dense = jd.generate_many(lm, prompts, page_size=None, **kw)
     paged = jd.generate_many(lm, prompts, page_size=8, prefill_chunk=16, **kw)
     for a, b in zip(dense, paged, strict=True):
         np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -379,6 +399,6 @@ def test_page_bytes_and_bytes_in_use():
     assert engine.kv_bytes_in_use == 2 * 3 * engine.page_bytes
     list(engine)
     assert engine.kv_bytes_in_use == 0 < engine.stats.peak_kv_bytes
-    dense = Engine(lm, slots=2, max_len=32)
+    dense = Engine(lm, slots=2, max_len=32, page_size=None)
     assert dense.page_bytes is None
     assert dense.kv_bytes_in_use == dense.cache_bytes == dense.stats.peak_kv_bytes

@@ -494,9 +494,9 @@ def test_engine_moves_ring_rows():
     )
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, V, int(rng.integers(2, 20))).tolist() for _ in range(7)]
-    engine = jd.Engine(
+    engine = jd.Engine(  # the dense slots: pages hold every token, not rings
         ring, slots=3, max_len=40, steps_per_call=2, prompt_buckets=[8, 24],
-        prefill_rows=2, compact_tail=True,
+        prefill_rows=2, compact_tail=True, page_size=None,
     )  # fmt: skip
     options = [{"do_sample": False, "max_new_tokens": 4 + i % 5} for i in range(7)]
     engine.submit(prompts, options)

@@ -262,9 +262,9 @@ def test_engine_equals_generate_and_holds_the_quantized_bytes():
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, V, int(rng.integers(2, 20))).tolist() for _ in range(5)]
     config = lm.generation_config.replace(**Q8)
-    engine = Engine(
+    engine = Engine(  # the dense slots (a quantized pool: test_engine_pages.py)
         lm, slots=3, max_len=48, steps_per_call=2, prompt_buckets=[8, 24], prefill_rows=2,
-        compact_tail=True, config=config,
+        compact_tail=True, config=config, page_size=None,
     )  # fmt: skip
     engine.submit(prompts, [{"do_sample": False, "max_new_tokens": 3 + i} for i in range(5)])
     got = {r.index: r.tokens.tolist() for r in engine}
