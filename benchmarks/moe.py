@@ -27,7 +27,6 @@ weights) and the MoE / transformers ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import host_info  # noqa: E402
+from common import host_info, report  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -199,10 +198,7 @@ def main() -> None:
                 transformers_moe_ms_per_step=round(hf_ms, 3),
                 moe_over_transformers=round(moe_ms / hf_ms, 3),
             )
-    print(json.dumps(result, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, a.json)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ ratio to `dense`, for each `--tokens` count.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import host_info  # noqa: E402
+from common import host_info, report  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -144,10 +143,7 @@ def main() -> None:
             n: {"ms": round(1000 * t, 3), "over_dense": round(t / best["dense"], 2)}
             for n, t in best.items()
         }
-    print(json.dumps(result, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, a.json)
 
 
 if __name__ == "__main__":
