@@ -14,7 +14,9 @@ model without them (the gathered form, which copies each routed expert's slice).
 
 Each contender generates `--new` tokens greedily from a batch of `--batch`
 random prompts of `--prompt` tokens (no EOS: every step runs); the first call
-compiles/warms up, then `--repeats` timed calls (median). ms/step is
+compiles/warms up, then `--repeats` timed rounds (the best of each kept); the
+three jaxdecode contenders are timed in turn within each round, so load drift
+hits their ratio alike. ms/step is
 (time of a `--new`-token call - time of a 1-token call) / (`--new` - 1): decode
 steps only, prefill excluded. Reported: ms/step per contender, the MoE / dense
 ratio (target <= 1.5: the grouped product reads only the routed experts'
@@ -99,28 +101,30 @@ def _count(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
 
 
-def _per_step_ms(run, new: int, repeats: int) -> float:
-    """ms per decode step: the best `run(new)` minus the best `run(1)`, over
-    `new - 1` steps. The two are timed alternately (after one warm-up each), so
-    a change in the machine's load hits both alike; the minimum is kept because
-    other work only adds time."""
-    run(new)  # compile / warm up
-    run(1)
-    best = {new: float("inf"), 1: float("inf")}
+def _per_step_ms(runs: dict, new: int, repeats: int) -> dict[str, float]:
+    """ms per decode step of each contender in `runs` (name -> `run(n)`): its
+    best `run(new)` minus its best `run(1)`, over `new - 1` steps. Every
+    contender and both call lengths are timed in turn, `repeats` rounds (after
+    one warm-up each), so a change in the machine's load hits all alike; the
+    minimum is kept because other work only adds time."""
+    for run in runs.values():
+        run(new)  # compile / warm up
+        run(1)
+    best = {(name, n): float("inf") for name in runs for n in (new, 1)}
     for _ in range(repeats):
-        for n in (new, 1):
-            t0 = time.perf_counter()
-            run(n)
-            best[n] = min(best[n], time.perf_counter() - t0)
-    return 1000 * (best[new] - best[1]) / (new - 1)
+        for name, run in runs.items():
+            for n in (new, 1):
+                t0 = time.perf_counter()
+                run(n)
+                best[name, n] = min(best[name, n], time.perf_counter() - t0)
+    return {name: 1000 * (best[name, new] - best[name, 1]) / (new - 1) for name in runs}
 
 
-def _jaxdecode(
-    config: dict, ids: np.ndarray, a: argparse.Namespace, directory: str, stacked: bool = False
-):
-    """ms/step of jaxdecode on a random checkpoint of `config` (saved to
-    `directory` for transformers), and its (total, active) parameter counts.
-    `stacked`: without the host's per-expert views."""
+def _jaxdecode(config: dict, ids: np.ndarray, a: argparse.Namespace, directory: str):
+    """jaxdecode on a random checkpoint of `config` (saved to `directory` for
+    transformers): `run(n)` functions (name -> run; an MoE also gets `stacked`,
+    the same parameters without the host's per-expert views) and the model's
+    (total, active) parameter counts."""
     import dataclasses
 
     import jax
@@ -132,20 +136,24 @@ def _jaxdecode(
     cfg = family.config_class.from_hf(config)
     params = family.init_params(cfg, jax.random.key(0))
     decoder = family.decoder(cfg)
-    if stacked:
-        decoder = dataclasses.replace(decoder, host_views=None)
     lm = jd.CausalLM(params=params, decoder=decoder, config=cfg)
     lm.save_pretrained(directory)
     total = _count(params)
     inactive = 0
+    models = {"": lm}
     if cfg.model_type == "qwen3_moe":
         inactive = 3 * a.layers * (a.experts - a.top_k) * a.expert_width * a.hidden
+        stacked = dataclasses.replace(decoder, host_views=None)
+        models["stacked"] = jd.CausalLM(params=params, decoder=stacked, config=cfg)
 
-    def run(new: int):
-        out = jd.generate(lm, ids, max_new_tokens=new, do_sample=False, eos_token_id=None)
-        jax.block_until_ready(out.sequences)
+    def runner(model):
+        def run(new: int):
+            out = jd.generate(model, ids, max_new_tokens=new, do_sample=False, eos_token_id=None)
+            jax.block_until_ready(out.sequences)
 
-    return _per_step_ms(run, a.new, a.repeats), total, total - inactive
+        return run
+
+    return {name: runner(model) for name, model in models.items()}, total, total - inactive
 
 
 def _transformers(directory: str, ids: np.ndarray, a: argparse.Namespace) -> float:
@@ -168,7 +176,7 @@ def _transformers(directory: str, ids: np.ndarray, a: argparse.Namespace) -> flo
                 pad_token_id=0,
             )
 
-    return _per_step_ms(run, a.hf_new, a.repeats)
+    return _per_step_ms({"hf": run}, a.hf_new, a.repeats)["hf"]
 
 
 def main() -> None:
@@ -178,9 +186,15 @@ def main() -> None:
     result: dict = {"host": host_info(), "args": vars(a)}
     with tempfile.TemporaryDirectory() as tmp:
         moe_dir, dense_dir = os.path.join(tmp, "moe"), os.path.join(tmp, "dense")
-        moe_ms, moe_total, moe_active = _jaxdecode(moe, ids, a, moe_dir)
-        dense_ms, dense_total, _ = _jaxdecode(dense, ids, a, dense_dir)
-        stacked_ms, _, _ = _jaxdecode(moe, ids, a, os.path.join(tmp, "stacked"), stacked=True)
+        moe_runs, moe_total, moe_active = _jaxdecode(moe, ids, a, moe_dir)
+        dense_runs, dense_total, _ = _jaxdecode(dense, ids, a, dense_dir)
+        # The three jaxdecode contenders interleaved (their ratio is the target).
+        ms = _per_step_ms(
+            {"moe": moe_runs[""], "dense": dense_runs[""], "stacked": moe_runs["stacked"]},
+            a.new,
+            a.repeats,
+        )
+        moe_ms, dense_ms, stacked_ms = ms["moe"], ms["dense"], ms["stacked"]
         result.update(
             moe_params_total=moe_total,
             moe_params_active=moe_active,
