@@ -52,7 +52,7 @@ from common import host_info, load_avg, report  # noqa: E402
 from fused import load_model, read_bandwidth_gbs  # noqa: E402
 
 
-def _args() -> argparse.Namespace:
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8, help="decode steps per call")
     p.add_argument("--max_len", type=int, default=96, help="cache slots (fused.py: 32 + 64)")
@@ -60,7 +60,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=4, help="profiled calls of the model step")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--tiny", action="store_true", help="a random 2-layer model (smoke run)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.tiny:
         a.steps, a.max_len, a.repeats, a.calls = 2, 16, 2, 1
     return a
@@ -230,8 +230,8 @@ def loop_thunks(fn: Any, args: tuple) -> dict[str, int]:
     return dict(counts)
 
 
-def main() -> None:
-    a = _args()
+def main(argv: list[str] | None = None) -> None:
+    a = _args(argv)
     import jax
     import jax.numpy as jnp
 

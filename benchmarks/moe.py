@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import host_info, report  # noqa: E402
 
 
-def _args() -> argparse.Namespace:
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=1024)
@@ -57,7 +57,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--no_hf", action="store_true", help="skip transformers")
     p.add_argument("--tiny", action="store_true", help="a tiny smoke run")
     p.add_argument("--json", help="write the results here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     a.hf_new = a.new
     if a.tiny:
         a.layers, a.hidden, a.heads, a.kv_heads = 2, 256, 4, 2
@@ -179,8 +179,8 @@ def _transformers(directory: str, ids: np.ndarray, a: argparse.Namespace) -> flo
     return _per_step_ms({"hf": run}, a.hf_new, a.repeats)["hf"]
 
 
-def main() -> None:
-    a = _args()
+def main(argv: list[str] | None = None) -> None:
+    a = _args(argv)
     moe, dense = _configs(a)
     ids = np.random.default_rng(0).integers(3, a.vocab, size=(a.batch, a.prompt)).astype(np.int32)
     result: dict = {"host": host_info(), "args": vars(a)}

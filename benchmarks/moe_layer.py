@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import host_info, report  # noqa: E402
 
 
-def _args() -> argparse.Namespace:
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--experts", type=int, default=32)
@@ -48,7 +48,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="a tiny smoke run")
     p.add_argument("--json", help="write the results here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.tiny:
         a.hidden, a.experts, a.expert_width, a.top_k = 64, 8, 32, 2
         a.tokens, a.repeats = [1, 4], 3
@@ -103,11 +103,11 @@ def _variants(a: argparse.Namespace):
     return jax.jit(dense), moe, jax.jit(per_expert)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import jax
     import jax.numpy as jnp
 
-    a = _args()
+    a = _args(argv)
     rng = np.random.default_rng(0)
 
     def normal(*shape):

@@ -6,7 +6,7 @@ on the mesh, on one device and with `generate`; every prompt's tokens agree. It
 also serves 12 prompts sharing a system prompt on pages (float and 8-bit pools),
 on the mesh and on one device.
 tests/support/workers/eval_mesh_worker.py runs `jaxdecode eval --mesh` and checks it serves on
-the engine and equals one device."""
+the engine and equals one device (in the same worker process)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ FOUR = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval_mesh")
     res = subprocess.run(
-        [sys.executable, os.path.join(WORKERS, "engine_mesh_worker.py")],
+        [sys.executable, os.path.join(WORKERS, "engine_mesh_worker.py"), str(tmp)],
         env=FOUR,
         capture_output=True,
         text=True,
@@ -111,18 +112,8 @@ def test_engine_mesh_validation():
 
 
 @pytest.fixture(scope="module")
-def eval_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("eval_mesh")
-    res = subprocess.run(
-        [sys.executable, os.path.join(WORKERS, "eval_mesh_worker.py"), str(tmp)],
-        env=FOUR,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1])
+def eval_runs(runs):
+    return runs["eval"]
 
 
 def test_eval_on_a_mesh_runs_on_the_engine_and_equals_one_device(eval_runs):

@@ -5,8 +5,10 @@ device_count=8` must be set before JAX starts, and the rest of the suite keeps
 its single device): tests/support/workers/mesh_worker.py decodes a tiny GPT-2 (8 heads,
 vocabulary 512, so every axis divides) on meshes (8,1), (4,2), (2,4), (1,8) with
 greedy search, beam search and top-k/top-p sampling, and reads how many bytes
-each device holds; tests/support/workers/multihost_worker.py is one of two `jax.distributed`
-processes that decode a global batch assembled from per-host rows.
+each device holds, and in the same process a tiny GQA Llama on meshes and
+`jaxdecode eval --mesh` against one device; tests/support/workers/multihost_worker.py
+is one of two `jax.distributed` processes that decode a global batch assembled
+from per-host rows.
 """
 
 from __future__ import annotations
@@ -37,16 +39,23 @@ def _last_json(stdout: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def mesh_runs():
+def worker_runs(tmp_path_factory):
+    """The 8-device worker's results: "gpt2", "llama" and "cli" (one process)."""
+    tmp = tmp_path_factory.mktemp("mesh_worker")
     res = subprocess.run(
-        [sys.executable, os.path.join(WORKERS, "mesh_worker.py")],
+        [sys.executable, os.path.join(WORKERS, "mesh_worker.py"), str(tmp)],
         env=EIGHT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return _last_json(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(worker_runs):
+    return worker_runs["gpt2"]
 
 
 MESHES = ["8x1", "4x2", "2x4", "1x8"]
@@ -138,20 +147,10 @@ def test_mesh_of_one_device_equals_no_mesh():
     np.testing.assert_array_equal(np.asarray(a.sequences), np.asarray(b.sequences))
 
 
-def test_cli_eval_on_a_mesh(tmp_path):
-    prompts = tmp_path / "p.jsonl"
-    with open(prompts, "w") as f:
-        for i, text in enumerate(["In the beginning", "And God said", "The LORD is", "Blessed"]):
-            f.write(json.dumps({"id": i, "prompt": text}) + "\n")
-    outs = {}
-    for name, extra in (("mesh", ["--mesh", "data=4,model=2"]), ("single", [])):
-        out = tmp_path / f"{name}.jsonl"
-        cmd = [sys.executable, "-m", "jaxdecode.cli", "eval", str(prompts), "-o", str(out)]
-        cmd += ["--batch_size", "4", "--max_new_tokens", "12", "--no-do_sample", "--quiet"]
-        res = subprocess.run(cmd + extra, env=EIGHT, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-2000:]
-        with open(out) as f:
-            outs[name] = [json.loads(line) for line in f]
+def test_cli_eval_on_a_mesh(worker_runs):
+    outs = worker_runs["cli"]
+    assert outs["mesh"]["code"] == outs["single"]["code"] == 0
+    outs = {name: outs[name]["records"] for name in ("mesh", "single")}
     assert len(outs["mesh"]) == 4
     # Same records, tokens and text exactly; the log-probabilities within float32
     # rounding (the model axis splits the reductions, so the last printed digit of a
@@ -162,24 +161,8 @@ def test_cli_eval_on_a_mesh(tmp_path):
         for x, y in zip(oa, ob, strict=True):
             np.testing.assert_allclose(x.pop("token_logprobs"), y.pop("token_logprobs"), atol=1e-5)
             assert x == y
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxdecode.cli",
-            "eval",
-            str(prompts),
-            "-o",
-            "x",
-            "--mesh",
-            "data=3",
-        ],
-        env=EIGHT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 2 and "--mesh: mesh data=3 x model=1 = 3 devices, but 8" in res.stderr
+    odd = worker_runs["cli"]["odd"]
+    assert odd["code"] == 2 and "--mesh: mesh data=3 x model=1 = 3 devices, but 8" in odd["stderr"]
 
 
 @pytest.mark.parametrize(
@@ -208,16 +191,8 @@ def test_fit_spec(spec, shape, want):
 
 
 @pytest.fixture(scope="module")
-def llama_mesh_runs():
-    res = subprocess.run(
-        [sys.executable, os.path.join(WORKERS, "llama_mesh_worker.py")],
-        env=EIGHT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return _last_json(res.stdout)
+def llama_mesh_runs(worker_runs):
+    return worker_runs["llama"]
 
 
 @pytest.mark.parametrize("mesh", ["4x2", "2x4", "1x8"])

@@ -2,9 +2,11 @@
 it): the continuous-batching engine on a data=2 x model=2 mesh against the
 single-device engine and `generate`, for a tiny GPT-2 and a tiny Llama with
 grouped-query attention, 24 mixed prompts each (greedy and sampled with seeds,
-lengths 1-20, max_new_tokens 3-10). Prints one JSON object.
+lengths 1-20, max_new_tokens 3-10); then, in the same process (one start of
+JAX for both), eval_mesh_worker.py's `jaxdecode eval --mesh` ("eval"). Prints
+one JSON object.
 
-Usage: python tests/support/workers/engine_mesh_worker.py  (XLA_FLAGS set by the caller)
+Usage: python tests/support/workers/engine_mesh_worker.py DIR  (XLA_FLAGS set by the caller)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np  # noqa: E402
 import jaxdecode as jd  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+from eval_mesh_worker import run as eval_runs  # noqa: E402
 from llama_mesh_worker import tiny_model as tiny_llama  # noqa: E402
 from mesh_worker import tiny_model as tiny_gpt2  # noqa: E402
 
@@ -181,7 +184,8 @@ def main() -> None:
         out["odd_slots"] = None
     except ValueError as e:
         out["odd_slots"] = str(e)
-    json.dump(out, sys.stdout)
+    out["eval"] = eval_runs(sys.argv[1])
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

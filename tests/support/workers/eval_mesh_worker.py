@@ -1,5 +1,5 @@
-"""Runs in its own process with 4 CPU devices (tests/integration/test_engine_mesh.py starts
-it): `jaxdecode eval --mesh data=2,model=2` on the bundled model against the
+"""Runs with 4 CPU devices (`run(dir)`, from tests/support/workers/engine_mesh_worker.py,
+which tests/integration/test_engine_mesh.py starts): `jaxdecode eval --mesh data=2,model=2` on the bundled model against the
 same eval on one device, counting which way each served the prompts (engines
 built, on which mesh; `generate` calls for static batches). Prints one JSON object.
 
@@ -39,9 +39,9 @@ def lines() -> list[dict]:
     return out
 
 
-def main_() -> None:
+def run(tmp: str) -> dict:
+    """Each eval's exit code, records and the engines / generate calls it made."""
     assert jax.device_count() == 4, jax.devices()
-    tmp = sys.argv[1]
     prompts = os.path.join(tmp, "p.jsonl")
     with open(prompts, "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines())
@@ -62,21 +62,25 @@ def main_() -> None:
     scheduler.Engine.__init__ = spy_init
     jaxdecode.generate = spy_generate
     out: dict = {}
-    for name, extra in (("mesh", ["--mesh", "data=2,model=2"]), ("one", [])):
-        seen["engines"], seen["generate"] = [], 0
-        path = os.path.join(tmp, f"{name}.jsonl")
-        argv = ["eval", prompts, "-o", path, "--batch_size", "4", "--quiet"] + extra
-        code = main(argv)
-        with open(path) as f:
-            records = [json.loads(line) for line in f]
-        out[name] = {"code": code, "records": records, **seen}
+    try:
+        for name, extra in (("mesh", ["--mesh", "data=2,model=2"]), ("one", [])):
+            seen["engines"], seen["generate"] = [], 0
+            path = os.path.join(tmp, f"{name}.jsonl")
+            argv = ["eval", prompts, "-o", path, "--batch_size", "4", "--quiet"] + extra
+            code = main(argv)
+            with open(path) as f:
+                records = [json.loads(line) for line in f]
+            out[name] = {"code": code, "records": records, **seen}
+    finally:  # the spies go (the calling worker goes on)
+        scheduler.Engine.__init__ = init
+        jaxdecode.generate = generate
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(["eval", prompts, "-o", os.path.join(tmp, "x.jsonl"), "--batch_size", "3"]
                     + ["--mesh", "data=2,model=2", "--quiet"])  # fmt: skip
     out["odd"] = {"code": code, "stderr": err.getvalue()}
-    print(json.dumps(out), flush=True)
+    return out
 
 
 if __name__ == "__main__":
-    main_()
+    print(json.dumps(run(sys.argv[1])), flush=True)

@@ -1,5 +1,5 @@
-"""Runs in its own process with 8 CPU devices (tests/integration/test_sharding.py starts it):
-a tiny Llama with grouped-query attention -- 8 query heads over 2 KV heads, so
+"""Runs with 8 CPU devices (`run()`, from tests/support/workers/mesh_worker.py, which
+tests/integration/test_sharding.py starts): a tiny Llama with grouped-query attention -- 8 query heads over 2 KV heads, so
 the KV heads do not divide the model axis on meshes (2, 4) and (1, 8) -- decoded
 with greedy and beam search on several meshes, against the single-device run.
 Prints one JSON object.
@@ -47,7 +47,8 @@ CONFIGS = {
 }
 
 
-def main() -> None:
+def run() -> dict:
+    """Greedy and beam search on one device and on each mesh, and the layouts."""
     assert jax.device_count() == 8, jax.devices()
     lm = tiny_model()
     rng = np.random.default_rng(0)
@@ -68,7 +69,11 @@ def main() -> None:
         specs = jd.cache_specs(cache, mesh)
         rec["cache_spec"] = str(specs.k)
         out["meshes"][f"{d}x{m}"] = rec
-    json.dump(out, sys.stdout)
+    return out
+
+
+def main() -> None:
+    json.dump(run(), sys.stdout)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Runs in its own process with 8 CPU devices (tests/integration/test_sharding.py starts it):
 sharded generate on every mesh against the single-device run, and the bytes
-each device holds. Prints one JSON object.
+each device holds ("gpt2"); the GQA Llama of llama_mesh_worker.py ("llama");
+`jaxdecode eval` on a mesh and on one device, in this process ("cli"). One
+process for the three (each process costs a start of JAX and its compilations).
+Prints one JSON object.
 
-Usage: python tests/support/workers/mesh_worker.py  (XLA_FLAGS set by the caller)
+Usage: python tests/support/workers/mesh_worker.py DIR  (XLA_FLAGS set by the caller)
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -42,7 +47,9 @@ CONFIGS = {
 }
 
 
-def main() -> None:
+def run() -> dict:
+    """Greedy, beam and sampled generate on one device and on each mesh, and
+    the bytes of the weights and of the cache each device holds."""
     assert jax.device_count() == 8, jax.devices()
     lm = tiny_model()
     rng = np.random.default_rng(0)
@@ -73,7 +80,42 @@ def main() -> None:
         out["meshes"][f"{d}x{m}"] = rec
     out["param_bytes_total"] = int(sum(x.nbytes for x in jax.tree_util.tree_leaves(lm.params)))
     out["cache_bytes_total"] = int(state.cache.k.nbytes + state.cache.v.nbytes)
-    json.dump(out, sys.stdout)
+    return out
+
+
+def cli_runs(tmp: str) -> dict:
+    """`jaxdecode eval` (the bundled model, 4 prompts, greedy) on a data=4 x
+    model=2 mesh and on one device: each one's records and exit code; and the
+    exit code and stderr of a mesh that does not fit the 8 devices."""
+    from jaxdecode.cli import main as cli
+
+    prompts = os.path.join(tmp, "p.jsonl")
+    with open(prompts, "w") as f:
+        for i, text in enumerate(["In the beginning", "And God said", "The LORD is", "Blessed"]):
+            f.write(json.dumps({"id": i, "prompt": text}) + "\n")
+    out: dict = {}
+    for name, extra in (("mesh", ["--mesh", "data=4,model=2"]), ("single", [])):
+        path = os.path.join(tmp, f"{name}.jsonl")
+        argv = ["eval", prompts, "-o", path, "--batch_size", "4", "--max_new_tokens", "12"]
+        code = cli(argv + ["--no-do_sample", "--quiet", *extra])
+        with open(path) as f:
+            out[name] = {"code": code, "records": [json.loads(line) for line in f]}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = cli(["eval", prompts, "-o", os.path.join(tmp, "x"), "--mesh", "data=3"])
+        except SystemExit as e:  # argparse's refusal of the option
+            code = e.code
+    out["odd"] = {"code": code, "stderr": err.getvalue()}
+    return out
+
+
+def main() -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    from llama_mesh_worker import run as llama_run
+
+    out = {"gpt2": run(), "llama": llama_run(), "cli": cli_runs(sys.argv[1])}
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
