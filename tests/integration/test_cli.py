@@ -1063,7 +1063,7 @@ def test_eval_engine_compiles_nothing_after_warm_up(
 
 @functools.cache
 def tiny_llama() -> jaxdecode.CausalLM:
-    """A byte-level Llama: a family with a paged cache (the GPT-2 above has none)."""
+    """A byte-level Llama with a paged cache (grouped-query attention over its pages)."""
     from jaxdecode.models.llama import LlamaConfig, llama_decoder
     from jaxdecode.models.llama import init_params as llama_params
 
