@@ -4,10 +4,14 @@ A tiny byte-level GPT-2 with random weights is written once per module and passe
 with `--model DIR`. Every subprocess pays for a JAX import and its compilations,
 so runs are few and each one's output serves several assertions; the subprocesses
 share a persistent JAX compilation cache (per module), which changes no result.
-Refusals that come before any compilation (bad flags, bad prompt files) run
-in this process (`Result.here`); a few stay subprocesses, so that the exit code
-and the one stderr line are also checked end to end (`test_generate_unknown_model`,
-`test_eval_reports_every_bad_line_before_generating`).
+Runs whose subject is not the process (refusals, records, seeds, eval's
+lines) run in this process (`Result.here`, `cli.main`), where each model
+directory is loaded once for the module (`support.loading_once`), so they share
+its compiled programs as one CLI process does. Subprocesses stay where the
+process is the subject: the exit code and the one stderr line end to end
+(`test_generate_unknown_model`, `test_eval_reports_every_bad_line_before_generating`),
+plain text output, the console script, a killed and resumed eval, the
+persistent compilation cache across processes, a closed pipe.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from support import loading_once
 
 import jaxdecode
 from jaxdecode.models.gpt2 import GPT2Config, gpt2_decoder, init_params
@@ -67,6 +72,13 @@ def save_model(
     )
     lm.save_pretrained(str(directory))
     return str(directory)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def load_once():
+    """In-process runs load each model directory once (`support.loading_once`)."""
+    with loading_once():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +229,12 @@ def read_results(path: Path) -> list[dict]:
 PROMPTS = ["In the beginning", "And God said"]
 
 
-def test_generate_text_json_and_inprocess_parity(model_dir, env):
+def test_generate_text_json_and_inprocess_parity(model_dir, env, capsys, monkeypatch):
     text = run(env, "generate", *PROMPTS, "--model", model_dir, "--max-new-tokens", "5")
-    js = run(env, "generate", *PROMPTS, "--model", model_dir, "--max_new_tokens", "5", "--json")
+    js = Result.here(
+        capsys, monkeypatch, "generate", *PROMPTS, "--model", model_dir, "--max_new_tokens", "5",
+        "--json",
+    )  # fmt: skip
     assert text.rc == 0, text
     assert js.rc == 0, js
 
@@ -285,7 +300,7 @@ def test_generate_draws_a_seed_it_shows_and_that_repeats_the_run(model_dir, caps
     assert again.out == drawn.out
 
 
-def test_stream_equals_generate_through_console_script(model_dir, env):
+def test_stream_equals_generate_through_console_script(model_dir, env, capsys, monkeypatch):
     script = Path(sys.executable).parent / ("jaxdecode.exe" if os.name == "nt" else "jaxdecode")
     try:
         importlib.metadata.distribution("jaxdecode")
@@ -295,7 +310,7 @@ def test_stream_equals_generate_through_console_script(model_dir, env):
 
     args = ["generate", "Once upon a time", "--model", model_dir, "--max_new_tokens", "6"]
     plain = run(env, *args, cmd=[str(script)])
-    streamed = run(env, *args, "--stream")
+    streamed = Result.here(capsys, monkeypatch, *args, "--stream")
     assert plain.rc == 0, plain
     assert streamed.rc == 0, streamed
     assert plain.out.startswith("Once upon a time")
@@ -303,10 +318,10 @@ def test_stream_equals_generate_through_console_script(model_dir, env):
     assert streamed.out == plain.out
 
 
-def test_generate_beam_search_json(model_dir, env):
-    res = run(
-        env, "generate", "Hello", "--model", model_dir, "--max_new_tokens", "5", "--num_beams", "2",
-        "--json",
+def test_generate_beam_search_json(model_dir, capsys, monkeypatch):
+    res = Result.here(
+        capsys, monkeypatch, "generate", "Hello", "--model", model_dir, "--max_new_tokens", "5",
+        "--num_beams", "2", "--json",
     )  # fmt: skip
     assert res.rc == 0, res
     (rec,) = json_lines(res.out)
@@ -372,21 +387,23 @@ def test_generate_unknown_model(env):
     assert_one_line_error(run(env, "generate", "Hi", "--model", "/no/such/dir"), "/no/such/dir")
 
 
-def test_generate_max_length_is_honoured(model_dir, env):
+def test_generate_max_length_is_honoured(model_dir, capsys, monkeypatch):
     # The model's generation_config sets max_new_tokens=20; --max_length replaces it.
-    res = run(env, "generate", "Hi", "--model", model_dir, "--max_length", "5", "--json")
+    res = Result.here(
+        capsys, monkeypatch, "generate", "Hi", "--model", model_dir, "--max_length", "5", "--json"
+    )
     assert res.rc == 0, res
     (rec,) = json_lines(res.out)
     check_record(rec, 3)
     assert len(rec["outputs"][0]["tokens"]) == 3, "max_length=5 after a 2-token prompt: 3 new"
 
 
-def test_tokens_the_tokenizer_does_not_know_are_shown(tmp_path, env):
+def test_tokens_the_tokenizer_does_not_know_are_shown(tmp_path, capsys, monkeypatch):
     # A model with 300 tokens and a tokenizer with 257: ids 257..299 have no text.
     cfg = dataclasses.replace(CFG, vocab_size=300)
     model = save_model(tmp_path / "big-vocab", cfg)
-    res = run(
-        env, "generate", "Hi", "--model", model, "--max_new_tokens", "3", "--json",
+    res = Result.here(
+        capsys, monkeypatch, "generate", "Hi", "--model", model, "--max_new_tokens", "3", "--json",
         "--sequence_bias", "[[[290], 100.0]]",
     )  # fmt: skip
     assert res.rc == 0, res
@@ -396,13 +413,14 @@ def test_tokens_the_tokenizer_does_not_know_are_shown(tmp_path, env):
     assert TOKENIZER.decode([72, 290, 105]) == "H<unk:290>i"
 
 
-def test_a_model_with_nan_weights_is_a_clear_error(tmp_path, env):
+def test_a_model_with_nan_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
     model = save_model(tmp_path / "nan-model", nan=True)
-    res = run(env, "generate", "Hi", "--model", model, "--max_new_tokens", "3", "--json")
+    here = functools.partial(Result.here, capsys, monkeypatch)
+    res = here("generate", "Hi", "--model", model, "--max_new_tokens", "3", "--json")
     assert_one_line_error(res, model, "non-finite")
     prompts_file, out_file = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     write_jsonl(prompts_file, [{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}])
-    res = run(env, "eval", str(prompts_file), "-o", str(out_file), "--model", model, "--quiet")
+    res = here("eval", str(prompts_file), "-o", str(out_file), "--model", model, "--quiet")
     assert_one_line_error(res, model, "non-finite")
     assert out_file.read_text(encoding="utf-8") == "", "nothing is written, never a NaN"
 
@@ -412,7 +430,7 @@ def test_a_model_with_nan_weights_is_a_clear_error(tmp_path, env):
 # --------------------------------------------------------------------------- #
 
 
-def test_eval_per_prompt_options_progress_and_rerun(model_dir, env, tmp_path):
+def test_eval_per_prompt_options_progress_and_rerun(model_dir, capsys, monkeypatch, tmp_path):
     # Command-line options on prompts of 2 to 15 bytes (two length buckets); lines
     # with their own options on short prompts (one bucket): four compilations.
     records = []
@@ -441,7 +459,7 @@ def test_eval_per_prompt_options_progress_and_rerun(model_dir, env, tmp_path):
         "eval", str(prompts_file), "-o", str(out_file), "--model", model_dir,
         "--max_new_tokens", "6", "--batch_size", "8", "--seed", "0",
     ]  # fmt: skip
-    res = run(env, *args)
+    res = Result.here(capsys, monkeypatch, *args)
     assert res.rc == 0, res
     assert "prompt" in res.err or "it/s" in res.err, "no progress on stderr"
     assert "tok" in res.err, "no tokens per second in the progress"
@@ -465,16 +483,16 @@ def test_eval_per_prompt_options_progress_and_rerun(model_dir, env, tmp_path):
 
     # A second run over a complete OUT does nothing.
     before = out_file.read_bytes()
-    again = run(env, *args)
+    again = Result.here(capsys, monkeypatch, *args)
     assert again.rc == 0, again
     assert out_file.read_bytes() == before
 
 
-def test_eval_without_ids_uses_line_numbers(model_dir, env, tmp_path):
+def test_eval_without_ids_uses_line_numbers(model_dir, capsys, monkeypatch, tmp_path):
     prompts_file, out_file = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     write_jsonl(prompts_file, [{"prompt": "first"}, {"prompt": "second one"}, {"prompt": "x"}])
-    res = run(
-        env, "eval", str(prompts_file), "-o", str(out_file), "--model", model_dir,
+    res = Result.here(
+        capsys, monkeypatch, "eval", str(prompts_file), "-o", str(out_file), "--model", model_dir,
         "--max_new_tokens", "4", "--batch_size", "4", "--quiet",
     )  # fmt: skip
     assert res.rc == 0, res
@@ -549,7 +567,7 @@ def test_eval_resume_after_kill(model_dir, env, tmp_path):
         assert r == clean_by_id[r["id"]], "a resumed result differs from the clean run"
 
 
-def test_eval_seeds_per_prompt_and_from_the_command_line(model_dir, env, tmp_path):
+def test_eval_seeds_per_prompt_and_from_the_command_line(model_dir, capsys, monkeypatch, tmp_path):
     """A line's own seed is used as is; other prompts get a seed derived from
     --seed and their id. Each record names its seed, and `generate --seed` with
     it gives the same output."""
@@ -562,9 +580,9 @@ def test_eval_seeds_per_prompt_and_from_the_command_line(model_dir, env, tmp_pat
 
     def results(seed: str) -> dict:
         out_file = tmp_path / f"out-{seed}.jsonl"
-        res = run(
-            env, "eval", str(prompts_file), "-o", str(out_file), "--model", model_dir,
-            "--max_new_tokens", "8", "--batch_size", "2", "--quiet", "--seed", seed,
+        res = Result.here(
+            capsys, monkeypatch, "eval", str(prompts_file), "-o", str(out_file), "--model",
+            model_dir, "--max_new_tokens", "8", "--batch_size", "2", "--quiet", "--seed", seed,
         )  # fmt: skip
         assert res.rc == 0, res
         return {r["id"]: r for r in read_results(out_file)}
@@ -574,9 +592,9 @@ def test_eval_seeds_per_prompt_and_from_the_command_line(model_dir, env, tmp_pat
     assert two["derived"]["seed"] != three["derived"]["seed"], "--seed has no effect"
     assert two["derived"]["outputs"] != three["derived"]["outputs"]
     for rec in (two["own"], two["derived"]):
-        gen = run(
-            env, "generate", "Hello", "--model", model_dir, "--max_new_tokens", "8",
-            "--do_sample", "--seed", str(rec["seed"]), "--json",
+        gen = Result.here(
+            capsys, monkeypatch, "generate", "Hello", "--model", model_dir, "--max_new_tokens",
+            "8", "--do_sample", "--seed", str(rec["seed"]), "--json",
         )  # fmt: skip
         assert gen.rc == 0, gen
         (want,) = json_lines(gen.out)
@@ -1045,7 +1063,7 @@ def test_eval_engine_compiles_nothing_after_warm_up(
 
 @functools.cache
 def tiny_llama() -> jaxdecode.CausalLM:
-    """A byte-level Llama: a family with a paged cache (the GPT-2 above has none)."""
+    """A byte-level Llama with a paged cache (grouped-query attention over its pages)."""
     from jaxdecode.models.llama import LlamaConfig, llama_decoder
     from jaxdecode.models.llama import init_params as llama_params
 

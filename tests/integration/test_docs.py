@@ -26,16 +26,14 @@ import contextlib
 import importlib.util
 import io
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import loading_once
 
 import jaxdecode as jd
 
@@ -88,17 +86,8 @@ RUNNABLE = [
 @pytest.fixture(scope="module", autouse=True)
 def memoised_loading():
     """`jd.from_pretrained` loads each path once for the whole file."""
-    real, cache = jd.from_pretrained, {}
-
-    def load(path, *args, **kwargs):
-        key = (str(path), args, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
-        if key not in cache:
-            cache[key] = real(path, *args, **kwargs)
-        return cache[key]
-
-    jd.from_pretrained = load
-    yield
-    jd.from_pretrained = real
+    with loading_once():
+        yield
 
 
 def run_page(page: str) -> dict:
@@ -278,26 +267,24 @@ def generated(out, ids) -> np.ndarray:
     return np.asarray(out.sequences)[0, ids.shape[1] :]
 
 
-def test_cli_examples_are_reproducible_and_do_what_they_say(tmp_path):
+def test_cli_examples_are_reproducible_and_do_what_they_say(capsys, monkeypatch):
+    """Each labelled command runs twice in this process (`cli.main`: the process,
+    its exit code and stderr end to end are tests/integration/test_cli.py's);
+    `from_pretrained` is memoised here, so both runs and the library reference
+    below share one model and its compiled programs."""
+    from jaxdecode.cli import main
+
     examples = cli_examples()
     assert {"greedy", "sampling", "beam search"} <= set(examples), examples
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONIOENCODING": "utf-8",
-        "JAXDECODE_COMPILATION_CACHE": str(tmp_path / "cache"),
-    }
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    monkeypatch.setenv("JAXDECODE_COMPILATION_CACHE", "off")  # not for the whole process
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
 
     def run(args: list[str]) -> str:
-        proc = subprocess.run(
-            [sys.executable, "-m", "jaxdecode.cli", *args],
-            env=env,
-            capture_output=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr.decode()
-        return proc.stdout.decode("utf-8")
+        capsys.readouterr()
+        code = main(args)
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return captured.out
 
     lm = jd.from_pretrained("bundled")
     # Each labelled command runs twice; the other labelled lines only show options.

@@ -10,9 +10,6 @@ any difference is one entry point packing, chaining or seeding differently.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -71,14 +68,15 @@ def _options(line: dict) -> dict:
 
 
 def _eval(model_dir: str, lines: list[dict], tmp: Path, *flags: str) -> dict[str, list[int]]:
+    """`jaxdecode eval` in this process (`cli.main`; the process end to end is
+    tests/integration/test_cli.py's): each line's tokens by id."""
+    from jaxdecode.cli import main
+
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp / f"out{len(flags)}.jsonl"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXDECODE_COMPILATION_CACHE": "off"}
-    cmd = [sys.executable, "-m", "jaxdecode.cli", "eval", "--model", model_dir]
-    cmd += [str(prompts), "-o", str(out), "--batch_size", "8", *flags]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["eval", "--model", model_dir, str(prompts), "-o", str(out), "--batch_size", "8"]
+    assert main([*args, "--quiet", "--no-compilation-cache", *flags]) == 0
     records = [json.loads(x) for x in out.read_text().splitlines() if x]
     return {r["id"]: r["outputs"][0]["tokens"] for r in records}
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -375,39 +373,63 @@ def test_stop_strings_equal_transformers(ours, hf, batch):
     assert np.sum(lengths < NEW) >= 4, lengths  # most rows did stop on a string
 
 
-def test_cli_chat_answer_in_one_command():
+@pytest.fixture
+def cli(ours, capsys, monkeypatch):
+    """`jaxdecode ARGS` in this process (`cli.main`) -> (exit code, stdout, stderr).
+    The CLI's `from_pretrained(FILE.gguf, max_positions=...)` gets the module's
+    model (the file is read once; `from_pretrained` applying `max_positions` is
+    tests/parity/test_long_prompt.py's); `loads` records the paths it asked for.
+    The process and its exit code end to end are tests/integration/test_cli.py's."""
+    from jaxdecode.cli import main
+
+    real, loads = jd.from_pretrained, []
+
+    def load(path, *args, max_positions="config", **kwargs):
+        if str(path) != gguf_path() or args or kwargs:
+            return real(path, *args, max_positions=max_positions, **kwargs)
+        loads.append(str(path))
+        if max_positions == "config":
+            return ours
+        return ours.replace(decoder=ours.decoder.with_max_positions(max_positions))
+
+    monkeypatch.setattr(jd, "from_pretrained", load)
+    monkeypatch.setenv("JAXDECODE_COMPILATION_CACHE", "off")  # not for the whole process
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    run.loads = loads
+    return run
+
+
+def test_cli_chat_answer_in_one_command(cli):
     """`jaxdecode generate --model FILE.gguf --chat "..."`: the README's real-model
-    command, end to end."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxdecode.cli", "generate", "--model", gguf_path(), "--chat"]
-        + ["What is the capital of France?", "--no-do_sample", "--max_new_tokens", "20"],
-        capture_output=True,
-        timeout=600,
-        env={**os.environ, "JAXDECODE_COMPILATION_CACHE": "off"},
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
-    assert "Paris" in proc.stdout.decode()
-    # --system without --chat, and --chat on a model without a template: one line, exit 2.
-    bad = subprocess.run(
-        [sys.executable, "-m", "jaxdecode.cli", "generate", "Hi", "--system", "Be brief."],
-        capture_output=True,
-        timeout=300,
-    )
-    assert bad.returncode == 2 and b"--system needs --chat" in bad.stderr
+    command."""
+    code, out, err = cli(
+        "generate", "--model", gguf_path(), "--chat", "What is the capital of France?",
+        "--no-do_sample", "--max_new_tokens", "20",
+    )  # fmt: skip
+    assert code == 0, err
+    assert cli.loads == [gguf_path()]
+    assert "Paris" in out
+    # --system without --chat: one line, exit 2.
+    code, out, err = cli("generate", "Hi", "--system", "Be brief.")
+    assert code == 2 and "--system needs --chat" in err and err.count("\n") == 1, err
 
 
-def test_cli_context_length_and_max_positions():
+def test_cli_context_length_and_max_positions(cli):
     """The CLI refuses a request past the context in one line naming the limit;
     `--max_positions` sets the limit (here lower, so nothing long is run)."""
     prompt = "The river rose slowly through the night. " * 40  # ~360 tokens
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxdecode.cli", "generate", prompt, "--model", gguf_path()]
-        + ["--max_positions", "300", "--max_new_tokens", "4", "--no-do_sample"],
-        capture_output=True,
-        timeout=600,
-        env={**os.environ, "JAXDECODE_COMPILATION_CACHE": "off"},
-    )
-    err = proc.stderr.decode().strip()
-    assert proc.returncode != 0 and "Traceback" not in err, err
-    assert len(err.splitlines()) == 1, err
+    code, out, err = cli(
+        "generate", prompt, "--model", gguf_path(), "--max_positions", "300",
+        "--max_new_tokens", "4", "--no-do_sample",
+    )  # fmt: skip
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    assert cli.loads == [gguf_path()]
+    assert len(err.strip().splitlines()) == 1, err
     assert "+ max_new_tokens 4 = " in err and "context length max_positions=300" in err, err

@@ -5,6 +5,7 @@ transformers references are in `support.hf_models`."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 
@@ -64,8 +65,36 @@ def assert_same_scores(ours: np.ndarray, ref: np.ndarray, atol: float = 1e-6) ->
     np.testing.assert_allclose(ours[finite], ref[finite], rtol=0, atol=atol)
 
 
+@contextlib.contextmanager
+def loading_once() -> Iterator[None]:
+    """Inside the block `jaxdecode.from_pretrained` loads each (path, options) once
+    and returns that same immutable `CausalLM` again: a fresh load has a new
+    decoder, hence programs of its own to compile, so in-process runs of the CLI
+    (`cli.main`, one load per run) and the test's own reference share compiled
+    programs, as one CLI process does. A call spelling out a default (the CLI's
+    `max_positions="config"`) is the same load; a load that raises is not kept."""
+    import jaxdecode
+
+    real, cache = jaxdecode.from_pretrained, {}
+    signature = inspect.signature(real)
+
+    def load(path, *args, **kwargs):
+        bound = signature.bind(str(path), *args, **kwargs)
+        bound.apply_defaults()
+        key = tuple((k, repr(v)) for k, v in bound.arguments.items())
+        if key not in cache:
+            cache[key] = real(path, *args, **kwargs)
+        return cache[key]
+
+    jaxdecode.from_pretrained = load
+    try:
+        yield
+    finally:
+        jaxdecode.from_pretrained = real
+
+
 # Scripts the integration tests run in subprocesses (meshes of forced host devices,
 # jax.distributed processes).
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
 
-__all__ = ["WORKERS", "CompileCount", "assert_same_scores", "count_compiles"]
+__all__ = ["WORKERS", "CompileCount", "assert_same_scores", "count_compiles", "loading_once"]
