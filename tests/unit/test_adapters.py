@@ -10,6 +10,8 @@ reference for prefill + one-token steps through the cache.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -135,6 +137,7 @@ class NNXDecoder(nnx.Module):
         return logits, cache
 
 
+@functools.cache  # one init and one compiled reference for the fixture and the tests
 def _linen():
     module = LinenDecoder()
     ids = jnp.zeros((1, 2), jnp.int32)

@@ -261,20 +261,35 @@ def test_while_equals_scan_sampling():
     )
 
 
-@pytest.mark.parametrize("early_stopping", [False, True])
-def test_while_equals_scan_beam_search(early_stopping):
+BEAM_V = 10
+BEAM_TABLE = np.random.default_rng(5).normal(scale=1.5, size=(BEAM_V, BEAM_V)).astype(np.float32)
+BEAM_TABLE[:, 3] += 1.0  # EOS likely enough to finish hypotheses at many lengths
+BEAM_PROMPTS = np.array([[1, 2, 4], [6, 9, 0]])
+# (num_beams, eos, early_stopping, length penalties): test_while_equals_scan_beam_search
+# runs the while-loop programs of test_beam_search_matches_numpy_transformers (one
+# per case: the length penalty is traced) and only compiles their scan programs.
+BEAM_CASES = [
+    (2, (3,), False, (1.0, 0.0, 2.0)),
+    (3, (3, 7), "never", (0.0, 1.0, -0.5)),
+    (3, (3,), True, (1.0, 0.5)),
+]
+
+
+@pytest.mark.parametrize("num_beams, eos, early_stopping, length_penalties", BEAM_CASES)
+def test_while_equals_scan_beam_search(num_beams, eos, early_stopping, length_penalties):
     kw = dict(
-        max_new_tokens=N,
-        num_beams=3,
-        num_return_sequences=3,
-        eos_token_id=[3, 9],
+        length_penalty=length_penalties[0],
+        max_new_tokens=5,
+        num_beams=num_beams,
+        num_return_sequences=num_beams,
+        eos_token_id=list(eos),
         early_stopping=early_stopping,
     )
-    scan = fake_generate(RANDOM, loop="scan", **kw)
-    _assert_same_output(scan, fake_generate(RANDOM, loop="while", **kw))
-    assert scan.sequences.shape == (4 * 3, 3 + N)
-    assert scan.sequences_scores.shape == (4 * 3,)
-    assert scan.beam_indices.shape == scan.token_logprobs.shape == (4 * 3, N)
+    scan = fake_generate(BEAM_TABLE, BEAM_PROMPTS, loop="scan", **kw)
+    _assert_same_output(scan, fake_generate(BEAM_TABLE, BEAM_PROMPTS, loop="while", **kw))
+    assert scan.sequences.shape == (2 * num_beams, 3 + 5)
+    assert scan.sequences_scores.shape == (2 * num_beams,)
+    assert scan.beam_indices.shape == scan.token_logprobs.shape == (2 * num_beams, 5)
     assert scan.scores is None and scan.logits is None
 
 
@@ -663,20 +678,7 @@ def hf_beam_search(
     return fin_tok, fin_scores, fin_bidx, fin_tlp
 
 
-BEAM_V = 10
-BEAM_TABLE = np.random.default_rng(5).normal(scale=1.5, size=(BEAM_V, BEAM_V)).astype(np.float32)
-BEAM_TABLE[:, 3] += 1.0  # EOS likely enough to finish hypotheses at many lengths
-BEAM_PROMPTS = np.array([[1, 2, 4], [6, 9, 0]])
-
-
-@pytest.mark.parametrize(
-    "num_beams, eos, early_stopping, length_penalties",
-    [
-        (2, (3,), False, (1.0, 0.0, 2.0)),
-        (3, (3, 7), "never", (0.0, 1.0, -0.5)),
-        (3, (3,), True, (1.0, 0.5)),
-    ],
-)
+@pytest.mark.parametrize("num_beams, eos, early_stopping, length_penalties", BEAM_CASES)
 def test_beam_search_matches_numpy_transformers(num_beams, eos, early_stopping, length_penalties):
     n = 5
     for lp in length_penalties:

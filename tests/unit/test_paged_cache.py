@@ -82,6 +82,23 @@ def _run(decoder, params, cache, ids, mask, steps):
     return jnp.stack(out, 1), cache
 
 
+@functools.partial(jax.jit, static_argnames="width")
+def _moved(cache, rows, parents, n, start, *, width):
+    """The row-moving protocol methods and a read of layer 1 in one program (eagerly
+    each of their operations compiles alone): `take_rows(rows)` put back with
+    `put_rows`, `gather_rows(parents)`, `rewind(n, width=width)`, and the
+    gathered cache's slots `start .. start + 7` of layer 1."""
+    back = cache.put_rows(rows, cache.take_rows(rows))
+    both = cache.gather_rows(parents)
+    return back, both, cache.rewind(n, width=width), both.reader(1)(start, 8)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _read(cache, layer, start, size):
+    """`cache.reader(layer)(start, size)` as one program."""
+    return cache.reader(layer)(start, size)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
 def test_paged_logits_equal_dense_left_padded(family):
     decoder, params = _model(family)
@@ -139,19 +156,18 @@ def test_protocol_rows_rewind_and_bytes():
     cache = _paged(decoder, 2, 40)
     _, cache = jax.jit(decoder.apply)(params, ids, positions_from_mask(mask), cache, mask)
     assert isinstance(cache, jd.Cache)
+    back, both, gone, read = _moved(
+        cache, jnp.asarray([1]), jnp.asarray([0, 0]), jnp.asarray([2, 0]), jnp.int32(0), width=4
+    )
     # take_rows then put_rows back is the identity on rows.
-    back = cache.put_rows(jnp.asarray([1]), cache.take_rows(jnp.asarray([1])))
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, cache)
     # gather_rows copies row 0's pages into row 1's: row 1 then reads as row 0.
-    both = cache.gather_rows(jnp.asarray([0, 0]))
-    read = both.reader(1)(jnp.int32(0), 8)
     np.testing.assert_array_equal(read[0][0], read[0][1])
     np.testing.assert_array_equal(both.table, cache.table)  # own pages kept
     # rewind clears the last n slots and moves index back.
-    gone = cache.rewind(jnp.asarray([2, 0]), width=4)
     np.testing.assert_array_equal(gone.index, [4, 6])
     assert not bool(gone.mask[0, 4]) and bool(gone.mask[1, 5])
-    k0 = gone.reader(0)(jnp.int32(4), 4)[0]
+    k0 = _read(gone, 0, jnp.int32(4), 4)[0]
     assert float(jnp.abs(k0[0, :, :2]).max()) == 0.0  # slots 4, 5 of row 0
     assert float(jnp.abs(k0[1, :, :2]).max()) > 0.0
     assert cache.nbytes == jd.cache_nbytes(cache)
@@ -198,12 +214,12 @@ def test_quantized_pages_give_the_quantized_dense_logits(nbits):
     tok = jnp.asarray([[3], [4], [5]], jnp.int32)
     pos = positions_from_mask(mask)[:, -1:] + 13
     one, after = apply(params, tok, pos, pc, jnp.ones_like(tok))
-    again, _ = apply(params, tok, pos, after.rewind(jnp.ones(3, jnp.int32), width=1), tok > 0)
+    moves = (jnp.asarray([1]), jnp.asarray([0, 0, 2]), jnp.ones(3, jnp.int32), jnp.int32(32))
+    rewound = _moved(after, *moves, width=1)[2]
+    again, _ = apply(params, tok, pos, rewound, tok > 0)
     np.testing.assert_array_equal(one, again)
-    back = pc.put_rows(jnp.asarray([1]), pc.take_rows(jnp.asarray([1])))
+    back, _, _, read = _moved(pc, *moves, width=1)  # the same program on `pc`
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, pc)
-    both = pc.gather_rows(jnp.asarray([0, 0, 2]))
-    read = both.reader(1)(jnp.int32(32), 8)
     np.testing.assert_array_equal(read[0][0], read[0][1])
     with pytest.raises(ValueError, match="same kind"):
         pc.put_rows(jnp.asarray([0]), kv.take_rows(jnp.asarray([0])))
@@ -238,8 +254,8 @@ def test_copies_share_the_full_prefix_pages():
     table = np.asarray(forked.table)
     assert (table[:3, 0] == table[0, 0]).all() and (table[3:, 0] == table[3, 0]).all()
     assert len(set(table[:, 1:].reshape(-1).tolist())) == 6 * 15  # the rest: own pages
-    parent = cache.reader(1)(jnp.int32(0), 8)
-    copies = forked.reader(1)(jnp.int32(0), 8)
+    parent = _read(cache, 1, jnp.int32(0), 8)
+    copies = _read(forked, 1, jnp.int32(0), 8)
     for i in range(6):
         np.testing.assert_array_equal(copies[0][i, :, :6], parent[0][i // 3, :, :6])
         np.testing.assert_array_equal(copies[1][i, :, :6], parent[1][i // 3, :, :6])
