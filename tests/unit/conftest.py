@@ -8,7 +8,9 @@ optimizations are off here (`jax_disable_most_optimizations`: LLVM at -O0; the
 HLO passes still run). test_score.py: 143 -> 100 CPU seconds. The generated code
 may round a last bit differently; a test whose check hinges on one bit (the int8
 cache's codes of score and generate in test_quantized_cache.py) turns them back on
-with `full_optimizations`. `JAX_DISABLE_MOST_OPTIMIZATIONS=0` turns them on for all."""
+with `full_optimizations`, which also clears JAX's compiled programs around the
+test (the flag is not in jit's cache key). `JAX_DISABLE_MOST_OPTIMIZATIONS=0` turns
+them on for all."""
 
 from __future__ import annotations
 
@@ -26,8 +28,13 @@ jax.config.update(
 def full_optimizations():
     """XLA's backend optimizations on for one test (see the module docstring)."""
     previous = jax.config.read("jax_disable_most_optimizations")
+    # The flag is not part of jit's cache key: without clearing, a program an
+    # earlier test compiled at -O0 would be reused here (and this test's -O2
+    # programs by later tests).
+    jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", False)
     yield
+    jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", previous)
 
 

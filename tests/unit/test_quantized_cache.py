@@ -219,8 +219,13 @@ def test_logits_close_to_the_float_cache_and_greedy_tokens_mostly_equal():
 @pytest.mark.usefixtures("full_optimizations")
 def test_speculative_beam_and_score_agree_with_the_quantized_greedy_program():
     """Every token is read back quantized, so several tokens per call (prompt-lookup
-    verification, `score`'s one pass) equal one per call exactly."""
-    lm = llama()
+    verification, `score`'s one pass) equal one per call exactly.
+
+    Exact only while no key or value lies on a rounding boundary of its code: the
+    model is built here, under this test's optimizations, not taken from `llama`'s
+    cache (weights initialised at -O0 by an earlier test differ in last bits, and
+    with them three codes flipped: 1e-3 apart)."""
+    lm = llama.__wrapped__()
     greedy = jd.generate(lm, PROMPTS, MASK, **GREEDY, **Q8)
     spec = jd.generate(lm, PROMPTS, MASK, do_sample=False, prompt_lookup_num_tokens=3, **Q8)
     np.testing.assert_array_equal(spec.sequences, greedy.sequences)
