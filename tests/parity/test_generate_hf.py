@@ -303,16 +303,6 @@ CASES: list[tuple[str, int, dict, tuple[str, ...]]] = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """transformers on one thread: the tiny model gains nothing from more, and
-    torch's spinning worker threads slow XLA's compilations several times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # For early_stopping=X, the values whose output must differ from X's (each for
 # some length penalty): the stopping rule under test matters.
 _EARLY_ALTERNATIVES = {True: (False,), False: (True, "never"), "never": (False,)}
