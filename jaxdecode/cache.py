@@ -125,9 +125,28 @@ class KVCache:
 
         One scatter into the stacked array per tensor: inside a loop whose carry
         is the cache (or with the cache donated) XLA updates it in place instead of
-        copying a layer out and back.
+        copying a layer out and back. A slot past `max_len` is not written.
+
+        One row and one token (a batch-1 decode step) is a `dynamic_update_slice`
+        at scalar starts instead: XLA:CPU lowered the scatter to the same in-place
+        update plus three small kernels per layer building and bounds-checking its
+        index vector (90 of a SmolLM2 step's ~1,000); here the bounds check is one
+        scalar shared by every layer.
         """
         b, t = k_new.shape[:2]
+        if b == 1 and t == 1:
+            slot = self.index[0]
+            inside = slot < self.max_len
+
+            def put_one(buf: Array, new: Array) -> Array:
+                # [1, 1, H, D] -> buf[layer, 0, :, slot, :] as [1, 1, H, 1, D]
+                new = new.astype(buf.dtype).transpose(0, 2, 1, 3)[None]
+                start = (layer, 0, 0, slot, 0)
+                # Out of range the start clamps: keep what is there (scatter's "drop").
+                old = jax.lax.dynamic_slice(buf, start, new.shape)
+                return jax.lax.dynamic_update_slice(buf, jnp.where(inside, new, old), start)
+
+            return self.replace(k=put_one(self.k, k_new), v=put_one(self.v, v_new))
         rows = jnp.arange(b)[:, None]
         slots = self.index[:, None] + jnp.arange(t)[None, :]  # [B, T]
 

@@ -144,6 +144,24 @@ def test_write_at_per_row_indices(rng, dtype, jit, t):
     np.testing.assert_array_equal(np.asarray(after.mask), np.asarray(before.mask))
 
 
+@pytest.mark.parametrize("slot", [0, 4, S - 1, S])
+def test_one_row_one_token_write_matches_the_scatter(rng, slot):
+    """A batch-1 decode step writes through `dynamic_update_slice`: the same
+    cache as row `slot`'s of a multi-row write, and past `max_len` (where the
+    slice's start would clamp onto the last slot) nothing at all."""
+    full = _random_cache(rng)
+    one = full.take_rows(jnp.asarray([2])).replace(index=jnp.asarray([slot], jnp.int32))
+    k_new = jnp.asarray(rng.normal(size=(1, 1, H, D)), jnp.float32)
+    v_new = jnp.asarray(rng.normal(size=(1, 1, H, D)), jnp.float32)
+    after = jax.jit(lambda c, k, v: c.write(1, k, v))(one, k_new, v_new)
+    ref_k, ref_v = np.asarray(one.k).copy(), np.asarray(one.v).copy()
+    if slot < S:
+        ref_k[1, 0, :, slot] = np.asarray(k_new[0, 0])
+        ref_v[1, 0, :, slot] = np.asarray(v_new[0, 0])
+    np.testing.assert_array_equal(np.asarray(after.k), ref_k)
+    np.testing.assert_array_equal(np.asarray(after.v), ref_v)
+
+
 def test_write_every_layer_is_independent(rng):
     cache = _cache(index=[1, 0, 3, 2])
     for layer in range(L):
