@@ -384,7 +384,12 @@ def test_save_pretrained_round_trip(name, checkpoints, tmp_path):
     model_cls = getattr(transformers, CLASSES[CASES[name][0]][1])
     again_hf = model_cls.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ids, mask = _batch()
-    np.testing.assert_array_equal(hf_logits(again_hf, ids, mask), hf_logits(hf, ids, mask))
+    # transformers' own reload is within float32 rounding, not bit-equal, on some
+    # CPUs (AMD EPYC: 1 ulp at 18 of 2880 logits, the same weights laid out
+    # otherwise after loading); ours below is bit-equal.
+    np.testing.assert_allclose(
+        hf_logits(again_hf, ids, mask), hf_logits(hf, ids, mask), rtol=1e-5, atol=1e-5
+    )
     again = jd.from_pretrained(tmp_path)
     assert again.config == lm.config
     np.testing.assert_array_equal(

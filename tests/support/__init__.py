@@ -53,8 +53,11 @@ def count_compiles() -> Iterator[CompileCount]:
     yield CompileCount()
 
 
-def assert_same_scores(ours: np.ndarray, ref: np.ndarray, atol: float = 1e-6) -> None:
-    """Identical -inf masks (and NaN positions) and finite values within atol."""
+def assert_same_scores(
+    ours: np.ndarray, ref: np.ndarray, atol: float = 1e-6, rtol: float = 0.0
+) -> None:
+    """Identical -inf masks (and NaN positions) and finite values within
+    `atol + rtol * |ref|`."""
     ours = np.asarray(ours)
     ref = np.asarray(ref)
     assert ours.shape == ref.shape
@@ -62,16 +65,16 @@ def assert_same_scores(ours: np.ndarray, ref: np.ndarray, atol: float = 1e-6) ->
     np.testing.assert_array_equal(np.isposinf(ours), np.isposinf(ref), err_msg="+inf differ")
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref), err_msg="NaN positions differ")
     finite = np.isfinite(ref)
-    np.testing.assert_allclose(ours[finite], ref[finite], rtol=0, atol=atol)
+    np.testing.assert_allclose(ours[finite], ref[finite], rtol=rtol, atol=atol)
 
 
 @contextlib.contextmanager
 def loading_once() -> Iterator[None]:
     """Inside the block `jaxdecode.from_pretrained` loads each (path, options) once
-    and returns that same immutable `CausalLM` again: a fresh load has a new
-    decoder, hence programs of its own to compile, so in-process runs of the CLI
-    (`cli.main`, one load per run) and the test's own reference share compiled
-    programs, as one CLI process does. A call spelling out a default (the CLI's
+    and returns that same immutable `CausalLM` again, so in-process runs of the
+    CLI (`cli.main`, one load per run) and the test's own reference share one
+    model, as one CLI process does: the checkpoint (a GGUF file: every tensor
+    de-quantized) is read and converted once per module. A call spelling out a default (the CLI's
     `max_positions="config"`) is the same load; a load that raises is not kept."""
     import jaxdecode
 
