@@ -13,12 +13,8 @@ times), so, as in tests/unit/conftest.py:
 
 from __future__ import annotations
 
-import os
-
-import jax
 import torch
+from support import backend_optimizations_off
 
-jax.config.update(
-    "jax_disable_most_optimizations", os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1") == "1"
-)
+backend_optimizations_off()
 torch.set_num_threads(1)

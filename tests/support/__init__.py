@@ -68,6 +68,17 @@ def assert_same_scores(
     np.testing.assert_allclose(ours[finite], ref[finite], rtol=rtol, atol=atol)
 
 
+def backend_optimizations_off() -> None:
+    """XLA's backend optimizations off for a compile-bound tier (its conftest
+    calls this): `jax_disable_most_optimizations`, LLVM at -O0, the HLO passes
+    still run. `JAX_DISABLE_MOST_OPTIMIZATIONS=0` keeps them on. The flag is not
+    part of jit's cache key: flip it only around `jax.clear_caches()`."""
+    import jax
+
+    off = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1") == "1"
+    jax.config.update("jax_disable_most_optimizations", off)
+
+
 @contextlib.contextmanager
 def loading_once() -> Iterator[None]:
     """Inside the block `jaxdecode.from_pretrained` loads each (path, options) once
@@ -100,4 +111,11 @@ def loading_once() -> Iterator[None]:
 # jax.distributed processes).
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
 
-__all__ = ["WORKERS", "CompileCount", "assert_same_scores", "count_compiles", "loading_once"]
+__all__ = [
+    "WORKERS",
+    "CompileCount",
+    "assert_same_scores",
+    "backend_optimizations_off",
+    "count_compiles",
+    "loading_once",
+]

@@ -14,14 +14,11 @@ them on for all."""
 
 from __future__ import annotations
 
-import os
-
 import jax
 import pytest
+from support import backend_optimizations_off
 
-jax.config.update(
-    "jax_disable_most_optimizations", os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1") == "1"
-)
+backend_optimizations_off()
 
 
 @pytest.fixture
